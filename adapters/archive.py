@@ -1,0 +1,303 @@
+"""Safe extraction of an uploaded adapter archive (.zip, .tar or .tar.gz).
+
+Everything uploaded is hostile until proven otherwise. Every member header is validated before a
+single byte is written, and the only paths ever written are ``dest_dir/<one of ALLOWED_NAMES>``:
+an output path is chosen from that constant set, never built from a member name, so traversal
+tricks cannot reach the filesystem even if a name check were missed. Sizes are enforced twice:
+once on what the headers declare and again while streaming, because a declared size may lie.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Union
+
+from adapters.errors import AdapterValidationError
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+ALLOWED_NAMES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
+IGNORED_NAMES = frozenset({"README.md"})  # tolerated in an upload, never extracted
+# Formats that unpickle on load: loading one runs arbitrary code, so they are refused outright.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+_CHUNK = MiB
+# A tar stream holds headers, pax records and padding besides member data; this allowance bounds
+# how much decompressed stream we accept beyond max_total_bytes before calling it a bomb.
+_TAR_BASE_OVERHEAD = MiB
+_TAR_PER_MEMBER_OVERHEAD = 64 * 1024
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+Member = Union[zipfile.ZipInfo, tarfile.TarInfo]
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_members: int = 16
+    max_member_bytes: int = 512 * MiB
+    max_total_bytes: int = 1 * GiB
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One archive member reduced to what validation needs."""
+
+    raw_name: str
+    parts: tuple[str, ...]  # path components with "" and "." dropped
+    is_dir: bool
+    size: int  # declared (uncompressed) size
+    member: Member
+
+
+def _show(name: str) -> str:
+    """A member name made safe for messages and logs: escaped and truncated."""
+    return ascii(name[:120])
+
+
+def _fail(message: str) -> AdapterValidationError:
+    return AdapterValidationError(message)
+
+
+def _split_name(raw: str) -> tuple[str, ...]:
+    if not raw:
+        raise _fail("archive member with an empty name")
+    if "\x00" in raw:
+        raise _fail(f"archive member name contains a NUL byte: {_show(raw)}")
+    if "\\" in raw:
+        raise _fail(f"archive member name contains a backslash: {_show(raw)}")
+    if raw.startswith("/") or _DRIVE.match(raw):
+        raise _fail(f"archive member has an absolute path: {_show(raw)}")
+    parts = tuple(p for p in raw.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise _fail(f"archive member path contains '..': {_show(raw)}")
+    return parts
+
+
+def _zip_entry(info: zipfile.ZipInfo) -> _Entry:
+    _split_name(info.orig_filename)  # zipfile truncates .filename at a NUL; the original keeps it
+    parts = _split_name(info.filename)
+    name = _show(info.filename)
+    if info.flag_bits & 0x1:
+        raise _fail(f"archive member {name} is encrypted; upload an unencrypted archive")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _fail(f"archive member {name} uses an unsupported compression method")
+    mode = info.external_attr >> 16  # unix st_mode, when the creator recorded one
+    if stat.S_ISLNK(mode):
+        raise _fail(f"archive member {name} is a symlink; links are not allowed")
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise _fail(f"archive member {name} is not a regular file or folder")
+    return _Entry(info.filename, parts, info.is_dir(), info.file_size, info)
+
+
+def _tar_entry(info: tarfile.TarInfo) -> _Entry:
+    parts = _split_name(info.name)
+    name = _show(info.name)
+    if info.issym():
+        raise _fail(f"archive member {name} is a symlink; links are not allowed")
+    if info.islnk():
+        raise _fail(f"archive member {name} is a hardlink; links are not allowed")
+    if info.ischr() or info.isblk():
+        raise _fail(f"archive member {name} is a device file")
+    if info.isfifo():
+        raise _fail(f"archive member {name} is a fifo")
+    if info.issparse() or not (info.isreg() or info.isdir()):
+        raise _fail(f"archive member {name} is not a regular file or folder")
+    return _Entry(info.name, parts, info.isdir(), info.size, info)
+
+
+def _plan(entries: list[_Entry], limits: ArchiveLimits) -> dict[str, _Entry]:
+    """Validate the archive as a whole; return the members to extract, keyed by output name."""
+    if len(entries) > limits.max_members:
+        raise _fail(f"archive has more than {limits.max_members} members")
+    total = 0
+    for e in entries:
+        if e.size > limits.max_member_bytes:
+            raise _fail(f"archive member {_show(e.raw_name)} declares {e.size} bytes, "
+                        f"over the per-member limit of {limits.max_member_bytes}")
+        total += e.size
+        if total > limits.max_total_bytes:
+            raise _fail(f"archive declares more than the total limit of {limits.max_total_bytes} bytes")
+    files = [e for e in entries if not e.is_dir and e.parts]
+    for e in entries:
+        if len(e.parts) > (1 if e.is_dir else 2):
+            raise _fail(f"archive member {_show(e.raw_name)} is nested deeper than one folder")
+    folders = {e.parts[0] for e in entries if len(e.parts) == 2 or (e.is_dir and e.parts)}
+    if len(folders) > 1:
+        shown = ", ".join(sorted(_show(f) for f in folders))
+        raise _fail(f"archive has more than one top-level folder: {shown}")
+    if folders and any(len(e.parts) == 1 for e in files):
+        raise _fail("archive mixes files at its root with files inside a folder")
+    chosen: dict[str, _Entry] = {}
+    for e in files:
+        base = e.parts[-1]
+        if PurePosixPath(base).suffix.lower() in PICKLE_SUFFIXES:
+            raise _fail(f"archive member {_show(e.raw_name)} is a pickle-based weight file; pickles "
+                        "are never loaded, upload adapter_model.safetensors instead")
+        if base in IGNORED_NAMES:
+            continue
+        if base not in ALLOWED_NAMES:
+            raise _fail(f"archive member {_show(e.raw_name)} is not an expected adapter file "
+                        f"(allowed: {', '.join(sorted(ALLOWED_NAMES))})")
+        if base in chosen:
+            raise _fail(f"archive holds {base} more than once")
+        chosen[base] = e
+    missing = sorted(ALLOWED_NAMES - chosen.keys())
+    if missing:
+        raise _fail(f"archive is missing {', '.join(missing)}")
+    return chosen
+
+
+class _Budget:
+    """Counts bytes actually decompressed, across members, against the limits."""
+
+    def __init__(self, limits: ArchiveLimits):
+        self.limits = limits
+        self.total = 0
+
+    def copy(self, src: IO[bytes], entry: _Entry, dest: Path, written: list[Path]) -> None:
+        name = _show(entry.raw_name)
+        # O_EXCL + O_NOFOLLOW: never follow or overwrite anything already at the path.
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        written.append(dest)  # recorded only once created by us, so cleanup never removes others
+        os.fchmod(fd, 0o600)  # the umask may only narrow 0o600; make the mode exact anyway
+        count = 0
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                try:
+                    chunk = src.read(_CHUNK)
+                except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+                    raise _fail(f"archive member {name} is corrupt: {type(exc).__name__}") from None
+                if not chunk:
+                    break
+                count += len(chunk)
+                self.total += len(chunk)
+                if count > self.limits.max_member_bytes:
+                    raise _fail(f"archive member {name} expands past the per-member limit "
+                                f"of {self.limits.max_member_bytes} bytes")
+                if self.total > self.limits.max_total_bytes:
+                    raise _fail(f"archive expands past the total limit of {self.limits.max_total_bytes} bytes")
+                if count > entry.size:
+                    raise _fail(f"archive member {name} holds more data than its header declares")
+                out.write(chunk)
+        if count != entry.size:
+            raise _fail(f"archive member {name} holds {count} bytes but declares {entry.size}")
+
+
+def _detect(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        return "tar.gz"
+    if head[257:262] == b"ustar":
+        return "tar"
+    raise _fail("upload is not a zip, tar or tar.gz archive")
+
+
+def _check_tar_stream(path: Path, kind: str, limits: ArchiveLimits) -> None:
+    """Bound the decompressed tar stream before tarfile walks it (a gzip bomb stops here)."""
+    cap = limits.max_total_bytes + _TAR_BASE_OVERHEAD + limits.max_members * _TAR_PER_MEMBER_OVERHEAD
+    too_big = _fail(f"archive expands past the limit of {cap} bytes")
+    if kind == "tar":
+        if path.stat().st_size > cap:
+            raise too_big
+        return
+    try:
+        with gzip.open(path, "rb") as gz:
+            head = gz.read(512)
+            total = len(head)
+            while chunk := gz.read(_CHUNK):
+                total += len(chunk)
+                if total > cap:
+                    raise too_big
+    except (OSError, EOFError, zlib.error):
+        raise _fail("upload is a corrupt or truncated gzip file") from None
+    if head[257:262] != b"ustar":
+        raise _fail("gzip upload does not hold a tar archive")
+
+
+def _extract_zip(path: Path, dest: Path, limits: ArchiveLimits, written: list[Path]) -> None:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise _fail("upload is a corrupt zip archive") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > limits.max_members:  # before per-member work on a huge directory
+            raise _fail(f"archive has more than {limits.max_members} members")
+        plan = _plan([_zip_entry(i) for i in infos], limits)
+        budget = _Budget(limits)
+        for out_name, entry in plan.items():
+            target = dest / out_name
+            try:
+                src = zf.open(entry.member)  # type: ignore[arg-type]
+            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error, OSError):
+                raise _fail(f"archive member {_show(entry.raw_name)} cannot be read") from None
+            with src:
+                budget.copy(src, entry, target, written)
+
+
+def _extract_tar(path: Path, kind: str, dest: Path, limits: ArchiveLimits, written: list[Path]) -> None:
+    _check_tar_stream(path, kind, limits)
+    try:
+        tf = tarfile.open(path, mode="r:gz" if kind == "tar.gz" else "r:")
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        raise _fail("upload is a corrupt tar archive") from None
+    with tf:
+        entries: list[_Entry] = []
+        try:
+            while (info := tf.next()) is not None:
+                if len(entries) >= limits.max_members:  # stop reading headers as soon as we know
+                    raise _fail(f"archive has more than {limits.max_members} members")
+                entries.append(_tar_entry(info))
+        except (tarfile.TarError, OSError, EOFError, zlib.error):
+            raise _fail("upload is a corrupt tar archive") from None
+        plan = _plan(entries, limits)
+        budget = _Budget(limits)
+        for out_name, entry in plan.items():
+            target = dest / out_name
+            try:
+                src = tf.extractfile(entry.member)  # type: ignore[arg-type]
+            except (tarfile.TarError, OSError, EOFError, zlib.error):
+                src = None
+            if src is None:
+                raise _fail(f"archive member {_show(entry.raw_name)} cannot be read")
+            with src:
+                budget.copy(src, entry, target, written)
+
+
+def extract_adapter_archive(archive_path: Path, dest_dir: Path, limits: ArchiveLimits) -> None:
+    """Extract the adapter files of an uploaded archive into ``dest_dir``.
+
+    ``dest_dir`` must exist and be empty (a ValueError otherwise: that is the caller's bug, not the
+    upload's). Raises AdapterValidationError for anything unsafe or malformed, after removing every
+    file this call wrote; ``dest_dir`` itself is left in place.
+    """
+    archive_path, dest_dir = Path(archive_path), Path(dest_dir)
+    if not dest_dir.is_dir() or any(dest_dir.iterdir()):
+        raise ValueError(f"extraction folder must exist and be empty: {dest_dir}")
+    written: list[Path] = []
+    try:
+        kind = _detect(archive_path)
+        if kind == "zip":
+            _extract_zip(archive_path, dest_dir, limits, written)
+        else:
+            _extract_tar(archive_path, kind, dest_dir, limits, written)
+    except BaseException as exc:
+        for target in written:  # only files this call created (O_EXCL)
+            target.unlink(missing_ok=True)
+        if isinstance(exc, AdapterValidationError):
+            logger.warning("refused adapter archive %s: %s", archive_path.name, exc)
+        raise
+    logger.info("extracted adapter archive %s (%s) into %s", archive_path.name, kind, dest_dir)

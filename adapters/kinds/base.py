@@ -1,0 +1,145 @@
+"""The contract every adapter kind implements, and the data types the kinds share.
+
+A kind turns PEFT files into ``AdapterWeights`` (checked against the base model), installs those
+weights into a device slot of the multi-adapter runtime, and exports them back to PEFT tensors.
+Adding a kind (DoRA, VeRA, ...) means one new module implementing ``KindHandler``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from adapters.errors import AdapterValidationError
+
+if TYPE_CHECKING:
+    from adapters.runtime import AdapterRuntime
+
+# PEFT prefixes every saved tensor name with this (the PeftModel -> base model -> module path).
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterKind(str, enum.Enum):
+    LORA = "lora"
+    IA3 = "ia3"
+    PROMPT_TUNING = "prompt_tuning"
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What validation needs to know of the resident base model."""
+
+    model_type: str
+    hidden_size: int
+    # module path (as in ``model.named_modules()``) -> (in_features, out_features) of every
+    # linear layer the runtime can adapt
+    linear_shapes: dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class AdapterLimits:
+    max_lora_rank: int = 256
+    max_virtual_tokens: int = 512
+    max_adapter_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter, parsed and validated, held as CPU tensors in the compute dtype.
+
+    ``modules`` maps a module path to that kind's per-module tensors (LoRA: ``(A [r, in],
+    B [out, r] already multiplied by the scale)``; IA3: ``(vector, is_feedforward)``);
+    ``prompt`` holds prompt-tuning virtual-token embeddings ``[num_virtual_tokens, hidden]``.
+    """
+
+    kind: AdapterKind
+    config: dict[str, Any]
+    modules: dict[str, Any] = field(default_factory=dict)
+    prompt: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [] if self.prompt is None else [self.prompt]
+        for value in self.modules.values():
+            out.extend(v for v in value if isinstance(v, torch.Tensor))
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def describe(self) -> dict[str, Any]:
+        """Plain facts for listings: kind, rank or virtual tokens, target modules."""
+        info: dict[str, Any] = {"kind": self.kind.value}
+        if self.kind is AdapterKind.LORA:
+            info["rank"] = self.config.get("r")
+        if self.kind is AdapterKind.PROMPT_TUNING:
+            info["num_virtual_tokens"] = self.config.get("num_virtual_tokens")
+        info["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+        return info
+
+
+class KindHandler(Protocol):
+    kind: AdapterKind
+    peft_type: str
+
+    def from_peft(
+        self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
+        limits: AdapterLimits, dtype: torch.dtype,
+    ) -> AdapterWeights: ...
+
+    def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+    def install(self, runtime: AdapterRuntime, slot: int, weights: AdapterWeights) -> None: ...
+
+    def uninstall(self, runtime: AdapterRuntime, slot: int, weights: AdapterWeights) -> None: ...
+
+
+def matches_module_list(spec: str | list[str] | None, name: str) -> bool:
+    """PEFT's rule for ``target_modules``-like fields: a string is a full-match regex; a list
+    matches a module path equal to an entry or ending in ``.<entry>``."""
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        try:
+            return re.fullmatch(spec, name) is not None
+        except re.error as exc:
+            raise AdapterValidationError(f"invalid module pattern {spec!r}: {exc}") from None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def split_peft_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
+    """``base_model.model.<module>.<suffix>`` -> (module, suffix), or a validation error."""
+    if key.startswith(PEFT_PREFIX):
+        rest = key[len(PEFT_PREFIX):]
+        for suffix in suffixes:
+            if rest.endswith("." + suffix):
+                return rest[: -len(suffix) - 1], suffix
+    raise AdapterValidationError(
+        f"unexpected tensor {key!r} in adapter_model.safetensors (expected names like "
+        f"'{PEFT_PREFIX}<module>.{suffixes[0]}')"
+    )
+
+
+def check_module(name: str, base: BaseModelInfo) -> tuple[int, int]:
+    if name not in base.linear_shapes:
+        raise AdapterValidationError(
+            f"target module {name!r} does not exist in the base model ({base.model_type}) "
+            "or is not a linear layer"
+        )
+    return base.linear_shapes[name]
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise AdapterValidationError(f"tensor {name!r} has dtype {tensor.dtype}; adapters hold floats")
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterValidationError(f"tensor {name!r} holds NaN or infinite values")
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank

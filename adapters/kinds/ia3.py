@@ -1,0 +1,104 @@
+"""IA3: learned per-feature scales. On ordinary targets the layer output is scaled
+(``y = base(x) * l``); on feed-forward targets the input is (``y = base(x * l)``), as PEFT does.
+
+In the runtime a module keeps up to two banks of ``[slots, features]`` vectors (input side and
+output side); slot 0 and every slot of another kind stay all ones (identity).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adapters.errors import AdapterValidationError
+from adapters.kinds.base import (
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, check_finite,
+    check_module, matches_module_list, split_peft_key,
+)
+from adapters.validate import anything, equals, module_spec, sanitize_config
+
+FIELDS = {
+    "target_modules": module_spec,
+    "feedforward_modules": module_spec,
+    "exclude_modules": module_spec,
+    "fan_in_fan_out": equals(False),
+    "init_ia3_weights": anything,
+}
+
+
+class Ia3Bank:
+    kind = AdapterKind.IA3
+
+    def __init__(self, capacity: int, features: int, feedforward: bool, dtype: torch.dtype, device: torch.device):
+        self.stage = "input" if feedforward else "output"
+        self.scales = torch.ones(capacity, features, dtype=dtype, device=device)
+
+    def write(self, slot: int, vector: torch.Tensor) -> None:
+        self.scales[slot] = vector.to(self.scales.device, self.scales.dtype)
+
+    def clear(self, slot: int) -> None:
+        self.scales[slot].fill_(1.0)
+
+    def _row_scales(self, rows: torch.Tensor, uniform_slot: int | None) -> torch.Tensor:
+        if uniform_slot is not None:
+            return self.scales[uniform_slot]
+        return self.scales.index_select(0, rows).unsqueeze(1)  # [B, 1, features], broadcast over T
+
+    def transform_input(self, x: torch.Tensor, rows: torch.Tensor, uniform_slot: int | None) -> torch.Tensor:
+        return x * self._row_scales(rows, uniform_slot).to(x.dtype)
+
+    def transform_output(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                         uniform_slot: int | None) -> torch.Tensor:
+        return y * self._row_scales(rows, uniform_slot).to(y.dtype)
+
+
+class Ia3Handler:
+    kind = AdapterKind.IA3
+    peft_type = "IA3"
+
+    def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
+                  limits: AdapterLimits, dtype: torch.dtype) -> AdapterWeights:
+        config = sanitize_config(config, FIELDS)
+        feedforward = config.get("feedforward_modules")
+        modules = {}
+        for key, tensor in sorted(tensors.items()):
+            module, _ = split_peft_key(key, ("ia3_l",))
+            check_finite(key, tensor)
+            in_f, out_f = check_module(module, base)
+            is_ff = matches_module_list(feedforward, module)
+            expected = (1, in_f) if is_ff else (out_f, 1)
+            if tuple(tensor.shape) != expected:
+                side = "feed-forward (input)" if is_ff else "output"
+                raise AdapterValidationError(
+                    f"module {module!r}: ia3_l has shape {tuple(tensor.shape)}, expected {expected} for an "
+                    f"{side} scale on a layer of {in_f} -> {out_f} features"
+                )
+            modules[module] = (tensor.flatten().to(dtype), is_ff)
+        if not modules:
+            raise AdapterValidationError("adapter_model.safetensors holds no IA3 tensors")
+        return AdapterWeights(kind=self.kind, config=config, modules=modules)
+
+    def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {}
+        for module, (vector, is_ff) in weights.modules.items():
+            shaped = vector.reshape(1, -1) if is_ff else vector.reshape(-1, 1)
+            tensors[f"{PEFT_PREFIX}{module}.ia3_l"] = shaped.contiguous()
+        names = lambda ff: sorted({m.rsplit(".", 1)[-1] for m, (_, f) in weights.modules.items() if f or not ff})  # noqa: E731
+        config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **weights.config,
+                  "target_modules": names(False), "feedforward_modules": names(True)}
+        return config, tensors
+
+    def install(self, runtime, slot: int, weights: AdapterWeights) -> None:
+        for module, (vector, is_ff) in weights.modules.items():
+            layer = runtime.layer(module)
+            key = "ia3_in" if is_ff else "ia3_out"
+            bank = layer.banks.get(key)
+            if bank is None:
+                features = layer.in_features if is_ff else layer.out_features
+                bank = layer.banks[key] = Ia3Bank(runtime.capacity, features, is_ff, runtime.dtype, runtime.device)
+            bank.write(slot, vector)
+
+    def uninstall(self, runtime, slot: int, weights: AdapterWeights) -> None:
+        for module, (_, is_ff) in weights.modules.items():
+            runtime.layer(module).banks["ia3_in" if is_ff else "ia3_out"].clear(slot)

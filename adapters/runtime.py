@@ -1,0 +1,157 @@
+"""The multi-adapter runtime: one base forward serves rows that each carry their own adapter.
+
+Every linear layer of the base is wrapped once in ``MultiAdapterLinear``. Before a forward the
+caller sets, through ``AdapterRuntime.rows``, the device slot of every batch row (0 = base). Each
+wrapped layer then applies the banks of the kinds present in the batch: input-side scales (IA3
+feed-forward), the frozen base layer once for all rows, then output-side scales (IA3) and deltas
+(LoRA). Prompt tuning lives at the embedding and is read by the engine from ``prompts``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adapters.kinds import HANDLERS, AdapterKind
+from adapters.kinds.base import AdapterWeights, BaseModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchContext:
+    """Per-forward state shared by every wrapped layer."""
+
+    rows: torch.Tensor | None = None  # [B] long, device slot of each row
+    kinds: frozenset[AdapterKind] = frozenset()  # kinds present among the rows
+    uniform_slot: int | None = None  # set when every row uses the same slot (cheaper path)
+
+
+class MultiAdapterLinear(nn.Module):
+    def __init__(self, base: nn.Module, context: BatchContext):
+        super().__init__()
+        self.base_layer = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.context = context
+        self.banks: dict[str, object] = {}  # "lora" / "ia3_in" / "ia3_out" -> bank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        if ctx.rows is None or not self.banks:
+            return self.base_layer(x)
+        active = [bank for bank in self.banks.values() if bank.kind in ctx.kinds]
+        if not active:
+            return self.base_layer(x)
+        x_in = x
+        for bank in active:
+            if bank.stage == "input":
+                x_in = bank.transform_input(x_in, ctx.rows, ctx.uniform_slot)
+        y = self.base_layer(x_in)
+        for bank in active:
+            if bank.stage == "output":
+                y = bank.transform_output(y, x, ctx.rows, ctx.uniform_slot)
+        return y
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: tuple[type, ...] = (nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:  # the runtime works on plain models without bitsandbytes
+        pass
+    return types
+
+
+@dataclass
+class _Installed:
+    weights: AdapterWeights
+    kind: AdapterKind = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = self.weights.kind
+
+
+class AdapterRuntime:
+    """Wraps a causal LM's linear layers and manages ``capacity - 1`` adapter slots on its device."""
+
+    def __init__(self, model: nn.Module, max_slots: int, dtype: torch.dtype):
+        self.model = model
+        self.capacity = max_slots + 1  # slot 0 is the identity
+        self.dtype = dtype
+        self.device = next(model.parameters()).device
+        self.context = BatchContext()
+        self.prompts: dict[int, torch.Tensor] = {}
+        self._layers: dict[str, MultiAdapterLinear] = {}
+        self._installed: dict[int, _Installed] = {}
+        self._wrap_linears()
+        config = model.config
+        self.base_info = BaseModelInfo(
+            model_type=getattr(config, "model_type", "unknown"),
+            hidden_size=config.hidden_size,
+            linear_shapes={n: (m.in_features, m.out_features) for n, m in self._layers.items()},
+        )
+
+    def _wrap_linears(self) -> None:
+        output_layer = self.model.get_output_embeddings()
+        linear_types = _linear_types()
+        targets = [
+            (name, module) for name, module in self.model.named_modules()
+            if isinstance(module, linear_types) and module is not output_layer
+        ]
+        for name, module in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            wrapper = MultiAdapterLinear(module, self.context)
+            setattr(parent, child, wrapper)
+            self._layers[name] = wrapper
+        log.info("wrapped %d linear layers for multi-adapter serving", len(targets))
+
+    def layer(self, name: str) -> MultiAdapterLinear:
+        return self._layers[name]
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [s for s in range(1, self.capacity) if s not in self._installed]
+
+    def kind_of(self, slot: int) -> AdapterKind | None:
+        entry = self._installed.get(slot)
+        return entry.kind if entry else None
+
+    def install(self, weights: AdapterWeights, slot: int | None = None) -> int:
+        """Copy an adapter into a free device slot and return the slot."""
+        if slot is None:
+            free = self.free_slots
+            if not free:
+                raise RuntimeError("no free adapter slot on the device")
+            slot = free[0]
+        elif slot in self._installed or not 0 < slot < self.capacity:
+            raise ValueError(f"slot {slot} is taken or out of range")
+        HANDLERS[weights.kind].install(self, slot, weights)
+        self._installed[slot] = _Installed(weights)
+        return slot
+
+    def uninstall(self, slot: int) -> None:
+        entry = self._installed.pop(slot)
+        HANDLERS[entry.kind].uninstall(self, slot, entry.weights)
+
+    @contextlib.contextmanager
+    def rows(self, slots: Sequence[int]) -> Iterator[None]:
+        """Within the block, row ``i`` of every forward uses the adapter in ``slots[i]``."""
+        ctx = self.context
+        kinds = frozenset(k for k in (self.kind_of(s) for s in set(slots)) if k is not None)
+        distinct = set(slots)
+        ctx.rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        ctx.kinds = kinds
+        ctx.uniform_slot = next(iter(distinct)) if len(distinct) == 1 else None
+        try:
+            yield
+        finally:
+            ctx.rows, ctx.kinds, ctx.uniform_slot = None, frozenset(), None

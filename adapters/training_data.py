@@ -1,0 +1,336 @@
+"""Parse, validate and tokenize an uploaded JSONL training dataset.
+
+One JSON object per line, in one of three formats, detected from the first line holding a
+recognisable object (every later line must use the same format):
+
+* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+* ``prompt_completion``: ``{"prompt": str, "completion": str}``
+* ``instruction``: ``{"instruction": str, "input": str (optional, may be empty or null), "output": str}``
+
+Every row becomes a chat conversation. Decisions:
+
+* Blank lines are skipped; a UTF-8 byte-order mark on the first line is ignored; extra keys are ignored.
+* Content must be a non-blank string. A chat needs at least one assistant message and must not open
+  with one (nothing could prompt it). Messages after the last assistant turn are accepted but carry
+  no loss, so tokenization leaves them out.
+* Bad lines are reported as ``(line, reason)`` and skipped: the caller gets the usable rows plus the
+  problems and decides. ``strict=True`` raises on any problem. :class:`DatasetValidationError` is
+  raised whenever no usable row remains. Reasons never quote message content.
+
+Tokenization renders through the tokenizer's chat template. For each assistant message ``i`` the
+prompt is ``messages[:i]`` with the generation prompt and the turn is ``messages[:i+1]``; the tokens
+the turn adds (the answer and what the template writes to close it, ``<|im_end|>\\n`` in ChatML) are
+trained on, everything else is labelled -100. Each rendering must be a token-prefix of the next,
+else the line is reported as not prefix-stable. Control tokens written inside message content are
+encoded as plain text where transformers supports it, so a row cannot forge turn boundaries.
+Without a chat template, plain text is used: each non-assistant message is ``content + "\\n"``
+(masked) and each assistant message is ``content`` followed by the EOS token (trained on), after a
+BOS token when the tokenizer has one distinct from EOS.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from adapters.errors import DatasetValidationError
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+FORMATS = ("chat", "prompt_completion", "instruction")
+_FIELDS = {"prompt_completion": ("prompt", "completion"), "instruction": ("instruction", "output")}
+
+
+class Conversation(list):
+    """A list of ``{"role", "content"}`` messages that remembers its 1-based source ``line``."""
+
+    def __init__(self, messages=(), line: int = 0):
+        super().__init__(messages)
+        self.line = line
+
+    def __repr__(self) -> str:
+        return f"Conversation(line={self.line}, {list.__repr__(self)})"
+
+
+@dataclass
+class ParsedDataset:
+    format: str
+    conversations: list[Conversation]
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class TrainingExample:
+    input_ids: list[int]
+    labels: list[int]
+    line: int
+
+
+@dataclass
+class TokenizedDataset:
+    format: str
+    examples: list[TrainingExample]
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+
+class _LineProblem(Exception):
+    """Internal: the current line is unusable for the given reason."""
+
+
+def _type_name(value) -> str:
+    for kind, name in ((bool, "boolean"), (str, "string"), ((int, float), "number"),
+                       (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _kind(obj: dict) -> str | None:
+    if "messages" in obj:
+        return "chat"
+    if "prompt" in obj or "completion" in obj:
+        return "prompt_completion"
+    if "instruction" in obj or "output" in obj:
+        return "instruction"
+    return None
+
+
+def _text(obj: dict, key: str, *, where: str = "", optional: bool = False, allow_empty: bool = False) -> str:
+    label = f"{where}field '{key}'"
+    if key not in obj or (optional and obj[key] is None):
+        if optional:
+            return ""
+        raise _LineProblem(f"missing {label}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _LineProblem(f"{label} must be a string, got {_type_name(value)}")
+    if not allow_empty and not value.strip():
+        raise _LineProblem(f"{label} is empty")
+    return value
+
+
+def _chat_messages(obj: dict) -> list[dict]:
+    raw = obj["messages"]
+    if not isinstance(raw, list):
+        raise _LineProblem(f"field 'messages' must be an array, got {_type_name(raw)}")
+    if not raw:
+        raise _LineProblem("field 'messages' is empty")
+    messages = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]: "
+        if not isinstance(msg, dict):
+            raise _LineProblem(f"messages[{i}] must be an object, got {_type_name(msg)}")
+        role = _text(msg, "role", where=where)
+        if role not in ROLES:
+            raise _LineProblem(f"{where}unknown role {role[:32]!r} (expected system, user or assistant)")
+        messages.append({"role": role, "content": _text(msg, "content", where=where)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _LineProblem("chat has no assistant message")
+    if messages[0]["role"] == "assistant":
+        raise _LineProblem("chat starts with an assistant message (a system or user message must come first)")
+    return messages
+
+
+def _to_messages(obj: dict, fmt: str) -> list[dict]:
+    if fmt == "chat":
+        return _chat_messages(obj)
+    if fmt == "prompt_completion":
+        prompt, answer = _text(obj, "prompt"), _text(obj, "completion")
+    else:
+        prompt, answer = _text(obj, "instruction"), _text(obj, "output")
+        extra = _text(obj, "input", optional=True, allow_empty=True)
+        if extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _summary(what: str, usable: int, total: int, problems: list[tuple[int, str]]) -> str:
+    msg = f"{what}: {usable} of {total} records usable, {len(problems)} problem(s)"
+    if problems:
+        line, reason = problems[0]
+        msg += f"; first at line {line}: {reason}"
+    return msg
+
+
+def parse_dataset(data: bytes, *, max_lines: int = 100_000, max_line_bytes: int = 1 << 20,
+                  strict: bool = False) -> ParsedDataset:
+    """Parse JSONL bytes into conversations; bad lines go to ``problems`` (see module docstring)."""
+    fmt: str | None = None
+    conversations: list[Conversation] = []
+    problems: list[tuple[int, str]] = []
+    records = 0
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        records += 1
+        if records > max_lines:
+            problems.append((lineno, f"too many lines (limit {max_lines}); this line and the rest were not read"))
+            break
+        try:
+            if len(raw) > max_line_bytes:
+                raise _LineProblem(f"line too long ({len(raw)} bytes > limit {max_line_bytes})")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _LineProblem("not valid UTF-8") from None
+            if lineno == 1:
+                text = text.lstrip("\ufeff")
+            try:
+                obj = json.loads(text)
+            except (ValueError, RecursionError):
+                raise _LineProblem("not valid JSON") from None
+            if not isinstance(obj, dict):
+                raise _LineProblem(f"not a JSON object (got {_type_name(obj)})")
+            kind = _kind(obj)
+            if fmt is None:
+                if kind is None:
+                    raise _LineProblem("unrecognised record: expected 'messages', 'prompt'/'completion' "
+                                       "or 'instruction'/'output' fields")
+                fmt = kind
+            elif kind is not None and kind != fmt:
+                raise _LineProblem(f"expected {fmt} format like the first record, got a {kind} record")
+            conversations.append(Conversation(_to_messages(obj, fmt), line=lineno))
+        except _LineProblem as problem:
+            problems.append((lineno, str(problem)))
+    if not conversations:
+        what = "dataset is empty" if records == 0 else "dataset has no usable record"
+        raise DatasetValidationError(_summary(what, 0, records, problems), problems)
+    if strict and problems:
+        raise DatasetValidationError(_summary("dataset has bad lines", len(conversations), records, problems),
+                                     problems)
+    return ParsedDataset(format=fmt or "chat", conversations=conversations, problems=problems)
+
+
+def _template_kwargs(tokenizer) -> dict:
+    try:
+        params = inspect.signature(tokenizer.apply_chat_template).parameters
+    except (TypeError, ValueError):
+        return {}
+    kwargs = {}
+    if "return_dict" in params:
+        kwargs["return_dict"] = False
+    if "sanitize_control_tokens" in params:
+        kwargs["sanitize_control_tokens"] = True
+    return kwargs
+
+
+def _as_ids(out) -> list[int]:
+    """Normalise what ``apply_chat_template(tokenize=True)`` returns (list, dict/BatchEncoding, tensor)."""
+    if isinstance(out, Mapping):
+        out = out["input_ids"]
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    out = list(out)
+    if len(out) == 1 and isinstance(out[0], (list, tuple)):
+        out = list(out[0])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
+        raise TypeError(f"apply_chat_template returned {type(out).__name__} that is not a list of token ids")
+    return out
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, kwargs: dict) -> list[int]:
+    return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                                 tokenize=True, **kwargs))
+
+
+def _tokenize_with_template(tokenizer, messages: list[dict], kwargs: dict) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], True, kwargs)
+        if prefix[:len(ids)] != ids:
+            raise _LineProblem(f"chat template is not prefix-stable: the prompt for messages[{i}] does not "
+                               "start with the tokens of the conversation before it")
+        labels += [IGNORE_INDEX] * (len(prefix) - len(ids))
+        turn = _render(tokenizer, messages[:i + 1], False, kwargs)
+        if len(turn) <= len(prefix) or turn[:len(prefix)] != prefix:
+            raise _LineProblem(f"chat template is not prefix-stable: messages[{i}] does not render as its "
+                               "prompt followed by the answer tokens")
+        labels += turn[len(prefix):]
+        ids = turn
+    return ids, labels
+
+
+def _tokenize_plain(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    eos, bos = tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None)
+    if eos is None:
+        raise DatasetValidationError("tokenizer has neither a chat template nor an EOS token; "
+                                     "cannot mark where an answer ends")
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    ids: list[int] = [bos] if bos is not None and bos != eos else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    for msg in messages:
+        if msg["role"] == "assistant":
+            piece = encode(msg["content"]) + [eos]
+            labels += piece
+        else:
+            piece = encode(msg["content"] + "\n")
+            labels += [IGNORE_INDEX] * len(piece)
+        ids += piece
+    return ids, labels
+
+
+def tokenize_dataset(parsed: ParsedDataset, tokenizer, *, max_seq_len: int,
+                     strict: bool = False) -> TokenizedDataset:
+    """Turn conversations into ``TrainingExample``s with loss only on assistant turns."""
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
+    use_template = bool(getattr(tokenizer, "chat_template", None))
+    kwargs = _template_kwargs(tokenizer) if use_template else {}
+    examples: list[TrainingExample] = []
+    problems = list(parsed.problems)
+    for conv in parsed.conversations:
+        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=-1)
+        messages = [{"role": m["role"], "content": m["content"]} for m in conv[:last + 1]]
+        try:
+            if last < 0:
+                raise _LineProblem("chat has no assistant message")
+            if use_template:
+                try:
+                    ids, labels = _tokenize_with_template(tokenizer, messages, kwargs)
+                except _LineProblem:
+                    raise
+                except Exception as exc:  # template raise_exception(), renderer or tokenizer errors
+                    raise _LineProblem(f"chat template failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+            else:
+                ids, labels = _tokenize_plain(tokenizer, messages)
+            if len(ids) > max_seq_len:
+                raise _LineProblem(f"too long after tokenization ({len(ids)} tokens > max_seq_len {max_seq_len})")
+            examples.append(TrainingExample(input_ids=ids, labels=labels, line=conv.line))
+        except _LineProblem as problem:
+            problems.append((conv.line, str(problem)))
+    problems.sort(key=lambda p: p[0])
+    total = len(parsed.conversations) + len(parsed.problems)
+    if not examples:
+        raise DatasetValidationError(_summary("dataset has no usable example", 0, total, problems), problems)
+    if strict and problems:
+        raise DatasetValidationError(_summary("dataset has bad lines", len(examples), total, problems), problems)
+    return TokenizedDataset(format=parsed.format, examples=examples, problems=problems)
+
+
+def split_train_eval(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministically split into ``(train, eval)``, each in the original order.
+
+    ``eval`` holds ``round(n * eval_fraction)`` examples, at least one when the fraction is positive,
+    but ``train`` always keeps at least one (so a single example gives an empty eval set).
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(examples)
+    if n == 0:
+        raise ValueError("cannot split an empty list of examples")
+    n_eval = 0 if eval_fraction == 0 else min(n - 1, max(1, round(n * eval_fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    eval_idx = set(order[:n_eval])
+    train = [ex for i, ex in enumerate(examples) if i not in eval_idx]
+    held = [ex for i, ex in enumerate(examples) if i in eval_idx]
+    return train, held
