@@ -39,6 +39,10 @@ _TAR_PER_MEMBER_OVERHEAD = 64 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 Member = Union[zipfile.ZipInfo, tarfile.TarInfo]
+Archive = Union[zipfile.ZipFile, tarfile.TarFile]
+# What a malformed archive can raise while being read (gzip.BadGzipFile is an OSError).
+_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError, ValueError,
+                NotImplementedError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,7 @@ class ArchiveLimits:
 
 
 @dataclass(frozen=True)
-class _Entry:
-    """One archive member reduced to what validation needs."""
-
+class _Entry:  # one archive member, reduced to what validation needs
     raw_name: str
     parts: tuple[str, ...]  # path components with "" and "." dropped
     is_dir: bool
@@ -59,13 +61,11 @@ class _Entry:
     member: Member
 
 
-def _show(name: str) -> str:
-    """A member name made safe for messages and logs: escaped and truncated."""
+def _show(name: str) -> str:  # a member name made safe for messages and logs
     return ascii(name[:120])
 
 
-def _fail(message: str) -> AdapterValidationError:
-    return AdapterValidationError(message)
+_fail = AdapterValidationError
 
 
 def _split_name(raw: str) -> tuple[str, ...]:
@@ -85,8 +85,7 @@ def _split_name(raw: str) -> tuple[str, ...]:
 
 def _zip_entry(info: zipfile.ZipInfo) -> _Entry:
     _split_name(info.orig_filename)  # zipfile truncates .filename at a NUL; the original keeps it
-    parts = _split_name(info.filename)
-    name = _show(info.filename)
+    parts, name = _split_name(info.filename), _show(info.filename)
     if info.flag_bits & 0x1:
         raise _fail(f"archive member {name} is encrypted; upload an unencrypted archive")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
@@ -99,17 +98,19 @@ def _zip_entry(info: zipfile.ZipInfo) -> _Entry:
     return _Entry(info.filename, parts, info.is_dir(), info.file_size, info)
 
 
+_TAR_REFUSED_TYPES = {
+    tarfile.SYMTYPE: "is a symlink; links are not allowed",
+    tarfile.LNKTYPE: "is a hardlink; links are not allowed",
+    tarfile.CHRTYPE: "is a device file",
+    tarfile.BLKTYPE: "is a device file",
+    tarfile.FIFOTYPE: "is a fifo",
+}
+
+
 def _tar_entry(info: tarfile.TarInfo) -> _Entry:
-    parts = _split_name(info.name)
-    name = _show(info.name)
-    if info.issym():
-        raise _fail(f"archive member {name} is a symlink; links are not allowed")
-    if info.islnk():
-        raise _fail(f"archive member {name} is a hardlink; links are not allowed")
-    if info.ischr() or info.isblk():
-        raise _fail(f"archive member {name} is a device file")
-    if info.isfifo():
-        raise _fail(f"archive member {name} is a fifo")
+    parts, name = _split_name(info.name), _show(info.name)
+    if info.type in _TAR_REFUSED_TYPES:
+        raise _fail(f"archive member {name} {_TAR_REFUSED_TYPES[info.type]}")
     if info.issparse() or not (info.isreg() or info.isdir()):
         raise _fail(f"archive member {name} is not a regular file or folder")
     return _Entry(info.name, parts, info.isdir(), info.size, info)
@@ -157,52 +158,40 @@ def _plan(entries: list[_Entry], limits: ArchiveLimits) -> dict[str, _Entry]:
     return chosen
 
 
+def _read(src: IO[bytes], name: str) -> bytes:
+    try:
+        return src.read(_CHUNK)
+    except _READ_ERRORS as exc:  # e.g. a CRC mismatch once a lying member is fully inflated
+        raise _fail(f"archive member {name} is corrupt: {type(exc).__name__}") from None
+
+
 class _Budget:
     """Counts bytes actually decompressed, across members, against the limits."""
 
     def __init__(self, limits: ArchiveLimits):
-        self.limits = limits
-        self.total = 0
+        self.limits, self.total = limits, 0
 
     def copy(self, src: IO[bytes], entry: _Entry, dest: Path, written: list[Path]) -> None:
-        name = _show(entry.raw_name)
+        name, limits = _show(entry.raw_name), self.limits
         # O_EXCL + O_NOFOLLOW: never follow or overwrite anything already at the path.
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         written.append(dest)  # recorded only once created by us, so cleanup never removes others
-        os.fchmod(fd, 0o600)  # the umask may only narrow 0o600; make the mode exact anyway
         count = 0
         with os.fdopen(fd, "wb") as out:
-            while True:
-                try:
-                    chunk = src.read(_CHUNK)
-                except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSError) as exc:
-                    raise _fail(f"archive member {name} is corrupt: {type(exc).__name__}") from None
-                if not chunk:
-                    break
+            os.fchmod(fd, 0o600)  # the umask may only narrow 0o600; make the mode exact anyway
+            while chunk := _read(src, name):
                 count += len(chunk)
                 self.total += len(chunk)
-                if count > self.limits.max_member_bytes:
-                    raise _fail(f"archive member {name} expands past the per-member limit "
-                                f"of {self.limits.max_member_bytes} bytes")
-                if self.total > self.limits.max_total_bytes:
-                    raise _fail(f"archive expands past the total limit of {self.limits.max_total_bytes} bytes")
+                if count > limits.max_member_bytes:
+                    raise _fail(f"archive member {name} expands past the per-member limit of "
+                                f"{limits.max_member_bytes} bytes")
+                if self.total > limits.max_total_bytes:
+                    raise _fail(f"archive expands past the total limit of {limits.max_total_bytes} bytes")
                 if count > entry.size:
                     raise _fail(f"archive member {name} holds more data than its header declares")
                 out.write(chunk)
         if count != entry.size:
             raise _fail(f"archive member {name} holds {count} bytes but declares {entry.size}")
-
-
-def _detect(path: Path) -> str:
-    with path.open("rb") as f:
-        head = f.read(512)
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return "zip"
-    if head[:2] == b"\x1f\x8b":
-        return "tar.gz"
-    if head[257:262] == b"ustar":
-        return "tar"
-    raise _fail("upload is not a zip, tar or tar.gz archive")
 
 
 def _check_tar_stream(path: Path, kind: str, limits: ArchiveLimits) -> None:
@@ -221,60 +210,54 @@ def _check_tar_stream(path: Path, kind: str, limits: ArchiveLimits) -> None:
                 total += len(chunk)
                 if total > cap:
                     raise too_big
-    except (OSError, EOFError, zlib.error):
+    except _READ_ERRORS:
         raise _fail("upload is a corrupt or truncated gzip file") from None
     if head[257:262] != b"ustar":
         raise _fail("gzip upload does not hold a tar archive")
 
 
-def _extract_zip(path: Path, dest: Path, limits: ArchiveLimits, written: list[Path]) -> None:
+def _open(path: Path, limits: ArchiveLimits) -> tuple[str, Archive]:
+    with path.open("rb") as f:  # the format comes from magic bytes, never from the file name
+        head = f.read(512)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        kind = "zip"
+    elif head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
+        kind = "tar.gz" if head[:2] == b"\x1f\x8b" else "tar"
+        _check_tar_stream(path, kind, limits)
+    else:
+        raise _fail("upload is not a zip, tar or tar.gz archive")
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        raise _fail("upload is a corrupt zip archive") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > limits.max_members:  # before per-member work on a huge directory
-            raise _fail(f"archive has more than {limits.max_members} members")
-        plan = _plan([_zip_entry(i) for i in infos], limits)
-        budget = _Budget(limits)
-        for out_name, entry in plan.items():
-            target = dest / out_name
-            try:
-                src = zf.open(entry.member)  # type: ignore[arg-type]
-            except (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error, OSError):
-                raise _fail(f"archive member {_show(entry.raw_name)} cannot be read") from None
-            with src:
-                budget.copy(src, entry, target, written)
+        if kind == "zip":
+            return kind, zipfile.ZipFile(path)
+        return kind, tarfile.open(path, mode="r:gz" if kind == "tar.gz" else "r:")
+    except _READ_ERRORS:
+        raise _fail(f"upload is a corrupt {kind} archive") from None
 
 
-def _extract_tar(path: Path, kind: str, dest: Path, limits: ArchiveLimits, written: list[Path]) -> None:
-    _check_tar_stream(path, kind, limits)
+def _entries(archive: Archive, limits: ArchiveLimits) -> list[_Entry]:
+    if isinstance(archive, zipfile.ZipFile):  # _plan checks the member count
+        return [_zip_entry(i) for i in archive.infolist()]
+    entries: list[_Entry] = []
     try:
-        tf = tarfile.open(path, mode="r:gz" if kind == "tar.gz" else "r:")
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        while (info := archive.next()) is not None:
+            if len(entries) >= limits.max_members:  # stop reading headers as soon as we know
+                raise _fail(f"archive has more than {limits.max_members} members")
+            entries.append(_tar_entry(info))
+    except _READ_ERRORS:
         raise _fail("upload is a corrupt tar archive") from None
-    with tf:
-        entries: list[_Entry] = []
-        try:
-            while (info := tf.next()) is not None:
-                if len(entries) >= limits.max_members:  # stop reading headers as soon as we know
-                    raise _fail(f"archive has more than {limits.max_members} members")
-                entries.append(_tar_entry(info))
-        except (tarfile.TarError, OSError, EOFError, zlib.error):
-            raise _fail("upload is a corrupt tar archive") from None
-        plan = _plan(entries, limits)
-        budget = _Budget(limits)
-        for out_name, entry in plan.items():
-            target = dest / out_name
-            try:
-                src = tf.extractfile(entry.member)  # type: ignore[arg-type]
-            except (tarfile.TarError, OSError, EOFError, zlib.error):
-                src = None
-            if src is None:
-                raise _fail(f"archive member {_show(entry.raw_name)} cannot be read")
-            with src:
-                budget.copy(src, entry, target, written)
+    return entries
+
+
+def _open_member(archive: Archive, entry: _Entry) -> IO[bytes]:
+    try:
+        if isinstance(archive, zipfile.ZipFile):
+            return archive.open(entry.member)  # type: ignore[arg-type]
+        src = archive.extractfile(entry.member)  # type: ignore[arg-type]
+    except _READ_ERRORS:
+        src = None
+    if src is None:
+        raise _fail(f"archive member {_show(entry.raw_name)} cannot be read")
+    return src
 
 
 def extract_adapter_archive(archive_path: Path, dest_dir: Path, limits: ArchiveLimits) -> None:
@@ -289,11 +272,13 @@ def extract_adapter_archive(archive_path: Path, dest_dir: Path, limits: ArchiveL
         raise ValueError(f"extraction folder must exist and be empty: {dest_dir}")
     written: list[Path] = []
     try:
-        kind = _detect(archive_path)
-        if kind == "zip":
-            _extract_zip(archive_path, dest_dir, limits, written)
-        else:
-            _extract_tar(archive_path, kind, dest_dir, limits, written)
+        kind, archive = _open(archive_path, limits)
+        with archive:
+            plan = _plan(_entries(archive, limits), limits)  # every header checked before any write
+            budget = _Budget(limits)
+            for out_name, entry in plan.items():
+                with _open_member(archive, entry) as src:
+                    budget.copy(src, entry, dest_dir / out_name, written)
     except BaseException as exc:
         for target in written:  # only files this call created (O_EXCL)
             target.unlink(missing_ok=True)

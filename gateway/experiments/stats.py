@@ -134,6 +134,7 @@ def _symmetric_ppf(p: float, upper_tail: Callable[[float], float]) -> float:
 
 def t_ppf(p: float, dof: float) -> float:
     """Quantile of Student's t (scipy.stats.t.ppf)."""
+    t_sf(0.0, dof)  # validates dof even where the search would never evaluate the tail
     return _symmetric_ppf(p, lambda t: t_sf(t, dof))
 
 

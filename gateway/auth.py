@@ -1,0 +1,34 @@
+"""Bearer-key checks for inference routes (and, later, the admin routes)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from gateway.errors import AuthenticationError
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def key_matches(token: str | None, keys: list[str]) -> bool:
+    # compare against every key in constant time, so timing does not reveal a near match
+    found = False
+    for key in keys:
+        found |= token is not None and hmac.compare_digest(token.encode(), key.encode())
+    return found
+
+
+def check_inference_key(request: Request) -> None:
+    keys: list[str] = request.app.state.gateway.settings.api_keys
+    if not keys:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+    if not key_matches(token, keys):
+        raise AuthenticationError("incorrect API key provided")

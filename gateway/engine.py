@@ -1,0 +1,239 @@
+"""The engine owns the model and runs the step loop on one thread.
+
+Each step: run queued tasks (adapter installs), drop cancelled rows, admit waiting sequences
+(prefill within a token budget, then merge them into the running batch), and decode one token
+for every running row in a single forward pass, whatever adapter each row uses. Results go
+back to the asyncio side through each request's ``sink`` callback; the event loop never waits
+on the model.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gateway.detokenize import IncrementalText
+from gateway.model_runner import BatchState, ModelRunner
+from gateway.sampling import SamplingParams, choose_tokens, make_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SequenceEvent:
+    """Progress of one choice: new text, and the finish reason once it ends."""
+
+    index: int
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    slot: int
+    params: SamplingParams
+    sink: Callable[[SequenceEvent], None]
+    n: int = 1
+    on_done: Callable[[], None] | None = None
+    cancelled: bool = False
+    id: int = field(default_factory=itertools.count().__next__)
+    submitted: float = field(default_factory=time.monotonic)
+    _open: int = 0  # sequences not finished yet
+
+
+class QueueFullError(Exception):
+    """The engine's waiting queue is at its limit; the client should retry later."""
+
+
+class EngineStoppedError(Exception):
+    """The engine is shutting down and takes no new work."""
+
+
+@dataclass
+class _Sequence:
+    request: EngineRequest
+    index: int
+    text: IncrementalText
+    generator: torch.Generator | None
+    max_new: int  # max_tokens, capped by the context window
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, *, context_window: int, max_batch_size: int,
+                 max_prefill_tokens: int, max_queued_requests: int, eos_token_ids: set[int]):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.context_window = context_window
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_queued_requests = max_queued_requests
+        self.eos_token_ids = eos_token_ids
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._state: BatchState | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.steps = 0
+
+    # ---- called from other threads -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request (its ``n`` sequences); raises QueueFullError when at the limit."""
+        virtual = self.runner.virtual_tokens(request.slot)
+        room = self.context_window - len(request.prompt_ids) - virtual
+        seqs = [
+            _Sequence(
+                request=request, index=i, text=IncrementalText(self.tokenizer, request.params.stop),
+                generator=make_generator(None if request.params.seed is None else request.params.seed + i,
+                                         self.runner.device),
+                max_new=max(1, min(request.params.max_tokens, room)),
+            )
+            for i in range(request.n)
+        ]
+        request._open = request.n
+        with self._cv:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len({s.request.id for s in self._waiting}) >= self.max_queued_requests:
+                raise QueueFullError(f"{self.max_queued_requests} requests are already waiting")
+            self._waiting.extend(seqs)
+            self._cv.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread between two steps (model state is never shared)."""
+        future: Future = Future()
+        with self._cv:
+            self._tasks.append((fn, future))
+            self._cv.notify_all()
+        return future
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._tasks or self._running or self._stopping):
+                    self._cv.wait()
+                if self._stopping and not self._tasks:
+                    self._fail_all("the server is shutting down")
+                    return
+                tasks = list(self._tasks)
+                self._tasks.clear()
+            for fn, future in tasks:
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - the caller gets it
+                    future.set_exception(exc)
+            try:
+                self._step()
+            except Exception:  # keep serving: fail the rows of this step, not the process
+                log.exception("engine step failed; failing the running sequences")
+                self._fail_all("internal error while generating")
+
+    def _step(self) -> None:
+        self._drop_finished()
+        admitted = self._admit()
+        if admitted:
+            prompts = [s.request.prompt_ids for s in admitted]
+            logits, state = self.runner.prefill(prompts, [s.request.slot for s in admitted])
+            self._state = self.runner.merge(self._state, state)
+            self._running.extend(admitted)
+            self._emit(admitted, logits)
+            self._drop_finished()
+        if self._running:
+            last = [s.tokens[-1] for s in self._running]
+            logits = self.runner.decode(self._state, last)
+            self.steps += 1
+            self._emit(self._running, logits)
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        budget = self.max_prefill_tokens
+        with self._cv:
+            while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+                seq = self._waiting[0]
+                if seq.request.cancelled:
+                    self._waiting.popleft()
+                    self._finish(seq, "cancelled")
+                    continue
+                cost = len(seq.request.prompt_ids) + self.runner.virtual_tokens(seq.request.slot)
+                if admitted and cost > budget:
+                    break  # the first sequence always goes, however long
+                budget -= cost
+                admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        tokens = choose_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.done:
+                continue
+            seq.tokens.append(token)
+            if token in self.eos_token_ids:
+                self._finish(seq, "stop", seq.text.flush())
+                continue
+            delta, hit_stop = seq.text.push(token)
+            if hit_stop:
+                self._finish(seq, "stop", delta)
+            elif len(seq.tokens) >= seq.max_new:
+                self._finish(seq, "length", delta + seq.text.flush())
+            elif delta:
+                seq.request.sink(SequenceEvent(seq.index, delta, len(seq.tokens)))
+
+    def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+        seq.done = True
+        request = seq.request
+        if reason != "cancelled":
+            request.sink(SequenceEvent(seq.index, text, len(seq.tokens), finish_reason=reason, error=error))
+        request._open -= 1
+        if request._open == 0 and request.on_done is not None:
+            request.on_done()
+
+    def _drop_finished(self) -> None:
+        for seq in self._running:
+            if seq.request.cancelled and not seq.done:
+                self._finish(seq, "cancelled")
+        keep = [i for i, s in enumerate(self._running) if not s.done]
+        if len(keep) != len(self._running):
+            self._state = self.runner.select(self._state, keep) if self._state else None
+            self._running = [self._running[i] for i in keep]
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for seq in self._running + waiting:
+            if not seq.done:
+                self._finish(seq, "error", error=message)
+        self._running, self._state = [], None

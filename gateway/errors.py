@@ -1,0 +1,138 @@
+"""Typed API errors and the one place that renders every error in OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.errors import AdapterNotFoundError, AdapterValidationError, DatasetValidationError
+from adapters.registry import NoFreeSlotError
+from gateway.engine import EngineStoppedError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers
+        if code is not None:
+            self.code = code
+
+
+class BadRequestError(APIError):
+    pass
+
+
+class AuthenticationError(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(APIError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RateLimitError(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
+class ServiceUnavailableError(APIError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _render(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                        headers=exc.headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    """First problem, in words, with its field path; never echoes the submitted value."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if first.get("type") == "missing":
+        return f"missing required parameter: {param}", param
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return (f"invalid value for {param}: {msg}" if param else msg) + more, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _render(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = "payload_too_large" if exc.status_code == 413 else None
+        return JSONResponse(error_body(str(exc.detail), type_, None, code), status_code=exc.status_code)
+
+    @app.exception_handler(AdapterNotFoundError)
+    async def _adapter_missing(_: Request, exc: AdapterNotFoundError) -> JSONResponse:
+        return _render(ModelNotFoundError(str(exc), param="model"))
+
+    @app.exception_handler(AdapterValidationError)
+    async def _adapter_invalid(_: Request, exc: AdapterValidationError) -> JSONResponse:
+        return _render(BadRequestError(str(exc), code="invalid_adapter"))
+
+    @app.exception_handler(DatasetValidationError)
+    async def _dataset_invalid(_: Request, exc: DatasetValidationError) -> JSONResponse:
+        return _render(BadRequestError(str(exc), code="invalid_dataset"))
+
+    @app.exception_handler(QueueFullError)
+    @app.exception_handler(NoFreeSlotError)
+    async def _busy(_: Request, exc: Exception) -> JSONResponse:
+        return _render(RateLimitError(f"the server is busy: {exc}", headers={"Retry-After": "1"}))
+
+    @app.exception_handler(EngineStoppedError)
+    async def _stopping(_: Request, exc: Exception) -> JSONResponse:
+        return _render(ServiceUnavailableError(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal server error", "server_error", None, "internal_error"),
+                            status_code=500)

