@@ -76,7 +76,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded default model as a safetensors folder, materialized once per machine."""
-    pytest.importorskip("gguf")
     from gateway.base_model import materialize_embedded
 
     data_dir = Path(os.environ.get("GATEWAY_TEST_DATA_DIR", REPO / ".test-data"))
