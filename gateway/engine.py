@@ -99,7 +99,8 @@ class Engine:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def queue_depth(self) -> int:

@@ -116,18 +116,23 @@ class GenerationService:
                                   f"{self.settings.max_n} choices", param="n")
         return [self._check_length(self.tokenizer.encode(p), "prompt") for p in prompts]
 
-    def _check_length(self, ids: list[int], param: str) -> list[int]:
+    def _check_length(self, ids: list[int], param: str, virtual_tokens: int = 0) -> list[int]:
         if not ids:
             raise BadRequestError("the prompt is empty", param=param)
-        if len(ids) > self.max_prompt_tokens:
+        if len(ids) + virtual_tokens > self.max_prompt_tokens:
+            extra = f" plus the adapter's {virtual_tokens} virtual tokens" if virtual_tokens else ""
             raise BadRequestError(
-                f"the prompt has {len(ids)} tokens; this model's limit is {self.max_prompt_tokens} tokens "
+                f"the prompt has {len(ids)} tokens{extra}; this model's limit is {self.max_prompt_tokens} tokens "
                 f"(context window {self.context_window})", param=param, code="context_length_exceeded")
         return ids
 
     # ---- running --------------------------------------------------------------------------------
     async def start(self, adapter_id: str | None, prompts: list[list[int]], params: SamplingParams,
                     n: int) -> Generation:
+        if adapter_id is not None:
+            virtual = self.registry.get(adapter_id).weights.virtual_tokens
+            for ids in prompts:  # prompt tuning adds positions the plain length check did not see
+                self._check_length(ids, "messages" if len(prompts) == 1 else "prompt", virtual)
         slot = 0 if adapter_id is None else await self.registry.acquire(adapter_id)
         loop = asyncio.get_running_loop()
         generation = Generation(prompt_tokens=sum(len(p) for p in prompts), choices=len(prompts) * n)

