@@ -128,11 +128,11 @@ class GenerationService:
 
     # ---- running --------------------------------------------------------------------------------
     async def start(self, adapter_id: str | None, prompts: list[list[int]], params: SamplingParams,
-                    n: int) -> Generation:
+                    n: int, prompt_param: str) -> Generation:
         if adapter_id is not None:
             virtual = self.registry.get(adapter_id).weights.virtual_tokens
             for ids in prompts:  # prompt tuning adds positions the plain length check did not see
-                self._check_length(ids, "messages" if len(prompts) == 1 else "prompt", virtual)
+                self._check_length(ids, prompt_param, virtual)
         slot = 0 if adapter_id is None else await self.registry.acquire(adapter_id)
         loop = asyncio.get_running_loop()
         generation = Generation(prompt_tokens=sum(len(p) for p in prompts), choices=len(prompts) * n)

@@ -42,7 +42,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     adapter = service.resolve_model(body.model)
     params = service.sampling_params(body)
     prompt = service.chat_prompt(body)
-    generation = await service.start(adapter, [prompt], params, body.n)
+    generation = await service.start(adapter, [prompt], params, body.n, "messages")
     meta = {"id": new_id("chatcmpl"), "created": now(), "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -59,7 +59,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     adapter = service.resolve_model(body.model)
     params = service.sampling_params(body)
     prompts = service.completion_prompts(body)
-    generation = await service.start(adapter, prompts, params, body.n)
+    generation = await service.start(adapter, prompts, params, body.n, "prompt")
     meta = {"id": new_id("cmpl"), "created": now(), "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
