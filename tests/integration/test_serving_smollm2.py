@@ -5,17 +5,10 @@ output must equal PEFT's own greedy output on the same NF4 base."""
 from __future__ import annotations
 
 import gc
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -25,7 +18,6 @@ from gateway.settings import Settings
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 ADAPTERS = ("lora-fr", "ia3-x", "pt-x")
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 MESSAGES_2 = [{"role": "user", "content": "Name three colors."}]
@@ -104,78 +96,20 @@ def artifacts(smollm2_dir: Path, tmp_path_factory) -> Artifacts:
         del model, base
         gc.collect()
     assert art is not None
+    print("PEFT greedy references:", art.references)
     for name in ADAPTERS:  # the adapters must actually change the output, or the check proves nothing
         assert art.references[name] != art.references[art.base_name], (name, art.references)
     return art
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    port: int
-    process: subprocess.Popen
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-def start_server(model_dir: Path, adapters_dir: Path, data_dir: Path, log_path: Path,
-                 env: dict[str, str] | None = None, timeout: float = 120.0) -> Server:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "gateway", "serve", "--model", str(model_dir), "--adapters-dir", str(adapters_dir),
-           "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the server
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                               env={**os.environ, **(env or {})})
-    log_file.close()
-    server = Server(port, process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode} before ready:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    pytest.fail(f"server not ready after {timeout} s:\n{server.log()}")
-
-
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=10)
+@pytest.fixture(scope="module")
+def server(artifacts: Artifacts, smollm2_dir: Path, launch_server):
+    return launch_server(["--model", str(smollm2_dir), "--adapters-dir", str(artifacts.adapters_dir),
+                          "--data-dir", str(artifacts.data_dir), "--device", "cpu"])
 
 
 @pytest.fixture(scope="module")
-def server(artifacts: Artifacts, smollm2_dir: Path, tmp_path_factory, request):
-    log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-    srv = start_server(smollm2_dir, artifacts.adapters_dir, artifacts.data_dir, log_path)
-    failed_before = request.session.testsfailed
-    yield srv
-    stop_server(srv)
-    if request.session.testsfailed > failed_before:
-        print(f"\n----- server log ({log_path}) -----\n{srv.log()}", file=sys.stderr)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
+def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
