@@ -1,71 +1,13 @@
-"""Shared fixtures: a tiny ChatML tokenizer, tiny random Llama models, PEFT adapters of every
-kind built on them, and (for integration tests) the real SmolLM2 model materialized once."""
+"""Session fixtures: the tiny tokenizer, and the real SmolLM2 model materialized once."""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def build_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in memory (no files, no hub)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["hello world, how are you?", "the quick brown fox jumps over the lazy dog",
-                             "user assistant system", "What is two plus two? Four."], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = chat_template
-    return fast
-
-
-def build_tiny_llama(vocab_size: int = 320, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=2, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
-def peft_config(kind: str, **overrides):
-    from peft import IA3Config, LoraConfig, PromptTuningConfig
-
-    if kind == "lora":
-        return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **overrides})
-    if kind == "ia3":
-        return IA3Config(**{"task_type": "CAUSAL_LM", **overrides})
-    if kind == "prompt_tuning":
-        return PromptTuningConfig(**{"task_type": "CAUSAL_LM", "num_virtual_tokens": 5, **overrides})
-    raise ValueError(kind)
-
-
-def make_peft_adapter(base: torch.nn.Module, kind: str, folder: Path, seed: int = 1, scale: float = 0.3,
-                      **overrides):
-    """Save a PEFT adapter with random non-trivial weights on a copy of ``base``; return the
-    PeftModel (the reference) in eval mode."""
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), peft_config(kind, **overrides))
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * scale)
-    model.save_pretrained(folder)
-    return model.eval()
+from support import REPO, build_tokenizer
+from transformers import PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="session")

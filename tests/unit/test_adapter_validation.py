@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, make_peft_adapter
+from support import build_tiny_llama, make_peft_adapter
 from safetensors.torch import load_file, save_file
 
 from adapters.errors import AdapterValidationError

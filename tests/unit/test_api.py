@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from gateway.base_model import LoadedBase
 from gateway.settings import Settings
-from conftest import build_tiny_llama, build_tokenizer, make_peft_adapter
+from support import build_tiny_llama, build_tokenizer, make_peft_adapter
 
 ADAPTERS = {"lora-a": "lora", "ia3-a": "ia3", "pt-a": "prompt_tuning"}
 MESSAGES = [{"role": "user", "content": "hello world, how are you?"}]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import build_tokenizer
+from support import build_tokenizer
 from gateway.app import create_app
 from test_api import MESSAGES, make_adapters, make_base, make_settings
 

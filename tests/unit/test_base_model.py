@@ -3,7 +3,7 @@ the dummy-weights option; the settings checks that guard the start."""
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tokenizer
+from support import build_tiny_llama, build_tokenizer
 from pydantic import ValidationError
 
 from gateway.base_model import ModelLoadError, load_base

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny_llama, make_peft_adapter
+from support import build_tiny_llama, make_peft_adapter
 
 from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
