@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -70,15 +70,6 @@ def _linear_types() -> tuple[type, ...]:
     return types
 
 
-@dataclass
-class _Installed:
-    weights: AdapterWeights
-    kind: AdapterKind = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.kind = self.weights.kind
-
-
 class AdapterRuntime:
     """Wraps a causal LM's linear layers and manages ``capacity - 1`` adapter slots on its device."""
 
@@ -90,7 +81,7 @@ class AdapterRuntime:
         self.context = BatchContext()
         self.prompts: dict[int, torch.Tensor] = {}
         self._layers: dict[str, MultiAdapterLinear] = {}
-        self._installed: dict[int, _Installed] = {}
+        self._installed: dict[int, AdapterWeights] = {}
         self._wrap_linears()
         config = model.config
         self.base_info = BaseModelInfo(
@@ -122,8 +113,8 @@ class AdapterRuntime:
         return [s for s in range(1, self.capacity) if s not in self._installed]
 
     def kind_of(self, slot: int) -> AdapterKind | None:
-        entry = self._installed.get(slot)
-        return entry.kind if entry else None
+        weights = self._installed.get(slot)
+        return weights.kind if weights else None
 
     def install(self, weights: AdapterWeights, slot: int | None = None) -> int:
         """Copy an adapter into a free device slot and return the slot."""
@@ -135,12 +126,12 @@ class AdapterRuntime:
         elif slot in self._installed or not 0 < slot < self.capacity:
             raise ValueError(f"slot {slot} is taken or out of range")
         HANDLERS[weights.kind].install(self, slot, weights)
-        self._installed[slot] = _Installed(weights)
+        self._installed[slot] = weights
         return slot
 
     def uninstall(self, slot: int) -> None:
-        entry = self._installed.pop(slot)
-        HANDLERS[entry.kind].uninstall(self, slot, entry.weights)
+        weights = self._installed.pop(slot)
+        HANDLERS[weights.kind].uninstall(self, slot, weights)
 
     @contextlib.contextmanager
     def rows(self, slots: Sequence[int]) -> Iterator[None]:
