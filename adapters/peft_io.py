@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from adapters.archive import PICKLE_SUFFIXES
 from adapters.errors import AdapterValidationError
 from adapters.kinds import BY_PEFT_TYPE, HANDLERS
 from adapters.kinds.base import AdapterLimits, AdapterWeights, BaseModelInfo
@@ -17,13 +18,12 @@ from adapters.validate import load_config
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def read_adapter(folder: Path, base: BaseModelInfo, limits: AdapterLimits, dtype: torch.dtype) -> AdapterWeights:
     """Parse and validate a PEFT adapter folder against the base model. Never unpickles."""
     if not (folder / WEIGHTS_FILE).is_file():
-        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
+        pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES] if folder.is_dir() else []
         if pickles:
             raise AdapterValidationError(
                 f"{pickles[0]} is a pickle file, which is never loaded (it can run code); "

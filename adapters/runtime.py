@@ -137,8 +137,8 @@ class AdapterRuntime:
     def rows(self, slots: Sequence[int]) -> Iterator[None]:
         """Within the block, row ``i`` of every forward uses the adapter in ``slots[i]``."""
         ctx = self.context
-        kinds = frozenset(k for k in (self.kind_of(s) for s in set(slots)) if k is not None)
         distinct = set(slots)
+        kinds = frozenset(k for k in map(self.kind_of, distinct) if k is not None)
         ctx.rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         ctx.kinds = kinds
         ctx.uniform_slot = next(iter(distinct)) if len(distinct) == 1 else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -79,8 +80,6 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
 
 def load_adapters_dir(gateway: Gateway, folder: Path) -> None:
     """Register every sub-folder (its name is the adapter id); a bad one is logged and skipped."""
-    import re
-
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         if not re.match(ADAPTER_ID_PATTERN, sub.name) or sub.name == gateway.service.base_name:
             log.error("skipping adapter folder %s: not a valid adapter id", sub.name)
