@@ -18,6 +18,7 @@ from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
+from gateway.admin_key import resolve_admin_key
 from gateway.api import openai, ops
 from gateway.base_model import LoadedBase, load_base
 from gateway.engine import Engine
@@ -41,6 +42,7 @@ class Gateway:
     engine: Engine
     registry: AdapterRegistry
     service: GenerationService
+    admin_key: str
     started: int
     ready: bool = False
 
@@ -75,7 +77,8 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
 
     registry = AdapterRegistry(install, uninstall, settings.max_device_adapters)
     service = GenerationService(engine, registry, base.tokenizer, base.name, base.context_window, settings)
-    return Gateway(settings, base, runtime, engine, registry, service, started=int(time.time()))
+    admin_key = resolve_admin_key(settings.admin_key, settings.data_dir)
+    return Gateway(settings, base, runtime, engine, registry, service, admin_key, started=int(time.time()))
 
 
 def load_adapters_dir(gateway: Gateway, folder: Path) -> None:

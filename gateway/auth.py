@@ -1,4 +1,4 @@
-"""Bearer-key checks for inference routes (and, later, the admin routes)."""
+"""Bearer-key checks: inference keys for /v1, the admin key for /admin."""
 
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def check_inference_key(request: Request) -> None:
         raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
     if not key_matches(token, keys):
         raise AuthenticationError("incorrect API key provided")
+
+
+def check_admin_key(request: Request) -> None:
+    """Admin routes are never open: a key is always set (configured or generated at start)."""
+    token = bearer_token(request)
+    if token is None:
+        raise AuthenticationError("missing admin key: send 'Authorization: Bearer <admin key>'")
+    if not key_matches(token, [request.app.state.gateway.admin_key]):
+        raise AuthenticationError("incorrect admin key provided")

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
         "Inference API keys (comma-separated in the environment). Empty: no key needed."))
+    admin_key: str | None = Field(None, min_length=16, description=(
+        "Key for the /admin routes. Unset: one is generated at first start and kept in DATA_DIR/admin_key "
+        "(owner-only permissions); the log says where."))
     max_device_adapters: int = Field(16, ge=1, le=1024, description="Adapters held in device slots at once.")
     max_lora_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
     max_virtual_tokens: int = Field(512, ge=1, description="Most prompt-tuning virtual tokens accepted.")
