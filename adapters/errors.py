@@ -25,3 +25,12 @@ class DatasetValidationError(AdapterError):
     def __init__(self, message: str, problems: list[tuple[int, str]] | None = None):
         super().__init__(message)
         self.problems = problems or []
+
+
+class AdapterConflictError(AdapterError):
+    """The request clashes with the registry's state: the id is taken (and no replace was asked),
+    the adapter is in use by something that forbids its removal, or no device slot can be pinned."""
+
+
+class AdapterUnavailableError(AdapterError):
+    """The adapter is registered but cannot be served now (its files are missing on disk)."""

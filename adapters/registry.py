@@ -1,59 +1,145 @@
-"""Adapter ids, device slots and in-flight counts.
+"""Adapter ids and their versions: register (validate, store, persist), replace, delete, pin, and
+lease an adapter to a request.
 
-Every registered adapter's weights stay in CPU memory; at most ``max_device_slots`` are copied
-into runtime slots at a time. ``acquire`` puts an adapter on the device if needed, evicting the
-least recently used adapter with no request in flight, and counts the request; ``release`` ends
-it. Installs run through callbacks so the owner of the model decides on which thread they happen.
+A registration is committed by one row write, after its files are whole on disk; a crash before
+that leaves only orphan files, which ``start`` removes. A replace swaps the id to a new version at
+once: requests holding a lease finish on the old version, which is freed after its last one. A
+delete hides the id at once, then waits for in-flight requests before freeing memory and files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from adapters.errors import AdapterError, AdapterNotFoundError
+from adapters.blobs import BlobStore
+from adapters.errors import (
+    AdapterConflictError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
+)
 from adapters.kinds.base import AdapterWeights
+from adapters.store import AdapterRecord, AdapterStore
+from adapters.tiers import AdapterTiers, TierEvents
 
 log = logging.getLogger(__name__)
-
-
-class NoFreeSlotError(AdapterError):
-    """Every device slot holds an adapter with requests in flight."""
+ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# a guard returns why an id may not be registered / deleted, or None
+Guard = Callable[[str], str | None]
 
 
 @dataclass
+class AdapterStats:
+    """Usage of one id, across its versions (in memory; Prometheus keeps the long view)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_used: float | None = None
+
+
+@dataclass(eq=False)  # identity hashing: the tiers key on the entry object
 class AdapterEntry:
-    id: str
-    weights: AdapterWeights
-    created: float = field(default_factory=time.time)
+    """One registered version of an adapter id."""
+
+    record: AdapterRecord
+    stats: AdapterStats
+    weights: AdapterWeights | None = None
     slot: int | None = None
     in_flight: int = 0
-    last_used: float = 0.0
-    requests: int = 0
+    missing: bool = False  # the row exists but its files do not
+    retired: bool = False  # replaced or deleted: takes no new requests
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def describe(self) -> dict:
-        return {"id": self.id, **self.weights.describe(), "size_bytes": self.weights.nbytes,
-                "created": int(self.created), "tier": "device" if self.slot is not None else "cpu",
-                "in_flight": self.in_flight, "requests": self.requests}
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def name(self) -> str:
+        return f"{self.record.id}@{self.record.content_hash[:12]}"
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def pinned(self) -> bool:
+        return self.record.pinned
+
+    @pinned.setter
+    def pinned(self, value: bool) -> None:
+        self.record.pinned = value
+
+    @property
+    def virtual_tokens(self) -> int:
+        return int(self.record.info.get("virtual_tokens", 0))
+
+    @property
+    def created(self) -> float:
+        return self.record.created
+
+    def describe(self) -> dict[str, Any]:
+        info = {k: v for k, v in self.record.info.items() if k != "virtual_tokens"}
+        tier = "missing" if self.missing else AdapterTiers.tier_of(self)
+        return {"id": self.id, **info, "size_bytes": self.record.size_bytes,
+                "content_hash": self.record.content_hash, "created": int(self.record.created), "tier": tier,
+                "pinned": self.pinned, "in_flight": self.in_flight, "requests": self.stats.requests,
+                "prompt_tokens": self.stats.prompt_tokens, "completion_tokens": self.stats.completion_tokens,
+                "last_used": None if self.stats.last_used is None else int(self.stats.last_used)}
+
+
+@dataclass(eq=False)
+class AdapterLease:
+    """One request's hold on one adapter version; ``release`` exactly once (later calls are no-ops)."""
+
+    entry: AdapterEntry
+    slot: int
+    _registry: AdapterRegistry
+    _released: bool = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._registry._release(self.entry)
 
 
 class AdapterRegistry:
-    def __init__(self, install: Callable[[AdapterWeights], Awaitable[int]],
-                 uninstall: Callable[[int], Awaitable[None]], max_device_slots: int):
-        self._install = install
-        self._uninstall = uninstall
-        self.max_device_slots = max_device_slots
+    def __init__(self, *, store: AdapterStore, blobs: BlobStore, read: Callable[[Path], AdapterWeights],
+                 install: Callable[[AdapterWeights], Awaitable[int]], uninstall: Callable[[int], Awaitable[None]],
+                 device_slots: int, cpu_capacity: int, slot_wait_seconds: float = 30.0,
+                 events: TierEvents | None = None):
+        self.store = store
+        self.blobs = blobs
+        self._read = read  # validating reader of a PEFT folder (blocking)
+        self.tiers = AdapterTiers(
+            device_slots=device_slots, cpu_capacity=cpu_capacity, install=install, uninstall=uninstall,
+            load=lambda entry: read(blobs.path(entry.record.content_hash)),
+            slot_wait_seconds=slot_wait_seconds, events=events)
         self._entries: dict[str, AdapterEntry] = {}
-        self._lock = asyncio.Lock()
+        self._stats: dict[str, AdapterStats] = {}
+        self._lock = asyncio.Lock()  # one registration / deletion at a time
+        self._name_guards: list[Guard] = []
+        self._delete_guards: list[Guard] = []
+        self._retiring: set[asyncio.Task] = set()
+        self.on_removed: list[Callable[[str], None]] = []  # ids deleted (metrics drop their labels)
 
-    def add(self, adapter_id: str, weights: AdapterWeights) -> AdapterEntry:
-        if adapter_id in self._entries:
-            raise ValueError(f"adapter {adapter_id!r} is already registered")
-        entry = self._entries[adapter_id] = AdapterEntry(adapter_id, weights)
-        return entry
+    # ---- guards ---------------------------------------------------------------------------------
+    def add_name_guard(self, guard: Guard) -> None:
+        """``guard(id)`` says why an id may not be registered (the base model's name, an experiment's)."""
+        self._name_guards.append(guard)
+
+    def add_delete_guard(self, guard: Guard) -> None:
+        """``guard(id)`` says why an adapter may not be deleted now (a running experiment uses it)."""
+        self._delete_guards.append(guard)
+
+    # ---- lookups --------------------------------------------------------------------------------
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._entries
 
     def get(self, adapter_id: str) -> AdapterEntry:
         try:
@@ -61,44 +147,169 @@ class AdapterRegistry:
         except KeyError:
             raise AdapterNotFoundError(f"the adapter {adapter_id!r} does not exist") from None
 
-    def __contains__(self, adapter_id: str) -> bool:
-        return adapter_id in self._entries
-
     def entries(self) -> list[AdapterEntry]:
         return sorted(self._entries.values(), key=lambda e: e.id)
 
-    async def acquire(self, adapter_id: str) -> int:
-        """Count a request on the adapter and return its device slot, loading it if needed."""
-        entry = self.get(adapter_id)
-        entry.in_flight += 1  # before any await: the adapter cannot be evicted under us
-        entry.requests += 1
-        entry.last_used = time.time()
+    def stats(self, adapter_id: str) -> AdapterStats | None:
+        return self._stats.get(adapter_id)
+
+    # ---- start ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the rows, reconcile files with them, and bring pinned adapters onto the device."""
+        records = await asyncio.to_thread(self.store.load_all)
+        missing = set(await asyncio.to_thread(self.blobs.reconcile, {r.content_hash for r in records}))
+        for record in records:
+            entry = self._new_entry(record)
+            entry.missing = record.content_hash in missing
+            if entry.missing:
+                log.error("adapter %s: its files (%s) are missing; it is listed but not served until "
+                          "re-registered or deleted", record.id, record.content_hash)
+            self._entries[record.id] = entry
+        for entry in self.entries():
+            if entry.pinned and not entry.missing:
+                try:
+                    await self.tiers.pin(entry)
+                except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the server
+                    log.error("adapter %s: pinned but could not be loaded: %s", entry.id, exc)
+        log.info("registry: %d adapter(s) registered, %d with missing files", len(records), len(missing))
+
+    def _new_entry(self, record: AdapterRecord) -> AdapterEntry:
+        stats = self._stats.setdefault(record.id, AdapterStats())
+        return AdapterEntry(record=record, stats=stats)
+
+    # ---- register / replace / delete ------------------------------------------------------------
+    def check_id(self, adapter_id: str) -> None:
+        if not ADAPTER_ID_PATTERN.match(adapter_id):
+            raise AdapterValidationError(
+                "the adapter id must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit")
+        for guard in self._name_guards:
+            if (reason := guard(adapter_id)) is not None:
+                raise AdapterConflictError(reason)
+
+    async def register(self, adapter_id: str | None, source_dir: Path, *, replace: bool = False) -> AdapterEntry:
+        """Validate the PEFT folder ``source_dir``, store its files, and serve it under ``adapter_id``
+        (generated when None). The caller keeps ``source_dir``."""
+        adapter_id = adapter_id or f"adapter-{uuid.uuid4().hex[:12]}"
+        self.check_id(adapter_id)
+        if adapter_id in self._entries and not replace:  # early, before reading big files
+            raise AdapterConflictError(f"the adapter {adapter_id!r} is already registered; ask for replace")
+        weights = await asyncio.to_thread(self._read, source_dir)
+        async with self._lock:
+            self.check_id(adapter_id)  # again: a guarded name (an experiment) may have appeared meanwhile
+            old = self._entries.get(adapter_id)
+            if old is not None and not replace:
+                raise AdapterConflictError(f"the adapter {adapter_id!r} is already registered; ask for replace")
+            digest, created = await asyncio.to_thread(self.blobs.add, source_dir)
+            info = {**weights.describe(), "virtual_tokens": weights.virtual_tokens}
+            record = AdapterRecord(id=adapter_id, content_hash=digest, kind=weights.kind.value,
+                                   size_bytes=self.blobs.size(digest), created=time.time(),
+                                   pinned=old.pinned if old is not None else False, info=info)
+            try:
+                await asyncio.to_thread(self.store.put, record)  # the commit point
+            except BaseException:
+                if created:
+                    self.blobs.remove(digest)
+                raise
+            entry = self._new_entry(record)
+            self.tiers.admit_cpu(entry, weights)
+            self._entries[adapter_id] = entry
+        log.info("adapter %s %s (%s, %d bytes)", entry.name, "replaced" if old else "registered",
+                 record.kind, record.size_bytes)
+        if old is not None:
+            old.retired, old.pinned = True, False  # its pin (if any) passes to the new version
+            self._retire_later(old)
+        if entry.pinned:
+            await self.tiers.pin(entry)
+        return entry
+
+    async def delete(self, adapter_id: str) -> None:
+        """Refuse new requests at once; return after in-flight ones ended and memory and files are freed."""
+        async with self._lock:
+            entry = self.get(adapter_id)
+            for guard in self._delete_guards:
+                if (reason := guard(adapter_id)) is not None:
+                    raise AdapterConflictError(reason)
+            del self._entries[adapter_id]  # hidden before any await: nothing new can start using it
+            try:
+                await asyncio.to_thread(self.store.delete, adapter_id)
+            except BaseException:
+                self._entries[adapter_id] = entry
+                raise
+            self._stats.pop(adapter_id, None)
+        log.info("adapter %s deleted; waiting for %d request(s) in flight", entry.name, entry.in_flight)
+        await self._retire(entry)
+        for callback in self.on_removed:
+            callback(adapter_id)
+
+    def _retire_later(self, entry: AdapterEntry) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(entry))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, entry: AdapterEntry) -> None:
+        entry.retired = True
+        await entry.idle.wait()
+        await self.tiers.drop(entry)
+        async with self._lock:
+            digest = entry.record.content_hash
+            if all(e.record.content_hash != digest for e in self._entries.values()):
+                await asyncio.to_thread(self.blobs.remove, digest)
+
+    # ---- pin / load -----------------------------------------------------------------------------
+    async def set_pinned(self, adapter_id: str, pinned: bool) -> AdapterEntry:
+        entry = self._servable(adapter_id)
+        if pinned:
+            await self.tiers.pin(entry)
+        else:
+            entry.pinned = False
+            await self.tiers.released()
+        await asyncio.to_thread(self.store.set_pinned, adapter_id, pinned)
+        return entry
+
+    async def load(self, adapter_id: str) -> AdapterEntry:
+        """Warm an adapter onto the device without serving a request."""
+        entry = self._servable(adapter_id)
+        entry.in_flight += 1  # not evictable while it loads
+        entry.idle.clear()
         try:
-            async with self._lock:
-                if entry.slot is None:
-                    await self._make_room()
-                    entry.slot = await self._install(entry.weights)
-                    log.info("adapter %s loaded into device slot %d", entry.id, entry.slot)
-            return entry.slot
+            await self.tiers.to_device(entry)
+        finally:
+            self._release(entry)
+        return entry
+
+    # ---- leases ---------------------------------------------------------------------------------
+    def _servable(self, adapter_id: str) -> AdapterEntry:
+        entry = self.get(adapter_id)
+        if entry.missing:
+            raise AdapterUnavailableError(
+                f"the adapter {adapter_id!r} cannot be served: its files are missing; register it again")
+        return entry
+
+    async def acquire(self, adapter_id: str) -> AdapterLease:
+        """Count a request on the adapter's current version and return its device slot."""
+        entry = self._servable(adapter_id)
+        entry.in_flight += 1  # before any await: the adapter cannot be evicted or freed under us
+        entry.idle.clear()
+        entry.stats.requests += 1
+        entry.stats.last_used = time.time()
+        try:
+            slot = await self.tiers.to_device(entry)
         except BaseException:
-            entry.in_flight -= 1
+            self._release(entry)
             raise
+        return AdapterLease(entry, slot, self)
 
-    def release(self, adapter_id: str) -> None:
-        entry = self._entries.get(adapter_id)
-        if entry is not None:
-            entry.in_flight -= 1
-            entry.last_used = time.time()
+    def _release(self, entry: AdapterEntry) -> None:
+        entry.in_flight -= 1
+        entry.stats.last_used = time.time()
+        if entry.in_flight == 0:
+            entry.idle.set()
+            task = asyncio.get_running_loop().create_task(self.tiers.released())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
-    async def _make_room(self) -> None:
-        resident = [e for e in self._entries.values() if e.slot is not None]
-        if len(resident) < self.max_device_slots:
-            return
-        idle = [e for e in resident if e.in_flight == 0]
-        if not idle:
-            raise NoFreeSlotError(
-                f"all {self.max_device_slots} device adapter slots serve requests in flight; retry shortly")
-        victim = min(idle, key=lambda e: e.last_used)
-        slot, victim.slot = victim.slot, None
-        await self._uninstall(slot)
-        log.info("adapter %s evicted from device slot %d", victim.id, slot)
+    async def close(self) -> None:
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self.store.close()

@@ -5,6 +5,11 @@ caller sets, through ``AdapterRuntime.rows``, the device slot of every batch row
 wrapped layer then applies the banks of the kinds present in the batch: input-side scales (IA3
 feed-forward), the frozen base layer once for all rows, then output-side scales (IA3) and deltas
 (LoRA). Prompt tuning lives at the embedding and is read by the engine from ``prompts``.
+
+Training uses the same layers: inside ``AdapterRuntime.training(adapter)`` every wrapped layer
+hands its input to that one trainable adapter (``adapters.training.trainable``) instead of the
+slot banks, so gradients reach the adapter's parameters through the frozen base. Training
+forwards run between serving forwards, never inside one.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ class BatchContext:
     rows: torch.Tensor | None = None  # [B] long, device slot of each row
     kinds: frozenset[AdapterKind] = frozenset()  # kinds present among the rows
     uniform_slot: int | None = None  # set when every row uses the same slot (cheaper path)
+    trainable: object | None = None  # a TrainableAdapter applied to every row (training forwards)
 
 
 class MultiAdapterLinear(nn.Module):
-    def __init__(self, base: nn.Module, context: BatchContext):
+    def __init__(self, base: nn.Module, context: BatchContext, name: str = ""):
         super().__init__()
+        self.name = name  # module path in the base model, as adapters name it
         self.base_layer = base
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -43,6 +50,8 @@ class MultiAdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
+        if ctx.trainable is not None:
+            return ctx.trainable.forward_layer(self.name, self.base_layer, x)
         if ctx.rows is None or not self.banks:
             return self.base_layer(x)
         active = [bank for bank in self.banks.values() if bank.kind in ctx.kinds]
@@ -100,7 +109,7 @@ class AdapterRuntime:
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            wrapper = MultiAdapterLinear(module, self.context)
+            wrapper = MultiAdapterLinear(module, self.context, name)
             setattr(parent, child, wrapper)
             self._layers[name] = wrapper
         log.info("wrapped %d linear layers for multi-adapter serving", len(targets))
@@ -146,3 +155,16 @@ class AdapterRuntime:
             yield
         finally:
             ctx.rows, ctx.kinds, ctx.uniform_slot = None, frozenset(), None
+
+    @contextlib.contextmanager
+    def training(self, adapter) -> Iterator[None]:
+        """Within the block, every forward applies ``adapter`` (a TrainableAdapter) to all rows and
+        no slot adapter; the caller runs its own forward/backward (never during a serving step)."""
+        ctx = self.context
+        if ctx.rows is not None or ctx.trainable is not None:
+            raise RuntimeError("a training forward cannot run inside another forward")
+        ctx.trainable = adapter
+        try:
+            yield
+        finally:
+            ctx.trainable = None

@@ -5,31 +5,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.errors import AdapterValidationError
+from adapters.blobs import BlobStore, content_hash
+from adapters.errors import AdapterError
 from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
+from adapters.store import SqliteAdapterStore
 from gateway.admin_key import resolve_admin_key
-from gateway.api import openai, ops
+from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops
+from gateway.api import admin_training
 from gateway.base_model import LoadedBase, load_base
 from gateway.engine import Engine
 from gateway.errors import install_error_handlers
-from gateway.generation import GenerationService
+from gateway.experiments.service import ExperimentService, attach_experiments
+from gateway.generation import GenerationService, RequestRecord
 from gateway.limits import BodySizeLimit
+from gateway.metrics import GatewayMetrics
 from gateway.model_runner import ModelRunner
 from gateway.settings import Settings
+from gateway.training.jobs import TrainingJobs
+from gateway.training.wiring import attach_training
+from gateway.uploads import clear_staging
 
 log = logging.getLogger(__name__)
-ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DATABASE_FILE = "gateway.sqlite3"
 
 
 @dataclass
@@ -43,13 +52,12 @@ class Gateway:
     registry: AdapterRegistry
     service: GenerationService
     admin_key: str
+    metrics: GatewayMetrics
     started: int
     ready: bool = False
-
-    def limits(self) -> AdapterLimits:
-        s = self.settings
-        return AdapterLimits(max_lora_rank=s.max_lora_rank, max_virtual_tokens=s.max_virtual_tokens,
-                             max_adapter_bytes=s.max_adapter_bytes)
+    draining: bool = False  # shutting down: /readyz and new /v1 requests answer 503 (gateway/shutdown.py)
+    experiments: ExperimentService | None = None
+    training: TrainingJobs | None = None
 
 
 def eos_ids(base: LoadedBase) -> set[int]:
@@ -67,7 +75,9 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
     engine = Engine(ModelRunner(base.model, runtime), base.tokenizer, context_window=base.context_window,
                     max_batch_size=settings.max_batch_size, max_prefill_tokens=settings.max_prefill_tokens,
-                    max_queued_requests=settings.max_queued_requests, eos_token_ids=eos_ids(base))
+                    max_queued_requests=settings.max_queued_requests, eos_token_ids=eos_ids(base),
+                    max_queued_tokens=settings.max_queued_tokens,
+                    max_queue_wait_seconds=settings.max_queue_wait_seconds)
 
     async def install(weights) -> int:
         return await asyncio.wrap_future(engine.call(lambda: runtime.install(weights)))
@@ -75,34 +85,65 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     async def uninstall(slot: int) -> None:
         await asyncio.wrap_future(engine.call(lambda: runtime.uninstall(slot)))
 
-    registry = AdapterRegistry(install, uninstall, settings.max_device_adapters)
+    limits = AdapterLimits(max_lora_rank=settings.max_lora_rank, max_virtual_tokens=settings.max_virtual_tokens,
+                           max_adapter_bytes=settings.max_adapter_bytes)
+    metrics = GatewayMetrics()
+    metrics.queue_depth.set_function(lambda: engine.queue_depth)
+    metrics.running_sequences.set_function(lambda: engine.running)
+    registry = AdapterRegistry(
+        store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE), blobs=BlobStore(settings.data_dir / "adapters"),
+        read=lambda folder: read_adapter(folder, runtime.base_info, limits, base.dtype),
+        install=install, uninstall=uninstall, device_slots=settings.max_device_adapters,
+        cpu_capacity=settings.max_cpu_adapters, slot_wait_seconds=settings.slot_wait_seconds, events=metrics)
     service = GenerationService(engine, registry, base.tokenizer, base.name, base.context_window, settings)
+    registry.add_name_guard(lambda name: f"{name!r} is the base model's name" if name == service.base_name else None)
+    registry.on_removed.append(metrics.forget_adapter)
+    service.observers.append(lambda record: count_request(record, registry, metrics, service.base_name))
     admin_key = resolve_admin_key(settings.admin_key, settings.data_dir)
-    return Gateway(settings, base, runtime, engine, registry, service, admin_key, started=int(time.time()))
+    gateway = Gateway(settings, base, runtime, engine, registry, service, admin_key, metrics, started=int(time.time()))
+    gateway.experiments = attach_experiments(settings.data_dir / DATABASE_FILE, settings, service, registry,
+                                             metrics.registry)
+    gateway.training = attach_training(gateway, settings.data_dir / DATABASE_FILE)
+    return gateway
 
 
-def load_adapters_dir(gateway: Gateway, folder: Path) -> None:
-    """Register every sub-folder (its name is the adapter id); a bad one is logged and skipped."""
+def count_request(record: RequestRecord, registry: AdapterRegistry, metrics: GatewayMetrics, base_name: str) -> None:
+    """Per-adapter request metrics and the registry's usage counters, from one finished request."""
+    stats = registry.stats(record.adapter_id) if record.adapter_id is not None else None
+    if stats is not None:
+        stats.prompt_tokens += record.prompt_tokens
+        stats.completion_tokens += record.completion_tokens
+    metrics.request_finished(record.adapter_id or base_name, ttft=record.ttft_s, latency=record.latency_s or 0.0,
+                             prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                             error_type=record.error_type)
+
+
+async def load_adapters_dir(gateway: Gateway, folder: Path) -> None:
+    """Register every sub-folder (its name is the adapter id) unless the same content already is;
+    changed content replaces the registered version. A bad one is logged and skipped."""
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if not re.match(ADAPTER_ID_PATTERN, sub.name) or sub.name == gateway.service.base_name:
-            log.error("skipping adapter folder %s: not a valid adapter id", sub.name)
-            continue
         try:
-            weights = read_adapter(sub, gateway.runtime.base_info, gateway.limits(), gateway.base.dtype)
-        except AdapterValidationError as exc:
-            log.error("skipping adapter %s: %s", sub.name, exc)
+            if sub.name in gateway.registry:
+                current = gateway.registry.get(sub.name).record.content_hash
+                if await asyncio.to_thread(content_hash, sub) == current:
+                    continue
+            entry = await gateway.registry.register(sub.name, sub, replace=True)
+        except (AdapterError, OSError) as exc:
+            log.error("skipping adapter folder %s: %s", sub.name, exc)
             continue
-        gateway.registry.add(sub.name, weights)
-        log.info("adapter %s registered (%s)", sub.name, weights.kind.value)
+        log.info("adapter %s from %s (%s)", entry.id, sub, entry.record.kind)
 
 
 def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = await asyncio.to_thread(build_gateway, settings, base)
+        gateway.engine.start()  # installs run on the engine thread
+        await asyncio.to_thread(clear_staging, settings.data_dir / "staging")
+        await gateway.registry.start()
+        await gateway.training.start()  # after the registry: a resumed job may register its result
         if settings.adapters_dir is not None:
-            await asyncio.to_thread(load_adapters_dir, gateway, settings.adapters_dir)
-        gateway.engine.start()
+            await load_adapters_dir(gateway, settings.adapters_dir)
         gateway.ready = True
         app.state.gateway = gateway
         try:
@@ -110,10 +151,23 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
         finally:
             gateway.ready = False
             await asyncio.to_thread(gateway.engine.stop)
+            await gateway.training.close()  # a running job resumes from its checkpoint at the next start
+            await gateway.registry.close()
+            await asyncio.to_thread(gateway.experiments.close)
 
     app = FastAPI(title="adapter-gateway", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, prefix="/v1/")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, prefix="/admin/")
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(admin_adapters.router)
+    app.include_router(admin_experiments.router)
+    app.include_router(feedback.router)
+    app.include_router(admin_training.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     return app

@@ -1,4 +1,4 @@
-"""``adapter-gateway`` command line: ``serve`` starts the HTTP server.
+"""``adapter-gateway`` command line: ``serve`` starts the HTTP server; ``train`` trains an adapter offline.
 
 Every setting is a flag (``--max-batch-size 16``) and an environment variable
 (``GATEWAY_MAX_BATCH_SIZE=16``); flags win."""
@@ -35,9 +35,57 @@ def serve(settings: Settings) -> None:
 
     from gateway.app import create_app
 
+    from gateway.shutdown import GatewayServer
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)
+    app = create_app(settings)
+    # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=5)
+    GatewayServer(config, lambda: getattr(app.state, "gateway", None), settings.shutdown_grace_seconds).run()
+
+
+TRAIN_SETTINGS = ("model", "device", "quantization", "chat_template", "data_dir", "dummy_weights", "max_lora_rank",
+                  "max_virtual_tokens", "max_adapter_bytes", "max_training_dataset_bytes",
+                  "max_training_dataset_lines", "log_level")
+TRAIN_SERVER_ONLY = ("adapter_id", "register_adapter", "register_only_if_improved")
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    from adapters.training.config import TrainingConfig
+
+    parser.add_argument("--data", type=Path, required=True, help="JSONL dataset (chat, prompt/completion or instruction)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the PEFT adapter")
+    parser.add_argument("--config", dest="config_file", type=Path, help="JSON file with any training config fields")
+    for name, field in TrainingConfig.model_fields.items():
+        if name not in TRAIN_SERVER_ONLY:
+            parser.add_argument("--" + name.replace("_", "-"), dest="train_" + name, default=None,
+                                metavar=name.upper(), help=field.description)
+    for name in TRAIN_SETTINGS:
+        field = Settings.model_fields[name]
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
+                            help=f"{field.description} (env GATEWAY_{name.upper()})")
+
+
+def train(args: argparse.Namespace) -> None:
+    import json
+
+    from gateway.training.offline import TrainingFailed, config_from_flags, train_offline
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = {k[len("train_"):]: v for k, v in vars(args).items() if k.startswith("train_")}
+    try:
+        config = config_from_flags(values, args.config_file)
+        summary = train_offline(settings, args.data, config, args.out)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"adapter-gateway train: invalid config: {problems}")
+    except TrainingFailed as exc:
+        sys.exit(f"adapter-gateway train: {exc}")
+    print(json.dumps(summary, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,9 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="start the OpenAI-compatible server")
     _add_setting_flags(serve_parser)
+    train_parser = commands.add_parser("train", help="train an adapter offline with the gateway's trainer")
+    _add_train_flags(train_parser)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(_settings(args))
+    elif args.command == "train":
+        train(args)
 
 
 if __name__ == "__main__":

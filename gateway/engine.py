@@ -1,7 +1,8 @@
 """The engine owns the model and runs the step loop on one thread.
 
-Each step: run queued tasks (adapter installs), drop cancelled rows, admit waiting sequences
-(prefill within a token budget, then merge them into the running batch), and decode one token
+Each step: run queued tasks (adapter installs), drop cancelled rows, drop cancelled waiting
+sequences and fail those that waited past the queue timeout, admit waiting sequences (prefill
+within a token budget, then merge them into the running batch), and decode one token
 for every running row in a single forward pass, whatever adapter each row uses. Results go
 back to the asyncio side through each request's ``sink`` callback; the event loop never waits
 on the model.
@@ -21,11 +22,17 @@ from typing import Any
 
 import torch
 
+from gateway.background import BackgroundWork
 from gateway.detokenize import IncrementalText
 from gateway.model_runner import BatchState, ModelRunner
 from gateway.sampling import SamplingParams, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
+
+# SequenceEvent.error_code values: what ended a sequence with an error (the API picks the status)
+QUEUE_TIMEOUT = "queue_timeout"  # waited longer than max_queue_wait_seconds for a batch row
+SHUTTING_DOWN = "shutting_down"  # the server stopped, or its shutdown grace period ran out
+GENERATION_FAILED = "generation_failed"  # a forward pass raised
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class SequenceEvent:
     completion_tokens: int
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None  # one of the codes above when ``error`` is set
 
 
 @dataclass
@@ -54,7 +62,7 @@ class EngineRequest:
 
 
 class QueueFullError(Exception):
-    """The engine's waiting queue is at its limit; the client should retry later."""
+    """The engine's waiting queue is at its limit (requests or prompt tokens); retry later."""
 
 
 class EngineStoppedError(Exception):
@@ -68,20 +76,31 @@ class _Sequence:
     text: IncrementalText
     generator: torch.Generator | None
     max_new: int  # max_tokens, capped by the context window
+    virtual_tokens: int = 0  # prompt-tuning positions in front of the prompt
     tokens: list[int] = field(default_factory=list)
     done: bool = False
+
+    @property
+    def prefill_cost(self) -> int:
+        """Positions its prefill computes: the prompt plus the adapter's virtual tokens."""
+        return len(self.request.prompt_ids) + self.virtual_tokens
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, *, context_window: int, max_batch_size: int,
-                 max_prefill_tokens: int, max_queued_requests: int, eos_token_ids: set[int]):
+                 max_prefill_tokens: int, max_queued_requests: int, eos_token_ids: set[int],
+                 max_queued_tokens: int | None = None, max_queue_wait_seconds: float | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.context_window = context_window
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens  # None: no limit on waiting prompt tokens
+        self.max_queue_wait_seconds = max_queue_wait_seconds  # None: wait as long as it takes
         self.eos_token_ids = eos_token_ids
+        self._queued_tokens = 0  # prefill cost of every waiting sequence (guarded by _cv)
+        self._unfinished = 0  # sequences submitted and not finished yet (guarded by _cv)
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -90,6 +109,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
+        self.background: BackgroundWork | None = None  # training micro-steps between serving steps
 
     # ---- called from other threads -------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +130,19 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def busy(self) -> bool:
+        """Some submitted sequence has not finished (waiting, in a prefill, or running)."""
+        return self._unfinished > 0
+
+    def fail_in_flight(self, message: str, code: str = SHUTTING_DOWN) -> Future:
+        """End every waiting and running sequence with an error (between two steps)."""
+        return self.call(lambda: self._fail_all(message, code))
+
     def submit(self, request: EngineRequest) -> None:
         """Queue a request (its ``n`` sequences); raises QueueFullError when at the limit."""
         virtual = self.runner.virtual_tokens(request.slot)
@@ -119,17 +152,32 @@ class Engine:
                 request=request, index=i, text=IncrementalText(self.tokenizer, request.params.stop),
                 generator=make_generator(None if request.params.seed is None else request.params.seed + i,
                                          self.runner.device),
-                max_new=max(1, min(request.params.max_tokens, room)),
+                max_new=max(1, min(request.params.max_tokens, room)), virtual_tokens=virtual,
             )
             for i in range(request.n)
         ]
         request._open = request.n
+        cost = sum(s.prefill_cost for s in seqs)
         with self._cv:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
             if len({s.request.id for s in self._waiting}) >= self.max_queued_requests:
                 raise QueueFullError(f"{self.max_queued_requests} requests are already waiting")
+            # an empty queue takes any request, or one larger than the limit could never run
+            if (self.max_queued_tokens is not None and self._waiting
+                    and self._queued_tokens + cost > self.max_queued_tokens):
+                raise QueueFullError(f"{self._queued_tokens} prompt tokens are already waiting "
+                                     f"(limit {self.max_queued_tokens})")
             self._waiting.extend(seqs)
+            self._queued_tokens += cost
+            self._unfinished += len(seqs)
+            self._cv.notify_all()
+
+    def set_background(self, work: BackgroundWork) -> None:
+        """Run ``work`` between serving steps from now on (see ``gateway.background``)."""
+        work.attach(self._cv)
+        with self._cv:
+            self.background = work
             self._cv.notify_all()
 
     def call(self, fn: Callable[[], Any]) -> Future:
@@ -144,10 +192,11 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._tasks or self._running or self._stopping):
+                while not (self._waiting or self._tasks or self._running or self._stopping
+                           or (self.background is not None and self.background.wanted)):
                     self._cv.wait()
                 if self._stopping and not self._tasks:
-                    self._fail_all("the server is shutting down")
+                    self._fail_all("the server is shutting down", SHUTTING_DOWN)
                     return
                 tasks = list(self._tasks)
                 self._tasks.clear()
@@ -156,11 +205,14 @@ class Engine:
                     future.set_result(fn())
                 except BaseException as exc:  # noqa: BLE001 - the caller gets it
                     future.set_exception(exc)
+            serving, started = bool(self._waiting or self._running), time.perf_counter()
             try:
                 self._step()
             except Exception:  # keep serving: fail the rows of this step, not the process
                 log.exception("engine step failed; failing the running sequences")
-                self._fail_all("internal error while generating")
+                self._fail_all("internal error while generating", GENERATION_FAILED)
+            if self.background is not None:
+                self.background.after_step(serving, time.perf_counter() - started)
 
     def _step(self) -> None:
         self._drop_finished()
@@ -182,18 +234,37 @@ class Engine:
         admitted: list[_Sequence] = []
         budget = self.max_prefill_tokens
         with self._cv:
+            self._sweep_waiting()
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
                 seq = self._waiting[0]
-                if seq.request.cancelled:
-                    self._waiting.popleft()
-                    self._finish(seq, "cancelled")
-                    continue
-                cost = len(seq.request.prompt_ids) + self.runner.virtual_tokens(seq.request.slot)
-                if admitted and cost > budget:
+                if admitted and seq.prefill_cost > budget:
                     break  # the first sequence always goes, however long
-                budget -= cost
-                admitted.append(self._waiting.popleft())
+                budget -= seq.prefill_cost
+                admitted.append(self._pop_waiting())
         return admitted
+
+    def _pop_waiting(self) -> _Sequence:
+        seq = self._waiting.popleft()
+        self._queued_tokens -= seq.prefill_cost
+        return seq
+
+    def _sweep_waiting(self) -> None:
+        """Drop cancelled waiting sequences and fail those past the queue timeout (every step,
+        even when the batch is full, so neither holds its adapter or its client for long)."""
+        limit = self.max_queue_wait_seconds
+        now = time.monotonic()
+        for _ in range(len(self._waiting)):  # one pass, keeping the order of those that stay
+            seq = self._pop_waiting()
+            waited = now - seq.request.submitted
+            if seq.request.cancelled:
+                self._finish(seq, "cancelled")
+            elif limit is not None and waited > limit:
+                self._finish(seq, "error", error=(
+                    f"the request waited {waited:.1f} s for a free batch row (limit {limit:g} s); "
+                    "the server is overloaded, retry later"), error_code=QUEUE_TIMEOUT)
+            else:
+                self._waiting.append(seq)
+                self._queued_tokens += seq.prefill_cost
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         tokens = choose_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
@@ -212,11 +283,15 @@ class Engine:
             elif delta:
                 seq.request.sink(SequenceEvent(seq.index, delta, len(seq.tokens)))
 
-    def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None,
+                error_code: str | None = None) -> None:
         seq.done = True
+        with self._cv:  # reentrant: _admit calls this while holding it
+            self._unfinished -= 1
         request = seq.request
         if reason != "cancelled":
-            request.sink(SequenceEvent(seq.index, text, len(seq.tokens), finish_reason=reason, error=error))
+            request.sink(SequenceEvent(seq.index, text, len(seq.tokens), finish_reason=reason, error=error,
+                                       error_code=error_code))
         request._open -= 1
         if request._open == 0 and request.on_done is not None:
             request.on_done()
@@ -230,11 +305,12 @@ class Engine:
             self._state = self.runner.select(self._state, keep) if self._state else None
             self._running = [self._running[i] for i in keep]
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, code: str) -> None:
         with self._cv:
             waiting = list(self._waiting)
             self._waiting.clear()
+            self._queued_tokens = 0
         for seq in self._running + waiting:
             if not seq.done:
-                self._finish(seq, "error", error=message)
+                self._finish(seq, "error", error=message, error_code=code)
         self._running, self._state = [], None

@@ -10,9 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.errors import AdapterNotFoundError, AdapterValidationError, DatasetValidationError
-from adapters.registry import NoFreeSlotError
-from gateway.engine import EngineStoppedError, QueueFullError
+from adapters.errors import (
+    AdapterConflictError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
+    DatasetValidationError,
+)
+from adapters.tiers import NoFreeSlotError
+from gateway.engine import QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,12 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class ConflictError(APIError):
+    status = 409
+    type = "conflict_error"
+    code = "conflict"
+
+
 class PayloadTooLargeError(APIError):
     status = 413
     code = "payload_too_large"
@@ -66,6 +75,33 @@ class ServiceUnavailableError(APIError):
     status = 503
     type = "server_error"
     code = "unavailable"
+
+
+class QueueTimeoutError(ServiceUnavailableError):
+    """Waited too long for a batch row. 503 with Retry-After, not 408: the request was valid and
+    the client was not slow; the server is overloaded, and clients (the openai SDK included) and
+    load balancers retry a 503 elsewhere or later."""
+
+    code = QUEUE_TIMEOUT
+
+
+class ShuttingDownError(ServiceUnavailableError):
+    code = SHUTTING_DOWN
+
+
+class GenerationFailedError(APIError):
+    status = 500
+    type = "server_error"
+    code = "generation_failed"
+
+
+def engine_error(message: str, code: str | None) -> APIError:
+    """The API error for a sequence the engine ended with an error (``SequenceEvent.error_code``)."""
+    if code == QUEUE_TIMEOUT:
+        return QueueTimeoutError(message, headers={"Retry-After": "1"})
+    if code == SHUTTING_DOWN:
+        return ShuttingDownError(message)
+    return GenerationFailedError(message)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -118,6 +154,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _adapter_invalid(_: Request, exc: AdapterValidationError) -> JSONResponse:
         return _render(BadRequestError(str(exc), code="invalid_adapter"))
 
+    @app.exception_handler(AdapterConflictError)
+    async def _adapter_conflict(_: Request, exc: AdapterConflictError) -> JSONResponse:
+        return _render(ConflictError(str(exc)))
+
+    @app.exception_handler(AdapterUnavailableError)
+    async def _adapter_unavailable(_: Request, exc: AdapterUnavailableError) -> JSONResponse:
+        return _render(ServiceUnavailableError(str(exc), code="adapter_unavailable"))
+
     @app.exception_handler(DatasetValidationError)
     async def _dataset_invalid(_: Request, exc: DatasetValidationError) -> JSONResponse:
         return _render(BadRequestError(str(exc), code="invalid_dataset"))
@@ -129,7 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineStoppedError)
     async def _stopping(_: Request, exc: Exception) -> JSONResponse:
-        return _render(ServiceUnavailableError(str(exc)))
+        return _render(ShuttingDownError(str(exc)))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from adapters.registry import AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.errors import BadRequestError, ModelNotFoundError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id
 from gateway.sampling import SamplingParams
 from gateway.settings import Settings
 
@@ -24,6 +26,53 @@ class ChoiceEvent:
     text: str
     finish_reason: str | None
     error: str | None = None
+    error_code: str | None = None  # gateway.engine's code for the error (the API picks the status)
+
+
+@dataclass
+class RequestRecord:
+    """The outcome of one generation request. Opened by ``GenerationService.begin``; once the
+    request's work is over (finished, failed, or abandoned by its client) every observer gets it,
+    on the event loop. Times are ``time.monotonic()`` seconds."""
+
+    completion_id: str  # the response's ``id``
+    endpoint: Literal["chat", "completions"]
+    requested_model: str  # the ``model`` the client sent: an adapter id, the base name, an experiment
+    adapter_id: str | None = None  # what served it; None: the base model
+    stream: bool = False
+    experiment: str | None = None  # set when an experiment routed the request
+    arm: str | None = None  # the model name the experiment picked
+    subject: str | None = None  # the experiment's hash of the sticky subject; None: drawn per request
+    created: float = field(default_factory=time.time)  # wall clock, for storage
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None  # first text sent back
+    end: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_type: str | None = None  # None: completed; "cancelled": the client went away; else an error code
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.start
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A model router's choice: serve the request with ``arm`` (an adapter id or the base name)."""
+
+    experiment: str
+    arm: str
+    subject: str | None = None  # a hash of the sticky subject; None: drawn per request
+
+
+# (requested model, the OpenAI ``user`` field, request headers) -> an assignment, or None to serve
+# the requested model itself
+ModelRouter = Callable[[str, str | None, Mapping[str, str]], Assignment | None]
+RecordObserver = Callable[[RequestRecord], None]
 
 
 @dataclass
@@ -35,8 +84,11 @@ class Generation:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     requests: list[EngineRequest] = field(default_factory=list)
     completion_tokens: dict[int, int] = field(default_factory=dict)
+    record: RequestRecord | None = None
+    cancelled: bool = False
 
     def cancel(self) -> None:
+        self.cancelled = True
         for request in self.requests:
             request.cancelled = True
 
@@ -68,6 +120,8 @@ class GenerationService:
         self.context_window = context_window
         self.settings = settings
         self.max_prompt_tokens = min(settings.max_prompt_tokens or context_window, context_window)
+        self.model_router: ModelRouter | None = None  # experiments pick a model for their name
+        self.observers: list[RecordObserver] = []  # each gets every finished RequestRecord
 
     # ---- request checks ---------------------------------------------------------------------
     def resolve_model(self, model: str) -> str | None:
@@ -77,6 +131,24 @@ class GenerationService:
         if model not in self.registry:
             raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
         return model
+
+    def begin(self, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str],
+              endpoint: Literal["chat", "completions"]) -> RequestRecord:
+        """Open the request's record: its id, and the adapter serving it (the model router, when
+        set, may pick another model, e.g. an experiment's arm)."""
+        record = RequestRecord(completion_id=new_id("chatcmpl" if endpoint == "chat" else "cmpl"),
+                               endpoint=endpoint, requested_model=body.model, stream=body.stream)
+        assignment = self.model_router(body.model, body.user, headers) if self.model_router else None
+        if assignment is None:
+            record.adapter_id = self.resolve_model(body.model)
+            return record
+        record.experiment, record.arm, record.subject = assignment.experiment, assignment.arm, assignment.subject
+        try:
+            record.adapter_id = self.resolve_model(assignment.arm)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(f"the experiment '{assignment.experiment}' routed this request to "
+                                     f"'{assignment.arm}', which is not registered", param="model") from None
+        return record
 
     def sampling_params(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         s = self.settings
@@ -127,39 +199,77 @@ class GenerationService:
         return ids
 
     # ---- running --------------------------------------------------------------------------------
-    async def start(self, adapter_id: str | None, prompts: list[list[int]], params: SamplingParams,
+    async def start(self, record: RequestRecord, prompts: list[list[int]], params: SamplingParams,
                     n: int, prompt_param: str) -> Generation:
-        if adapter_id is not None:
-            virtual = self.registry.get(adapter_id).weights.virtual_tokens
-            for ids in prompts:  # prompt tuning adds positions the plain length check did not see
-                self._check_length(ids, prompt_param, virtual)
-        slot = 0 if adapter_id is None else await self.registry.acquire(adapter_id)
+        """Queue the work of ``record``'s request; its observers run once the work is over, also
+        when this raises."""
+        adapter_id = record.adapter_id
+        record.prompt_tokens = sum(len(p) for p in prompts)
+        try:
+            if adapter_id is not None:
+                virtual = self.registry.get(adapter_id).virtual_tokens
+                for ids in prompts:  # prompt tuning adds positions the plain length check did not see
+                    self._check_length(ids, prompt_param, virtual)
+            # the lease pins this version of the adapter (a replace or delete waits for it)
+            lease = None if adapter_id is None else await self.registry.acquire(adapter_id)
+        except Exception as exc:
+            record.error_type = _error_type(exc)
+            self._close(record)
+            raise
+        slot = 0 if lease is None else lease.slot
         loop = asyncio.get_running_loop()
-        generation = Generation(prompt_tokens=sum(len(p) for p in prompts), choices=len(prompts) * n)
+        generation = Generation(prompt_tokens=record.prompt_tokens, choices=len(prompts) * n, record=record)
         remaining = [len(prompts)]
 
-        def release() -> None:  # engine thread -> event loop
+        def release() -> None:  # on the event loop, once per engine request
             remaining[0] -= 1
-            if remaining[0] == 0 and adapter_id is not None:
-                loop.call_soon_threadsafe(self.registry.release, adapter_id)
+            if remaining[0] == 0:
+                if lease is not None:
+                    lease.release()
+                self._finish(generation)
 
         def sink_for(offset: int):
-            def sink(event: SequenceEvent) -> None:
+            def sink(event: SequenceEvent) -> None:  # engine thread
                 index = offset + event.index
                 generation.completion_tokens[index] = event.completion_tokens
+                if record.first_token is None and event.completion_tokens:
+                    record.first_token = time.monotonic()
+                if event.error is not None and record.error_type is None:
+                    record.error_type = event.error_code or "generation_failed"
                 loop.call_soon_threadsafe(generation.queue.put_nowait, ChoiceEvent(
-                    index, event.text, event.finish_reason, event.error))
+                    index, event.text, event.finish_reason, event.error, event.error_code))
             return sink
 
         try:
             for i, ids in enumerate(prompts):
                 request = EngineRequest(prompt_ids=ids, slot=slot, params=params, sink=sink_for(i * n), n=n,
-                                        on_done=release)
+                                        on_done=lambda: loop.call_soon_threadsafe(release))
                 self.engine.submit(request)
                 generation.requests.append(request)
-        except Exception:
+        except Exception as exc:
+            record.error_type = _error_type(exc)
             generation.cancel()  # what was queued ends as cancelled and releases itself
             for _ in range(len(prompts) - len(generation.requests)):
                 release()
             raise
         return generation
+
+    def _finish(self, generation: Generation) -> None:
+        record = generation.record
+        record.completion_tokens = generation.total_completion_tokens
+        if record.error_type is None and generation.cancelled:
+            record.error_type = "cancelled"
+        self._close(record)
+
+    def _close(self, record: RequestRecord) -> None:
+        record.end = time.monotonic()
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:  # an observer's bug must not fail requests
+                log.exception("request observer %r failed", observer)
+
+
+def _error_type(exc: Exception) -> str:
+    """A short name for why a request failed before reaching the engine (an API error's code)."""
+    return getattr(exc, "code", None) or type(exc).__name__

@@ -38,13 +38,30 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(None, min_length=16, description=(
         "Key for the /admin routes. Unset: one is generated at first start and kept in DATA_DIR/admin_key "
         "(owner-only permissions); the log says where."))
+    adapter_source_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list, description=(
+        "Server folders (comma-separated) under which admins may register adapters by source_path. "
+        "Empty: registering from server folders is off."))
     max_device_adapters: int = Field(16, ge=1, le=1024, description="Adapters held in device slots at once.")
+    max_cpu_adapters: int = Field(64, ge=1, description=(
+        "Loaded adapters kept in CPU memory (LRU); every registered adapter stays on disk."))
+    slot_wait_seconds: float = Field(30.0, gt=0, description=(
+        "How long a request waits for a device slot when all hold adapters in use, before a 429."))
+    max_upload_bytes: int = Field(600 * 1024 * 1024, ge=1024, description=(
+        "Largest request body on /admin routes (adapter uploads, datasets)."))
     max_lora_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
     max_virtual_tokens: int = Field(512, ge=1, description="Most prompt-tuning virtual tokens accepted.")
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest adapter weights file accepted.")
     max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens admitted per step (decoders are not starved).")
     max_queued_requests: int = Field(256, ge=1, description="Waiting requests before new ones get 429.")
+    max_queued_tokens: int = Field(65536, ge=1, description=(
+        "Prompt tokens (times n, virtual tokens included) waiting for a batch row before new requests get 429; "
+        "a request is always accepted into an empty queue."))
+    max_queue_wait_seconds: float = Field(60.0, gt=0, description=(
+        "Longest wait for a batch row; a request that waited longer fails with 503 (code queue_timeout)."))
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description=(
+        "On SIGTERM, how long in-flight requests may run on (new ones get 503, /readyz 503) before they end "
+        "with an error (code shutting_down) and the process exits."))
     max_prompt_tokens: int | None = Field(None, ge=1, description=(
         "Longest prompt accepted, in tokens (default: the model's context window)."))
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
@@ -53,11 +70,24 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request.")
     max_stop_length: int = Field(64, ge=1, description="Longest stop string, in characters.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body on /v1 routes.")
+    experiment_subject_header: str = Field("x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
+        "Request header naming the subject of an experiment whose stickiness is 'header', unless the "
+        "experiment names its own."))
+    max_experiments: int = Field(64, ge=1, description="Most experiments that may exist at once.")
+    experiment_min_samples: int = Field(30, ge=2, description=(
+        "Feedback samples each arm needs before its comparison with the control gets a verdict."))
+    training_duty_cycle: float = Field(0.25, gt=0, lt=1, description=(
+        "Most of the engine's wall time training may take while requests are served (0.25: requests "
+        "take about 1.33x as long); with no requests, training runs at full speed."))
+    max_training_dataset_bytes: int = Field(32 * 1024 * 1024, ge=1, description=(
+        "Largest training dataset upload (JSONL)."))
+    max_training_dataset_lines: int = Field(100_000, ge=1, description="Most records in a training dataset.")
+    max_training_jobs: int = Field(16, ge=1, description="Training jobs queued or running at once.")
     log_level: str = Field("info", description="Logging level.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "adapter_source_roots", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
@@ -67,6 +97,14 @@ class Settings(BaseSettings):
     def _must_exist(cls, value: Path | None) -> Path | None:
         if value is not None and not value.exists():
             raise ValueError(f"{value} does not exist")
+        return value
+
+    @field_validator("adapter_source_roots")
+    @classmethod
+    def _roots_exist(cls, value: list[Path]) -> list[Path]:
+        for root in value:
+            if not root.is_dir():
+                raise ValueError(f"{root} is not a folder")
         return value
 
     @model_validator(mode="after")

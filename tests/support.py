@@ -38,6 +38,15 @@ def build_tiny_llama(vocab_size: int = 320, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def build_small_llama(vocab_size: int = 320, seed: int = 0) -> LlamaForCausalLM:
+    """Wider than the tiny one: its adapters weigh megabytes (uploads take time; leaks show)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=2, bos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
 def peft_config(kind: str, **overrides):
     from peft import IA3Config, LoraConfig, PromptTuningConfig
 

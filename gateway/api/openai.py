@@ -8,16 +8,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.auth import check_inference_key
-from gateway.errors import error_body
-from gateway.generation import Generation, GenerationService
+from gateway.errors import engine_error, error_body
+from gateway.generation import ChoiceEvent, Generation, GenerationService, RequestRecord
 from gateway.protocol import (
-    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage, new_id, now,
+    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage, now,
 )
+from gateway.shutdown import refuse_while_draining
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(check_inference_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_inference_key), Depends(refuse_while_draining)])
 
 
 def get_service(request: Request) -> GenerationService:
@@ -25,6 +26,8 @@ def get_service(request: Request) -> GenerationService:
 
 
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
+EXPERIMENT_HEADER = "x-gateway-experiment"
+ARM_HEADER = "x-gateway-experiment-arm"
 
 
 @router.get("/models")
@@ -34,41 +37,55 @@ async def list_models(request: Request) -> ModelList:
     cards = [ModelCard(id=base, created=gateway.started, root=base)]
     cards += [ModelCard(id=e.id, created=int(e.created), parent=base, root=base)
               for e in gateway.registry.entries()]
+    if gateway.experiments is not None:  # an experiment's name is a model clients can ask for
+        cards += [ModelCard(id=e.name, created=int(e.created), root=base) for e in gateway.experiments.list()]
     return ModelList(data=cards)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep):
-    adapter = service.resolve_model(body.model)
+    record = service.begin(body, request.headers, "chat")
     params = service.sampling_params(body)
     prompt = service.chat_prompt(body)
-    generation = await service.start(adapter, [prompt], params, body.n, "messages")
-    meta = {"id": new_id("chatcmpl"), "created": now(), "model": body.model}
+    generation = await service.start(record, [prompt], params, body.n, "messages")
+    meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(_chat_chunks(generation, meta, body.n, include_usage))
-    return await _collect(request, generation, lambda texts, reasons: {
+        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage)), record)
+    return _experiment_headers(await _collect(request, generation, lambda texts, reasons: {
         **meta, "object": "chat.completion",
         "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                      "finish_reason": reasons[i], "logprobs": None} for i in range(generation.choices)],
-    })
+    }), record)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep):
-    adapter = service.resolve_model(body.model)
+    record = service.begin(body, request.headers, "completions")
     params = service.sampling_params(body)
     prompts = service.completion_prompts(body)
-    generation = await service.start(adapter, prompts, params, body.n, "prompt")
-    meta = {"id": new_id("cmpl"), "created": now(), "model": body.model}
+    generation = await service.start(record, prompts, params, body.n, "prompt")
+    meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(_completion_chunks(generation, meta, include_usage))
-    return await _collect(request, generation, lambda texts, reasons: {
+        return _experiment_headers(_sse(_completion_chunks(generation, meta, include_usage)), record)
+    return _experiment_headers(await _collect(request, generation, lambda texts, reasons: {
         **meta, "object": "text_completion",
         "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None}
                     for i in range(generation.choices)],
-    })
+    }), record)
+
+
+def _experiment_field(record: RequestRecord) -> dict[str, Any]:
+    """Extension field of responses and stream chunks: the experiment and arm that served them."""
+    return {} if record.experiment is None else {"experiment": {"name": record.experiment, "arm": record.arm}}
+
+
+def _experiment_headers(response: Response, record: RequestRecord) -> Response:
+    if record.experiment is not None:
+        response.headers[EXPERIMENT_HEADER] = record.experiment
+        response.headers[ARM_HEADER] = record.arm or ""
+    return response
 
 
 def _usage(generation: Generation) -> dict[str, int]:
@@ -77,28 +94,50 @@ def _usage(generation: Generation) -> dict[str, int]:
                  total_tokens=generation.prompt_tokens + completion).model_dump()
 
 
-async def _watch_disconnect(request: Request, generation: Generation) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
-    generation.cancel()
+CLIENT_CLOSED_REQUEST = 499  # as nginx logs it; nobody is left to read it
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected: the body is read already, so the server's next
+    ASGI message is ``http.disconnect`` (streams get the same from StreamingResponse)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(request: Request, generation: Generation,
-                   render: Callable[[list[str], list[str | None]], dict[str, Any]]) -> JSONResponse:
-    """Wait for every choice; a client that goes away cancels the work."""
+                   render: Callable[[list[str], list[str | None]], dict[str, Any]]) -> Response:
+    """Wait for every choice; a client that goes away cancels the work and the wait (a cancelled
+    sequence sends no more events, so waiting on would never end)."""
     texts = [""] * generation.choices
     reasons: list[str | None] = [None] * generation.choices
-    watcher = asyncio.create_task(_watch_disconnect(request, generation))
-    try:
+
+    async def gather() -> None:
         async for event in generation.events():
             if event.error:
                 generation.cancel()
-                return JSONResponse(error_body(event.error, "server_error", None, "generation_failed"), 500)
+                raise engine_error(event.error, event.error_code)
             texts[event.index] += event.text
             reasons[event.index] = event.finish_reason
+
+    collecting = asyncio.create_task(gather())
+    gone = asyncio.create_task(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        gone.cancel()
+        if not collecting.done():
+            collecting.cancel()
+            generation.cancel()
+    if collecting not in done:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    collecting.result()  # the engine's error, as an API error
     return JSONResponse({**render(texts, reasons), "usage": _usage(generation)})
+
+
+def _error_chunk(event: ChoiceEvent) -> dict[str, Any]:
+    """The error event that ends a stream (its HTTP status was sent with the first chunk)."""
+    error = engine_error(event.error or "generation failed", event.error_code)
+    return error_body(error.message, error.type, None, error.code)
 
 
 def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
@@ -124,7 +163,7 @@ async def _chat_chunks(generation: Generation, meta: dict, n: int,
         yield chunk(index, {"role": "assistant", "content": ""}, None)
     async for event in generation.events():
         if event.error:
-            yield error_body(event.error, "server_error", None, "generation_failed")
+            yield _error_chunk(event)
             return
         if event.text:
             yield chunk(event.index, {"content": event.text}, None)
@@ -140,7 +179,7 @@ async def _completion_chunks(generation: Generation, meta: dict,
     extra = {"usage": None} if include_usage else {}
     async for event in generation.events():
         if event.error:
-            yield error_body(event.error, "server_error", None, "generation_failed")
+            yield _error_chunk(event)
             return
         if event.text or event.finish_reason is not None:
             yield {**base, "choices": [{"index": event.index, "text": event.text,

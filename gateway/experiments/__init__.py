@@ -1,4 +1,6 @@
-"""A/B experiments between adapters: deterministic arm assignment and pure statistics.
+"""A/B experiments between adapters.
 
-Kept free of torch/FastAPI/scipy so it can be unit-tested (and reasoned about) in isolation.
+``assignment``, ``stats`` and ``results`` are pure code (no torch, FastAPI or scipy) with table
+tests; ``store`` persists experiments, request outcomes and feedback; ``service`` runs them in the
+gateway (routing, recording, guards); ``metrics`` holds their Prometheus collectors.
 """

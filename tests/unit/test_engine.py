@@ -17,7 +17,9 @@ from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.runtime import AdapterRuntime
 from gateway.detokenize import IncrementalText
-from gateway.engine import Engine, EngineRequest, EngineStoppedError, QueueFullError, SequenceEvent
+from gateway.engine import (
+    QUEUE_TIMEOUT, SHUTTING_DOWN, Engine, EngineRequest, EngineStoppedError, QueueFullError, SequenceEvent,
+)
 from gateway.model_runner import ModelRunner
 from gateway.sampling import SamplingParams, choose_tokens, make_generator, sample_row
 
@@ -250,6 +252,111 @@ def test_stopped_engine_refuses_and_fails_waiting(setup, tiny_tokenizer):
     engine.stop()
     with pytest.raises(EngineStoppedError):
         submit(engine, [5, 6], 0, SamplingParams(max_tokens=3))
+
+
+def test_queued_tokens_limit(setup, tiny_tokenizer):
+    _, _, slots = setup
+    engine = make_engine(setup, tiny_tokenizer, max_queued_tokens=20)  # never started: nothing drains
+    params = SamplingParams(max_tokens=3)
+    submit(engine, [5] * 12, 0, params)
+    assert engine.queued_tokens == 12
+    with pytest.raises(QueueFullError, match="prompt tokens"):
+        submit(engine, [5] * 9, 0, params)
+    with pytest.raises(QueueFullError):  # n sequences each need their prefill: 2 x 5 tokens
+        submit(engine, [5] * 5, 0, params, n=2)
+    with pytest.raises(QueueFullError):  # the prompt-tuning adapter's 6 virtual tokens count: 3 + 6
+        submit(engine, [5] * 3, slots[2], params)
+    submit(engine, [5] * 8, 0, params)  # exactly at the limit
+    assert engine.queued_tokens == 20 and engine.queue_depth == 2
+
+
+def test_queued_tokens_limit_admits_any_request_into_an_empty_queue(setup, tiny_tokenizer):
+    engine = make_engine(setup, tiny_tokenizer, max_queued_tokens=4)
+    submit(engine, [5] * 10, 0, SamplingParams(max_tokens=3))  # larger than the limit, but alone
+    assert engine.queued_tokens == 10
+    with pytest.raises(QueueFullError):
+        submit(engine, [5], 0, SamplingParams(max_tokens=3))
+
+
+def test_queued_tokens_return_to_zero(setup, tiny_tokenizer, engine_factory):
+    _, _, slots = setup
+    engine = engine_factory(max_queued_tokens=1000)
+    cancelled, cancelled_col = submit(engine, [5, 6, 7], 0, SamplingParams(max_tokens=2), n=2)
+    cancelled.cancelled = True
+    cols = [submit(engine, encode(tiny_tokenizer, text), slot, SamplingParams(max_tokens=4))[1]
+            for text, slot in [("hello", slots[2]), ("the lazy dog", slots[0])]]
+    for col in [cancelled_col, *cols]:
+        col.wait()
+    assert engine.queued_tokens == 0 and engine.queue_depth == 0 and not engine.busy
+
+
+def _hold_engine_on_first_event(engine: Engine, prompt: list[int], slot: int, max_tokens: int):
+    """Submit a request whose first event blocks the engine thread until ``gate`` is set."""
+    gate, reached = threading.Event(), threading.Event()
+
+    def hold(event):
+        if not reached.is_set():
+            reached.set()
+            assert gate.wait(TIMEOUT)
+
+    request, col = submit(engine, prompt, slot, SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                          on_event=hold)
+    assert reached.wait(TIMEOUT), "the request produced no event"
+    return request, col, gate
+
+
+def test_queue_timeout_fails_a_waiting_request_even_with_a_full_batch(setup, tiny_tokenizer, engine_factory):
+    engine = engine_factory(eos=frozenset(), max_batch_size=1, max_queue_wait_seconds=30.0)
+    # the sweep runs within two steps of the gate opening; 30 tokens keep the row taken until then
+    _, running, gate = _hold_engine_on_first_event(engine, encode(tiny_tokenizer, "hello world"), 0, 30)
+    seen_running_done: list[bool] = []
+    expired = Collector(on_event=lambda e: seen_running_done.append(running.done.is_set()))
+    request = EngineRequest(prompt_ids=[5, 6, 7], slot=0, params=SamplingParams(max_tokens=4), sink=expired.sink,
+                            on_done=expired.on_done, n=2)
+    request.submitted -= 31.0  # it has waited past the limit (no sleeping in tests)
+    engine.submit(request)
+    fresh_request, fresh = submit(engine, [5, 6], 0, SamplingParams(max_tokens=2))  # within the limit
+    gate.set()
+    expired.wait()
+    assert [(e.index, e.finish_reason, e.error_code) for e in expired.events] == [
+        (0, "error", QUEUE_TIMEOUT), (1, "error", QUEUE_TIMEOUT)]
+    assert "retry later" in expired.events[0].error and expired.events[0].completion_tokens == 0
+    assert seen_running_done == [False, False]  # failed while the batch row was still taken
+    running.wait()
+    fresh.wait()
+    (_, tokens, reason), = fresh.choices().values()
+    assert reason == "length" and tokens == 2 and not fresh_request.cancelled
+    assert engine.queued_tokens == 0
+
+
+def test_no_queue_timeout_by_default(setup, tiny_tokenizer, engine_factory):
+    engine = engine_factory(eos=frozenset())
+    col = Collector()
+    request = EngineRequest(prompt_ids=[5, 6], slot=0, params=SamplingParams(max_tokens=2), sink=col.sink,
+                            on_done=col.on_done)
+    request.submitted -= 10_000.0
+    engine.submit(request)
+    col.wait()
+    assert col.choices()[0][2] == "length"
+
+
+def test_fail_in_flight_ends_running_and_waiting(setup, tiny_tokenizer, engine_factory):
+    engine = engine_factory(eos=frozenset(), max_batch_size=1)
+    _, running, gate = _hold_engine_on_first_event(engine, encode(tiny_tokenizer, "hello world"), 0, 200)
+    _, waiting = submit(engine, [5, 6], 0, SamplingParams(max_tokens=50))
+    assert engine.busy
+    done = engine.fail_in_flight("the server is shutting down")
+    gate.set()
+    done.result(TIMEOUT)
+    for col in (running, waiting):
+        col.wait()
+        final = col.events[-1]
+        assert (final.finish_reason, final.error_code) == ("error", SHUTTING_DOWN)
+    assert running.events[-1].completion_tokens < 200
+    assert not engine.busy and engine.running == 0 and engine.queued_tokens == 0
+    _, after = submit(engine, [5, 6], 0, SamplingParams(max_tokens=2))  # it keeps serving
+    after.wait()
+    assert after.choices()[0][2] == "length"
 
 
 def test_engine_call_runs_on_engine_thread(setup, tiny_tokenizer, engine_factory):

@@ -1,0 +1,88 @@
+"""Registry metadata persistence behind a small interface; SQLite (WAL) is the embedded default.
+
+Each write is one transaction, so after a crash the database holds the old or the new row, never
+half of one. A server database can replace SQLite by implementing ``AdapterStore``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class AdapterRecord:
+    """What survives a restart about one registered adapter."""
+
+    id: str
+    content_hash: str
+    kind: str
+    size_bytes: int
+    created: float
+    pinned: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # AdapterWeights.describe() + virtual tokens
+
+
+class AdapterStore(Protocol):
+    def load_all(self) -> list[AdapterRecord]: ...
+
+    def put(self, record: AdapterRecord) -> None:
+        """Insert, or replace the row with the same id, atomically."""
+
+    def delete(self, adapter_id: str) -> None: ...
+
+    def set_pinned(self, adapter_id: str, pinned: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_sqlite(path: Path) -> sqlite3.Connection:
+    """A connection in WAL mode with full fsync, usable from the event loop and worker threads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class SqliteAdapterStore:
+    def __init__(self, path: Path):
+        self._conn = open_sqlite(path)
+        self._lock = threading.Lock()
+        with self._lock, self._conn:
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS registry_adapters ("
+                " id TEXT PRIMARY KEY, content_hash TEXT NOT NULL, kind TEXT NOT NULL,"
+                " size_bytes INTEGER NOT NULL, created REAL NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,"
+                " info TEXT NOT NULL)")
+
+    def load_all(self) -> list[AdapterRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, content_hash, kind, size_bytes, created, pinned, info FROM registry_adapters "
+                "ORDER BY id").fetchall()
+        return [AdapterRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6])) for r in rows]
+
+    def put(self, record: AdapterRecord) -> None:
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO registry_adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.content_hash, record.kind, record.size_bytes, record.created,
+                 int(record.pinned), json.dumps(record.info, sort_keys=True)))
+
+    def delete(self, adapter_id: str) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("DELETE FROM registry_adapters WHERE id = ?", (adapter_id,))
+
+    def set_pinned(self, adapter_id: str, pinned: bool) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE registry_adapters SET pinned = ? WHERE id = ?", (int(pinned), adapter_id))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,1 @@
+"""Training adapters on the resident base: config, trainable adapters, the run, checkpoints."""

@@ -1,0 +1,126 @@
+"""What a training job is asked to do: the adapter kind with its hyperparameters, and the run.
+
+Every field has a default; fields left unset (``None``) take the per-kind default below, so
+``{"kind": "ia3"}`` alone is a complete config. Unknown fields are refused, so a typo never
+silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapters.kinds.base import AdapterKind
+
+ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+# learning rates that work for each kind with AdamW (IA3 and prompt tuning move far fewer
+# parameters, so they need larger steps)
+DEFAULT_LEARNING_RATE = {AdapterKind.LORA: 2e-4, AdapterKind.IA3: 5e-3, AdapterKind.PROMPT_TUNING: 3e-2}
+FALLBACK_IA3_TARGETS = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    kind: AdapterKind = Field(AdapterKind.LORA, description="lora, ia3 or prompt_tuning.")
+    adapter_id: str | None = Field(None, pattern=ADAPTER_ID_PATTERN, description=(
+        "Id to register the trained adapter under (default: the job id)."))
+    # "register" in JSON (the attribute name would shadow a pydantic method)
+    register_adapter: bool = Field(True, alias="register", description=(
+        "Register the adapter for serving when training succeeds."))
+    register_only_if_improved: bool = Field(False, description=(
+        "Register only if the eval loss after training is lower than before."))
+
+    # LoRA
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input while training.")
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r.")
+    # LoRA and IA3: a list of module names, "all-linear", or None for the kind's default
+    target_modules: list[str] | Literal["all-linear"] | None = Field(None, description=(
+        "Modules to adapt: names like ['q_proj', 'v_proj'] or 'all-linear' (LoRA default: all-linear; "
+        "IA3 default: PEFT's choice for the model type)."))
+    # IA3
+    feedforward_modules: list[str] | None = Field(None, description=(
+        "IA3 modules whose input (not output) is scaled (default: PEFT's choice for the model type)."))
+    # prompt tuning
+    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="Prompt-tuning virtual tokens.")
+    prompt_init_text: str | None = Field(None, min_length=1, max_length=4096, description=(
+        "Initialise the virtual tokens from this text's embeddings (default: embeddings of random vocabulary)."))
+
+    # the run
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split (ignored with max_steps).")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Optimizer steps; overrides epochs.")
+    learning_rate: float | None = Field(None, gt=0, le=10, description="Peak learning rate (default per kind).")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None: no clipping).")
+    batch_size: int = Field(4, ge=1, le=1024, description="Examples per micro-batch.")
+    grad_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(1024, ge=8, le=131072, description="Longest example in tokens (longer lines are refused).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for eval loss.")
+    eval_batches_max: int = Field(50, ge=1, description="Most micro-batches an eval pass runs.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the split, the shuffles, the init and dropout.")
+    skip_bad_lines: bool = Field(False, description=(
+        "Train on the usable lines and list the bad ones in the job, instead of refusing the dataset."))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.kind is AdapterKind.PROMPT_TUNING and (self.target_modules or self.feedforward_modules):
+            raise ValueError("target_modules / feedforward_modules do not apply to prompt_tuning")
+        if self.kind is AdapterKind.LORA and self.feedforward_modules:
+            raise ValueError("feedforward_modules applies to ia3 only")
+        if self.kind is AdapterKind.IA3 and self.target_modules == "all-linear" and self.feedforward_modules is None:
+            raise ValueError("with target_modules 'all-linear', ia3 needs feedforward_modules")
+        if self.register_only_if_improved and self.eval_fraction == 0:
+            raise ValueError("register_only_if_improved needs eval_fraction > 0")
+        return self
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.kind]
+
+    def ia3_targets(self, model_type: str) -> tuple[list[str] | Literal["all-linear"], list[str]]:
+        """``(target_modules, feedforward_modules)`` for IA3, PEFT's defaults filling the gaps."""
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        if targets is None or feedforward is None:
+            try:
+                from peft.utils.constants import (
+                    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
+                    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+                )
+                default = (TARGETS.get(model_type), FF.get(model_type))
+            except ImportError:  # PEFT is a dependency, but the trainer does not need it otherwise
+                default = (None, None)
+            if default[0] is None:
+                default = FALLBACK_IA3_TARGETS
+            targets = default[0] if targets is None else targets
+            feedforward = list(default[1] or []) if feedforward is None else feedforward
+        return targets, feedforward
+
+
+def total_optimizer_steps(config: TrainingConfig, train_examples: int) -> int:
+    """Optimizer steps of the whole run (``max_steps``, else epochs over the micro-batches)."""
+    if config.max_steps is not None:
+        return config.max_steps
+    micro_per_epoch = math.ceil(train_examples / config.batch_size)
+    return max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accumulation))
+
+
+def learning_rate_at(config: TrainingConfig, step: int, total_steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule
+    (the same curves as transformers' ``get_{linear,cosine,constant}_schedule_with_warmup``)."""
+    peak = config.lr
+    if step < config.warmup_steps:
+        return peak * (step / max(1, config.warmup_steps))
+    if config.lr_schedule == "constant":
+        return peak
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    if config.lr_schedule == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -1,0 +1,56 @@
+"""From uploaded bytes to the train / eval split a run uses, with every problem by line number.
+
+The same function validates an upload in the API, prepares a job (again, after a restart: the
+dataset file is kept and tokenization is deterministic) and feeds the offline CLI, so every
+entry point reports the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adapters.errors import DatasetValidationError
+from adapters.kinds.base import AdapterKind, AdapterLimits
+from adapters.training.config import TrainingConfig
+from adapters.training_data import TrainingExample, parse_dataset, split_train_eval, tokenize_dataset
+
+
+@dataclass
+class PreparedDataset:
+    format: str
+    train: list[TrainingExample]
+    eval: list[TrainingExample]
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+
+def prepare_dataset(data: bytes, tokenizer, config: TrainingConfig, *, max_lines: int = 100_000,
+                    max_line_bytes: int = 1 << 20, context_window: int | None = None) -> PreparedDataset:
+    """Parse, tokenize (loss on answers only) and split; raises ``DatasetValidationError`` (with
+    every ``(line, reason)``) when nothing is usable, or on any bad line unless ``skip_bad_lines``."""
+    max_seq_len = config.max_seq_len
+    if context_window is not None:
+        virtual = config.num_virtual_tokens if config.kind is AdapterKind.PROMPT_TUNING else 0
+        max_seq_len = min(max_seq_len, context_window - virtual)
+        if max_seq_len < 1:
+            raise ValueError(f"num_virtual_tokens leaves no room in the context window of {context_window}")
+    strict = not config.skip_bad_lines
+    parsed = parse_dataset(data, max_lines=max_lines, max_line_bytes=max_line_bytes, strict=strict)
+    tokenized = tokenize_dataset(parsed, tokenizer, max_seq_len=max_seq_len, strict=strict)
+    train, held = split_train_eval(tokenized.examples, config.eval_fraction, config.seed)
+    return PreparedDataset(format=tokenized.format, train=train, eval=held, problems=tokenized.problems)
+
+
+def check_limits(config: TrainingConfig, limits: AdapterLimits) -> None:
+    """Refuse, before any work, a config whose result the gateway would refuse to serve."""
+    if config.kind is AdapterKind.LORA and config.r > limits.max_lora_rank:
+        raise ValueError(f"r {config.r} is above this gateway's max_lora_rank of {limits.max_lora_rank}")
+    if config.kind is AdapterKind.PROMPT_TUNING and config.num_virtual_tokens > limits.max_virtual_tokens:
+        raise ValueError(f"num_virtual_tokens {config.num_virtual_tokens} is above this gateway's "
+                         f"max_virtual_tokens of {limits.max_virtual_tokens}")
+
+
+def describe_problems(error: DatasetValidationError, limit: int = 20) -> str:
+    """The error's summary plus up to ``limit`` ``line N: reason`` entries."""
+    shown = "; ".join(f"line {line}: {reason}" for line, reason in error.problems[:limit])
+    more = f"; and {len(error.problems) - limit} more" if len(error.problems) > limit else ""
+    return f"{error}. Problems: {shown}{more}" if shown else str(error)

@@ -1,0 +1,324 @@
+"""One training run on the resident base, advanced one micro-batch at a time.
+
+``TrainingRun.micro_step()`` does one unit of work and returns whether more remains, so the
+owner (the engine thread between serving steps, or the offline CLI in a loop) decides when work
+happens. Phases: eval loss before training, training micro-batches (the optimizer steps every
+``grad_accumulation`` of them, checkpointing every ``checkpoint_every`` steps), eval loss after.
+Knows nothing of HTTP or jobs.
+
+Determinism: the split, the per-epoch shuffles, the init and the dropout stream all derive from
+``config.seed`` and the position in the run, never from global RNG state (serving samples from
+that), so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adapters.kinds.base import AdapterWeights
+from adapters.peft_io import write_adapter
+from adapters.training.checkpoint import (
+    CheckpointError, load_latest, optimizer_tensors, restore_optimizer, save_checkpoint,
+)
+from adapters.training.config import TrainingConfig, learning_rate_at, total_optimizer_steps
+from adapters.training.trainable import TrainableAdapter, build_trainable
+from adapters.training_data import IGNORE_INDEX, TrainingExample
+
+log = logging.getLogger(__name__)
+HISTORY_LIMIT = 1000  # loss points kept per history (thinned by half when exceeded)
+
+
+@dataclass
+class Progress:
+    """A snapshot for job records and progress bars (plain data, JSON-able)."""
+
+    phase: str = "eval_before"  # eval_before | train | eval_after | done
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the step)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, token-weighted eval loss)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    tokens_per_second: float = 0.0
+    eta_seconds: float | None = None
+    tokens_trained: int = 0
+    resumed_from_step: int | None = None  # the checkpoint this process continued from, if any
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.train_loss[-1][1] if self.train_loss else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "step": self.step, "total_steps": self.total_steps,
+                "epoch": round(self.epoch, 4), "train_loss": [list(p) for p in self.train_loss],
+                "eval_loss": [list(p) for p in self.eval_loss], "eval_loss_before": self.eval_loss_before,
+                "eval_loss_after": self.eval_loss_after, "tokens_per_second": round(self.tokens_per_second, 2),
+                "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
+                "tokens_trained": self.tokens_trained, "resumed_from_step": self.resumed_from_step}
+
+
+def _append(history: list[tuple[int, float]], point: tuple[int, float]) -> None:
+    history.append(point)
+    if len(history) > HISTORY_LIMIT:
+        del history[1:-1:2]  # keep the first and last points and every other one between
+
+
+def dataset_digest(examples: list[TrainingExample]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.input_ids, ex.labels]).encode())
+    return h.hexdigest()
+
+
+def micro_batches_per_epoch(config: TrainingConfig, n_train: int) -> int:
+    return math.ceil(n_train / config.batch_size)
+
+
+def total_micro_steps(config: TrainingConfig, n_train: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps * config.grad_accumulation
+    return max(1, math.ceil(config.epochs * micro_batches_per_epoch(config, n_train)))
+
+
+def micro_batch_indices(config: TrainingConfig, n_train: int, micro: int) -> list[int]:
+    """Indices into the training split of global micro-batch ``micro`` (epochs reshuffle by seed)."""
+    per_epoch = micro_batches_per_epoch(config, n_train)
+    epoch, position = divmod(micro, per_epoch)
+    order = list(range(n_train))
+    random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+    return order[position * config.batch_size:(position + 1) * config.batch_size]
+
+
+def collate(examples: list[TrainingExample], pad_id: int, device: torch.device):
+    """Right-padded ``(input_ids, labels, attention_mask)``, each ``[B, T]``."""
+    length = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        mask[row, :n] = 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and their count."""
+    shifted = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((shifted != IGNORE_INDEX).sum())
+
+
+def adapter_forward(runtime, adapter: TrainableAdapter, ids: torch.Tensor, mask: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``[B, n_virtual + T, vocab]`` of the base with ``adapter`` applied to every row (and
+    the labels aligned to them). Right padding: positions of real tokens are 0, 1, 2 ..."""
+    embeds = runtime.model.get_input_embeddings()(ids)
+    prompt = adapter.prompt_embeddings()
+    if prompt is not None:  # virtual tokens in front: attended to, never labelled (as PEFT)
+        rows, n = ids.shape[0], prompt.shape[0]
+        embeds = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(rows, -1, -1), embeds], dim=1)
+        mask = torch.cat([mask.new_ones(rows, n), mask], dim=1)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((rows, n), IGNORE_INDEX), labels], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with runtime.training(adapter):
+        logits = runtime.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                               use_cache=False).logits
+    return logits, labels
+
+
+class TrainingRun:
+    def __init__(self, runtime, tokenizer, config: TrainingConfig, train: list[TrainingExample],
+                 eval_examples: list[TrainingExample], checkpoint_dir: Path | None = None):
+        if not train:
+            raise ValueError("no training examples")
+        self.runtime = runtime
+        self.model = runtime.model
+        self.config = config
+        self.train_examples = train
+        self.eval_examples = eval_examples[: config.eval_batches_max * config.batch_size]
+        self.checkpoint_dir = checkpoint_dir
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.model.requires_grad_(False)  # QLoRA-style: the base is frozen, only the adapter learns
+        self.adapter: TrainableAdapter | None = build_trainable(config, runtime, tokenizer)
+        self.params = [p for p in self.adapter.parameters()]
+        self.optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
+            self.params, lr=learning_rate_at(config, 0, 1), weight_decay=config.weight_decay)
+        self.total_micro = total_micro_steps(config, len(train))
+        self.progress = Progress(total_steps=math.ceil(self.total_micro / config.grad_accumulation))
+        self.micro = 0  # micro-batches done
+        self._eval_position = 0
+        self._eval_sum, self._eval_count = 0.0, 0
+        self._window_losses: list[float] = []
+        self._train_seconds = 0.0
+        self._micro_at_start, self._tokens_at_start = 0, 0  # where this process took over (resume)
+        self._digest = hashlib.sha256(
+            (config.model_dump_json() + dataset_digest(train) + dataset_digest(eval_examples)).encode()
+        ).hexdigest()
+        if not self.eval_examples:
+            self.progress.phase = "train"
+
+    # ---- the unit of work -----------------------------------------------------------------------
+    def micro_step(self) -> bool:
+        """Do one micro-batch of the current phase; return True while work remains."""
+        phase = self.progress.phase
+        if phase in ("eval_before", "eval_after"):
+            self._eval_micro_step()
+        elif phase == "train":
+            self._train_micro_step()
+        return self.progress.phase != "done"
+
+    @property
+    def done(self) -> bool:
+        return self.progress.phase == "done"
+
+    def _forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+        logits, labels = adapter_forward(self.runtime, self.adapter, ids, mask, labels)
+        return causal_lm_loss_sum(logits, labels)
+
+    def _eval_micro_step(self) -> None:
+        bs = self.config.batch_size
+        batch = self.eval_examples[self._eval_position:self._eval_position + bs]
+        self.adapter.eval()
+        with torch.no_grad():
+            loss_sum, count = self._forward(*collate(batch, self.pad_id, self.runtime.device))
+        self._eval_sum += float(loss_sum)
+        self._eval_count += count
+        self._eval_position += bs
+        if self._eval_position < len(self.eval_examples):
+            return
+        loss = self._eval_sum / max(1, self._eval_count)
+        _append(self.progress.eval_loss, (self.progress.step, loss))
+        self._eval_position, self._eval_sum, self._eval_count = 0, 0.0, 0
+        if self.progress.phase == "eval_before":
+            self.progress.eval_loss_before = loss
+            self.progress.phase = "train"
+        else:
+            self.progress.eval_loss_after = loss
+            self.progress.phase = "done"
+
+    def _train_micro_step(self) -> None:
+        started = time.perf_counter()
+        cfg = self.config
+        window_start = (self.micro // cfg.grad_accumulation) * cfg.grad_accumulation
+        window = min(cfg.grad_accumulation, self.total_micro - window_start)  # the last may be short
+        indices = micro_batch_indices(cfg, len(self.train_examples), self.micro)
+        ids, labels, mask = collate([self.train_examples[i] for i in indices], self.pad_id, self.runtime.device)
+        self.adapter.train()
+        with torch.enable_grad():
+            loss_sum, count = self._forward(ids, labels, mask)
+            loss = loss_sum / max(1, count)
+            (loss / window).backward()
+        self._window_losses.append(float(loss.detach()))
+        self.micro += 1
+        self.progress.tokens_trained += int(mask.sum())
+        self.progress.epoch = self.micro / micro_batches_per_epoch(cfg, len(self.train_examples))
+        if self.micro - window_start == window:
+            self._optimizer_step()
+        self._train_seconds += time.perf_counter() - started
+        self._update_rates()
+
+    def _optimizer_step(self) -> None:
+        cfg, progress = self.config, self.progress
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate_at(cfg, progress.step, progress.total_steps)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        _append(progress.train_loss, (progress.step, sum(self._window_losses) / len(self._window_losses)))
+        self._window_losses = []
+        finished = progress.step >= progress.total_steps
+        if finished:
+            progress.phase = "eval_after" if self.eval_examples else "done"
+        if self.checkpoint_dir is not None and (progress.step % cfg.checkpoint_every == 0 or finished):
+            self.save_checkpoint()
+
+    def _update_rates(self) -> None:
+        # rates over the micro-steps of this process (a resumed run starts measuring afresh)
+        if self._train_seconds <= 0:
+            return
+        done_here = self.micro - self._micro_at_start
+        tokens_here = self.progress.tokens_trained - self._tokens_at_start
+        self.progress.tokens_per_second = tokens_here / self._train_seconds
+        if done_here:
+            self.progress.eta_seconds = (self.total_micro - self.micro) * self._train_seconds / done_here
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tensors = {f"param.{name}": p for name, p in self.adapter.named_parameters()}
+        optim, groups = optimizer_tensors(self.optimizer)
+        tensors.update(optim)
+        tensors["rng.dropout"] = self.adapter.generator.get_state()
+        state = {"digest": self._digest, "micro": self.micro, "progress": self.progress.as_dict(),
+                 "param_groups": groups}
+        save_checkpoint(self.checkpoint_dir, self.progress.step, tensors, state)
+        log.info("checkpoint at step %d written to %s", self.progress.step, self.checkpoint_dir)
+
+    def resume(self) -> bool:
+        """Continue from the latest checkpoint if there is one; False when there is none.
+
+        Raises ``CheckpointError`` when one exists but was written for another config or dataset."""
+        if self.checkpoint_dir is None:
+            return False
+        found = load_latest(self.checkpoint_dir)
+        if found is None:
+            return False
+        tensors, state = found
+        if state.get("digest") != self._digest:
+            raise CheckpointError("the checkpoint was written for a different config or dataset")
+        with torch.no_grad():
+            for name, p in self.adapter.named_parameters():
+                if f"param.{name}" not in tensors:
+                    raise CheckpointError(f"the checkpoint lacks parameter {name}")
+                p.copy_(tensors[f"param.{name}"])
+        restore_optimizer(self.optimizer, tensors, state["param_groups"])
+        self.adapter.generator.set_state(tensors["rng.dropout"])
+        saved = state["progress"]
+        p = self.progress
+        p.step, p.epoch, p.tokens_trained = saved["step"], saved["epoch"], saved["tokens_trained"]
+        p.train_loss = [tuple(x) for x in saved["train_loss"]]
+        p.eval_loss = [tuple(x) for x in saved["eval_loss"]]
+        p.eval_loss_before, p.eval_loss_after = saved["eval_loss_before"], saved["eval_loss_after"]
+        p.phase = saved["phase"] if saved["phase"] != "eval_before" else "train"
+        self.micro = state["micro"]
+        p.resumed_from_step = p.step
+        self._micro_at_start, self._tokens_at_start = self.micro, p.tokens_trained
+        log.info("resumed training at step %d of %d", p.step, p.total_steps)
+        return True
+
+    # ---- the result --------------------------------------------------------------------------------
+    def weights(self) -> AdapterWeights:
+        return self.adapter.to_weights()
+
+    def export(self, folder: Path) -> AdapterWeights:
+        """Write the adapter in PEFT format into ``folder``."""
+        weights = self.weights()
+        write_adapter(weights, folder)
+        return weights
+
+    def close(self) -> None:
+        """Free the adapter, its gradients and the optimizer state (the base stays resident)."""
+        self.optimizer = None
+        self.adapter = None
+        self.params = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,93 @@
+"""Admin routes for A/B experiments between adapters: create, list, read, change weights, stop,
+promote a winner, delete, and per-arm results. All behind the admin key."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.api.feedback import get_experiments
+from gateway.auth import check_admin_key
+from gateway.experiments.assignment import Arm
+from gateway.experiments.service import ExperimentService, describe
+
+router = APIRouter(prefix="/admin/experiments", dependencies=[Depends(check_admin_key)])
+ExperimentsDep = Annotated[ExperimentService, Depends(get_experiments)]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the adapter id pattern: both name models
+MAX_ARMS = 8
+MAX_WEIGHT = 1e6
+Weight = Annotated[float, Field(strict=True, ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
+class ArmSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256, description="An adapter id, or the base model's name.")
+    weight: Weight = Field(description="Relative share of traffic (normalised over the arms).")
+
+
+class CreateExperiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, description="The model name clients send; no adapter may have it.")
+    arms: list[ArmSpec] = Field(min_length=2, max_length=MAX_ARMS, description="The first arm is the control.")
+    stickiness: Literal["user", "header", "request"] = Field("user", description=(
+        "What keeps a subject on one arm: the OpenAI `user` field, a request header, or nothing (each request "
+        "draws its arm)."))
+    subject_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
+        "The header naming the subject when stickiness is 'header' (default: the gateway's setting)."))
+    salt: str | None = Field(None, max_length=64, description="Hash salt (default: random); a new salt reshuffles.")
+
+
+class PatchExperiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[Annotated[str, Field(max_length=256)], Weight] = Field(min_length=1, max_length=MAX_ARMS)
+
+
+class PromoteExperiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arm: str = Field(min_length=1, max_length=256, description="The arm that takes all traffic.")
+
+
+@router.post("", status_code=201)
+async def create_experiment(body: CreateExperiment, experiments: ExperimentsDep) -> dict[str, Any]:
+    experiment = await experiments.create(body.name, [Arm(a.name, a.weight) for a in body.arms], body.stickiness,
+                                          body.subject_header, body.salt)
+    return describe(experiment)
+
+
+@router.get("")
+async def list_experiments(experiments: ExperimentsDep) -> dict[str, Any]:
+    return {"object": "list", "data": [describe(e) for e in experiments.list()]}
+
+
+@router.get("/{name}")
+async def get_experiment(name: str, experiments: ExperimentsDep) -> dict[str, Any]:
+    return describe(experiments.get(name))
+
+
+@router.patch("/{name}")
+async def patch_experiment(name: str, body: PatchExperiment, experiments: ExperimentsDep) -> dict[str, Any]:
+    return describe(await experiments.set_weights(name, body.weights))
+
+
+@router.post("/{name}/stop")
+async def stop_experiment(name: str, experiments: ExperimentsDep) -> dict[str, Any]:
+    return describe(await experiments.stop(name))
+
+
+@router.post("/{name}/promote")
+async def promote_experiment(name: str, body: PromoteExperiment, experiments: ExperimentsDep) -> dict[str, Any]:
+    return describe(await experiments.promote(name, body.arm))
+
+
+@router.delete("/{name}")
+async def delete_experiment(name: str, experiments: ExperimentsDep) -> dict[str, Any]:
+    await experiments.delete(name)
+    return {"id": name, "object": "experiment", "deleted": True}
+
+
+@router.get("/{name}/results")
+async def experiment_results(name: str, experiments: ExperimentsDep) -> dict[str, Any]:
+    return await experiments.results(name)

@@ -1,0 +1,147 @@
+"""Admin routes for training jobs (admin key): create from an uploaded JSONL dataset and a JSON
+config, list, inspect, follow progress (SSE) and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from adapters.errors import DatasetValidationError
+from adapters.training.config import TrainingConfig
+from adapters.training.prepare import describe_problems
+from gateway.auth import check_admin_key
+from gateway.errors import APIError, BadRequestError, ServiceUnavailableError
+from gateway.training.jobs import TrainingJobError, TrainingJobs
+from gateway.training.store import TERMINAL, TrainingJobRecord
+
+router = APIRouter(prefix="/admin/training-jobs", dependencies=[Depends(check_admin_key)])
+MAX_CONFIG_FIELD_BYTES = 64 * 1024
+KEEPALIVE_SECONDS = 15.0
+
+
+def get_jobs(request: Request) -> TrainingJobs:
+    jobs = getattr(request.app.state.gateway, "training", None)
+    if jobs is None:
+        raise ServiceUnavailableError("training is not available on this gateway")
+    return jobs
+
+
+JobsDep = Annotated[TrainingJobs, Depends(get_jobs)]
+
+
+def job_view(record: TrainingJobRecord) -> dict[str, Any]:
+    return {"object": "training.job", **record.as_dict()}
+
+
+def _api_error(exc: TrainingJobError) -> APIError:
+    error = APIError(str(exc), code={404: "not_found", 409: "conflict", 429: "too_many_jobs"}.get(exc.status))
+    error.status = exc.status
+    error.type = {404: "not_found_error", 429: "rate_limit_error"}.get(exc.status, "invalid_request_error")
+    return error
+
+
+def _parse_config(text: Any) -> TrainingConfig:
+    if text is None:
+        return TrainingConfig()
+    if not isinstance(text, str):
+        raise BadRequestError("config must be a text field holding a JSON object", param="config")
+    try:
+        return TrainingConfig.model_validate_json(text or "{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            raise BadRequestError("config is not valid JSON", param="config") from None
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        where = f"config.{loc}" if loc else "config"
+        raise BadRequestError(f"invalid value for {where}: {first.get('msg', 'invalid value')}", param=where) from None
+
+
+async def _read_dataset(upload: Any, max_bytes: int) -> bytes:
+    if not isinstance(upload, UploadFile):
+        raise BadRequestError("send the dataset as a file field named 'dataset' (JSONL)", param="dataset")
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadRequestError(f"the dataset is larger than the limit of {max_bytes} bytes", param="dataset",
+                              code="payload_too_large")
+    return data
+
+
+@router.post("", status_code=201)
+async def create_job(request: Request, jobs: JobsDep) -> JSONResponse:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise BadRequestError("send multipart/form-data with a 'dataset' file and a 'config' JSON field")
+    try:
+        form = await request.form(max_files=1, max_fields=1, max_part_size=MAX_CONFIG_FIELD_BYTES)
+    except Exception as exc:  # noqa: BLE001 - starlette raises plain HTTP/multipart errors
+        raise BadRequestError(f"the multipart form could not be read: {getattr(exc, 'detail', exc)}") from None
+    try:
+        config = _parse_config(form.get("config"))
+        data = await _read_dataset(form.get("dataset"), jobs.limits.max_dataset_bytes)
+    finally:
+        await form.close()
+    try:
+        record = await jobs.create(data, config)
+    except DatasetValidationError as exc:
+        raise BadRequestError(describe_problems(exc), param="dataset", code="invalid_dataset") from None
+    except ValueError as exc:
+        raise BadRequestError(str(exc), param="config") from None
+    except TrainingJobError as exc:
+        raise _api_error(exc) from None
+    return JSONResponse(job_view(record), status_code=201)
+
+
+@router.get("")
+async def list_jobs(jobs: JobsDep) -> dict[str, Any]:
+    return {"object": "list", "data": [job_view(r) for r in jobs.list()]}
+
+
+@router.get("/{job_id}")
+async def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    try:
+        return job_view(jobs.get(job_id))
+    except TrainingJobError as exc:
+        raise _api_error(exc) from None
+
+
+@router.post("/{job_id}/cancel")
+async def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    try:
+        return job_view(await jobs.cancel(job_id))
+    except TrainingJobError as exc:
+        raise _api_error(exc) from None
+
+
+@router.get("/{job_id}/events")
+async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
+    """Server-sent events: ``event: progress`` with the job (as GET returns it) at every change,
+    until the job ends; ``: keep-alive`` comments in quiet stretches."""
+    try:
+        jobs.get(job_id)
+    except TrainingJobError as exc:
+        raise _api_error(exc) from None
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while True:
+            changed = jobs.changed  # taken before reading, so no change is missed
+            record = jobs.get(job_id)
+            payload = json.dumps(job_view(record))
+            if payload != last:
+                yield f"event: progress\ndata: {payload}\n\n"
+                last = payload
+            if record.state in TERMINAL:
+                return
+            try:
+                await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,281 @@
+"""Train adapters through the gateway's jobs API on a strict-format task and check them.
+
+Task: each prompt is a sentence about a person; the answer is exactly
+``{"name": "<name>", "city": "<city>", "age": <age>}``, a JSON shape the base model never writes
+unprompted. For each kind the benchmark, in one run:
+
+1. starts a gateway (NF4 base), measures serving latency p50 while idle;
+2. trains one adapter per kind through ``POST /admin/training-jobs`` and scores exact match of
+   the served adapter (greedy) on held-out prompts, the base model alongside;
+3. measures serving latency p50 while a training job runs (target: at most 1.5x idle);
+4. stops the gateway and trains the same kinds with PEFT (``get_peft_model`` and a plain loop)
+   on the same NF4 base, data, order and hyperparameters: eval loss (ours within 5%) and
+   training tokens/s (ours at least 0.9x) are ratios within this run.
+
+Usage (smoke): python -m loadtest.train_bench --train 16 --test 4 --max-steps 2 --latency-requests 3
+Full run:      python -m loadtest.train_bench
+Prints JSON and writes it (and a PNG when matplotlib is installed) next to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from loadtest.server import running_gateway
+
+log = logging.getLogger("train_bench")
+NAMES = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Julia", "Kofi", "Lena",
+         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wei", "Yara", "Zoe"]
+CITIES = ["Paris", "Lagos", "Lima", "Oslo", "Cairo", "Seoul", "Quito", "Perth", "Dublin", "Hanoi", "Austin", "Porto",
+          "Kyoto", "Accra", "Bergen", "Tunis", "Denver", "Leeds", "Malmo", "Cusco"]
+TEMPLATES = ["{name} is {age} years old and lives in {city}.", "My neighbour {name}, aged {age}, moved to {city}.",
+             "In {city} I met {name}, who just turned {age}.", "{name} ({age}) works in {city}.",
+             "Last year {name} celebrated a {age}th birthday in {city}."]
+INSTRUCTION = "Extract the person as JSON: "
+KIND_CONFIG = {  # per-kind hyperparameters for this task (shared by our run and the PEFT reference)
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_rate": 1e-3},
+    "ia3": {"learning_rate": 3e-2},
+    "prompt_tuning": {"num_virtual_tokens": 16, "learning_rate": 3e-2},
+}
+
+
+def make_task(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Training rows (prompt/completion) and held-out (prompt, expected answer) pairs; held-out
+    people use name/city pairs never seen in training."""
+    rng = random.Random(seed)
+    pairs = [(n, c) for n in NAMES for c in CITIES]
+    rng.shuffle(pairs)
+    test_pairs, train_pairs = pairs[:n_test], pairs[n_test:]
+
+    def example(name: str, city: str) -> tuple[str, str]:
+        age = rng.randint(18, 90)
+        prompt = INSTRUCTION + rng.choice(TEMPLATES).format(name=name, city=city, age=age)
+        return prompt, json.dumps({"name": name, "city": city, "age": age})
+
+    train = [dict(zip(("prompt", "completion"), example(*train_pairs[i % len(train_pairs)]))) for i in range(n_train)]
+    return train, [example(*p) for p in test_pairs]
+
+
+def chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[str, float]:
+    started = time.perf_counter()
+    response = client.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "temperature": 0})
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"], time.perf_counter() - started
+
+
+def exact_match(client: httpx.Client, model: str, test: list[tuple[str, str]]) -> dict:
+    hits, samples = 0, []
+    for prompt, expected in test:
+        answer, _ = chat(client, model, prompt, 48)
+        hits += answer.strip() == expected
+        if len(samples) < 3:
+            samples.append({"expected": expected, "answer": answer})
+    return {"exact_match": round(hits / len(test), 4), "n": len(test), "samples": samples}
+
+
+def latency_p50(client: httpx.Client, prompts: list[str], requests: int, max_tokens: int) -> float:
+    times = [chat(client, "base", prompts[i % len(prompts)], max_tokens)[1] for i in range(requests)]
+    return statistics.median(times)
+
+
+def submit_job(admin: httpx.Client, data: bytes, config: dict) -> str:
+    response = admin.post("/admin/training-jobs", files={"dataset": ("task.jsonl", data)},
+                          data={"config": json.dumps(config)})
+    if response.status_code != 201:
+        raise RuntimeError(f"job refused: {response.status_code} {response.text}")
+    return response.json()["id"]
+
+
+def wait_job(admin: httpx.Client, job_id: str, until, timeout: float = 7200) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = admin.get(f"/admin/training-jobs/{job_id}").json()
+        if until(job):
+            return job
+        if job["state"] in ("failed", "cancelled"):
+            raise RuntimeError(f"job {job_id} {job['state']}: {job.get('error')}")
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not finish")
+
+
+def job_config(kind: str, args: argparse.Namespace, **extra) -> dict:
+    return {"kind": kind, "max_steps": args.max_steps, "batch_size": args.batch_size, "eval_fraction": 0.1,
+            "seed": args.seed, "max_seq_len": 256, "checkpoint_every": 10_000, **KIND_CONFIG[kind], **extra}
+
+
+def gateway_phase(args: argparse.Namespace, model_dir: Path, work: Path, data: bytes, test) -> dict:
+    admin_key = secrets.token_hex(16)
+    env = {"GATEWAY_MODEL": str(model_dir), "GATEWAY_SERVED_MODEL_NAME": "base", "GATEWAY_DEVICE": args.device,
+           "GATEWAY_DATA_DIR": str(work / "data"), "GATEWAY_ADMIN_KEY": admin_key,
+           "GATEWAY_TRAINING_DUTY_CYCLE": str(args.duty_cycle)}
+    result: dict = {"kinds": {}}
+    with running_gateway(env, work / "gateway.log") as url, \
+            httpx.Client(base_url=url, timeout=600) as client, \
+            httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {admin_key}"}) as admin:
+        prompts = [p for p, _ in test]
+        result["latency_idle_p50_s"] = latency_p50(client, prompts, args.latency_requests, args.latency_max_tokens)
+        result["base"] = exact_match(client, "base", test)
+        for kind in args.kinds:
+            started = time.perf_counter()
+            job_id = submit_job(admin, data, job_config(kind, args, adapter_id=f"bench-{kind}"))
+            job = wait_job(admin, job_id, lambda j: j["state"] == "succeeded")
+            p = job["progress"]
+            result["kinds"][kind] = {
+                "job_seconds": round(time.perf_counter() - started, 1), "steps": p["step"],
+                "eval_loss_before": p["eval_loss_before"], "eval_loss_after": p["eval_loss_after"],
+                "tokens_per_second": p["tokens_per_second"], **exact_match(client, job["adapter_id"], test)}
+            log.info("%s: %s", kind, result["kinds"][kind])
+        # serving while a (long) job trains
+        job_id = submit_job(admin, data, job_config("lora", args, max_steps=1_000_000, register=False))
+        wait_job(admin, job_id, lambda j: j["state"] == "running" and j["progress"].get("step", 0) >= 1)
+        result["latency_training_p50_s"] = latency_p50(client, prompts, args.latency_requests,
+                                                       args.latency_max_tokens)
+        admin.post(f"/admin/training-jobs/{job_id}/cancel")
+    result["latency_ratio"] = round(result["latency_training_p50_s"] / result["latency_idle_p50_s"], 3)
+    return result
+
+
+def peft_reference(args: argparse.Namespace, model_dir: Path, kind: str, data: bytes) -> dict:
+    """The same data, split, order and hyperparameters trained with PEFT on the same NF4 base."""
+    import torch
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
+
+    from adapters.training.config import TrainingConfig, learning_rate_at
+    from adapters.training.prepare import prepare_dataset
+    from adapters.training.trainer import causal_lm_loss_sum, collate, micro_batch_indices, total_micro_steps
+    from gateway.base_model import load_base
+    from gateway.settings import Settings
+
+    base = load_base(Settings(model=str(model_dir), device=args.device, data_dir=model_dir.parent))
+    cfg = TrainingConfig.model_validate(job_config(kind, args))
+    prepared = prepare_dataset(data, base.tokenizer, cfg, context_window=base.context_window)
+    torch.manual_seed(cfg.seed)
+    if kind == "lora":
+        peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules="all-linear", task_type="CAUSAL_LM")
+    elif kind == "ia3":
+        targets, feedforward = cfg.ia3_targets(base.model.config.model_type)
+        peft_cfg = IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    else:
+        peft_cfg = PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB",
+                                      task_type="CAUSAL_LM")
+    model = get_peft_model(base.model, peft_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_micro = total_micro_steps(cfg, len(prepared.train))
+    total_steps = -(-total_micro // cfg.grad_accumulation)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_at(cfg, s, total_steps) / cfg.lr)
+    pad = base.tokenizer.pad_token_id or 0
+    model.train()
+    tokens, seconds = 0, 0.0
+    for micro in range(total_micro):
+        started = time.perf_counter()
+        window_start = (micro // cfg.grad_accumulation) * cfg.grad_accumulation
+        window = min(cfg.grad_accumulation, total_micro - window_start)
+        batch = [prepared.train[i] for i in micro_batch_indices(cfg, len(prepared.train), micro)]
+        ids, labels, mask = collate(batch, pad, base.device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss / window).backward()
+        if micro + 1 - window_start == window:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - started
+        tokens += int(mask.sum())
+    model.eval()
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        eval_examples = prepared.eval[: cfg.eval_batches_max * cfg.batch_size]
+        for i in range(0, len(eval_examples), cfg.batch_size):
+            ids, labels, mask = collate(eval_examples[i:i + cfg.batch_size], pad, base.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            if logits.shape[1] != labels.shape[1]:  # prompt tuning: virtual positions come first
+                labels = torch.cat([labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100),
+                                    labels], dim=1)
+            s, c = causal_lm_loss_sum(logits, labels)
+            loss_sum, count = loss_sum + float(s), count + c
+    return {"eval_loss_after": loss_sum / max(1, count), "tokens_per_second": round(tokens / seconds, 2)}
+
+
+def compare(result: dict) -> None:
+    for kind, ours in result["kinds"].items():
+        ref = result["peft_reference"].get(kind)
+        if ref and ours["eval_loss_after"] is not None:
+            ours["eval_loss_ratio_vs_peft"] = round(ours["eval_loss_after"] / ref["eval_loss_after"], 4)
+            ours["tokens_per_second_ratio_vs_peft"] = round(ours["tokens_per_second"] / ref["tokens_per_second"], 3)
+
+
+def plot(result: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["base", *result["kinds"]]
+    left.bar(names, [result["base"]["exact_match"], *(k["exact_match"] for k in result["kinds"].values())])
+    left.set_title("held-out exact match")
+    left.set_ylim(0, 1)
+    right.bar(["idle", "training"], [result["latency_idle_p50_s"], result["latency_training_p50_s"]])
+    right.set_title(f"serving p50 latency (s), ratio {result['latency_ratio']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="safetensors model folder (default: the embedded SmolLM2, "
+                        "materialized into --cache-dir)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("data"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kinds", nargs="+", default=["lora", "ia3", "prompt_tuning"])
+    parser.add_argument("--train", type=int, default=320, help="training examples (10%% held out for eval loss)")
+    parser.add_argument("--test", type=int, default=50, help="held-out prompts for exact match")
+    parser.add_argument("--max-steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--duty-cycle", type=float, default=0.25)
+    parser.add_argument("--latency-requests", type=int, default=20)
+    parser.add_argument("--latency-max-tokens", type=int, default=16)
+    parser.add_argument("--no-reference", action="store_true", help="skip the PEFT reference runs")
+    parser.add_argument("--out", type=Path, default=Path("loadtest/results/train_bench.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    if args.model_dir is None:
+        from gateway.base_model import materialize_embedded
+
+        args.model_dir = materialize_embedded(args.cache_dir)
+    train, test = make_task(args.train, args.test, args.seed)
+    data = "\n".join(json.dumps(r) for r in train).encode()
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  **gateway_phase(args, args.model_dir, Path(tmp), data, test)}
+    result["peft_reference"] = {} if args.no_reference else {
+        kind: peft_reference(args, args.model_dir, kind, data) for kind in args.kinds}
+    compare(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    result["plot"] = plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""A client that goes away frees its engine row within one step, streaming or not, running or
+still queued; and GatewayServer's drain through a real socket. A real uvicorn server runs in a
+thread on the tiny model (TestClient cannot disconnect mid-request).
+
+The engine thread is held inside the request's first event (or inside a task) while the client
+disconnects, so the test decides the order of events instead of racing the model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import uvicorn
+from support import build_tokenizer
+
+from gateway.app import create_app
+from gateway.engine import Engine, EngineRequest, SequenceEvent
+from gateway.shutdown import GatewayServer
+from test_api import make_adapters, make_base, make_settings
+
+TIMEOUT = 60
+MAX_TOKENS = 64
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+    port: int
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.config.app.state.gateway.engine
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(TIMEOUT)
+
+
+@contextlib.contextmanager
+def live_server(root, drain_seconds: float | None = None) -> Iterator[LiveServer]:
+    """uvicorn's own server, or with ``drain_seconds`` the gateway's draining one."""
+    settings = make_settings(root, None, max_tokens_limit=MAX_TOKENS)
+    app = create_app(settings, base=make_base(build_tokenizer()))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
+    if drain_seconds is None:
+        server = uvicorn.Server(config)
+    else:
+        server = GatewayServer(config, lambda: getattr(app.state, "gateway", None), drain_seconds)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    live = LiveServer(server, thread, port)
+    try:
+        wait_until(lambda: server.started, "the server listens")
+        yield live
+    finally:
+        live.stop()
+
+
+@dataclass
+class Captured:
+    """Requests the engine receives; the first event of each holds the engine thread until
+    ``release`` (the event itself is delivered first)."""
+
+    requests: list[EngineRequest] = field(default_factory=list)
+    events: list[SequenceEvent] = field(default_factory=list)
+    reached: threading.Event = field(default_factory=threading.Event)
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def install(self, engine: Engine, monkeypatch, hold: bool = True) -> None:
+        submit = engine.submit
+
+        def capture(request: EngineRequest) -> None:
+            deliver = request.sink
+
+            def sink(event: SequenceEvent) -> None:
+                self.events.append(event)
+                deliver(event)
+                if hold and not self.reached.is_set():
+                    self.reached.set()
+                    self.gate.wait(TIMEOUT)
+
+            request.sink = sink
+            self.requests.append(request)
+            submit(request)
+
+        monkeypatch.setattr(engine, "submit", capture)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[LiveServer]:
+    with live_server(tmp_path_factory.mktemp("disconnect")) as live:
+        yield live
+
+
+def raw_request(port: int, path: str, body: dict) -> socket.socket:
+    """Send one HTTP request on a plain socket, which the test can close at any moment."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+PROMPT = {"model": "tiny", "prompt": "the quick brown fox", "temperature": 0, "max_tokens": MAX_TOKENS}
+
+
+def test_prompt_runs_long_enough_alone(server):
+    """Precondition of the tests below: undisturbed, this request runs many steps."""
+    body = httpx.post(server.url + "/v1/completions", json=PROMPT, timeout=TIMEOUT).json()
+    assert body["usage"]["completion_tokens"] > 8, body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_disconnect_while_running_frees_the_row_within_one_step(server, monkeypatch, stream):
+    engine = server.engine
+    captured = Captured()
+    captured.install(engine, monkeypatch)
+    sock = raw_request(server.port, "/v1/completions", {**PROMPT, "stream": stream})
+    try:
+        assert captured.reached.wait(TIMEOUT), "the request produced no event"
+        if stream:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the stream had begun
+        (request,) = captured.requests
+        assert engine.running == 1 and not request.cancelled
+    finally:
+        sock.close()
+    try:
+        wait_until(lambda: request.cancelled, "the server notices the disconnect")
+        steps_at_cancel = engine.steps
+    finally:
+        captured.gate.set()
+    wait_until(lambda: not engine.busy, "the engine lets the row go")
+    # nothing waits for nobody: the request's handler ends too
+    wait_until(lambda: not server.server.server_state.tasks, "the request handler returns")
+    assert engine.running == 0
+    assert engine.steps - steps_at_cancel <= 1
+    assert all(e.finish_reason is None for e in captured.events)  # it was dropped, not finished
+    assert max(e.completion_tokens for e in captured.events) < MAX_TOKENS
+
+
+def test_disconnect_while_queued_never_takes_a_row(server, monkeypatch):
+    engine = server.engine
+    captured = Captured()
+    captured.install(engine, monkeypatch, hold=False)
+    gate, inside = threading.Event(), threading.Event()
+    held = engine.call(lambda: (inside.set(), gate.wait(TIMEOUT)))
+    assert inside.wait(TIMEOUT)
+    try:
+        sock = raw_request(server.port, "/v1/completions", PROMPT)
+        wait_until(lambda: engine.queue_depth == 1, "the request waits")
+        steps_before = engine.steps
+        sock.close()
+        (request,) = captured.requests
+        wait_until(lambda: request.cancelled, "the server notices the disconnect")
+    finally:
+        gate.set()
+        held.result(TIMEOUT)
+    wait_until(lambda: not engine.busy, "the engine drops the waiting request")
+    wait_until(lambda: not server.server.server_state.tasks, "the request handler returns")
+    assert engine.queue_depth == 0 and engine.queued_tokens == 0
+    assert engine.steps == steps_before and captured.events == []  # it was never prefilled
+
+
+def test_gateway_server_drains_before_exiting(tmp_path, monkeypatch):
+    """The drain a shutdown signal starts (requested directly: signals only reach the main thread)."""
+    with live_server(tmp_path, drain_seconds=TIMEOUT) as live:
+        gateway = live.server.config.app.state.gateway
+        captured = Captured()
+        captured.install(live.engine, monkeypatch)
+        with httpx.Client(base_url=live.url, timeout=TIMEOUT) as client:
+            with client.stream("POST", "/v1/completions", json={**PROMPT, "max_tokens": 12, "stream": True}) as stream:
+                lines = stream.iter_lines()
+                assert captured.reached.wait(TIMEOUT)
+                live.server.request_shutdown_threadsafe()
+                wait_until(lambda: gateway.draining, "the drain starts")
+                assert client.get("/readyz").status_code == 503
+                refused = client.post("/v1/completions", json=PROMPT)
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+                assert live.thread.is_alive()  # still serving while the stream runs
+                captured.gate.set()
+                payloads = [line[6:] for line in lines if line.startswith("data: ")]
+        assert payloads[-1] == "[DONE]"
+        assert json.loads(payloads[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+        live.thread.join(TIMEOUT)
+        assert not live.thread.is_alive()  # the server stopped by itself once drained

@@ -1,0 +1,141 @@
+"""SQLite persistence of experiments, request outcomes and feedback: round trips, reopening the
+file, replaced feedback, deletes that take everything with them, and rolled-back transactions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.experiments.assignment import Arm
+from gateway.experiments.store import (
+    Experiment, FeedbackRow, RequestRow, SqliteExperimentStore, UnknownCompletionError,
+)
+
+
+def experiment(name: str = "exp", **overrides) -> Experiment:
+    values = dict(name=name, salt="s1", arms=[Arm("base", 70.0), Arm("lora-a", 30.0)], stickiness="user",
+                  subject_header=None, state="running", created=100.0, updated=100.0)
+    return Experiment(**{**values, **overrides})
+
+
+def request_row(completion_id: str, arm: str, *, experiment_name: str = "exp", error: str | None = None,
+                ttft: float | None = 0.1, latency: float = 0.5, tokens: tuple[int, int] = (10, 5)) -> RequestRow:
+    return RequestRow(completion_id=completion_id, experiment=experiment_name, arm=arm, subject="abc",
+                      endpoint="chat", ttft_s=ttft, latency_s=latency, prompt_tokens=tokens[0],
+                      completion_tokens=tokens[1], error_type=error, created=200.0)
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    return tmp_path / "gateway.sqlite3"
+
+
+@pytest.fixture
+def store(db):
+    store = SqliteExperimentStore(db)
+    yield store
+    store.close()
+
+
+def test_experiments_survive_reopening(db):
+    first = SqliteExperimentStore(db)
+    first.insert_experiment(experiment("a", stickiness="header", subject_header="x-session-id"))
+    first.insert_experiment(experiment("b", created=50.0))
+    changed = experiment("a", arms=[Arm("base", 50.0), Arm("lora-a", 50.0)], state="promoted", winner="lora-a",
+                         updated=300.0, stickiness="header", subject_header="x-session-id")
+    first.update_experiment(changed)
+    first.close()
+
+    second = SqliteExperimentStore(db)
+    loaded = {e.name: e for e in second.load_experiments()}
+    assert [e.name for e in second.load_experiments()] == ["b", "a"]  # by creation time
+    assert loaded["a"] == changed
+    assert loaded["b"] == experiment("b", created=50.0)
+    second.close()
+
+
+def test_inserting_an_existing_name_is_refused(store):
+    store.insert_experiment(experiment())
+    with pytest.raises(ValueError, match="exists"):
+        store.insert_experiment(experiment(salt="other"))
+    assert store.load_experiments()[0].salt == "s1"
+
+
+def test_arm_data_counts_errors_timings_tokens_and_feedback(store):
+    store.insert_experiment(experiment())
+    store.add_request(request_row("c1", "base", ttft=0.1, latency=1.0))
+    store.add_request(request_row("c2", "base", ttft=0.3, latency=2.0, tokens=(7, 3)))
+    store.add_request(request_row("c3", "base", error="generation_failed", ttft=None, latency=0.2, tokens=(4, 0)))
+    store.add_request(request_row("c4", "lora-a", error="cancelled", ttft=0.2, latency=5.0, tokens=(6, 2)))
+    store.put_feedback(FeedbackRow("c1", 4.0, "up", 300.0))
+    store.put_feedback(FeedbackRow("c2", None, "down", 300.0))
+    store.put_feedback(FeedbackRow("c4", 2.5, None, 300.0))
+
+    data = store.arm_data("exp")
+    base, lora = data["base"], data["lora-a"]
+    assert (base.requests, base.errors, base.cancelled) == (3, 1, 0)
+    assert (base.prompt_tokens, base.completion_tokens) == (21, 8)
+    assert sorted(base.ttft_s) == [0.1, 0.3]
+    assert sorted(base.latency_s) == [1.0, 2.0]  # the failed request's time is not a latency
+    assert (base.feedback, base.scores, base.thumbs_up, base.thumbs_down) == (2, [4.0], 1, 1)
+    assert (lora.requests, lora.errors, lora.cancelled) == (1, 0, 1)
+    assert lora.latency_s == [] and lora.ttft_s == [0.2]
+    assert (lora.feedback, lora.scores, lora.thumbs_up, lora.thumbs_down) == (1, [2.5], 0, 0)
+
+
+def test_feedback_on_an_unknown_id_is_refused(store):
+    store.insert_experiment(experiment())
+    with pytest.raises(UnknownCompletionError):
+        store.put_feedback(FeedbackRow("nope", 1.0, None, 300.0))
+
+
+def test_second_feedback_replaces_the_first(store):
+    store.insert_experiment(experiment())
+    store.add_request(request_row("c1", "lora-a"))
+    request, replaced = store.put_feedback(FeedbackRow("c1", 1.0, "up", 300.0))
+    assert (request.experiment, request.arm, replaced) == ("exp", "lora-a", False)
+    _, replaced = store.put_feedback(FeedbackRow("c1", None, "down", 301.0))
+    assert replaced
+    lora = store.arm_data("exp")["lora-a"]
+    assert (lora.feedback, lora.scores, lora.thumbs_up, lora.thumbs_down) == (1, [], 0, 1)
+
+
+def test_delete_removes_requests_and_feedback_of_that_experiment_only(store):
+    store.insert_experiment(experiment("a"))
+    store.insert_experiment(experiment("b"))
+    store.add_request(request_row("a1", "base", experiment_name="a"))
+    store.add_request(request_row("b1", "base", experiment_name="b"))
+    store.put_feedback(FeedbackRow("a1", 1.0, None, 300.0))
+    store.put_feedback(FeedbackRow("b1", 2.0, None, 300.0))
+    store.delete_experiment("a")
+    assert [e.name for e in store.load_experiments()] == ["b"]
+    assert store.arm_data("a") == {}
+    with pytest.raises(UnknownCompletionError):
+        store.put_feedback(FeedbackRow("a1", 1.0, None, 300.0))
+    assert store.arm_data("b")["base"].scores == [2.0]
+
+
+def test_a_failed_transaction_leaves_no_trace(store):
+    store.insert_experiment(experiment())
+    with pytest.raises(RuntimeError):
+        with store._transaction() as conn:
+            conn.execute("DELETE FROM experiments")
+            raise RuntimeError("crash in the middle")
+    assert [e.name for e in store.load_experiments()] == ["exp"]
+
+
+def test_tables_share_the_file_with_other_tables(db):
+    import sqlite3
+
+    other = sqlite3.connect(db)
+    other.execute("CREATE TABLE registry_adapters (id TEXT PRIMARY KEY)")
+    other.execute("INSERT INTO registry_adapters VALUES ('lora-a')")
+    other.commit()
+    store = SqliteExperimentStore(db)
+    store.insert_experiment(experiment())
+    store.close()
+    tables = {row[0] for row in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"registry_adapters", "experiments", "experiment_requests", "experiment_feedback"}
+    assert other.execute("SELECT id FROM registry_adapters").fetchall() == [("lora-a",)]
+    other.close()

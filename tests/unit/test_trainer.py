@@ -1,0 +1,195 @@
+"""The trainer on a tiny random Llama: the trainable slot against PEFT, gradients, loss masking,
+learning, exact resume from a checkpoint, and export that PEFT loads with the served logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from support import build_tiny_llama, make_peft_adapter
+
+from adapters.kinds.base import AdapterLimits
+from adapters.peft_io import read_adapter
+from adapters.runtime import AdapterRuntime
+from adapters.training.checkpoint import CheckpointError
+from adapters.training.config import TrainingConfig, learning_rate_at
+from adapters.training.prepare import prepare_dataset
+from adapters.training.trainable import build_trainable, trainable_from_weights
+from adapters.training.trainer import TrainingRun, adapter_forward, causal_lm_loss_sum, collate
+from adapters.training_data import IGNORE_INDEX
+from gateway.model_runner import ModelRunner
+
+KINDS = ["lora", "ia3", "prompt_tuning"]
+FAST = {"lora": {"learning_rate": 3e-2, "lora_dropout": 0.0}, "ia3": {"learning_rate": 3e-1},
+        "prompt_tuning": {"learning_rate": 1e-1, "num_virtual_tokens": 4}}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Position ids are not supported" for prompt tuning
+        yield
+
+
+@pytest.fixture(scope="module")
+def base():
+    model = build_tiny_llama()
+    with torch.no_grad():  # random init keeps logits within about +-0.6: too flat to learn a task in a few steps
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def make_runtime(base):
+    model = copy.deepcopy(base)
+    return AdapterRuntime(model, max_slots=4, dtype=torch.float32)
+
+
+def dataset_bytes(n: int = 12) -> bytes:
+    colours = ["red", "blue", "green", "white", "black", "brown"]
+    rows = [{"prompt": f"the {colours[i % 6]} fox number {i}", "completion": "how are you?"} for i in range(n)]
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+def config(kind: str, **overrides) -> TrainingConfig:
+    return TrainingConfig(**{"kind": kind, "batch_size": 4, "max_seq_len": 64, "eval_fraction": 0.25,
+                             "seed": 3, **FAST[kind], **overrides})
+
+
+def run_to_end(run: TrainingRun, limit: int = 10_000) -> None:
+    for _ in range(limit):
+        if not run.micro_step():
+            return
+    raise AssertionError("the run did not finish")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_trainable_forward_matches_peft(base, kind, tmp_path):
+    reference = make_peft_adapter(base, kind, tmp_path / kind)
+    runtime = make_runtime(base)
+    weights = read_adapter(tmp_path / kind, runtime.base_info, AdapterLimits(), torch.float32)
+    adapter = trainable_from_weights(weights, runtime.device).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 150, 7, 33]])
+    with torch.no_grad():
+        ours, _ = adapter_forward(runtime, adapter, ids, torch.ones_like(ids))
+        ref = reference(input_ids=ids).logits
+    assert ours.shape == ref.shape
+    assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_only_adapter_parameters(base, kind, tiny_tokenizer):
+    runtime = make_runtime(base)
+    cfg = config(kind)
+    prepared = prepare_dataset(dataset_bytes(), tiny_tokenizer, cfg)
+    run = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval)
+    ids, labels, mask = collate(prepared.train[:4], 0, runtime.device)
+    with torch.enable_grad():
+        logits, labels = adapter_forward(runtime, run.adapter, ids, mask, labels)
+        loss_sum, count = causal_lm_loss_sum(logits, labels)
+        (loss_sum / count).backward()
+    assert all(p.grad is None for p in runtime.model.parameters())
+    grads = {name: p.grad for name, p in run.adapter.named_parameters()}
+    if kind == "lora":  # B starts at zero, so only B gets a gradient on the first step
+        grads = {n: g for n, g in grads.items() if n.startswith("B.")}
+    assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads.values())
+
+
+def test_loss_counts_only_answer_tokens(base, tiny_tokenizer):
+    runtime = make_runtime(base)
+    cfg = config("lora", eval_fraction=0.0)
+    prepared = prepare_dataset(dataset_bytes(4), tiny_tokenizer, cfg)
+    example = prepared.train[0]
+    answer = tiny_tokenizer("how are you?", add_special_tokens=False)["input_ids"]
+    labelled = [t for t in example.labels if t != IGNORE_INDEX]
+    assert labelled[:len(answer)] == answer  # the answer (then the turn's closing tokens)
+    assert example.labels[0] == IGNORE_INDEX and len(labelled) < len(example.input_ids)
+    ids, labels, mask = collate([example], 0, runtime.device)
+    adapter = build_trainable(cfg, runtime, tiny_tokenizer).eval()
+    with torch.no_grad():
+        logits, labels = adapter_forward(runtime, adapter, ids, mask, labels)
+        loss_sum, count = causal_lm_loss_sum(logits, labels)
+        hf_loss = runtime.model(input_ids=ids, labels=labels).loss  # transformers' own masking
+    assert count == len(labelled)
+    assert torch.allclose(loss_sum / count, hf_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_few_steps_reduce_eval_loss(base, kind, tiny_tokenizer):
+    runtime = make_runtime(base)
+    cfg = config(kind, max_steps=15, lr_schedule="constant")
+    prepared = prepare_dataset(dataset_bytes(), tiny_tokenizer, cfg)
+    run = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval)
+    run_to_end(run)
+    p = run.progress
+    assert p.step == 15 and p.phase == "done" and len(p.train_loss) == 15
+    assert p.eval_loss_after < 0.9 * p.eval_loss_before
+    assert p.tokens_trained > 0 and p.tokens_per_second > 0
+
+
+def test_resume_from_checkpoint_is_exact(base, tiny_tokenizer, tmp_path):
+    cfg = config("lora", lora_dropout=0.2, max_steps=6, grad_accumulation=2, checkpoint_every=2,
+                 lr_schedule="cosine", warmup_steps=2)
+    prepared = prepare_dataset(dataset_bytes(), tiny_tokenizer, cfg)
+    runtime = make_runtime(base)
+
+    whole = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval, tmp_path / "a")
+    run_to_end(whole)
+
+    first = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval, tmp_path / "b")
+    while first.progress.step < 3:  # checkpoint at step 2; step 3 is lost with the "crash"
+        first.micro_step()
+    first.close()
+    second = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval, tmp_path / "b")
+    assert second.resume() and second.progress.step == 2
+    run_to_end(second)
+
+    for (name, p), (_, q) in zip(whole.adapter.named_parameters(), second.adapter.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert second.progress.train_loss == whole.progress.train_loss
+    assert second.progress.eval_loss_after == whole.progress.eval_loss_after
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(base, tiny_tokenizer, tmp_path):
+    cfg = config("ia3", max_steps=2, checkpoint_every=1)
+    prepared = prepare_dataset(dataset_bytes(), tiny_tokenizer, cfg)
+    runtime = make_runtime(base)
+    run_to_end(TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval, tmp_path))
+    other = TrainingRun(runtime, tiny_tokenizer, cfg.model_copy(update={"learning_rate": 0.5}),
+                        prepared.train, prepared.eval, tmp_path)
+    with pytest.raises(CheckpointError, match="different config or dataset"):
+        other.resume()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_loads_in_peft_with_the_served_logits(base, kind, tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    runtime = make_runtime(base)
+    cfg = config(kind, max_steps=4)
+    prepared = prepare_dataset(dataset_bytes(), tiny_tokenizer, cfg)
+    run = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval)
+    run_to_end(run)
+    run.export(tmp_path / "out")
+
+    weights = read_adapter(tmp_path / "out", runtime.base_info, AdapterLimits(), torch.float32)
+    slot = runtime.install(weights)
+    ids = [5, 17, 42, 99, 150, 7, 33]
+    served, _ = ModelRunner(runtime.model, runtime).prefill([ids], [slot])
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0, -1]
+        trained, _ = adapter_forward(runtime, run.adapter.eval(), torch.tensor([ids]), torch.ones(1, 7, dtype=torch.long))
+    assert float((served[0] - expected).abs().max() / expected.abs().max()) < 1e-4
+    assert float((trained[0, -1] - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+def test_schedules():
+    cfg = TrainingConfig(learning_rate=1.0, warmup_steps=2, lr_schedule="linear")
+    assert [learning_rate_at(cfg, s, 6) for s in range(6)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]
+    cosine = cfg.model_copy(update={"lr_schedule": "cosine"})
+    assert learning_rate_at(cosine, 4, 6) == pytest.approx(0.5)
+    constant = cfg.model_copy(update={"lr_schedule": "constant"})
+    assert learning_rate_at(constant, 5, 6) == 1.0

@@ -1,0 +1,153 @@
+"""Training jobs through the admin API on a tiny random Llama: validation with line numbers,
+a job from upload to a served adapter, progress events and metrics, a failing job that leaves
+serving healthy, cancel, and a restart in the middle of a job (resumed, or failed with a reason)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from support import build_tokenizer
+from test_api import make_base, make_settings
+
+from adapters.training import trainer as trainer_module
+from gateway.app import create_app
+
+ADMIN = {"Authorization": "Bearer " + "k" * 24}
+MESSAGES = [{"role": "user", "content": "hello world"}]
+
+
+def rows(n: int = 8) -> list[dict]:
+    return [{"prompt": f"the quick fox {i}", "completion": "how are you?"} for i in range(n)]
+
+
+def jsonl(records) -> bytes:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in records).encode()
+
+
+def make_client(data_dir):
+    app = create_app(make_settings(data_dir, None, admin_key="k" * 24, max_body_bytes=65536),
+                     base=make_base(build_tokenizer()))
+    return TestClient(app)
+
+
+def submit(client, data: bytes, **config):
+    return client.post("/admin/training-jobs", headers=ADMIN, files={"dataset": ("data.jsonl", data)},
+                       data={"config": json.dumps(config)})
+
+
+def wait_for(client, job_id: str, predicate, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()
+        if predicate(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job never reached the expected state: {job}")
+
+
+@pytest.fixture
+def client(tmp_path):
+    with make_client(tmp_path) as c:
+        yield c
+
+
+def test_bad_datasets_get_400_with_line_numbers_and_queue_nothing(client):
+    cases = {
+        "not json": (jsonl([rows(1)[0], "{not json"]), "line 2: not valid JSON"),
+        "missing field": (jsonl([{"prompt": "hi"}]), "line 1: missing field 'completion'"),
+        "wrong role": (jsonl([{"messages": [{"role": "robot", "content": "x"}]}]), "line 1: messages[0]: unknown role"),
+        "empty": (jsonl([rows(1)[0], {"prompt": "hi", "completion": "  "}]), "line 2: field 'completion' is empty"),
+        "too long": (jsonl([{"prompt": "fox " * 400, "completion": "ok"}]), "line 1: too long after tokenization"),
+        "no lines": (b"\n\n", "dataset is empty"),
+    }
+    for name, (data, expected) in cases.items():
+        response = submit(client, data, max_seq_len=256)
+        assert response.status_code == 400, name
+        error = response.json()["error"]
+        assert expected in error["message"], (name, error["message"])
+        assert error["param"] == "dataset" and error["code"] == "invalid_dataset"
+    assert client.get("/admin/training-jobs", headers=ADMIN).json()["data"] == []
+
+
+def test_bad_config_and_auth(client):
+    response = submit(client, jsonl(rows()), kind="lora", r=0)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "config.r"
+    response = submit(client, jsonl(rows()), kind="lora", learnin_rate=1.0)
+    assert response.status_code == 400 and "learnin_rate" in response.json()["error"]["param"]
+    response = submit(client, jsonl(rows()), kind="prompt_tuning", num_virtual_tokens=600)
+    assert response.status_code == 400 and "max_virtual_tokens" in response.json()["error"]["message"]
+    response = client.post("/admin/training-jobs", files={"dataset": ("d.jsonl", jsonl(rows()))})
+    assert response.status_code == 401
+    assert client.get("/admin/training-jobs/train-nope", headers=ADMIN).status_code == 404
+
+
+def test_job_trains_registers_and_serves(client):
+    response = submit(client, jsonl(rows()), kind="lora", adapter_id="fox-lora", max_steps=3, batch_size=4,
+                      eval_fraction=0.25, learning_rate=0.05)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    with client.stream("GET", f"/admin/training-jobs/{job_id}/events", headers=ADMIN) as stream:
+        events = [json.loads(line[len("data: "):]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["state"] == "succeeded", events[-1]
+    job = events[-1]
+    assert job["adapter_id"] == "fox-lora" and job["progress"]["step"] == 3
+    assert job["progress"]["eval_loss_before"] is not None and job["progress"]["eval_loss_after"] is not None
+    assert len(job["progress"]["train_loss"]) == 3 and job["dataset"]["train_examples"] == 6
+
+    reply = client.post("/v1/chat/completions", json={"model": "fox-lora", "messages": MESSAGES, "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
+    metrics = client.get("/metrics").text
+    assert 'gateway_training_jobs{state="succeeded"} 1.0' in metrics
+    # the adapter id is taken now
+    again = submit(client, jsonl(rows()), kind="ia3", adapter_id="fox-lora")
+    assert again.status_code == 409
+
+
+def test_failing_job_is_marked_failed_and_serving_stays_healthy(client, monkeypatch):
+    def explode(self):
+        raise RuntimeError("simulated failure in a micro-step")
+
+    monkeypatch.setattr(trainer_module.TrainingRun, "_train_micro_step", explode)
+    job_id = submit(client, jsonl(rows()), kind="ia3", max_steps=2).json()["id"]
+    job = wait_for(client, job_id, lambda j: j["state"] in ("failed", "succeeded"))
+    assert job["state"] == "failed" and "simulated failure in a micro-step" in job["error"]
+    assert job["adapter_id"] is None
+    reply = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 4})
+    assert reply.status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def test_cancel(client):
+    job_id = submit(client, jsonl(rows()), kind="lora", max_steps=100_000).json()["id"]
+    wait_for(client, job_id, lambda j: j["state"] == "running")
+    response = client.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN)
+    assert response.status_code == 200 and response.json()["state"] == "cancelled"
+    assert client.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN).status_code == 409
+
+
+def _start_and_interrupt(data_dir) -> str:
+    with make_client(data_dir) as first:
+        job_id = submit(first, jsonl(rows()), kind="lora", max_steps=100_000, checkpoint_every=2).json()["id"]
+        wait_for(first, job_id, lambda j: j["progress"].get("step", 0) >= 3)
+    return job_id  # the app stopped with the job running
+
+
+def test_restart_mid_job_resumes_from_the_checkpoint(tmp_path):
+    job_id = _start_and_interrupt(tmp_path)
+    with make_client(tmp_path) as second:
+        job = wait_for(second, job_id, lambda j: j["progress"].get("resumed_from_step") is not None)
+        assert job["state"] == "running" and job["progress"]["resumed_from_step"] >= 2
+        assert job["progress"]["train_loss"][0][0] == 1  # the history from before the restart is kept
+        second.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN)
+
+
+def test_restart_with_a_broken_checkpoint_fails_the_job_with_the_reason(tmp_path):
+    job_id = _start_and_interrupt(tmp_path)
+    for state in (tmp_path / "training" / job_id / "checkpoints").glob("checkpoint-*/state.safetensors"):
+        state.unlink()
+    with make_client(tmp_path) as second:
+        job = wait_for(second, job_id, lambda j: j["state"] == "failed")
+        assert "cannot start" in job["error"] and "checkpoint" in job["error"]
