@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./data"), description=(
         "Writable folder for the materialized default model and gateway state."))
     adapters_dir: Path | None = Field(None, description=(
-        "Folder whose sub-folders (one per adapter id, PEFT format) are served at start."))
+        "Folder whose sub-folders (one per adapter id, PEFT format) are registered at start (changed content replaces)."))
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(

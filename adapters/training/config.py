@@ -104,14 +104,6 @@ class TrainingConfig(BaseModel):
         return targets, feedforward
 
 
-def total_optimizer_steps(config: TrainingConfig, train_examples: int) -> int:
-    """Optimizer steps of the whole run (``max_steps``, else epochs over the micro-batches)."""
-    if config.max_steps is not None:
-        return config.max_steps
-    micro_per_epoch = math.ceil(train_examples / config.batch_size)
-    return max(1, math.ceil(config.epochs * micro_per_epoch / config.grad_accumulation))
-
-
 def learning_rate_at(config: TrainingConfig, step: int, total_steps: int) -> float:
     """The learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule
     (the same curves as transformers' ``get_{linear,cosine,constant}_schedule_with_warmup``)."""

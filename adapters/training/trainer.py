@@ -32,7 +32,7 @@ from adapters.peft_io import write_adapter
 from adapters.training.checkpoint import (
     CheckpointError, load_latest, optimizer_tensors, restore_optimizer, save_checkpoint,
 )
-from adapters.training.config import TrainingConfig, learning_rate_at, total_optimizer_steps
+from adapters.training.config import TrainingConfig, learning_rate_at
 from adapters.training.trainable import TrainableAdapter, build_trainable
 from adapters.training_data import IGNORE_INDEX, TrainingExample
 

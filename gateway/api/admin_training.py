@@ -140,7 +140,7 @@ async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
                 return
             try:
                 await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                 yield ": keep-alive\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",

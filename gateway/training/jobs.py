@@ -81,16 +81,17 @@ def describe_failure(exc: BaseException, config: TrainingConfig) -> str:
 
 class TrainingJobs:
     def __init__(self, *, runtime, tokenizer, store: TrainingJobStore, root: Path, limits: TrainingLimits,
-                 register: Callable[[str, Path], Awaitable[str]], adapter_exists: Callable[[str], bool],
+                 register: Callable[[str, Path], Awaitable[str]], check_adapter_id: Callable[[str], None],
                  duty_cycle: float):
-        """``register(adapter_id, folder)`` validates and registers an exported adapter and returns its id."""
+        """``register(adapter_id, folder)`` validates and registers an exported adapter and returns its id;
+        ``check_adapter_id`` raises (an ``AdapterError``) when an id could not be registered now."""
         self.runtime = runtime
         self.tokenizer = copy.deepcopy(tokenizer)  # worker threads tokenize; serving keeps its own
         self.store = store
         self.root = root
         self.limits = limits
         self._register = register
-        self._adapter_exists = adapter_exists
+        self._check_registry_id = check_adapter_id
         self.background = BackgroundWork(self._work, duty_cycle)
         self._records: dict[str, TrainingJobRecord] = {}
         self._active: _Active | None = None
@@ -180,8 +181,7 @@ class TrainingJobs:
         return record
 
     def _check_adapter_id(self, adapter_id: str, active: list[TrainingJobRecord]) -> None:
-        if self._adapter_exists(adapter_id):
-            raise AdapterConflictError(f"the adapter {adapter_id!r} is already registered; choose another adapter_id")
+        self._check_registry_id(adapter_id)
         for other in active:
             if (other.config.get("adapter_id") or other.id) == adapter_id:
                 raise AdapterConflictError(f"the training job {other.id} will register {adapter_id!r} already")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from adapters.errors import DatasetValidationError
+from adapters.errors import AdapterValidationError, DatasetValidationError
 from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.runtime import AdapterRuntime
@@ -102,7 +102,10 @@ def train_offline(settings: Settings, data_path: Path, config: TrainingConfig, o
     bar.update(run.progress, force=True)
     bar.close()
     run.export(out)
-    read_adapter(out, runtime.base_info, limits, base.dtype)  # validated like any upload
+    try:
+        read_adapter(out, runtime.base_info, limits, base.dtype)  # validated like any upload
+    except AdapterValidationError as exc:
+        raise TrainingFailed(f"the trained adapter does not pass validation: {exc}") from None
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     p = run.progress
     return {"out": str(out), "kind": config.kind.value, "steps": p.step, "epochs": round(p.epoch, 3),

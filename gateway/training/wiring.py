@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adapters.errors import AdapterConflictError
 from adapters.kinds.base import AdapterLimits
 from gateway.training.jobs import TrainingJobs, TrainingLimits
 from gateway.training.metrics import register_training_metrics
@@ -20,6 +21,11 @@ def attach_training(gateway, database: Path) -> TrainingJobs:
         entry = await gateway.registry.register(adapter_id, folder, replace=False)
         return entry.id
 
+    def check_adapter_id(adapter_id: str) -> None:
+        gateway.registry.check_id(adapter_id)  # pattern, and names taken by the base or an experiment
+        if adapter_id in gateway.registry:
+            raise AdapterConflictError(f"the adapter {adapter_id!r} is already registered; choose another adapter_id")
+
     limits = TrainingLimits(
         max_dataset_bytes=settings.max_training_dataset_bytes, max_dataset_lines=settings.max_training_dataset_lines,
         max_line_bytes=MAX_LINE_BYTES, max_queued_jobs=settings.max_training_jobs,
@@ -28,7 +34,7 @@ def attach_training(gateway, database: Path) -> TrainingJobs:
                               max_adapter_bytes=settings.max_adapter_bytes))
     jobs = TrainingJobs(runtime=gateway.runtime, tokenizer=gateway.base.tokenizer,
                         store=SqliteTrainingJobStore(database), root=settings.data_dir / "training", limits=limits,
-                        register=register, adapter_exists=lambda adapter_id: adapter_id in gateway.registry,
+                        register=register, check_adapter_id=check_adapter_id,
                         duty_cycle=settings.training_duty_cycle)
     gateway.engine.set_background(jobs.background)
     register_training_metrics(gateway.metrics.registry, jobs)

@@ -23,7 +23,7 @@ from support import build_tokenizer
 from gateway.app import create_app
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.shutdown import GatewayServer
-from test_api import make_adapters, make_base, make_settings
+from test_api import make_base, make_settings
 
 TIMEOUT = 60
 MAX_TOKENS = 64

@@ -81,6 +81,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def until(condition, what: str) -> None:
+    """Let other tasks and worker threads run until ``condition()`` holds."""
+    for _ in range(5000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never happened: {what}")
+
+
 # ---- register -----------------------------------------------------------------------------------
 def test_register_stores_files_and_row_then_serves(tmp_path, sources):
     async def main():
@@ -206,7 +215,8 @@ def test_replace_keeps_leases_on_the_old_version_and_frees_it_after(tmp_path, so
 
         new_lease = await h.registry.acquire("x")
         assert new_lease.entry is new and new_lease.slot != old_lease.slot
-        await h.settle()
+        for _ in range(10):  # the old version's retirement runs, and must wait for its lease
+            await asyncio.sleep(0)
         # the old version still serves its request: its slot and files stay
         assert h.installed_slots() == {old_lease.slot, new_lease.slot} and old.slot == old_lease.slot
         assert h.blob_names() == {old_hash, new_hash}
@@ -260,10 +270,10 @@ def test_delete_hides_the_id_at_once_and_frees_after_the_last_request(tmp_path, 
         await h.registry.register("x", sources["lora1"])
         lease = await h.registry.acquire("x")
         deleting = asyncio.create_task(h.registry.delete("x"))
+        await until(lambda: "x" not in h.registry, "the id is hidden")  # after its row is deleted
         for _ in range(10):
             await asyncio.sleep(0)
-        assert not deleting.done()
-        assert "x" not in h.registry and h.store.load_all() == []
+        assert not deleting.done() and h.store.load_all() == []
         with pytest.raises(AdapterNotFoundError):
             await h.registry.acquire("x")
         assert h.installed_slots() == {lease.slot}  # the request in flight still runs on it

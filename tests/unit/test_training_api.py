@@ -79,6 +79,8 @@ def test_bad_config_and_auth(client):
     assert response.status_code == 400 and "learnin_rate" in response.json()["error"]["param"]
     response = submit(client, jsonl(rows()), kind="prompt_tuning", num_virtual_tokens=600)
     assert response.status_code == 400 and "max_virtual_tokens" in response.json()["error"]["message"]
+    response = submit(client, jsonl(rows()), adapter_id="tiny")  # the base model's name
+    assert response.status_code == 409
     response = client.post("/admin/training-jobs", files={"dataset": ("d.jsonl", jsonl(rows()))})
     assert response.status_code == 401
     assert client.get("/admin/training-jobs/train-nope", headers=ADMIN).status_code == 404
