@@ -21,7 +21,7 @@ from typing import Any
 
 from adapters.blobs import BlobStore
 from adapters.errors import (
-    AdapterConflictError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
+    AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
 )
 from adapters.kinds.base import AdapterWeights
 from adapters.store import AdapterRecord, AdapterStore
@@ -220,7 +220,10 @@ class AdapterRegistry:
             old.retired, old.pinned = True, False  # its pin (if any) passes to the new version
             self._retire_later(old)
         if entry.pinned:
-            await self.tiers.pin(entry)
+            try:
+                await self.tiers.pin(entry)
+            except AdapterError as exc:  # the replace is committed; the pin comes back with a slot
+                log.error("adapter %s: replaced, but its pin could not be restored now: %s", entry.name, exc)
         return entry
 
     async def delete(self, adapter_id: str) -> None:
@@ -239,7 +242,7 @@ class AdapterRegistry:
             self._stats.pop(adapter_id, None)
         log.info("adapter %s deleted; waiting for %d request(s) in flight", entry.name, entry.in_flight)
         await self._retire(entry)
-        for callback in self.on_removed:
+        for callback in self.on_removed if adapter_id not in self._entries else ():  # unless re-registered meanwhile
             callback(adapter_id)
 
     def _retire_later(self, entry: AdapterEntry) -> None:
@@ -260,7 +263,14 @@ class AdapterRegistry:
     async def set_pinned(self, adapter_id: str, pinned: bool) -> AdapterEntry:
         entry = self._servable(adapter_id)
         if pinned:
-            await self.tiers.pin(entry)
+            entry.in_flight += 1  # a delete racing this pin waits for it, then drops the entry
+            entry.idle.clear()
+            try:
+                await self.tiers.pin(entry)
+            finally:
+                self._release(entry)
+            if entry.retired:
+                raise AdapterNotFoundError(f"the adapter {adapter_id!r} was deleted or replaced meanwhile")
         else:
             entry.pinned = False
             await self.tiers.released()
@@ -291,13 +301,13 @@ class AdapterRegistry:
         entry = self._servable(adapter_id)
         entry.in_flight += 1  # before any await: the adapter cannot be evicted or freed under us
         entry.idle.clear()
-        entry.stats.requests += 1
-        entry.stats.last_used = time.time()
         try:
             slot = await self.tiers.to_device(entry)
         except BaseException:
             self._release(entry)
             raise
+        entry.stats.requests += 1
+        entry.stats.last_used = time.time()
         return AdapterLease(entry, slot, self)
 
     def _release(self, entry: AdapterEntry) -> None:
@@ -309,7 +319,10 @@ class AdapterRegistry:
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 10.0) -> None:
+        """Let background frees finish (bounded: a request that never ends must not hang shutdown)."""
         if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+            _, pending = await asyncio.wait(self._retiring, timeout=timeout)
+            for task in pending:
+                task.cancel()
         self.store.close()

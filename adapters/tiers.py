@@ -195,7 +195,7 @@ class AdapterTiers:
         """Forget the item in every memory tier (after its last request)."""
         pending = self._loads.get(item)
         if pending is not None:
-            await asyncio.gather(pending, return_exceptions=True)
+            await asyncio.wait({pending})  # not gather: cancelling us must not cancel the shared load
         if item.slot is not None:
             await self._evict_device(item)
         self._cpu.pop(item, None)

@@ -91,7 +91,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
     metrics.running_sequences.set_function(lambda: engine.running)
     registry = AdapterRegistry(
-        store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE), blobs=BlobStore(settings.data_dir / "adapters"),
+        store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE), blobs=BlobStore(settings.data_dir / "adapter-store"),
         read=lambda folder: read_adapter(folder, runtime.base_info, limits, base.dtype),
         install=install, uninstall=uninstall, device_slots=settings.max_device_adapters,
         cpu_capacity=settings.max_cpu_adapters, slot_wait_seconds=settings.slot_wait_seconds, events=metrics)
@@ -124,8 +124,9 @@ async def load_adapters_dir(gateway: Gateway, folder: Path) -> None:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         try:
             if sub.name in gateway.registry:
-                current = gateway.registry.get(sub.name).record.content_hash
-                if await asyncio.to_thread(content_hash, sub) == current:
+                current = gateway.registry.get(sub.name)
+                # same content and its stored files are whole: nothing to do (a missing one is re-stored)
+                if not current.missing and await asyncio.to_thread(content_hash, sub) == current.record.content_hash:
                     continue
             entry = await gateway.registry.register(sub.name, sub, replace=True)
         except (AdapterError, OSError) as exc:

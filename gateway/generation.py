@@ -205,14 +205,16 @@ class GenerationService:
         when this raises."""
         adapter_id = record.adapter_id
         record.prompt_tokens = sum(len(p) for p in prompts)
+        lease = None
         try:
             if adapter_id is not None:
-                virtual = self.registry.get(adapter_id).virtual_tokens
+                # the lease pins this version of the adapter (a replace or delete waits for it)
+                lease = await self.registry.acquire(adapter_id)
                 for ids in prompts:  # prompt tuning adds positions the plain length check did not see
-                    self._check_length(ids, prompt_param, virtual)
-            # the lease pins this version of the adapter (a replace or delete waits for it)
-            lease = None if adapter_id is None else await self.registry.acquire(adapter_id)
+                    self._check_length(ids, prompt_param, lease.entry.virtual_tokens)
         except Exception as exc:
+            if lease is not None:
+                lease.release()
             record.error_type = _error_type(exc)
             self._close(record)
             raise

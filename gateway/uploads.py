@@ -8,6 +8,7 @@ folder must resolve (symlinks followed) inside an allowed root, as must each fil
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -86,7 +87,8 @@ async def stage_uploads(uploads: list[UploadFile], staging: Path, max_adapter_by
             raise AdapterValidationError("send either one archive or the adapter files, not both")
         archive_path = staging / "upload"
         await _save(uploads[0], archive_path, archive_limits.max_total_bytes, "the archive")
-        extract_adapter_archive(archive_path, adapter_dir, archive_limits)
+        # inflating up to the size limits takes seconds: never on the event loop
+        await asyncio.to_thread(extract_adapter_archive, archive_path, adapter_dir, archive_limits)
         return adapter_dir
     for upload, name in zip(uploads, names, strict=True):
         if name not in BLOB_FILES:

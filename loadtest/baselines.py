@@ -29,6 +29,7 @@ import random
 import statistics
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.base_model import load_base, materialize_embedded
@@ -183,7 +184,12 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [random_prompt(rng, args.prompt_tokens, vocab) for _ in range(count)]
         ours, cold = asyncio.run(measure_ours(args, model_dir, Path(tmp) / "gateway-data", sets, prompts))
         gc.collect()
-        peft = measure_peft(args, model_dir, Path(tmp) / "gateway-data", sets["lora"], prompts)
+        # on a thread of its own, as our engine's step loop runs: the main thread's OpenMP team
+        # behaves differently (several times slower on a loaded 2-core machine), which would
+        # skew the comparison
+        with ThreadPoolExecutor(1, thread_name_prefix="peft") as pool:
+            peft = pool.submit(measure_peft, args, model_dir, Path(tmp) / "gateway-data", sets["lora"],
+                               prompts).result()
     runs = {**ours, **peft}
     result = {
         "title": f"{model_dir.name} NF4 on CPU: {args.prompt_tokens}-token prompts, {args.output_tokens} new tokens",

@@ -19,7 +19,7 @@ def plot_baselines(result: dict, path: Path) -> None:
     plt = _pyplot()
     runs = result["runs"]
     fig, (ax_runs, ax_ratios, ax_cold) = plt.subplots(1, 3, figsize=(18, 5.5),
-                                                      gridspec_kw={"width_ratios": [2.4, 3, 0.8]})
+                                                      gridspec_kw={"width_ratios": [2.2, 2.6, 0.7]})
     names = list(runs)
     colors = ["tab:gray" if n.startswith("peft") else "tab:blue" for n in names]
     ax_runs.barh(names, [runs[n]["tokens_per_s"] for n in names], color=colors)
@@ -34,7 +34,7 @@ def plot_baselines(result: dict, path: Path) -> None:
     for i, figure in enumerate(figures):
         ax_ratios.plot([figure["target"]] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
     ax_ratios.invert_yaxis()
-    ax_ratios.set_xscale("log")
+    ax_ratios.set_xlim(0, 1.1 * max(values + [f["target"] for f in figures], default=1))
     ax_ratios.set_xlabel("ratio (black line: target)")
     ax_ratios.set_title("figures 1-4")
 

@@ -30,21 +30,18 @@ def build_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFa
     return fast
 
 
-def build_tiny_llama(vocab_size: int = 320, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_llama(vocab_size: int = 320, seed: int = 0, *, hidden: int = 32, intermediate: int = 64,
+                     layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=2, bos_token_id=None, pad_token_id=0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, eos_token_id=2, bos_token_id=None, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
 
 
 def build_small_llama(vocab_size: int = 320, seed: int = 0) -> LlamaForCausalLM:
     """Wider than the tiny one: its adapters weigh megabytes (uploads take time; leaks show)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=2, bos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(vocab_size, seed, hidden=256, intermediate=512, layers=4)
 
 
 def peft_config(kind: str, **overrides):

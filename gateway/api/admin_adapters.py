@@ -20,6 +20,7 @@ from gateway.uploads import stage_source_folder, stage_uploads, staging_folder
 router = APIRouter(prefix="/admin/adapters", dependencies=[Depends(check_admin_key)])
 MAX_FORM_FILES = 3  # config, weights and a model card
 MAX_FORM_FIELDS = 4
+MAX_JSON_BODY = 64 * 1024
 
 
 class RegisterFromFolder(BaseModel):
@@ -56,8 +57,11 @@ async def register_adapter(request: Request, registry: RegistryDep) -> JSONRespo
     content_type = request.headers.get("content-type", "")
     with staging_folder(settings.data_dir / "staging") as staging:
         if content_type.startswith("application/json"):
+            raw = await request.body()
+            if len(raw) > MAX_JSON_BODY:
+                raise BadRequestError(f"the JSON body is larger than {MAX_JSON_BODY} bytes")
             try:
-                body = RegisterFromFolder.model_validate_json(await request.body())
+                body = RegisterFromFolder.model_validate_json(raw)
             except ValidationError as exc:
                 first = exc.errors()[0]
                 param = ".".join(str(p) for p in first["loc"]) or None

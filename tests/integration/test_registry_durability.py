@@ -85,6 +85,6 @@ def test_kill_9_during_uploads_then_restart(setup, launch_server, tmp_path):
         reply = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
             "model": adapter_id, "prompt": "hello world", "max_tokens": 2, "temperature": 0})
         assert reply.status_code == 200, (adapter_id, reply.text)
-    blobs = data_dir / "adapters"
+    blobs = data_dir / "adapter-store"
     assert {p.name for p in blobs.iterdir()} == {a["content_hash"] for a in listing}  # no orphan, no temp
     assert not any((data_dir / "staging").iterdir())

@@ -61,7 +61,7 @@ def test_register_serve_unregister_cycles_do_not_leak(tmp_path):
         gc.collect()
         after = rss_bytes()
         assert client.get("/admin/adapters", headers=headers).json()["data"] == []
-        assert not any((tmp_path / "data" / "adapters").iterdir())
+        assert not any((tmp_path / "data" / "adapter-store").iterdir())
     growth = (after - before) / before
     print(f"resident memory: {before / 2**20:.1f} MiB after warm-up, {after / 2**20:.1f} MiB after "
           f"{CYCLES - WARMUP} more cycles ({growth:+.1%})")

@@ -5,8 +5,6 @@ unpin / load, delete, and the registry's Prometheus metrics."""
 from __future__ import annotations
 
 import io
-import json
-import os
 import shutil
 import stat
 import tarfile
@@ -14,10 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-
-import torch
 from transformers import LlamaForCausalLM
 
 from adapters.blobs import content_hash
@@ -144,7 +141,7 @@ def check_error(response, status: int, *words: str) -> dict:
 
 def snapshot(client, admin, data_dir: Path) -> tuple:
     """What a refused registration must not change: stored files, staging, the listing."""
-    stored = sorted(str(p.relative_to(data_dir)) for sub in ("adapters", "staging") if (data_dir / sub).exists()
+    stored = sorted(str(p.relative_to(data_dir)) for sub in ("adapter-store", "staging") if (data_dir / sub).exists()
                     for p in (data_dir / sub).rglob("*"))
     listing = client.get("/admin/adapters", headers=admin).json()["data"]
     return stored, sorted(item["id"] for item in listing)
@@ -229,6 +226,15 @@ def test_uploads_serve_the_same_text_as_the_adapters_dir(client, admin, files):
         assert greedy_text(client, adapter_id) == reference
 
 
+def test_client_file_names_only_pick_a_role_never_a_path(client, admin, files, data_dir, tmp_path):
+    ref = folder_files(files["ref"])
+    named = {"../../escape/" + CONFIG_FILE: ref[CONFIG_FILE], "C:\\evil\\" + WEIGHTS_FILE: ref[WEIGHTS_FILE]}
+    response = upload(client, admin, named, id="odd-names")
+    assert response.status_code == 201, response.text
+    assert response.json()["content_hash"] == content_hash(files["ref"])
+    assert not (data_dir.parent / "escape").exists() and not (data_dir / "escape").exists()
+
+
 def test_register_without_id_generates_one(client, admin, files):
     response = upload(client, admin, folder_files(files["lora2"]))
     assert response.status_code == 201, response.text
@@ -275,6 +281,9 @@ REFUSALS = {
     "non-slug-id": (lambda f: folder_files(f["ref"]), {"id": "not a slug/.."}, ["adapter id"]),
     "base-name": (lambda f: folder_files(f["ref"]), {"id": "tiny"}, ["base model"]),
     "stray-file": (lambda f: {CONFIG_FILE: b"{}", "notes.txt": b"hi"}, {}, ["unexpected file"]),
+    "archive-and-files": (lambda f: {"a.zip": zip_bytes([(CONFIG_FILE, b"{}")]), CONFIG_FILE: b"{}"}, {},
+                          ["either one archive"]),
+    "not-an-archive": (lambda f: {"a.zip": b"just some text, not a zip"}, {}, ["not a zip"]),
     "weights-too-big": (lambda f: {CONFIG_FILE: b"{}", WEIGHTS_FILE: bytes(MiB + 1)}, {}, ["limit"]),
 }
 
@@ -393,7 +402,7 @@ def test_delete_removes_the_model_and_its_files(client, admin, files, data_dir):
               WEIGHTS_FILE: (files["ia3"] / WEIGHTS_FILE).read_bytes()}  # content no other id shares
     created = upload(client, admin, unique, id="del-me")
     assert created.status_code == 201, created.text
-    blob = data_dir / "adapters" / created.json()["content_hash"]
+    blob = data_dir / "adapter-store" / created.json()["content_hash"]
     assert blob.is_dir()
     assert chat(client, "del-me").status_code == 200
     response = client.delete("/admin/adapters/del-me", headers=admin)
@@ -422,3 +431,21 @@ def test_metrics_count_loads_evictions_and_residents(client, admin, files):
     assert ("gateway_adapters_resident", (("tier", "cpu"),)) in samples
     assert ("gateway_adapter_tier_lookups_total", (("result", "hit"), ("tier", "device"))) in samples
     assert "no-such-model-q7" not in client.get("/metrics").text
+
+
+# ---- restart ------------------------------------------------------------------------------------
+def test_a_restart_keeps_uploads_and_pins_and_repairs_lost_files_from_the_adapters_dir(files, tmp_path):
+    """Uploaded adapters and pins survive a restart on the same data folder; an adapter whose stored
+    files were lost is served again when --adapters-dir still holds it."""
+    settings = settings_for(tmp_path / "data", adapters_dir=files["adapters_dir"], admin_key="restart-admin-key-42")
+    admin = {"Authorization": "Bearer restart-admin-key-42"}
+    with TestClient(create_app(settings, base=make_base())) as first:
+        assert upload(first, admin, folder_files(files["ia3"]), id="kept").status_code == 201
+        assert first.post("/admin/adapters/kept/pin", headers=admin).status_code == 200
+        before = {"kept": greedy_text(first, "kept"), "ref-lora": greedy_text(first, "ref-lora")}
+    shutil.rmtree(tmp_path / "data" / "adapter-store" / content_hash(files["ref"]))  # lost files
+    with TestClient(create_app(settings, base=make_base())) as second:
+        kept = second.get("/admin/adapters/kept", headers=admin).json()
+        assert kept["pinned"] is True and kept["tier"] == "device"
+        assert second.get("/admin/adapters/ref-lora", headers=admin).json()["tier"] != "missing"
+        assert {name: greedy_text(second, name) for name in before} == before

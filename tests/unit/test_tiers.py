@@ -433,3 +433,21 @@ def test_events_count_hits_misses_loads_evictions_and_residents():
         assert s.events.counts["lookup", DEVICE, "miss"] == 3 and s.events.counts["lookup", CPU, "miss"] == 3
 
     run(main())
+
+
+def test_a_cancelled_drop_does_not_cancel_the_load_it_waits_for():
+    async def main():
+        s = make()
+        s.disk.gate = threading.Event()
+        a = Item("a")
+        loading = asyncio.create_task(s.tiers.to_device(a))
+        await asyncio.sleep(0)
+        dropping = asyncio.create_task(s.tiers.drop(a))
+        await asyncio.sleep(0)
+        dropping.cancel()
+        await asyncio.gather(dropping, return_exceptions=True)
+        s.disk.gate.set()
+        assert await loading == 1
+        check_consistent(s, [a])
+
+    run(main())
