@@ -23,6 +23,7 @@ from support import build_tokenizer
 from gateway.app import create_app
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.shutdown import GatewayServer
+from loadtest.server import free_port
 from test_api import make_base, make_settings
 
 TIMEOUT = 60
@@ -34,12 +35,6 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.005)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
