@@ -28,7 +28,8 @@ from adapters.store import AdapterRecord, AdapterStore
 from adapters.tiers import AdapterTiers, TierEvents
 
 log = logging.getLogger(__name__)
-ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
 # a guard returns why an id may not be registered / deleted, or None
 Guard = Callable[[str], str | None]
 
@@ -179,7 +180,7 @@ class AdapterRegistry:
 
     # ---- register / replace / delete ------------------------------------------------------------
     def check_id(self, adapter_id: str) -> None:
-        if not ADAPTER_ID_PATTERN.match(adapter_id):
+        if not _ADAPTER_ID.match(adapter_id):
             raise AdapterValidationError(
                 "the adapter id must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a "
                 "letter or digit")

@@ -40,12 +40,13 @@ class AdapterStore(Protocol):
     def close(self) -> None: ...
 
 
-def open_sqlite(path: Path) -> sqlite3.Connection:
-    """A connection in WAL mode with full fsync, usable from the event loop and worker threads."""
+def open_sqlite(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
+    """A connection in WAL mode (fsync per commit unless ``synchronous`` says otherwise), usable
+    from the event loop and worker threads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
 

@@ -1,7 +1,7 @@
 """Every Prometheus collector of the serving path and the registry, on one per-app registry.
 
 Label cardinality is bounded: the ``adapter`` label is only ever a registered adapter id or the
-base model's name (requests for unknown models are counted under ``UNKNOWN_MODEL``), and a deleted
+base model's name (a request for an unknown model is refused before it is counted), and a deleted
 adapter's series are removed with it.
 """
 
@@ -11,7 +11,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from adapters.tiers import TierEvents
 
-UNKNOWN_MODEL = "_unknown"  # the one label value for every model name that is not registered
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 

@@ -13,8 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters.kinds.base import AdapterKind
+from adapters.registry import ADAPTER_ID_PATTERN
 
-ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 # learning rates that work for each kind with AdamW (IA3 and prompt tuning move far fewer
 # parameters, so they need larger steps)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from adapters.store import open_sqlite
 from gateway.experiments.assignment import Arm
 
 State = Literal["running", "stopped", "promoted"]
@@ -143,15 +144,11 @@ class SqliteExperimentStore:
     """``ExperimentStore`` on one SQLite connection shared by threads (calls are serialized)."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: transactions are opened explicitly in ``_transaction``
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        # autocommit mode: transactions are opened explicitly in ``_transaction``. NORMAL in WAL
+        # mode: a commit survives a crash of the process (not necessarily of the OS) without one
+        # fsync per request row
+        self._conn = open_sqlite(path, synchronous="NORMAL")
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a crash of the process (not necessarily of the OS)
-        # without one fsync per request row
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
         with self._transaction() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
