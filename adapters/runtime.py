@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,14 +28,49 @@ from adapters.kinds.base import AdapterWeights, BaseModelInfo
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which adapter slot each token of a forward uses, flattened over batch and time."""
+
+    slots: torch.Tensor  # [N] long, device slot of every token (0 = base)
+    segments: tuple[tuple[int, int, int], ...]  # maximal runs (start, end, slot) covering 0..N in order
+
+    @property
+    def uniform_slot(self) -> int | None:
+        return self.segments[0][2] if len(self.segments) == 1 else None
+
+
+def token_segments(slots: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
+    """Maximal runs of equal slots: ``[3, 3, 0, 3] -> ((0, 2, 3), (2, 3, 0), (3, 4, 3))``."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            runs.append((start, i, slots[start]))
+            start = i
+    return tuple(runs)
+
+
 @dataclass
 class BatchContext:
     """Per-forward state shared by every wrapped layer."""
 
-    rows: torch.Tensor | None = None  # [B] long, device slot of each row
+    row_slots: list[int] | None = None  # slot of every row; in a packed forward, of every token
     kinds: frozenset[AdapterKind] = frozenset()  # kinds present among the rows
-    uniform_slot: int | None = None  # set when every row uses the same slot (cheaper path)
     trainable: object | None = None  # a TrainableAdapter applied to every row (training forwards)
+    device: torch.device | None = None
+    _layouts: dict[int, TokenLayout] = field(default_factory=dict)  # by token count, built once a forward
+
+    def layout(self, tokens: int) -> TokenLayout:
+        """The slot of each of the forward's ``tokens`` flattened tokens: rows are ``tokens / rows``
+        consecutive tokens each (one token each in a packed forward)."""
+        layout = self._layouts.get(tokens)
+        if layout is None:
+            per_row = tokens // len(self.row_slots)
+            slots = [s for s in self.row_slots for _ in range(per_row)]
+            layout = TokenLayout(torch.tensor(slots, dtype=torch.long, device=self.device), token_segments(slots))
+            self._layouts[tokens] = layout
+        return layout
 
 
 class MultiAdapterLinear(nn.Module):
@@ -52,19 +87,20 @@ class MultiAdapterLinear(nn.Module):
         ctx = self.context
         if ctx.trainable is not None:
             return ctx.trainable.forward_layer(self.name, self.base_layer, x)
-        if ctx.rows is None or not self.banks:
+        if ctx.row_slots is None or not self.banks:
             return self.base_layer(x)
         active = [bank for bank in self.banks.values() if bank.kind in ctx.kinds]
         if not active:
             return self.base_layer(x)
+        layout = ctx.layout(x.numel() // self.in_features)
         x_in = x
         for bank in active:
             if bank.stage == "input":
-                x_in = bank.transform_input(x_in, ctx.rows, ctx.uniform_slot)
+                x_in = bank.transform_input(x_in, layout)
         y = self.base_layer(x_in)
         for bank in active:
             if bank.stage == "output":
-                y = bank.transform_output(y, x, ctx.rows, ctx.uniform_slot)
+                y = bank.transform_output(y, x, layout)
         return y
 
 
@@ -144,24 +180,22 @@ class AdapterRuntime:
 
     @contextlib.contextmanager
     def rows(self, slots: Sequence[int]) -> Iterator[None]:
-        """Within the block, row ``i`` of every forward uses the adapter in ``slots[i]``."""
+        """Within the block, row ``i`` of every forward uses the adapter in ``slots[i]``; in a packed
+        forward (inputs ``[1, N]``) pass one slot per token."""
         ctx = self.context
-        distinct = set(slots)
-        kinds = frozenset(k for k in map(self.kind_of, distinct) if k is not None)
-        ctx.rows = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        ctx.kinds = kinds
-        ctx.uniform_slot = next(iter(distinct)) if len(distinct) == 1 else None
+        kinds = frozenset(k for k in map(self.kind_of, set(slots)) if k is not None)
+        ctx.row_slots, ctx.kinds, ctx.device, ctx._layouts = list(slots), kinds, self.device, {}
         try:
             yield
         finally:
-            ctx.rows, ctx.kinds, ctx.uniform_slot = None, frozenset(), None
+            ctx.row_slots, ctx.kinds, ctx._layouts = None, frozenset(), {}
 
     @contextlib.contextmanager
     def training(self, adapter) -> Iterator[None]:
         """Within the block, every forward applies ``adapter`` (a TrainableAdapter) to all rows and
         no slot adapter; the caller runs its own forward/backward (never during a serving step)."""
         ctx = self.context
-        if ctx.rows is not None or ctx.trainable is not None:
+        if ctx.row_slots is not None or ctx.trainable is not None:
             raise RuntimeError("a training forward cannot run inside another forward")
         ctx.trainable = adapter
         try:

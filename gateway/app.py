@@ -26,12 +26,12 @@ from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops
 from gateway.api import admin_training
 from gateway.base_model import LoadedBase, load_base
 from gateway.engine import Engine
+from gateway.engines import build_engine
 from gateway.errors import install_error_handlers
 from gateway.experiments.service import ExperimentService, attach_experiments
 from gateway.generation import GenerationService, RequestRecord
 from gateway.limits import BodySizeLimit
 from gateway.metrics import GatewayMetrics
-from gateway.model_runner import ModelRunner
 from gateway.settings import Settings
 from gateway.training.jobs import TrainingJobs
 from gateway.training.wiring import attach_training
@@ -73,11 +73,8 @@ def eos_ids(base: LoadedBase) -> set[int]:
 def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway:
     base = base or load_base(settings)
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
-    engine = Engine(ModelRunner(base.model, runtime), base.tokenizer, context_window=base.context_window,
-                    max_batch_size=settings.max_batch_size, max_prefill_tokens=settings.max_prefill_tokens,
-                    max_queued_requests=settings.max_queued_requests, eos_token_ids=eos_ids(base),
-                    max_queued_tokens=settings.max_queued_tokens,
-                    max_queue_wait_seconds=settings.max_queue_wait_seconds)
+    engine = build_engine(settings, runtime, base.tokenizer, context_window=base.context_window,
+                          eos_token_ids=eos_ids(base))
 
     async def install(weights) -> int:
         return await asyncio.wrap_future(engine.call(lambda: runtime.install(weights)))

@@ -24,7 +24,6 @@ import torch
 
 from gateway.background import BackgroundWork
 from gateway.detokenize import IncrementalText
-from gateway.model_runner import BatchState, ModelRunner
 from gateway.sampling import SamplingParams, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,7 @@ class EngineRequest:
     sink: Callable[[SequenceEvent], None]
     n: int = 1
     on_done: Callable[[], None] | None = None
+    cache_key: str = ""  # the adapter version's identity (content hash); "" for the base model
     cancelled: bool = False
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.monotonic)
@@ -69,7 +69,7 @@ class EngineStoppedError(Exception):
     """The engine is shutting down and takes no new work."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the engine looks sequences up in its lists
 class _Sequence:
     request: EngineRequest
     index: int
@@ -79,15 +79,26 @@ class _Sequence:
     virtual_tokens: int = 0  # prompt-tuning positions in front of the prompt
     tokens: list[int] = field(default_factory=list)
     done: bool = False
+    # paged engine: the KV blocks the sequence holds, how many of its entries (virtual tokens,
+    # prompt, generated tokens) have keys and values there, and the content keys of its full blocks
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0
+    block_keys: list[bytes] = field(default_factory=list)
 
     @property
     def prefill_cost(self) -> int:
-        """Positions its prefill computes: the prompt plus the adapter's virtual tokens."""
-        return len(self.request.prompt_ids) + self.virtual_tokens
+        """Positions its (re)computation takes: virtual tokens, prompt, and tokens generated
+        before a preemption sent it back to the queue."""
+        return len(self.request.prompt_ids) + self.virtual_tokens + len(self.tokens)
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer, *, context_window: int, max_batch_size: int,
+    """What every engine shares: the queue and its limits, the thread and its tasks, the turn
+    from logits to text events, finishing and failing sequences. Subclasses own the batch: how
+    waiting sequences are admitted and how one step runs (``_step``), and what a sequence holds
+    until it finishes (``_release``)."""
+
+    def __init__(self, runner, tokenizer, *, context_window: int, max_batch_size: int,
                  max_prefill_tokens: int, max_queued_requests: int, eos_token_ids: set[int],
                  max_queued_tokens: int | None = None, max_queue_wait_seconds: float | None = None):
         self.runner = runner
@@ -105,7 +116,6 @@ class Engine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._running: list[_Sequence] = []
-        self._state: BatchState | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
@@ -215,33 +225,10 @@ class Engine:
                 self.background.after_step(serving, time.perf_counter() - started)
 
     def _step(self) -> None:
-        self._drop_finished()
-        admitted = self._admit()
-        if admitted:
-            prompts = [s.request.prompt_ids for s in admitted]
-            logits, state = self.runner.prefill(prompts, [s.request.slot for s in admitted])
-            self._state = self.runner.merge(self._state, state)
-            self._running.extend(admitted)
-            self._emit(admitted, logits)
-            self._drop_finished()
-        if self._running:
-            last = [s.tokens[-1] for s in self._running]
-            logits = self.runner.decode(self._state, last)
-            self.steps += 1
-            self._emit(self._running, logits)
+        raise NotImplementedError
 
-    def _admit(self) -> list[_Sequence]:
-        admitted: list[_Sequence] = []
-        budget = self.max_prefill_tokens
-        with self._cv:
-            self._sweep_waiting()
-            while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
-                seq = self._waiting[0]
-                if admitted and seq.prefill_cost > budget:
-                    break  # the first sequence always goes, however long
-                budget -= seq.prefill_cost
-                admitted.append(self._pop_waiting())
-        return admitted
+    def _release(self, seq: _Sequence) -> None:
+        """Free what a finished sequence holds in the batch (its KV)."""
 
     def _pop_waiting(self) -> _Sequence:
         seq = self._waiting.popleft()
@@ -258,7 +245,7 @@ class Engine:
             waited = now - seq.request.submitted
             if seq.request.cancelled:
                 self._finish(seq, "cancelled")
-            elif limit is not None and waited > limit:
+            elif limit is not None and waited > limit and not seq.tokens:  # a preempted one has streamed
                 self._finish(seq, "error", error=(
                     f"the request waited {waited:.1f} s for a free batch row (limit {limit:g} s); "
                     "the server is overloaded, retry later"), error_code=QUEUE_TIMEOUT)
@@ -286,6 +273,7 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None,
                 error_code: str | None = None) -> None:
         seq.done = True
+        self._release(seq)
         with self._cv:  # reentrant: _admit calls this while holding it
             self._unfinished -= 1
         request = seq.request
@@ -296,15 +284,6 @@ class Engine:
         if request._open == 0 and request.on_done is not None:
             request.on_done()
 
-    def _drop_finished(self) -> None:
-        for seq in self._running:
-            if seq.request.cancelled and not seq.done:
-                self._finish(seq, "cancelled")
-        keep = [i for i, s in enumerate(self._running) if not s.done]
-        if len(keep) != len(self._running):
-            self._state = self.runner.select(self._state, keep) if self._state else None
-            self._running = [self._running[i] for i in keep]
-
     def _fail_all(self, message: str, code: str) -> None:
         with self._cv:
             waiting = list(self._waiting)
@@ -313,4 +292,4 @@ class Engine:
         for seq in self._running + waiting:
             if not seq.done:
                 self._finish(seq, "error", error=message, error_code=code)
-        self._running, self._state = [], None
+        self._running = []

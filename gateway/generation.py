@@ -219,6 +219,7 @@ class GenerationService:
             self._close(record)
             raise
         slot = 0 if lease is None else lease.slot
+        cache_key = "" if lease is None else lease.entry.record.content_hash  # prefix-cache identity
         loop = asyncio.get_running_loop()
         generation = Generation(prompt_tokens=record.prompt_tokens, choices=len(prompts) * n, record=record)
         remaining = [len(prompts)]
@@ -245,7 +246,7 @@ class GenerationService:
         try:
             for i, ids in enumerate(prompts):
                 request = EngineRequest(prompt_ids=ids, slot=slot, params=params, sink=sink_for(i * n), n=n,
-                                        on_done=lambda: loop.call_soon_threadsafe(release))
+                                        on_done=lambda: loop.call_soon_threadsafe(release), cache_key=cache_key)
                 self.engine.submit(request)
                 generation.requests.append(request)
         except Exception as exc:

@@ -52,7 +52,22 @@ class Settings(BaseSettings):
     max_virtual_tokens: int = Field(512, ge=1, description="Most prompt-tuning virtual tokens accepted.")
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest adapter weights file accepted.")
     max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together in one step.")
-    max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens admitted per step (decoders are not starved).")
+    max_prefill_tokens: int = Field(4096, ge=1, description=(
+        "Prompt tokens computed per step when no sequence is decoding (padded: prompt tokens admitted per step)."))
+    kv_cache: Literal["paged", "padded"] = Field("paged", description=(
+        "paged: the KV cache is a pool of fixed-size blocks, with chunked prefill, prefix caching and "
+        "preemption; padded: the first engine's left-padded cache, kept as the benchmarks' baseline."))
+    kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block (paged).")
+    kv_cache_tokens: int | None = Field(None, ge=1, description=(
+        "Capacity of the KV pool in tokens (paged). Default: on CUDA, kv_cache_memory_fraction of the device "
+        "memory free after loading; on CPU, four context windows."))
+    kv_cache_memory_fraction: float = Field(0.5, gt=0, lt=1, description=(
+        "Share of free CUDA memory the KV pool takes when kv_cache_tokens is unset."))
+    max_step_tokens: int = Field(64, ge=1, description=(
+        "Tokens computed per step while sequences decode (paged): a long prompt is prefilled in chunks "
+        "of what is left after one token per decoding sequence, so streams never stall for a whole prefill."))
+    prefix_caching: bool = Field(True, description=(
+        "Reuse the KV blocks of a prompt prefix a request of the same adapter version computed before (paged)."))
     max_queued_requests: int = Field(256, ge=1, description="Waiting requests before new ones get 429.")
     max_queued_tokens: int = Field(65536, ge=1, description=(
         "Prompt tokens (times n, virtual tokens included) waiting for a batch row before new requests get 429; "

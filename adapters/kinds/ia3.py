@@ -40,17 +40,18 @@ class Ia3Bank:
     def clear(self, slot: int) -> None:
         self.scales[slot].fill_(1.0)
 
-    def _row_scales(self, rows: torch.Tensor, uniform_slot: int | None) -> torch.Tensor:
-        if uniform_slot is not None:
-            return self.scales[uniform_slot]
-        return self.scales.index_select(0, rows).unsqueeze(1)  # [B, 1, features], broadcast over T
+    def _token_scales(self, layout, shape: torch.Size) -> torch.Tensor:
+        """Scales broadcastable to a tensor of ``shape`` (``[..., features]``)."""
+        slot = layout.uniform_slot
+        if slot is not None:
+            return self.scales[slot]
+        return self.scales.index_select(0, layout.slots).view(*shape[:-1], -1)  # one vector per token
 
-    def transform_input(self, x: torch.Tensor, rows: torch.Tensor, uniform_slot: int | None) -> torch.Tensor:
-        return x * self._row_scales(rows, uniform_slot).to(x.dtype)
+    def transform_input(self, x: torch.Tensor, layout) -> torch.Tensor:
+        return x * self._token_scales(layout, x.shape).to(x.dtype)
 
-    def transform_output(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
-                         uniform_slot: int | None) -> torch.Tensor:
-        return y * self._row_scales(rows, uniform_slot).to(y.dtype)
+    def transform_output(self, y: torch.Tensor, x: torch.Tensor, layout) -> torch.Tensor:
+        return y * self._token_scales(layout, y.shape).to(y.dtype)
 
 
 class Ia3Handler:

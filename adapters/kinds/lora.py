@@ -1,9 +1,4 @@
-"""LoRA: ``y += scale * (x @ A.T) @ B.T`` on targeted linear layers.
-
-In the runtime every targeted module keeps one stacked bank per kind: ``A [slots, r_max, in]``
-and ``B [slots, out, r_max]`` with the scale folded into B. Smaller ranks are zero-padded, which
-adds exact zeros, so rows with different adapters and ranks share one batched matmul.
-"""
+"""LoRA: ``y += scale * (x @ A.T) @ B.T`` on targeted linear layers (the scale folded into B)."""
 
 from __future__ import annotations
 
@@ -35,48 +30,49 @@ FIELDS = {
 
 
 class LoraBank:
-    """Per-module stacked LoRA weights for every device slot (slot 0 stays zero = no LoRA)."""
+    """Per-module LoRA weights of every device slot that has them, each at its own rank.
+
+    A forward's tokens come in runs of one slot (``TokenLayout.segments``; the paged engine packs
+    the tokens of one adapter together), and each run gets two small matmuls on its own adapter's
+    weights (SGMV-style): no rank padding, no per-row copies of the weights, and an idle adapter of
+    a large rank costs nothing to the others. ``add_segments`` is the seam where a fused kernel
+    (Triton SGMV/BGMV on CUDA) would plug in.
+    """
 
     kind = AdapterKind.LORA
     stage = "output"
 
-    def __init__(self, capacity: int, in_features: int, out_features: int, rank: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.A = torch.zeros(capacity, rank, in_features, dtype=dtype, device=device)
-        self.B = torch.zeros(capacity, out_features, rank, dtype=dtype, device=device)
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[1]
-
-    def _grow_rank(self, rank: int) -> None:
-        pad = rank - self.rank
-        self.A = torch.nn.functional.pad(self.A, (0, 0, 0, pad))
-        self.B = torch.nn.functional.pad(self.B, (0, pad))
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype = dtype
+        self.device = device
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A.T [in, r], (scale*B).T [r, out])
 
     def write(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
-        rank = a.shape[0]
-        if rank > self.rank:
-            self._grow_rank(rank)
-        self.clear(slot)
-        self.A[slot, :rank] = a.to(self.A.device, self.A.dtype)
-        self.B[slot, :, :rank] = b_scaled.to(self.B.device, self.B.dtype)
+        to = dict(device=self.device, dtype=self.dtype)
+        self.weights[slot] = (a.to(**to).T.contiguous(), b_scaled.to(**to).T.contiguous())
 
     def clear(self, slot: int) -> None:
-        self.A[slot].zero_()
-        self.B[slot].zero_()
+        self.weights.pop(slot, None)
 
-    def transform_output(self, y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
-                         uniform_slot: int | None) -> torch.Tensor:
-        x = x.to(self.A.dtype)
-        if uniform_slot is not None:  # every row on one adapter: two plain matmuls
-            delta = (x @ self.A[uniform_slot].T) @ self.B[uniform_slot].T
+    def transform_output(self, y: torch.Tensor, x: torch.Tensor, layout) -> torch.Tensor:
+        y2 = y.reshape(-1, y.shape[-1])  # [N, out], a view of y
+        add_segments(y2, x.reshape(-1, x.shape[-1]).to(self.dtype), layout.segments, self.weights)
+        return y2.view(y.shape)
+
+
+def add_segments(y: torch.Tensor, x: torch.Tensor, segments, weights) -> None:
+    """``y[s:e] += (x[s:e] @ A.T) @ (scale * B).T`` for every run ``(s, e, slot)`` whose slot has
+    LoRA weights here; ``y [N, out]`` is updated in place, ``x [N, in]``."""
+    for start, end, slot in segments:
+        pair = weights.get(slot)
+        if pair is None:
+            continue
+        a_t, b_t = pair
+        shrunk = x[start:end] @ a_t  # [run, r]
+        if shrunk.dtype == y.dtype:
+            y[start:end].addmm_(shrunk, b_t)
         else:
-            # x [B, T, in]; gather each row's A [B, r, in] and B [B, out, r] (BGMV-style)
-            a = self.A.index_select(0, rows)
-            b = self.B.index_select(0, rows)
-            delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-        return y + delta.to(y.dtype)
+            y[start:end] += (shrunk @ b_t).to(y.dtype)
 
 
 class LoraHandler:
@@ -127,8 +123,7 @@ class LoraHandler:
             layer = runtime.layer(module)
             bank = layer.banks.get("lora")
             if bank is None:
-                bank = layer.banks["lora"] = LoraBank(
-                    runtime.capacity, layer.in_features, layer.out_features, a.shape[0], runtime.dtype, runtime.device)
+                bank = layer.banks["lora"] = LoraBank(runtime.dtype, runtime.device)
             bank.write(slot, a, b * scale)
 
     def uninstall(self, runtime, slot: int, weights: AdapterWeights) -> None:

@@ -20,7 +20,12 @@ from gateway.detokenize import IncrementalText
 from gateway.engine import (
     QUEUE_TIMEOUT, SHUTTING_DOWN, Engine, EngineRequest, EngineStoppedError, QueueFullError, SequenceEvent,
 )
+from gateway.kv_blocks import BlockManager
 from gateway.model_runner import ModelRunner
+from gateway.padded_engine import PaddedEngine
+from gateway.paged_attention import KVPool
+from gateway.paged_engine import PagedEngine
+from gateway.paged_runner import PagedRunner
 from gateway.sampling import SamplingParams, choose_tokens, make_generator, sample_row
 
 TIMEOUT = 60
@@ -63,9 +68,10 @@ class Collector:
         return {k: tuple(v) for k, v in out.items()}
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_tokenizer, tmp_path_factory):
-    """A runtime with four adapters installed (LoRA r4, IA3, prompt tuning, LoRA r8)."""
+@pytest.fixture(scope="module", params=["paged", "padded"])
+def setup(request, tiny_tokenizer, tmp_path_factory):
+    """A runtime with four adapters installed (LoRA r4, IA3, prompt tuning, LoRA r8), and which
+    engine the tests of this module run on (each runs on both)."""
     base = build_tiny_llama(vocab_size=len(tiny_tokenizer))
     root = tmp_path_factory.mktemp("engine_adapters")
     model = copy.deepcopy(base)
@@ -77,14 +83,23 @@ def setup(tiny_tokenizer, tmp_path_factory):
         folder = root / f"a{i}"
         make_peft_adapter(base, kind, folder, seed=30 + i, scale=0.5, **overrides)
         slots.append(runtime.install(read_adapter(folder, runtime.base_info, AdapterLimits(), torch.float32)))
-    return runtime, ModelRunner(model, runtime), slots
+    return runtime, request.param, slots
 
 
-def make_engine(setup, tokenizer, *, eos=frozenset({2}), **kw) -> Engine:
-    _, runner, _ = setup
+def make_engine(setup, tokenizer, *, eos=frozenset({2}), block_size=4, blocks=128, max_step_tokens=8,
+                **kw) -> Engine:
+    """The paged engine gets small blocks and a small step budget, so that prompts are prefilled
+    in several chunks while others decode and sequences span many blocks."""
+    runtime, kind, _ = setup
     options = {"context_window": 256, "max_batch_size": 8, "max_prefill_tokens": 512,
                "max_queued_requests": 64, **kw}
-    return Engine(runner, tokenizer, eos_token_ids=set(eos), **options)
+    if kind == "padded":
+        return PaddedEngine(ModelRunner(runtime.model, runtime), tokenizer, eos_token_ids=set(eos), **options)
+    config = runtime.model.config
+    pool = KVPool(config.num_hidden_layers, blocks, block_size, config.num_key_value_heads,
+                  config.hidden_size // config.num_attention_heads, torch.float32, torch.device("cpu"))
+    return PagedEngine(PagedRunner(runtime.model, runtime, pool), tokenizer, eos_token_ids=set(eos),
+                       blocks=BlockManager(blocks, block_size), max_step_tokens=max_step_tokens, **options)
 
 
 @pytest.fixture

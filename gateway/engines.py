@@ -1,0 +1,51 @@
+"""Build the engine the settings ask for: paged (default) or the padded baseline."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from adapters.runtime import AdapterRuntime
+from gateway.engine import Engine
+from gateway.kv_blocks import BlockManager
+from gateway.model_runner import ModelRunner
+from gateway.padded_engine import PaddedEngine
+from gateway.paged_attention import KVPool
+from gateway.paged_engine import PagedEngine
+from gateway.paged_runner import PagedRunner
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def kv_pool_tokens(settings: Settings, runtime: AdapterRuntime, bytes_per_token: int, context_window: int) -> int:
+    if settings.kv_cache_tokens is not None:
+        return settings.kv_cache_tokens
+    if runtime.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(runtime.device)
+        return int(free * settings.kv_cache_memory_fraction) // bytes_per_token
+    return 4 * context_window
+
+
+def build_engine(settings: Settings, runtime: AdapterRuntime, tokenizer, *, context_window: int,
+                 eos_token_ids: set[int]) -> Engine:
+    options = dict(context_window=context_window, max_batch_size=settings.max_batch_size,
+                   max_prefill_tokens=settings.max_prefill_tokens, max_queued_requests=settings.max_queued_requests,
+                   eos_token_ids=eos_token_ids, max_queued_tokens=settings.max_queued_tokens,
+                   max_queue_wait_seconds=settings.max_queue_wait_seconds)
+    model = runtime.model
+    if settings.kv_cache == "padded":
+        return PaddedEngine(ModelRunner(model, runtime), tokenizer, **options)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim)
+    bytes_per_token = 2 * shape["layers"] * shape["kv_heads"] * head_dim * torch.finfo(runtime.dtype).bits // 8
+    block = settings.kv_block_size
+    num_blocks = -(-kv_pool_tokens(settings, runtime, bytes_per_token, context_window) // block)
+    pool = KVPool(num_blocks=num_blocks, block_size=block, dtype=runtime.dtype, device=runtime.device, **shape)
+    log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, block,
+             num_blocks * block * bytes_per_token / 2**20)
+    return PagedEngine(PagedRunner(model, runtime, pool), tokenizer,
+                       blocks=BlockManager(num_blocks, block, settings.prefix_caching),
+                       max_step_tokens=settings.max_step_tokens, **options)

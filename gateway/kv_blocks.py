@@ -1,0 +1,140 @@
+"""Bookkeeping of the paged KV cache: which block of the pool holds what, and which full blocks
+can be reused by a later sequence (prefix caching). Pure Python, no torch: the tensors live in
+``gateway.paged_attention``; this module only hands out block numbers.
+
+A block holds ``block_size`` consecutive positions of one sequence. Blocks are reference-counted:
+a sequence holds a reference on each block of its table, and a block reached through the prefix
+cache may be shared by several sequences. A *full* block gets a content key, a digest of
+(the adapter version, every token up to and including the block): two sequences that share a key
+share the same keys and values at those positions, because LoRA and IA3 change k and v and the
+key covers the adapter. When its last reference goes, a keyed block is not freed but kept as
+*cached* (least recently released first out); an unkeyed one goes back to the free list.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Sequence
+
+
+class OutOfBlocksError(Exception):
+    """Every block is referenced by a running sequence; nothing can be evicted."""
+
+
+def root_key(adapter_key: str) -> bytes:
+    """The chain's start for one adapter version ("" for the base model)."""
+    return hashlib.blake2b(b"adapter:" + adapter_key.encode(), digest_size=16).digest()
+
+
+def chain_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The key of a full block holding ``tokens``, after the block whose key is ``parent``."""
+    return hashlib.blake2b(parent + ",".join(map(str, tokens)).encode(), digest_size=16).digest()
+
+
+def block_keys(adapter_key: str, tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Keys of every full block of ``tokens``, in order."""
+    keys: list[bytes] = []
+    parent = root_key(adapter_key)
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = chain_key(parent, tokens[start:start + block_size])
+        keys.append(parent)
+    return keys
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("the KV pool needs at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self._free: collections.deque[int] = collections.deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, bytes] = {}  # block -> content key (full blocks only)
+        self._by_key: dict[bytes, int] = {}  # content key -> block
+        self._cached: collections.OrderedDict[int, None] = collections.OrderedDict()  # refs == 0, keyed; LRU first
+        self.hit_tokens = 0  # prefix-cache statistics since start
+        self.query_tokens = 0
+
+    # ---- counts ------------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        """Blocks referenced by at least one sequence."""
+        return self.num_blocks - len(self._free) - len(self._cached)
+
+    @property
+    def cached(self) -> int:
+        """Unreferenced blocks kept for prefix reuse (evicted first when the pool is short)."""
+        return len(self._cached)
+
+    @property
+    def available(self) -> int:
+        """Blocks an allocation can take: free ones and cached ones (evicted on demand)."""
+        return len(self._free) + len(self._cached)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    # ---- allocation --------------------------------------------------------------------------
+    def allocate(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        elif self._cached:
+            block, _ = self._cached.popitem(last=False)
+            del self._by_key[self._key_of.pop(block)]
+        else:
+            raise OutOfBlocksError("the KV cache has no free block")
+        self._refs[block] = 1
+        return block
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference on each block (a finished, cancelled or preempted sequence)."""
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] < 0:
+                raise AssertionError(f"block {block} released more often than taken")
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._cached[block] = None
+                else:
+                    self._free.append(block)
+
+    # ---- prefix cache ------------------------------------------------------------------------
+    def match_prefix(self, keys: Sequence[bytes]) -> list[int]:
+        """Take a reference on the longest run of cached blocks matching ``keys`` from the start."""
+        blocks: list[int] = []
+        if self.prefix_caching:
+            for key in keys:
+                block = self._by_key.get(key)
+                if block is None:
+                    break
+                if self._refs[block] == 0:
+                    del self._cached[block]
+                self._refs[block] += 1
+                blocks.append(block)
+        return blocks
+
+    def count_query(self, query_tokens: int, hit_tokens: int) -> None:
+        """Prefix-cache statistics of one admitted sequence."""
+        self.query_tokens += query_tokens
+        self.hit_tokens += hit_tokens
+
+    def publish(self, block: int, key: bytes) -> None:
+        """Record that the (now full) ``block`` holds the content ``key``. If another block already
+        holds that content, the first one stays the one found (no duplicate entries)."""
+        if not self.prefix_caching or block in self._key_of or key in self._by_key:
+            return
+        self._key_of[block] = key
+        self._by_key[key] = block
+
+    def check(self) -> None:
+        """Invariants (tests): every block is exactly one of free, cached or referenced."""
+        free, cached = set(self._free), set(self._cached)
+        assert len(free) == len(self._free) and not free & cached
+        for block in range(self.num_blocks):
+            refs = self._refs[block]
+            assert refs >= 0
+            assert (block in free) + (block in cached) + (refs > 0) == 1, block
+            assert (block in cached) <= (block in self._key_of)
+        assert all(self._by_key[k] == b for b, k in self._key_of.items())

@@ -1,0 +1,145 @@
+"""Attention over a paged KV pool, plugged into transformers' attention interface.
+
+The pool holds, per layer, keys and values of ``num_blocks * block_size`` positions:
+``[slots, kv_heads, head_dim]`` where slot = block * block_size + offset. A packed forward feeds
+the model one flat batch ``[1, N]`` of tokens from many sequences (prefill chunks and decode
+tokens) with per-token positions; the model's own projections and rotary embeddings run as usual,
+and this module's attention function, registered as ``gateway_paged``, then
+
+1. writes the N new keys/values into their pool slots (``PagedStep.write_slots``), and
+2. attends each query to its own sequence's positions only:
+   - every prefill chunk alone: its queries against its whole context (cached prefix + chunk),
+     causal with the chunk's offset;
+   - decode tokens (one query each) in groups of similar context length, gathered to the
+     group's longest context and masked, so a long row never pads the short ones.
+
+Why not transformers' own continuous-batching attention: its SDPA path attends all packed queries
+to all packed keys under one block-diagonal mask (work and memory grow with the product of the
+batch's total query and key lengths), and its cache and scheduler own the requests, where this
+gateway needs per-token adapter slots, prompt-tuning embeddings and its own admission. The model
+code, its projections and torch's SDPA kernels are reused unchanged; only the KV layout is ours.
+On CUDA a paged kernel (flash-attn's block tables) can replace ``_attend`` behind this interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+IMPLEMENTATION = "gateway_paged"
+
+
+@dataclass
+class PrefillChunk:
+    """Queries ``[q_start, q_end)`` of the packed batch: positions ``start .. start + len`` of one
+    sequence, whose whole context ``[0, start + len)`` lives at ``read_slots``."""
+
+    q_start: int
+    q_end: int
+    start: int  # position of the chunk's first token in its sequence
+    read_slots: torch.Tensor  # [start + len] long
+
+
+@dataclass
+class DecodeGroup:
+    """Single-token queries at packed indices ``q_index [B]``; row i attends ``read_slots[i, :lengths[i]]``."""
+
+    q_index: torch.Tensor  # [B] long
+    read_slots: torch.Tensor  # [B, L] long (padded with the row's first slot, masked out)
+    mask: torch.Tensor  # [B, 1, 1, L] bool, True where attended
+
+
+@dataclass
+class PagedStep:
+    write_slots: torch.Tensor  # [N] long: pool slot of every packed token
+    chunks: list[PrefillChunk] = field(default_factory=list)
+    groups: list[DecodeGroup] = field(default_factory=list)
+
+
+class KVPool:
+    """Preallocated keys and values of every layer (one tensor each, ``[layers, slots, kv_heads, head_dim]``)."""
+
+    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        # empty, not zeros: memory is touched only as blocks fill. Only written slots are ever read
+        # (decode groups pad with each row's own first slot), so stale contents never matter.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.step: PagedStep | None = None  # set for the duration of one packed forward
+
+    @property
+    def bytes_per_token(self) -> int:
+        layers, _, heads, dim = self.keys.shape
+        return 2 * layers * heads * dim * self.keys.element_size()
+
+    @contextlib.contextmanager
+    def active(self, model: torch.nn.Module, step: PagedStep) -> Iterator[None]:
+        """Within the block, the model's attention reads and writes this pool for ``step``."""
+        config = model.config
+        previous = config._attn_implementation
+        self.step = step
+        config._attn_implementation = IMPLEMENTATION
+        _ACTIVE.append(self)
+        try:
+            yield
+        finally:
+            _ACTIVE.pop()
+            config._attn_implementation = previous
+            self.step = None
+
+
+_ACTIVE: list[KVPool] = []  # the pool of the forward in progress (the engine runs one at a time)
+
+
+def _attend(pool: KVPool, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            scaling: float | None) -> torch.Tensor:
+    """query ``[1, heads, N, d]``, key/value ``[1, kv_heads, N, d]`` -> output ``[1, N, heads, d]``."""
+    step = pool.step
+    keys, values = pool.keys[layer], pool.values[layer]
+    keys.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(keys.dtype))
+    values.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(values.dtype))
+    q = query[0]  # [heads, N, d]
+    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [N, heads, d]
+    for chunk in step.chunks:
+        k = keys.index_select(0, chunk.read_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, d]
+        v = values.index_select(0, chunk.read_slots).transpose(0, 1).unsqueeze(0)
+        qc = q[:, chunk.q_start:chunk.q_end].unsqueeze(0)  # [1, heads, C, d]
+        if chunk.start == 0:
+            o = F.scaled_dot_product_attention(qc, k.to(qc.dtype), v.to(qc.dtype), is_causal=True, scale=scaling,
+                                               enable_gqa=True)
+        else:  # query i sits at position start + i and sees positions <= start + i
+            length = chunk.read_slots.shape[0]
+            rows = torch.arange(chunk.q_end - chunk.q_start, device=q.device) + chunk.start
+            allowed = torch.arange(length, device=q.device).unsqueeze(0) <= rows.unsqueeze(1)
+            o = F.scaled_dot_product_attention(qc, k.to(qc.dtype), v.to(qc.dtype), attn_mask=allowed,
+                                               scale=scaling, enable_gqa=True)
+        out[chunk.q_start:chunk.q_end] = o[0].transpose(0, 1)
+    for group in step.groups:
+        rows, length = group.read_slots.shape
+        k = keys.index_select(0, group.read_slots.reshape(-1)).view(rows, length, *keys.shape[1:]).transpose(1, 2)
+        v = values.index_select(0, group.read_slots.reshape(-1)).view(rows, length, *values.shape[1:]).transpose(1, 2)
+        qg = q.index_select(1, group.q_index).transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+        o = F.scaled_dot_product_attention(qg, k.to(qg.dtype), v.to(qg.dtype), attn_mask=group.mask, scale=scaling,
+                                           enable_gqa=True)
+        out.index_copy_(0, group.q_index, o[:, :, 0])
+    return out.unsqueeze(0)
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    if not _ACTIVE:  # a forward outside the engine's packed step (e.g. training): plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return _attend(_ACTIVE[-1], module.layer_idx, query, key, value, scaling), None
+
+
+AttentionInterface.register(IMPLEMENTATION, paged_attention_forward)

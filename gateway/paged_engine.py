@@ -1,0 +1,184 @@
+"""The paged engine: continuous batching over a paged KV cache, with chunked prefill, prefix
+caching keyed by adapter version, and preemption by recomputation.
+
+Each step:
+1. finish cancelled rows (their blocks go back to the pool, full ones stay as prefix cache);
+2. admit waiting sequences while a batch row and enough KV blocks are free: a sequence first
+   takes the longest cached prefix of its own adapter version (``gateway.kv_blocks``);
+3. schedule tokens under a per-step budget: one token for every decoding row first, then
+   chunks of pending prompts (``max_step_tokens`` while rows decode, so a long prompt is spread
+   over many steps instead of stalling every stream; ``max_prefill_tokens`` when none does);
+4. give each scheduled row the blocks it needs; when the pool runs dry, the most recently
+   admitted row is preempted (its blocks freed, its tokens kept) and queued again at the front,
+   to be recomputed later — often from its own cached blocks;
+5. run one packed forward (``gateway.paged_runner``) with the rows of each adapter adjacent;
+   if it raises, each adapter's rows run alone, so a failing adapter fails only its own rows;
+6. publish newly filled blocks to the prefix cache, and sample rows that reached their end.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.engine import GENERATION_FAILED, Engine, _Sequence
+from gateway.kv_blocks import BlockManager, OutOfBlocksError, block_keys, chain_key, root_key
+from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
+
+log = logging.getLogger(__name__)
+
+
+class PagedEngine(Engine):
+    def __init__(self, runner: PagedRunner, tokenizer, *, blocks: BlockManager, max_step_tokens: int, **options):
+        super().__init__(runner, tokenizer, **options)
+        capacity = blocks.num_blocks * blocks.block_size
+        if capacity < self.context_window:
+            raise ValueError(f"the KV cache holds {capacity} tokens, less than one context window "
+                             f"({self.context_window}); give it more memory")
+        self.blocks = blocks
+        self.max_step_tokens = max_step_tokens
+        self.preemptions = 0
+
+    # ---- figures for metrics (read from other threads) ------------------------------------------
+    @property
+    def live_tokens(self) -> int:
+        """Positions the running sequences hold in the KV cache."""
+        return sum(s.computed for s in list(self._running))
+
+    # ---- one sequence's inputs --------------------------------------------------------------------
+    @staticmethod
+    def _length(seq: _Sequence) -> int:
+        return seq.virtual_tokens + len(seq.request.prompt_ids) + len(seq.tokens)
+
+    @staticmethod
+    def _entries(seq: _Sequence, start: int, end: int) -> list[int]:
+        """Entries ``start .. end`` of: virtual tokens, then the prompt, then generated tokens."""
+        virtual, prompt = seq.virtual_tokens, seq.request.prompt_ids
+        out: list[int] = []
+        if start < virtual:
+            out += virtual_entries(virtual)[start:end]
+        lo, hi = max(start - virtual, 0), max(end - virtual, 0)
+        if lo < len(prompt):
+            out += prompt[lo:hi]
+        lo, hi = max(lo - len(prompt), 0), max(hi - len(prompt), 0)
+        if hi > lo:
+            out += seq.tokens[lo:hi]
+        return out
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def _step(self) -> None:
+        for seq in self._running:
+            if seq.request.cancelled and not seq.done:
+                self._finish(seq, "cancelled")
+        self._prune()
+        self._admit()
+        plan = self._allocate(self._schedule())
+        if not plan:
+            return
+        plan.sort(key=lambda p: p[0].request.slot)  # each adapter's tokens adjacent: one LoRA segment
+        for part, logits in self._forward(plan):
+            self._advance(part, logits)
+        self.steps += 1
+        self._prune()
+
+    def _prune(self) -> None:
+        self._running = [s for s in self._running if not s.done]
+
+    def _admit(self) -> None:
+        bs = self.blocks.block_size
+        with self._cv:
+            self._sweep_waiting()
+            while self._waiting and len(self._running) < self.max_batch_size:
+                seq = self._waiting[0]
+                length = self._length(seq)
+                # the last entry is always computed: its logits choose the next token
+                keys = block_keys(seq.request.cache_key, self._entries(seq, 0, length - 1), bs)
+                hits = self.blocks.match_prefix(keys)
+                reserve = len(self._running)  # room for the running rows to grow a block each
+                if self.blocks.blocks_for(length) - len(hits) + reserve > self.blocks.available:
+                    self.blocks.release(hits)
+                    break
+                self.blocks.count_query(len(keys) * bs, len(hits) * bs)
+                seq.blocks, seq.block_keys, seq.computed = hits, keys[:len(hits)], len(hits) * bs
+                self._running.append(self._pop_waiting())
+
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """(sequence, tokens to compute) for this step, within the step's token budget."""
+        plan = [(s, 1) for s in self._running if self._length(s) - s.computed == 1]
+        budget = (self.max_step_tokens if plan else self.max_prefill_tokens) - len(plan)
+        for seq in self._running:
+            pending = self._length(seq) - seq.computed
+            if pending > 1 and budget > 0:
+                take = min(pending, budget)
+                plan.append((seq, take))
+                budget -= take
+        return plan
+
+    def _allocate(self, plan: list[tuple[_Sequence, int]]) -> list[tuple[_Sequence, int]]:
+        """Give every planned row the blocks its new tokens need, preempting rows when short."""
+        bs = self.blocks.block_size
+        planned = list(plan)
+        for seq, count in plan:
+            while not seq.done and seq in self._running and len(seq.blocks) * bs < seq.computed + count:
+                try:
+                    seq.blocks.append(self.blocks.allocate())
+                except OutOfBlocksError:
+                    victim = self._running[-1]
+                    self._preempt(victim)
+                    planned = [p for p in planned if p[0] is not victim]
+        return planned
+
+    def _preempt(self, seq: _Sequence) -> None:
+        log.info("KV cache full: preempting a sequence of %d positions (it will be recomputed)", seq.computed)
+        self.preemptions += 1
+        self._running.remove(seq)
+        self._release(seq)
+        seq.computed = 0
+        with self._cv:
+            self._waiting.appendleft(seq)
+            self._queued_tokens += seq.prefill_cost
+
+    def _items(self, plan: list[tuple[_Sequence, int]]) -> list[StepItem]:
+        return [StepItem(slot=seq.request.slot, entries=self._entries(seq, seq.computed, seq.computed + count),
+                         start=seq.computed, blocks=seq.blocks,
+                         want_logits=seq.computed + count == self._length(seq))
+                for seq, count in plan]
+
+    def _forward(self, plan: list[tuple[_Sequence, int]]):
+        """[(part of the plan, its logits)]; a forward that raises is retried adapter by adapter,
+        and the rows of an adapter that still fails end with an error (keys and values written
+        by a failed forward sit beyond every row's computed length: they are never read)."""
+        try:
+            return [(plan, self.runner.forward(self._items(plan)))]
+        except Exception:
+            slots = sorted({seq.request.slot for seq, _ in plan})
+            if len(slots) == 1:
+                log.exception("a forward pass failed for adapter slot %d; failing its %d rows", slots[0], len(plan))
+                for seq, _ in plan:
+                    self._finish(seq, "error", error="internal error while generating", error_code=GENERATION_FAILED)
+                return []
+        results = []
+        for slot in slots:
+            results += self._forward([p for p in plan if p[0].request.slot == slot])
+        return results
+
+    def _advance(self, plan: list[tuple[_Sequence, int]], logits) -> None:
+        bs = self.blocks.block_size
+        sampled: list[_Sequence] = []
+        for seq, count in plan:
+            seq.computed += count
+            full = seq.computed // bs
+            if len(seq.block_keys) < full:
+                parent = seq.block_keys[-1] if seq.block_keys else root_key(seq.request.cache_key)
+                for index in range(len(seq.block_keys), full):
+                    parent = chain_key(parent, self._entries(seq, index * bs, (index + 1) * bs))
+                    self.blocks.publish(seq.blocks[index], parent)
+                    seq.block_keys.append(parent)
+            if seq.computed == self._length(seq):
+                sampled.append(seq)
+        if sampled:
+            self._emit(sampled, logits)
+
+    def _release(self, seq: _Sequence) -> None:
+        if seq.blocks:
+            self.blocks.release(seq.blocks)
+        seq.blocks, seq.block_keys = [], []

@@ -1,0 +1,135 @@
+"""One packed forward over the paged KV cache: the tokens of many sequences (prefill chunks and
+decode tokens, any adapters) as one flat batch. Knows nothing of requests, sampling or HTTP.
+
+A sequence's inputs are ``entries``: token ids, and for prompt-tuning adapters negative entries
+``-1 .. -V`` standing for its virtual tokens (so virtual tokens are just more tokens of the row:
+they take positions, KV slots and prefix-cache keys like any other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adapters.runtime import AdapterRuntime
+from gateway.paged_attention import DecodeGroup, KVPool, PagedStep, PrefillChunk
+
+
+@dataclass
+class StepItem:
+    """Compute ``entries`` at positions ``start ..`` of one sequence whose blocks are ``blocks``."""
+
+    slot: int
+    entries: Sequence[int]
+    start: int
+    blocks: Sequence[int]
+    want_logits: bool = True  # the item ends at the sequence's last entry: sample from it
+
+
+def virtual_entries(count: int) -> list[int]:
+    """The entries standing for an adapter's ``count`` virtual tokens, in order."""
+    return [-1 - i for i in range(count)]
+
+
+class PagedRunner:
+    # decode rows whose context is shorter than this share of their group's longest start a new
+    # group: gathering pads each row to its group's longest context, so this bounds that waste
+    DECODE_GROUP_RATIO = 0.5
+
+    def __init__(self, model: torch.nn.Module, runtime: AdapterRuntime, pool: KVPool):
+        self.model = model
+        self.runtime = runtime
+        self.pool = pool
+        self.device = runtime.device
+        self.embed = model.get_input_embeddings()
+
+    def virtual_tokens(self, slot: int) -> int:
+        prompt = self.runtime.prompts.get(slot)
+        return 0 if prompt is None else prompt.shape[0]
+
+    def _slots_of(self, blocks: Sequence[int], start: int, end: int) -> torch.Tensor:
+        """Pool slots of positions ``start .. end`` of a sequence with block table ``blocks``."""
+        bs = self.pool.block_size
+        positions = torch.arange(start, end)
+        table = torch.tensor(list(blocks), dtype=torch.long)
+        return (table[positions // bs] * bs + positions % bs).to(self.device)
+
+    def _embeddings(self, items: Sequence[StepItem]) -> torch.Tensor:
+        """``[N, hidden]`` input embeddings of the packed entries (virtual tokens from the slot's prompt)."""
+        entries = [e for item in items for e in item.entries]
+        ids = torch.tensor(entries, dtype=torch.long, device=self.device)
+        embeds = self.embed(ids.clamp(min=0))
+        if min(entries) < 0:
+            offset = 0
+            for item in items:
+                virtual = [(i, -e - 1) for i, e in enumerate(item.entries) if e < 0]
+                if virtual:
+                    where = torch.tensor([offset + i for i, _ in virtual], device=self.device)
+                    which = torch.tensor([v for _, v in virtual], device=self.device)
+                    prompt = self.runtime.prompts[item.slot]
+                    embeds[where] = prompt.index_select(0, which).to(embeds.dtype)
+                offset += len(item.entries)
+        return embeds
+
+    def _plan(self, items: Sequence[StepItem]) -> PagedStep:
+        writes, chunks, decodes = [], [], []
+        offset = 0
+        for item in items:
+            count = len(item.entries)
+            writes.append(self._slots_of(item.blocks, item.start, item.start + count))
+            if count == 1:
+                decodes.append((offset, item))
+            else:
+                chunks.append(PrefillChunk(q_start=offset, q_end=offset + count, start=item.start,
+                                           read_slots=self._slots_of(item.blocks, 0, item.start + count)))
+            offset += count
+        groups: list[DecodeGroup] = []
+        decodes.sort(key=lambda d: d[1].start, reverse=True)
+        while decodes:
+            longest = decodes[0][1].start + 1
+            size = next((i for i, (_, item) in enumerate(decodes)
+                         if item.start + 1 < longest * self.DECODE_GROUP_RATIO), len(decodes))
+            members, decodes = decodes[:size], decodes[size:]
+            read = torch.empty(len(members), longest, dtype=torch.long, device=self.device)
+            mask = torch.zeros(len(members), 1, 1, longest, dtype=torch.bool, device=self.device)
+            for row, (_, item) in enumerate(members):
+                length = item.start + 1
+                slots = self._slots_of(item.blocks, 0, length)
+                read[row, :length] = slots
+                read[row, length:] = slots[0]  # padding reads a slot the row wrote (masked out)
+                mask[row, ..., :length] = True
+            q_index = torch.tensor([q for q, _ in members], dtype=torch.long, device=self.device)
+            groups.append(DecodeGroup(q_index=q_index, read_slots=read, mask=mask))
+        return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups)
+
+    @torch.inference_mode()
+    def forward(self, items: Sequence[StepItem]) -> torch.Tensor:
+        """Run every item in one forward; return float32 logits ``[K, vocab]`` of the last entry
+        of each item that wants them, in ``items`` order. Items of one slot should be adjacent:
+        each run of one adapter is one LoRA segment."""
+        step = self._plan(items)
+        embeds = self._embeddings(items)
+        positions = torch.cat([torch.arange(i.start, i.start + len(i.entries)) for i in items]).to(self.device)
+        token_slots = [item.slot for item in items for _ in item.entries]
+        ends = torch.tensor(list(_logit_positions(items)), dtype=torch.long, device=self.device)
+        with self.pool.active(self.model, step), self.runtime.rows(token_slots):
+            out = self.model(inputs_embeds=embeds.unsqueeze(0), position_ids=positions.unsqueeze(0),
+                             use_cache=False, logits_to_keep=ends)
+        return out.logits[0].float()
+
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int],
+                blocks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Whole prompts (virtual tokens added in front) in one forward: last-position logits ``[rows, vocab]``."""
+        items = [StepItem(slot, virtual_entries(self.virtual_tokens(slot)) + list(ids), 0, table)
+                 for ids, slot, table in zip(prompts, slots, blocks, strict=True)]
+        return self.forward(items)
+
+
+def _logit_positions(items: Sequence[StepItem]):
+    offset = 0
+    for item in items:
+        offset += len(item.entries)
+        if item.want_logits:
+            yield offset - 1
