@@ -53,6 +53,7 @@ class AdapterEntry:
     weights: AdapterWeights | None = None
     slot: int | None = None
     in_flight: int = 0
+    device_users: int = 0  # requests of the running batch on its device slot
     missing: bool = False  # the row exists but its files do not
     retired: bool = False  # replaced or deleted: takes no new requests
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -96,17 +97,38 @@ class AdapterEntry:
 
 @dataclass(eq=False)
 class AdapterLease:
-    """One request's hold on one adapter version; ``release`` exactly once (later calls are no-ops)."""
+    """One request's hold on one adapter version, and once claimed, on its device slot;
+    ``release`` exactly once (later calls are no-ops)."""
 
     entry: AdapterEntry
-    slot: int
     _registry: AdapterRegistry
+    slot: int | None = None  # set by ``claim_device``
+    _claimed: bool = False
     _released: bool = False
+
+    async def claim_device(self, *, wait: bool = False) -> int:
+        """The version's device slot, held until ``release`` (see ``AdapterTiers.claim``)."""
+        if self._released:
+            raise AdapterUnavailableError("the request ended before its adapter reached the device")
+        slot = await self._registry.tiers.claim(self.entry, wait=wait)
+        self._claimed = True
+        if self._released:  # released while the claim waited: give the slot back at once
+            self._unclaim()
+            raise AdapterUnavailableError("the request ended before its adapter reached the device")
+        self.slot = slot
+        return slot
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            if self._claimed:
+                self._unclaim()
             self._registry._release(self.entry)
+
+    def _unclaim(self) -> None:
+        self._claimed = False
+        if self._registry.tiers.unclaim(self.entry):
+            self._registry._in_background(self._registry.tiers.released())
 
 
 class AdapterRegistry:
@@ -247,9 +269,7 @@ class AdapterRegistry:
             callback(adapter_id)
 
     def _retire_later(self, entry: AdapterEntry) -> None:
-        task = asyncio.get_running_loop().create_task(self._retire(entry))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._in_background(self._retire(entry))
 
     async def _retire(self, entry: AdapterEntry) -> None:
         entry.retired = True
@@ -297,28 +317,43 @@ class AdapterRegistry:
                 f"the adapter {adapter_id!r} cannot be served: its files are missing; register it again")
         return entry
 
-    async def acquire(self, adapter_id: str) -> AdapterLease:
-        """Count a request on the adapter's current version and return its device slot."""
+    async def reserve(self, adapter_id: str) -> AdapterLease:
+        """Count a request on the adapter's current version and hold its weights in CPU memory;
+        the device slot is claimed later, when the request enters the batch."""
         entry = self._servable(adapter_id)
         entry.in_flight += 1  # before any await: the adapter cannot be evicted or freed under us
         entry.idle.clear()
         try:
-            slot = await self.tiers.to_device(entry)
+            await self.tiers.to_cpu(entry)
         except BaseException:
             self._release(entry)
             raise
         entry.stats.requests += 1
         entry.stats.last_used = time.time()
-        return AdapterLease(entry, slot, self)
+        return AdapterLease(entry, self)
+
+    async def acquire(self, adapter_id: str) -> AdapterLease:
+        """``reserve`` and claim the device slot at once (fails with NoFreeSlotError when every
+        slot stays busy for ``slot_wait_seconds``)."""
+        lease = await self.reserve(adapter_id)
+        try:
+            await lease.claim_device()
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     def _release(self, entry: AdapterEntry) -> None:
         entry.in_flight -= 1
         entry.stats.last_used = time.time()
         if entry.in_flight == 0:
             entry.idle.set()
-            task = asyncio.get_running_loop().create_task(self.tiers.released())
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._in_background(self.tiers.released())
+
+    def _in_background(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Let background frees finish (bounded: a request that never ends must not hang shutdown)."""

@@ -1,9 +1,13 @@
 """Where each adapter lives: device slots (at most M), a CPU LRU of loaded weights (at most N), and
 disk (every registered adapter). This is the one owner that evicts.
 
-Rules: an adapter with requests in flight, or pinned, is never evicted; loading from disk runs in a
-worker thread so the event loop never blocks; concurrent requests for the same cold adapter share
-one load; a request that finds every device slot busy waits for one to free (up to a limit).
+Rules: an adapter with requests in flight, or pinned, never leaves CPU memory; an adapter whose
+device slot is *claimed* (rows of the running batch use it), or pinned, is never evicted from the
+device. A request holds its version and CPU copy from arrival (``to_cpu``) but claims a device slot
+only when the engine is about to run it (``claim``), so requests waiting in the queue never keep
+another adapter off the device. Loading from disk runs in a worker thread so the event loop never
+blocks; concurrent requests for the same cold adapter share one load; a claim that finds every
+device slot busy waits for one to free.
 Imports neither torch nor FastAPI: weights are opaque here, and model work happens in callbacks.
 """
 
@@ -33,7 +37,8 @@ class Resident(Protocol):
     name: str
     weights: Any  # loaded weights in CPU memory, or None
     slot: int | None  # device slot, or None
-    in_flight: int
+    in_flight: int  # requests holding this version (queued or running)
+    device_users: int  # requests of the running batch using its device slot
     pinned: bool
 
 
@@ -62,7 +67,8 @@ class AdapterTiers:
         self.events = events or TierEvents()
         self._device: OrderedDict[Resident, None] = OrderedDict()  # least recently used first
         self._cpu: OrderedDict[Resident, None] = OrderedDict()
-        self._loads: dict[Resident, asyncio.Task] = {}  # single-flight loads under way
+        self._loads: dict[Resident, asyncio.Task] = {}  # single-flight loads onto the device under way
+        self._cpu_loads: dict[Resident, asyncio.Task] = {}  # single-flight loads from disk under way
         self._installing = 0  # device slots reserved by installs under way
         self._changed = asyncio.Condition()
 
@@ -111,16 +117,54 @@ class AdapterTiers:
         if not load.cancelled():
             load.exception()  # retrieved, even when every caller went away: no "never retrieved" log
 
-    async def _bring_in(self, item: Resident) -> None:
-        if item.weights is None:
-            self.events.lookup(CPU, False)
-            started = time.perf_counter()
-            weights = await asyncio.to_thread(self._load, item)
-            self.events.loaded(DISK, time.perf_counter() - started)
-            self.admit_cpu(item, weights)
-        else:
+    async def to_cpu(self, item: Resident) -> None:
+        """Hold the item's weights in CPU memory, loading them from disk once for all callers."""
+        if item.weights is not None:
             self.events.lookup(CPU, True)
-            self._cpu.move_to_end(item)
+            if item in self._cpu:
+                self._cpu.move_to_end(item)
+            return
+        load = self._cpu_loads.get(item)
+        if load is None:
+            self.events.lookup(CPU, False)
+            load = self._cpu_loads[item] = asyncio.get_running_loop().create_task(self._load_from_disk(item))
+            load.add_done_callback(functools.partial(self._cpu_load_finished, item))
+        await asyncio.shield(load)
+
+    async def _load_from_disk(self, item: Resident) -> None:
+        started = time.perf_counter()
+        weights = await asyncio.to_thread(self._load, item)
+        self.events.loaded(DISK, time.perf_counter() - started)
+        self.admit_cpu(item, weights)
+
+    def _cpu_load_finished(self, item: Resident, load: asyncio.Task) -> None:
+        if self._cpu_loads.get(item) is load:
+            del self._cpu_loads[item]
+        if not load.cancelled():
+            load.exception()
+
+    async def claim(self, item: Resident, *, wait: bool = False) -> int:
+        """The item's device slot, held for a request of the running batch until ``unclaim``.
+        With ``wait``, a claim that finds every slot busy keeps waiting (the caller bounds the
+        wait, e.g. the engine's queue timeout); without, it fails after ``slot_wait_seconds``."""
+        while True:
+            try:
+                slot = await self.to_device(item)
+            except NoFreeSlotError:
+                if not wait:
+                    raise
+                continue
+            item.device_users += 1  # no await since the slot was seen: it cannot be evicted in between
+            return slot
+
+    def unclaim(self, item: Resident) -> bool:
+        """A request of the running batch is done with the item's slot; True when none uses it now
+        (the caller then calls ``released`` so that a waiting claim can take the slot)."""
+        item.device_users -= 1
+        return item.device_users == 0
+
+    async def _bring_in(self, item: Resident) -> None:
+        await self.to_cpu(item)
         await self._reserve_slot()
         try:
             started = time.perf_counter()
@@ -142,7 +186,7 @@ class AdapterTiers:
         async with self._changed:
             while len(self._device) + self._installing >= self.device_slots:
                 # OrderedDict order: least recently used first
-                idle = next((x for x in self._device if x.in_flight == 0 and not x.pinned), None)
+                idle = next((x for x in self._device if x.device_users == 0 and not x.pinned), None)
                 if idle is not None:
                     await self._evict_device(idle)
                     continue
@@ -165,7 +209,8 @@ class AdapterTiers:
 
     def _trim_cpu(self) -> None:
         while len(self._cpu) > self.cpu_capacity:
-            victim = next((x for x in self._cpu if x.in_flight == 0 and not x.pinned and x not in self._loads), None)
+            victim = next((x for x in self._cpu if x.in_flight == 0 and not x.pinned and x not in self._loads
+                           and x not in self._cpu_loads), None)
             if victim is None:
                 return  # everything held is busy: over capacity until a release
             del self._cpu[victim]
@@ -193,9 +238,9 @@ class AdapterTiers:
 
     async def drop(self, item: Resident) -> None:
         """Forget the item in every memory tier (after its last request)."""
-        pending = self._loads.get(item)
-        if pending is not None:
-            await asyncio.wait({pending})  # not gather: cancelling us must not cancel the shared load
+        for pending in (self._cpu_loads.get(item), self._loads.get(item)):
+            if pending is not None:
+                await asyncio.wait({pending})  # not gather: cancelling us must not cancel the shared load
         if item.slot is not None:
             await self._evict_device(item)
         self._cpu.pop(item, None)

@@ -27,6 +27,8 @@ from gateway.api import admin_training
 from gateway.base_model import LoadedBase, load_base
 from gateway.engine import Engine
 from gateway.engines import build_engine
+from gateway.kv_metrics import KVCacheCollector
+from gateway.paged_engine import PagedEngine
 from gateway.errors import install_error_handlers
 from gateway.experiments.service import ExperimentService, attach_experiments
 from gateway.generation import GenerationService, RequestRecord
@@ -87,6 +89,8 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     metrics = GatewayMetrics()
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
     metrics.running_sequences.set_function(lambda: engine.running)
+    if isinstance(engine, PagedEngine):
+        metrics.registry.register(KVCacheCollector(engine))
     registry = AdapterRegistry(
         store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE), blobs=BlobStore(settings.data_dir / "adapter-store"),
         read=lambda folder: read_adapter(folder, runtime.base_info, limits, base.dtype),

@@ -15,10 +15,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 QUEUE_TIMEOUT = "queue_timeout"  # waited longer than max_queue_wait_seconds for a batch row
 SHUTTING_DOWN = "shutting_down"  # the server stopped, or its shutdown grace period ran out
 GENERATION_FAILED = "generation_failed"  # a forward pass raised
+ADAPTER_UNAVAILABLE = "adapter_unavailable"  # the adapter could not be brought onto the device
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,26 @@ class SequenceEvent:
     error_code: str | None = None  # one of the codes above when ``error`` is set
 
 
+class SlotClaim(Protocol):
+    """A request's way to its adapter's device slot, claimed when the engine is ready to run it
+    (so that waiting requests never hold a slot) and held until the request is done."""
+
+    def poll(self, wake: Callable[[], None]) -> int | None:
+        """The slot once claimed, else None (the first call starts the claim; ``wake`` is called
+        from any thread when it completes). Raises if the claim failed."""
+
+
 @dataclass
 class EngineRequest:
     prompt_ids: list[int]
-    slot: int
+    slot: int  # device adapter slot (0 = base); with ``claim``, set when the claim succeeds
     params: SamplingParams
     sink: Callable[[SequenceEvent], None]
     n: int = 1
     on_done: Callable[[], None] | None = None
     cache_key: str = ""  # the adapter version's identity (content hash); "" for the base model
+    claim: SlotClaim | None = None  # None: ``slot`` is already held
+    virtual_tokens: int | None = None  # the adapter's prompt-tuning positions (None: the slot's)
     cancelled: bool = False
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.monotonic)
@@ -117,6 +129,7 @@ class Engine:
         self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._running: list[_Sequence] = []
         self._stopping = False
+        self._parked = False  # sequences wait, none runs: sleep until woken (a claim completed)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
         self.background: BackgroundWork | None = None  # training micro-steps between serving steps
@@ -155,7 +168,9 @@ class Engine:
 
     def submit(self, request: EngineRequest) -> None:
         """Queue a request (its ``n`` sequences); raises QueueFullError when at the limit."""
-        virtual = self.runner.virtual_tokens(request.slot)
+        virtual = request.virtual_tokens
+        if virtual is None:
+            virtual = self.runner.virtual_tokens(request.slot)
         room = self.context_window - len(request.prompt_ids) - virtual
         seqs = [
             _Sequence(
@@ -202,9 +217,12 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                if self._parked and not (self._tasks or self._stopping):
+                    self._cv.wait(0.05)  # short: the queue timeout is still swept while parked
                 while not (self._waiting or self._tasks or self._running or self._stopping
                            or (self.background is not None and self.background.wanted)):
                     self._cv.wait()
+                self._parked = False
                 if self._stopping and not self._tasks:
                     self._fail_all("the server is shutting down", SHUTTING_DOWN)
                     return
@@ -221,6 +239,7 @@ class Engine:
             except Exception:  # keep serving: fail the rows of this step, not the process
                 log.exception("engine step failed; failing the running sequences")
                 self._fail_all("internal error while generating", GENERATION_FAILED)
+            self._parked = bool(self._waiting) and not self._running
             if self.background is not None:
                 self.background.after_step(serving, time.perf_counter() - started)
 
@@ -229,6 +248,34 @@ class Engine:
 
     def _release(self, seq: _Sequence) -> None:
         """Free what a finished sequence holds in the batch (its KV)."""
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._parked = False
+            self._cv.notify_all()
+
+    def _admissible(self) -> Iterator[_Sequence]:
+        """Waiting sequences, in order, whose adapter holds its device slot: a sequence's first
+        visit starts its request's claim; one whose claim failed ends with that error. The caller
+        holds ``_cv`` and takes the sequences it admits with ``_take_waiting``."""
+        for seq in list(self._waiting):
+            claim = seq.request.claim
+            if claim is not None:
+                try:
+                    slot = claim.poll(self._wake)
+                except Exception as exc:  # noqa: BLE001 - the request gets it
+                    self._take_waiting(seq)
+                    self._finish(seq, "error", error=f"the adapter could not be loaded: {exc}",
+                                 error_code=ADAPTER_UNAVAILABLE)
+                    continue
+                if slot is None:
+                    continue  # still on its way to the device; later sequences may go first
+                seq.request.slot = slot
+            yield seq
+
+    def _take_waiting(self, seq: _Sequence) -> None:
+        self._waiting.remove(seq)
+        self._queued_tokens -= seq.prefill_cost
 
     def _pop_waiting(self) -> _Sequence:
         seq = self._waiting.popleft()

@@ -15,7 +15,9 @@ from adapters.errors import (
     DatasetValidationError,
 )
 from adapters.tiers import NoFreeSlotError
-from gateway.engine import QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, QueueFullError
+from gateway.engine import (
+    ADAPTER_UNAVAILABLE, QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, QueueFullError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ def engine_error(message: str, code: str | None) -> APIError:
         return QueueTimeoutError(message, headers={"Retry-After": "1"})
     if code == SHUTTING_DOWN:
         return ShuttingDownError(message)
+    if code == ADAPTER_UNAVAILABLE:
+        return ServiceUnavailableError(message, code=ADAPTER_UNAVAILABLE)
     return GenerationFailedError(message)
 
 

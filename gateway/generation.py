@@ -4,13 +4,14 @@ tokenize, hold the adapter for the request's lifetime, and collect the engine's 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterLease, AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.errors import BadRequestError, ModelNotFoundError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id
@@ -108,6 +109,29 @@ class Generation:
     @property
     def total_completion_tokens(self) -> int:
         return sum(self.completion_tokens.values())
+
+
+class LeaseSlotClaim:
+    """The engine's claim on a lease's device slot (``gateway.engine.SlotClaim``): polled on the
+    engine thread, claimed on the event loop, shared by the engine requests of one API request."""
+
+    def __init__(self, lease: AdapterLease, loop: asyncio.AbstractEventLoop):
+        self.lease = lease
+        self.loop = loop
+        self.future: concurrent.futures.Future | None = None
+
+    def poll(self, wake: Callable[[], None]) -> int | None:
+        if self.future is None:
+            self.future = asyncio.run_coroutine_threadsafe(self.lease.claim_device(wait=True), self.loop)
+            self.future.add_done_callback(lambda _: wake())
+        if not self.future.done():
+            return None
+        return self.future.result()
+
+    def cancel(self) -> None:
+        """The request is done: stop a claim still waiting for a slot (on the event loop)."""
+        if self.future is not None:
+            self.future.cancel()
 
 
 class GenerationService:
@@ -208,8 +232,9 @@ class GenerationService:
         lease = None
         try:
             if adapter_id is not None:
-                # the lease pins this version of the adapter (a replace or delete waits for it)
-                lease = await self.registry.acquire(adapter_id)
+                # the lease pins this version of the adapter (a replace or delete waits for it) and
+                # its CPU copy; its device slot is claimed when the engine is ready to run it
+                lease = await self.registry.reserve(adapter_id)
                 for ids in prompts:  # prompt tuning adds positions the plain length check did not see
                     self._check_length(ids, prompt_param, lease.entry.virtual_tokens)
         except Exception as exc:
@@ -218,9 +243,10 @@ class GenerationService:
             record.error_type = _error_type(exc)
             self._close(record)
             raise
-        slot = 0 if lease is None else lease.slot
-        cache_key = "" if lease is None else lease.entry.record.content_hash  # prefix-cache identity
         loop = asyncio.get_running_loop()
+        claim = None if lease is None else LeaseSlotClaim(lease, loop)
+        cache_key = "" if lease is None else lease.entry.record.content_hash  # prefix-cache identity
+        virtual_tokens = 0 if lease is None else lease.entry.virtual_tokens
         generation = Generation(prompt_tokens=record.prompt_tokens, choices=len(prompts) * n, record=record)
         remaining = [len(prompts)]
 
@@ -228,6 +254,7 @@ class GenerationService:
             remaining[0] -= 1
             if remaining[0] == 0:
                 if lease is not None:
+                    claim.cancel()
                     lease.release()
                 self._finish(generation)
 
@@ -245,8 +272,9 @@ class GenerationService:
 
         try:
             for i, ids in enumerate(prompts):
-                request = EngineRequest(prompt_ids=ids, slot=slot, params=params, sink=sink_for(i * n), n=n,
-                                        on_done=lambda: loop.call_soon_threadsafe(release), cache_key=cache_key)
+                request = EngineRequest(prompt_ids=ids, slot=0, params=params, sink=sink_for(i * n), n=n,
+                                        on_done=lambda: loop.call_soon_threadsafe(release), cache_key=cache_key,
+                                        claim=claim, virtual_tokens=virtual_tokens)
                 self.engine.submit(request)
                 generation.requests.append(request)
         except Exception as exc:

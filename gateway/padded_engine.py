@@ -35,12 +35,14 @@ class PaddedEngine(Engine):
         budget = self.max_prefill_tokens
         with self._cv:
             self._sweep_waiting()
-            while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
-                seq = self._waiting[0]
+            for seq in self._admissible():
+                if len(self._running) + len(admitted) >= self.max_batch_size:
+                    break
                 if admitted and seq.prefill_cost > budget:
                     break  # the first sequence always goes, however long
                 budget -= seq.prefill_cost
-                admitted.append(self._pop_waiting())
+                self._take_waiting(seq)
+                admitted.append(seq)
         return admitted
 
     def _drop_finished(self) -> None:

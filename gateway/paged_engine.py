@@ -87,8 +87,9 @@ class PagedEngine(Engine):
         bs = self.blocks.block_size
         with self._cv:
             self._sweep_waiting()
-            while self._waiting and len(self._running) < self.max_batch_size:
-                seq = self._waiting[0]
+            for seq in self._admissible():
+                if len(self._running) >= self.max_batch_size:
+                    break
                 length = self._length(seq)
                 # the last entry is always computed: its logits choose the next token
                 keys = block_keys(seq.request.cache_key, self._entries(seq, 0, length - 1), bs)
@@ -99,7 +100,8 @@ class PagedEngine(Engine):
                     break
                 self.blocks.count_query(len(keys) * bs, len(hits) * bs)
                 seq.blocks, seq.block_keys, seq.computed = hits, keys[:len(hits)], len(hits) * bs
-                self._running.append(self._pop_waiting())
+                self._take_waiting(seq)
+                self._running.append(seq)
 
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, tokens to compute) for this step, within the step's token budget."""

@@ -244,3 +244,22 @@ def test_concurrent_requests_on_every_kind_equal_each_alone(make_client):
         together = [f.result(TIMEOUT) for f in futures]
     assert together == alone
     assert len({tuple(a) for a in alone}) > len(prompts)  # the adapters changed some outputs
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "padded"])
+def test_waiting_requests_hold_no_device_slot(make_client, kv_cache):
+    """One device slot, three adapters, all requests queued at once: a request claims its
+    adapter's slot only when it enters the batch, so none gets a 429 for a slot that another
+    request is merely waiting with; they run one adapter after the other."""
+    client = make_client(max_device_adapters=1, slot_wait_seconds=0.2, max_batch_size=1, kv_cache=kv_cache)
+    engine = gateway_of(client).engine
+    models = list(ADAPTERS) * 2
+    with ThreadPoolExecutor(len(models)) as pool:
+        with engine_held(engine):
+            futures = [pool.submit(client.post, "/v1/chat/completions", json=chat_body(m)) for m in models]
+            wait_until(lambda: engine.queue_depth == len(models), "every request is queued")
+            time.sleep(0.5)  # more than slot_wait_seconds: a request holding the slot would 429 the others
+        responses = [f.result(TIMEOUT) for f in futures]
+    assert [r.status_code for r in responses] == [200] * len(models), [r.text for r in responses]
+    registry = gateway_of(client).registry
+    assert all(registry.get(m).device_users == 0 for m in ADAPTERS)  # every claim went back

@@ -20,6 +20,7 @@ class Item:
     weights: object = None
     slot: int | None = None
     in_flight: int = 0
+    device_users: int = 0
     pinned: bool = False
 
 
@@ -196,24 +197,63 @@ def test_cpu_tier_keeps_busy_items_over_capacity_until_released():
     run(main())
 
 
-# ---- never evicted: in flight, pinned ----------------------------------------------------------
-def test_in_flight_and_pinned_are_never_evicted():
+# ---- never evicted: claimed, pinned ---------------------------------------------------------------
+def test_claimed_and_pinned_are_never_evicted():
     async def main():
         s = make(device_slots=2, slot_wait_seconds=0.01)
-        busy, pinned, cold = Item("busy"), Item("pinned"), Item("cold")
-        busy.in_flight = 1
-        await s.tiers.to_device(busy)
+        busy, pinned, cold = Item("busy", in_flight=1), Item("pinned"), Item("cold")
+        await s.tiers.claim(busy)
         await s.tiers.pin(pinned)
         with pytest.raises(NoFreeSlotError, match="2 device adapter slots are busy"):
-            await s.tiers.to_device(cold)
+            await s.tiers.claim(cold)
         assert tiers_of([busy, pinned, cold]) == {"busy": DEVICE, "pinned": DEVICE, "cold": CPU}
         assert s.events.counts["evicted", DEVICE] == 0
         check_consistent(s, [busy, pinned, cold])
-        busy.in_flight = 0  # now the busy one is idle and may go
+        assert s.tiers.unclaim(busy)  # now the busy one is idle and may go
         await s.tiers.released()
-        await s.tiers.to_device(cold)
+        await s.tiers.claim(cold)
         assert tiers_of([busy, pinned, cold]) == {"busy": CPU, "pinned": DEVICE, "cold": DEVICE}
         check_consistent(s, [busy, pinned, cold])
+
+    run(main())
+
+
+def test_a_queued_request_does_not_hold_the_device():
+    """An adapter whose requests are only waiting (in flight, not claimed) gives its device slot to
+    a claim, and keeps its CPU copy: waiting requests never starve other adapters of slots."""
+    async def main():
+        s = make(device_slots=1, cpu_capacity=1, slot_wait_seconds=0.01)
+        queued, running = Item("queued", in_flight=1), Item("running", in_flight=1)
+        await s.tiers.to_device(queued)  # it was on the device, but no row of the batch uses it
+        assert await s.tiers.claim(running) == 1
+        assert tiers_of([queued, running]) == {"queued": CPU, "running": DEVICE}
+        assert queued.weights is not None  # in flight: its CPU copy stays even over capacity
+
+    run(main())
+
+
+def test_a_waiting_claim_outlasts_the_slot_wait_and_gets_the_next_free_slot():
+    async def main():
+        s = make(device_slots=1, slot_wait_seconds=0.01)
+        a, b = Item("a", in_flight=1), Item("b", in_flight=1)
+        await s.tiers.claim(a)
+        waiting = asyncio.create_task(s.tiers.claim(b, wait=True))
+        await asyncio.sleep(0.1)  # ten slot waits
+        assert not waiting.done() and b.slot is None
+        s.tiers.unclaim(a)
+        await s.tiers.released()
+        assert await waiting == 1 and b.device_users == 1 and a.slot is None
+        check_consistent(s, [a, b])
+
+    run(main())
+
+
+def test_to_cpu_loads_once_for_concurrent_callers_and_takes_no_slot():
+    async def main():
+        s = make(device_slots=1)
+        item = Item("x", in_flight=2)
+        await asyncio.gather(s.tiers.to_cpu(item), s.tiers.to_cpu(item))
+        assert s.disk.loads["x"] == 1 and item.weights is not None and item.slot is None
 
     run(main())
 
@@ -222,13 +262,13 @@ def test_a_request_waits_for_a_slot_to_free():
     async def main():
         s = make(device_slots=1, slot_wait_seconds=30)
         a, b = Item("a", in_flight=1), Item("b", in_flight=1)
-        await s.tiers.to_device(a)
-        waiting = asyncio.create_task(s.tiers.to_device(b))
+        await s.tiers.claim(a)
+        waiting = asyncio.create_task(s.tiers.claim(b))
         await until(lambda: b.weights is not None, "b loaded into CPU")
         for _ in range(5):
             await asyncio.sleep(0)
         assert not waiting.done() and b.slot is None
-        a.in_flight = 0
+        s.tiers.unclaim(a)
         await s.tiers.released()
         slot = await waiting
         assert b.slot == slot and a.slot is None
@@ -241,12 +281,12 @@ def test_no_free_slot_error_leaves_state_clean_and_a_later_try_works():
     async def main():
         s = make(device_slots=1, slot_wait_seconds=0.01)
         a, b = Item("a", in_flight=1), Item("b", in_flight=1)
-        await s.tiers.to_device(a)
+        await s.tiers.claim(a)
         for _ in range(2):  # a failed wait must not leave anything behind that blocks the next
             with pytest.raises(NoFreeSlotError):
                 await s.tiers.to_device(b)
             assert b.slot is None and s.device.installs == 1
-        a.in_flight = 0
+        s.tiers.unclaim(a)
         await s.tiers.released()
         assert await s.tiers.to_device(b) == 1
         check_consistent(s, [a, b])
@@ -406,7 +446,7 @@ def test_a_pin_that_cannot_get_a_slot_is_undone():
     async def main():
         s = make(device_slots=1, slot_wait_seconds=0.01)
         busy, other = Item("busy", in_flight=1), Item("other")
-        await s.tiers.to_device(busy)
+        await s.tiers.claim(busy)
         with pytest.raises(NoFreeSlotError):
             await s.tiers.pin(other)
         assert not other.pinned and other.slot is None

@@ -1,0 +1,253 @@
+"""The paged engine against PEFT, the reference: every kind mixed in one packed forward, chunked
+prefill, prefix-cache hits, preemption under a tiny KV pool, and a failing adapter that fails
+only its own rows. Plus the block manager's bookkeeping."""
+
+from __future__ import annotations
+
+import copy
+import random
+import threading
+import warnings
+
+import pytest
+import torch
+from support import build_tiny_llama, make_peft_adapter
+from test_runtime_equivalence import VARIANTS, load, prompt_ids, ref_greedy, ref_logits, rel_err
+
+from adapters.runtime import AdapterRuntime
+from gateway.engine import EngineRequest, SequenceEvent
+from gateway.kv_blocks import BlockManager, OutOfBlocksError, block_keys
+from gateway.paged_attention import KVPool
+from gateway.paged_engine import PagedEngine
+from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
+from gateway.sampling import SamplingParams
+
+TOL = 1e-4
+STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A runtime holding one adapter of every variant, with PEFT's reference model of each."""
+    base = build_tiny_llama()
+    root = tmp_path_factory.mktemp("paged")
+    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=len(VARIANTS) + 1, dtype=torch.float32)
+    slots, refs = {"base": 0}, {"base": base}
+    for i, (name, (kind, overrides)) in enumerate(VARIANTS.items()):
+        refs[name] = make_peft_adapter(base, kind, root / name, seed=10 + i, scale=0.5, **overrides)
+        slots[name] = runtime.install(load(runtime, root / name))
+    return runtime, slots, refs
+
+
+def make_runner(runtime, blocks: int = 256, block_size: int = 4) -> PagedRunner:
+    config = runtime.model.config
+    pool = KVPool(config.num_hidden_layers, blocks, block_size, config.num_key_value_heads,
+                  config.hidden_size // config.num_attention_heads, torch.float32, torch.device("cpu"))
+    return PagedRunner(runtime.model, runtime, pool)
+
+
+def make_engine(runtime, tokenizer, *, blocks=256, block_size=4, max_step_tokens=8, **kw) -> PagedEngine:
+    options = {"context_window": 128, "max_batch_size": 16, "max_prefill_tokens": 64, "max_queued_requests": 64,
+               "eos_token_ids": set(), **kw}
+    return PagedEngine(make_runner(runtime, blocks, block_size), tokenizer, blocks=BlockManager(blocks, block_size),
+                       max_step_tokens=max_step_tokens, **options)
+
+
+class Tokens:
+    """Collects a request's token count and finish; the engine reports text, so tests read the
+    token ids it sampled from the sequence's own list through ``sink`` events count."""
+
+    def __init__(self):
+        self.events: list[SequenceEvent] = []
+        self.done = threading.Event()
+
+    def sink(self, event: SequenceEvent) -> None:
+        self.events.append(event)
+
+    def on_done(self) -> None:
+        self.done.set()
+
+    @property
+    def finish(self) -> SequenceEvent:
+        return self.events[-1]
+
+
+def run_greedy(engine: PagedEngine, requests: list[tuple[list[int], int, str]], steps: int = STEPS):
+    """Submit every (prompt, slot, cache key) at once and return each one's sampled token ids."""
+    sampled: dict[int, list[int]] = {}
+    originals = engine._emit
+
+    def spy(seqs, logits):  # record the tokens each sequence samples
+        originals(seqs, logits)
+        for seq in seqs:
+            sampled[seq.request.id] = list(seq.tokens)
+
+    engine._emit = spy
+    collectors = []
+    for prompt, slot, key in requests:
+        c = Tokens()
+        request = EngineRequest(prompt_ids=prompt, slot=slot, params=SamplingParams(max_tokens=steps, temperature=0),
+                                sink=c.sink, on_done=c.on_done, cache_key=key)
+        engine.submit(request)
+        collectors.append((request, c))
+    engine.start()
+    try:
+        for _, c in collectors:
+            assert c.done.wait(60), "request did not finish"
+    finally:
+        engine.stop()
+    return [sampled.get(r.id, []) for r, _ in collectors], [c for _, c in collectors]
+
+
+def test_packed_forward_of_every_kind_matches_peft(mixed):
+    """One packed forward: a whole prompt of every variant (and the base), each row's logits equal
+    PEFT's for its adapter alone."""
+    runtime, slots, refs = mixed
+    runner = make_runner(runtime)
+    names = list(slots)
+    prompts = [prompt_ids(5 + 2 * i, seed=40 + i) for i in range(len(names))]
+    per = 8  # blocks per row, disjoint tables
+    logits = runner.prefill(prompts, [slots[n] for n in names],
+                            [list(range(i * per, (i + 1) * per)) for i in range(len(names))])
+    for row, name in enumerate(names):
+        assert rel_err(logits[row], ref_logits(refs[name], prompts[row])) <= TOL, name
+
+
+def test_chunked_prefill_with_offset_matches_peft(mixed):
+    """A prompt computed in chunks of 3 (the later chunks attend to cached positions) gives PEFT's
+    last logits, for a prompt-tuning adapter whose virtual tokens span the first chunks."""
+    runtime, slots, refs = mixed
+    runner = make_runner(runtime)
+    ids = prompt_ids(17, seed=3)
+    entries = virtual_entries(runner.virtual_tokens(slots["prompt11"])) + ids
+    table = list(range(16))
+    for start in range(0, len(entries), 3):
+        chunk = entries[start:start + 3]
+        logits = runner.forward([StepItem(slots["prompt11"], chunk, start, table,
+                                          want_logits=start + len(chunk) == len(entries))])
+    assert rel_err(logits[-1], ref_logits(refs["prompt11"], ids)) <= TOL
+
+
+def test_engine_greedy_text_matches_peft_with_chunks_and_mixed_kinds(mixed, tiny_tokenizer):
+    """Every variant and the base at once through the engine (prefills chunked by a budget of 8
+    tokens per step while others decode): each row's greedy tokens equal PEFT's alone."""
+    runtime, slots, refs = mixed
+    names = list(slots)
+    prompts = {n: prompt_ids(6 + 3 * i, seed=60 + i) for i, n in enumerate(names)}
+    got, _ = run_greedy(make_engine(runtime, tiny_tokenizer), [(prompts[n], slots[n], n) for n in names])
+    for name, tokens in zip(names, got, strict=True):
+        assert tokens == ref_greedy(refs[name], prompts[name]), name
+
+
+def test_prefix_cache_hits_only_the_same_adapter_and_keeps_results(mixed, tiny_tokenizer):
+    runtime, slots, refs = mixed
+    shared = prompt_ids(24, seed=5)
+    engine = make_engine(runtime, tiny_tokenizer, max_step_tokens=64)
+    first, _ = run_greedy(engine, [(shared + [7, 8], slots["lora"], "lora-v1")])
+    assert engine.blocks.hit_tokens == 0
+    assert engine.blocks.cached > 0  # the finished sequence's full blocks stay for reuse
+
+    engine2 = make_engine(runtime, tiny_tokenizer, max_step_tokens=64)
+    engine2.blocks, engine2.runner = engine.blocks, engine.runner  # same pool, a new thread
+    again, _ = run_greedy(engine2, [(shared + [9, 10], slots["lora"], "lora-v1")])
+    assert engine.blocks.hit_tokens == 24  # six full blocks of the shared prefix
+    assert again[0] == ref_greedy(refs["lora"], shared + [9, 10])
+
+    engine3 = make_engine(runtime, tiny_tokenizer, max_step_tokens=64)
+    engine3.blocks, engine3.runner = engine.blocks, engine.runner
+    other, _ = run_greedy(engine3, [(shared + [9, 10], slots["ia3"], "ia3-v1")])
+    assert engine.blocks.hit_tokens == 24  # another adapter never reuses those blocks
+    assert other[0] == ref_greedy(refs["ia3"], shared + [9, 10])
+    engine.blocks.check()
+
+
+def test_preemption_under_a_tiny_pool_keeps_every_result(mixed, tiny_tokenizer):
+    """A pool of 40 blocks of 4 tokens (160 positions) cannot hold eight rows of ~30 positions:
+    rows are preempted and recomputed, and every row still gives PEFT's greedy tokens."""
+    runtime, slots, refs = mixed
+    names = ["lora", "ia3", "prompt5", "base", "lora_qv", "ia3_ff", "prompt11", "lora_rslora_r8"]
+    prompts = {n: prompt_ids(14 + i, seed=80 + i) for i, n in enumerate(names)}
+    engine = make_engine(runtime, tiny_tokenizer, blocks=40, max_step_tokens=16, context_window=48)
+    got, collectors = run_greedy(engine, [(prompts[n], slots[n], n) for n in names], steps=12)
+    assert engine.preemptions > 0
+    for name, tokens in zip(names, got, strict=True):
+        assert tokens == ref_greedy(refs[name], prompts[name], steps=12), name
+    assert all(c.finish.finish_reason == "length" for c in collectors)
+    engine.blocks.check()
+    assert engine.blocks.used == 0  # every block went back
+
+
+def test_failing_adapter_fails_alone(tiny_tokenizer, tmp_path):
+    """An adapter whose forward raises ends its own rows with an error; the rows of other
+    adapters in the same batch finish with the tokens they give alone."""
+    base = build_tiny_llama()
+    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=4, dtype=torch.float32)
+    good_ref = make_peft_adapter(base, "lora", tmp_path / "good", seed=1)
+    make_peft_adapter(base, "lora", tmp_path / "bad", seed=2)
+    good = runtime.install(load(runtime, tmp_path / "good"))
+    bad = runtime.install(load(runtime, tmp_path / "bad"))
+    bank = runtime.layer("model.layers.0.self_attn.q_proj").banks["lora"]
+    a_t, b_t = bank.weights[bad]
+    bank.weights[bad] = (a_t, b_t[:, :3])  # a broken shape: its matmul raises
+
+    prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
+    got, collectors = run_greedy(make_engine(runtime, tiny_tokenizer),
+                                 [(prompts[0], good, "g"), (prompts[1], bad, "b"), (prompts[2], 0, "")])
+    assert collectors[1].finish.error_code == "generation_failed"
+    assert got[0] == ref_greedy(good_ref, prompts[0])
+    assert got[2] == ref_greedy(base, prompts[2])
+
+
+# ---- block manager ---------------------------------------------------------------------------------
+def test_blocks_are_shared_cached_then_evicted_lru():
+    m = BlockManager(num_blocks=4, block_size=2)
+    keys = block_keys("a", [1, 2, 3, 4, 5], 2)
+    assert len(keys) == 2
+    first = [m.allocate(), m.allocate()]
+    for block, key in zip(first, keys, strict=True):
+        m.publish(block, key)
+    assert m.match_prefix(keys) == first  # shared while the first holder runs
+    m.release(first)
+    m.release(first)
+    assert (m.used, m.cached, m.available) == (0, 2, 4)
+    assert m.match_prefix(block_keys("b", [1, 2, 3, 4], 2)) == []  # another adapter: no hit
+    taken = [m.allocate() for _ in range(3)]  # two free, then the least recently released cached one
+    assert first[0] in taken and first[1] not in taken
+    assert m.match_prefix(keys) == []  # the chain starts at the evicted block: no hit
+    with pytest.raises(OutOfBlocksError):
+        m.allocate(), m.allocate()
+    m.check()
+
+
+def test_block_manager_invariants_under_random_use():
+    rng = random.Random(0)
+    m = BlockManager(num_blocks=16, block_size=2)
+    held: list[list[int]] = []
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.4:
+            tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 9))]
+            keys = block_keys("x", tokens, 2)
+            blocks = m.match_prefix(keys)
+            try:
+                for index in range(len(blocks), len(keys)):
+                    blocks.append(m.allocate())
+                    m.publish(blocks[-1], keys[index])
+            except OutOfBlocksError:
+                m.release(blocks)
+                continue
+            held.append(blocks)
+        elif held:
+            m.release(held.pop(rng.randrange(len(held))))
+        m.check()
+    for blocks in held:
+        m.release(blocks)
+    assert m.used == 0
+    m.check()
