@@ -121,12 +121,15 @@ def health_problems(send: Callable[[dict[str, Any]], Sent], base_url: str, infer
     return problems
 
 
-def known_ids(send: Callable[[dict[str, Any]], Sent], base_url: str, admin_headers: dict[str, str]) -> dict[str, list[str]]:
-    """Ids that exist, by path parameter name, so fuzzing reaches past the 404."""
-    status, _, text = send({"method": "GET", "url": base_url + "/admin/adapters", "headers": admin_headers})
-    body = json.loads(text) if status == 200 else {}
-    adapters = [a["id"] for a in (body.get("data", []) if isinstance(body, dict) else body)]
-    return {"adapter_id": adapters}
+def known_ids(send: Callable[[dict[str, Any]], Sent], base_url: str, auths: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """Names that exist, so fuzzing reaches past the 404: ``adapter_id`` (a path parameter) and
+    ``model`` (a body field: every model ``/v1/models`` lists)."""
+    status, _, text = send({"method": "GET", "url": base_url + "/admin/adapters", "headers": auths["admin"]})
+    adapters = [a["id"] for a in json.loads(text)["data"]] if status == 200 else []
+    status, _, text = send({"method": "GET", "url": base_url + "/v1/models",
+                            "headers": auths.get("inference", {})})
+    models = [card["id"] for card in json.loads(text)["data"]] if status == 200 else []
+    return {"adapter_id": adapters, "model": models}
 
 
 def auth_variants(inference_key: str | None, admin_key: str) -> dict[str, dict[str, str]]:
@@ -153,15 +156,23 @@ def fuzz(schema, send: Callable[[dict[str, Any]], Sent], base_url: str, auths: d
     operations = [result.ok() for result in schema.get_all_operations()]
     # deletes last, so the other operations still find the known ids
     for operation in sorted(operations, key=lambda op: op.method.upper() == "DELETE"):
-        runs = [(GenerationMode.POSITIVE, None)]
+        known_ids = known_ids or {}
+        # runs on known names send the key the route needs: a 401 there would waste the name
+        needed = "admin" if operation.path.startswith("/admin") else "inference"
+        right_key = {needed: auths[needed]} if needed in auths else auths
+        # (generation mode, fixed path parameters, models for the body, keys)
+        runs: list[tuple[Any, dict[str, str] | None, list[str] | None, dict]] = [
+            (GenerationMode.POSITIVE, None, None, auths)]
         if operation.body or operation.query or operation.headers:
-            runs.append((GenerationMode.NEGATIVE, None))
+            runs.append((GenerationMode.NEGATIVE, None, None, auths))
         names = [p.name for p in operation.path_parameters]
-        if names and known_ids and all(known_ids.get(n) for n in names):
-            runs += [(GenerationMode.POSITIVE, {n: known_ids[n][i % len(known_ids[n])] for n in names})
+        if names and all(known_ids.get(n) for n in names):
+            runs += [(GenerationMode.POSITIVE, {n: known_ids[n][i % len(known_ids[n])] for n in names}, None, right_key)
                      for i in range(max(len(known_ids[n]) for n in names))]
-        for mode, path_parameters in runs:
-            run = _operation_run(operation, mode, path_parameters, send, base_url, auths, cases, seed, report)
+        if known_ids.get("model") and _body_has(operation, "model"):
+            runs.append((GenerationMode.POSITIVE, None, known_ids["model"], right_key))
+        for mode, path_parameters, models, keys in runs:
+            run = _operation_run(operation, mode, path_parameters, models, send, base_url, keys, cases, seed, report)
             try:
                 run()
             except (Unsatisfiable, SchemathesisError) as exc:  # nothing left to generate for this run
@@ -169,9 +180,15 @@ def fuzz(schema, send: Callable[[dict[str, Any]], Sent], base_url: str, auths: d
     return report
 
 
-def _operation_run(operation, mode, path_parameters: dict[str, str] | None, send: Callable[[dict[str, Any]], Sent], base_url: str,
+def _body_has(operation, name: str) -> bool:
+    """The operation's JSON body schema names property ``name``."""
+    return any(name in json.dumps(body.definition) for body in operation.body)
+
+
+def _operation_run(operation, mode, path_parameters: dict[str, str] | None, models: list[str] | None, send: Callable[[dict[str, Any]], Sent], base_url: str,
                    auths: dict[str, dict[str, str]], cases: int, seed: int, report: FuzzReport) -> Callable[[], None]:
-    """A hypothesis test sending up to ``cases`` requests of ``operation`` in ``mode``."""
+    """A hypothesis test sending up to ``cases`` requests of ``operation`` in ``mode``; with
+    ``models``, each body's ``model`` is one of them."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
@@ -180,8 +197,10 @@ def _operation_run(operation, mode, path_parameters: dict[str, str] | None, send
     @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(generation_mode=mode, path_parameters=path_parameters),
-           auth=st.sampled_from(sorted(auths)))
-    def run(case, auth: str) -> None:
+           auth=st.sampled_from(sorted(auths)), model=st.sampled_from(models or [""]))
+    def run(case, auth: str, model: str) -> None:
+        if models and isinstance(case.body, dict):
+            case.body["model"] = model
         kwargs = case.as_transport_kwargs(base_url=base_url, headers=auths[auth])
         status, content_type, text = send(kwargs)
         report.counts[(operation.label, status)] += 1
@@ -280,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, data, log)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     import schemathesis
 
     inference_key, admin_key = "fuzz-inference-key-0123456789", "fuzz-admin-key-0123456789abcdef"
@@ -290,12 +310,18 @@ def main(argv: list[str] | None = None) -> int:
         schema = schemathesis.openapi.from_dict(client.get(url + "/openapi.json").json())
         auths = auth_variants(inference_key, admin_key)
         report = FuzzReport()
-        ids = known_ids(send, url, auths["admin"])
+        ids = known_ids(send, url, auths)
+        # deleting the known adapters would leave later rounds only 404s: that goes last, once
         for round_ in range(50):  # small operations run out of distinct cases: more rounds, new seeds
-            fuzz(schema, send, url, auths, cases=args.cases, seed=args.seed + round_, known_ids=ids, report=report)
+            fuzz(schema.exclude(method="DELETE"), send, url, auths, cases=args.cases, seed=args.seed + round_,
+                 known_ids=ids, report=report)
+            fuzz(schema.include(method="DELETE"), send, url, auths, cases=args.cases, seed=args.seed + round_,
+                 report=report)
             log.info("round %d: %d requests so far", round_ + 1, report.total)
             if report.total >= args.requests:
                 break
+        fuzz(schema.include(method="DELETE"), send, url, auths, cases=args.cases, seed=args.seed,
+             known_ids=ids, report=report)
         health = health_problems(send, url, auths["inference"])
         left = leftovers(data_dir)
     print(report.table())

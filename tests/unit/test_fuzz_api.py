@@ -19,7 +19,7 @@ from test_api import make_adapters, make_base, make_settings
 INFERENCE_KEY = "unit-inference-key-0123456789"
 ADMIN_KEY = "unit-admin-key-0123456789abcdef"
 BASE_URL = "http://testserver"
-CASES = 5  # per operation and run: ~230 requests, about 15 s here
+CASES = 5  # per operation and run: ~180 requests, about 15 s here
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +40,17 @@ def test_fuzz_every_route_with_and_without_keys(served):
     send = sender(client)
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
     auths = auth_variants(INFERENCE_KEY, ADMIN_KEY)
-    ids = known_ids(send, BASE_URL, auths["admin"])
+    ids = known_ids(send, BASE_URL, auths)
     assert sorted(ids["adapter_id"]) == ["ia3-a", "lora-a", "pt-a"]
+    assert sorted(ids["model"]) == ["ia3-a", "lora-a", "pt-a", "tiny"]
     report = fuzz(schema, send, BASE_URL, auths, cases=CASES, seed=1, known_ids=ids, report=FuzzReport())
     routes = {route for route, _ in report.counts}
     print(report.table())
     assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /admin/adapters"} <= routes
-    assert report.total >= 200
-    assert ("POST /admin/adapters/{adapter_id}/pin", 200) in report.counts  # the known ids were reached
+    assert report.total >= 150
+    # the known ids and models were reached
+    assert ("POST /admin/adapters/{adapter_id}/pin", 200) in report.counts
+    assert ("POST /v1/chat/completions", 200) in report.counts and ("POST /v1/completions", 200) in report.counts
     assert any(status == 401 for _, status in report.counts)  # the keys were exercised both ways
     assert any(status == 200 for _, status in report.counts)
     problems = check_all(report, health_problems(send, BASE_URL, auths["inference"]), leftovers(data_dir))
