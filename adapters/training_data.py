@@ -30,12 +30,11 @@ BOS token when the tokenizer has one distinct from EOS.
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from adapters.chat_template import render_chat, template_kwargs
 from adapters.errors import DatasetValidationError
 
 IGNORE_INDEX = -100
@@ -204,50 +203,18 @@ def parse_dataset(data: bytes, *, max_lines: int = 100_000, max_line_bytes: int 
     return ParsedDataset(format=fmt or "chat", conversations=conversations, problems=problems)
 
 
-def _template_kwargs(tokenizer) -> dict:
-    try:
-        params = inspect.signature(tokenizer.apply_chat_template).parameters
-    except (TypeError, ValueError):
-        return {}
-    kwargs = {}
-    if "return_dict" in params:
-        kwargs["return_dict"] = False
-    if "sanitize_control_tokens" in params:
-        kwargs["sanitize_control_tokens"] = True
-    return kwargs
-
-
-def _as_ids(out) -> list[int]:
-    """Normalise what ``apply_chat_template(tokenize=True)`` returns (list, dict/BatchEncoding, tensor)."""
-    if isinstance(out, Mapping):
-        out = out["input_ids"]
-    if hasattr(out, "tolist"):
-        out = out.tolist()
-    out = list(out)
-    if len(out) == 1 and isinstance(out[0], (list, tuple)):
-        out = list(out[0])
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
-        raise TypeError(f"apply_chat_template returned {type(out).__name__} that is not a list of token ids")
-    return out
-
-
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, kwargs: dict) -> list[int]:
-    return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                                 tokenize=True, **kwargs))
-
-
 def _tokenize_with_template(tokenizer, messages: list[dict], kwargs: dict) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, messages[:i], True, kwargs)
+        prefix = render_chat(tokenizer, messages[:i], generation_prompt=True, kwargs=kwargs)
         if prefix[:len(ids)] != ids:
             raise _LineProblem(f"chat template is not prefix-stable: the prompt for messages[{i}] does not "
                                "start with the tokens of the conversation before it")
         labels += [IGNORE_INDEX] * (len(prefix) - len(ids))
-        turn = _render(tokenizer, messages[:i + 1], False, kwargs)
+        turn = render_chat(tokenizer, messages[:i + 1], generation_prompt=False, kwargs=kwargs)
         if len(turn) <= len(prefix) or turn[:len(prefix)] != prefix:
             raise _LineProblem(f"chat template is not prefix-stable: messages[{i}] does not render as its "
                                "prompt followed by the answer tokens")
@@ -284,7 +251,7 @@ def tokenize_dataset(parsed: ParsedDataset, tokenizer, *, max_seq_len: int,
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     use_template = bool(getattr(tokenizer, "chat_template", None))
-    kwargs = _template_kwargs(tokenizer) if use_template else {}
+    kwargs = template_kwargs(tokenizer) if use_template else {}
     examples: list[TrainingExample] = []
     problems = list(parsed.problems)
     for conv in parsed.conversations:

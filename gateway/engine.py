@@ -24,7 +24,7 @@ import torch
 
 from gateway.background import BackgroundWork
 from gateway.detokenize import IncrementalText
-from gateway.sampling import SamplingParams, choose_tokens, make_generator
+from gateway.sampling import RowFailure, SamplingParams, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,9 @@ class Engine:
         tokens = choose_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         for seq, token in zip(seqs, tokens, strict=True):
             if seq.done:
+                continue
+            if isinstance(token, RowFailure):  # this row alone: the batch goes on
+                self._finish(seq, "error", error=token.message, error_code=GENERATION_FAILED)
                 continue
             seq.tokens.append(token)
             if token in self.eos_token_ids:

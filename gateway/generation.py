@@ -11,11 +11,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from jinja2 import TemplateError
+
+from adapters.chat_template import render_chat, template_kwargs
 from adapters.registry import AdapterLease, AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.errors import BadRequestError, ModelNotFoundError
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id
-from gateway.sampling import SamplingParams
+from gateway.sampling import SamplingParams, SamplingValueError
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -144,6 +147,7 @@ class GenerationService:
         self.context_window = context_window
         self.settings = settings
         self.max_prompt_tokens = min(settings.max_prompt_tokens or context_window, context_window)
+        self._template_kwargs = template_kwargs(tokenizer)
         self.model_router: ModelRouter | None = None  # experiments pick a model for their name
         self.observers: list[RecordObserver] = []  # each gets every finished RequestRecord
 
@@ -187,30 +191,54 @@ class GenerationService:
         if max_tokens is not None and max_tokens > s.max_tokens_limit:
             param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
             raise BadRequestError(f"{param} is {max_tokens}; the limit is {s.max_tokens_limit}", param=param)
-        return SamplingParams(max_tokens=max_tokens or s.default_max_tokens, temperature=body.temperature,
-                              top_p=body.top_p, seed=body.seed, stop=tuple(stop))
+        try:  # tiny temperatures become greedy, tiny top_p the top token (see gateway.sampling)
+            return SamplingParams(max_tokens=max_tokens or s.default_max_tokens, temperature=body.temperature,
+                                  top_p=body.top_p, seed=body.seed, stop=tuple(stop))
+        except SamplingValueError as exc:
+            raise BadRequestError(str(exc), param=exc.param) from None
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    # ---- prompts: sizes are checked first, then templating and tokenization run off the event loop
+    async def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequestError(
                 f"the model '{self.base_name}' has no chat template; use /v1/completions, or start the "
                 "gateway with GATEWAY_CHAT_TEMPLATE set to a template file", param="messages")
+        if len(body.messages) > self.settings.max_messages:
+            raise BadRequestError(f"{len(body.messages)} messages; the limit is {self.settings.max_messages}",
+                                  param="messages")
         try:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
         except ValueError as exc:
             raise BadRequestError(str(exc), param="messages") from None
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._check_length(self.tokenizer.encode(text, add_special_tokens=False), "messages")
+        self._check_chars([m["content"] for m in messages], "messages")
+        try:
+            # control tokens typed in a message stay plain text: only the template writes turns
+            ids = await asyncio.to_thread(render_chat, self.tokenizer, messages, generation_prompt=True,
+                                          kwargs=self._template_kwargs)
+        except TemplateError as exc:  # the template's own raise_exception(), e.g. roles out of order
+            raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
+        return self._check_length(ids, "messages")
 
-    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+    async def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         prompts = body.prompts()
         if not prompts or len(prompts) > self.settings.max_n:
             raise BadRequestError(f"prompt must hold 1 to {self.settings.max_n} strings", param="prompt")
         if len(prompts) * body.n > self.settings.max_n:
             raise BadRequestError(f"{len(prompts)} prompts x n={body.n} exceeds the limit of "
                                   f"{self.settings.max_n} choices", param="n")
-        return [self._check_length(self.tokenizer.encode(p), "prompt") for p in prompts]
+        self._check_chars(prompts, "prompt")
+        # a raw prompt is the client's whole text, control tokens included (as OpenAI's completions)
+        encoded = await asyncio.to_thread(lambda: [self.tokenizer.encode(p) for p in prompts])
+        return [self._check_length(ids, "prompt") for ids in encoded]
+
+    def _check_chars(self, texts: list[str], param: str) -> None:
+        """Refuse text too long to be worth tokenizing (the token limit is checked after)."""
+        total = sum(len(t) for t in texts)
+        if total > self.settings.max_prompt_chars:
+            raise BadRequestError(f"the prompt has {total} characters; the limit is "
+                                  f"{self.settings.max_prompt_chars}", param=param,
+                                  code="context_length_exceeded")
 
     def _check_length(self, ids: list[int], param: str, virtual_tokens: int = 0) -> list[int]:
         if not ids:

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
         "with an error (code shutting_down) and the process exits."))
     max_prompt_tokens: int | None = Field(None, ge=1, description=(
         "Longest prompt accepted, in tokens (default: the model's context window)."))
+    max_prompt_chars: int = Field(262_144, ge=1, description=(
+        "Most characters in a request's prompt (all messages, or all prompt strings), checked before "
+        "templating and tokenizing."))
+    max_messages: int = Field(1024, ge=1, description="Most messages in a chat completion request.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")

