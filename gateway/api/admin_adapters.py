@@ -6,18 +6,18 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.archive import ArchiveLimits
 from adapters.registry import AdapterRegistry
-from gateway.auth import check_admin_key
+from gateway.auth import admin_key_scheme
 from gateway.errors import BadRequestError
 from gateway.uploads import stage_source_folder, stage_uploads, staging_folder
 
-router = APIRouter(prefix="/admin/adapters", dependencies=[Depends(check_admin_key)])
+router = APIRouter(prefix="/admin/adapters", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 MAX_FORM_FILES = 3  # config, weights and a model card
 MAX_FORM_FIELDS = 4
 MAX_JSON_BODY = 64 * 1024

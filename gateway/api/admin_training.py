@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -16,12 +16,12 @@ from starlette.datastructures import UploadFile
 from adapters.errors import DatasetValidationError
 from adapters.training.config import TrainingConfig
 from adapters.training.prepare import describe_problems
-from gateway.auth import check_admin_key
+from gateway.auth import admin_key_scheme
 from gateway.errors import APIError, BadRequestError, ServiceUnavailableError
 from gateway.training.jobs import TrainingJobError, TrainingJobs
 from gateway.training.store import TERMINAL, TrainingJobRecord
 
-router = APIRouter(prefix="/admin/training-jobs", dependencies=[Depends(check_admin_key)])
+router = APIRouter(prefix="/admin/training-jobs", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 MAX_CONFIG_FIELD_BYTES = 64 * 1024
 KEEPALIVE_SECONDS = 15.0
 

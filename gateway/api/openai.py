@@ -7,18 +7,20 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.auth import check_inference_key
+from gateway.auth import inference_key_scheme, rate_limit_error, request_key
 from gateway.errors import engine_error, error_body
 from gateway.generation import ChoiceEvent, Generation, GenerationService, RequestRecord
+from gateway.sampling import SamplingParams
 from gateway.protocol import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage, now,
 )
 from gateway.shutdown import refuse_while_draining
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(check_inference_key), Depends(refuse_while_draining)])
+# keys are checked by gateway.auth.AccessGuard before the body is read; the scheme documents them
+router = APIRouter(prefix="/v1", dependencies=[Security(inference_key_scheme), Depends(refuse_while_draining)])
 
 
 def get_service(request: Request) -> GenerationService:
@@ -47,6 +49,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     record = service.begin(body, request.headers, "chat")
     params = service.sampling_params(body)
     prompt = service.chat_prompt(body)
+    _reserve_tokens(request, record, [prompt], params, body.n)
     generation = await service.start(record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
@@ -64,6 +67,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     record = service.begin(body, request.headers, "completions")
     params = service.sampling_params(body)
     prompts = service.completion_prompts(body)
+    _reserve_tokens(request, record, prompts, params, body.n)
     generation = await service.start(record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
@@ -74,6 +78,23 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None}
                     for i in range(generation.choices)],
     }), record)
+
+
+def _reserve_tokens(request: Request, record: RequestRecord, prompts: list[list[int]], params: SamplingParams,
+                    n: int) -> None:
+    """Bind the request to its key and reserve the most tokens it can use against the key's
+    tokens-per-minute limit (the rest is given back when it ends: ``app.count_key_usage``). Called
+    right before ``start``, which always ends in the record's observers, so no reservation leaks."""
+    key = request_key(request)
+    if key is None:
+        return
+    record.api_key_id = key.id
+    gateway = request.app.state.gateway
+    cost = sum(len(p) for p in prompts) + len(prompts) * n * params.max_tokens
+    refusal = gateway.keys.reserve(key, record.completion_id, cost)
+    if refusal is not None:
+        gateway.metrics.key_refused(key.name, refusal.limit)
+        raise rate_limit_error(refusal)
 
 
 def _experiment_field(record: RequestRecord) -> dict[str, Any]:

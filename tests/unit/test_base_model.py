@@ -73,7 +73,7 @@ def test_invalid_settings_are_refused(monkeypatch, env):
 
 def test_api_keys_from_comma_separated_env(monkeypatch):
     monkeypatch.setenv("GATEWAY_API_KEYS", "one, two,,")
-    assert Settings().api_keys == ["one", "two"]
+    assert [(k.key, k.name) for k in Settings().api_keys] == [("one", "key-1"), ("two", "key-2")]
 
 
 def test_cli_reports_invalid_settings(capsys):
