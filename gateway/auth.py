@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
 ADMIN_PREFIX = "/admin"
+OPEN_BODY_BYTES = 64 * 1024
 
 # for OpenAPI only (the guard does the checking): lets generated clients and fuzzers send keys
 admin_key_scheme = HTTPBearer(scheme_name="AdminKey", auto_error=False,
@@ -73,12 +74,11 @@ class AccessGuard:
             return
         gateway = getattr(scope["app"].state, "gateway", None)
         path = scope["path"]
-        if path in OPEN_PATHS or gateway is None:
-            # probes answer before start; anything else before start gets the same 503 as a bad key would
-            if gateway is None and path not in OPEN_PATHS:
-                await self._refuse(ServiceUnavailableError("the gateway is starting"), scope, receive, send)
-                return
-            await self.app(scope, limited_receive(receive, 64 * 1024), send)
+        if path in OPEN_PATHS:  # probes, metrics and docs: GETs, no body worth reading
+            await self.app(scope, limited_receive(receive, OPEN_BODY_BYTES), send)
+            return
+        if gateway is None:  # not started: no keys to check against yet
+            await self._refuse(ServiceUnavailableError("the gateway is starting"), scope, receive, send)
             return
         headers = dict(scope["headers"])
         settings = gateway.settings

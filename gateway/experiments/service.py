@@ -145,7 +145,8 @@ class ExperimentService:
         async with self._lock:
             experiment = self.get(name)
             if experiment.state == "promoted":
-                raise ExperimentConflictError(f"the experiment '{name}' was already promoted ('{experiment.winner}' won)")
+                raise ExperimentConflictError(
+                    f"the experiment '{name}' was already promoted ('{experiment.winner}' won)")
             if arm not in {a.name for a in experiment.arms}:
                 raise ExperimentValidationError(f"the experiment '{name}' has no arm '{arm}'", param="arm")
             if not self._is_model(arm):
