@@ -49,8 +49,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     record = service.begin(body, request.headers, "chat")
     params = service.sampling_params(body)
     prompt = service.chat_prompt(body)
-    _reserve_tokens(request, record, [prompt], params, body.n)
-    generation = await service.start(record, [prompt], params, body.n, "messages")
+    generation = await _start(request, service, record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -67,8 +66,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     record = service.begin(body, request.headers, "completions")
     params = service.sampling_params(body)
     prompts = service.completion_prompts(body)
-    _reserve_tokens(request, record, prompts, params, body.n)
-    generation = await service.start(record, prompts, params, body.n, "prompt")
+    generation = await _start(request, service, record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -80,14 +78,13 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     }), record)
 
 
-def _reserve_tokens(request: Request, record: RequestRecord, prompts: list[list[int]], params: SamplingParams,
-                    n: int) -> None:
-    """Bind the request to its key and reserve the most tokens it can use against the key's
-    tokens-per-minute limit (the rest is given back when it ends: ``app.count_key_usage``). Called
-    right before ``start``, which always ends in the record's observers, so no reservation leaks."""
+async def _start(request: Request, service: GenerationService, record: RequestRecord, prompts: list[list[int]],
+                 params: SamplingParams, n: int, prompt_param: str) -> Generation:
+    """Bind the request to its key, reserve the most tokens it can use against the key's tokens
+    per minute (the unused part is given back when it ends: ``app.count_key_usage``), and start it."""
     key = request_key(request)
     if key is None:
-        return
+        return await service.start(record, prompts, params, n, prompt_param)
     record.api_key_id = key.id
     gateway = request.app.state.gateway
     cost = sum(len(p) for p in prompts) + len(prompts) * n * params.max_tokens
@@ -95,6 +92,13 @@ def _reserve_tokens(request: Request, record: RequestRecord, prompts: list[list[
     if refusal is not None:
         gateway.metrics.key_refused(key.name, refusal.limit)
         raise rate_limit_error(refusal)
+    try:
+        return await service.start(record, prompts, params, n, prompt_param)
+    except BaseException:
+        # a failed start has run the record's observers (which settled), unless it was cancelled
+        # while waiting for a slot: settle here too (a second settle does nothing)
+        gateway.keys.settle(record.completion_id, record.prompt_tokens)
+        raise
 
 
 def _experiment_field(record: RequestRecord) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -255,7 +256,12 @@ def test_tokens_per_minute_reserve_and_settle(client):
     assert response.status_code == 200, response.text
     usage = response.json()["usage"]
     gateway = client.app.state.gateway
-    assert gateway.keys._reserved == {}  # settled when the request ended
+    # settled by the request's observers, which run on the event loop once the engine released the
+    # request: possibly just after the response was sent
+    deadline = time.monotonic() + 30
+    while gateway.keys._reserved and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gateway.keys._reserved == {}
     metrics = client.get("/metrics").text
     assert f'gateway_key_tokens_total{{key="delta",kind="prompt"}} {float(usage["prompt_tokens"])}' in metrics
     assert f'gateway_key_tokens_total{{key="delta",kind="completion"}} {float(usage["completion_tokens"])}' in metrics
