@@ -18,7 +18,6 @@ whether the size was declared up front or counted while the body streamed in.
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request

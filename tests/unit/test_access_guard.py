@@ -33,7 +33,7 @@ KEYS = [{"key": "key-alpha-000", "name": "alpha"},
         {"key": "key-delta-000", "name": "delta", "tpm": 40}]
 ALPHA, BETA, GAMMA, DELTA = ({"Authorization": f"Bearer {k['key']}"} for k in KEYS)
 MB = 1 << 20
-JSON_LIMIT, UPLOAD_LIMIT = 2048, 16384
+JSON_LIMIT, UPLOAD_LIMIT, ADAPTER_LIMIT = 2048, 65536, 30000
 
 
 def make_app(data_dir: Path, adapters_dir: Path):
@@ -43,7 +43,7 @@ def make_app(data_dir: Path, adapters_dir: Path):
     settings = Settings(quantization="none", device="cpu", adapters_dir=adapters_dir, data_dir=data_dir,
                         admin_key=ADMIN_KEY, api_keys=json.dumps(KEYS), max_tokens_limit=64, default_max_tokens=2,
                         max_body_bytes=4096, max_admin_json_bytes=JSON_LIMIT, max_upload_bytes=UPLOAD_LIMIT,
-                        max_training_dataset_bytes=6000)
+                        max_training_dataset_bytes=6000, max_adapter_bytes=ADAPTER_LIMIT)
     return create_app(settings, base=base)
 
 
@@ -164,6 +164,11 @@ def test_json_registration_and_upload_limits(client):
     files = [("files", ("adapter_config.json", b"{" + b" " * (3 * JSON_LIMIT) + b"}"))]
     error = assert_error(client.post("/admin/adapters", headers=ADMIN, files=files), 400, code="invalid_adapter")
     assert "adapter_model.safetensors" in error["message"]
+    # a file over its own limit, within the upload limit: the same 413
+    files = [("files", ("adapter_config.json", b"{}")), ("files", ("adapter_model.safetensors", b"\0" * 40000))]
+    error = assert_error(client.post("/admin/adapters", headers=ADMIN, files=files), 413, code="payload_too_large",
+                         param="files")
+    assert "adapter_model.safetensors" in error["message"] and str(ADAPTER_LIMIT) in error["message"]
     # past the upload limit, while the multipart parser reads: 413, not "the form could not be read"
     big = [("files", ("adapter_model.safetensors", b"\0" * (2 * UPLOAD_LIMIT)))]
 
