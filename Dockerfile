@@ -1,6 +1,10 @@
 # CUDA image for the gateway. Build: docker build -t adapter-gateway .
-# Run:   docker run --gpus all -p 8000:8000 -v gateway-data:/data adapter-gateway
+# Run:   docker run --gpus all -p 8000:8000 -e GATEWAY_API_KEYS=<long random key> -v gateway-data:/data \
+#          adapter-gateway
 # (mount your adapters with -v /path/to/adapters:/adapters -e GATEWAY_ADAPTERS_DIR=/adapters)
+# The container listens on 0.0.0.0, so it refuses to start without an inference key; set
+# GATEWAY_ALLOW_UNAUTHENTICATED=true only when something in front of it authenticates clients.
+# The admin key is generated into /data/admin_key at first start unless GATEWAY_ADMIN_KEY is set.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \

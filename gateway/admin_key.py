@@ -3,9 +3,11 @@ so admin routes are never open even when the operator configured nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,13 +28,25 @@ def resolve_admin_key(configured: str | None, data_dir: Path) -> str:
             return key
     data_dir.mkdir(parents=True, exist_ok=True)
     key = "gwadm-" + secrets.token_urlsafe(32)
-    # O_EXCL on a temp name + rename: never a half-written or world-readable key file
-    tmp = path.with_name(f".{ADMIN_KEY_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_private(path, key + "\n")
     log.warning("no admin key configured: generated one and stored it in %s (owner-only)", path.resolve())
     return key
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, owner-only from its first byte.
+
+    The temp file gets a unique random name (mkstemp: O_EXCL, mode 0600), so a leftover from a
+    crashed or failed start never blocks a later one, and it is removed when anything fails
+    before the rename; a leftover from a killed process is only an inert hidden file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -32,7 +32,9 @@ from gateway.paged_engine import PagedEngine
 from gateway.errors import install_error_handlers
 from gateway.experiments.service import ExperimentService, attach_experiments
 from gateway.generation import GenerationService, RequestRecord
-from gateway.limits import BodySizeLimit
+from gateway.auth import AccessGuard
+from gateway.keys import KeyRing
+from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 from gateway.training.jobs import TrainingJobs
@@ -60,6 +62,7 @@ class Gateway:
     draining: bool = False  # shutting down: /readyz and new /v1 requests answer 503 (gateway/shutdown.py)
     experiments: ExperimentService | None = None
     training: TrainingJobs | None = None
+    keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # inference keys and their limits
 
 
 def eos_ids(base: LoadedBase) -> set[int]:
@@ -101,7 +104,10 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     registry.on_removed.append(metrics.forget_adapter)
     service.observers.append(lambda record: count_request(record, registry, metrics, service.base_name))
     admin_key = resolve_admin_key(settings.admin_key, settings.data_dir)
-    gateway = Gateway(settings, base, runtime, engine, registry, service, admin_key, metrics, started=int(time.time()))
+    keys = KeyRing(settings.api_keys, KeyLimits(settings.key_max_concurrent, settings.key_rpm, settings.key_tpm))
+    service.observers.append(lambda record: count_key_usage(record, keys, metrics))
+    gateway = Gateway(settings, base, runtime, engine, registry, service, admin_key, metrics, started=int(time.time()),
+                      keys=keys)
     gateway.experiments = attach_experiments(settings.data_dir / DATABASE_FILE, settings, service, registry,
                                              metrics.registry)
     gateway.training = attach_training(gateway, settings.data_dir / DATABASE_FILE)
@@ -117,6 +123,14 @@ def count_request(record: RequestRecord, registry: AdapterRegistry, metrics: Gat
     metrics.request_finished(record.adapter_id or base_name, ttft=record.ttft_s, latency=record.latency_s or 0.0,
                              prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
                              error_type=record.error_type)
+
+
+def count_key_usage(record: RequestRecord, keys: KeyRing, metrics: GatewayMetrics) -> None:
+    """Give back the unused part of the request's token reservation; count its tokens by key name."""
+    keys.settle(record.completion_id, record.prompt_tokens + record.completion_tokens)
+    key = keys.by_id(record.api_key_id)
+    if key is not None:
+        metrics.key_used(key.name, record.prompt_tokens, record.completion_tokens)
 
 
 async def load_adapters_dir(gateway: Gateway, folder: Path) -> None:
@@ -158,8 +172,7 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
             await asyncio.to_thread(gateway.experiments.close)
 
     app = FastAPI(title="adapter-gateway", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, prefix="/v1/")
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, prefix="/admin/")
+    app.add_middleware(AccessGuard)  # keys and limits before any body byte is read
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(openai.router)

@@ -1,43 +1,126 @@
-"""Bearer-key checks: inference keys for /v1, the admin key for /admin."""
+"""Who may send what, decided before any byte of a request body is read.
+
+``AccessGuard`` is ASGI middleware in front of every route. For each HTTP request it:
+
+1. picks the area from the path: open probes and docs (``OPEN_PATHS``), ``/admin`` (admin key),
+   everything else (inference keys, when any are configured) — unknown paths are guarded too;
+2. checks the bearer key (401 in OpenAI's shape), then the key's concurrency and request-rate
+   limits (429 with Retry-After); nothing of the body has been read at that point, so a client
+   without a key costs the server a header parse, whatever it sends;
+3. only then lets the body through, under the area's size limit (413 past it).
+
+The matched inference key is left in ``request.state.api_key`` for the routes (token limits,
+feedback binding); its request slot is released when the route's response has been sent.
+"""
 
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi import Request
+from fastapi.security import HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import AuthenticationError
+from gateway.errors import APIError, AuthenticationError, RateLimitError, ServiceUnavailableError, error_response
+from gateway.keys import ApiKey
+from gateway.limits import declared_too_large, is_upload, limited_receive
+from gateway.rate_limits import Refusal
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                        "/redoc"})
+ADMIN_PREFIX = "/admin"
+OPEN_BODY_BYTES = 64 * 1024
+
+# for OpenAPI only (the guard does the checking): lets generated clients and fuzzers send keys
+admin_key_scheme = HTTPBearer(scheme_name="AdminKey", auto_error=False,
+                              description="The admin key (GATEWAY_ADMIN_KEY, or DATA_DIR/admin_key).")
+inference_key_scheme = HTTPBearer(scheme_name="InferenceKey", auto_error=False,
+                                  description="An inference key (GATEWAY_API_KEYS), when any is configured.")
 
 
-def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def bearer_token(headers: dict[bytes, bytes]) -> str | None:
+    header = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def key_matches(token: str | None, keys: list[str]) -> bool:
-    # compare against every key in constant time, so timing does not reveal a near match
-    found = False
-    for key in keys:
-        found |= token is not None and hmac.compare_digest(token.encode(), key.encode())
-    return found
+def key_matches(token: str | None, key: str) -> bool:
+    return token is not None and hmac.compare_digest(token.encode(), key.encode())
 
 
-def check_inference_key(request: Request) -> None:
-    keys: list[str] = request.app.state.gateway.settings.api_keys
-    if not keys:
-        return
-    token = bearer_token(request)
-    if token is None:
-        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
-    if not key_matches(token, keys):
-        raise AuthenticationError("incorrect API key provided")
+def is_admin_path(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
 
 
-def check_admin_key(request: Request) -> None:
-    """Admin routes are never open: a key is always set (configured or generated at start)."""
-    token = bearer_token(request)
-    if token is None:
-        raise AuthenticationError("missing admin key: send 'Authorization: Bearer <admin key>'")
-    if not key_matches(token, [request.app.state.gateway.admin_key]):
-        raise AuthenticationError("incorrect admin key provided")
+def rate_limit_error(refusal: Refusal) -> RateLimitError:
+    header = refusal.retry_after_header
+    return RateLimitError(refusal.message, headers={"Retry-After": header} if header else None)
+
+
+def request_key(request: Request) -> ApiKey | None:
+    """The inference key the guard matched for this request (None: keys are not configured)."""
+    return getattr(request.state, "api_key", None)
+
+
+class AccessGuard:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gateway = getattr(scope["app"].state, "gateway", None)
+        path = scope["path"]
+        if path in OPEN_PATHS:  # probes, metrics and docs: GETs, no body worth reading
+            await self.app(scope, limited_receive(receive, OPEN_BODY_BYTES), send)
+            return
+        if gateway is None:  # not started: no keys to check against yet
+            await self._refuse(ServiceUnavailableError("the gateway is starting"), scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        settings = gateway.settings
+        key: ApiKey | None = None
+        if is_admin_path(path):
+            if not key_matches(bearer_token(headers), gateway.admin_key):
+                await self._refuse(_auth_error(headers, "admin key"), scope, receive, send)
+                return
+            max_bytes = settings.max_upload_bytes if is_upload(scope) else settings.max_admin_json_bytes
+        else:
+            if gateway.keys.enabled:
+                key = gateway.keys.authenticate(bearer_token(headers))
+                if key is None:
+                    await self._refuse(_auth_error(headers, "API key"), scope, receive, send)
+                    return
+            max_bytes = settings.max_body_bytes
+        too_large = declared_too_large(scope, max_bytes)
+        if too_large is not None:
+            await self._refuse(too_large, scope, receive, send)
+            return
+        if key is None:
+            await self.app(scope, limited_receive(receive, max_bytes), send)
+            return
+        refusal = key.limiter.admit()
+        if refusal is not None:
+            gateway.metrics.key_refused(key.name, refusal.limit)
+            await self._refuse(rate_limit_error(refusal), scope, receive, send)
+            return
+        gateway.metrics.key_admitted(key.name)
+        scope.setdefault("state", {})["api_key"] = key
+        try:
+            await self.app(scope, limited_receive(receive, max_bytes), send)
+        finally:
+            key.limiter.release()
+
+    @staticmethod
+    async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+        # the body is never read: the server closes the connection after this response
+        await error_response(error)(scope, receive, send)
+
+
+def _auth_error(headers: dict[bytes, bytes], what: str) -> AuthenticationError:
+    if bearer_token(headers) is None:
+        return AuthenticationError(f"missing {what}: send 'Authorization: Bearer <{what}>'")
+    return AuthenticationError(f"incorrect {what} provided")

@@ -34,10 +34,13 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from gateway.app import create_app
-
+    from gateway.exposure import check_exposure
     from gateway.shutdown import GatewayServer
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = check_exposure(settings)
+    if problem is not None:
+        sys.exit(f"adapter-gateway: {problem}")
     app = create_app(settings)
     # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),

@@ -1,9 +1,24 @@
-"""Typed API errors and the one place that renders every error in OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``."""
+"""The one place that decides every error's HTTP status and renders it in OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``.
+
+Two kinds of errors reach it:
+
+- domain errors (``gateway/domain_errors.py``, ``adapters/errors.py``, the engine's and the tiers'
+  errors): typed, HTTP-free; ``DOMAIN_ERRORS`` maps each class (or its nearest registered base)
+  to a status, an error ``type`` and a ``code``. A domain adds its classes with
+  ``register_domain_error``; ``install_error_handlers`` handles every ``DomainError`` subclass,
+  registered before or after it ran;
+- ``APIError`` subclasses, raised by the HTTP layer itself (authentication, rate limits, request
+  checks that belong to the API, not to a domain).
+
+A body larger than its limit is always ``PayloadTooLargeError`` (413, ``payload_too_large``),
+whether the size was declared up front or counted while the body streamed in.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,12 +26,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import (
-    AdapterConflictError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
+    AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
     DatasetValidationError,
 )
 from adapters.tiers import NoFreeSlotError
+from gateway.domain_errors import DomainError
 from gateway.engine import (
     ADAPTER_UNAVAILABLE, QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, QueueFullError,
+)
+from gateway.experiments.errors import (
+    CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
+    UnknownArmModelError,
 )
 
 log = logging.getLogger(__name__)
@@ -62,15 +82,27 @@ class ConflictError(APIError):
     code = "conflict"
 
 
-class PayloadTooLargeError(APIError):
+class PayloadTooLargeError(APIError, StarletteHTTPException):
+    """A request body (or one part of it) larger than its limit. Also a Starlette HTTP exception:
+    raised while FastAPI reads a body, only those pass through unchanged (others become a 400)."""
+
     status = 413
     code = "payload_too_large"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        APIError.__init__(self, message, param=param)
+        self.status_code = self.status
+        self.detail = message
+
+    @classmethod
+    def over(cls, max_bytes: int, what: str = "the request body", param: str | None = None) -> PayloadTooLargeError:
+        return cls(f"{what} is larger than the limit of {max_bytes} bytes", param=param)
 
 
 class RateLimitError(APIError):
     status = 429
     type = "rate_limit_error"
-    code = "overloaded"
+    code = "rate_limit_exceeded"
 
 
 class ServiceUnavailableError(APIError):
@@ -108,8 +140,66 @@ def engine_error(message: str, code: str | None) -> APIError:
     return GenerationFailedError(message)
 
 
+@dataclass(frozen=True)
+class ErrorSpec:
+    """How one domain error class is answered."""
+
+    status: int
+    type: str
+    code: str | None = None
+    param: str | None = None  # when the error names none itself
+    retry_after: int | None = None  # seconds, sent as Retry-After
+    prefix: str = ""  # put before the error's own message
+
+
+BUSY = ErrorSpec(429, "rate_limit_error", "overloaded", retry_after=1, prefix="the server is busy: ")
+
+DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
+    AdapterNotFoundError: ErrorSpec(404, "not_found_error", "model_not_found", param="model"),
+    AdapterValidationError: ErrorSpec(400, "invalid_request_error", "invalid_adapter"),
+    DatasetValidationError: ErrorSpec(400, "invalid_request_error", "invalid_dataset"),
+    AdapterConflictError: ErrorSpec(409, "conflict_error", "conflict"),
+    AdapterUnavailableError: ErrorSpec(503, "server_error", "adapter_unavailable"),
+    QueueFullError: BUSY,
+    NoFreeSlotError: BUSY,
+    EngineStoppedError: ErrorSpec(503, "server_error", SHUTTING_DOWN),
+    ExperimentValidationError: ErrorSpec(400, "invalid_request_error"),
+    UnknownArmModelError: ErrorSpec(400, "invalid_request_error", "model_not_found"),
+    ExperimentNotFoundError: ErrorSpec(404, "not_found_error", "experiment_not_found"),
+    CompletionNotFoundError: ErrorSpec(404, "not_found_error", "completion_not_found"),
+    ExperimentConflictError: ErrorSpec(409, "conflict_error", "conflict"),
+}
+
+
+def register_domain_error(cls: type[Exception], status: int, type_: str, code: str | None = None, *,
+                          param: str | None = None, retry_after: int | None = None) -> None:
+    """Give a domain's error class its answer (call it at import of the domain's HTTP wiring)."""
+    DOMAIN_ERRORS[cls] = ErrorSpec(status, type_, code, param, retry_after)
+
+
+def domain_error_spec(exc: BaseException) -> ErrorSpec | None:
+    """The row of the nearest registered class of ``exc``; None when it has none."""
+    for cls in type(exc).__mro__:
+        if cls in DOMAIN_ERRORS:
+            return DOMAIN_ERRORS[cls]
+    return None
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: BaseException) -> JSONResponse | None:
+    """The response for an ``APIError`` or a registered domain error; None for anything else."""
+    if isinstance(exc, APIError):
+        return _render(exc)
+    spec = domain_error_spec(exc)
+    if spec is None:
+        return None
+    message = spec.prefix + (getattr(exc, "message", None) or str(exc))
+    headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
+    return JSONResponse(error_body(message, spec.type, getattr(exc, "param", None) or spec.param, spec.code),
+                        status_code=spec.status, headers=headers)
 
 
 def _render(exc: APIError) -> JSONResponse:
@@ -146,38 +236,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, APIError):  # PayloadTooLargeError raised while a body was read
+            return _render(exc)
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        code = "payload_too_large" if exc.status_code == 413 else None
-        return JSONResponse(error_body(str(exc.detail), type_, None, code), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), type_, None, None), status_code=exc.status_code,
+                            headers=exc.headers)
 
-    @app.exception_handler(AdapterNotFoundError)
-    async def _adapter_missing(_: Request, exc: AdapterNotFoundError) -> JSONResponse:
-        return _render(ModelNotFoundError(str(exc), param="model"))
+    async def _domain(_: Request, exc: Exception) -> JSONResponse:
+        response = error_response(exc)
+        if response is None:  # a base class without a row of its own: a bug, not the client's fault
+            return await _unexpected(_, exc)
+        return response
 
-    @app.exception_handler(AdapterValidationError)
-    async def _adapter_invalid(_: Request, exc: AdapterValidationError) -> JSONResponse:
-        return _render(BadRequestError(str(exc), code="invalid_adapter"))
-
-    @app.exception_handler(AdapterConflictError)
-    async def _adapter_conflict(_: Request, exc: AdapterConflictError) -> JSONResponse:
-        return _render(ConflictError(str(exc)))
-
-    @app.exception_handler(AdapterUnavailableError)
-    async def _adapter_unavailable(_: Request, exc: AdapterUnavailableError) -> JSONResponse:
-        return _render(ServiceUnavailableError(str(exc), code="adapter_unavailable"))
-
-    @app.exception_handler(DatasetValidationError)
-    async def _dataset_invalid(_: Request, exc: DatasetValidationError) -> JSONResponse:
-        return _render(BadRequestError(str(exc), code="invalid_dataset"))
-
-    @app.exception_handler(QueueFullError)
-    @app.exception_handler(NoFreeSlotError)
-    async def _busy(_: Request, exc: Exception) -> JSONResponse:
-        return _render(RateLimitError(f"the server is busy: {exc}", headers={"Retry-After": "1"}))
-
-    @app.exception_handler(EngineStoppedError)
-    async def _stopping(_: Request, exc: Exception) -> JSONResponse:
-        return _render(ShuttingDownError(str(exc)))
+    # DomainError and AdapterError catch subclasses registered later too (looked up at raise time)
+    for cls in {DomainError, AdapterError, *DOMAIN_ERRORS}:
+        app.add_exception_handler(cls, _domain)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -47,6 +47,7 @@ class RequestRecord:
     experiment: str | None = None  # set when an experiment routed the request
     arm: str | None = None  # the model name the experiment picked
     subject: str | None = None  # the experiment's hash of the sticky subject; None: drawn per request
+    api_key_id: str | None = None  # the inference key that sent it (gateway/keys.py ApiKey.id); None: no keys
     created: float = field(default_factory=time.time)  # wall clock, for storage
     start: float = field(default_factory=time.monotonic)
     first_token: float | None = None  # first text sent back

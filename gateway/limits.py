@@ -1,53 +1,44 @@
-"""Request body size limit, enforced while the body streams in (a client-sent Content-Length
-is checked first, but never trusted alone)."""
+"""Request body size limits, enforced while the body streams in: a declared Content-Length over
+the limit is refused before any byte is read, and the bytes actually received are counted (a
+chunked body declares nothing). Used by the access guard (``gateway/auth.py``) after the key
+check, so nobody without a key ever gets a body read."""
 
 from __future__ import annotations
 
-import json
+from starlette.types import Message, Receive, Scope
 
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from gateway.errors import PayloadTooLargeError
 
-from gateway.errors import error_body
-
-
-class BodyTooLarge(StarletteHTTPException):
-    """Raised from ``receive``; FastAPI passes HTTP exceptions raised while reading a body through."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"the request body is larger than {max_bytes} bytes")
+# (method, path) of the routes that take uploads (multipart): they get ``max_upload_bytes``; every
+# other /admin route gets ``max_admin_json_bytes``. A test checks each exists in the app.
+UPLOAD_ROUTES = frozenset({("POST", "/admin/adapters"), ("POST", "/admin/training-jobs")})
 
 
-class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int, prefix: str = "/"):
-        self.app = app
-        self.max_bytes = max_bytes
-        self.prefix = prefix
+def is_upload(scope: Scope) -> bool:
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    return (scope["method"], scope["path"]) in UPLOAD_ROUTES and content_type.startswith(b"multipart/form-data")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
-            return
-        seen = 0
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
+def declared_too_large(scope: Scope, max_bytes: int) -> PayloadTooLargeError | None:
+    """The refusal for a Content-Length above ``max_bytes`` (None: none declared, or within)."""
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        return PayloadTooLargeError.over(max_bytes)
+    return None
 
-        await self.app(scope, limited_receive, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(error_body(f"the request body is larger than {self.max_bytes} bytes",
-                                     "invalid_request_error", None, "payload_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+def limited_receive(receive: Receive, max_bytes: int) -> Receive:
+    """``receive`` that raises ``PayloadTooLargeError`` once more than ``max_bytes`` came in (the
+    error handlers answer 413; FastAPI passes HTTP exceptions raised while reading a body through)."""
+    seen = 0
+
+    async def receive_limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise PayloadTooLargeError.over(max_bytes)
+        return message
+
+    return receive_limited

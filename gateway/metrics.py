@@ -2,7 +2,8 @@
 
 Label cardinality is bounded: the ``adapter`` label is only ever a registered adapter id or the
 base model's name (a request for an unknown model is refused before it is counted), and a deleted
-adapter's series are removed with it.
+adapter's series are removed with it. The ``key`` label is an inference key's configured *name*
+(from settings, so bounded), never the key itself.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class GatewayMetrics(TierEvents):
         self.resident_adapters = Gauge("gateway_adapters_resident", "Adapters held per tier.", ["tier"], registry=r)
         self.queue_depth = Gauge("gateway_queue_depth", "Sequences waiting for the engine.", registry=r)
         self.running_sequences = Gauge("gateway_running_sequences", "Sequences in the running batch.", registry=r)
+        self.key_requests = Counter("gateway_key_requests", "Requests admitted, by inference key name.", ["key"],
+                                    registry=r)
+        self.key_rate_limited = Counter("gateway_key_rate_limited", "Requests refused with 429 by a per-key limit, "
+                                        "by key name and limit (concurrency, requests, tokens).", ["key", "limit"],
+                                        registry=r)
+        self.key_tokens = Counter("gateway_key_tokens", "Tokens used, by key name and kind (prompt, completion).",
+                                  ["key", "kind"], registry=r)
 
     # ---- TierEvents ---------------------------------------------------------------------------------
     def lookup(self, tier: str, hit: bool) -> None:
@@ -68,6 +76,17 @@ class GatewayMetrics(TierEvents):
         self.latency.labels(adapter).observe(latency)
         self.prompt_tokens.labels(adapter).inc(prompt_tokens)
         self.generated_tokens.labels(adapter).inc(completion_tokens)
+
+    # ---- per-key ------------------------------------------------------------------------------------
+    def key_admitted(self, key: str) -> None:
+        self.key_requests.labels(key).inc()
+
+    def key_refused(self, key: str, limit: str) -> None:
+        self.key_rate_limited.labels(key, limit).inc()
+
+    def key_used(self, key: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.key_tokens.labels(key, "prompt").inc(prompt_tokens)
+        self.key_tokens.labels(key, "completion").inc(completion_tokens)
 
     def forget_adapter(self, adapter: str) -> None:
         """Drop a deleted adapter's series, so label values stay the registered ids."""

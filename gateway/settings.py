@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gateway.keys import ApiKeySpec, check_unique, normalize_key_specs
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -33,8 +35,21 @@ class Settings(BaseSettings):
         "Folder whose sub-folders (one per adapter id, PEFT format) are registered at start (changed content replaces)."))
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
-        "Inference API keys (comma-separated in the environment). Empty: no key needed."))
+    api_keys: Annotated[list[ApiKeySpec], NoDecode] = Field(default_factory=list, description=(
+        "Inference API keys: comma-separated keys, or a JSON list of objects {key or sha256, name, "
+        "max_concurrent, rpm, tpm} (sha256: hex digest of the key; name: shown in metrics; the limits "
+        "override the key_* defaults). Empty: /v1 needs no key (only allowed on a loopback host, see "
+        "allow_unauthenticated)."))
+    key_max_concurrent: int | None = Field(None, ge=1, description=(
+        "Default per-key limit on requests in flight at once (429 beyond). Unset: no limit."))
+    key_rpm: int | None = Field(None, ge=1, description=(
+        "Default per-key limit on requests per minute (429 with Retry-After beyond). Unset: no limit."))
+    key_tpm: int | None = Field(None, ge=1, description=(
+        "Default per-key limit on tokens per minute: prompt tokens plus max_tokens for every choice are "
+        "reserved at admission, the unused part returned when the request ends. Unset: no limit."))
+    allow_unauthenticated: bool = Field(False, description=(
+        "Start even though the host is not a loopback address and no inference key is set (anyone who "
+        "reaches the port may generate); a warning is logged. Without it such a start is refused."))
     admin_key: str | None = Field(None, min_length=16, description=(
         "Key for the /admin routes. Unset: one is generated at first start and kept in DATA_DIR/admin_key "
         "(owner-only permissions); the log says where."))
@@ -47,7 +62,10 @@ class Settings(BaseSettings):
     slot_wait_seconds: float = Field(30.0, gt=0, description=(
         "How long a request waits for a device slot when all hold adapters in use, before a 429."))
     max_upload_bytes: int = Field(600 * 1024 * 1024, ge=1024, description=(
-        "Largest request body on /admin routes (adapter uploads, datasets)."))
+        "Largest request body of the /admin upload routes (multipart adapter registration, training "
+        "datasets); counted while it streams in, after the admin key was checked."))
+    max_admin_json_bytes: int = Field(1024 * 1024, ge=1024, description=(
+        "Largest request body of every other /admin route (JSON), after the admin key was checked."))
     max_lora_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
     max_virtual_tokens: int = Field(512, ge=1, description="Most prompt-tuning virtual tokens accepted.")
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest adapter weights file accepted.")
@@ -104,7 +122,18 @@ class Settings(BaseSettings):
     max_training_jobs: int = Field(16, ge=1, description="Training jobs queued or running at once.")
     log_level: str = Field("info", description="Logging level.")
 
-    @field_validator("api_keys", "adapter_source_roots", mode="before")
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _key_specs(cls, value: object) -> object:
+        return normalize_key_specs(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_keys(cls, value: list[ApiKeySpec]) -> list[ApiKeySpec]:
+        check_unique(value)
+        return value
+
+    @field_validator("adapter_source_roots", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

@@ -24,6 +24,7 @@ from adapters.blobs import BLOB_FILES
 from adapters.errors import AdapterValidationError
 from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from adapters.validate import MAX_CONFIG_BYTES
+from gateway.errors import PayloadTooLargeError
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -60,8 +61,8 @@ async def _save(upload: UploadFile, dest: Path, max_bytes: int, what: str) -> No
     with open(dest, "xb") as out:
         while chunk := await upload.read(_CHUNK):
             written += len(chunk)
-            if written > max_bytes:
-                raise AdapterValidationError(f"{what} is larger than the limit of {max_bytes} bytes")
+            if written > max_bytes:  # a part of the request body: the one 413 path
+                raise PayloadTooLargeError.over(max_bytes, what, param="files")
             out.write(chunk)
 
 

@@ -6,21 +6,20 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters.archive import ArchiveLimits
 from adapters.registry import AdapterRegistry
-from gateway.auth import check_admin_key
-from gateway.errors import BadRequestError
+from gateway.auth import admin_key_scheme
+from gateway.errors import BadRequestError, PayloadTooLargeError
 from gateway.uploads import stage_source_folder, stage_uploads, staging_folder
 
-router = APIRouter(prefix="/admin/adapters", dependencies=[Depends(check_admin_key)])
+router = APIRouter(prefix="/admin/adapters", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 MAX_FORM_FILES = 3  # config, weights and a model card
 MAX_FORM_FIELDS = 4
-MAX_JSON_BODY = 64 * 1024
 
 
 class RegisterFromFolder(BaseModel):
@@ -50,16 +49,30 @@ def _flag(value: Any, name: str) -> bool:
     raise BadRequestError(f"{name} must be true or false", param=name)
 
 
-@router.post("", status_code=201)
+FILE = {"type": "string", "format": "binary"}
+REGISTER_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"],
+        "properties": {
+            "files": {"type": "array", "minItems": 1, "maxItems": MAX_FORM_FILES, "items": FILE, "description": (
+                "adapter_config.json and adapter_model.safetensors (a README.md may come along), or one "
+                ".zip / .tar.gz / .tar archive holding them; the part names do not matter, the file names do")},
+            "id": {"type": "string", "maxLength": 64, "description": "Adapter id (default: from the content hash)."},
+            "replace": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"], "default": "false",
+                        "description": "Replace an adapter registered under the same id."},
+        }}},
+    "application/json": {"schema": RegisterFromFolder.model_json_schema()},
+}}}
+
+
+@router.post("", status_code=201, openapi_extra=REGISTER_BODY)
 async def register_adapter(request: Request, registry: RegistryDep) -> JSONResponse:
     gateway = request.app.state.gateway
     settings = gateway.settings
     content_type = request.headers.get("content-type", "")
     with staging_folder(settings.data_dir / "staging") as staging:
         if content_type.startswith("application/json"):
-            raw = await request.body()
-            if len(raw) > MAX_JSON_BODY:
-                raise BadRequestError(f"the JSON body is larger than {MAX_JSON_BODY} bytes")
+            raw = await request.body()  # bounded by max_admin_json_bytes (gateway/auth.py)
             try:
                 body = RegisterFromFolder.model_validate_json(raw)
             except ValidationError as exc:
@@ -72,6 +85,8 @@ async def register_adapter(request: Request, registry: RegistryDep) -> JSONRespo
         elif content_type.startswith("multipart/form-data"):
             try:
                 form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+            except PayloadTooLargeError:
+                raise
             except Exception as exc:  # noqa: BLE001 - starlette raises plain HTTP/multipart errors
                 raise BadRequestError(f"the multipart form could not be read: {getattr(exc, 'detail', exc)}") from None
             try:

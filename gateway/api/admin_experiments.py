@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Security
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.feedback import get_experiments
-from gateway.auth import check_admin_key
+from gateway.auth import admin_key_scheme
 from gateway.experiments.assignment import Arm
 from gateway.experiments.service import ExperimentService, describe
 
-router = APIRouter(prefix="/admin/experiments", dependencies=[Depends(check_admin_key)])
+router = APIRouter(prefix="/admin/experiments", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 ExperimentsDep = Annotated[ExperimentService, Depends(get_experiments)]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the adapter id pattern: both name models

@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -16,12 +16,12 @@ from starlette.datastructures import UploadFile
 from adapters.errors import DatasetValidationError
 from adapters.training.config import TrainingConfig
 from adapters.training.prepare import describe_problems
-from gateway.auth import check_admin_key
-from gateway.errors import APIError, BadRequestError, ServiceUnavailableError
+from gateway.auth import admin_key_scheme
+from gateway.errors import APIError, BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from gateway.training.jobs import TrainingJobError, TrainingJobs
 from gateway.training.store import TERMINAL, TrainingJobRecord
 
-router = APIRouter(prefix="/admin/training-jobs", dependencies=[Depends(check_admin_key)])
+router = APIRouter(prefix="/admin/training-jobs", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 MAX_CONFIG_FIELD_BYTES = 64 * 1024
 KEEPALIVE_SECONDS = 15.0
 
@@ -68,17 +68,28 @@ async def _read_dataset(upload: Any, max_bytes: int) -> bytes:
         raise BadRequestError("send the dataset as a file field named 'dataset' (JSONL)", param="dataset")
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise BadRequestError(f"the dataset is larger than the limit of {max_bytes} bytes", param="dataset",
-                              code="payload_too_large")
+        raise PayloadTooLargeError.over(max_bytes, "the dataset", param="dataset")
     return data
 
 
-@router.post("", status_code=201)
+CREATE_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["dataset"],
+    "properties": {
+        "dataset": {"type": "string", "format": "binary", "description": (
+            "JSONL: one example per line (chat messages, prompt/completion, or instruction/output)")},
+        "config": {"type": "string", "contentMediaType": "application/json", "maxLength": MAX_CONFIG_FIELD_BYTES,
+                   "description": "A JSON object with training config fields (all optional)."},
+    }}}}}}
+
+
+@router.post("", status_code=201, openapi_extra=CREATE_BODY)
 async def create_job(request: Request, jobs: JobsDep) -> JSONResponse:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BadRequestError("send multipart/form-data with a 'dataset' file and a 'config' JSON field")
     try:
         form = await request.form(max_files=1, max_fields=1, max_part_size=MAX_CONFIG_FIELD_BYTES)
+    except PayloadTooLargeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - starlette raises plain HTTP/multipart errors
         raise BadRequestError(f"the multipart form could not be read: {getattr(exc, 'detail', exc)}") from None
     try:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.auth import check_inference_key
+from gateway.auth import inference_key_scheme, request_key
 from gateway.errors import NotFoundError
 from gateway.experiments.service import ExperimentService
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(check_inference_key)])
+router = APIRouter(prefix="/v1", dependencies=[Security(inference_key_scheme)])  # checked by AccessGuard
 MAX_SCORE = 1e6
 
 
@@ -36,8 +36,10 @@ def get_experiments(request: Request) -> ExperimentService:
 
 
 @router.post("/feedback")
-async def post_feedback(body: FeedbackRequest,
+async def post_feedback(body: FeedbackRequest, request: Request,
                         experiments: Annotated[ExperimentService, Depends(get_experiments)]) -> dict[str, Any]:
-    """Feedback on a request an experiment routed (404 for any other id). Sending feedback again
-    for the same id replaces the earlier feedback whole (``replaced: true`` says so)."""
-    return await experiments.feedback(body.id, body.score, body.thumbs)
+    """Feedback on a request an experiment routed, from the key that made it (404 for any other id,
+    and for another key's request). Sending feedback again for the same id replaces the earlier
+    feedback whole (``replaced: true`` says so)."""
+    key = request_key(request)
+    return await experiments.feedback(body.id, body.score, body.thumbs, key.id if key else None)

@@ -7,18 +7,20 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.auth import check_inference_key
+from gateway.auth import inference_key_scheme, rate_limit_error, request_key
 from gateway.errors import engine_error, error_body
 from gateway.generation import ChoiceEvent, Generation, GenerationService, RequestRecord
+from gateway.sampling import SamplingParams
 from gateway.protocol import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage, now,
 )
 from gateway.shutdown import refuse_while_draining
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(check_inference_key), Depends(refuse_while_draining)])
+# keys are checked by gateway.auth.AccessGuard before the body is read; the scheme documents them
+router = APIRouter(prefix="/v1", dependencies=[Security(inference_key_scheme), Depends(refuse_while_draining)])
 
 
 def get_service(request: Request) -> GenerationService:
@@ -47,7 +49,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     record = service.begin(body, request.headers, "chat")
     params = service.sampling_params(body)
     prompt = await service.chat_prompt(body)
-    generation = await service.start(record, [prompt], params, body.n, "messages")
+    generation = await _start(request, service, record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -64,7 +66,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     record = service.begin(body, request.headers, "completions")
     params = service.sampling_params(body)
     prompts = await service.completion_prompts(body)
-    generation = await service.start(record, prompts, params, body.n, "prompt")
+    generation = await _start(request, service, record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -74,6 +76,29 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None}
                     for i in range(generation.choices)],
     }), record)
+
+
+async def _start(request: Request, service: GenerationService, record: RequestRecord, prompts: list[list[int]],
+                 params: SamplingParams, n: int, prompt_param: str) -> Generation:
+    """Bind the request to its key, reserve the most tokens it can use against the key's tokens
+    per minute (the unused part is given back when it ends: ``app.count_key_usage``), and start it."""
+    key = request_key(request)
+    if key is None:
+        return await service.start(record, prompts, params, n, prompt_param)
+    record.api_key_id = key.id
+    gateway = request.app.state.gateway
+    cost = sum(len(p) for p in prompts) + len(prompts) * n * params.max_tokens
+    refusal = gateway.keys.reserve(key, record.completion_id, cost)
+    if refusal is not None:
+        gateway.metrics.key_refused(key.name, refusal.limit)
+        raise rate_limit_error(refusal)
+    try:
+        return await service.start(record, prompts, params, n, prompt_param)
+    except BaseException:
+        # a failed start has run the record's observers (which settled), unless it was cancelled
+        # while waiting for a slot: settle here too (a second settle does nothing)
+        gateway.keys.settle(record.completion_id, record.prompt_tokens)
+        raise
 
 
 def _experiment_field(record: RequestRecord) -> dict[str, Any]:

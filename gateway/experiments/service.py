@@ -22,7 +22,10 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry
 
 from adapters.registry import AdapterRegistry
-from gateway.errors import BadRequestError, ConflictError, NotFoundError
+from gateway.experiments.errors import (
+    CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
+    UnknownArmModelError,
+)
 from gateway.experiments.assignment import Arm, assign_arm, assign_per_request, validate_weights
 from gateway.experiments.metrics import ExperimentMetrics
 from gateway.experiments.results import experiment_results
@@ -35,14 +38,6 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class ExperimentNotFoundError(NotFoundError):
-    code = "experiment_not_found"
-
-
-class CompletionNotFoundError(NotFoundError):
-    code = "completion_not_found"
 
 
 def subject_hash(salt: str, subject: str) -> str:
@@ -105,15 +100,15 @@ class ExperimentService:
             # guards see the experiment from the moment its arms were found registered
             for arm in arms:
                 if not self._is_model(arm.name):
-                    raise BadRequestError(f"the arm '{arm.name}' is neither a registered adapter nor the base "
-                                          "model", param="arms", code="model_not_found")
+                    raise UnknownArmModelError(f"the arm '{arm.name}' is neither a registered adapter nor the "
+                                               "base model", param="arms")
             if name in self._experiments:
-                raise ConflictError(f"an experiment named '{name}' exists", param="name")
+                raise ExperimentConflictError(f"an experiment named '{name}' exists", param="name")
             if self._is_model(name):
-                raise ConflictError(f"'{name}' is already the name of a model; experiments and models share "
+                raise ExperimentConflictError(f"'{name}' is already the name of a model; experiments and models share "
                                     "one namespace", param="name")
             if len(self._experiments) >= self.max_experiments:
-                raise ConflictError(f"{self.max_experiments} experiments exist, the limit; delete one first")
+                raise ExperimentConflictError(f"{self.max_experiments} experiments exist, the limit; delete one first")
             now = time.time()
             header = (subject_header or self.default_subject_header).lower() if stickiness == "header" else None
             experiment = Experiment(name=name, salt=salt if salt is not None else secrets.token_hex(8), arms=arms,
@@ -134,7 +129,7 @@ class ExperimentService:
             experiment = self._running(name, "its weights cannot change")
             unknown = sorted(set(weights) - {arm.name for arm in experiment.arms})
             if unknown:
-                raise BadRequestError(f"the experiment '{name}' has no arm '{unknown[0]}'", param="weights")
+                raise ExperimentValidationError(f"the experiment '{name}' has no arm '{unknown[0]}'", param="weights")
             arms = [Arm(arm.name, weights.get(arm.name, arm.weight)) for arm in experiment.arms]
             _check_arms(arms)
             return await self._update(experiment, arms=arms)
@@ -150,11 +145,12 @@ class ExperimentService:
         async with self._lock:
             experiment = self.get(name)
             if experiment.state == "promoted":
-                raise ConflictError(f"the experiment '{name}' was already promoted ('{experiment.winner}' won)")
+                raise ExperimentConflictError(
+                    f"the experiment '{name}' was already promoted ('{experiment.winner}' won)")
             if arm not in {a.name for a in experiment.arms}:
-                raise BadRequestError(f"the experiment '{name}' has no arm '{arm}'", param="arm")
+                raise ExperimentValidationError(f"the experiment '{name}' has no arm '{arm}'", param="arm")
             if not self._is_model(arm):
-                raise ConflictError(f"the arm '{arm}' is no longer registered", param="arm")
+                raise ExperimentConflictError(f"the arm '{arm}' is no longer registered", param="arm")
             return await self._update(experiment, state="promoted", winner=arm)
 
     async def delete(self, name: str) -> None:
@@ -169,7 +165,7 @@ class ExperimentService:
     def _running(self, name: str, consequence: str) -> Experiment:
         experiment = self.get(name)
         if experiment.state != "running":
-            raise ConflictError(f"the experiment '{name}' is {experiment.state}; {consequence}")
+            raise ExperimentConflictError(f"the experiment '{name}' is {experiment.state}; {consequence}")
         return experiment
 
     async def _update(self, experiment: Experiment, **changes: Any) -> Experiment:
@@ -219,12 +215,15 @@ class ExperimentService:
                          subject=record.subject, endpoint=record.endpoint, ttft_s=record.ttft_s,
                          latency_s=record.latency_s, prompt_tokens=record.prompt_tokens,
                          completion_tokens=record.completion_tokens, error_type=record.error_type,
-                         created=record.created)
+                         created=record.created, api_key_id=record.api_key_id)
         self._db.submit(self.store.add_request, row).add_done_callback(_log_failure)
 
-    async def feedback(self, completion_id: str, score: float | None, thumbs: Thumbs | None) -> dict[str, Any]:
-        """Keep feedback on a recorded request; a second feedback on the same id replaces the first."""
-        row = FeedbackRow(completion_id, score, thumbs, time.time())
+    async def feedback(self, completion_id: str, score: float | None, thumbs: Thumbs | None,
+                       api_key_id: str | None = None) -> dict[str, Any]:
+        """Keep feedback on a recorded request; a second feedback on the same id replaces the first.
+        Only the key that made the request (``api_key_id``; None when no keys are configured) may
+        give it feedback: another key is told the id does not exist, so ids cannot be probed."""
+        row = FeedbackRow(completion_id, score, thumbs, time.time(), api_key_id)
         try:
             request, replaced = await self._run(self.store.put_feedback, row)
         except UnknownCompletionError:
@@ -256,7 +255,7 @@ def _check_arms(arms: list[Arm]) -> None:
     try:
         validate_weights(arms)
     except ValueError as exc:
-        raise BadRequestError(str(exc), param="arms") from None
+        raise ExperimentValidationError(str(exc), param="arms") from None
 
 
 def _log_failure(future: Future) -> None:

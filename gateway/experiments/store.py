@@ -68,6 +68,7 @@ class RequestRow:
     completion_tokens: int
     error_type: str | None
     created: float
+    api_key_id: str | None = None  # the inference key that made it (a hash prefix, never the key)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class FeedbackRow:
     score: float | None
     thumbs: Thumbs | None
     created: float
+    api_key_id: str | None = None  # the key sending it: must be the one that made the request
 
 
 @dataclass
@@ -115,7 +117,8 @@ class ExperimentStore(Protocol):
 
     def put_feedback(self, row: FeedbackRow) -> tuple[RequestRow, bool]:
         """Store feedback for a recorded request, replacing earlier feedback for it. Returns the
-        request and whether feedback was replaced; raises ``UnknownCompletionError``."""
+        request and whether feedback was replaced; raises ``UnknownCompletionError`` when no request
+        has the id, or the request was made with another key than the feedback's."""
 
     def arm_data(self, name: str) -> dict[str, ArmData]: ...
 
@@ -137,7 +140,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS experiment_feedback_by_experiment ON experiment_feedback (experiment)",
 )
 _REQUEST_COLUMNS = ("completion_id, experiment, arm, subject, endpoint, ttft_s, latency_s, prompt_tokens, "
-                    "completion_tokens, error_type, created")
+                    "completion_tokens, error_type, created, api_key_id")
+# columns added after the first release: (table, column, type), added to an older database at open
+_ADDED_COLUMNS = (("experiment_requests", "api_key_id", "TEXT"),)
 
 
 class SqliteExperimentStore:
@@ -152,6 +157,9 @@ class SqliteExperimentStore:
         with self._transaction() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            for table, column, type_ in _ADDED_COLUMNS:
+                if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {type_}")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -200,15 +208,17 @@ class SqliteExperimentStore:
     def add_request(self, row: RequestRow) -> None:
         with self._transaction() as conn:
             conn.execute(f"INSERT OR REPLACE INTO experiment_requests ({_REQUEST_COLUMNS}) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (row.completion_id, row.experiment, row.arm, row.subject, row.endpoint, row.ttft_s,
-                          row.latency_s, row.prompt_tokens, row.completion_tokens, row.error_type, row.created))
+                          row.latency_s, row.prompt_tokens, row.completion_tokens, row.error_type, row.created,
+                          row.api_key_id))
 
     def put_feedback(self, row: FeedbackRow) -> tuple[RequestRow, bool]:
         with self._transaction() as conn:
             found = conn.execute(f"SELECT {_REQUEST_COLUMNS} FROM experiment_requests WHERE completion_id = ?",
                                  (row.completion_id,)).fetchone()
-            if found is None:
+            # a request made with another key is as unknown as a missing one: ids cannot be probed
+            if found is None or found[-1] != row.api_key_id:
                 raise UnknownCompletionError(row.completion_id)
             request = RequestRow(*found)
             replaced = conn.execute("SELECT 1 FROM experiment_feedback WHERE completion_id = ?",

@@ -48,3 +48,38 @@ def test_right_key_works(server):
 def test_probes_need_no_key(server):
     assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+@pytest.mark.parametrize("path", ["/admin/experiments", "/admin/adapters", "/v1/chat/completions"])
+def test_unauthenticated_600mb_body_is_refused_unread(server, path):
+    """The reported attack over a real socket: a 600 MB JSON body without a key. The 401 comes
+    back while the client is still sending (it stops after the kernel's buffers fill), and the
+    server's memory does not grow by the body."""
+    import select
+    import socket
+
+    total, chunk = 600 * 1024 * 1024, b"[" + b"1," * (512 * 1024 - 1)
+    before = _rss_kib(server.process.pid)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {total}\r\n\r\n".encode())
+        while sent < total:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        reply = sock.recv(65536).decode("latin-1")
+    assert reply.startswith("HTTP/1.1 401"), reply[:200]
+    assert sent < 64 * 1024 * 1024  # the server stopped taking bytes long before 600 MB
+    assert _rss_kib(server.process.pid) - before < 10 * 1024
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200

@@ -139,3 +139,37 @@ def test_tables_share_the_file_with_other_tables(db):
     assert tables == {"registry_adapters", "experiments", "experiment_requests", "experiment_feedback"}
     assert other.execute("SELECT id FROM registry_adapters").fetchall() == [("lora-a",)]
     other.close()
+
+
+def test_feedback_only_from_the_key_that_made_the_request(store):
+    store.insert_experiment(experiment())
+    row = request_row("c1", "lora-a")
+    row.api_key_id = "key-a-hash"
+    store.add_request(row)
+    for other in ("key-b-hash", None):  # another key, or none, is told the id does not exist
+        with pytest.raises(UnknownCompletionError):
+            store.put_feedback(FeedbackRow("c1", 1.0, None, 300.0, api_key_id=other))
+    request, _ = store.put_feedback(FeedbackRow("c1", 1.0, None, 300.0, api_key_id="key-a-hash"))
+    assert request.api_key_id == "key-a-hash"
+
+
+def test_a_database_from_before_key_binding_is_upgraded(db):
+    import sqlite3
+
+    conn = sqlite3.connect(db)  # the experiment_requests table as the first release created it
+    conn.execute("CREATE TABLE experiment_requests (completion_id TEXT PRIMARY KEY, experiment TEXT NOT NULL,"
+                 " arm TEXT NOT NULL, subject TEXT, endpoint TEXT NOT NULL, ttft_s REAL, latency_s REAL,"
+                 " prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, error_type TEXT,"
+                 " created REAL NOT NULL)")
+    conn.execute("INSERT INTO experiment_requests VALUES ('old', 'exp', 'base', NULL, 'chat', 0.1, 0.2, 1, 1, NULL, 1)")
+    conn.commit()
+    conn.close()
+    store = SqliteExperimentStore(db)
+    try:
+        store.insert_experiment(experiment())
+        request, _ = store.put_feedback(FeedbackRow("old", 1.0, None, 300.0))  # unbound rows: keyless feedback
+        assert request.api_key_id is None
+        store.add_request(request_row("new", "base"))
+    finally:
+        store.close()
+    SqliteExperimentStore(db).close()  # opening an upgraded database again changes nothing
