@@ -28,6 +28,8 @@ from adapters.store import AdapterRecord, AdapterStore
 from adapters.tiers import AdapterTiers, TierEvents
 
 log = logging.getLogger(__name__)
+# Shared with pydantic (training config), whose Rust engine reads "$" as the end of the text. Python's
+# "$" also matches before a trailing newline, so here the pattern is only ever used with fullmatch.
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
 # a guard returns why an id may not be registered / deleted, or None
@@ -180,7 +182,7 @@ class AdapterRegistry:
 
     # ---- register / replace / delete ------------------------------------------------------------
     def check_id(self, adapter_id: str) -> None:
-        if not _ADAPTER_ID.match(adapter_id):
+        if not isinstance(adapter_id, str) or not _ADAPTER_ID.fullmatch(adapter_id):
             raise AdapterValidationError(
                 "the adapter id must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a "
                 "letter or digit")

@@ -146,7 +146,8 @@ def test_a_taken_id_is_a_conflict_and_stores_nothing(tmp_path, sources):
     run(main())
 
 
-@pytest.mark.parametrize("bad_id", ["-x", ".hidden", "a/b", "../x", "a b", "x" * 65, "caf\u00e9", "a\0b"])
+@pytest.mark.parametrize("bad_id", ["-x", ".hidden", "a/b", "../x", "a b", "x" * 65, "caf\u00e9", "a\0b",
+                                    "foo\n", "foo\r\n"])
 def test_invalid_ids_are_refused(tmp_path, sources, bad_id):
     async def main():
         h = Harness(tmp_path)
