@@ -61,6 +61,7 @@ CASES: dict[str, tuple[bytes, str]] = {
     "too short": (b"\x01\x00", "shorter than the 8-byte"),
     "header length past end": (raw_file(GOOD_HEADER, bytes(12), length=10_000), "past the end"),
     "header length over 100MB": (raw_file(GOOD_HEADER, bytes(12), length=200_000_000), "over the limit"),
+    "header length over 16MiB": (raw_file(GOOD_HEADER, bytes(12), length=17 << 20), "over the limit"),
     "garbage json": (raw_file(b"{not json"), "not valid JSON"),
     "invalid utf-8": (raw_file(b'{"\xff": 1}'), "UTF-8"),
     "not an object": (raw_file([1, 2]), "not a JSON object"),
@@ -80,6 +81,13 @@ CASES: dict[str, tuple[bytes, str]] = {
     "entry not object": (raw_file({"a": [1]}), "exactly the keys"),
     "bad metadata": (raw_file({"__metadata__": {"k": 1}, **GOOD_HEADER}, bytes(12)), "strings to strings"),
     "nan": (raw_file(b'{"__metadata__": {"k": NaN}}'), "not valid JSON"),
+    "nine dims": (raw_file({"a": entry("U8", [1] * 9, 0, 1)}, bytes(1)), "at most 8 dimensions"),
+    # thousands of huge dimensions: the size product alone would take hours (here: a 4300-digit number)
+    "many huge dims": (raw_file({"a": entry("U8", [2**40 - 1] * 5000, 0, 1)}, bytes(1)), "at most 8 dimensions"),
+    "huge dim": (raw_file({"a": entry("U8", [0, 10**300], 0, 0), "b": entry("U8", [1], 0, 1)}, bytes(1)),
+                 "up to 1099511627776"),
+    "huge offset": (raw_file(b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1%s]}}' % (b"0" * 4000),
+                             bytes(1)), "run past the 1-byte"),
 }
 
 
