@@ -146,5 +146,14 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise AdapterValidationError(f"tensor {name!r} holds NaN or infinite values")
 
 
+def cast_finite(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in the compute dtype, refused if a value overflows it (finite in float32 can be
+    infinite in float16, and one infinite weight poisons every row that meets it)."""
+    cast = tensor.to(dtype)
+    if not bool(torch.isfinite(cast).all()):
+        raise AdapterValidationError(f"{name} holds values beyond the range of {dtype} (the serving dtype)")
+    return cast
+
+
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank

@@ -13,7 +13,7 @@ import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, check_finite,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
     check_module, matches_module_list, split_peft_key,
 )
 from adapters.validate import anything, equals, module_spec, sanitize_config
@@ -74,7 +74,7 @@ class Ia3Handler:
                     f"module {module!r}: ia3_l has shape {tuple(tensor.shape)}, expected {expected} for an "
                     f"{side} scale on a layer of {in_f} -> {out_f} features"
                 )
-            modules[module] = (tensor.flatten().to(dtype), is_ff)
+            modules[module] = (cast_finite(key, tensor.flatten(), dtype), is_ff)
         if not modules:
             raise AdapterValidationError("adapter_model.safetensors holds no IA3 tensors")
         return AdapterWeights(kind=self.kind, config=config, modules=modules)

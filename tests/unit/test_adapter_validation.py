@@ -147,6 +147,56 @@ def test_oversized_config(good, base_info, tmp_path):
     refused(folder, base_info, "limit")
 
 
+def with_raw_config(src: Path, dst: Path, text: str) -> Path:
+    """A good adapter's tensors beside a config written verbatim (JSON that json.dumps never writes)."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / WEIGHTS_FILE, dst / WEIGHTS_FILE)
+    (dst / CONFIG_FILE).write_text(text)
+    return dst
+
+
+def raw_config_with(src: Path, field: str, raw_value: str) -> str:
+    config = json.loads((src / CONFIG_FILE).read_text())
+    config[field] = "@@"
+    return json.dumps(config).replace('"@@"', raw_value)
+
+
+@pytest.mark.parametrize("kind,field,raw_value", [
+    ("lora", "lora_alpha", "Infinity"),
+    ("lora", "lora_alpha", "-Infinity"),
+    ("lora", "lora_alpha", "NaN"),
+    ("lora", "lora_alpha", "1e999"),  # parses as inf
+    ("lora", "lora_alpha", "1" * 400),  # float() of it raised OverflowError
+    ("lora", "r", "9" * 5000),  # int() of it raised ValueError (Python's 4300-digit limit)
+    ("lora", "lora_alpha", "1e7"),  # finite, but far past any real alpha
+    ("lora", "lora_dropout", "1.5"),
+    ("ia3", "init_ia3_weights", "NaN"),  # even a field with no effect must not hold one
+    ("prompt_tuning", "num_virtual_tokens", "Infinity"),
+    ("prompt_tuning", "token_dim", "99999999999999999999999"),
+], ids=lambda v: v[:12])
+def test_numbers_must_be_finite_and_in_range(good, base_info, tmp_path, kind, field, raw_value):
+    src = good[kind][0]
+    folder = with_raw_config(src, tmp_path / "num", raw_config_with(src, field, raw_value))
+    refused(folder, base_info, f"'{field}'")
+
+
+def test_deeply_nested_config_is_refused_by_name(good, base_info, tmp_path):
+    src = good["lora"][0]
+    deep = "[" * 30000 + "]" * 30000  # under the size limit; json.loads raised RecursionError
+    folder = with_raw_config(src, tmp_path / "deep", raw_config_with(src, "revision", deep))
+    refused(folder, base_info, CONFIG_FILE, "deeper than")
+    # brackets inside strings are text, not nesting
+    folder = with_raw_config(src, tmp_path / "text", raw_config_with(src, "revision", json.dumps("[" * 100)))
+    read(folder, base_info)
+
+
+def test_alpha_overflowing_the_serving_dtype_is_refused(base, base_info, tmp_path):
+    make_peft_adapter(base, "lora", tmp_path / "a", seed=5, r=1, lora_alpha=1e6, target_modules=["q_proj"])
+    read(tmp_path / "a", base_info)  # fine in float32
+    with pytest.raises(AdapterValidationError, match="beyond the range of torch.float16"):
+        read_adapter(tmp_path / "a", base_info, AdapterLimits(), torch.float16)
+
+
 def test_missing_peft_type(good, base_info, tmp_path):
     folder = mutated(good["lora"][0], tmp_path / "nopt", config_fn=lambda c: c.pop("peft_type"))
     refused(folder, base_info, "peft_type")
