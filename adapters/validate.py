@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import AdapterValidationError
+from adapters.module_match import check_spec
 
 MAX_CONFIG_BYTES = 64 * 1024
 # A PEFT config nests three levels at most (rank_pattern, auto_mapping); Python's JSON parser
@@ -140,11 +141,8 @@ def boolean(field: str, value: Any) -> None:
 
 
 def module_spec(field: str, value: Any) -> None:
-    ok = value is None or isinstance(value, str) or (
-        isinstance(value, list) and all(isinstance(v, str) for v in value)
-    )
-    if not ok:
-        _fail(field, value, "expected a module name list or a regex string")
+    """``target_modules``-like: null, a pattern RE2 can match, or a bounded list of names."""
+    check_spec(field, value)
 
 
 def anything(field: str, value: Any) -> None:

@@ -16,6 +16,7 @@ from adapters.kinds.base import (
     PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
     check_module, lora_scale, split_peft_key,
 )
+from adapters.module_match import check_targets_agree
 from adapters.validate import (
     anything, boolean, equals, module_spec, number, number_in, positive_int, sanitize_config,
 )
@@ -115,6 +116,7 @@ class LoraHandler:
             a, b = cast_finite(f"{module}.lora_A", a, dtype), cast_finite(f"{module}.lora_B", b, dtype)
             cast_finite(f"{module}.lora_B scaled by lora_alpha / r = {scale:g}", b * scale, dtype)
             modules[module] = (a, b, scale)
+        check_targets_agree(config, modules, base.linear_shapes)
         return AdapterWeights(kind=self.kind, config=config, modules=modules)
 
     def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
