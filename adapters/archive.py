@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -37,6 +38,14 @@ _CHUNK = MiB
 _TAR_BASE_OVERHEAD = MiB
 _TAR_PER_MEMBER_OVERHEAD = 64 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# zipfile reads the whole central directory (its size comes from the end record) and builds one
+# ZipInfo per entry before we see any; both the entry count and this size are checked first. A
+# real entry is 46 bytes plus a short name and a few small extra fields.
+_ZIP_DIR_BYTES_PER_MEMBER = 4096
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: sig, disks, counts, size, offset, comment
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # ... entries on this disk, entries, directory size, offset
+_ZIP_COMMENT_MAX = 0xFFFF
 
 Member = Union[zipfile.ZipInfo, tarfile.TarInfo]
 Archive = Union[zipfile.ZipFile, tarfile.TarFile]
@@ -216,11 +225,57 @@ def _check_tar_stream(path: Path, kind: str, limits: ArchiveLimits) -> None:
         raise _fail("gzip upload does not hold a tar archive")
 
 
+def _zip_directory_extent(f: IO[bytes]) -> tuple[int, int]:
+    """(entries, central directory bytes) as the end record declares them, found the way zipfile
+    finds it (a record at the very end, else the last signature in the comment-sized tail), and
+    with the ZIP64 record zipfile would use in its place when one precedes it."""
+    size = f.seek(0, os.SEEK_END)
+    if size < _EOCD.size:
+        raise _fail("upload is a corrupt zip archive (too short)")
+    f.seek(size - _EOCD.size)
+    tail = f.read(_EOCD.size)
+    if not (tail[:4] == b"PK\x05\x06" and tail[-2:] == b"\x00\x00"):
+        start = max(size - _ZIP_COMMENT_MAX - _EOCD.size, 0)
+        f.seek(start)
+        window = f.read()
+        at = window.rfind(b"PK\x05\x06")
+        tail = window[at:at + _EOCD.size] if at >= 0 else b""
+        if len(tail) != _EOCD.size:
+            raise _fail("upload is a corrupt zip archive (no end of central directory record)")
+        end_at = start + at
+    else:
+        end_at = size - _EOCD.size
+    _, disk, dir_disk, disk_entries, entries, dir_size, _, _ = _EOCD.unpack(tail)
+    entries = max(entries, disk_entries)
+    if disk or dir_disk:
+        raise _fail("multi-part (spanned) zip archives are not supported")
+    if end_at >= _EOCD64_LOCATOR.size + _EOCD64.size:
+        f.seek(end_at - _EOCD64_LOCATOR.size)
+        if f.read(4) == b"PK\x06\x07":  # ZIP64: zipfile reads the record just before the locator
+            f.seek(end_at - _EOCD64_LOCATOR.size - _EOCD64.size)
+            record = f.read(_EOCD64.size)
+            if record[:4] == b"PK\x06\x06":
+                fields = _EOCD64.unpack(record)
+                entries, dir_size = max(fields[6], fields[7]), fields[8]  # replaces the end record's
+    return entries, dir_size
+
+
+def _check_zip_directory(path: Path, limits: ArchiveLimits) -> None:
+    with path.open("rb") as f:
+        entries, dir_size = _zip_directory_extent(f)
+    if entries > limits.max_members:
+        raise _fail(f"archive has more than {limits.max_members} members")
+    if dir_size > limits.max_members * _ZIP_DIR_BYTES_PER_MEMBER:
+        raise _fail(f"archive's central directory is {dir_size} bytes, more than {limits.max_members} "
+                    "adapter files need")
+
+
 def _open(path: Path, limits: ArchiveLimits) -> tuple[str, Archive]:
     with path.open("rb") as f:  # the format comes from magic bytes, never from the file name
         head = f.read(512)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         kind = "zip"
+        _check_zip_directory(path, limits)  # before zipfile parses the directory
     elif head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
         kind = "tar.gz" if head[:2] == b"\x1f\x8b" else "tar"
         _check_tar_stream(path, kind, limits)

@@ -236,6 +236,51 @@ def test_lying_zip_cleans_up_member_already_written(tmp_path: Path, dest: Path) 
     assert list(dest.iterdir()) == []
 
 
+def zip_with_comments(path: Path) -> Path:
+    """Three members with long per-entry comments: a 120 KB central directory for 3 members."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in {**GOOD, "README.md": b""}.items():
+            info = zipfile.ZipInfo(name)
+            info.comment = b"c" * 40000
+            zf.writestr(info, data)
+    return path
+
+
+def zip64_claiming(path: Path, entries: int) -> Path:
+    """A good zip whose end record defers to a ZIP64 record (as zipfile reads them) claiming ``entries``."""
+    raw = bytearray(make_zip(path, GOOD).read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    _, _, _, _, _, size, offset, _ = struct.unpack("<4s4H2LH", raw[end:end + 22])
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, size, offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, end, 1)
+    struct.pack_into("<2H", raw, end + 8, 0xFFFF, 0xFFFF)
+    path.write_bytes(bytes(raw[:end]) + record + locator + bytes(raw[end:]))
+    return path
+
+
+@pytest.mark.parametrize("build,expected", [
+    (zip_of({**GOOD, **{f"README.md{i}": b"" for i in range(20)}}), "more than 16 members"),
+    (zip_with_comments, "central directory"),
+    (lambda p: zip64_claiming(p, 10**9), "more than 16 members"),
+])
+def test_zip_directory_bounded_before_zipfile_reads_it(build, expected, tmp_path: Path, dest: Path) -> None:
+    path = build(tmp_path / "a.zip")
+
+    def never(*_args, **_kwargs):  # the whole directory would be parsed into memory here
+        raise AssertionError("zipfile.ZipFile opened an archive whose directory is over the limits")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(archive_module.zipfile, "ZipFile", never)
+        with pytest.raises(AdapterValidationError, match=expected):
+            extract_adapter_archive(path, dest, SMALL)
+    assert list(dest.iterdir()) == []
+
+
+def test_zip64_end_record_within_limits_extracts(tmp_path: Path, dest: Path) -> None:
+    extract_adapter_archive(zip64_claiming(tmp_path / "a.zip", 2), dest, SMALL)
+    assert_good(dest)
+
+
 def test_message_never_echoes_contents(tmp_path: Path, dest: Path) -> None:
     path = make_zip(tmp_path / "a.zip", {**GOOD, "notes.txt": b"SECRET-TOKEN"})
     with pytest.raises(AdapterValidationError) as err:
