@@ -2,7 +2,8 @@
 lease an adapter to a request.
 
 A registration is committed by one row write, after its files are whole on disk; a crash before
-that leaves only orphan files, which ``start`` removes. A replace swaps the id to a new version at
+that leaves only orphan files, which ``start`` moves into the blob store's quarantine (never deletes:
+the database may be the part that is missing). A replace swaps the id to a new version at
 once: requests holding a lease finish on the old version, which is freed after its last one. A
 delete hides the id at once, then waits for in-flight requests before freeing memory and files.
 """
@@ -156,6 +157,11 @@ class AdapterRegistry:
     def stats(self, adapter_id: str) -> AdapterStats | None:
         return self._stats.get(adapter_id)
 
+    @property
+    def quarantined_blobs(self) -> int:
+        """Stored adapters no row refers to, kept in quarantine at start (never deleted; see blobs)."""
+        return len(self.blobs.quarantined())
+
     # ---- start ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load the rows, reconcile files with them, and bring pinned adapters onto the device."""
@@ -174,7 +180,8 @@ class AdapterRegistry:
                     await self.tiers.pin(entry)
                 except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the server
                     log.error("adapter %s: pinned but could not be loaded: %s", entry.id, exc)
-        log.info("registry: %d adapter(s) registered, %d with missing files", len(records), len(missing))
+        log.info("registry: %d adapter(s) registered, %d with missing files, %d unreferenced blob(s) in quarantine",
+                 len(records), len(missing), self.quarantined_blobs)
 
     def _new_entry(self, record: AdapterRecord) -> AdapterEntry:
         stats = self._stats.setdefault(record.id, AdapterStats())
