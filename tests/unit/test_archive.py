@@ -281,6 +281,45 @@ def test_zip64_end_record_within_limits_extracts(tmp_path: Path, dest: Path) -> 
     assert_good(dest)
 
 
+def tar_with_long_name(path: Path, fmt: int) -> Path:
+    """A 100 KB member name: tarfile would read its pax / GNU long-name entry whole into memory."""
+    with tarfile.open(path, "w:gz", format=fmt) as tf:
+        for name, data in GOOD.items():
+            tf.addfile(*tar_file(name, data))
+        tf.addfile(*tar_file("x" * 100_000, b""))
+    return path
+
+
+@pytest.mark.parametrize("build,expected", [
+    (tar_of(*[lambda: tar_file("README.md", b"")] * 30), "more than 16 members"),
+    (lambda p: tar_with_long_name(p, tarfile.PAX_FORMAT), "metadata entry of"),
+    (lambda p: tar_with_long_name(p, tarfile.GNU_FORMAT), "metadata entry of"),
+])
+def test_tar_headers_bounded_before_tarfile_reads_them(build, expected, tmp_path: Path, dest: Path) -> None:
+    path = build(tmp_path / "a.tar.gz")
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("tarfile opened an archive whose headers are over the limits")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(archive_module.tarfile, "open", never)
+        with pytest.raises(AdapterValidationError, match=expected):
+            extract_adapter_archive(path, dest, SMALL)
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_formats_with_metadata_entries_extract(fmt: int, tmp_path: Path, dest: Path) -> None:
+    with tarfile.open(tmp_path / "a.tar", "w", format=fmt) as tf:
+        folder = "adapt\u00e9r-" + "long" * 30 if fmt != tarfile.USTAR_FORMAT else "adapter"  # pax / GNU long names
+        for name, data in GOOD.items():
+            info, stream = tar_file(f"{folder}/{name}", data)
+            info.mtime, info.uname = 1.5, "\u00fcser"  # a fractional mtime and a non-ASCII owner add pax records
+            tf.addfile(info, stream)
+    extract_adapter_archive(tmp_path / "a.tar", dest, SMALL)
+    assert_good(dest)
+
+
 def test_message_never_echoes_contents(tmp_path: Path, dest: Path) -> None:
     path = make_zip(tmp_path / "a.zip", {**GOOD, "notes.txt": b"SECRET-TOKEN"})
     with pytest.raises(AdapterValidationError) as err:
