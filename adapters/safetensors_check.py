@@ -137,10 +137,12 @@ def read_safetensors_header(
     Returns tensor name -> TensorInfo. Raises AdapterValidationError if anything is off.
     """
     path = Path(path)
-    if not stat.S_ISREG(os.stat(path).st_mode):  # a fifo would block open(); refuse it first
-        raise _fail("not a regular file")
-    with path.open("rb") as f:
-        file_size = os.fstat(f.fileno()).st_size  # of the file actually opened
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a fifo never hangs
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)  # of the file actually opened, not of whatever the path names later
+        if not stat.S_ISREG(info.st_mode):
+            raise _fail("not a regular file")
+        file_size = info.st_size
         if file_size > max_file_bytes:
             raise _fail(f"file is {file_size} bytes, over the limit of {max_file_bytes}")
         prefix = f.read(8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,9 @@ def test_library_error_becomes_validation_error(valid: Path, monkeypatch: pytest
     monkeypatch.setattr("safetensors.torch.load_file", broken)
     with pytest.raises(AdapterValidationError, match="SafetensorError"):
         load_checked_tensors(valid, LIMIT)
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    with pytest.raises(AdapterValidationError, match="not a regular file"):
+        read_safetensors_header(tmp_path / "fifo.safetensors", LIMIT)
