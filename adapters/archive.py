@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -37,6 +38,14 @@ _CHUNK = MiB
 _TAR_BASE_OVERHEAD = MiB
 _TAR_PER_MEMBER_OVERHEAD = 64 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# zipfile reads the whole central directory (its size comes from the end record) and builds one
+# ZipInfo per entry before we see any; both the entry count and this size are checked first. A
+# real entry is 46 bytes plus a short name and a few small extra fields.
+_ZIP_DIR_BYTES_PER_MEMBER = 4096
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: sig, disks, counts, size, offset, comment
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # ... entries on this disk, entries, directory size, offset
+_ZIP_COMMENT_MAX = 0xFFFF
 
 Member = Union[zipfile.ZipInfo, tarfile.TarInfo]
 Archive = Union[zipfile.ZipFile, tarfile.TarFile]
@@ -194,26 +203,145 @@ class _Budget:
             raise _fail(f"archive member {name} holds {count} bytes but declares {entry.size}")
 
 
-def _check_tar_stream(path: Path, kind: str, limits: ArchiveLimits) -> None:
-    """Bound the decompressed tar stream before tarfile walks it (a gzip bomb stops here)."""
-    cap = limits.max_total_bytes + _TAR_BASE_OVERHEAD + limits.max_members * _TAR_PER_MEMBER_OVERHEAD
-    too_big = _fail(f"archive expands past the limit of {cap} bytes")
-    if kind == "tar":
-        if path.stat().st_size > cap:
-            raise too_big
-        return
+_TAR_BLOCK = 512
+_TAR_META_TYPES = frozenset(b"xgLKX")  # pax (per-file, global, Solaris) and GNU long name / link
+_TAR_META_MAX = 64 * 1024  # tarfile reads a metadata entry into memory whole: keep that small
+
+
+class _CountingReader:
+    """Reads a stream for the header walk, counting every byte against the decompression cap."""
+
+    def __init__(self, stream: IO[bytes], cap: int):
+        self.stream, self.cap, self.total = stream, cap, 0
+
+    def read(self, size: int) -> bytes:
+        data = self.stream.read(size)
+        self.total += len(data)
+        if self.total > self.cap:
+            raise _fail(f"archive expands past the limit of {self.cap} bytes")
+        return data
+
+    def skip(self, size: int) -> None:
+        while size > 0:
+            chunk = self.read(min(size, _CHUNK))
+            if not chunk:
+                return  # truncated: tarfile reports it
+            size -= len(chunk)
+
+
+def _tar_number(field: bytes) -> int:
+    """A numeric header field as tarfile reads it: octal text, or base-256 when the top bit is set."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return -value if field[:1] == b"\xff" else value  # negative: refused by the caller
+    text = field.split(b"\0", 1)[0].strip()
     try:
-        with gzip.open(path, "rb") as gz:
-            head = gz.read(512)
-            total = len(head)
-            while chunk := gz.read(_CHUNK):
-                total += len(chunk)
-                if total > cap:
-                    raise too_big
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise _fail("upload is a corrupt tar archive (a header has a malformed size)") from None
+
+
+def _pax_size(records: bytes) -> int | None:
+    """The ``size`` a pax header sets for the next member (it overrides that member's header field)."""
+    size, pos = None, 0
+    while pos < len(records) and records[pos:pos + 1] != b"\0":
+        length_text, _, _ = records[pos:pos + 20].partition(b" ")
+        if not length_text.isdigit() or int(length_text) <= len(length_text):
+            raise _fail("upload is a corrupt tar archive (a malformed pax header)")
+        record = records[pos:pos + int(length_text)]
+        key, _, value = record[len(length_text) + 1:].rstrip(b"\n").partition(b"=")
+        if key == b"size":
+            size = int(value) if value.isdigit() and len(value) <= 20 else -1
+        pos += int(length_text)
+    return size
+
+
+def _walk_tar_headers(reader: _CountingReader, limits: ArchiveLimits) -> None:
+    """Follow the headers as tarfile will, before it reads any: at most max_members members, and
+    no metadata entry (which tarfile would read whole into memory) over _TAR_META_MAX bytes."""
+    members = 0
+    next_size: int | None = None
+    while len(block := reader.read(_TAR_BLOCK)) == _TAR_BLOCK and block != bytes(_TAR_BLOCK):
+        kind, size = block[156], _tar_number(block[124:136])
+        if kind in _TAR_META_TYPES:
+            if not 0 <= size <= _TAR_META_MAX:
+                raise _fail(f"archive has a metadata entry of {size} bytes; the limit is {_TAR_META_MAX}")
+            data = reader.read(-(-size // _TAR_BLOCK) * _TAR_BLOCK)
+            if kind == ord("x"):
+                next_size = _pax_size(data[:size])
+            continue
+        members += 1
+        if members > limits.max_members:
+            raise _fail(f"archive has more than {limits.max_members} members")
+        size = size if next_size is None else next_size
+        next_size = None
+        if size < 0:
+            raise _fail("upload is a corrupt tar archive (a negative member size)")
+        reader.skip(-(-size // _TAR_BLOCK) * _TAR_BLOCK)
+
+
+def _check_tar_stream(path: Path, kind: str, limits: ArchiveLimits) -> None:
+    """Bound the decompressed tar stream (a gzip bomb stops here) and walk its headers before
+    tarfile does (too many members or a huge metadata entry stop here)."""
+    cap = limits.max_total_bytes + _TAR_BASE_OVERHEAD + limits.max_members * _TAR_PER_MEMBER_OVERHEAD
+    if kind == "tar" and path.stat().st_size > cap:
+        raise _fail(f"archive expands past the limit of {cap} bytes")
+    try:
+        with (gzip.open(path, "rb") if kind == "tar.gz" else path.open("rb")) as stream:
+            if stream.read(_TAR_BLOCK)[257:262] != b"ustar":
+                raise _fail("gzip upload does not hold a tar archive")
+            stream.seek(0)  # a gzip stream rewinds by decompressing again: 512 bytes here
+            reader = _CountingReader(stream, cap)
+            _walk_tar_headers(reader, limits)
+            while kind == "tar.gz" and reader.read(_CHUNK):  # the rest of the stream counts too
+                pass
     except _READ_ERRORS:
-        raise _fail("upload is a corrupt or truncated gzip file") from None
-    if head[257:262] != b"ustar":
-        raise _fail("gzip upload does not hold a tar archive")
+        raise _fail(f"upload is a corrupt or truncated {'gzip' if kind == 'tar.gz' else 'tar'} file") from None
+
+
+def _zip_directory_extent(f: IO[bytes]) -> tuple[int, int]:
+    """(entries, central directory bytes) as the end record declares them, found the way zipfile
+    finds it (a record at the very end, else the last signature in the comment-sized tail), and
+    with the ZIP64 record zipfile would use in its place when one precedes it."""
+    size = f.seek(0, os.SEEK_END)
+    if size < _EOCD.size:
+        raise _fail("upload is a corrupt zip archive (too short)")
+    f.seek(size - _EOCD.size)
+    tail = f.read(_EOCD.size)
+    if not (tail[:4] == b"PK\x05\x06" and tail[-2:] == b"\x00\x00"):
+        start = max(size - _ZIP_COMMENT_MAX - _EOCD.size, 0)
+        f.seek(start)
+        window = f.read()
+        at = window.rfind(b"PK\x05\x06")
+        tail = window[at:at + _EOCD.size] if at >= 0 else b""
+        if len(tail) != _EOCD.size:
+            raise _fail("upload is a corrupt zip archive (no end of central directory record)")
+        end_at = start + at
+    else:
+        end_at = size - _EOCD.size
+    _, disk, dir_disk, disk_entries, entries, dir_size, _, _ = _EOCD.unpack(tail)
+    entries = max(entries, disk_entries)
+    if disk or dir_disk:
+        raise _fail("multi-part (spanned) zip archives are not supported")
+    if end_at >= _EOCD64_LOCATOR.size + _EOCD64.size:
+        f.seek(end_at - _EOCD64_LOCATOR.size)
+        if f.read(4) == b"PK\x06\x07":  # ZIP64: zipfile reads the record just before the locator
+            f.seek(end_at - _EOCD64_LOCATOR.size - _EOCD64.size)
+            record = f.read(_EOCD64.size)
+            if record[:4] == b"PK\x06\x06":
+                fields = _EOCD64.unpack(record)
+                entries, dir_size = max(fields[6], fields[7]), fields[8]  # replaces the end record's
+    return entries, dir_size
+
+
+def _check_zip_directory(path: Path, limits: ArchiveLimits) -> None:
+    with path.open("rb") as f:
+        entries, dir_size = _zip_directory_extent(f)
+    if entries > limits.max_members:
+        raise _fail(f"archive has more than {limits.max_members} members")
+    if dir_size > limits.max_members * _ZIP_DIR_BYTES_PER_MEMBER:
+        raise _fail(f"archive's central directory is {dir_size} bytes, more than {limits.max_members} "
+                    "adapter files need")
 
 
 def _open(path: Path, limits: ArchiveLimits) -> tuple[str, Archive]:
@@ -221,6 +349,7 @@ def _open(path: Path, limits: ArchiveLimits) -> tuple[str, Archive]:
         head = f.read(512)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         kind = "zip"
+        _check_zip_directory(path, limits)  # before zipfile parses the directory
     elif head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
         kind = "tar.gz" if head[:2] == b"\x1f\x8b" else "tar"
         _check_tar_stream(path, kind, limits)

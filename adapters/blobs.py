@@ -2,7 +2,11 @@
 adapter_model.safetensors}``.
 
 A blob appears by renaming a fully written, fsynced temporary folder, so a crash leaves either no
-blob or a whole one; temporary folders and blobs no row refers to are removed by ``reconcile``.
+blob or a whole one. At start, ``reconcile`` removes temporary folders and moves blobs no row refers
+to into ``<root>/quarantine/`` instead of deleting them: the rows may be the ones missing (a lost,
+restored or older database), and a blob is the only copy of an uploaded adapter. A quarantined blob
+a row refers to again (the right database put back) is moved back at the next start. Nothing is
+ever deleted from the quarantine by the gateway; an operator empties it once sure.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE
 log = logging.getLogger(__name__)
 BLOB_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _TMP_PREFIX = ".tmp-"
+QUARANTINE = "quarantine"
 _CHUNK = 1 << 20
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -89,16 +94,56 @@ class BlobStore:
     def remove(self, digest: str) -> None:
         shutil.rmtree(self.path(digest), ignore_errors=True)
 
-    def reconcile(self, referenced: set[str]) -> list[str]:
-        """Delete temporary folders and unreferenced blobs; return the referenced hashes missing.
+    @property
+    def quarantine(self) -> Path:
+        return self.root / QUARANTINE
 
-        Only names this store creates (a sha256 hex digest, or the temporary prefix) are ever
-        deleted: the root may share a folder with an operator's files, which must survive."""
+    def quarantined(self) -> list[str]:
+        """Hashes of the blobs in quarantine (kept, not served: no row refers to them)."""
+        if not self.quarantine.is_dir():
+            return []
+        return sorted(p.name for p in self.quarantine.iterdir() if _DIGEST.fullmatch(p.name))
+
+    def _move(self, source: Path, target: Path) -> None:
+        target.parent.mkdir(exist_ok=True)
+        os.rename(source, target)  # same filesystem (one root): atomic
+        _fsync_dir(source.parent)
+        _fsync_dir(target.parent)
+
+    def reconcile(self, referenced: set[str]) -> list[str]:
+        """Delete temporary folders, quarantine unreferenced blobs, bring back quarantined blobs that
+        are referenced again; return the referenced hashes still missing.
+
+        Only names this store creates (a sha256 hex digest, the temporary prefix, the quarantine)
+        are touched: the root may share a folder with an operator's files, which must survive."""
         for child in self.root.iterdir():
+            if child.name == QUARANTINE:
+                continue
             ours = child.name.startswith(_TMP_PREFIX) or _DIGEST.fullmatch(child.name) is not None
             if not ours:
                 log.warning("ignoring %s in the adapter store: not a file the store wrote", child)
-            elif child.name.startswith(_TMP_PREFIX) or (child.is_dir() and child.name not in referenced):
-                log.warning("removing orphaned adapter files %s", child)
+            elif child.name.startswith(_TMP_PREFIX):  # an add that never finished: never a whole adapter
+                log.warning("removing unfinished adapter files %s", child)
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            elif child.is_dir() and child.name not in referenced:
+                self._quarantine_one(child)
+        for digest in sorted(referenced & set(self.quarantined())):
+            if not self.path(digest).exists():
+                self._move(self.quarantine / digest, self.path(digest))
+                log.warning("adapter files %s were in quarantine and a row refers to them again: restored", digest)
+        held = self.quarantined()
+        if held:
+            log.warning("%d adapter blob(s) no row refers to are kept in %s (see README: Persistence)",
+                        len(held), self.quarantine)
         return sorted(d for d in referenced if not self.exists(d))
+
+    def _quarantine_one(self, child: Path) -> None:
+        target = self.quarantine / child.name
+        if target.exists():  # same name = same content (content-addressed): one whole copy is enough
+            if all((target / name).is_file() for name in BLOB_FILES):
+                log.warning("adapter files %s have no row; an identical copy is already in quarantine", child.name)
+                shutil.rmtree(child, ignore_errors=True)
+                return
+            shutil.rmtree(target, ignore_errors=True)  # a partial copy gives way to this one
+        self._move(child, target)
+        log.warning("adapter files %s have no row in the database: moved to %s (not deleted)", child.name, target)

@@ -2,7 +2,8 @@
 lease an adapter to a request.
 
 A registration is committed by one row write, after its files are whole on disk; a crash before
-that leaves only orphan files, which ``start`` removes. A replace swaps the id to a new version at
+that leaves only orphan files, which ``start`` moves into the blob store's quarantine (never deletes:
+the database may be the part that is missing). A replace swaps the id to a new version at
 once: requests holding a lease finish on the old version, which is freed after its last one. A
 delete hides the id at once, then waits for in-flight requests before freeing memory and files.
 """
@@ -28,6 +29,8 @@ from adapters.store import AdapterRecord, AdapterStore
 from adapters.tiers import AdapterTiers, TierEvents
 
 log = logging.getLogger(__name__)
+# Shared with pydantic (training config), whose Rust engine reads "$" as the end of the text. Python's
+# "$" also matches before a trailing newline, so here the pattern is only ever used with fullmatch.
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
 # a guard returns why an id may not be registered / deleted, or None
@@ -176,6 +179,11 @@ class AdapterRegistry:
     def stats(self, adapter_id: str) -> AdapterStats | None:
         return self._stats.get(adapter_id)
 
+    @property
+    def quarantined_blobs(self) -> int:
+        """Stored adapters no row refers to, kept in quarantine at start (never deleted; see blobs)."""
+        return len(self.blobs.quarantined())
+
     # ---- start ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load the rows, reconcile files with them, and bring pinned adapters onto the device."""
@@ -194,7 +202,8 @@ class AdapterRegistry:
                     await self.tiers.pin(entry)
                 except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the server
                     log.error("adapter %s: pinned but could not be loaded: %s", entry.id, exc)
-        log.info("registry: %d adapter(s) registered, %d with missing files", len(records), len(missing))
+        log.info("registry: %d adapter(s) registered, %d with missing files, %d unreferenced blob(s) in quarantine",
+                 len(records), len(missing), self.quarantined_blobs)
 
     def _new_entry(self, record: AdapterRecord) -> AdapterEntry:
         stats = self._stats.setdefault(record.id, AdapterStats())
@@ -202,7 +211,7 @@ class AdapterRegistry:
 
     # ---- register / replace / delete ------------------------------------------------------------
     def check_id(self, adapter_id: str) -> None:
-        if not _ADAPTER_ID.match(adapter_id):
+        if not isinstance(adapter_id, str) or not _ADAPTER_ID.fullmatch(adapter_id):
             raise AdapterValidationError(
                 "the adapter id must be 1-64 characters: letters, digits, '.', '_' or '-', starting with a "
                 "letter or digit")

@@ -26,7 +26,14 @@ if TYPE_CHECKING:  # torch is imported lazily: the header check alone must not n
 
 logger = logging.getLogger(__name__)
 
-MAX_HEADER_BYTES = 100_000_000  # the same ceiling the safetensors library itself enforces
+# The safetensors library allows 100 MB of header; an adapter's needs far less (about 150 bytes per
+# tensor, and max_tensors bounds the count), and the whole header is parsed in memory before any check.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Bounds checked before any arithmetic on a shape: a header listing millions of dimensions (or
+# thousand-digit ones) would otherwise make the size product run for hours and the message
+# formatting fail. Adapter tensors have 1 or 2 dimensions; 8 leaves room for any real layout.
+MAX_NDIM = 8
+MAX_DIM = 1 << 40
 METADATA_KEY = "__metadata__"
 
 # Element size in bytes of every dtype we accept. Adapters hold floats; the integer and bool
@@ -93,21 +100,25 @@ def _parse_header(raw: bytes) -> dict[str, Any]:
     return header
 
 
-def _check_entry(name: str, index: int, entry: Any) -> tuple[TensorInfo, int, int]:
+def _check_entry(name: str, index: int, entry: Any, data_len: int) -> tuple[TensorInfo, int, int]:
     label = _label(name, index)
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         raise _fail(f"{label} must have exactly the keys dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _fail(f"{label} has an unsupported dtype (allowed: {', '.join(DTYPE_SIZES)})")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _fail(f"{label} shape is not a list of non-negative integers")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise _fail(f"{label} shape is not a list of at most {MAX_NDIM} dimensions")
+    if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        raise _fail(f"{label} shape is not a list of non-negative integers up to {MAX_DIM}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise _fail(f"{label} data_offsets is not a pair of integers")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise _fail(f"{label} data_offsets are out of order or negative")
-    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end > data_len:  # before any arithmetic or formatting: an offset may have thousands of digits
+        raise _fail(f"{label} data_offsets run past the {data_len}-byte data section")
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]  # at most MAX_NDIM factors of at most MAX_DIM
     if end - begin != nbytes:
         raise _fail(f"{label} spans {end - begin} bytes but its dtype and shape need {nbytes}")
     return TensorInfo(dtype, tuple(shape), nbytes), begin, end
@@ -126,10 +137,12 @@ def read_safetensors_header(
     Returns tensor name -> TensorInfo. Raises AdapterValidationError if anything is off.
     """
     path = Path(path)
-    if not stat.S_ISREG(os.stat(path).st_mode):  # a fifo would block open(); refuse it first
-        raise _fail("not a regular file")
-    with path.open("rb") as f:
-        file_size = os.fstat(f.fileno()).st_size  # of the file actually opened
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a fifo never hangs
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)  # of the file actually opened, not of whatever the path names later
+        if not stat.S_ISREG(info.st_mode):
+            raise _fail("not a regular file")
+        file_size = info.st_size
         if file_size > max_file_bytes:
             raise _fail(f"file is {file_size} bytes, over the limit of {max_file_bytes}")
         prefix = f.read(8)
@@ -154,9 +167,7 @@ def read_safetensors_header(
         if name == METADATA_KEY:
             _check_metadata(entry)
             continue
-        info, begin, end = _check_entry(name, index, entry)
-        if end > data_len:
-            raise _fail(f"{_label(name, index)} data_offsets run past the {data_len}-byte data section")
+        info, begin, end = _check_entry(name, index, entry, data_len)
         tensors[name] = info
         spans.append((begin, end, _label(name, index)))
 

@@ -112,6 +112,8 @@ def _text(obj: dict, key: str, *, where: str = "", optional: bool = False, allow
 
 
 def _chat_messages(obj: dict) -> list[dict]:
+    if "messages" not in obj:  # a record of no known format after chat ones (found by fuzzing: KeyError)
+        raise _LineProblem("missing field 'messages'")
     raw = obj["messages"]
     if not isinstance(raw, list):
         raise _LineProblem(f"field 'messages' must be an array, got {_type_name(raw)}")

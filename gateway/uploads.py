@@ -3,7 +3,8 @@ allowed root) into a private staging folder holding at most the two PEFT adapter
 
 Nothing here trusts a client-chosen name or path: uploaded files are written under fixed names
 chosen from ``BLOB_FILES``, archives go through ``extract_adapter_archive``, and a server-side
-folder must resolve (symlinks followed) inside an allowed root, as must each file read from it.
+folder must resolve (symlinks followed) inside an allowed root, and each file is read from the opened
+folder without following links, checked and copied through one open file (no check-then-copy race).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,24 +130,68 @@ def resolve_source_folder(raw: str, roots: list[Path]) -> tuple[Path, Path]:
     raise AdapterValidationError("source_path is not a folder inside the allowed adapter source roots")
 
 
+def _open_dir_inside(folder: Path, root: Path) -> int:
+    """An fd on ``folder``, checked to be inside ``root`` by what was actually opened: a folder
+    swapped for a link after ``resolve_source_folder`` looked at it is caught here."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        proc = Path(f"/proc/self/fd/{fd}")
+        opened = Path(os.readlink(proc)) if proc.is_symlink() else None  # Linux names the opened folder
+        same = opened is not None or os.path.samestat(os.fstat(fd), os.stat(folder))  # elsewhere: best effort
+        if not same or not _inside(opened or folder, root):
+            raise AdapterValidationError("source_path is not a folder inside the allowed adapter source roots")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _copy_source_file(dir_fd: int, name: str, dest: Path, limit: int) -> None:
+    """Copy ``name`` from the opened folder: opened once, the check made on that open file, the copy
+    bounded while reading, so nothing swapped in after a check (a link, /dev/zero, a fifo, a
+    growing file) is ever read."""
+    try:
+        # O_NOFOLLOW: a link in the file's place is refused; O_NONBLOCK: opening a fifo never hangs
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise AdapterValidationError(f"{name} is missing in source_path") from None
+    except OSError:  # ELOOP: a link
+        raise AdapterValidationError(
+            f"{name} in source_path is a link (files are never read through links) or cannot be opened") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterValidationError(f"{name} in source_path is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as src:
+        if info.st_size > limit:
+            raise AdapterValidationError(f"{name} is larger than the limit of {limit} bytes")
+        copied = 0
+        with open(dest, "xb") as out:
+            while chunk := src.read(min(_CHUNK, limit + 1 - copied)):
+                copied += len(chunk)
+                if copied > limit:  # it grew after the fstat
+                    raise AdapterValidationError(f"{name} is larger than the limit of {limit} bytes")
+                out.write(chunk)
+
+
 def stage_source_folder(raw: str, roots: list[Path], staging: Path, max_adapter_bytes: int) -> Path:
     """Copy the adapter files of an allowed server-side folder into ``staging``."""
     folder, root = resolve_source_folder(raw, roots)
-    pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     adapter_dir = staging / "adapter"
     adapter_dir.mkdir()
-    for name in BLOB_FILES:
-        source = folder / name
-        if not source.exists():
-            if name == WEIGHTS_FILE and pickles:
-                raise AdapterValidationError(
-                    f"{pickles[0]} is a pickle file, which is never loaded (it can run code); provide {WEIGHTS_FILE}")
-            raise AdapterValidationError(f"{name} is missing in source_path")
-        real = Path(os.path.realpath(source))
-        if not _inside(real, root) or not real.is_file():
-            raise AdapterValidationError(f"{name} in source_path links outside the allowed roots or is not a file")
-        limit = MAX_CONFIG_BYTES if name == CONFIG_FILE else max_adapter_bytes
-        if real.stat().st_size > limit:
-            raise AdapterValidationError(f"{name} is larger than the limit of {limit} bytes")
-        shutil.copyfile(real, adapter_dir / name)
+    dir_fd = _open_dir_inside(folder, root)
+    try:
+        names = os.listdir(dir_fd)
+        pickles = [n for n in names if PurePosixPath(n).suffix.lower() in PICKLE_SUFFIXES]
+        if WEIGHTS_FILE not in names and pickles:
+            raise AdapterValidationError(
+                f"{pickles[0]} is a pickle file, which is never loaded (it can run code); provide {WEIGHTS_FILE}")
+        for name in BLOB_FILES:
+            limit = MAX_CONFIG_BYTES if name == CONFIG_FILE else max_adapter_bytes
+            _copy_source_file(dir_fd, name, adapter_dir / name, limit)
+    finally:
+        os.close(dir_fd)
     return adapter_dir

@@ -13,9 +13,10 @@ import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, check_finite,
-    check_module, matches_module_list, split_peft_key,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
+    check_module, split_peft_key,
 )
+from adapters.module_match import check_feedforward_within_targets, check_targets_agree, matches
 from adapters.validate import anything, equals, module_spec, sanitize_config
 
 FIELDS = {
@@ -61,13 +62,14 @@ class Ia3Handler:
     def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
                   limits: AdapterLimits, dtype: torch.dtype) -> AdapterWeights:
         config = sanitize_config(config, FIELDS)
+        check_feedforward_within_targets(config)
         feedforward = config.get("feedforward_modules")
         modules = {}
         for key, tensor in sorted(tensors.items()):
             module, _ = split_peft_key(key, ("ia3_l",))
             check_finite(key, tensor)
             in_f, out_f = check_module(module, base)
-            is_ff = matches_module_list(feedforward, module)
+            is_ff = matches(feedforward, module, field="feedforward_modules", dotted=False)  # PEFT's IA3 rule
             expected = (1, in_f) if is_ff else (out_f, 1)
             if tuple(tensor.shape) != expected:
                 side = "feed-forward (input)" if is_ff else "output"
@@ -75,9 +77,10 @@ class Ia3Handler:
                     f"module {module!r}: ia3_l has shape {tuple(tensor.shape)}, expected {expected} for an "
                     f"{side} scale on a layer of {in_f} -> {out_f} features"
                 )
-            modules[module] = (tensor.flatten().to(dtype), is_ff)
+            modules[module] = (cast_finite(key, tensor.flatten(), dtype), is_ff)
         if not modules:
             raise AdapterValidationError("adapter_model.safetensors holds no IA3 tensors")
+        check_targets_agree(config, modules, base.linear_shapes)
         return AdapterWeights(kind=self.kind, config=config, modules=modules)
 
     def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -8,15 +8,18 @@ import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, check_finite,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
     check_module, lora_scale, split_peft_key,
 )
-from adapters.validate import anything, boolean, equals, module_spec, number, positive_int, sanitize_config
+from adapters.module_match import check_targets_agree
+from adapters.validate import (
+    anything, boolean, equals, module_spec, number, number_in, positive_int, sanitize_config,
+)
 
 FIELDS = {
     "r": positive_int,
     "lora_alpha": number,
-    "lora_dropout": number,  # training only
+    "lora_dropout": number_in(0.0, 1.0),  # training only
     "target_modules": module_spec,
     "exclude_modules": module_spec,
     "bias": equals("none"),
@@ -106,7 +109,10 @@ class LoraHandler:
                     f"module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                     f"rank {rank} on a layer of {in_f} -> {out_f} features"
                 )
-            modules[module] = (a.to(dtype), b.to(dtype), scale)
+            a, b = cast_finite(f"{module}.lora_A", a, dtype), cast_finite(f"{module}.lora_B", b, dtype)
+            cast_finite(f"{module}.lora_B scaled by lora_alpha / r = {scale:g}", b * scale, dtype)
+            modules[module] = (a, b, scale)
+        check_targets_agree(config, modules, base.linear_shapes)
         return AdapterWeights(kind=self.kind, config=config, modules=modules)
 
     def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from adapters.errors import AdapterValidationError
-from adapters.kinds.base import AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, check_finite
+from adapters.kinds.base import (
+    AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
+)
 from adapters.validate import anything, equals, positive_int, sanitize_config
 
 FIELDS = {
@@ -53,7 +55,7 @@ class PromptTuningHandler:
         if count > limits.max_virtual_tokens:
             raise AdapterValidationError(
                 f"{count} virtual tokens is above this gateway's limit of {limits.max_virtual_tokens}")
-        return AdapterWeights(kind=self.kind, config=config, prompt=prompt.to(dtype))
+        return AdapterWeights(kind=self.kind, config=config, prompt=cast_finite(TENSOR_NAME, prompt, dtype))
 
     def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         assert weights.prompt is not None

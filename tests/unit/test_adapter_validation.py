@@ -147,6 +147,56 @@ def test_oversized_config(good, base_info, tmp_path):
     refused(folder, base_info, "limit")
 
 
+def with_raw_config(src: Path, dst: Path, text: str) -> Path:
+    """A good adapter's tensors beside a config written verbatim (JSON that json.dumps never writes)."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / WEIGHTS_FILE, dst / WEIGHTS_FILE)
+    (dst / CONFIG_FILE).write_text(text)
+    return dst
+
+
+def raw_config_with(src: Path, field: str, raw_value: str) -> str:
+    config = json.loads((src / CONFIG_FILE).read_text())
+    config[field] = "@@"
+    return json.dumps(config).replace('"@@"', raw_value)
+
+
+@pytest.mark.parametrize("kind,field,raw_value", [
+    ("lora", "lora_alpha", "Infinity"),
+    ("lora", "lora_alpha", "-Infinity"),
+    ("lora", "lora_alpha", "NaN"),
+    ("lora", "lora_alpha", "1e999"),  # parses as inf
+    ("lora", "lora_alpha", "1" * 400),  # float() of it raised OverflowError
+    ("lora", "r", "9" * 5000),  # int() of it raised ValueError (Python's 4300-digit limit)
+    ("lora", "lora_alpha", "1e7"),  # finite, but far past any real alpha
+    ("lora", "lora_dropout", "1.5"),
+    ("ia3", "init_ia3_weights", "NaN"),  # even a field with no effect must not hold one
+    ("prompt_tuning", "num_virtual_tokens", "Infinity"),
+    ("prompt_tuning", "token_dim", "99999999999999999999999"),
+], ids=lambda v: v[:12])
+def test_numbers_must_be_finite_and_in_range(good, base_info, tmp_path, kind, field, raw_value):
+    src = good[kind][0]
+    folder = with_raw_config(src, tmp_path / "num", raw_config_with(src, field, raw_value))
+    refused(folder, base_info, f"'{field}'")
+
+
+def test_deeply_nested_config_is_refused_by_name(good, base_info, tmp_path):
+    src = good["lora"][0]
+    deep = "[" * 30000 + "]" * 30000  # under the size limit; json.loads raised RecursionError
+    folder = with_raw_config(src, tmp_path / "deep", raw_config_with(src, "revision", deep))
+    refused(folder, base_info, CONFIG_FILE, "deeper than")
+    # brackets inside strings are text, not nesting
+    folder = with_raw_config(src, tmp_path / "text", raw_config_with(src, "revision", json.dumps("[" * 100)))
+    read(folder, base_info)
+
+
+def test_alpha_overflowing_the_serving_dtype_is_refused(base, base_info, tmp_path):
+    make_peft_adapter(base, "lora", tmp_path / "a", seed=5, r=1, lora_alpha=1e6, target_modules=["q_proj"])
+    read(tmp_path / "a", base_info)  # fine in float32
+    with pytest.raises(AdapterValidationError, match="beyond the range of torch.float16"):
+        read_adapter(tmp_path / "a", base_info, AdapterLimits(), torch.float16)
+
+
 def test_missing_peft_type(good, base_info, tmp_path):
     folder = mutated(good["lora"][0], tmp_path / "nopt", config_fn=lambda c: c.pop("peft_type"))
     refused(folder, base_info, "peft_type")
@@ -339,3 +389,59 @@ def test_write_adapter_round_trip_rslora(base, base_info, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+# ---- config and tensors must agree (PEFT's matching rule) ------------------------------------
+
+def drop_modules(*names: str):
+    def fn(tensors):
+        for key in [k for k in tensors if any(f".{n}." in k for n in names)]:
+            tensors.pop(key)
+    return fn
+
+
+@pytest.mark.parametrize("kind,config_fn,tensors_fn,words", [
+    # tensors adapt every linear layer, the config targets two: PEFT drops the others silently
+    ("lora", set_key("target_modules", ["q_proj", "v_proj"]), None, ("does not target", "o_proj")),
+    ("lora", set_key("target_modules", r".*\.(q|k|v|o)_proj"), None, ("does not target", "mlp")),
+    ("lora", set_key("exclude_modules", ["up_proj"]), None, ("does not target", "up_proj")),
+    ("lora", set_key("exclude_modules", r".*layers\.1\..*"), None, ("does not target", "layers.1")),
+    # the config targets modules without tensors: PEFT keeps them at their initial weights
+    ("lora", None, drop_modules("gate_proj"), ("holds no weights", "gate_proj")),
+    ("ia3", set_key("target_modules", ["k_proj", "v_proj", "down_proj", "up_proj", "q_proj"]), None,
+     ("holds no weights", "q_proj")),
+    ("ia3", set_key("target_modules", ["k_proj", "down_proj", "up_proj"]), None, ("does not target", "v_proj")),
+    # PEFT's own checks
+    ("ia3", set_key("feedforward_modules", ["down_proj", "up_proj", "gate_proj"]), None,
+     ("feedforward_modules", "gate_proj", "not among")),
+    ("ia3", lambda c: c.pop("feedforward_modules"), None, ("feedforward_modules",)),
+    ("lora", set_key("target_modules", None), None, ("names no target_modules",)),
+    ("lora", set_key("target_modules", r"(.*)\1"), None, ("target_modules", "backreferences")),
+])
+def test_config_and_tensors_must_agree(good, base_info, tmp_path, kind, config_fn, tensors_fn, words):
+    folder = mutated(good[kind][0], tmp_path / "mismatch", config_fn=config_fn, tensors_fn=tensors_fn)
+    refused(folder, base_info, *words)
+
+
+def test_peft_itself_serves_a_mismatched_adapter_differently(good, base, tmp_path):
+    """Why the agreement is required: PEFT drops untargeted tensors and warns about missing ones."""
+    from peft import PeftModel
+
+    folder = mutated(good["lora"][0], tmp_path / "q", config_fn=set_key("target_modules", ["q_proj"]))
+    model = PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted and all(name.endswith("q_proj") for name in adapted)
+    folder = mutated(good["lora"][0], tmp_path / "missing", tensors_fn=drop_modules("gate_proj"))
+    with pytest.warns(UserWarning, match="missing adapter keys"):
+        PeftModel.from_pretrained(copy.deepcopy(base), folder)
+
+
+def test_patterns_that_agree_are_accepted(good, base_info, tmp_path):
+    config_fn = lambda c: c.update(target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",  # noqa: E731
+                                   exclude_modules=["gate_proj"])
+    folder = mutated(good["lora"][0], tmp_path / "re", config_fn=config_fn, tensors_fn=drop_modules("gate_proj"))
+    assert read(folder, base_info).describe()["target_modules"] == [
+        "down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    folder = mutated(good["ia3"][0], tmp_path / "ia3re", config_fn=lambda c: c.update(
+        target_modules=r".*\.(k_proj|v_proj|down_proj|up_proj)", feedforward_modules=r".*mlp\..*"))
+    assert read(folder, base_info).modules["model.layers.0.mlp.up_proj"][1] is True

@@ -5,6 +5,7 @@ unpin / load, delete, and the registry's Prometheus metrics."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import stat
 import tarfile
@@ -265,7 +266,28 @@ def corrupt_weights(files) -> dict[str, bytes]:
     return {CONFIG_FILE: (files["ref"] / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: b"\xff" * 8 + b"{not json" * 10}
 
 
+def hostile_config(raw_value: str, field: str = "lora_alpha"):
+    """The reference LoRA with one config field set to a raw JSON token (Infinity, a deep array ...)."""
+    def make(files) -> dict[str, bytes]:
+        config = json.loads((files["ref"] / CONFIG_FILE).read_text())
+        config[field] = "@@"
+        text = json.dumps(config).replace('"@@"', raw_value)
+        return {CONFIG_FILE: text.encode(), WEIGHTS_FILE: (files["ref"] / WEIGHTS_FILE).read_bytes()}
+    return make
+
+
+HOSTILE_CONFIGS = {  # each one escaped as a 500 (or stopped the start from --adapters-dir)
+    "infinite-alpha": (hostile_config("Infinity"), ["lora_alpha", "finite"]),
+    "nan-alpha": (hostile_config("NaN"), ["lora_alpha", "finite"]),
+    "400-digit-alpha": (hostile_config("1" * 400), ["lora_alpha"]),
+    "5000-digit-rank": (hostile_config("9" * 5000, "r"), ["'r'"]),
+    "deep-config": (hostile_config("[" * 20000 + "]" * 20000, "revision"), ["deeper than"]),
+    "targets-disagree": (hostile_config('["q_proj"]', "target_modules"), ["does not target"]),
+    "backtracking-pattern": (hostile_config(json.dumps(r"(.*)\1"), "target_modules"), ["backreferences"]),
+}
+
 REFUSALS = {
+    **{name: (make, {}, words) for name, (make, words) in HOSTILE_CONFIGS.items()},
     "pickle": (lambda f: {CONFIG_FILE: b"{}", "adapter_model.bin": b"\x80\x04pickle"}, {}, ["pickle"]),
     "dot-dot": (lambda f: {"a.zip": zip_bytes([("../" + CONFIG_FILE, b"{}"), (WEIGHTS_FILE, b"x")])}, {}, [".."]),
     "absolute": (lambda f: {"a.zip": zip_bytes([("/" + CONFIG_FILE, b"{}"), (WEIGHTS_FILE, b"x")])}, {},
@@ -325,7 +347,7 @@ def test_a_folder_inside_a_root_registers(client, admin, files):
     ("OUTSIDE", ["not a folder inside"]),
     ("link", ["not a folder inside"]),
     ("ROOTS/link", ["not a folder inside"]),
-    ("halflink", ["links outside"]),
+    ("halflink", ["is a link"]),
     ("does-not-exist", ["not a folder inside"]),
     ("", ["empty"]),
 ])
@@ -434,6 +456,20 @@ def test_metrics_count_loads_evictions_and_residents(client, admin, files):
 
 
 # ---- restart ------------------------------------------------------------------------------------
+def test_hostile_configs_in_the_adapters_dir_are_skipped_and_the_rest_served(files, tmp_path):
+    adapters_dir = tmp_path / "adapters"
+    shutil.copytree(files["ref"], adapters_dir / "good")
+    for name, (make, _) in HOSTILE_CONFIGS.items():
+        (adapters_dir / name).mkdir(parents=True)
+        for file_name, data in make(files).items():
+            (adapters_dir / name / file_name).write_bytes(data)
+    settings = settings_for(tmp_path / "data", adapters_dir=adapters_dir, admin_key="hostile-admin-key-42")
+    with TestClient(create_app(settings, base=make_base())) as c:
+        listed = c.get("/admin/adapters", headers={"Authorization": "Bearer hostile-admin-key-42"}).json()
+        assert [a["id"] for a in listed["data"]] == ["good"]
+        assert greedy_text(c, "good")
+
+
 def test_a_restart_keeps_uploads_and_pins_and_repairs_lost_files_from_the_adapters_dir(files, tmp_path):
     """Uploaded adapters and pins survive a restart on the same data folder; an adapter whose stored
     files were lost is served again when --adapters-dir still holds it."""

@@ -236,6 +236,78 @@ def test_lying_zip_cleans_up_member_already_written(tmp_path: Path, dest: Path) 
     assert list(dest.iterdir()) == []
 
 
+def zip_with_comments(path: Path) -> Path:
+    """Three members with long per-entry comments: a 120 KB central directory for 3 members."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in {**GOOD, "README.md": b""}.items():
+            info = zipfile.ZipInfo(name)
+            info.comment = b"c" * 40000
+            zf.writestr(info, data)
+    return path
+
+
+def zip64_claiming(path: Path, entries: int) -> Path:
+    """A good zip whose end record defers to a ZIP64 record (as zipfile reads them) claiming ``entries``."""
+    raw = bytearray(make_zip(path, GOOD).read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    _, _, _, _, _, size, offset, _ = struct.unpack("<4s4H2LH", raw[end:end + 22])
+    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, size, offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, end, 1)
+    struct.pack_into("<2H", raw, end + 8, 0xFFFF, 0xFFFF)
+    path.write_bytes(bytes(raw[:end]) + record + locator + bytes(raw[end:]))
+    return path
+
+
+def test_zip64_end_record_within_limits_extracts(tmp_path: Path, dest: Path) -> None:
+    extract_adapter_archive(zip64_claiming(tmp_path / "a.zip", 2), dest, SMALL)
+    assert_good(dest)
+
+
+def tar_with_long_name(path: Path, fmt: int) -> Path:
+    """A 100 KB member name: tarfile would read its pax / GNU long-name entry whole into memory."""
+    with tarfile.open(path, "w:gz", format=fmt) as tf:
+        for name, data in GOOD.items():
+            tf.addfile(*tar_file(name, data))
+        tf.addfile(*tar_file("x" * 100_000, b""))
+    return path
+
+
+# zipfile parses the whole central directory, and tarfile reads each metadata entry whole, before
+# we see a member: both libraries must never be reached with an archive over the limits.
+@pytest.mark.parametrize("library,opener,build,expected", [
+    ("zipfile", "ZipFile", zip_of({**GOOD, **{f"README.md{i}": b"" for i in range(20)}}), "more than 16 members"),
+    ("zipfile", "ZipFile", zip_with_comments, "central directory"),
+    ("zipfile", "ZipFile", lambda p: zip64_claiming(p, 10**9), "more than 16 members"),
+    ("tarfile", "open", tar_of(*[lambda: tar_file("README.md", b"")] * 30), "more than 16 members"),
+    ("tarfile", "open", lambda p: tar_with_long_name(p, tarfile.PAX_FORMAT), "metadata entry of"),
+    ("tarfile", "open", lambda p: tar_with_long_name(p, tarfile.GNU_FORMAT), "metadata entry of"),
+])
+def test_archive_bounded_before_the_library_reads_it(library, opener, build, expected, tmp_path: Path,
+                                                     dest: Path) -> None:
+    path = build(tmp_path / "upload")
+
+    def never(*_args, **_kwargs):
+        raise AssertionError(f"{library}.{opener} reached with an archive over the limits")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(getattr(archive_module, library), opener, never)
+        with pytest.raises(AdapterValidationError, match=expected):
+            extract_adapter_archive(path, dest, SMALL)
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_formats_with_metadata_entries_extract(fmt: int, tmp_path: Path, dest: Path) -> None:
+    with tarfile.open(tmp_path / "a.tar", "w", format=fmt) as tf:
+        folder = "adapt\u00e9r-" + "long" * 30 if fmt != tarfile.USTAR_FORMAT else "adapter"  # pax / GNU long names
+        for name, data in GOOD.items():
+            info, stream = tar_file(f"{folder}/{name}", data)
+            info.mtime, info.uname = 1.5, "\u00fcser"  # a fractional mtime and a non-ASCII owner add pax records
+            tf.addfile(info, stream)
+    extract_adapter_archive(tmp_path / "a.tar", dest, SMALL)
+    assert_good(dest)
+
+
 def test_message_never_echoes_contents(tmp_path: Path, dest: Path) -> None:
     path = make_zip(tmp_path / "a.zip", {**GOOD, "notes.txt": b"SECRET-TOKEN"})
     with pytest.raises(AdapterValidationError) as err:

@@ -95,7 +95,7 @@ def test_remove(tmp_path):
 
 
 # ---- BlobStore.reconcile ------------------------------------------------------------------------
-def test_reconcile_removes_temporaries_and_unreferenced_blobs_and_reports_missing(tmp_path):
+def test_reconcile_removes_temporaries_quarantines_unreferenced_blobs_and_reports_missing(tmp_path):
     blobs = BlobStore(tmp_path / "blobs")
     kept, _ = blobs.add(adapter_folder(tmp_path, "kept"))
     orphan, _ = blobs.add(adapter_folder(tmp_path, "orphan", weights=b"orphan"))
@@ -108,7 +108,31 @@ def test_reconcile_removes_temporaries_and_unreferenced_blobs_and_reports_missin
     assert missing == [absent]
     assert blobs.exists(kept)
     assert not blobs.path(orphan).exists() and not crashed.exists() and not (blobs.root / ".tmp-file").exists()
-    assert {p.name for p in blobs.root.iterdir()} == {kept}
+    assert {p.name for p in blobs.root.iterdir()} == {kept, "quarantine"}
+    # the orphan is kept whole, not deleted: its row may be what was lost
+    assert blobs.quarantined() == [orphan]
+    assert (blobs.quarantine / orphan / WEIGHTS_FILE).read_bytes() == b"orphan"
+
+
+def test_a_lost_database_quarantines_every_blob_and_restoring_it_brings_them_back(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs")
+    digests = {blobs.add(adapter_folder(tmp_path, name, weights=name.encode()))[0] for name in ("a", "b", "c")}
+    assert blobs.reconcile(set()) == []  # the database is gone (or an older one lists none of them)
+    assert blobs.quarantined() == sorted(digests) and not any(blobs.exists(d) for d in digests)
+    assert blobs.reconcile(set()) == [] and blobs.quarantined() == sorted(digests)  # stable across starts
+    assert blobs.reconcile(digests) == []  # the right database is back
+    assert all(blobs.exists(d) for d in digests) and blobs.quarantined() == []
+    assert {blobs.path(d).joinpath(WEIGHTS_FILE).read_bytes() for d in digests} == {b"a", b"b", b"c"}
+
+
+def test_a_blob_quarantined_twice_keeps_one_whole_copy(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs")
+    digest, _ = blobs.add(adapter_folder(tmp_path, "a"))
+    blobs.reconcile(set())
+    assert blobs.add(adapter_folder(tmp_path, "a2")) == (digest, True)  # uploaded again, then lost again
+    blobs.reconcile(set())
+    assert blobs.quarantined() == [digest] and not blobs.path(digest).exists()
+    assert all((blobs.quarantine / digest / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE))
 
 
 def test_reconcile_reports_a_blob_with_a_lost_file_as_missing(tmp_path):
@@ -126,7 +150,7 @@ def test_reconcile_never_removes_what_the_store_did_not_create(tmp_path):
     foreign = adapter_folder(blobs.root, "my-adapter")
     (blobs.root / "notes.txt").write_text("keep me")
     assert blobs.reconcile(set()) == []
-    assert not blobs.path(digest).exists()
+    assert not blobs.path(digest).exists() and blobs.quarantined() == [digest]
     assert (foreign / WEIGHTS_FILE).exists() and (blobs.root / "notes.txt").exists()
 
 

@@ -62,7 +62,7 @@ class Harness:
         return read_adapter(folder, self.runtime.base_info, AdapterLimits(), torch.float32)
 
     def blob_names(self) -> set[str]:
-        return {p.name for p in self.blobs.root.iterdir()}
+        return {p.name for p in self.blobs.root.iterdir() if p.name != "quarantine"}
 
     def installed_slots(self) -> set[int]:
         return {s for s in range(1, self.runtime.capacity) if self.runtime.kind_of(s) is not None}
@@ -146,7 +146,8 @@ def test_a_taken_id_is_a_conflict_and_stores_nothing(tmp_path, sources):
     run(main())
 
 
-@pytest.mark.parametrize("bad_id", ["-x", ".hidden", "a/b", "../x", "a b", "x" * 65, "caf\u00e9", "a\0b"])
+@pytest.mark.parametrize("bad_id", ["-x", ".hidden", "a/b", "../x", "a b", "x" * 65, "caf\u00e9", "a\0b",
+                                    "foo\n", "foo\r\n"])
 def test_invalid_ids_are_refused(tmp_path, sources, bad_id):
     async def main():
         h = Harness(tmp_path)
@@ -384,7 +385,7 @@ def test_a_restart_serves_the_same_adapters_and_restores_pins(tmp_path, sources)
     run(main())
 
 
-def test_start_reports_missing_files_and_removes_orphans(tmp_path, sources, caplog):
+def test_start_reports_missing_files_and_quarantines_orphans(tmp_path, sources, caplog):
     async def main():
         first = Harness(tmp_path)
         await first.registry.register("a", sources["lora1"])
@@ -400,6 +401,7 @@ def test_start_reports_missing_files_and_removes_orphans(tmp_path, sources, capl
         second = Harness(tmp_path)
         await second.registry.start()
         assert second.blob_names() == {content_hash(sources["ia3"])}
+        assert second.blobs.quarantined() == [orphan] and second.registry.quarantined_blobs == 1
         a = second.registry.get("a")
         assert a.missing and a.describe()["tier"] == "missing"
         assert "files (%s) are missing" % lost in caplog.text
@@ -416,5 +418,41 @@ def test_start_reports_missing_files_and_removes_orphans(tmp_path, sources, capl
         lease = await second.registry.acquire("a")
         lease.release()
         await second.registry.close()
+
+    run(main())
+
+
+def test_a_lost_database_loses_no_adapter_files_and_restoring_it_serves_them_again(tmp_path, sources):
+    async def main():
+        first = Harness(tmp_path)
+        await first.registry.register("a", sources["lora1"])
+        await first.registry.register("b", sources["prompt"])
+        await first.registry.close()
+        db = tmp_path / "gateway.sqlite3"
+        saved = tmp_path / "backup"
+        saved.mkdir()
+        for path in tmp_path.glob("gateway.sqlite3*"):  # the database and its WAL
+            path.rename(saved / path.name)
+
+        empty = Harness(tmp_path)  # starts on a fresh, empty database
+        await empty.registry.start()
+        assert empty.registry.entries() == [] and empty.blob_names() == set()
+        assert empty.registry.quarantined_blobs == 2  # kept, not deleted
+        await empty.registry.close()
+
+        for path in tmp_path.glob("gateway.sqlite3*"):
+            path.unlink()
+        for path in saved.iterdir():
+            path.rename(tmp_path / path.name)
+        assert db.exists()
+        restored = Harness(tmp_path)
+        await restored.registry.start()
+        assert [e.id for e in restored.registry.entries()] == ["a", "b"]
+        assert not any(e.missing for e in restored.registry.entries()) and restored.registry.quarantined_blobs == 0
+        for adapter_id in ("a", "b"):
+            lease = await restored.registry.acquire(adapter_id)
+            lease.release()
+        await restored.settle()
+        await restored.registry.close()
 
     run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ CASES: dict[str, tuple[bytes, str]] = {
     "too short": (b"\x01\x00", "shorter than the 8-byte"),
     "header length past end": (raw_file(GOOD_HEADER, bytes(12), length=10_000), "past the end"),
     "header length over 100MB": (raw_file(GOOD_HEADER, bytes(12), length=200_000_000), "over the limit"),
+    "header length over 16MiB": (raw_file(GOOD_HEADER, bytes(12), length=17 << 20), "over the limit"),
     "garbage json": (raw_file(b"{not json"), "not valid JSON"),
     "invalid utf-8": (raw_file(b'{"\xff": 1}'), "UTF-8"),
     "not an object": (raw_file([1, 2]), "not a JSON object"),
@@ -80,6 +82,13 @@ CASES: dict[str, tuple[bytes, str]] = {
     "entry not object": (raw_file({"a": [1]}), "exactly the keys"),
     "bad metadata": (raw_file({"__metadata__": {"k": 1}, **GOOD_HEADER}, bytes(12)), "strings to strings"),
     "nan": (raw_file(b'{"__metadata__": {"k": NaN}}'), "not valid JSON"),
+    "nine dims": (raw_file({"a": entry("U8", [1] * 9, 0, 1)}, bytes(1)), "at most 8 dimensions"),
+    # thousands of huge dimensions: the size product alone would take hours (here: a 4300-digit number)
+    "many huge dims": (raw_file({"a": entry("U8", [2**40 - 1] * 5000, 0, 1)}, bytes(1)), "at most 8 dimensions"),
+    "huge dim": (raw_file({"a": entry("U8", [0, 10**300], 0, 0), "b": entry("U8", [1], 0, 1)}, bytes(1)),
+                 "up to 1099511627776"),
+    "huge offset": (raw_file(b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1%s]}}' % (b"0" * 4000),
+                             bytes(1)), "run past the 1-byte"),
 }
 
 
@@ -128,3 +137,9 @@ def test_library_error_becomes_validation_error(valid: Path, monkeypatch: pytest
     monkeypatch.setattr("safetensors.torch.load_file", broken)
     with pytest.raises(AdapterValidationError, match="SafetensorError"):
         load_checked_tensors(valid, LIMIT)
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    with pytest.raises(AdapterValidationError, match="not a regular file"):
+        read_safetensors_header(tmp_path / "fifo.safetensors", LIMIT)

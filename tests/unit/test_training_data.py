@@ -134,6 +134,7 @@ def test_format_detected_from_first_valid_object():
 
 
 BAD_CHAT_LINES = [
+    ({"foo": 1}, "missing field 'messages'"),  # no known format after a chat record (was a KeyError)
     ({"messages": "hi"}, "field 'messages' must be an array"),
     ({"messages": []}, "field 'messages' is empty"),
     ({"messages": ["hi"]}, "messages[0] must be an object"),
