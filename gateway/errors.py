@@ -16,6 +16,9 @@ from adapters.errors import (
 )
 from adapters.tiers import NoFreeSlotError
 from gateway.engine import QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, QueueFullError
+from gateway.training.errors import (
+    TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DatasetValidationError)
     async def _dataset_invalid(_: Request, exc: DatasetValidationError) -> JSONResponse:
         return _render(BadRequestError(str(exc), code="invalid_dataset"))
+
+    # training jobs (gateway/training/errors.py)
+    @app.exception_handler(TrainingJobNotFoundError)
+    async def _job_missing(_: Request, exc: TrainingJobNotFoundError) -> JSONResponse:
+        return _render(NotFoundError(str(exc), code="not_found"))
+
+    @app.exception_handler(TrainingJobStateError)
+    async def _job_state(_: Request, exc: TrainingJobStateError) -> JSONResponse:
+        return _render(ConflictError(str(exc)))
+
+    @app.exception_handler(TooManyTrainingJobsError)
+    async def _too_many_jobs(_: Request, exc: TooManyTrainingJobsError) -> JSONResponse:
+        return _render(RateLimitError(str(exc), code="too_many_jobs"))
+
+    @app.exception_handler(TrainingStoreError)
+    async def _job_store(_: Request, exc: TrainingStoreError) -> JSONResponse:
+        return _render(ServiceUnavailableError(str(exc), code="storage_unavailable", headers={"Retry-After": "5"}))
 
     @app.exception_handler(QueueFullError)
     @app.exception_handler(NoFreeSlotError)
