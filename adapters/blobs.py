@@ -15,6 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from adapters import faults
 from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class BlobStore:
                     shutil.copyfileobj(src, dst, _CHUNK)
                     dst.flush()
                     os.fsync(dst.fileno())
+                faults.hit("blob.write")
             digest = content_hash(tmp)
             if self.exists(digest):  # same content registered before: share the blob
                 shutil.rmtree(tmp)
@@ -87,6 +89,7 @@ class BlobStore:
             raise
 
     def remove(self, digest: str) -> None:
+        faults.hit("blob.remove")
         shutil.rmtree(self.path(digest), ignore_errors=True)
 
     def reconcile(self, referenced: set[str]) -> list[str]:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -90,6 +92,12 @@ class QueueTimeoutError(ServiceUnavailableError):
 
 class ShuttingDownError(ServiceUnavailableError):
     code = SHUTTING_DOWN
+
+
+class InsufficientStorageError(APIError):
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
 
 
 class GenerationFailedError(APIError):
@@ -185,6 +193,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TrainingStoreError)
     async def _job_store(_: Request, exc: TrainingStoreError) -> JSONResponse:
         return _render(ServiceUnavailableError(str(exc), code="storage_unavailable", headers={"Retry-After": "5"}))
+
+    # storage: a full disk or a busy database fails the request that needed it, cleanly
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(exc, sqlite3.OperationalError) and "full" in str(exc))
+        if full:
+            log.error("%s %s: out of disk space: %s", request.method, request.url.path, exc)
+            return _render(InsufficientStorageError(
+                "the server is out of disk space; nothing was saved. Retry once space is freed"))
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+            log.error("%s %s: database busy: %s", request.method, request.url.path, exc)
+            return _render(ServiceUnavailableError("the database is busy; nothing was saved. Retry later",
+                                                   code="storage_unavailable", headers={"Retry-After": "5"}))
+        return await _unexpected(request, exc)
 
     @app.exception_handler(QueueFullError)
     @app.exception_handler(NoFreeSlotError)
