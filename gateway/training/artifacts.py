@@ -7,8 +7,10 @@
   registry copied it into its own store), and stays as the job's result when it was not registered;
 - failed / cancelled: everything stays ``retention_seconds`` after the job ended (to look at the
   data or the last checkpoint), then goes;
-- deleted jobs, and folders no record names (a crash between writing the dataset and the record):
-  everything goes.
+- deleted jobs: everything goes;
+- folders no record names: removed when they hold nothing but the upload (a crash between writing
+  the dataset and the record); kept, with a warning, when they hold checkpoints or an export (a
+  database restored from an older backup may still need them; the operator decides).
 
 Only folders named like a job id are ever removed: the root may hold an operator's files.
 No torch: this runs on the event loop's worker threads and in tests without a model.
@@ -27,6 +29,7 @@ from gateway.training.store import CANCELLED, FAILED, SUCCEEDED, TrainingJobReco
 
 log = logging.getLogger(__name__)
 DATASET_FILE = "dataset.jsonl"
+DATASET_TMP = "dataset.tmp"
 CHECKPOINTS = "checkpoints"
 EXPORT = "adapter"
 JOB_ID = re.compile(r"train-[0-9a-f]{12}")
@@ -53,7 +56,7 @@ class JobArtifacts:
         """Write the upload whole or not at all (a temporary file renamed into place)."""
         path = self.dataset(job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(DATASET_TMP)
         try:
             tmp.write_bytes(data)
             tmp.replace(path)
@@ -91,11 +94,20 @@ class JobArtifacts:
         return touched
 
     def remove_orphans(self, known: set[str]) -> list[str]:
-        """Remove job folders no record names (call before any job is created in this process)."""
+        """Remove job folders no record names that hold only an upload (call before any job is
+        created in this process); return the ids removed."""
         if not self.root.is_dir():
             return []
-        orphans = [p.name for p in self.root.iterdir() if JOB_ID.fullmatch(p.name) and p.name not in known]
-        for job_id in orphans:
-            log.warning("removing %s: a training job folder without a job record", self.folder(job_id))
-            self.remove(job_id)
-        return orphans
+        removed = []
+        for folder in self.root.iterdir():
+            if not JOB_ID.fullmatch(folder.name) or folder.name in known:
+                continue
+            upload_only = {p.name for p in folder.iterdir()} <= {DATASET_FILE, DATASET_TMP}
+            if upload_only:
+                log.warning("removing %s: the upload of a training job whose record was never saved", folder)
+                self.remove(folder.name)
+                removed.append(folder.name)
+            else:
+                log.warning("keeping %s: a training job folder with results but no job record (a database "
+                            "restored from an older backup?); remove it by hand once it is not needed", folder)
+        return removed

@@ -177,10 +177,11 @@ def test_retention_of_failed_and_cancelled_jobs_and_orphans(tmp_path):
     assert artifacts.dataset(records[0].id).is_file() and artifacts.dataset(records[1].id).is_file()
     assert artifacts.tidy(records, now=1100.0) == [records[0].id, records[1].id]
     assert not any(tmp_path.iterdir())
-    (tmp_path / "train-00000000abcd").mkdir()  # a crash between the dataset and the record
+    artifacts.write_dataset("train-00000000abcd", b"{}")  # a crash between the dataset and the record
+    (tmp_path / "train-00000000beef" / "adapter").mkdir(parents=True)  # a result an older database lost
     (tmp_path / "operator-notes").mkdir()
     assert artifacts.remove_orphans(known={records[0].id}) == ["train-00000000abcd"]
-    assert [p.name for p in tmp_path.iterdir()] == ["operator-notes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["operator-notes", "train-00000000beef"]
 
 
 # ---- a failing store ------------------------------------------------------------------------------
