@@ -159,10 +159,14 @@ def test_files_of_ended_jobs(tmp_path):
     with make_client(tmp_path, training_artifact_retention_seconds=0) as client:
         registered = run_to_end(client, kind="ia3")
         kept = run_to_end(client, kind="ia3", register=False)
-    training = tmp_path / "training"
-    assert registered["state"] == SUCCEEDED and registered["adapter_id"] is not None
-    assert not (training / registered["id"]).exists()  # the registry copied the export into its store
-    assert sorted(p.name for p in (training / kept["id"]).iterdir()) == ["adapter"]  # the job's only result
+        training = tmp_path / "training"
+        assert registered["state"] == SUCCEEDED and registered["adapter_id"] is not None
+        assert not (training / registered["id"]).exists()  # the registry copied the export into its store
+        assert sorted(p.name for p in (training / kept["id"]).iterdir()) == ["adapter"]  # the job's only result
+    with make_client(tmp_path) as restarted:  # served from the adapter store, read from disk again
+        reply = restarted.post("/v1/chat/completions", json={"model": registered["adapter_id"], "messages": MESSAGES,
+                                                             "max_tokens": 2})
+        assert reply.status_code == 200, reply.text
 
 
 def test_retention_of_failed_and_cancelled_jobs_and_orphans(tmp_path):
