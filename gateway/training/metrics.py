@@ -37,8 +37,9 @@ class TrainingCollector:
         store_errors = CounterMetricFamily(
             "gateway_training_store_errors", "Failed writes of training job records (disk full, database locked).")
         store_errors.add_metric([], self.jobs.writer.errors)
-        unsaved = GaugeMetricFamily("gateway_training_unsaved_jobs",
-                                    "Training jobs whose latest state is not saved yet (retried; no job starts meanwhile).")
+        unsaved = GaugeMetricFamily(
+            "gateway_training_unsaved_jobs", "Training jobs whose latest state is not saved yet (retried; no job "
+            "starts meanwhile).")
         unsaved.add_metric([], self.jobs.writer.unsaved)
         scheduler = CounterMetricFamily("gateway_training_scheduler_errors",
                                         "Unexpected errors the training job scheduler survived.")
