@@ -140,12 +140,9 @@ def test_disk_full_and_kill_9_at_each_write(model_and_adapters, launch_server, t
     url = chaos.start()
     assert upload(url, "a", folders["a"]).status_code == 201
     assert upload(url, "c", folders["c"]).status_code == 201
+    base = httpx.get(f"{url}/v1/models", timeout=WAIT).json()["data"][0]["id"]  # listed first
     created = httpx.post(f"{url}/admin/experiments", headers=HEADERS, timeout=WAIT, json={
-        "name": "exp", "arms": [{"name": "a", "weight": 1}, {"name": "tiny-chaos", "weight": 0}]})
-    if created.status_code != 201:  # the base model's name is its folder's name
-        base = httpx.get(f"{url}/v1/models", timeout=WAIT).json()["data"][0]["id"]
-        created = httpx.post(f"{url}/admin/experiments", headers=HEADERS, timeout=WAIT, json={
-            "name": "exp", "arms": [{"name": "a", "weight": 1}, {"name": base, "weight": 0}]})
+        "name": "exp", "arms": [{"name": "a", "weight": 1}, {"name": base, "weight": 0}]})
     assert created.status_code == 201, created.text
     weights = {arm["name"]: arm["weight"] for arm in experiment(url)["arms"]}
 
