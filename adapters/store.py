@@ -49,7 +49,8 @@ class DatabaseUnusableError(Exception):
 
 def check_database(path: Path, described: tuple[Path, ...] = ()) -> None:
     """Refuse a damaged database (``PRAGMA quick_check``), and a missing one while any folder of
-    ``described`` (files the rows point to) still holds something. Never creates or changes a file."""
+    ``described`` (files the rows point to) still holds something. Never creates a database, and
+    never writes to a damaged one."""
     if not path.exists():
         left = [str(p) for p in described if p.is_dir() and any(p.iterdir())]
         if left:
