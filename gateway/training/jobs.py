@@ -250,7 +250,7 @@ class TrainingJobs:
         if not await self.writer.flush():
             await self._idle(self.retry_seconds)  # no new job while the store refuses writes
             return
-        await asyncio.to_thread(self.artifacts.tidy, list(self._records.values()))
+        await self._tidy(list(self._records.values()))
         queued = [r for r in self._records.values() if r.state == QUEUED]
         if not queued:
             await self._idle(TIDY_EVERY_SECONDS)
@@ -262,6 +262,14 @@ class TrainingJobs:
         finally:
             self._current, self._preparing = None, False
             self._cancel_asked.discard(record.id)
+
+    async def _tidy(self, records: list[TrainingJobRecord]) -> None:
+        """Remove files ended jobs no longer need; a failure (a folder we may not touch) is logged and
+        never keeps jobs from running."""
+        try:
+            await asyncio.to_thread(self.artifacts.tidy, records)
+        except OSError as exc:
+            log.warning("cannot remove the files of ended training jobs: %s", exc)
 
     async def _idle(self, seconds: float) -> None:
         self._wakeup.clear()
@@ -360,7 +368,7 @@ class TrainingJobs:
         log.log(logging.WARNING if state == FAILED else logging.INFO, "training job %s %s%s", record.id, state,
                 f": {error}" if error else "")
         if await self._persist(record, notify=False):  # files go only once the store knows the job ended
-            await asyncio.to_thread(self.artifacts.tidy, [record])
+            await self._tidy([record])
         self._notify()  # waiters (a cancel, event streams) see the job ended, its files tidied
 
     # ---- persistence ----------------------------------------------------------------------------

@@ -270,15 +270,24 @@ def test_a_dataset_that_cannot_be_written_is_refused_cleanly(client, monkeypatch
 def test_the_scheduler_survives_an_unexpected_error(client, monkeypatch):
     jobs = jobs_of(client)
     jobs.retry_seconds = 0.05
-    tidy = jobs.artifacts.tidy
+    run_job = jobs._run_job
     calls = []
 
-    def tidy_failing_once(records, now=None):
-        calls.append(1)
+    async def failing_once(record):
+        calls.append(record.id)
         if len(calls) == 1:
             raise RuntimeError("unexpected")
-        return tidy(records, now)
+        await run_job(record)
 
-    monkeypatch.setattr(jobs.artifacts, "tidy", tidy_failing_once)
-    assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED
+    monkeypatch.setattr(jobs, "_run_job", failing_once)
+    assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED  # picked again after the pause
+    assert len(calls) == 2
     assert metric(client, "gateway_training_scheduler_errors_total") >= 1
+
+
+def test_files_that_cannot_be_removed_never_stop_training(client, monkeypatch):
+    def refuse(records, now=None):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(jobs_of(client).artifacts, "tidy", refuse)
+    assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED
