@@ -178,7 +178,10 @@ def test_disk_full_and_kill_9_at_each_write(model_and_adapters, launch_server, t
     done = wait_job(url, job_id, lambda j: j["state"] in ("failed", "succeeded", "cancelled"))
     assert done["state"] == "succeeded" and done["progress"]["resumed_from_step"] == 2, done
     assert served(url, "trained") == 200
-    assert not (data / "training" / job_id).exists()  # dataset, checkpoints, export: all gone
+    deadline = time.monotonic() + WAIT  # dataset, checkpoints, export: all go just after the job ends
+    while (data / "training" / job_id).exists():
+        assert time.monotonic() < deadline, sorted((data / "training" / job_id).rglob("*"))
+        time.sleep(0.1)
     chaos.arm("experiment-db.update", "kill")
     chaos.expect_killed(lambda: httpx.patch(f"{url}/admin/experiments/exp", headers=HEADERS, timeout=WAIT,
                                             json={"weights": {"a": 5}}))

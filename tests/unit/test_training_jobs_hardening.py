@@ -162,7 +162,8 @@ def test_files_of_ended_jobs(tmp_path):
         training = tmp_path / "training"
         assert registered["state"] == SUCCEEDED and registered["adapter_id"] is not None
         assert not (training / registered["id"]).exists()  # the registry copied the export into its store
-        assert sorted(p.name for p in (training / kept["id"]).iterdir()) == ["adapter"]  # the job's only result
+        # the job's only result (its files are tidied just after the job is seen ended)
+        poll(lambda: sorted(p.name for p in (training / kept["id"]).iterdir()) == ["adapter"])
     with make_client(tmp_path) as restarted:  # served from the adapter store, read from disk again
         reply = restarted.post("/v1/chat/completions", json={"model": registered["adapter_id"], "messages": MESSAGES,
                                                              "max_tokens": 2})
