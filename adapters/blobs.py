@@ -19,6 +19,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from adapters import faults
 from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class BlobStore:
                     shutil.copyfileobj(src, dst, _CHUNK)
                     dst.flush()
                     os.fsync(dst.fileno())
+                faults.hit("blob.write")
             digest = content_hash(tmp)
             if self.exists(digest):  # same content registered before: share the blob
                 shutil.rmtree(tmp)
@@ -92,6 +94,7 @@ class BlobStore:
             raise
 
     def remove(self, digest: str) -> None:
+        faults.hit("blob.remove")
         shutil.rmtree(self.path(digest), ignore_errors=True)
 
     @property

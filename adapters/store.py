@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from adapters import faults
+
 
 @dataclass
 class AdapterRecord:
@@ -38,6 +40,42 @@ class AdapterStore(Protocol):
     def set_pinned(self, adapter_id: str, pinned: bool) -> None: ...
 
     def close(self) -> None: ...
+
+
+class DatabaseUnusableError(Exception):
+    """The database file is damaged, or missing while files it described remain: starting on it would
+    drop data silently. The message names the file and the operator's options."""
+
+
+def check_database(path: Path, described: tuple[Path, ...] = ()) -> None:
+    """Refuse a damaged database (``PRAGMA quick_check``), and a missing one while any folder of
+    ``described`` (files the rows point to) still holds something. Never creates a database, and
+    never writes to a damaged one."""
+    if not path.exists():
+        left = [str(p) for p in described if p.is_dir() and any(p.iterdir())]
+        if left:
+            raise DatabaseUnusableError(
+                f"the database {path} is missing, but {', '.join(left)} still hold(s) files it described; "
+                f"starting without it would forget (and later remove) them. Restore {path} from a backup; or, to "
+                f"start empty on purpose, move {', '.join(left)} aside first")
+        return
+    problem = None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True)  # rw, not rwc: never create it
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+        if rows != [("ok",)]:
+            problem = "; ".join(str(r[0]) for r in rows[:5])
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    if problem is not None:
+        raise DatabaseUnusableError(
+            f"the database {path} is damaged ({problem}); the gateway will not start on it, so that no "
+            f"registered adapter, job or experiment is dropped silently. Restore it from a backup (with its "
+            f"-wal file, if any), or move it aside (mv {path} {path}.damaged, and its -wal and -shm files) to "
+            f"start with an empty database (the stored files it described must then be moved aside too)")
 
 
 def open_sqlite(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
@@ -77,6 +115,7 @@ class SqliteAdapterStore:
                  int(record.pinned), json.dumps(record.info, sort_keys=True)))
 
     def delete(self, adapter_id: str) -> None:
+        faults.hit("adapter-db.delete")
         with self._lock, self._conn:
             self._conn.execute("DELETE FROM registry_adapters WHERE id = ?", (adapter_id,))
 

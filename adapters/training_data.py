@@ -108,6 +108,10 @@ def _text(obj: dict, key: str, *, where: str = "", optional: bool = False, allow
         raise _LineProblem(f"{label} must be a string, got {_type_name(value)}")
     if not allow_empty and not value.strip():
         raise _LineProblem(f"{label} is empty")
+    try:
+        value.encode("utf-8")  # JSON escapes can spell unpaired surrogates, which no tokenizer takes
+    except UnicodeEncodeError:
+        raise _LineProblem(f"{label} holds an unpaired surrogate escape (\\ud800-\\udfff): not valid Unicode") from None
     return value
 
 

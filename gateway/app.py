@@ -20,7 +20,7 @@ from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
-from adapters.store import SqliteAdapterStore
+from adapters.store import SqliteAdapterStore, check_database
 from gateway.admin_key import resolve_admin_key
 from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops
 from gateway.api import admin_training
@@ -75,7 +75,15 @@ def eos_ids(base: LoadedBase) -> set[int]:
     return ids
 
 
+def check_data_dir(settings: Settings) -> None:
+    """Raise ``DatabaseUnusableError`` when the database is damaged, or lost while the files it
+    described remain (the registry would forget them): the operator decides, never the gateway."""
+    data = settings.data_dir
+    check_database(data / DATABASE_FILE, (data / "adapter-store", data / "training"))
+
+
 def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway:
+    check_data_dir(settings)  # before the model loads: fail fast
     base = base or load_base(settings)
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
     engine = build_engine(settings, runtime, base.tokenizer, context_window=base.context_window,

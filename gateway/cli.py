@@ -33,7 +33,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    from gateway.app import create_app
+    from adapters.store import DatabaseUnusableError
+    from gateway.app import check_data_dir, create_app
     from gateway.exposure import check_exposure
     from gateway.shutdown import GatewayServer
 
@@ -41,6 +42,10 @@ def serve(settings: Settings) -> None:
     problem = check_exposure(settings)
     if problem is not None:
         sys.exit(f"adapter-gateway: {problem}")
+    try:
+        check_data_dir(settings)
+    except DatabaseUnusableError as exc:
+        sys.exit(f"adapter-gateway: refusing to start: {exc}")
     app = create_app(settings)
     # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),

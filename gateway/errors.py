@@ -17,7 +17,9 @@ whether the size was declared up front or counted while the body streamed in.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -37,6 +39,9 @@ from gateway.engine import (
 from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
     UnknownArmModelError,
+)
+from gateway.training.errors import (
+    TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
 )
 
 log = logging.getLogger(__name__)
@@ -123,6 +128,12 @@ class ShuttingDownError(ServiceUnavailableError):
     code = SHUTTING_DOWN
 
 
+class InsufficientStorageError(APIError):
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
+
+
 class GenerationFailedError(APIError):
     status = 500
     type = "server_error"
@@ -168,6 +179,10 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     ExperimentNotFoundError: ErrorSpec(404, "not_found_error", "experiment_not_found"),
     CompletionNotFoundError: ErrorSpec(404, "not_found_error", "completion_not_found"),
     ExperimentConflictError: ErrorSpec(409, "conflict_error", "conflict"),
+    TrainingJobNotFoundError: ErrorSpec(404, "not_found_error", "not_found"),
+    TrainingJobStateError: ErrorSpec(409, "conflict_error", "conflict"),
+    TooManyTrainingJobsError: ErrorSpec(429, "rate_limit_error", "too_many_jobs"),
+    TrainingStoreError: ErrorSpec(503, "server_error", "storage_unavailable", retry_after=5),
 }
 
 
@@ -251,6 +266,22 @@ def install_error_handlers(app: FastAPI) -> None:
     # DomainError and AdapterError catch subclasses registered later too (looked up at raise time)
     for cls in {DomainError, AdapterError, *DOMAIN_ERRORS}:
         app.add_exception_handler(cls, _domain)
+
+    # storage: a full disk or a busy database fails the request that needed it, cleanly
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(exc, sqlite3.OperationalError) and "full" in str(exc))
+        if full:
+            log.error("%s %s: out of disk space: %s", request.method, request.url.path, exc)
+            return _render(InsufficientStorageError(
+                "the server is out of disk space; nothing was saved. Retry once space is freed"))
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
+            log.error("%s %s: database busy: %s", request.method, request.url.path, exc)
+            return _render(ServiceUnavailableError("the database is busy; nothing was saved. Retry later",
+                                                   code="storage_unavailable", headers={"Retry-After": "5"}))
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
         "Largest training dataset upload (JSONL)."))
     max_training_dataset_lines: int = Field(100_000, ge=1, description="Most records in a training dataset.")
     max_training_jobs: int = Field(16, ge=1, description="Training jobs queued or running at once.")
+    training_artifact_retention_seconds: float = Field(86400.0, ge=0, description=(
+        "How long the dataset and checkpoints of a failed or cancelled training job are kept (to look "
+        "at them) before they are removed; 0 removes them when the job ends. A succeeded job's are "
+        "removed at once (its registered adapter lives in the adapter store)."))
     log_level: str = Field("info", description="Logging level.")
 
     @field_validator("api_keys", mode="before")

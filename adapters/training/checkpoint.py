@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters import faults
+
 LATEST = "LATEST"
 TENSORS = "state.safetensors"
 STATE = "state.json"
@@ -44,6 +46,7 @@ def save_checkpoint(folder: Path, step: int, tensors: dict[str, torch.Tensor], s
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
               metadata={"format": "pt"})
+    faults.hit("checkpoint.write")
     (tmp / STATE).write_text(json.dumps(state))
     for path in (tmp / TENSORS, tmp / STATE):
         _fsync_file(path)

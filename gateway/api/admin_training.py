@@ -1,5 +1,6 @@
 """Admin routes for training jobs (admin key): create from an uploaded JSONL dataset and a JSON
-config, list, inspect, follow progress (SSE) and cancel."""
+config, list, inspect, follow progress (SSE), cancel and delete. Job errors are typed
+(``gateway.training.errors``); ``gateway.errors`` turns them into statuses."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from adapters.errors import DatasetValidationError
 from adapters.training.config import TrainingConfig
 from adapters.training.prepare import describe_problems
 from gateway.auth import admin_key_scheme
-from gateway.errors import APIError, BadRequestError, PayloadTooLargeError, ServiceUnavailableError
-from gateway.training.jobs import TrainingJobError, TrainingJobs
+from gateway.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
+from gateway.training.jobs import TrainingJobs
 from gateway.training.store import TERMINAL, TrainingJobRecord
 
 router = APIRouter(prefix="/admin/training-jobs", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
@@ -38,13 +39,6 @@ JobsDep = Annotated[TrainingJobs, Depends(get_jobs)]
 
 def job_view(record: TrainingJobRecord) -> dict[str, Any]:
     return {"object": "training.job", **record.as_dict()}
-
-
-def _api_error(exc: TrainingJobError) -> APIError:
-    error = APIError(str(exc), code={404: "not_found", 409: "conflict", 429: "too_many_jobs"}.get(exc.status))
-    error.status = exc.status
-    error.type = {404: "not_found_error", 429: "rate_limit_error"}.get(exc.status, "invalid_request_error")
-    return error
 
 
 def _parse_config(text: Any) -> TrainingConfig:
@@ -103,8 +97,6 @@ async def create_job(request: Request, jobs: JobsDep) -> JSONResponse:
         raise BadRequestError(describe_problems(exc), param="dataset", code="invalid_dataset") from None
     except ValueError as exc:
         raise BadRequestError(str(exc), param="config") from None
-    except TrainingJobError as exc:
-        raise _api_error(exc) from None
     return JSONResponse(job_view(record), status_code=201)
 
 
@@ -115,34 +107,37 @@ async def list_jobs(jobs: JobsDep) -> dict[str, Any]:
 
 @router.get("/{job_id}")
 async def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    try:
-        return job_view(jobs.get(job_id))
-    except TrainingJobError as exc:
-        raise _api_error(exc) from None
+    return job_view(jobs.get(job_id))
 
 
 @router.post("/{job_id}/cancel")
 async def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    try:
-        return job_view(await jobs.cancel(job_id))
-    except TrainingJobError as exc:
-        raise _api_error(exc) from None
+    """Cancel at any stage; the answer is the job once it ended (``cancelled``). 409 when it had
+    already ended: too late, and the message names the adapter a succeeded job registered."""
+    return job_view(await jobs.cancel(job_id))
+
+
+@router.delete("/{job_id}")
+async def delete_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    """Forget an ended job and remove its files; 409 while it is queued or running (cancel it
+    first). The adapter a succeeded job registered is not touched (DELETE /admin/adapters/{id})."""
+    await jobs.delete(job_id)
+    return {"object": "training.job.deleted", "id": job_id, "deleted": True}
 
 
 @router.get("/{job_id}/events")
 async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
     """Server-sent events: ``event: progress`` with the job (as GET returns it) at every change,
     until the job ends; ``: keep-alive`` comments in quiet stretches."""
-    try:
-        jobs.get(job_id)
-    except TrainingJobError as exc:
-        raise _api_error(exc) from None
+    jobs.get(job_id)
 
     async def stream() -> AsyncIterator[str]:
         last = None
         while True:
             changed = jobs.changed  # taken before reading, so no change is missed
-            record = jobs.get(job_id)
+            record = jobs.find(job_id)
+            if record is None:  # deleted meanwhile
+                return
             payload = json.dumps(job_view(record))
             if payload != last:
                 yield f"event: progress\ndata: {payload}\n\n"

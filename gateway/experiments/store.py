@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from adapters import faults
 from adapters.store import open_sqlite
 from gateway.experiments.assignment import Arm
 
@@ -197,6 +198,7 @@ class SqliteExperimentStore:
         with self._transaction() as conn:
             conn.execute("UPDATE experiments SET arms = ?, state = ?, winner = ?, updated = ? WHERE name = ?",
                          (_arms_json(e.arms), e.state, e.winner, e.updated, e.name))
+            faults.hit("experiment-db.update")
 
     def delete_experiment(self, name: str) -> None:
         with self._transaction() as conn:

@@ -6,16 +6,25 @@ micro-step of the active run) and reports progress and the end of a run back to 
 ``call_soon_threadsafe``. Preparing a run (tokenizing, building the adapter, reading the
 checkpoint) and exporting it happen in worker threads, so neither serving nor the loop waits.
 
-Files of a job live in ``root/<job id>/``: ``dataset.jsonl`` (as uploaded), ``checkpoints/`` and
-``adapter/`` (the PEFT export). The dataset is kept so a restart can rebuild the same run.
+Cancel wins at every stage: a queued job or one being prepared ends at once (a run built
+meanwhile is thrown away), a training one stops before its next micro-step, and one exporting or
+registering its adapter ends cancelled after that step (an adapter registered meanwhile is
+removed again). Only once the job has succeeded is it too late, and the answer says so.
+
+A failing store (disk full, database locked) never stops the scheduler: the write is logged,
+counted, kept and retried every ``retry_seconds`` (``gateway.training.persistence``); a job that
+cannot be marked running is failed with the reason, and no new job starts until the store takes
+writes again.
+
+Files of a job are kept and removed by ``gateway.training.artifacts``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,15 +40,21 @@ from adapters.training.config import TrainingConfig
 from adapters.training.prepare import check_limits, prepare_dataset
 from adapters.training.trainer import TrainingRun
 from gateway.background import BackgroundWork
+from gateway.training.artifacts import JobArtifacts
+from gateway.training.errors import (
+    TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
+)
+from gateway.training.persistence import RecordWriter
 from gateway.training.store import (
     CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, TrainingJobRecord, TrainingJobStore,
 )
 
 log = logging.getLogger(__name__)
-DATASET_FILE = "dataset.jsonl"
 PROGRESS_EVERY_SECONDS = 0.5  # engine -> loop progress reports
 PERSIST_EVERY_SECONDS = 5.0  # progress writes to the store (state changes are written at once)
 MAX_PROBLEMS_KEPT = 100
+RETRY_SECONDS = 5.0  # a failed store write is tried again this often
+TIDY_EVERY_SECONDS = 60.0  # how often ended jobs' files are checked against the retention
 
 
 @dataclass(frozen=True)
@@ -50,14 +65,6 @@ class TrainingLimits:
     max_queued_jobs: int
     context_window: int
     adapter: AdapterLimits
-
-
-class TrainingJobError(Exception):
-    """A job request that cannot be honoured (unknown job, wrong state, too many jobs)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 class _Active:
@@ -80,33 +87,41 @@ def describe_failure(exc: BaseException, config: TrainingConfig) -> str:
 
 
 class TrainingJobs:
-    def __init__(self, *, runtime, tokenizer, store: TrainingJobStore, root: Path, limits: TrainingLimits,
-                 register: Callable[[str, Path], Awaitable[str]], check_adapter_id: Callable[[str], None],
-                 duty_cycle: float):
+    def __init__(self, *, runtime, tokenizer, store: TrainingJobStore, artifacts: JobArtifacts,
+                 limits: TrainingLimits, register: Callable[[str, Path], Awaitable[str]],
+                 unregister: Callable[[str], Awaitable[None]], check_adapter_id: Callable[[str], None],
+                 duty_cycle: float, retry_seconds: float = RETRY_SECONDS):
         """``register(adapter_id, folder)`` validates and registers an exported adapter and returns its id;
+        ``unregister(adapter_id)`` removes it again (a cancel that arrived while it was registered);
         ``check_adapter_id`` raises (an ``AdapterError``) when an id could not be registered now."""
         self.runtime = runtime
         self.tokenizer = copy.deepcopy(tokenizer)  # worker threads tokenize; serving keeps its own
         self.store = store
-        self.root = root
+        self.artifacts = artifacts
         self.limits = limits
+        self.retry_seconds = retry_seconds
         self._register = register
+        self._unregister = unregister
         self._check_registry_id = check_adapter_id
         self.background = BackgroundWork(self._work, duty_cycle)
         self._records: dict[str, TrainingJobRecord] = {}
         self._active: _Active | None = None
+        self._current: str | None = None  # the job the scheduler works on (preparing .. registering)
+        self._preparing = False  # its run is being built in a worker thread
+        self._cancel_asked: set[str] = set()  # cancels of the current job, honoured at its next stage
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._last_persist: dict[str, float] = {}
-        self._store_lock = asyncio.Lock()  # writes reach the store in the order they were made
+        self.writer = RecordWriter(store)  # failed writes are kept and retried, never raised
         self._pending_writes: set[asyncio.Task] = set()
+        self.scheduler_errors = 0  # unexpected errors the scheduler survived (a metric)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load the records; jobs that were queued or running are queued again (running ones resume
-        from their last checkpoint when their turn comes)."""
+        from their last checkpoint when their turn comes). Files no job needs any more are removed."""
         self._loop = asyncio.get_running_loop()
         for record in await asyncio.to_thread(self.store.load_all):
             if record.state == RUNNING:
@@ -114,6 +129,7 @@ class TrainingJobs:
                 await self._persist(record)
                 log.info("training job %s was interrupted; it will resume from its last checkpoint", record.id)
             self._records[record.id] = record
+        await asyncio.to_thread(self.artifacts.remove_orphans, set(self._records))
         self._scheduler = asyncio.create_task(self._schedule(), name="training-jobs")
 
     async def close(self) -> None:
@@ -121,16 +137,20 @@ class TrainingJobs:
         if self._scheduler is not None:
             self._scheduler.cancel()
             await asyncio.gather(self._scheduler, *self._pending_writes, return_exceptions=True)
+        await self.writer.flush()  # a last try; what still fails is logged
         await asyncio.to_thread(self.store.close)
 
     # ---- API ------------------------------------------------------------------------------------
     def list(self) -> list[TrainingJobRecord]:
         return sorted(self._records.values(), key=lambda r: (r.created, r.id), reverse=True)
 
+    def find(self, job_id: str) -> TrainingJobRecord | None:
+        return self._records.get(job_id)
+
     def get(self, job_id: str) -> TrainingJobRecord:
         record = self._records.get(job_id)
         if record is None:
-            raise TrainingJobError(f"the training job {job_id!r} does not exist", status=404)
+            raise TrainingJobNotFoundError(f"the training job {job_id!r} does not exist")
         return record
 
     @property
@@ -140,45 +160,68 @@ class TrainingJobs:
 
     async def create(self, data: bytes, config: TrainingConfig) -> TrainingJobRecord:
         """Validate the dataset and config, then queue the job. Raises ``DatasetValidationError``
-        (every bad line), ``ValueError`` (config), ``AdapterConflictError`` or ``TrainingJobError``."""
+        (every bad line), ``ValueError`` (config), ``AdapterConflictError``, ``TooManyTrainingJobsError``
+        or ``TrainingStoreError`` (nothing is queued, nothing left on disk)."""
         if len(data) > self.limits.max_dataset_bytes:
             raise DatasetValidationError(
                 f"the dataset is {len(data)} bytes; the limit is {self.limits.max_dataset_bytes}")
         check_limits(config, self.limits.adapter)
         active = [r for r in self._records.values() if r.state not in TERMINAL]
         if len(active) >= self.limits.max_queued_jobs:
-            raise TrainingJobError(f"{len(active)} training jobs are queued or running (limit "
-                                   f"{self.limits.max_queued_jobs}); wait for one to finish", status=429)
+            raise TooManyTrainingJobsError(f"{len(active)} training jobs are queued or running (limit "
+                                           f"{self.limits.max_queued_jobs}); wait for one to finish")
         job_id = f"train-{uuid.uuid4().hex[:12]}"
         adapter_id = config.adapter_id or job_id
         self._check_adapter_id(adapter_id, active)
         prepared = await asyncio.to_thread(self._prepare, data, config)
-        folder = self.root / job_id
-        await asyncio.to_thread(_write_new, folder / DATASET_FILE, data)
+        try:
+            await asyncio.to_thread(self.artifacts.write_dataset, job_id, data)
+        except OSError as exc:
+            raise TrainingStoreError(f"the dataset could not be saved: {exc}") from None
         record = TrainingJobRecord(
             id=job_id, state=QUEUED, config=config.model_dump(mode="json", by_alias=True), created=time.time(),
             dataset={"format": prepared.format, "bytes": len(data), "train_examples": len(prepared.train),
                      "eval_examples": len(prepared.eval), "skipped_lines": len(prepared.problems),
                      "problems": [list(p) for p in prepared.problems[:MAX_PROBLEMS_KEPT]]})
         self._records[job_id] = record
-        await self._persist(record)
+        if not await self._persist(record):
+            del self._records[job_id]
+            self.writer.forget(job_id)
+            await asyncio.to_thread(self.artifacts.remove, job_id)
+            self._notify()
+            raise TrainingStoreError(f"the job could not be saved: {self.writer.last_error}")
         log.info("training job %s queued (%s, %d examples)", job_id, config.kind.value, len(prepared.train))
         self._wakeup.set()
         return record
 
     async def cancel(self, job_id: str) -> TrainingJobRecord:
+        """End the job as cancelled, at whatever stage it is (see the module docstring)."""
         record = self.get(job_id)
         if record.state in TERMINAL:
-            raise TrainingJobError(f"the training job {job_id!r} already ended ({record.state})", status=409)
+            raise TrainingJobStateError(_too_late(record))
+        if job_id != self._current or self._preparing:
+            await self._end(record, CANCELLED)  # a run being built meanwhile is thrown away
+            return record
+        self._cancel_asked.add(job_id)
         active = self._active
-        if active is not None and active.record.id == job_id:
+        if active is not None and active.record is record:
             active.cancel_requested = True  # the engine thread stops it before its next micro-step
             self.background.wake()
-            while record.state not in TERMINAL:
-                await self.changed.wait()
-        else:
-            await self._end(record, CANCELLED)
+        while record.state not in TERMINAL:
+            await self.changed.wait()
         return record
+
+    async def delete(self, job_id: str) -> None:
+        """Forget an ended job and remove its files (its registered adapter, if any, stays)."""
+        record = self.get(job_id)
+        if record.state not in TERMINAL:
+            raise TrainingJobStateError(f"the training job {job_id!r} is {record.state}; cancel it first")
+        await self.writer.delete(job_id)
+        self._records.pop(job_id, None)
+        self._last_persist.pop(job_id, None)
+        await asyncio.to_thread(self.artifacts.remove, job_id)
+        log.info("training job %s deleted", job_id)
+        self._notify()
 
     def _check_adapter_id(self, adapter_id: str, active: list[TrainingJobRecord]) -> None:
         self._check_registry_id(adapter_id)
@@ -192,54 +235,103 @@ class TrainingJobs:
 
     # ---- scheduling (event loop) ----------------------------------------------------------------
     async def _schedule(self) -> None:
+        """Run queued jobs one at a time, oldest first. Nothing may end this loop but ``close``."""
         while True:
-            queued = [r for r in self._records.values() if r.state == QUEUED]
-            if not queued:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._run_job(min(queued, key=lambda r: (r.created, r.id)))
+            try:
+                await self._schedule_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - log, count, and carry on after a pause
+                self.scheduler_errors += 1
+                log.exception("training scheduler error; retrying in %.1f s", self.retry_seconds)
+                await asyncio.sleep(self.retry_seconds)
+
+    async def _schedule_once(self) -> None:
+        if not await self.writer.flush():
+            await self._idle(self.retry_seconds)  # no new job while the store refuses writes
+            return
+        await self._tidy(list(self._records.values()))
+        queued = [r for r in self._records.values() if r.state == QUEUED]
+        if not queued:
+            await self._idle(TIDY_EVERY_SECONDS)
+            return
+        record = min(queued, key=lambda r: (r.created, r.id))
+        self._current = record.id
+        try:
+            await self._run_job(record)
+        finally:
+            self._current, self._preparing = None, False
+            self._cancel_asked.discard(record.id)
+
+    async def _tidy(self, records: list[TrainingJobRecord]) -> None:
+        """Remove files ended jobs no longer need; a failure (a folder we may not touch) is logged and
+        never keeps jobs from running."""
+        try:
+            await asyncio.to_thread(self.artifacts.tidy, records)
+        except OSError as exc:
+            log.warning("cannot remove the files of ended training jobs: %s", exc)
+
+    async def _idle(self, seconds: float) -> None:
+        self._wakeup.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
 
     async def _run_job(self, record: TrainingJobRecord) -> None:
         config = TrainingConfig.model_validate(record.config)
+        self._preparing = True
         try:
             run = await asyncio.to_thread(self._build_run, record, config)
         except (CheckpointError, DatasetValidationError, OSError, ValueError) as exc:
-            await self._end(record, FAILED, f"cannot start: {exc}")
+            if record.state not in TERMINAL:  # unless cancelled meanwhile
+                await self._end(record, FAILED, f"cannot start: {exc}")
             return
         except Exception as exc:  # noqa: BLE001 - any failure ends this job, never the gateway
-            await self._end(record, FAILED, describe_failure(exc, config))
+            if record.state not in TERMINAL:
+                await self._end(record, FAILED, describe_failure(exc, config))
             return
-        record.state, record.started = RUNNING, record.started or time.time()
-        record.progress = run.progress.as_dict()
-        await self._persist(record)
-        active = _Active(record, run, self._loop.create_future())
-        self._active = active
-        self.background.wake()
+        finally:
+            self._preparing = False
         try:
-            state, error = await asyncio.shield(active.finished)
+            if record.state in TERMINAL:  # cancelled while it was being prepared
+                return
+            record.state, record.started = RUNNING, record.started or time.time()
+            record.progress = run.progress.as_dict()
+            if not await self._persist(record):
+                await self._end(record, FAILED, f"the job could not be marked running, so it was not started: "
+                                                f"{self.writer.last_error}")
+                return
+            active = _Active(record, run, self._loop.create_future())
+            active.cancel_requested = record.id in self._cancel_asked  # asked while the state was written
+            self._active = active
+            self.background.wake()
+            try:
+                state, error = await asyncio.shield(active.finished)
+            finally:
+                self._active = None
             if state == SUCCEEDED:
                 await self._finish_success(record, config, run)
             else:
                 await self._end(record, state, error)
         finally:
-            self._active = None
             await asyncio.to_thread(run.close)
 
     def _build_run(self, record: TrainingJobRecord, config: TrainingConfig) -> TrainingRun:
-        folder = self.root / record.id
-        data = (folder / DATASET_FILE).read_bytes()
+        data = self.artifacts.dataset(record.id).read_bytes()
         prepared = self._prepare(data, config)
-        run = TrainingRun(self.runtime, self.tokenizer, config, prepared.train, prepared.eval, folder / "checkpoints")
+        run = TrainingRun(self.runtime, self.tokenizer, config, prepared.train, prepared.eval,
+                          self.artifacts.checkpoints(record.id))
         run.resume()
         return run
 
     async def _finish_success(self, record: TrainingJobRecord, config: TrainingConfig, run: TrainingRun) -> None:
-        out = self.root / record.id / "adapter"
+        out = self.artifacts.export(record.id)
         try:
             await asyncio.to_thread(run.export, out)
         except OSError as exc:
             await self._end(record, FAILED, f"cannot write the adapter: {exc}")
+            return
+        if record.id in self._cancel_asked:
+            await self._end(record, CANCELLED, None)
             return
         p = run.progress
         improved = p.eval_loss_before is None or (p.eval_loss_after is not None and p.eval_loss_after < p.eval_loss_before)
@@ -250,24 +342,42 @@ class TrainingJobs:
                            f"{p.eval_loss_after:.4f})")
         else:
             try:
-                record.adapter_id = await self._register(config.adapter_id or record.id, out)
+                adapter_id = await self._register(config.adapter_id or record.id, out)
             except Exception as exc:  # noqa: BLE001 - validation or conflict: the job says why
                 await self._end(record, FAILED, f"training finished but registering the adapter failed: {exc}")
                 return
-        shutil.rmtree(self.root / record.id / "checkpoints", ignore_errors=True)
+            if record.id in self._cancel_asked and await self._withdraw(record, adapter_id):
+                return
+            record.adapter_id = adapter_id
         await self._end(record, SUCCEEDED)
+
+    async def _withdraw(self, record: TrainingJobRecord, adapter_id: str) -> bool:
+        """A cancel arrived while the adapter was being registered: remove it again (cancel wins);
+        False (and a note on the job) when that fails, so the job ends succeeded."""
+        try:
+            await self._unregister(adapter_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. an experiment started using it meanwhile
+            record.note = (f"the cancel arrived while the adapter {adapter_id!r} was being registered, and it "
+                           f"could not be removed again ({exc}); it stays registered")
+            return False
+        await self._end(record, CANCELLED, None)
+        return True
 
     async def _end(self, record: TrainingJobRecord, state: str, error: str | None = None) -> None:
         record.state, record.error, record.finished = state, error, time.time()
         log.log(logging.WARNING if state == FAILED else logging.INFO, "training job %s %s%s", record.id, state,
                 f": {error}" if error else "")
-        await self._persist(record)
+        if await self._persist(record, notify=False):  # files go only once the store knows the job ended
+            await self._tidy([record])
+        self._notify()  # waiters (a cancel, event streams) see the job ended, its files tidied
 
-    async def _persist(self, record: TrainingJobRecord) -> None:
+    # ---- persistence ----------------------------------------------------------------------------
+    async def _persist(self, record: TrainingJobRecord, notify: bool = True) -> bool:
+        """Write the record's latest state; False (logged, counted, retried later) when the store fails."""
         self._last_persist[record.id] = time.monotonic()
-        self._notify()
-        async with self._store_lock:
-            await asyncio.to_thread(self.store.put, copy.deepcopy(record))  # the latest state, in order
+        if notify:
+            self._notify()
+        return await self.writer.put(record)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -316,9 +426,10 @@ def _resolve(future: asyncio.Future, outcome: tuple[str, str | None]) -> None:
         future.set_result(outcome)
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def _too_late(record: TrainingJobRecord) -> str:
+    message = f"the training job {record.id!r} already ended ({record.state})"
+    if record.adapter_id is not None:
+        message += (f"; its adapter {record.adapter_id!r} is registered and stays so: remove it with "
+                    f"DELETE /admin/adapters/{record.adapter_id}")
+    return message
 

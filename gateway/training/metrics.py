@@ -1,11 +1,11 @@
 """Prometheus view of the training jobs, read from the job records at scrape time (so nothing
-goes stale): jobs by state, and tokens/s and current loss of each running job (at most one runs
-at a time, so the ``job`` label stays bounded)."""
+goes stale): jobs by state, tokens/s and current loss of each running job (at most one runs
+at a time, so the ``job`` label stays bounded), and failed writes of job records."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway.training.store import RUNNING, STATES
 
@@ -34,7 +34,17 @@ class TrainingCollector:
             history = progress.get("train_loss") or []
             if history:
                 loss.add_metric([record.id], float(history[-1][1]))
-        yield from (by_state, speed, loss)
+        store_errors = CounterMetricFamily(
+            "gateway_training_store_errors", "Failed writes of training job records (disk full, database locked).")
+        store_errors.add_metric([], self.jobs.writer.errors)
+        unsaved = GaugeMetricFamily(
+            "gateway_training_unsaved_jobs", "Training jobs whose latest state is not saved yet (retried; no job "
+            "starts meanwhile).")
+        unsaved.add_metric([], self.jobs.writer.unsaved)
+        scheduler = CounterMetricFamily("gateway_training_scheduler_errors",
+                                        "Unexpected errors the training job scheduler survived.")
+        scheduler.add_metric([], self.jobs.scheduler_errors)
+        yield from (by_state, speed, loss, store_errors, unsaved, scheduler)
 
 
 def register_training_metrics(registry: CollectorRegistry, jobs) -> TrainingCollector:

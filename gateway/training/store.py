@@ -45,6 +45,8 @@ class TrainingJobStore(Protocol):
     def put(self, record: TrainingJobRecord) -> None:
         """Insert, or replace the record with the same id, atomically."""
 
+    def delete(self, job_id: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -66,6 +68,10 @@ class SqliteTrainingJobStore:
         with self._lock, self._conn:
             self._conn.execute("INSERT OR REPLACE INTO training_jobs VALUES (?, ?, ?, ?)",
                                (record.id, record.state, record.created, json.dumps(record.as_dict())))
+
+    def delete(self, job_id: str) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("DELETE FROM training_jobs WHERE id = ?", (job_id,))
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from adapters.errors import AdapterConflictError
 from adapters.kinds.base import AdapterLimits
+from gateway.training.artifacts import JobArtifacts
 from gateway.training.jobs import TrainingJobs, TrainingLimits
 from gateway.training.metrics import register_training_metrics
 from gateway.training.store import SqliteTrainingJobStore
@@ -21,6 +22,9 @@ def attach_training(gateway, database: Path) -> TrainingJobs:
         entry = await gateway.registry.register(adapter_id, folder, replace=False)
         return entry.id
 
+    async def unregister(adapter_id: str) -> None:
+        await gateway.registry.delete(adapter_id)
+
     def check_adapter_id(adapter_id: str) -> None:
         gateway.registry.check_id(adapter_id)  # pattern, and names taken by the base or an experiment
         if adapter_id in gateway.registry:
@@ -33,8 +37,10 @@ def attach_training(gateway, database: Path) -> TrainingJobs:
         adapter=AdapterLimits(max_lora_rank=settings.max_lora_rank, max_virtual_tokens=settings.max_virtual_tokens,
                               max_adapter_bytes=settings.max_adapter_bytes))
     jobs = TrainingJobs(runtime=gateway.runtime, tokenizer=gateway.base.tokenizer,
-                        store=SqliteTrainingJobStore(database), root=settings.data_dir / "training", limits=limits,
-                        register=register, check_adapter_id=check_adapter_id,
+                        store=SqliteTrainingJobStore(database),
+                        artifacts=JobArtifacts(settings.data_dir / "training",
+                                               settings.training_artifact_retention_seconds),
+                        limits=limits, register=register, unregister=unregister, check_adapter_id=check_adapter_id,
                         duty_cycle=settings.training_duty_cycle)
     gateway.engine.set_background(jobs.background)
     register_training_metrics(gateway.metrics.registry, jobs)

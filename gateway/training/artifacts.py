@@ -1,0 +1,113 @@
+"""The files of training jobs under ``root/<job id>/``, and when they go.
+
+``dataset.jsonl`` (the upload, kept so a restart can rebuild the same run), ``checkpoints/`` and
+``adapter/`` (the PEFT export). What each outcome keeps:
+
+- succeeded: the dataset and checkpoints go at once; the export goes too once registered (the
+  registry copied it into its own store), and stays as the job's result when it was not registered;
+- failed / cancelled: everything stays ``retention_seconds`` after the job ended (to look at the
+  data or the last checkpoint), then goes;
+- deleted jobs: everything goes;
+- folders no record names: removed when they hold nothing but the upload (a crash between writing
+  the dataset and the record); kept, with a warning, when they hold checkpoints or an export (a
+  database restored from an older backup may still need them; the operator decides).
+
+Only folders named like a job id are ever removed: the root may hold an operator's files.
+No torch: this runs on the event loop's worker threads and in tests without a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from gateway.training.store import CANCELLED, FAILED, SUCCEEDED, TrainingJobRecord
+
+log = logging.getLogger(__name__)
+DATASET_FILE = "dataset.jsonl"
+DATASET_TMP = "dataset.tmp"
+CHECKPOINTS = "checkpoints"
+EXPORT = "adapter"
+JOB_ID = re.compile(r"train-[0-9a-f]{12}")
+
+
+class JobArtifacts:
+    def __init__(self, root: Path, retention_seconds: float):
+        self.root = root
+        self.retention_seconds = retention_seconds
+
+    def folder(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def dataset(self, job_id: str) -> Path:
+        return self.folder(job_id) / DATASET_FILE
+
+    def checkpoints(self, job_id: str) -> Path:
+        return self.folder(job_id) / CHECKPOINTS
+
+    def export(self, job_id: str) -> Path:
+        return self.folder(job_id) / EXPORT
+
+    def write_dataset(self, job_id: str, data: bytes) -> None:
+        """Write the upload whole or not at all (a temporary file renamed into place)."""
+        path = self.dataset(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(DATASET_TMP)
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except BaseException:
+            shutil.rmtree(path.parent, ignore_errors=True)  # a half-written dataset is never left
+            raise
+
+    def remove(self, job_id: str) -> None:
+        if JOB_ID.fullmatch(job_id):
+            shutil.rmtree(self.folder(job_id), ignore_errors=True)
+
+    def tidy(self, records: Iterable[TrainingJobRecord], now: float | None = None) -> list[str]:
+        """Remove what the ended jobs among ``records`` no longer need; return the ids touched."""
+        now = time.time() if now is None else now
+        touched = []
+        for record in records:
+            folder = self.folder(record.id)
+            if not folder.is_dir():
+                continue
+            if record.state == SUCCEEDED:
+                leftovers = [self.dataset(record.id), self.checkpoints(record.id)]
+                if record.adapter_id is not None:
+                    leftovers.append(self.export(record.id))
+                if any(p.exists() for p in leftovers):
+                    for path in leftovers:
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                    if not any(folder.iterdir()):
+                        folder.rmdir()
+                    touched.append(record.id)
+            elif record.state in (FAILED, CANCELLED) and now - (record.finished or 0.0) >= self.retention_seconds:
+                self.remove(record.id)
+                touched.append(record.id)
+        if touched:
+            log.info("removed the files of ended training jobs no longer needed: %s", ", ".join(touched))
+        return touched
+
+    def remove_orphans(self, known: set[str]) -> list[str]:
+        """Remove job folders no record names that hold only an upload (call before any job is
+        created in this process); return the ids removed."""
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for folder in self.root.iterdir():
+            if not JOB_ID.fullmatch(folder.name) or folder.name in known:
+                continue
+            upload_only = {p.name for p in folder.iterdir()} <= {DATASET_FILE, DATASET_TMP}
+            if upload_only:
+                log.warning("removing %s: the upload of a training job whose record was never saved", folder)
+                self.remove(folder.name)
+                removed.append(folder.name)
+            else:
+                log.warning("keeping %s: a training job folder with results but no job record (a database "
+                            "restored from an older backup?); remove it by hand once it is not needed", folder)
+        return removed

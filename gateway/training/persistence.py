@@ -1,0 +1,72 @@
+"""Writes of training job records that never take the scheduler down.
+
+A store can fail at any write (disk full, database locked past its busy timeout). The writer logs
+and counts the failure and keeps the record as unsaved instead of raising; ``flush`` tries the
+unsaved ones again (the job manager calls it before starting any new job). Writes reach the store
+in the order they were made, each with the record's state at the time of the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+
+from gateway.training.errors import TrainingStoreError
+from gateway.training.store import TrainingJobRecord, TrainingJobStore
+
+log = logging.getLogger(__name__)
+
+
+class RecordWriter:
+    def __init__(self, store: TrainingJobStore):
+        self.store = store
+        self._lock = asyncio.Lock()
+        self._unsaved: dict[str, TrainingJobRecord] = {}  # records whose latest write failed
+        self.errors = 0  # failed writes since start (a metric)
+        self.last_error: str | None = None
+
+    @property
+    def unsaved(self) -> int:
+        return len(self._unsaved)
+
+    async def put(self, record: TrainingJobRecord) -> bool:
+        """Write the record's current state; False when the store failed (the record is retried)."""
+        snapshot = copy.deepcopy(record)
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self.store.put, snapshot)
+            except Exception as exc:  # noqa: BLE001 - whatever the store raises, never fatal here
+                self._failed(exc)
+                self._unsaved[record.id] = record
+                return False
+        self._unsaved.pop(record.id, None)
+        return True
+
+    async def flush(self) -> bool:
+        """Write every unsaved record again; True once none is left."""
+        if not self._unsaved:
+            return True
+        for record in list(self._unsaved.values()):
+            if not await self.put(record):
+                return False
+        log.info("training job records are saved again")
+        return True
+
+    async def delete(self, job_id: str) -> None:
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self.store.delete, job_id)
+            except Exception as exc:  # noqa: BLE001 - told to the caller as a typed error
+                self._failed(exc)
+                raise TrainingStoreError(f"the job could not be deleted: {self.last_error}") from None
+        self._unsaved.pop(job_id, None)
+
+    def forget(self, job_id: str) -> None:
+        """Drop an unsaved record that must not be written (a job whose creation was refused)."""
+        self._unsaved.pop(job_id, None)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error("cannot write training job records (kept, and tried again later): %s", self.last_error)

@@ -1,0 +1,294 @@
+"""Training jobs under stress, on a tiny random Llama: cancel wins at every stage, ended jobs can be
+deleted and their files go when nothing needs them, and a failing job store (database locked, disk
+full) fails the job it hits with the reason while the scheduler carries on."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from support import build_tokenizer
+from test_api import make_base, make_settings
+from test_training_api import ADMIN, MESSAGES, jsonl, rows, submit, wait_for
+
+from adapters.training.trainer import TrainingRun
+from gateway.app import create_app
+from gateway.training.artifacts import JobArtifacts
+from gateway.training.jobs import TrainingJobs
+from gateway.training.store import CANCELLED, FAILED, SUCCEEDED, TrainingJobRecord
+
+WAIT = 30.0  # generous bound on a thread handshake; never reached when things work
+
+
+def make_client(data_dir, **overrides) -> TestClient:
+    settings = make_settings(data_dir, None, admin_key="k" * 24, max_body_bytes=65536, **overrides)
+    return TestClient(create_app(settings, base=make_base(build_tokenizer())))
+
+
+def jobs_of(client) -> TrainingJobs:
+    return client.app.state.gateway.training
+
+
+def adapter_ids(client) -> set[str]:
+    return {a["id"] for a in client.get("/admin/adapters", headers=ADMIN).json()["data"]}
+
+
+def poll(predicate) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+def run_to_end(client, **config) -> dict:
+    """Submit a quick job and wait for it; the scheduler runs one job at a time, so every job
+    submitted before it has been fully handled once it ends."""
+    job_id = submit(client, jsonl(rows()), max_steps=1, batch_size=4, **config).json()["id"]
+    return wait_for(client, job_id, lambda j: j["state"] in (SUCCEEDED, FAILED, CANCELLED))
+
+
+@pytest.fixture
+def client(tmp_path):
+    with make_client(tmp_path, training_artifact_retention_seconds=0) as c:
+        yield c
+
+
+# ---- cancel ---------------------------------------------------------------------------------------
+def test_cancel_while_the_dataset_is_prepared_wins(client, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    build = TrainingJobs._build_run
+
+    def slow_build(self, record, config):
+        run = build(self, record, config)  # the dataset is read and tokenized: the run is ready
+        entered.set()
+        release.wait(WAIT)
+        return run
+
+    monkeypatch.setattr(TrainingJobs, "_build_run", slow_build)
+    job_id = submit(client, jsonl(rows()), kind="lora", adapter_id="never", max_steps=2).json()["id"]
+    assert entered.wait(WAIT)
+    response = client.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN)
+    assert response.status_code == 200 and response.json()["state"] == CANCELLED
+    release.set()
+    assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED  # the cancelled job was handled before
+    job = client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()
+    assert job["state"] == CANCELLED and job["adapter_id"] is None and job["started"] is None
+    assert "never" not in adapter_ids(client)
+    reply = client.post("/v1/chat/completions", json={"model": "never", "messages": MESSAGES, "max_tokens": 2})
+    assert reply.status_code == 404
+
+
+def _block_export(monkeypatch, client, entered, release):
+    export = TrainingRun.export
+
+    def slow_export(self, folder):
+        entered.set()
+        release.wait(WAIT)
+        return export(self, folder)
+
+    monkeypatch.setattr(TrainingRun, "export", slow_export)
+
+
+def _block_after_register(monkeypatch, client, entered, release):
+    jobs = jobs_of(client)
+    register = jobs._register
+
+    async def slow_register(adapter_id, folder):
+        registered = await register(adapter_id, folder)  # committed: the adapter is served now
+        entered.set()
+        await asyncio.to_thread(release.wait, WAIT)
+        return registered
+
+    monkeypatch.setattr(jobs, "_register", slow_register)
+
+
+@pytest.mark.parametrize("block", [_block_export, _block_after_register], ids=["exporting", "registering"])
+def test_cancel_while_exporting_or_registering_wins(client, monkeypatch, tmp_path, block):
+    entered, release = threading.Event(), threading.Event()
+    block(monkeypatch, client, entered, release)
+    job_id = submit(client, jsonl(rows()), kind="lora", adapter_id="late", max_steps=1).json()["id"]
+    assert entered.wait(WAIT)
+    with ThreadPoolExecutor(1) as pool:
+        cancel = pool.submit(client.post, f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN)
+        poll(lambda: job_id in jobs_of(client)._cancel_asked)  # the cancel reached the job
+        release.set()
+        response = cancel.result(WAIT)
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == CANCELLED and response.json()["adapter_id"] is None
+    assert "late" not in adapter_ids(client)
+    assert not (tmp_path / "training" / job_id).exists()  # retention 0: a cancelled job's files go
+
+
+def test_cancel_after_success_says_the_adapter_stays(client):
+    job = run_to_end(client, kind="ia3", adapter_id="done")
+    assert job["state"] == SUCCEEDED
+    response = client.post(f"/admin/training-jobs/{job['id']}/cancel", headers=ADMIN)
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "conflict" and "'done' is registered" in error["message"]
+    assert "DELETE /admin/adapters/done" in error["message"]
+
+
+# ---- delete and files -----------------------------------------------------------------------------
+def test_delete_refuses_a_running_job_then_forgets_it_and_its_files(tmp_path):
+    with make_client(tmp_path) as client:  # default retention: a cancelled job's files are kept
+        job_id = submit(client, jsonl(rows()), kind="lora", max_steps=100_000, checkpoint_every=1).json()["id"]
+        wait_for(client, job_id, lambda j: j["progress"].get("step", 0) >= 1)
+        response = client.delete(f"/admin/training-jobs/{job_id}", headers=ADMIN)
+        assert response.status_code == 409 and "cancel it first" in response.json()["error"]["message"]
+        assert client.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN).json()["state"] == CANCELLED
+        folder = tmp_path / "training" / job_id
+        assert (folder / "dataset.jsonl").is_file() and (folder / "checkpoints").is_dir()
+        response = client.delete(f"/admin/training-jobs/{job_id}", headers=ADMIN)
+        assert response.status_code == 200 and response.json()["deleted"] is True
+        assert not folder.exists()
+        assert client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).status_code == 404
+        assert client.delete(f"/admin/training-jobs/{job_id}", headers=ADMIN).status_code == 404
+        assert client.delete("/admin/training-jobs/x").status_code == 401
+    with make_client(tmp_path) as again:  # the row is gone from the database too
+        assert again.get("/admin/training-jobs", headers=ADMIN).json()["data"] == []
+
+
+def test_files_of_ended_jobs(tmp_path):
+    with make_client(tmp_path, training_artifact_retention_seconds=0) as client:
+        registered = run_to_end(client, kind="ia3")
+        kept = run_to_end(client, kind="ia3", register=False)
+        training = tmp_path / "training"
+        assert registered["state"] == SUCCEEDED and registered["adapter_id"] is not None
+        assert not (training / registered["id"]).exists()  # the registry copied the export into its store
+        # the job's only result (its files are tidied just after the job is seen ended)
+        poll(lambda: sorted(p.name for p in (training / kept["id"]).iterdir()) == ["adapter"])
+    with make_client(tmp_path) as restarted:  # served from the adapter store, read from disk again
+        reply = restarted.post("/v1/chat/completions", json={"model": registered["adapter_id"], "messages": MESSAGES,
+                                                             "max_tokens": 2})
+        assert reply.status_code == 200, reply.text
+
+
+def test_retention_of_failed_and_cancelled_jobs_and_orphans(tmp_path):
+    artifacts = JobArtifacts(tmp_path, retention_seconds=100)
+    records = []
+    for i, state in enumerate((FAILED, CANCELLED, SUCCEEDED)):
+        job_id = f"train-{i:012x}"
+        artifacts.write_dataset(job_id, b"{}")
+        artifacts.checkpoints(job_id).mkdir()
+        records.append(TrainingJobRecord(id=job_id, state=state, config={}, created=0.0, finished=1000.0))
+    assert artifacts.tidy(records, now=1050.0) == [records[2].id]  # succeeded: at once; others kept
+    assert artifacts.dataset(records[0].id).is_file() and artifacts.dataset(records[1].id).is_file()
+    assert artifacts.tidy(records, now=1100.0) == [records[0].id, records[1].id]
+    assert not any(tmp_path.iterdir())
+    artifacts.write_dataset("train-00000000abcd", b"{}")  # a crash between the dataset and the record
+    (tmp_path / "train-00000000beef" / "adapter").mkdir(parents=True)  # a result an older database lost
+    (tmp_path / "operator-notes").mkdir()
+    assert artifacts.remove_orphans(known={records[0].id}) == ["train-00000000abcd"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["operator-notes", "train-00000000beef"]
+
+
+# ---- a failing store ------------------------------------------------------------------------------
+class FlakyStore:
+    """The real store, with writes that raise ``error`` while it is set."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.error: Exception | None = None
+
+    def load_all(self):
+        return self.inner.load_all()
+
+    def put(self, record):
+        if self.error is not None:
+            raise self.error
+        self.inner.put(record)
+
+    def delete(self, job_id):
+        if self.error is not None:
+            raise self.error
+        self.inner.delete(job_id)
+
+    def close(self):
+        self.inner.close()
+
+
+def metric(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}")
+
+
+@pytest.mark.parametrize("error", [sqlite3.OperationalError("database is locked"),
+                                   OSError(errno.ENOSPC, "No space left on device")], ids=["locked", "enospc"])
+def test_a_failing_store_fails_the_job_and_the_scheduler_survives(client, monkeypatch, tmp_path, error):
+    jobs = jobs_of(client)
+    flaky = FlakyStore(jobs.store)
+    monkeypatch.setattr(jobs.writer, "store", flaky)
+    jobs.retry_seconds = 0.05
+    entered, release = threading.Event(), threading.Event()
+    build = TrainingJobs._build_run
+
+    def held_build(self, record, config):
+        entered.set()
+        release.wait(WAIT)
+        return build(self, record, config)
+
+    monkeypatch.setattr(TrainingJobs, "_build_run", held_build)
+    job_id = submit(client, jsonl(rows()), kind="ia3", max_steps=1).json()["id"]
+    assert entered.wait(WAIT)
+    flaky.error = error  # the job cannot be marked running
+    release.set()
+    job = wait_for(client, job_id, lambda j: j["state"] == FAILED)
+    assert "could not be marked running" in job["error"] and str(error) in job["error"]
+    assert metric(client, "gateway_training_store_errors_total") >= 1
+    assert metric(client, "gateway_training_unsaved_jobs") == 1  # the failed state is not written yet
+
+    refused = submit(client, jsonl(rows()), kind="ia3", max_steps=1)  # nothing queued, nothing on disk
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "storage_unavailable"
+    assert [p.name for p in (tmp_path / "training").iterdir()] == [job_id]
+    assert client.delete(f"/admin/training-jobs/{job_id}", headers=ADMIN).status_code == 503
+
+    flaky.error = None  # the disk has room again / the lock is gone
+    assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED  # the scheduler lived on
+    saved = {r.id: r.state for r in flaky.load_all()}
+    assert saved[job_id] == FAILED and len(saved) == 2  # the failed state was written on retry
+    assert metric(client, "gateway_training_unsaved_jobs") == 0
+
+
+def test_a_dataset_that_cannot_be_written_is_refused_cleanly(client, monkeypatch, tmp_path):
+    def disk_full(job_id, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobs_of(client).artifacts, "write_dataset", disk_full)
+    response = submit(client, jsonl(rows()), kind="ia3", max_steps=1)
+    assert response.status_code == 503 and "No space left" in response.json()["error"]["message"]
+    assert client.get("/admin/training-jobs", headers=ADMIN).json()["data"] == []
+
+
+def test_the_scheduler_survives_an_unexpected_error(client, monkeypatch):
+    jobs = jobs_of(client)
+    jobs.retry_seconds = 0.05
+    run_job = jobs._run_job
+    calls = []
+
+    async def failing_once(record):
+        calls.append(record.id)
+        if len(calls) == 1:
+            raise RuntimeError("unexpected")
+        await run_job(record)
+
+    monkeypatch.setattr(jobs, "_run_job", failing_once)
+    assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED  # picked again after the pause
+    assert len(calls) == 2
+    assert metric(client, "gateway_training_scheduler_errors_total") >= 1
+
+
+def test_files_that_cannot_be_removed_never_stop_training(client, monkeypatch):
+    def refuse(records, now=None):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(jobs_of(client).artifacts, "tidy", refuse)
+    assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED
