@@ -100,6 +100,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     metrics = GatewayMetrics()
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
     metrics.running_sequences.set_function(lambda: engine.running)
+    metrics.quarantined_blobs.set_function(lambda: registry.quarantined_blobs)
     if isinstance(engine, PagedEngine):
         metrics.registry.register(KVCacheCollector(engine))
     registry = AdapterRegistry(

@@ -42,6 +42,9 @@ class GatewayMetrics(TierEvents):
         self.resident_adapters = Gauge("gateway_adapters_resident", "Adapters held per tier.", ["tier"], registry=r)
         self.queue_depth = Gauge("gateway_queue_depth", "Sequences waiting for the engine.", registry=r)
         self.running_sequences = Gauge("gateway_running_sequences", "Sequences in the running batch.", registry=r)
+        self.quarantined_blobs = Gauge("gateway_adapter_blobs_quarantined", "Adapter file folders no database row "
+                                       "refers to, moved to adapter-store/quarantine/ at start (never deleted).",
+                                       registry=r)
         self.key_requests = Counter("gateway_key_requests", "Requests admitted, by inference key name.", ["key"],
                                     registry=r)
         self.key_rate_limited = Counter("gateway_key_rate_limited", "Requests refused with 429 by a per-key limit, "

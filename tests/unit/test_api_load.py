@@ -263,3 +263,25 @@ def test_waiting_requests_hold_no_device_slot(make_client, kv_cache):
     assert [r.status_code for r in responses] == [200] * len(models), [r.text for r in responses]
     registry = gateway_of(client).registry
     assert all(registry.get(m).device_users == 0 for m in ADAPTERS)  # every claim went back
+
+
+def metric(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_kv_cache_metrics_and_prefix_hits_over_http(make_client):
+    """The same long prompt twice on one adapter: the second request reuses the first one's full
+    blocks (counted in /metrics), gives the same answer, and every block goes back after."""
+    client = make_client(kv_block_size=4)
+    body = chat_body("lora-a", messages=[{"role": "system", "content": "the quick brown fox " * 12}, *MESSAGES])
+    first = client.post("/v1/chat/completions", json=body)
+    second = client.post("/v1/chat/completions", json=body)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
+    text = client.get("/metrics").text
+    assert metric(text, "gateway_kv_blocks_total") > 0 and metric(text, "gateway_kv_block_size_tokens") == 4
+    assert metric(text, "gateway_prefix_cache_hit_tokens_total") >= 40  # the long system prompt
+    assert metric(text, "gateway_kv_blocks_used") == 0 and metric(text, "gateway_kv_live_tokens") == 0
+    assert metric(text, "gateway_kv_blocks_cached") > 0
+    assert metric(text, "gateway_kv_bytes_per_token") > 0
