@@ -114,8 +114,8 @@ class WordPrompts:
     """Prompts of exactly N tokens: N words, each one token of the vocabulary (``" word"``) that
     encodes back to itself alone, so the server's tokenizer sees N tokens (plus any it adds)."""
 
-    def __init__(self, tokenizer, seed: int = 0, pool: int = 4000):
-        word = re.compile(r" [a-z]{3,10}")
+    def __init__(self, tokenizer, seed: int = 0, pool: int = 4000, min_words: int = 100):
+        word = re.compile(r" [a-z]{2,12}")
         words = []
         for token_id in range(len(tokenizer)):
             text = tokenizer.decode([token_id])
@@ -123,7 +123,7 @@ class WordPrompts:
                 words.append(text)
                 if len(words) >= pool:
                     break
-        if len(words) < 100:
+        if len(words) < min_words:
             raise ValueError("the tokenizer has too few single-token words for prompts of exact length")
         self.words = words
         self.rng = random.Random(seed)
