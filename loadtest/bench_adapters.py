@@ -9,7 +9,6 @@ reused (a benchmark run can keep them in ``--adapters-dir``)."""
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import re
@@ -71,14 +70,19 @@ def _add_noise(model, kind: str, generator: torch.Generator) -> None:
 
 
 def make_adapter(base: torch.nn.Module, kind: str, folder: Path, seed: int) -> Path:
+    """Write one adapter on ``base`` and leave ``base`` as it was (PEFT's ``unload`` takes the
+    LoRA/IA3 layers out again; prompt tuning only wraps it): no copy of the base per adapter, which
+    matters for a 1B-parameter base."""
     from peft import get_peft_model
 
     if (folder / "adapter_model.safetensors").is_file():
         return folder
-    model = get_peft_model(copy.deepcopy(base), peft_config(kind))
+    model = get_peft_model(base, peft_config(kind))
     _add_noise(model, kind, torch.Generator().manual_seed(seed))
     folder.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if kind.startswith("lora") or kind == "ia3":
+        model.unload()  # the wrapped modules go back to the base's own, in place
     del model
     gc.collect()
     return folder

@@ -5,6 +5,7 @@ model checked against real module shapes. No timing is asserted."""
 import math
 
 import pytest
+import torch
 from support import build_tiny_llama
 
 from loadtest import engine_figures as ef
@@ -130,3 +131,21 @@ def test_quick_sizes_leave_explicit_flags_alone():
     args = parse_args(["--quick", "--long-prompt", "999"])
     assert args.long_prompt == 999 and args.short_streams == 4
     assert parse_args([]).short_streams == 12
+
+
+def test_bench_adapters_leave_the_shared_base_untouched(tmp_path):
+    from safetensors.torch import load_file
+
+    from loadtest.bench_adapters import make_adapter
+
+    base = build_tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for i, kind in enumerate(["lora8-all", "ia3", "prompt16", "lora4-attn"]):
+        folder = make_adapter(base, kind, tmp_path / kind, seed=i)
+        assert load_file(folder / "adapter_model.safetensors")
+    after = base.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in name or "ia3" in name for name, _ in base.named_modules())
+    attention = load_file(tmp_path / "lora4-attn" / "adapter_model.safetensors")
+    assert not any("mlp" in k for k in attention) and any("o_proj.lora_A" in k for k in attention)
