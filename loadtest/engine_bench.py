@@ -323,8 +323,6 @@ def server_env(args, engine: str, data_dir: Path, key: str, adapters: Path | Non
            "GATEWAY_MAX_QUEUED_TOKENS": "100000000", "GATEWAY_MAX_QUEUE_WAIT_SECONDS": "3600",
            "GATEWAY_SLOT_WAIT_SECONDS": "600", "GATEWAY_MAX_TOKENS_LIMIT": str(max(4096, args.stream_cap)),
            "GATEWAY_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
-    if args.dummy_weights:
-        env["GATEWAY_DUMMY_WEIGHTS"] = "true"
     if adapters is not None:
         env["GATEWAY_ADAPTERS_DIR"] = str(adapters)
     if engine == "paged":
@@ -363,37 +361,50 @@ async def warm(server: Server, ids: list[str]) -> None:
         await admin(server.client, server.key, "POST", f"/admin/adapters/{adapter}/load")
 
 
-async def guarded(results: list[dict], figure_no: str, engine: str, work: Awaitable[list[dict]]) -> None:
-    """Run one figure; its failure is recorded and printed, the others go on."""
+async def guarded(results: list[dict], figure_no: str, engine: str, work: Awaitable[list[dict]],
+                  checkpoint: Callable[[], None] = lambda: None) -> None:
+    """Run one figure; its failure is recorded and printed, the others go on. ``checkpoint``
+    saves what is measured so far (a run cut short by a time limit keeps it)."""
     try:
         results.extend(await work)
     except Exception as exc:  # noqa: BLE001 - fail soft per figure, with the reason kept
         log.exception("figure %s on %s failed", figure_no, engine)
         results.append(ef.figure(f"figure_{figure_no}", f"{figure_no}. (failed)", None, engine=engine,
                                  error=f"{type(exc).__name__}: {exc}"))
+    checkpoint()
 
 
 async def run_engine(args, engine: str, work: Path, words: WordPrompts, sets: dict, config: dict,
                      figures: list[dict], traces: dict) -> dict:
     wanted = set(args.figures)
     info: dict = {}
+    partial = args.out.with_suffix(".partial.json")
+
+    def checkpoint() -> None:
+        partial.write_text(json.dumps({"figures": figures, "traces": traces}, indent=2, default=str))
+
     core = {"1", "2", "3", "4", "5", "6"} & wanted
     if core:
         async with open_server(args, engine, work, "core", sets["mix_dir"], args.trace_adapters + 1) as server:
             info["paged_kv"], info["notes"] = server.paged_kv, server.notes
             ids = list(sets["mix"])
             if "1" in wanted:
-                await guarded(figures, "1", engine, fig_long_neighbour(server, args, words))
+                await guarded(figures, "1", engine, fig_long_neighbour(server, args, words),
+                              checkpoint)
             if "2" in wanted:
                 lora = next(i for i, k in sets["mix"].items() if k == "lora8-attn")
-                await guarded(figures, "2", engine, fig_shared_prefix(server, args, words, lora))
+                await guarded(figures, "2", engine, fig_shared_prefix(server, args, words, lora),
+                              checkpoint)
             if "3" in wanted:
-                await guarded(figures, "3", engine, fig_context_growth(server, args, words, config))
+                await guarded(figures, "3", engine, fig_context_growth(server, args, words, config),
+                              checkpoint)
             if "5" in wanted:
-                await guarded(figures, "5", engine, fig_kv_memory(server, args, words))
+                await guarded(figures, "5", engine, fig_kv_memory(server, args, words),
+                              checkpoint)
             if "4" in wanted:
                 await warm(server, ids[:args.mixed_adapters])
-                await guarded(figures, "4a", engine, fig_mixed_ranks(server, args, words, sets["mix"], config))
+                await guarded(figures, "4a", engine, fig_mixed_ranks(server, args, words, sets["mix"], config),
+                              checkpoint)
             if "6" in wanted:
                 await warm(server, ids[:args.trace_adapters])
                 try:
@@ -401,10 +412,12 @@ async def run_engine(args, engine: str, work: Path, words: WordPrompts, sets: di
                 except Exception as exc:  # noqa: BLE001 - fail soft
                     log.exception("trace on %s failed", engine)
                     traces[engine] = {"error": f"{type(exc).__name__}: {exc}"}
+                checkpoint()
     if "4" in wanted:
         async with open_server(args, engine, work, "idle", sets["idle_dir"], len(IDLE_KINDS)) as server:
             await warm(server, [i for i, k in sets["idle"].items() if k != "lora256-all"])
-            await guarded(figures, "4b", engine, fig_idle_rank256(server, args, words, sets["idle"]))
+            await guarded(figures, "4b", engine, fig_idle_rank256(server, args, words, sets["idle"]),
+                              checkpoint)
     return info
 
 
@@ -425,7 +438,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the kit end to end in minutes")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="base model folder (default: embedded SmolLM2)")
-    p.add_argument("--dummy-weights", action="store_true", help="random weights at the model's shapes")
+    p.add_argument("--dummy-weights", action="store_true",
+                   help="random weights at the shapes of --model's config (a folder with config and tokenizer)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--data-dir", type=Path, default=Path("./data"), help="where the embedded model lives")
     p.add_argument("--adapters-dir", type=Path, help="keep the generated adapters here (default: a temp dir)")
@@ -500,13 +514,15 @@ async def run_all(args, work: Path, words: WordPrompts, sets: dict, config: dict
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from gateway.base_model import materialize_embedded
+    from gateway.base_model import materialize_dummy, materialize_embedded
     from gateway.settings import EMBEDDED_MODEL
     from loadtest.harness import quiet_logging
 
     args = parse_args(argv)
     quiet_logging()
     args.model_dir = materialize_embedded(args.data_dir) if args.model == EMBEDDED_MODEL else Path(args.model)
+    if args.dummy_weights:  # written once into the data dir; adapters and servers then load that folder
+        args.model_dir = materialize_dummy(str(args.model_dir), args.data_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = json.loads((args.model_dir / "config.json").read_text())
     started = time.monotonic()
@@ -519,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "seconds": round(time.monotonic() - started, 1), **outcome}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)  # the whole result is written
     try:
         from loadtest.plots import plot_engine_bench
 
