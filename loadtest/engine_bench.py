@@ -70,12 +70,25 @@ class Server:
 
 # ---- shared measurement ------------------------------------------------------------------------------
 
+async def settle(server: Server, timeout: float = 60.0) -> None:
+    """Wait until the server runs and queues nothing (closed streams are cancelled there within a
+    step, but a measurement must not start before), so every measurement starts from idle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = await scrape(server.client)
+        if not metrics.get("gateway_running_sequences") and not metrics.get("gateway_queue_depth"):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("%s server still busy after %.0f s; measuring anyway", server.engine, timeout)
+
+
 async def decode_phase(server: Server, models: list[str], prompts: list[str], *, warm_chunks: int,
                        measure_chunks: int, cap: int, during: Callable[[], Awaitable[object]] | None = None,
                        sampler: Callable[[list[StreamResult]], Awaitable[object]] | None = None) -> dict:
     """Start one stream per prompt (``max_tokens=cap``), wait until each has ``warm_chunks``
     chunks, then measure until ``during()`` returns (or each has ``measure_chunks`` more), then
     close every stream. ``sampler(results)`` runs concurrently with the measurement."""
+    await settle(server)
     stop, warm, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
     live: list[StreamResult | None] = [None] * len(prompts)  # each stream's result, from its first chunk
 
@@ -158,6 +171,7 @@ async def fig_shared_prefix(server: Server, args, words: WordPrompts, adapter: s
         return [{"role": "system", "content": system}, {"role": "user", "content": words.make(12)}]
 
     async def ttft(system: str) -> float:
+        await settle(server)
         r = await stream(server.client, adapter, 2, messages=messages(system))
         return r.ttft_s
 
@@ -210,6 +224,7 @@ async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[st
     for _ in range(args.repeats):
         for mode, models in (("mixed", ids), ("single", [heaviest] * len(ids))):
             prompts = [words.make(args.batch_prompt) for _ in ids]
+            await settle(server)
             runs[mode].append(await closed_batch(server.client, models, prompts, args.batch_output))
             log.info("mixed ranks %s: %.1f tok/s", mode, runs[mode][-1]["tokens_per_s"])
     mixed, single = _median_key(runs["mixed"], "tokens_per_s"), _median_key(runs["single"], "tokens_per_s")
@@ -231,6 +246,7 @@ async def fig_idle_rank256(server: Server, args, words: WordPrompts, idle: dict[
                 raise RuntimeError(f"{big} should be on the device once pinned, but is in {tier}")
         for _ in range(args.repeats):
             prompts = [words.make(args.batch_prompt) for _ in models]
+            await settle(server)
             runs[mode].append(await closed_batch(server.client, models, prompts, args.batch_output))
             log.info("idle rank 256 %s: %.1f tok/s", mode, runs[mode][-1]["tokens_per_s"])
     without, with_big = _median_key(runs["without"], "tokens_per_s"), _median_key(runs["with"], "tokens_per_s")
@@ -278,6 +294,7 @@ async def run_trace(server: Server, args, words: WordPrompts, mix: dict[str, str
                        requests=args.trace_requests, input_range=tuple(args.trace_input),
                        output_range=tuple(args.trace_output), seed=args.seed)
     prompts = [words.make(r.input_tokens) for r in trace]
+    await settle(server)
     loop = asyncio.get_running_loop()
     start = loop.time()
     tasks = []
@@ -374,51 +391,67 @@ async def guarded(results: list[dict], figure_no: str, engine: str, work: Awaita
     checkpoint()
 
 
-async def run_engine(args, engine: str, work: Path, words: WordPrompts, sets: dict, config: dict,
-                     figures: list[dict], traces: dict) -> dict:
+async def run_core(args, servers: dict[str, Server], words: WordPrompts, sets: dict, config: dict,
+                   figures: list[dict], traces: dict, checkpoint: Callable[[], None]) -> None:
+    """Figures 1-6 on every engine's core server, figure by figure (each figure on every engine
+    before the next: a run cut short keeps whole before/after pairs, and drift hits both)."""
     wanted = set(args.figures)
-    info: dict = {}
+    ids = list(sets["mix"])
+    lora = next(i for i, k in sets["mix"].items() if k == "lora8-attn")
+    plan = [("1", lambda s: fig_long_neighbour(s, args, words)),
+            ("2", lambda s: fig_shared_prefix(s, args, words, lora)),
+            ("3", lambda s: fig_context_growth(s, args, words, config)),
+            ("5", lambda s: fig_kv_memory(s, args, words)),
+            ("4", lambda s: _after(warm(s, ids[:args.mixed_adapters]),
+                                   lambda: fig_mixed_ranks(s, args, words, sets["mix"], config)))]
+    for number, make in plan:
+        if number in wanted:
+            for engine, server in servers.items():
+                await guarded(figures, "4a" if number == "4" else number, engine, make(server), checkpoint)
+    if "6" in wanted:
+        for engine, server in servers.items():
+            try:
+                await warm(server, ids[:args.trace_adapters])
+                traces[engine] = await run_trace(server, args, words, sets["mix"])
+            except Exception as exc:  # noqa: BLE001 - fail soft
+                log.exception("trace on %s failed", engine)
+                traces[engine] = {"error": f"{type(exc).__name__}: {exc}"}
+            checkpoint()
+
+
+async def _after(first: Awaitable[object], then: Callable[[], Awaitable[list[dict]]]) -> list[dict]:
+    await first
+    return await then()
+
+
+async def run_all(args, work: Path, words: WordPrompts, sets: dict, config: dict) -> dict:
+    figures: list[dict] = []
+    traces: dict[str, dict] = {}
+    info: dict[str, dict] = {}
     partial = args.out.with_suffix(".partial.json")
 
     def checkpoint() -> None:
         partial.write_text(json.dumps({"figures": figures, "traces": traces}, indent=2, default=str))
 
-    core = {"1", "2", "3", "4", "5", "6"} & wanted
-    if core:
-        async with open_server(args, engine, work, "core", sets["mix_dir"], args.trace_adapters + 1) as server:
-            info["paged_kv"], info["notes"] = server.paged_kv, server.notes
-            ids = list(sets["mix"])
-            if "1" in wanted:
-                await guarded(figures, "1", engine, fig_long_neighbour(server, args, words),
-                              checkpoint)
-            if "2" in wanted:
-                lora = next(i for i, k in sets["mix"].items() if k == "lora8-attn")
-                await guarded(figures, "2", engine, fig_shared_prefix(server, args, words, lora),
-                              checkpoint)
-            if "3" in wanted:
-                await guarded(figures, "3", engine, fig_context_growth(server, args, words, config),
-                              checkpoint)
-            if "5" in wanted:
-                await guarded(figures, "5", engine, fig_kv_memory(server, args, words),
-                              checkpoint)
-            if "4" in wanted:
-                await warm(server, ids[:args.mixed_adapters])
-                await guarded(figures, "4a", engine, fig_mixed_ranks(server, args, words, sets["mix"], config),
-                              checkpoint)
-            if "6" in wanted:
-                await warm(server, ids[:args.trace_adapters])
-                try:
-                    traces[engine] = await run_trace(server, args, words, sets["mix"])
-                except Exception as exc:  # noqa: BLE001 - fail soft
-                    log.exception("trace on %s failed", engine)
-                    traces[engine] = {"error": f"{type(exc).__name__}: {exc}"}
-                checkpoint()
-    if "4" in wanted:
-        async with open_server(args, engine, work, "idle", sets["idle_dir"], len(IDLE_KINDS)) as server:
-            await warm(server, [i for i, k in sets["idle"].items() if k != "lora256-all"])
-            await guarded(figures, "4b", engine, fig_idle_rank256(server, args, words, sets["idle"]),
-                              checkpoint)
-    return info
+    if set(args.figures) & set("123456"):  # one core server per engine, both up at once
+        async with contextlib.AsyncExitStack() as stack:
+            servers = {e: await stack.enter_async_context(open_server(args, e, work, "core", sets["mix_dir"],
+                                                                      args.trace_adapters + 1))
+                       for e in args.engines}
+            info = {e: {"paged_kv": s.paged_kv, "notes": s.notes} for e, s in servers.items()}
+            await run_core(args, servers, words, sets, config, figures, traces, checkpoint)
+    if "4" in args.figures:  # figure 4b: servers where no rank above 8 was ever installed before
+        async with contextlib.AsyncExitStack() as stack:
+            servers = {e: await stack.enter_async_context(open_server(args, e, work, "idle", sets["idle_dir"],
+                                                                      len(IDLE_KINDS)))
+                       for e in args.engines}
+            for engine, server in servers.items():
+                await guarded(figures, "4b", engine, _after(
+                    warm(server, [i for i, k in sets["idle"].items() if k != "lora256-all"]),
+                    lambda server=server: fig_idle_rank256(server, args, words, sets["idle"])), checkpoint)
+    figures.extend(trace_figures({e: t for e, t in traces.items() if "summary" in t}))
+    figures.sort(key=lambda f: (f["name"][:3], f["engine"]))
+    return {"figures": figures, "traces": traces, "servers": info}
 
 
 # ---- command line ------------------------------------------------------------------------------------
@@ -501,16 +534,6 @@ def make_sets(args, adapters_dir: Path) -> dict:
     return {"mix_dir": mix_dir, "idle_dir": idle_dir,
             "mix": {f.name: k for f, k in zip(mix, kinds, strict=True)},
             "idle": {f.name: k for f, k in zip(idle, IDLE_KINDS, strict=True)}}
-
-
-async def run_all(args, work: Path, words: WordPrompts, sets: dict, config: dict) -> dict:
-    figures: list[dict] = []
-    traces: dict[str, dict] = {}
-    servers = {}
-    for engine in args.engines:
-        servers[engine] = await run_engine(args, engine, work, words, sets, config, figures, traces)
-    figures.extend(trace_figures({e: t for e, t in traces.items() if "summary" in t}))
-    return {"figures": figures, "traces": traces, "servers": servers}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,11 +19,17 @@ No download: the model is a config built here (random weights, as vLLM's ``--loa
 with a byte-level BPE tokenizer trained here on made-up words, so prompts of exact token lengths
 exist.
 
-On the GPU machine (torch, transformers, peft, accelerate there; bitsandbytes, fastapi, uvicorn,
-starlette, pydantic, pydantic-core, pydantic-settings, python-dotenv, python-multipart,
-annotated-types, typing-inspection carried as wheels, see ../shared/tools/gpu-wheels.sh):
-    python3 -m loadtest.gpu_check            # writes $OUT/gpu_check.json (or loadtest/results/)
-Here, to check the script itself at tiny sizes on CPU (a couple of minutes):
+On the GPU machine torch, transformers, peft, accelerate, httpx and prometheus-client are there;
+the rest travels as wheels (about 46 MB). Here, once, from the repository root:
+    ../shared/tools/gpu-wheels.sh fastapi==0.163.2 uvicorn==0.54.0 starlette==1.10.0 pydantic==2.13.4 \
+        pydantic-core==2.46.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 python-multipart==0.0.34 \
+        annotated-types==0.8.0 typing-inspection==0.4.5
+then one device call, carry [".whl"], timeout 600 s:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 -m loadtest.gpu_check
+It writes $OUT/gpu_check.json (else loadtest/results/gpu_check.json), the figures' JSON/PNG and
+the servers' logs beside it (7 files), in about 8 minutes (``--budget-s``).
+Here, to check the script itself at toy sizes on CPU (about 4 minutes):
     python -m loadtest.gpu_check --cpu-smoke
 """
 
