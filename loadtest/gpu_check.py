@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -248,6 +249,9 @@ def step_decode_bound(args, model_dir: Path) -> dict:
         log.info("decode step batch %d context %d: %.2f ms (bound %s ms)", batch, context, step * 1000,
                  rows[-1]["bound_ms"])
         del cache, out
+    del model, base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the servers of the next step need the memory
     return {"peak_bandwidth_bytes_per_s": peak, "nf4_weight_bytes_per_param": round(NF4_WEIGHT_BYTES, 4),
             "params_b": round((shape.layers * shape.layer_linear_params + 2 * shape.lm_head_params) / 1e9, 3),
             "points": rows}
@@ -260,12 +264,20 @@ def step_figures(args, model_dir: Path, out_json: Path, deadline: float) -> dict
                "--figures", *args.figures, *args.bench_args]
     log.info("figures: %s", " ".join(command))
     timeout = max(30.0, deadline - time.monotonic())
+    # a session of its own: at the deadline the benchmark and the gateway servers it started go together
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        returncode, output = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        returncode, output = "timeout", (exc.stdout or b"").decode(errors="replace") + (exc.stderr or b"").decode(
-            errors="replace")
+        output, _ = proc.communicate(timeout=timeout)
+        returncode: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        returncode = "timeout"
     source = stem.with_suffix(".json") if stem.with_suffix(".json").is_file() else stem.with_suffix(".partial.json")
     measured = json.loads(source.read_text()) if source.is_file() else {}
     return {"returncode": returncode, "complete": source == stem.with_suffix(".json"),
@@ -274,21 +286,28 @@ def step_figures(args, model_dir: Path, out_json: Path, deadline: float) -> dict
             "output_tail": output[-4000:]}
 
 
-def figure3_against_bound(figures: list[dict], bound: dict) -> list[dict]:
-    """Figure 3's decode time per token (8 streams) over the bandwidth bound at the nearest point."""
+def figure3_against_bound(figures: list[dict], config: dict, peak: float | None, *, batch: int = 8,
+                          element_bytes: int = 2) -> list[dict]:
+    """Figure 3's decode time per token through the gateway (``batch`` streams) against the
+    bandwidth bound at the same batch and context."""
+    from loadtest import engine_figures as ef
+
+    if not peak:
+        return []
+    shape = ef.ModelShape.from_config(config)
     rows = []
-    points = {(p["batch"], p["context"]): p for p in bound.get("points", [])}
     for fig in figures:
         if fig.get("key") != "context_growth" or fig.get("value") is None:
             continue
         for which in ("short", "long"):
-            step = fig.get(f"{which}_s")
-            context = fig["attention"][f"{which}_context"]
-            near = min(points.values(), key=lambda p: abs(p["context"] - context), default=None)
-            if step and near and near["bound_ms"]:
-                rows.append({"engine": fig["engine"], "context": context, "gateway_step_ms": round(step * 1000, 2),
-                             "bound_ms_at": [near["batch"], near["context"]], "bound_ms": near["bound_ms"],
-                             "step_over_bound": round(step * 1000 / near["bound_ms"], 1)})
+            step, context = fig.get(f"{which}_s"), fig["attention"][f"{which}_context"]
+            need = ef.decode_step_bytes(shape, batch=batch, context=context, weight_bytes_per_param=NF4_WEIGHT_BYTES,
+                                        head_bytes_per_param=element_bytes, kv_element_bytes=element_bytes)
+            bound_ms = need["total"] / peak * 1000
+            if step:
+                rows.append({"engine": fig["engine"], "batch": batch, "context": context,
+                             "gateway_step_ms": round(step * 1000, 3), "bound_ms": round(bound_ms, 4),
+                             "step_over_bound": round(step * 1000 / bound_ms, 1)})
     return rows
 
 
@@ -317,7 +336,7 @@ SMOKE_BENCH = ["--quick", "--repeats", "1", "--short-streams", "2", "--long-prom
                "--trace-requests", "4", "--kv-streams", "3", "--kv-samples", "2", "--decode-tokens", "3"]
 GPU_BENCH = ["--repeats", "1", "--decode-tokens", "64", "--long-output", "64", "--kv-cache-tokens", "262144",
              "--trace-rate", "8", "--trace-requests", "96",
-             "--trace-adapters", "32", "--stream-cap", "2048"]
+             "--trace-adapters", "64", "--stream-cap", "2048"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -394,7 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
     bound = run("decode_bound", lambda: step_decode_bound(args, model_dir)) if model_dir else None
     figures = run("figures", lambda: step_figures(args, model_dir, args.out, deadline)) if model_dir else None
     if figures and bound and "points" in bound:
-        result["figure3_vs_bandwidth_bound"] = figure3_against_bound(figures.get("figures", []), bound)
+        result["figure3_vs_bandwidth_bound"] = figure3_against_bound(
+            figures.get("figures", []), result["steps"]["model"]["config"], bound["peak_bandwidth_bytes_per_s"])
     save()
     summary = {name: ("error: " + step["error"]) if "error" in step else "ok"
                for name, step in result["steps"].items()}
@@ -406,6 +426,10 @@ def main(argv: list[str] | None = None) -> dict:
     for row in (bound or {}).get("points", []):
         sys.stdout.write(f"decode step batch {row['batch']} context {row['context']}: {row['step_ms']} ms; "
                          f"bandwidth bound {row['bound_ms']} ms (x{row['step_over_bound']})\n")
+    for row in result.get("figure3_vs_bandwidth_bound", []):
+        sys.stdout.write(f"[{row['engine']}] gateway decode step, {row['batch']} streams at {row['context']} tokens: "
+                         f"{row['gateway_step_ms']} ms; bandwidth bound {row['bound_ms']} ms "
+                         f"(x{row['step_over_bound']})\n")
     sys.stdout.write(f"wrote {args.out} ({result['seconds']} s)\n")
     return result
 

@@ -149,3 +149,20 @@ def test_bench_adapters_leave_the_shared_base_untouched(tmp_path):
     assert not any("lora" in name or "ia3" in name for name, _ in base.named_modules())
     attention = load_file(tmp_path / "lora4-attn" / "adapter_model.safetensors")
     assert not any("mlp" in k for k in attention) and any("o_proj.lora_A" in k for k in attention)
+
+
+def test_gpu_check_sets_figure_3_against_the_bandwidth_bound():
+    from loadtest.gpu_check import NF4_WEIGHT_BYTES, figure3_against_bound
+
+    config = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 1000}
+    fig = ef.figure("context_growth", "3.", 2.0, engine="paged", short_s=0.010, long_s=0.020,
+                    attention={"short_context": 42, "long_context": 1502})
+    rows = figure3_against_bound([fig, ef.figure("shared_prefix", "2.", 0.2, engine="paged")], config, 1e9)
+    assert [r["context"] for r in rows] == [42, 1502]
+    shape = ef.ModelShape.from_config(config)
+    need = ef.decode_step_bytes(shape, batch=8, context=1502, weight_bytes_per_param=NF4_WEIGHT_BYTES,
+                                head_bytes_per_param=2, kv_element_bytes=2)["total"]
+    assert rows[1]["bound_ms"] == pytest.approx(need / 1e9 * 1000, rel=1e-3)
+    assert rows[1]["step_over_bound"] == pytest.approx(20.0 / rows[1]["bound_ms"], rel=1e-2)
+    assert figure3_against_bound([fig], config, None) == []
