@@ -112,12 +112,15 @@ async def decode_phase(server: Server, models: list[str], prompts: list[str], *,
         sampled = await sampling if sampling is not None else None
     finally:
         stop.set()
+        for task in tasks:  # closing a stream cancels its request on the server
+            task.cancel()
         finished = await asyncio.gather(*tasks, return_exceptions=True)
-    errors = [r for r in finished if isinstance(r, BaseException)]
+    errors = [r for r in finished if isinstance(r, Exception)]
     if errors:
         raise errors[0]
-    arrivals = [r.arrivals for r in finished]
-    end = min([end, *(r.end for r in finished if not r.cancelled)])  # a stream that ran out ends the window
+    ran_out = [r.end for r in finished if isinstance(r, StreamResult) and not r.cancelled]
+    end = min([end, *ran_out])  # a stream that generated all its tokens ends the window
+    arrivals = [r.arrivals if r else [] for r in live]
     return {"time_per_token_s": ef.time_per_token(arrivals, start, end),
             "gaps": len(ef.window_intervals(arrivals, start, end)), "window_s": end - start,
             "during": outcome, "sampled": sampled}
@@ -208,11 +211,20 @@ async def fig_context_growth(server: Server, args, words: WordPrompts, config: d
     # mid-window context: the prompt plus the tokens generated before and during the window
     mid = args.decode_tokens // 2 + 2
     share = ef.attention_share_report(shape, args.short_context + mid, args.long_context + mid)
+    # bytes a step reads: NF4 weights once, every row's KV (float32 on CPU, bfloat16 on CUDA)
+    element = 4 if args.device == "cpu" else 2
+    for which in ("short", "long"):
+        need = ef.decode_step_bytes(shape, batch=n, context=share[f"{which}_context"],
+                                    weight_bytes_per_param=ef.NF4_WEIGHT_BYTES, head_bytes_per_param=element,
+                                    kv_element_bytes=element)
+        share[f"kv_bytes_share_{which}"] = round(need["kv"] / need["total"], 4)
     return [ef.figure("context_growth", f"3. context growth ({n} streams at {args.long_context} / at "
                       f"{args.short_context} tokens, time per token)", ef.ratio(long, short),
                       engine=server.engine, short_s=short, long_s=long, attention=share, runs=_strip(runs),
                       note=(f"attention is {share['attention_share_short']:.0%} / {share['attention_share_long']:.0%}"
-                            f" of the FLOPs; it alone explains {share['flops_ratio_long_over_short']:.2f}x"))]
+                            f" of the FLOPs (alone it explains {share['flops_ratio_long_over_short']:.2f}x); the KV "
+                            f"cache {share['kv_bytes_share_short']:.0%} / {share['kv_bytes_share_long']:.0%} of the "
+                            "bytes read per step"))]
 
 
 async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[str, str], config: dict) -> list[dict]:

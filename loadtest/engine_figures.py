@@ -132,6 +132,8 @@ def padded_overhead(lengths: Sequence[int]) -> float | None:
 
 # ---- the cost of one decode step, from a model config -----------------------------------------------
 
+NF4_WEIGHT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits; 8-bit absmax per 64; fp32 per 256 absmax (double quant)
+
 @dataclass(frozen=True)
 class ModelShape:
     layers: int

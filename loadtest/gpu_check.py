@@ -49,6 +49,8 @@ import time
 import traceback
 from pathlib import Path
 
+from loadtest.engine_figures import NF4_WEIGHT_BYTES
+
 log = logging.getLogger("loadtest.gpu_check")
 REPO = Path(__file__).resolve().parent.parent
 # peak HBM bandwidth by device name (bytes/s), from the vendors' data sheets
@@ -61,7 +63,6 @@ GPU_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers"
              "num_key_value_heads": 4, "vocab": 16384}
 SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab": 2048}
-NF4_WEIGHT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits, 8-bit absmax per 64, fp32 per 256 absmax (double quant)
 
 
 # ---- the model folder: a config and a tokenizer, nothing downloaded -----------------------------------
