@@ -140,6 +140,12 @@ async def _first(event_wait: Awaitable[object], tasks: list[asyncio.Task]) -> No
             raise RuntimeError("every stream ended before the measurement could start or finish")
 
 
+def abba(modes: tuple[str, str], repeats: int) -> list[str]:
+    """Both sides of a figure interleaved, in turn A B, B A, A B ...: drift in machine load and
+    the first run's warm-up hit both sides alike."""
+    return [m for r in range(repeats) for m in (modes if r % 2 == 0 else modes[::-1])]
+
+
 def _median_key(runs: list[dict], key: str) -> float | None:
     return ef.median(r[key] for r in runs)
 
@@ -148,20 +154,19 @@ def _median_key(runs: list[dict], key: str) -> float | None:
 
 async def fig_long_neighbour(server: Server, args, words: WordPrompts) -> list[dict]:
     n, runs = args.short_streams, {"alone": [], "with_long": []}
-    for _ in range(args.repeats):
-        for mode in ("alone", "with_long"):  # interleaved: drift in machine load hits both alike
-            prompts = [words.make(args.short_prompt) for _ in range(n)]
-            during = None
-            if mode == "with_long":
-                long_prompt = words.make(args.long_prompt)
+    for mode in abba(("alone", "with_long"), args.repeats):
+        prompts = [words.make(args.short_prompt) for _ in range(n)]
+        during = None
+        if mode == "with_long":
+            long_prompt = words.make(args.long_prompt)
 
-                async def during(long_prompt=long_prompt) -> dict:
-                    r = await stream(server.client, server.base, args.long_output, prompt=long_prompt)
-                    return {"ttft_s": r.ttft_s, "latency_s": r.latency_s, "prompt_tokens": r.prompt_tokens}
-            runs[mode].append(await decode_phase(server, [server.base] * n, prompts, warm_chunks=3,
-                                                 measure_chunks=args.decode_tokens, cap=args.stream_cap,
-                                                 during=during))
-            log.info("long neighbour %s: %s", mode, _brief(runs[mode][-1]))
+            async def during(long_prompt=long_prompt) -> dict:
+                r = await stream(server.client, server.base, args.long_output, prompt=long_prompt)
+                return {"ttft_s": r.ttft_s, "latency_s": r.latency_s, "prompt_tokens": r.prompt_tokens}
+        runs[mode].append(await decode_phase(server, [server.base] * n, prompts, warm_chunks=3,
+                                             measure_chunks=args.decode_tokens, cap=args.stream_cap,
+                                             during=during))
+        log.info("long neighbour %s: %s", mode, _brief(runs[mode][-1]))
     alone, with_long = _median_key(runs["alone"], "time_per_token_s"), _median_key(runs["with_long"],
                                                                                      "time_per_token_s")
     return [ef.figure("long_neighbour", f"1. long neighbour ({n} short streams, +1 of {args.long_prompt} tokens "
@@ -200,12 +205,11 @@ async def fig_shared_prefix(server: Server, args, words: WordPrompts, adapter: s
 async def fig_context_growth(server: Server, args, words: WordPrompts, config: dict) -> list[dict]:
     n, runs = args.context_streams, {"short": [], "long": []}
     lengths = {"short": args.short_context, "long": args.long_context}
-    for _ in range(args.repeats):
-        for mode in ("short", "long"):
-            prompts = [words.make(lengths[mode]) for _ in range(n)]
-            runs[mode].append(await decode_phase(server, [server.base] * n, prompts, warm_chunks=2,
-                                                 measure_chunks=args.decode_tokens, cap=args.stream_cap))
-            log.info("context growth %s: %s", mode, _brief(runs[mode][-1]))
+    for mode in abba(("short", "long"), args.repeats):
+        prompts = [words.make(lengths[mode]) for _ in range(n)]
+        runs[mode].append(await decode_phase(server, [server.base] * n, prompts, warm_chunks=2,
+                                             measure_chunks=args.decode_tokens, cap=args.stream_cap))
+        log.info("context growth %s: %s", mode, _brief(runs[mode][-1]))
     short, long = _median_key(runs["short"], "time_per_token_s"), _median_key(runs["long"], "time_per_token_s")
     shape = ef.ModelShape.from_config(config)
     # mid-window context: the prompt plus the tokens generated before and during the window
@@ -233,12 +237,13 @@ async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[st
     costs = {i: ef.lora_cost(*lora_spec(mix[i]), shape) for i in ids if lora_spec(mix[i])}
     heaviest = max(costs, key=costs.get)
     runs = {"mixed": [], "single": []}
-    for _ in range(args.repeats):
-        for mode, models in (("mixed", ids), ("single", [heaviest] * len(ids))):
-            prompts = [words.make(args.batch_prompt) for _ in ids]
-            await settle(server)
-            runs[mode].append(await closed_batch(server.client, models, prompts, args.batch_output))
-            log.info("mixed ranks %s: %.1f tok/s", mode, runs[mode][-1]["tokens_per_s"])
+    plans = {"mixed": ids, "single": [heaviest] * len(ids)}
+    for mode in abba(tuple(plans), args.repeats):
+        models = plans[mode]
+        prompts = [words.make(args.batch_prompt) for _ in ids]
+        await settle(server)
+        runs[mode].append(await closed_batch(server.client, models, prompts, args.batch_output))
+        log.info("mixed ranks %s: %.1f tok/s", mode, runs[mode][-1]["tokens_per_s"])
     mixed, single = _median_key(runs["mixed"], "tokens_per_s"), _median_key(runs["single"], "tokens_per_s")
     return [ef.figure("mixed_ranks", f"4a. mixed LoRA ranks ({len(ids)} adapters of ranks 4-64, IA3, prompt "
                       f"tuning / all on {heaviest}, throughput)", ef.ratio(mixed, single), engine=server.engine,

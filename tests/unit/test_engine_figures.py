@@ -166,3 +166,10 @@ def test_gpu_check_sets_figure_3_against_the_bandwidth_bound():
     assert rows[1]["bound_ms"] == pytest.approx(need / 1e9 * 1000, rel=1e-3)
     assert rows[1]["step_over_bound"] == pytest.approx(20.0 / rows[1]["bound_ms"], rel=1e-2)
     assert figure3_against_bound([fig], config, None) == []
+
+
+def test_abba_interleaves_both_sides_in_turn():
+    from loadtest.engine_bench import abba
+
+    assert abba(("a", "b"), 3) == ["a", "b", "b", "a", "a", "b"]
+    assert abba(("a", "b"), 0) == []
