@@ -312,6 +312,14 @@ def figure3_against_bound(figures: list[dict], config: dict, peak: float | None,
     return rows
 
 
+def step_verdict(step: dict) -> str:
+    if "error" in step:
+        return "error: " + step["error"]
+    if step.get("skipped"):
+        return "skipped"
+    return "FAILED" if step.get("passed") is False else "ok"
+
+
 def peak_bandwidth(args) -> float | None:
     import torch
 
@@ -417,8 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["figure3_vs_bandwidth_bound"] = figure3_against_bound(
             figures.get("figures", []), result["steps"]["model"]["config"], bound["peak_bandwidth_bytes_per_s"])
     save()
-    summary = {name: ("error: " + step["error"]) if "error" in step else "ok"
-               for name, step in result["steps"].items()}
+    summary = {name: step_verdict(step) for name, step in result["steps"].items()}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     for fig in (figures or {}).get("figures", []):
         from loadtest.engine_figures import format_figure

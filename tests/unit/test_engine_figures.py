@@ -173,3 +173,12 @@ def test_abba_interleaves_both_sides_in_turn():
 
     assert abba(("a", "b"), 3) == ["a", "b", "b", "a", "a", "b"]
     assert abba(("a", "b"), 0) == []
+
+
+def test_gpu_check_verdicts_tell_failed_from_skipped():
+    from loadtest.gpu_check import step_verdict
+
+    assert step_verdict({"passed": False, "rows": {}}) == "FAILED"
+    assert step_verdict({"passed": None, "skipped": True}) == "skipped"
+    assert step_verdict({"error": "RuntimeError: x"}) == "error: RuntimeError: x"
+    assert step_verdict({"passed": True}) == step_verdict({"points": []}) == "ok"
