@@ -61,8 +61,8 @@ def make_engine(runtime, tokenizer, *, blocks=256, block_size=4, max_step_tokens
 
 
 class Tokens:
-    """Collects a request's token count and finish; the engine reports text, so tests read the
-    token ids it sampled from the sequence's own list through ``sink`` events count."""
+    """A request's events (the last one says how it finished); the sampled token ids are read
+    from the sequences themselves by ``run_greedy``."""
 
     def __init__(self):
         self.events: list[SequenceEvent] = []
@@ -184,18 +184,27 @@ def test_preemption_under_a_tiny_pool_keeps_every_result(mixed, tiny_tokenizer):
     assert engine.blocks.used == 0  # every block went back
 
 
-def test_failing_adapter_fails_alone(tiny_tokenizer, tmp_path):
-    """An adapter whose forward raises ends its own rows with an error; the rows of other
-    adapters in the same batch finish with the tokens they give alone."""
+def _break_by_shape(bank, slot):  # its matmul raises in the forward
+    a_t, b_t = bank.weights[slot]
+    bank.weights[slot] = (a_t, b_t[:, :3])
+
+
+def _break_by_overflow(bank, slot):  # its logits are inf: sampling refuses the row
+    a_t, b_t = bank.weights[slot]
+    bank.weights[slot] = (a_t, b_t * float("inf"))
+
+
+@pytest.mark.parametrize("breakage", [_break_by_shape, _break_by_overflow])
+def test_broken_adapter_fails_alone(tiny_tokenizer, tmp_path, breakage):
+    """An adapter whose forward raises, or whose output is not finite, ends its own rows with an
+    error; the rows of other adapters in the same batch finish with the tokens they give alone."""
     base = build_tiny_llama()
     runtime = AdapterRuntime(copy.deepcopy(base), max_slots=4, dtype=torch.float32)
     good_ref = make_peft_adapter(base, "lora", tmp_path / "good", seed=1)
     make_peft_adapter(base, "lora", tmp_path / "bad", seed=2)
     good = runtime.install(load(runtime, tmp_path / "good"))
     bad = runtime.install(load(runtime, tmp_path / "bad"))
-    bank = runtime.layer("model.layers.0.self_attn.q_proj").banks["lora"]
-    a_t, b_t = bank.weights[bad]
-    bank.weights[bad] = (a_t, b_t[:, :3])  # a broken shape: its matmul raises
+    breakage(runtime.layer("model.layers.1.mlp.down_proj").banks["lora"], bad)
 
     prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
     got, collectors = run_greedy(make_engine(runtime, tiny_tokenizer),
@@ -203,6 +212,10 @@ def test_failing_adapter_fails_alone(tiny_tokenizer, tmp_path):
     assert collectors[1].finish.error_code == "generation_failed"
     assert got[0] == ref_greedy(good_ref, prompts[0])
     assert got[2] == ref_greedy(base, prompts[2])
+
+
+def test_poison_temperature_is_served_greedily():
+    assert SamplingParams(max_tokens=1, temperature=1e-300).greedy
 
 
 # ---- block manager ---------------------------------------------------------------------------------
@@ -251,27 +264,3 @@ def test_block_manager_invariants_under_random_use():
         m.release(blocks)
     assert m.used == 0
     m.check()
-
-
-def test_adapter_with_non_finite_output_fails_alone(tiny_tokenizer, tmp_path):
-    """An adapter whose weights overflow (inf logits) fails its own row at sampling; a sampled
-    row with a poison temperature (1e-300 is 0 in float32) is served greedily; the others in the
-    batch give the tokens they give alone."""
-    base = build_tiny_llama()
-    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=4, dtype=torch.float32)
-    good_ref = make_peft_adapter(base, "lora", tmp_path / "good", seed=1)
-    make_peft_adapter(base, "lora", tmp_path / "bad", seed=2)
-    good = runtime.install(load(runtime, tmp_path / "good"))
-    bad = runtime.install(load(runtime, tmp_path / "bad"))
-    bank = runtime.layer("model.layers.1.mlp.down_proj").banks["lora"]
-    a_t, b_t = bank.weights[bad]
-    bank.weights[bad] = (a_t, b_t * float("inf"))
-
-    prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
-    engine = make_engine(runtime, tiny_tokenizer)
-    got, collectors = run_greedy(engine, [(prompts[0], good, "g"), (prompts[1], bad, "b"), (prompts[2], 0, "")])
-    assert collectors[1].finish.error_code == "generation_failed"
-    assert "non-finite" in collectors[1].finish.error
-    assert got[0] == ref_greedy(good_ref, prompts[0])
-    assert got[2] == ref_greedy(base, prompts[2])
-    assert SamplingParams(max_tokens=1, temperature=1e-300).greedy
