@@ -359,6 +359,7 @@ def server_env(args, engine: str, data_dir: Path, key: str, adapters: Path | Non
            "GATEWAY_SLOT_WAIT_SECONDS": "600", "GATEWAY_MAX_TOKENS_LIMIT": str(max(4096, args.stream_cap)),
            # the rank-256 LoRA of figure 4b on every linear layer of a 1B base is ~0.8 GB in float32
            "GATEWAY_MAX_ADAPTER_BYTES": str(4 * 2**30),
+           "GATEWAY_SHUTDOWN_GRACE_SECONDS": "2",  # nothing to drain: the client closed its streams
            "GATEWAY_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
     if adapters is not None:
         env["GATEWAY_ADAPTERS_DIR"] = str(adapters)
