@@ -312,7 +312,13 @@ class Engine:
             if token in self.eos_token_ids:
                 self._finish(seq, "stop", seq.text.flush())
                 continue
-            delta, hit_stop = seq.text.push(token)
+            try:
+                delta, hit_stop = seq.text.push(token)
+            except Exception:  # noqa: BLE001 - e.g. a token the tokenizer cannot decode: this row alone
+                log.exception("detokenizing a generated token failed; ending that sequence")
+                self._finish(seq, "error", error="the generated text could not be decoded",
+                             error_code=GENERATION_FAILED)
+                continue
             if hit_stop:
                 self._finish(seq, "stop", delta)
             elif len(seq.tokens) >= seq.max_new:
