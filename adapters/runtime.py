@@ -56,7 +56,7 @@ class BatchContext:
     """Per-forward state shared by every wrapped layer."""
 
     row_slots: list[int] | None = None  # slot of every row; in a packed forward, of every token
-    kinds: frozenset[AdapterKind] = frozenset()  # kinds present among the rows
+    kinds: frozenset[AdapterKind] = frozenset()  # bank families (``KindHandler.serves_as``) the rows need
     trainable: object | None = None  # a TrainableAdapter applied to every row (training forwards)
     device: torch.device | None = None
     _layouts: dict[int, TokenLayout] = field(default_factory=dict)  # by token count, built once a forward
@@ -183,7 +183,8 @@ class AdapterRuntime:
         """Within the block, row ``i`` of every forward uses the adapter in ``slots[i]``; in a packed
         forward (inputs ``[1, N]``) pass one slot per token."""
         ctx = self.context
-        kinds = frozenset(k for k in map(self.kind_of, set(slots)) if k is not None)
+        # the bank families the rows need (AdaLoRA, VeRA and DoRA rows run the LoRA banks)
+        kinds = frozenset(HANDLERS[k].serves_as for k in map(self.kind_of, set(slots)) if k is not None)
         ctx.row_slots, ctx.kinds, ctx.device, ctx._layouts = list(slots), kinds, self.device, {}
         try:
             yield

@@ -116,9 +116,17 @@ def _fail(field: str, value: Any, expected: str) -> None:
     raise AdapterValidationError(f"adapter_config.json: field {field!r} = {shown} is not supported ({expected})")
 
 
+fail = _fail  # for kinds that check a field of their own shape (AdaLoRA's rank_pattern)
+
+
 def positive_int(field: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_INT:
         _fail(field, value, f"expected a positive integer up to {MAX_INT}")
+
+
+def non_negative_int(field: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        _fail(field, value, f"expected an integer from 0 to {MAX_INT}")
 
 
 def number_in(low: float, high: float) -> Check:

@@ -58,6 +58,13 @@ class Ia3Bank:
 class Ia3Handler:
     kind = AdapterKind.IA3
     peft_type = "IA3"
+    serves_as = AdapterKind.IA3
+
+    def claims(self, config: dict[str, Any]) -> bool:
+        return True
+
+    def describe(self, weights: AdapterWeights) -> dict[str, Any]:
+        return {}
 
     def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
                   limits: AdapterLimits, dtype: torch.dtype) -> AdapterWeights:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.kinds.base import AdapterKind, AdapterWeights, lora_scale, matches_module_list
+from adapters.kinds.base import AdapterKind, AdapterWeights, LoraModule, lora_scale, matches_module_list
 from adapters.training.config import TrainingConfig
 
 PARAM_DTYPE = torch.float32
@@ -96,8 +96,8 @@ class TrainableLora(TrainableAdapter):
         return y + delta.to(y.dtype)
 
     def to_weights(self) -> AdapterWeights:
-        modules = {name: (self.A[_key(name)].detach().cpu().clone(), self.B[_key(name)].detach().cpu().clone(),
-                          self.scale) for name in self.modules_}
+        modules = {name: LoraModule(self.A[_key(name)].detach().cpu().clone(),
+                                    self.B[_key(name)].detach().cpu().clone(), self.scale) for name in self.modules_}
         config = {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout_p,
                   "use_rslora": self.use_rslora}
         return AdapterWeights(kind=self.kind, config=config, modules=modules)
@@ -193,13 +193,13 @@ def trainable_from_weights(weights: AdapterWeights, device: torch.device, seed: 
     if weights.kind is AdapterKind.LORA:
         cfg = weights.config
         r = int(cfg["r"])
-        shapes = {name: (a.shape[1], b.shape[0]) for name, (a, b, _) in weights.modules.items()}
+        shapes = {name: (m.a.shape[1], m.b.shape[0]) for name, m in weights.modules.items()}
         adapter = TrainableLora(shapes, r, float(cfg.get("lora_alpha", 8)), float(cfg.get("lora_dropout", 0.0)),
                                 bool(cfg.get("use_rslora", False)), seed, device)
         with torch.no_grad():
-            for name, (a, b, _) in weights.modules.items():
-                adapter.A[_key(name)].copy_(a)
-                adapter.B[_key(name)].copy_(b)
+            for name, m in weights.modules.items():
+                adapter.A[_key(name)].copy_(m.a)
+                adapter.B[_key(name)].copy_(m.b)
         return adapter
     if weights.kind is AdapterKind.IA3:
         shapes = {name: ((v.numel(), 0) if ff else (0, v.numel())) for name, (v, ff) in weights.modules.items()}
@@ -209,4 +209,6 @@ def trainable_from_weights(weights: AdapterWeights, device: torch.device, seed: 
             for name, (vector, _) in weights.modules.items():
                 adapter.scales[_key(name)].copy_(vector)
         return adapter
-    return TrainablePrompt(weights.prompt, seed, device)
+    if weights.kind is AdapterKind.PROMPT_TUNING:
+        return TrainablePrompt(weights.prompt, seed, device)
+    raise ValueError(f"{weights.kind.value} adapters cannot be trained here yet")
