@@ -113,7 +113,7 @@ def test_packed_forward_of_every_kind_matches_peft(mixed):
     runner = make_runner(runtime)
     names = list(slots)
     prompts = [prompt_ids(5 + 2 * i, seed=40 + i) for i in range(len(names))]
-    per = 8  # blocks per row, disjoint tables
+    per = 16  # blocks per row, disjoint tables (every kind's row fits: prompt plus virtual tokens)
     logits = runner.prefill(prompts, [slots[n] for n in names],
                             [list(range(i * per, (i + 1) * per)) for i in range(len(names))])
     for row, name in enumerate(names):
@@ -194,8 +194,8 @@ def test_failing_adapter_fails_alone(tiny_tokenizer, tmp_path):
     good = runtime.install(load(runtime, tmp_path / "good"))
     bad = runtime.install(load(runtime, tmp_path / "bad"))
     bank = runtime.layer("model.layers.0.self_attn.q_proj").banks["lora"]
-    a_t, b_t = bank.weights[bad]
-    bank.weights[bad] = (a_t, b_t[:, :3])  # a broken shape: its matmul raises
+    w = bank.weights[bad]
+    bank.weights[bad] = w._replace(b_t=w.b_t[:, :3])  # a broken shape: its matmul raises
 
     prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
     got, collectors = run_greedy(make_engine(runtime, tiny_tokenizer),
@@ -264,8 +264,8 @@ def test_adapter_with_non_finite_output_fails_alone(tiny_tokenizer, tmp_path):
     good = runtime.install(load(runtime, tmp_path / "good"))
     bad = runtime.install(load(runtime, tmp_path / "bad"))
     bank = runtime.layer("model.layers.1.mlp.down_proj").banks["lora"]
-    a_t, b_t = bank.weights[bad]
-    bank.weights[bad] = (a_t, b_t * float("inf"))
+    w = bank.weights[bad]
+    bank.weights[bad] = w._replace(b_t=w.b_t * float("inf"))
 
     prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
     engine = make_engine(runtime, tiny_tokenizer)
