@@ -29,10 +29,26 @@ def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
     if kind == "Params4bit":
         import bitsandbytes.functional as bnb_functional
 
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            return _probe_weight(layer)
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
     if kind == "Int8Params":
         raise AdapterValidationError("DoRA adapters are not served on an 8-bit base model (use NF4 or none)")
     return weight.detach().float()
+
+
+@torch.no_grad()
+def _probe_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """``W`` as the layer computes it: ``layer(I) - bias`` is ``W.T``. For a 4-bit weight that
+    bitsandbytes repacked on its first CPU forward (its AVX512-BF16 kernel's layout, with bf16
+    block scales), which ``dequantize_4bit`` cannot read; PEFT 0.21 reads it anyway and gets a
+    wrong norm. One forward of ``in x in`` per module, once per install."""
+    eye = torch.eye(layer.in_features, device=layer.weight.device, dtype=torch.float32)
+    out = layer(eye).float()
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        out = out - bias.float()
+    return out.T.contiguous()
 
 
 def channel_scales(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float,
