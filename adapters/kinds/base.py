@@ -65,12 +65,21 @@ class LoraModule:
     magnitude: torch.Tensor | None = None  # [out], DoRA only
 
 
+@dataclass(frozen=True)
+class Ia3Module:
+    """One module's IA3 scale: on the output (``y * vector``) or, on a feed-forward module, on
+    the input (``base(x * vector)``)."""
+
+    vector: torch.Tensor  # [out], or [in] when feedforward
+    feedforward: bool
+
+
 @dataclass
 class AdapterWeights:
     """One adapter, parsed and validated, held as CPU tensors in the compute dtype.
 
     ``modules`` maps a module path to that kind's per-module weights (a dataclass per kind, e.g.
-    ``LoraModule``; IA3: ``(vector, is_feedforward)``); ``shared`` holds tensors every module
+    ``LoraModule``, ``Ia3Module``); ``shared`` holds tensors every module
     reads (VeRA's projections); ``prompt`` holds virtual-token embeddings
     ``[num_virtual_tokens, hidden]`` (prompt tuning, P-tuning).
     """

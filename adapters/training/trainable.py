@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.kinds.base import AdapterKind, AdapterWeights, LoraModule, lora_scale, matches_module_list
+from adapters.kinds.base import AdapterKind, AdapterWeights, Ia3Module, LoraModule, lora_scale, matches_module_list
 from adapters.training.config import TrainingConfig
 
 PARAM_DTYPE = torch.float32
@@ -129,7 +129,7 @@ class TrainableIa3(TrainableAdapter):
         return (y * scale).to(y.dtype)
 
     def to_weights(self) -> AdapterWeights:
-        modules = {name: (self.scales[_key(name)].detach().cpu().clone(), name in self.feedforward)
+        modules = {name: Ia3Module(self.scales[_key(name)].detach().cpu().clone(), name in self.feedforward)
                    for name in self.modules_}
         return AdapterWeights(kind=self.kind, config={}, modules=modules)
 
@@ -202,12 +202,13 @@ def trainable_from_weights(weights: AdapterWeights, device: torch.device, seed: 
                 adapter.B[_key(name)].copy_(m.b)
         return adapter
     if weights.kind is AdapterKind.IA3:
-        shapes = {name: ((v.numel(), 0) if ff else (0, v.numel())) for name, (v, ff) in weights.modules.items()}
-        feedforward = {name for name, (_, ff) in weights.modules.items() if ff}
+        shapes = {name: ((m.vector.numel(), 0) if m.feedforward else (0, m.vector.numel()))
+                  for name, m in weights.modules.items()}
+        feedforward = {name for name, m in weights.modules.items() if m.feedforward}
         adapter = TrainableIa3(shapes, feedforward, seed, device)
         with torch.no_grad():
-            for name, (vector, _) in weights.modules.items():
-                adapter.scales[_key(name)].copy_(vector)
+            for name, m in weights.modules.items():
+                adapter.scales[_key(name)].copy_(m.vector)
         return adapter
     if weights.kind is AdapterKind.PROMPT_TUNING:
         return TrainablePrompt(weights.prompt, seed, device)
