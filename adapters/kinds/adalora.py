@@ -88,12 +88,14 @@ class AdaLoraHandler:
         config = sanitize_config(config, FIELDS)
         init_r = config.get("init_r", 12)  # PEFT's default
         if init_r > limits.max_lora_rank:
-            raise AdapterValidationError(f"AdaLoRA init_r {init_r} is above this gateway's limit of {limits.max_lora_rank}")
+            raise AdapterValidationError(
+                f"AdaLoRA init_r {init_r} is above this gateway's limit of {limits.max_lora_rank}")
         masks = {key[: -len(PATTERN_SUFFIX)]: mask for key, mask in (config.get("rank_pattern") or {}).items()}
         for module, mask in masks.items():
             if len(mask) != init_r:
                 raise AdapterValidationError(
-                    f"adapter_config.json: rank_pattern for {module!r} has {len(mask)} entries; expected init_r = {init_r}")
+                    f"adapter_config.json: rank_pattern for {module!r} has {len(mask)} entries; "
+                    f"expected init_r = {init_r}")
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             module, suffix = split_peft_key(key, SUFFIXES)

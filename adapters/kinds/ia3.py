@@ -95,7 +95,8 @@ class Ia3Handler:
         for module, m in weights.modules.items():
             shaped = m.vector.reshape(1, -1) if m.feedforward else m.vector.reshape(-1, 1)
             tensors[f"{PEFT_PREFIX}{module}.ia3_l"] = shaped.contiguous()
-        names = lambda ff: sorted({n.rsplit(".", 1)[-1] for n, m in weights.modules.items() if m.feedforward or not ff})  # noqa: E731
+        names = lambda ff: sorted({n.rsplit(".", 1)[-1] for n, m in weights.modules.items()  # noqa: E731
+                                   if m.feedforward or not ff})
         config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **weights.config,
                   "target_modules": names(False), "feedforward_modules": names(True)}
         return config, tensors

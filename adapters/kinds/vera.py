@@ -109,7 +109,8 @@ class VeraHandler:
             if tuple(a.shape) != (rank, max_in) or tuple(b.shape) != (max_out, rank):
                 raise AdapterValidationError(
                     f"vera_A {tuple(a.shape)} / vera_B {tuple(b.shape)} do not fit rank {rank} and the largest "
-                    f"adapted layer ({max_in} -> {max_out} features): expected ({rank}, {max_in}) / ({max_out}, {rank})")
+                    f"adapted layer ({max_in} -> {max_out} features): expected ({rank}, {max_in}) / "
+                    f"({max_out}, {rank})")
         else:
             a, b = projections(config.get("projection_prng_key", 0), rank, max_in, max_out)
         a, b = cast_finite("vera_A", a, dtype), cast_finite("vera_B", b, dtype)

@@ -17,7 +17,7 @@ from test_adapter_validation import mutated, read, refused, set_key
 from test_runtime_equivalence import greedy, load, make_runtime, prompt_ids, ref_greedy, ref_logits, rel_err
 
 from adapters.kinds.base import AdapterLimits
-from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE, write_adapter
+from adapters.peft_io import CONFIG_FILE, write_adapter
 from adapters.runtime import AdapterRuntime
 from adapters.training.config import TrainingConfig
 from gateway.model_runner import ModelRunner
@@ -65,7 +65,8 @@ def test_describe_new_kinds(good, base_info):
     assert read(good["adalora"][0], base_info).describe() == {
         "kind": "adalora", "rank": 6, "init_r": 6, "target_modules": ["down_proj", "q_proj", "v_proj"]}
     vera = read(good["vera"][0], base_info)
-    assert vera.describe() == {"kind": "vera", "rank": 8, "target_modules": ["down_proj", "q_proj", "up_proj", "v_proj"]}
+    assert vera.describe() == {"kind": "vera", "rank": 8,
+                               "target_modules": ["down_proj", "q_proj", "up_proj", "v_proj"]}
     assert vera.shared["vera_A"].shape == (8, 64) and vera.shared["vera_B"].shape == (64, 8)  # largest layer
     p = read(good["p_tuning"][0], base_info)
     assert p.describe() == {"kind": "p_tuning", "num_virtual_tokens": 6, "target_modules": []}
