@@ -272,3 +272,35 @@ def test_dora_with_a_zero_norm_row_fails_its_install_only(base, tmp_path):
 def test_training_a_served_only_kind_is_refused_by_name(kind):
     with pytest.raises(ValidationError, match=f"{kind}.*not trained here yet"):
         TrainingConfig(kind=kind)
+
+
+def test_every_new_kind_served_over_http_gives_peft_greedy_text(tmp_path):
+    """Registered from an adapters folder at start, each new kind answers /v1/completions at
+    temperature 0 with the text PEFT's greedy decoding gives (cut at the end-of-sequence token)."""
+    from fastapi.testclient import TestClient
+    from test_api import make_base, make_settings
+
+    from gateway.app import create_app
+
+    tokenizer = build_tokenizer()
+    base = build_tiny_llama(len(tokenizer))
+    folder = tmp_path / "adapters"
+    references = {name: make_peft_adapter(base, kind, folder / name, seed=21 + i, scale=0.5, **overrides)
+                  for i, (name, (kind, overrides)) in enumerate(NEW_KINDS.items())}
+    prompt = "the quick brown fox"
+    ids = tokenizer(prompt)["input_ids"]
+    steps = 8
+    app = create_app(make_settings(tmp_path / "data", folder), base=make_base(tokenizer))
+    with TestClient(app) as client:
+        texts = {}
+        for name in ["tiny", *references]:
+            response = client.post("/v1/completions", json={"model": name, "prompt": prompt, "temperature": 0,
+                                                             "max_tokens": steps})
+            assert response.status_code == 200, response.text
+            texts[name] = response.json()["choices"][0]["text"]
+    for name, reference in references.items():
+        tokens = ref_greedy(reference, ids, steps)
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        assert texts[name] == tokenizer.decode(tokens, skip_special_tokens=True), name
+    assert any(texts[name] != texts["tiny"] for name in references)
