@@ -171,8 +171,8 @@ def test_dora_on_an_nf4_base_matches_peft_on_the_same_base(tmp_path):
 
 def test_dora_reads_a_4bit_weight_bitsandbytes_repacked_for_its_cpu_kernel(tmp_path):
     """After a CPU forward bitsandbytes may hold the weight in its AVX512-BF16 layout, which
-    dequantize_4bit cannot read: the weight is probed through the layer, which stays untouched."""
-    from adapters.kinds.dora import dense_weight
+    dequantize_4bit cannot read: the weight is unpacked on copies, the layer stays untouched."""
+    from adapters.kinds.dora import _probe_weight, dense_weight
     from gateway.base_model import load_base
     from gateway.settings import Settings
 
@@ -185,9 +185,10 @@ def test_dora_reads_a_4bit_weight_bitsandbytes_repacked_for_its_cpu_kernel(tmp_p
     x = torch.randn(3, 64)
     with torch.no_grad():
         y = layer(x)  # may repack (on CPUs with AVX512-BF16)
-    after = dense_weight(layer)
+    after, probed = dense_weight(layer), _probe_weight(layer)
     norms = before.norm(dim=1)
-    assert float(((after - before).norm(dim=1) / norms).max()) < 1e-2  # bf16 block scales at most
+    for got in (after, probed):  # the unpacked weight, and the fallback read through the layer
+        assert float(((got - before).norm(dim=1) / norms).max()) < 1e-2  # bf16 block scales at most
     with torch.no_grad():
         assert torch.equal(layer(x), y)
 
