@@ -2,8 +2,9 @@
 
 A kind turns PEFT files into ``AdapterWeights`` (checked against the base model), installs those
 weights into a device slot of the multi-adapter runtime, and exports them back to PEFT tensors.
-Adding a kind means one new module implementing ``KindHandler`` and one line in
-``adapters.kinds.HANDLERS``; nothing outside the handler branches on the kind.
+Serving a new kind means one new module implementing ``KindHandler`` and one line in
+``adapters.kinds.HANDLERS``: parsing, limits, description, install and export hang off the handler,
+and no serving code branches on the kind (the embedded trainer still does, for the kinds it trains).
 """
 
 from __future__ import annotations
