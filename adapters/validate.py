@@ -2,8 +2,8 @@
 
 PEFT adds config fields with every release, nearly all defaulting to null/false/empty. A field we
 know is type-checked; an unknown field is accepted only while it holds such an empty value, so a
-feature we do not implement (modules_to_save, alpha patterns, layers_to_transform ...) is refused by name instead
-of being silently ignored and served wrong.
+feature we do not implement (modules_to_save, alpha patterns, layers_to_transform ...) is refused
+by name instead of being silently ignored and served wrong.
 """
 
 from __future__ import annotations
