@@ -125,6 +125,10 @@ class AdapterRuntime:
         self.device = next(model.parameters()).device
         self.context = BatchContext()
         self.prompts: dict[int, torch.Tensor] = {}
+        # prefix tuning: per-layer keys and values of a slot's virtual positions, written into that
+        # row's KV blocks by the paged runner (which sets ``kv_prefixes`` when it is the engine's)
+        self.prefixes: dict[int, torch.Tensor] = {}
+        self.kv_prefixes = False
         self._layers: dict[str, MultiAdapterLinear] = {}
         self._installed: dict[int, AdapterWeights] = {}
         self._wrap_linears()
@@ -133,6 +137,9 @@ class AdapterRuntime:
             model_type=getattr(config, "model_type", "unknown"),
             hidden_size=config.hidden_size,
             linear_shapes={n: (m.in_features, m.out_features) for n, m in self._layers.items()},
+            num_layers=getattr(config, "num_hidden_layers", 0),
+            kv_heads=getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 0),
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // max(config.num_attention_heads, 1),
         )
 
     def _wrap_linears(self) -> None:

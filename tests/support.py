@@ -45,7 +45,9 @@ def build_small_llama(vocab_size: int = 320, seed: int = 0) -> LlamaForCausalLM:
 
 
 def peft_config(kind: str, **overrides):
-    from peft import AdaLoraConfig, IA3Config, LoraConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig
+    from peft import (
+        AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig,
+    )
 
     if kind == "lora":
         return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **overrides})
@@ -56,6 +58,8 @@ def peft_config(kind: str, **overrides):
                                 "target_modules": ["q_proj", "v_proj", "down_proj"], **overrides})
     if kind == "vera":
         return VeraConfig(**{"r": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"], **overrides})
+    if kind == "prefix_tuning":
+        return PrefixTuningConfig(**{"task_type": "CAUSAL_LM", "num_virtual_tokens": 4, **overrides})
     if kind == "p_tuning":
         return PromptEncoderConfig(**{"task_type": "CAUSAL_LM", "num_virtual_tokens": 5, "encoder_hidden_size": 16,
                                       **overrides})

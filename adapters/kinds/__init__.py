@@ -13,24 +13,25 @@ from adapters.kinds.base import AdapterKind, KindHandler
 from adapters.kinds.dora import DoraHandler
 from adapters.kinds.ia3 import Ia3Handler
 from adapters.kinds.lora import LoraHandler
+from adapters.kinds.prefix import PrefixTuningHandler
 from adapters.kinds.prompt import PromptTuningHandler
 from adapters.kinds.ptuning import PTuningHandler
 from adapters.kinds.vera import VeraHandler
 
 HANDLERS: dict[AdapterKind, KindHandler] = {
     h.kind: h for h in (LoraHandler(), DoraHandler(), AdaLoraHandler(), VeraHandler(), Ia3Handler(),
-                        PromptTuningHandler(), PTuningHandler())
+                        PromptTuningHandler(), PTuningHandler(), PrefixTuningHandler())
 }
 # PEFT methods this gateway knows of and does not serve, by PEFT's name for them
 UNSUPPORTED = {
-    "PREFIX_TUNING": "prefix tuning", "LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT",
+    "LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT",
     "MULTITASK_PROMPT_TUNING": "multitask prompt tuning", "ADAPTION_PROMPT": "adaption prompt (LLaMA-Adapter)",
     "POLY": "Poly", "LN_TUNING": "LayerNorm tuning", "FOURIERFT": "FourierFT", "HRA": "HRA", "BONE": "Bone",
     "VBLORA": "VB-LoRA", "XLORA": "X-LoRA", "CPT": "CPT", "RANDLORA": "RandLoRA", "SHIRA": "SHiRA",
     "C3A": "C3A", "MISS": "MiSS", "TRAINABLE_TOKENS": "trainable tokens", "ROAD": "RoAd", "WAVEFT": "WaveFT",
     "DELORA": "DeLoRA", "OSF": "OSF", "GRALORA": "GraLoRA", "CARTRIDGE": "Cartridge",
 }
-SERVED = "LoRA, DoRA, AdaLoRA, VeRA, IA3, prompt tuning, P-tuning"
+SERVED = "LoRA, DoRA, AdaLoRA, VeRA, IA3, prompt tuning, P-tuning, prefix tuning"
 
 
 def handler_for(config: dict[str, Any]) -> KindHandler:

@@ -35,6 +35,7 @@ class AdapterKind(str, enum.Enum):
     ADALORA = "adalora"
     VERA = "vera"
     P_TUNING = "p_tuning"
+    PREFIX_TUNING = "prefix_tuning"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class BaseModelInfo:
     # module path (as in ``model.named_modules()``) -> (in_features, out_features) of every
     # linear layer the runtime can adapt
     linear_shapes: dict[str, tuple[int, int]]
+    # attention geometry (what prefix tuning's per-layer keys and values must fit)
+    num_layers: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,10 @@ class AdapterWeights:
     modules: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    prefix: torch.Tensor | None = None  # prefix tuning: [layers * 2 (key, value), virtual, kv_heads, head_dim]
 
     def tensors(self) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [] if self.prompt is None else [self.prompt]
+        out: list[torch.Tensor] = [t for t in (self.prompt, self.prefix) if t is not None]
         out.extend(self.shared.values())
         for value in self.modules.values():
             if dataclasses.is_dataclass(value):
@@ -102,7 +108,10 @@ class AdapterWeights:
 
     @property
     def virtual_tokens(self) -> int:
-        """Positions the adapter adds in front of every prompt (prompt tuning), else 0."""
+        """Positions the adapter adds in front of every prompt (prompt tuning, P-tuning, prefix
+        tuning), else 0."""
+        if self.prefix is not None:
+            return self.prefix.shape[1]
         return 0 if self.prompt is None else self.prompt.shape[0]
 
     @property

@@ -29,6 +29,7 @@ NEW_KINDS = {
     "vera": ("vera", {}),
     "vera_regenerated": ("vera", {"save_projection": False, "projection_prng_key": 77, "r": 4}),
     "p_tuning": ("p_tuning", {"num_virtual_tokens": 6}),
+    "prefix": ("prefix_tuning", {"num_virtual_tokens": 5, "prefix_projection": True, "encoder_hidden_size": 16}),
 }
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -71,6 +72,9 @@ def test_describe_new_kinds(good, base_info):
     p = read(good["p_tuning"][0], base_info)
     assert p.describe() == {"kind": "p_tuning", "num_virtual_tokens": 6, "target_modules": []}
     assert p.virtual_tokens == 6
+    prefix = read(good["prefix"][0], base_info)
+    assert prefix.describe() == {"kind": "prefix_tuning", "num_virtual_tokens": 5, "target_modules": []}
+    assert prefix.virtual_tokens == 5 and prefix.prefix.shape == (4, 5, 2, 8)  # 2 layers x (k, v), GQA heads
 
 
 @pytest.mark.parametrize("name", list(NEW_KINDS))
@@ -196,15 +200,15 @@ def test_dora_reads_a_4bit_weight_bitsandbytes_repacked_for_its_cpu_kernel(tmp_p
 # ---- refusals ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("peft_type,name", [
-    ("LOHA", "LoHa"), ("LOKR", "LoKr"), ("OFT", "OFT"), ("PREFIX_TUNING", "prefix tuning"),
-    ("BOFT", "BOFT"), ("NOT_A_METHOD", "NOT_A_METHOD"),
+    ("LOHA", "LoHa"), ("LOKR", "LoKr"), ("OFT", "OFT"), ("BOFT", "BOFT"),
+    ("ADAPTION_PROMPT", "adaption prompt"), ("NOT_A_METHOD", "NOT_A_METHOD"),
 ])
 def test_unserved_methods_are_refused_by_name(good, base_info, tmp_path, peft_type, name):
     folder = mutated(good["dora"][0], tmp_path / peft_type, config_fn=set_key("peft_type", peft_type))
     refused(folder, base_info, name, "not served", "DoRA, AdaLoRA, VeRA")
 
 
-@pytest.mark.parametrize("name", ["dora", "adalora", "vera", "p_tuning"])
+@pytest.mark.parametrize("name", ["dora", "adalora", "vera", "p_tuning", "prefix"])
 def test_modules_to_save_is_refused_by_name_for_every_new_kind(good, base_info, tmp_path, name):
     folder = mutated(good[name][0], tmp_path / name, config_fn=set_key("modules_to_save", ["lm_head"]))
     refused(folder, base_info, "modules_to_save")
@@ -242,6 +246,11 @@ def _edit(key: str, fn):
     ("p_tuning", set_key("encoder_reparameterization_type", "GRU"), None, ("encoder_reparameterization_type",)),
     ("p_tuning", set_key("num_virtual_tokens", 7), None, ("prompt_embeddings", "(7, 32)")),
     ("p_tuning", None, lambda t: t.update(extra=torch.zeros(2)), ("exactly one tensor",)),
+    ("prefix", set_key("num_layers", 3), None, ("num_layers", "2 layers")),
+    ("prefix", set_key("num_attention_heads", 4), None, ("num_attention_heads", "2 key/value heads")),
+    ("prefix", set_key("num_virtual_tokens", 6), None, ("prompt_embeddings", "(6, 64)")),
+    ("prefix", None, _edit("prompt_embeddings", lambda t: t * float("inf")), ("prompt_embeddings", "infinite")),
+    ("prefix", set_key("num_transformer_submodules", 2), None, ("num_transformer_submodules",)),
 ])
 def test_malformed_new_kind_adapters_are_refused(good, base_info, tmp_path, name, config_fn, tensors_fn, words):
     folder = mutated(good[name][0], tmp_path / "bad", config_fn=config_fn, tensors_fn=tensors_fn)
@@ -253,6 +262,18 @@ def test_new_kinds_respect_the_rank_and_virtual_token_limits(good, base_info):
     refused(good["adalora"][0], base_info, "init_r 6", limits=AdapterLimits(max_lora_rank=4))
     refused(good["vera"][0], base_info, "rank 8", limits=AdapterLimits(max_lora_rank=4))
     refused(good["p_tuning"][0], base_info, "6 virtual tokens", limits=AdapterLimits(max_virtual_tokens=5))
+    refused(good["prefix"][0], base_info, "5 virtual tokens", limits=AdapterLimits(max_virtual_tokens=4))
+
+
+def test_prefix_tuning_is_refused_by_the_padded_engine(good, base):
+    """Only the paged runner places a prefix's keys and values; a runtime without one refuses the
+    install by name instead of serving the row without its prefix."""
+    from adapters.errors import AdapterValidationError
+
+    runtime, _ = make_runtime(base)
+    with pytest.raises(AdapterValidationError, match="prefix-tuning adapters need the paged KV cache"):
+        runtime.install(load(runtime, good["prefix"][0]))
+    assert runtime.prefixes == {} and len(runtime.free_slots) == 8
 
 
 def test_dora_with_a_zero_norm_row_fails_its_install_only(base, tmp_path):
@@ -269,7 +290,7 @@ def test_dora_with_a_zero_norm_row_fails_its_install_only(base, tmp_path):
     assert "lora" not in runtime.layer(Q).banks or 1 not in runtime.layer(Q).banks["lora"].weights
 
 
-@pytest.mark.parametrize("kind", ["dora", "adalora", "vera", "p_tuning"])
+@pytest.mark.parametrize("kind", ["dora", "adalora", "vera", "p_tuning", "prefix_tuning"])
 def test_training_a_served_only_kind_is_refused_by_name(kind):
     with pytest.raises(ValidationError, match=f"{kind}.*not trained here yet"):
         TrainingConfig(kind=kind)
