@@ -67,6 +67,9 @@ class PagedStep:
     write_slots: torch.Tensor  # [N] long: pool slot of every packed token
     chunks: list[PrefillChunk] = field(default_factory=list)
     groups: list[DecodeGroup] = field(default_factory=list)
+    # prefix tuning: (pool slots of a row's virtual positions, [layers * 2, n, kv_heads, d] keys and
+    # values for them); written over what the layers compute there, before attention reads them
+    prefixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class KVPool:
@@ -124,6 +127,9 @@ def _attend(pool: KVPool, layer: int, query: torch.Tensor, key: torch.Tensor, va
     keys, values = pool.keys[layer], pool.values[layer]
     keys.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(keys.dtype))
     values.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(values.dtype))
+    for slots, prefix in step.prefixes:
+        keys.index_copy_(0, slots, prefix[2 * layer].to(keys.dtype))
+        values.index_copy_(0, slots, prefix[2 * layer + 1].to(values.dtype))
     q = query[0]  # [heads, N, d]
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [N, heads, d]
     by_block_k = keys.view(-1, pool.block_size, *keys.shape[1:])  # [blocks, block_size, kv_heads, d]

@@ -44,8 +44,12 @@ class PagedRunner:
         self.pool = pool
         self.device = runtime.device
         self.embed = model.get_input_embeddings()
+        runtime.kv_prefixes = True  # this runner places prefix-tuning keys and values in the pool
 
     def virtual_tokens(self, slot: int) -> int:
+        prefix = self.runtime.prefixes.get(slot)
+        if prefix is not None:
+            return prefix.shape[1]
         prompt = self.runtime.prompts.get(slot)
         return 0 if prompt is None else prompt.shape[0]
 
@@ -69,7 +73,7 @@ class PagedRunner:
             offset = 0
             for item in items:
                 virtual = [(i, -e - 1) for i, e in enumerate(item.entries) if e < 0]
-                if virtual:
+                if virtual and item.slot in self.runtime.prompts:  # prefix tuning: any input (its KV is set)
                     where = torch.tensor([offset + i for i, _ in virtual], device=self.device)
                     which = torch.tensor([v for _, v in virtual], device=self.device)
                     prompt = self.runtime.prompts[item.slot]
@@ -79,7 +83,7 @@ class PagedRunner:
 
     def _plan(self, items: Sequence[StepItem]) -> PagedStep:
         bs = self.pool.block_size
-        writes, chunks, decodes = [], [], []
+        writes, chunks, decodes, prefixes = [], [], [], []
         highest = 0
         offset = 0
         for item in items:
@@ -87,6 +91,10 @@ class PagedRunner:
             writes.append(self._slots_of(item.blocks, item.start, item.start + count))
             read = self._blocks_of(item.blocks, item.start + count)
             highest = max(highest, max(read))
+            prefix = self.runtime.prefixes.get(item.slot)
+            if prefix is not None and item.start < prefix.shape[1]:  # the chunk holds virtual positions
+                end = min(item.start + count, prefix.shape[1])
+                prefixes.append((writes[-1][: end - item.start], prefix[:, item.start:end]))
             if count == 1:
                 decodes.append((offset, item, read))
             else:
@@ -108,7 +116,7 @@ class PagedRunner:
             mask = (torch.arange(width * bs, device=self.device) < lengths.unsqueeze(1)).view(len(members), 1, 1, -1)
             q_index = torch.tensor([q for q, _, _ in members], dtype=torch.long, device=self.device)
             groups.append(DecodeGroup(q_index=q_index, read_blocks=read, mask=mask))
-        return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups)
+        return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups, prefixes=prefixes)
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> torch.Tensor:

@@ -33,14 +33,24 @@ def _quiet():
         yield
 
 
+# prefix tuning needs the paged KV cache (its keys and values go into a row's blocks): paged only
+PAGED_VARIANTS = {
+    **VARIANTS,
+    "prefix4": ("prefix_tuning", {"num_virtual_tokens": 4}),
+    "prefix_projected": ("prefix_tuning", {"num_virtual_tokens": 6, "prefix_projection": True,
+                                           "encoder_hidden_size": 16}),
+}
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """A runtime holding one adapter of every variant, with PEFT's reference model of each."""
     base = build_tiny_llama()
     root = tmp_path_factory.mktemp("paged")
-    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=len(VARIANTS) + 1, dtype=torch.float32)
+    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=len(PAGED_VARIANTS) + 1, dtype=torch.float32)
+    runtime.kv_prefixes = True  # the runners made below place prefix-tuning keys and values
     slots, refs = {"base": 0}, {"base": base}
-    for i, (name, (kind, overrides)) in enumerate(VARIANTS.items()):
+    for i, (name, (kind, overrides)) in enumerate(PAGED_VARIANTS.items()):
         refs[name] = make_peft_adapter(base, kind, root / name, seed=10 + i, scale=0.5, **overrides)
         slots[name] = runtime.install(load(runtime, root / name))
     return runtime, slots, refs
@@ -110,10 +120,10 @@ def test_packed_forward_of_every_kind_matches_peft(mixed):
     """One packed forward: a whole prompt of every variant (and the base), each row's logits equal
     PEFT's for its adapter alone."""
     runtime, slots, refs = mixed
-    runner = make_runner(runtime)
     names = list(slots)
+    per = 16  # blocks per row, disjoint tables (every kind's row fits: prompt plus virtual tokens)
+    runner = make_runner(runtime, blocks=per * len(names))
     prompts = [prompt_ids(5 + 2 * i, seed=40 + i) for i in range(len(names))]
-    per = 8  # blocks per row, disjoint tables
     logits = runner.prefill(prompts, [slots[n] for n in names],
                             [list(range(i * per, (i + 1) * per)) for i in range(len(names))])
     for row, name in enumerate(names):
@@ -133,6 +143,23 @@ def test_chunked_prefill_with_offset_matches_peft(mixed):
         logits = runner.forward([StepItem(slots["prompt11"], chunk, start, table,
                                           want_logits=start + len(chunk) == len(entries))])
     assert rel_err(logits[-1], ref_logits(refs["prompt11"], ids)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["prefix4", "prefix_projected"])
+def test_chunked_prefill_of_a_prefix_tuning_row_matches_peft(mixed, name):
+    """Prefix tuning's keys and values land in the row's own blocks whichever chunks hold its
+    virtual positions (chunks of 3 split them), and later chunks attend to them."""
+    runtime, slots, refs = mixed
+    runner = make_runner(runtime)
+    ids = prompt_ids(10, seed=4)
+    entries = virtual_entries(runner.virtual_tokens(slots[name])) + ids
+    table = list(range(16))
+    for start in range(0, len(entries), 3):
+        chunk = entries[start:start + 3]
+        logits = runner.forward([StepItem(slots[name], chunk, start, table,
+                                          want_logits=start + len(chunk) == len(entries))])
+    assert rel_err(logits[-1], ref_logits(refs[name], ids)) <= TOL
+    assert rel_err(logits[-1], ref_logits(refs["base"], ids)) > 1e-3
 
 
 def test_engine_greedy_text_matches_peft_with_chunks_and_mixed_kinds(mixed, tiny_tokenizer):
@@ -185,13 +212,13 @@ def test_preemption_under_a_tiny_pool_keeps_every_result(mixed, tiny_tokenizer):
 
 
 def _break_by_shape(bank, slot):  # its matmul raises in the forward
-    a_t, b_t = bank.weights[slot]
-    bank.weights[slot] = (a_t, b_t[:, :3])
+    w = bank.weights[slot]
+    bank.weights[slot] = w._replace(b_t=w.b_t[:, :3])
 
 
 def _break_by_overflow(bank, slot):  # its logits are inf: sampling refuses the row
-    a_t, b_t = bank.weights[slot]
-    bank.weights[slot] = (a_t, b_t * float("inf"))
+    w = bank.weights[slot]
+    bank.weights[slot] = w._replace(b_t=w.b_t * float("inf"))
 
 
 @pytest.mark.parametrize("breakage", [_break_by_shape, _break_by_overflow])
