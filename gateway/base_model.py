@@ -117,6 +117,19 @@ def materialize_dummy(source: str, data_dir: Path) -> Path:
     return target
 
 
+def keep_nf4_exact_on_cpu(model: torch.nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first inference forward
+    for a kernel that keeps the block scales in bfloat16 and picks its path by batch shape: results
+    then change after the first forward, differ between one token and many, and between training
+    and serving. The gateway promises PEFT's logits whatever the batch, so every NF4 layer keeps
+    the exact path (dequantize to float32, then matmul) on every CPU."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base(settings: Settings) -> LoadedBase:
     started = time.monotonic()
     device = pick_device(settings.device)
@@ -142,6 +155,8 @@ def load_base(settings: Settings) -> LoadedBase:
         raise ModelLoadError(f"cannot load base model {settings.model!r}: {exc}") from exc
     model.eval()
     model.requires_grad_(False)
+    if settings.quantization == "nf4" and device.type == "cpu":
+        keep_nf4_exact_on_cpu(model)
     if settings.chat_template is not None:
         tokenizer.chat_template = settings.chat_template.read_text()
     context = getattr(model.config, "max_position_embeddings", None) or 2048

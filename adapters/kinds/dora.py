@@ -9,8 +9,6 @@ once at install; serving then costs a LoRA delta and one multiply per channel (p
 
 from __future__ import annotations
 
-import copy
-import logging
 from typing import Any
 
 import torch
@@ -22,7 +20,6 @@ from adapters.kinds.lora import clear_lora, lora_bank, lora_tensors, read_lora_m
 from adapters.validate import equals, sanitize_config
 
 FIELDS = {**LORA_FIELDS, "use_dora": equals(True)}
-log = logging.getLogger(__name__)
 
 
 def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -33,55 +30,13 @@ def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
         import bitsandbytes.functional as bnb_functional
 
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            return _packed_weight(layer)
+            # a layout dequantize_4bit cannot read; gateway.base_model.load_base never lets it happen
+            raise RuntimeError("the base's 4-bit weights were repacked for bitsandbytes' bf16 CPU kernel; "
+                               "load the base with gateway.base_model.load_base")
         return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
     if kind == "Int8Params":
         raise AdapterValidationError("DoRA adapters are not served on an 8-bit base model (use NF4 or none)")
     return weight.detach().float()
-
-
-@torch.no_grad()
-def _packed_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """A 4-bit weight bitsandbytes repacked on its first CPU forward, for its AVX512-BF16 kernel
-    (codes reordered, block scales as a bf16 [blocks, rows] table), which ``dequantize_4bit``
-    cannot read; PEFT 0.21 reads it anyway and gets a wrong norm. Unpacked here on copies (the
-    layer keeps its packed weight) with bitsandbytes' own inverse, keeping the kernel's bf16 scales
-    (a few ms a module); checked against the layer on random inputs, and if the layout ever
-    differs, read through the layer instead (slower)."""
-    import bitsandbytes.functional as bnb_functional
-
-    weight = layer.weight
-    try:
-        state = copy.copy(weight.quant_state)
-        state.original_nested = False  # keep the float scales (the inverse would re-quantize them)
-        data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
-        state.absmax = state.absmax.T.reshape(-1).float()
-        state.dtype = torch.float32
-        dense = bnb_functional.dequantize_4bit(data, state).float()
-    except Exception:  # noqa: BLE001 - a private layout; any failure falls back to the probe
-        log.warning("could not unpack a CPU-packed 4-bit weight; reading it through the layer")
-        return _probe_weight(layer)
-    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0))
-    y = layer(x).float()
-    bias = getattr(layer, "bias", None)
-    if bias is not None:
-        y = y - bias.float()
-    if tuple(dense.shape) != (layer.out_features, layer.in_features) or float(
-            (x @ dense.T - y).norm() / y.norm().clamp_min(1e-12)) > 2e-2:  # bf16 kernel: ~4e-3
-        log.warning("an unpacked CPU-packed 4-bit weight disagrees with its layer; reading it through the layer")
-        return _probe_weight(layer)
-    return dense
-
-
-@torch.no_grad()
-def _probe_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """``W`` as the layer computes it: ``layer(I) - bias`` is ``W.T`` (one forward of ``in x in``)."""
-    eye = torch.eye(layer.in_features, device=layer.weight.device, dtype=torch.float32)
-    out = layer(eye).float()
-    bias = getattr(layer, "bias", None)
-    if bias is not None:
-        out = out - bias.float()
-    return out.T.contiguous()
 
 
 def channel_scales(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float,
