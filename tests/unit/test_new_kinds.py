@@ -167,6 +167,12 @@ def test_dora_on_an_nf4_base_matches_peft_on_the_same_base(tmp_path):
     assert rel_err(logits[0], logits[1]) > 1e-3  # the adapter changes the output
 
 
+# ---- refusals ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("peft_type,name", [
+    ("LOHA", "LoHa"), ("LOKR", "LoKr"), ("OFT", "OFT"), ("BOFT", "BOFT"),
+    ("ADAPTION_PROMPT", "adaption prompt"), ("NOT_A_METHOD", "NOT_A_METHOD"),
+])
 def test_unserved_methods_are_refused_by_name(good, base_info, tmp_path, peft_type, name):
     folder = mutated(good["dora"][0], tmp_path / peft_type, config_fn=set_key("peft_type", peft_type))
     refused(folder, base_info, name, "not served", "DoRA, AdaLoRA, VeRA")
