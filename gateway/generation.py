@@ -17,6 +17,7 @@ from adapters.chat_template import render_chat, template_kwargs
 from adapters.registry import AdapterLease, AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.errors import BadRequestError, ModelNotFoundError
+from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id
 from gateway.sampling import SamplingParams, SamplingValueError
 from gateway.settings import Settings
@@ -31,6 +32,8 @@ class ChoiceEvent:
     finish_reason: str | None
     error: str | None = None
     error_code: str | None = None  # gateway.engine's code for the error (the API picks the status)
+    logprobs: tuple[TokenLogprob, ...] = ()  # the generated tokens this event completes (when asked)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the prompt's, on a choice's first event
 
 
 @dataclass
@@ -149,6 +152,7 @@ class GenerationService:
         self.settings = settings
         self.max_prompt_tokens = min(settings.max_prompt_tokens or context_window, context_window)
         self._template_kwargs = template_kwargs(tokenizer)
+        self.token_strings = TokenStrings(tokenizer)  # logprobs' token texts and bytes
         self.model_router: ModelRouter | None = None  # experiments pick a model for their name
         self.observers: list[RecordObserver] = []  # each gets every finished RequestRecord
 
@@ -192,11 +196,39 @@ class GenerationService:
         if max_tokens is not None and max_tokens > s.max_tokens_limit:
             param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
             raise BadRequestError(f"{param} is {max_tokens}; the limit is {s.max_tokens_limit}", param=param)
+        if isinstance(body, ChatCompletionRequest):
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = None
+        else:  # the prompt's own log-probabilities come back with echo
+            logprobs = body.logprobs
+            prompt_logprobs = body.logprobs if body.echo else None
         try:  # tiny temperatures become greedy, tiny top_p the top token (see gateway.sampling)
-            return SamplingParams(max_tokens=max_tokens or s.default_max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, seed=body.seed, stop=tuple(stop))
+            return SamplingParams(
+                max_tokens=s.default_max_tokens if max_tokens is None else max_tokens,
+                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=tuple(stop),
+                presence_penalty=_or(body.presence_penalty, 0.0), frequency_penalty=_or(body.frequency_penalty, 0.0),
+                repetition_penalty=_or(body.repetition_penalty, 1.0), logit_bias=self._logit_bias(body.logit_bias),
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except SamplingValueError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; ids must be in the vocabulary
+        (values are checked by ``SamplingParams``)."""
+        if not bias:
+            return ()
+        if len(bias) > self.settings.max_logit_bias:
+            raise BadRequestError(f"logit_bias lists {len(bias)} tokens; the limit is {self.settings.max_logit_bias}",
+                                  param="logit_bias")
+        vocab = len(self.tokenizer)
+        pairs = []
+        for key, value in bias.items():
+            token = int(key) if key.isascii() and key.isdigit() and len(key) <= 12 else -1
+            if not 0 <= token < vocab:
+                raise BadRequestError(f"logit_bias keys must be token ids from 0 to {vocab - 1}",
+                                      param="logit_bias")
+            pairs.append((token, float(value)))
+        return tuple(pairs)
 
     # ---- prompts: sizes are checked first, then templating and tokenization run off the event loop
     async def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
@@ -296,7 +328,8 @@ class GenerationService:
                 if event.error is not None and record.error_type is None:
                     record.error_type = event.error_code or "generation_failed"
                 loop.call_soon_threadsafe(generation.queue.put_nowait, ChoiceEvent(
-                    index, event.text, event.finish_reason, event.error, event.error_code))
+                    index, event.text, event.finish_reason, event.error, event.error_code, event.logprobs,
+                    event.prompt_logprobs))
             return sink
 
         try:
@@ -328,6 +361,10 @@ class GenerationService:
                 observer(record)
             except Exception:  # an observer's bug must not fail requests
                 log.exception("request observer %r failed", observer)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _error_type(exc: Exception) -> str:

@@ -47,22 +47,12 @@ class _GenerationParams(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    # accepted at their neutral values only
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    # logit adjustments (ranges, and logit_bias's token ids and size, are checked with the
+    # sampling parameters: gateway.sampling, gateway.generation)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM's): 1 is neutral
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
-
-    @model_validator(mode="after")
-    def _unsupported(self):
-        for name, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0)):
-            if getattr(self, name) != neutral:
-                raise ValueError(f"{name} is not supported; leave it at {neutral}")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        return self
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -75,6 +65,14 @@ class ChatCompletionRequest(_GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
 
     @field_validator("tools")
     @classmethod
@@ -96,14 +94,16 @@ class ChatCompletionRequest(_GenerationParams):
 
 class CompletionRequest(_GenerationParams):
     prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
+    logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _plain(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (it returns the prompt alone)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, 1, self.n):
