@@ -22,7 +22,7 @@ from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
 from adapters.store import SqliteAdapterStore, check_database
 from gateway.admin_key import resolve_admin_key
-from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops
+from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops, tokenize
 from gateway.api import admin_training
 from gateway.base_model import LoadedBase, load_base
 from gateway.engine import Engine
@@ -185,6 +185,7 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     app.include_router(admin_adapters.router)
     app.include_router(admin_experiments.router)
     app.include_router(feedback.router)

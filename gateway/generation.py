@@ -231,7 +231,8 @@ class GenerationService:
         return tuple(pairs)
 
     # ---- prompts: sizes are checked first, then templating and tokenization run off the event loop
-    async def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(self, body: ChatCompletionRequest, *, generation_prompt: bool = True,
+                          check_length: bool = True) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequestError(
                 f"the model '{self.base_name}' has no chat template; use /v1/completions, or start the "
@@ -247,11 +248,11 @@ class GenerationService:
         self._check_chars([m["content"] for m in messages], "messages")
         try:
             # control tokens typed in a message stay plain text: only the template writes turns
-            ids = await asyncio.to_thread(render_chat, self.tokenizer, messages, generation_prompt=True,
+            ids = await asyncio.to_thread(render_chat, self.tokenizer, messages, generation_prompt=generation_prompt,
                                           kwargs=self._template_kwargs)
         except TemplateError as exc:  # the template's own raise_exception(), e.g. roles out of order
             raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
-        return self._check_length(ids, "messages")
+        return self._check_length(ids, "messages") if check_length else ids
 
     async def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         prompts = body.prompts()

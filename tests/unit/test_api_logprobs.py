@@ -205,3 +205,44 @@ def test_hostile_completion_values_are_refused(client, extra):
 def test_sdk_raises_bad_request_for_top_logprobs_21(sdk):
     with pytest.raises(openai.BadRequestError):
         sdk.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=21)
+
+
+# ---- /tokenize and /detokenize ------------------------------------------------------------------
+def test_tokenize_prompt_counts_virtual_tokens(client):
+    tokenizer = client.app.state.gateway.service.tokenizer
+    ids = tokenizer.encode(PROMPT)
+    base = client.post("/tokenize", json={"model": "tiny", "prompt": PROMPT}).json()
+    assert base == {"count": len(ids), "max_model_len": 256, "tokens": ids, "virtual_tokens": 0}
+    lora = client.post("/tokenize", json={"model": "lora-a", "prompt": PROMPT}).json()
+    assert lora["count"] == len(ids) and lora["tokens"] == ids
+    prompt_tuned = client.post("/tokenize", json={"model": "pt-a", "prompt": PROMPT}).json()
+    assert prompt_tuned["virtual_tokens"] == 5 and prompt_tuned["count"] == len(ids) + 5
+
+
+def test_tokenize_messages_matches_the_chat_prompt(client, sdk):
+    counted = client.post("/tokenize", json={"model": "pt-a", "messages": MESSAGES}).json()
+    response = sdk.chat.completions.create(model="pt-a", messages=MESSAGES, max_tokens=1, temperature=0)
+    assert len(counted["tokens"]) == response.usage.prompt_tokens
+    without = client.post("/tokenize", json={"model": "pt-a", "messages": MESSAGES,
+                                             "add_generation_prompt": False}).json()
+    assert len(without["tokens"]) < len(counted["tokens"])
+
+
+def test_detokenize_round_trip(client):
+    ids = client.post("/tokenize", json={"model": "tiny", "prompt": "hello world, héllo ✓"}).json()["tokens"]
+    assert client.post("/detokenize", json={"model": "ia3-a", "tokens": ids}).json() == {"prompt": "hello world, héllo ✓"}
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/tokenize", {"model": "tiny"}, 400, None),
+    ("/tokenize", {"model": "tiny", "prompt": "x", "messages": MESSAGES}, 400, None),
+    ("/detokenize", {"model": "tiny", "tokens": [10 ** 9]}, 400, "tokens"),
+    ("/detokenize", {"model": "tiny", "tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"model": "tiny", "tokens": [1] * 257}, 400, "tokens"),
+    ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+])
+def test_tokenize_refusals(client, path, body, status, param):
+    error = assert_error(client.post(path, json=body), status, type_=None)
+    if param is not None:
+        assert error["param"] == param
