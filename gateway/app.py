@@ -37,6 +37,7 @@ from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
+from gateway.structured import Grammars
 from gateway.training.jobs import TrainingJobs
 from gateway.training.wiring import attach_training
 from gateway.uploads import clear_staging
@@ -109,6 +110,9 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
         install=install, uninstall=uninstall, device_slots=settings.max_device_adapters,
         cpu_capacity=settings.max_cpu_adapters, slot_wait_seconds=settings.slot_wait_seconds, events=metrics)
     service = GenerationService(engine, registry, base.tokenizer, base.name, base.context_window, settings)
+    service.grammars = Grammars(base.tokenizer, base.model.get_output_embeddings().weight.shape[0], eos_ids(base),
+                                max_schema_bytes=settings.max_schema_bytes,
+                                compile_timeout=settings.grammar_compile_timeout_seconds)
     registry.add_name_guard(lambda name: f"{name!r} is the base model's name" if name == service.base_name else None)
     registry.on_removed.append(metrics.forget_adapter)
     service.observers.append(lambda record: count_request(record, registry, metrics, service.base_name))
@@ -179,6 +183,8 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
             await gateway.training.close()  # a running job resumes from its checkpoint at the next start
             await gateway.registry.close()
             await asyncio.to_thread(gateway.experiments.close)
+            if gateway.service.grammars is not None:
+                gateway.service.grammars.close()
 
     app = FastAPI(title="adapter-gateway", lifespan=lifespan)
     app.add_middleware(AccessGuard)  # keys and limits before any body byte is read

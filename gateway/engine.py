@@ -24,6 +24,7 @@ import torch
 
 from gateway.background import BackgroundWork
 from gateway.detokenize import IncrementalText
+from gateway.grammar_mask import mask_rows
 from gateway.logits_processing import adjust_logits
 from gateway.logprobs import TokenLogprob, score_rows
 from gateway.sampling import RowFailure, SamplingParams, choose_tokens, make_generator
@@ -105,6 +106,7 @@ class _Sequence:
     # log-probabilities (requests that ask): the prompt's, scored as its positions are computed,
     # and the generated tokens' not sent yet (their text waits for a whole character)
     prompt_logprobs: list[TokenLogprob] | None = None
+    matcher: Any = None  # structured outputs: the grammar's state after this sequence's tokens
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_sent: bool = False
 
@@ -199,6 +201,7 @@ class Engine:
                 virtual_tokens=virtual,
                 prompt_logprobs=None if request.params.prompt_logprobs is None else [
                     TokenLogprob(request.prompt_ids[0], None)],
+                matcher=None if request.params.grammar is None else request.params.grammar.matcher(),
             )
             for i in range(request.n)
         ]
@@ -349,6 +352,8 @@ class Engine:
         adjusted = logits
         if any(p.adjusts_logits for p in params):
             adjusted = adjust_logits(logits, params, [s.request.prompt_ids for s in seqs], [s.tokens for s in seqs])
+        if any(s.matcher is not None for s in seqs):  # only the tokens each row's grammar allows
+            adjusted = mask_rows(adjusted, [s.matcher for s in seqs])
         tokens = choose_tokens(adjusted, params, [s.generator for s in seqs])
         scored = [i for i, (p, t) in enumerate(zip(params, tokens, strict=True))
                   if p.logprobs is not None and not isinstance(t, RowFailure)]
@@ -363,6 +368,10 @@ class Engine:
             if isinstance(token, RowFailure):  # this row alone: the batch goes on
                 self._finish(seq, "error", error=token.message, error_code=GENERATION_FAILED)
                 continue
+            if seq.matcher is not None and not seq.matcher.accept_token(token):
+                self._finish(seq, "error", error="the output grammar refused the chosen token",
+                             error_code=GENERATION_FAILED)
+                continue
             seq.tokens.append(token)
             if token in self.eos_token_ids:
                 self._finish(seq, "stop", seq.text.flush())
@@ -370,6 +379,8 @@ class Engine:
             delta, hit_stop = seq.text.push(token)
             if hit_stop:
                 self._finish(seq, "stop", delta)
+            elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar is complete
+                self._finish(seq, "stop", delta + seq.text.flush())
             elif len(seq.tokens) >= seq.max_new:
                 self._finish(seq, "length", delta + seq.text.flush())
             elif delta:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,6 +19,7 @@ from adapters.registry import AdapterLease, AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.errors import BadRequestError, ModelNotFoundError
 from gateway.logprobs import TokenLogprob, TokenStrings
+from gateway.structured import Grammars
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id
 from gateway.sampling import SamplingParams, SamplingValueError
 from gateway.settings import Settings
@@ -153,6 +155,7 @@ class GenerationService:
         self.max_prompt_tokens = min(settings.max_prompt_tokens or context_window, context_window)
         self._template_kwargs = template_kwargs(tokenizer)
         self.token_strings = TokenStrings(tokenizer)  # logprobs' token texts and bytes
+        self.grammars: Grammars | None = None  # structured outputs (set by the app)
         self.model_router: ModelRouter | None = None  # experiments pick a model for their name
         self.observers: list[RecordObserver] = []  # each gets every finished RequestRecord
 
@@ -211,6 +214,17 @@ class GenerationService:
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except SamplingValueError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
+
+    async def constrain(self, params: SamplingParams, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        """``params`` with the grammar of the request's ``response_format`` (compiled off the event
+        loop, cached per schema); unchanged for plain text."""
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return params
+        if self.grammars is None:
+            raise BadRequestError("structured outputs are not available on this server", param="response_format")
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        return dataclasses.replace(params, grammar=await self.grammars.constraint(fmt.type, schema))
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; ids must be in the vocabulary

@@ -33,6 +33,26 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # always enforced (the grammar allows only what the schema allows)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
 class _GenerationParams(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -53,6 +73,7 @@ class _GenerationParams(BaseModel):
     presence_penalty: float | None = None
     repetition_penalty: float | None = None  # extension (vLLM's): 1 is neutral
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None  # structured outputs (gateway.structured)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -64,7 +85,6 @@ class ChatCompletionRequest(_GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -79,13 +99,6 @@ class ChatCompletionRequest(_GenerationParams):
     def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
         if value:
             raise ValueError("tools are not supported")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and value.get("type") not in (None, "text"):
-            raise ValueError("only response_format type 'text' is supported")
         return value
 
     def requested_max_tokens(self) -> int | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,6 +64,8 @@ class SamplingParams:
     # token's and the k most likely ones, for each generated token / each prompt token
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # structured outputs: a ``gateway.structured.GrammarConstraint`` every sequence follows
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self._check_adjustments()

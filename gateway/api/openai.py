@@ -50,7 +50,7 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "chat")
-    params = service.sampling_params(body)
+    params = await service.constrain(service.sampling_params(body), body)
     prompt = await service.chat_prompt(body)
     generation = await _start(request, service, record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
@@ -70,7 +70,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "completions")
-    params = service.sampling_params(body)
+    params = await service.constrain(service.sampling_params(body), body)
     prompts = await service.completion_prompts(body)
     generation = await _start(request, service, record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
