@@ -138,7 +138,6 @@ def test_body_too_large_without_content_length(client):
 
 @pytest.mark.parametrize("extra, param_hint", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_features(client, extra, param_hint):
     error = assert_error(chat(client, **extra), 400)
@@ -148,6 +147,7 @@ def test_unsupported_features(client, extra, param_hint):
 def test_unsupported_completion_features(client):
     assert_error(complete(client, max_tokens=0), 400)  # without echo there is nothing to return
     assert_error(complete(client, suffix="x"), 400)
+    assert_error(complete(client, response_format={"type": "xml"}), 400)
     assert_error(complete(client, prompt=""), 400, param="prompt")
 
 
