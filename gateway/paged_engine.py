@@ -26,6 +26,10 @@ from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
 
 log = logging.getLogger(__name__)
 
+# Longest prefill chunk of a sequence whose prompt is scored (echo with logprobs): the chunk's
+# logits are all kept ([tokens, vocab] float32, ~50 MB at 256 tokens and a 49k vocabulary).
+SCORED_CHUNK_TOKENS = 256
+
 
 class PagedEngine(Engine):
     def __init__(self, runner: PagedRunner, tokenizer, *, blocks: BlockManager, max_step_tokens: int, **options):
@@ -112,6 +116,8 @@ class PagedEngine(Engine):
             pending = self._length(seq) - seq.computed
             if pending > 1 and budget > 0:
                 take = min(pending, budget)
+                if seq.scoring_prompt:  # every position's logits come back: bound their memory
+                    take = min(take, SCORED_CHUNK_TOKENS)
                 plan.append((seq, take))
                 budget -= take
         return plan

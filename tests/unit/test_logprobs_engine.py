@@ -233,3 +233,21 @@ def test_penalty_cases_change_the_greedy_choice(mixed):
     for i, (name, manual) in enumerate(cases, start=1):
         prompt = prompt_ids(8 + i, seed=160 + i)
         assert penalized_greedy(refs[name], prompt, STEPS, **manual) != penalized_greedy(refs[name], prompt, STEPS), name
+
+
+def test_scored_prompts_are_computed_in_bounded_chunks(mixed, tiny_tokenizer, monkeypatch):
+    """A scored prompt's chunks stay within SCORED_CHUNK_TOKENS (their logits are all kept), and
+    the scores are still complete and right."""
+    import gateway.paged_engine as paged
+
+    monkeypatch.setattr(paged, "SCORED_CHUNK_TOKENS", 5)
+    runtime, slots, refs = mixed
+    engine = make_engine(runtime, tiny_tokenizer, max_step_tokens=64)
+    sizes = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda items: (sizes.extend(len(i.entries) for i in items if i.all_logits), forward(items))[1]
+    prompt = prompt_ids(23, seed=11)
+    (c,) = run(engine, [(prompt, slots["prompt11"], "p11", SamplingParams(max_tokens=2, temperature=0,
+                                                                           prompt_logprobs=1))])
+    assert sizes and max(sizes) <= 5
+    check_request(c, refs["prompt11"], prompt, 0, 1, "prompt11")
