@@ -269,16 +269,28 @@ class GenerationService:
         return self._check_length(ids, "messages") if check_length else ids
 
     async def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
-        prompts = body.prompts()
+        given = body.token_prompts()
+        prompts = given if given is not None else body.prompts()
         if not prompts or len(prompts) > self.settings.max_n:
             raise BadRequestError(f"prompt must hold 1 to {self.settings.max_n} strings", param="prompt")
         if len(prompts) * body.n > self.settings.max_n:
             raise BadRequestError(f"{len(prompts)} prompts x n={body.n} exceeds the limit of "
                                   f"{self.settings.max_n} choices", param="n")
+        if given is not None:
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for ids in given for t in ids):
+                raise BadRequestError(f"prompt token ids must be from 0 to {vocab - 1}", param="prompt")
+            return [self._check_length(ids, "prompt") for ids in given]
         self._check_chars(prompts, "prompt")
         # a raw prompt is the client's whole text, control tokens included (as OpenAI's completions)
         encoded = await asyncio.to_thread(lambda: [self.tokenizer.encode(p) for p in prompts])
         return [self._check_length(ids, "prompt") for ids in encoded]
+
+    async def prompt_texts(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """The text of each prompt (what ``echo`` returns): as given, or decoded from its ids."""
+        if body.token_prompts() is None:
+            return body.prompts()
+        return await asyncio.to_thread(lambda: [self.tokenizer.decode(ids) for ids in prompts])
 
     def _check_chars(self, texts: list[str], param: str) -> None:
         """Refuse text too long to be worth tokenizing (the token limit is checked after)."""

@@ -106,7 +106,8 @@ class ChatCompletionRequest(_GenerationParams):
 
 
 class CompletionRequest(_GenerationParams):
-    prompt: str | list[str]
+    # text, or token ids (as OpenAI accepts, and lm-evaluation-harness sends by default)
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -123,7 +124,17 @@ class CompletionRequest(_GenerationParams):
             raise ValueError("best_of is not supported")
         return self
 
+    def token_prompts(self) -> list[list[int]] | None:
+        """The prompts as token ids when given so; None when given as text."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            return [list(p)]
+        if isinstance(p, list) and p and isinstance(p[0], list):
+            return [list(x) for x in p]
+        return None
+
     def prompts(self) -> list[str]:
+        """The prompts as text (only when given as text)."""
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def requested_max_tokens(self) -> int | None:

@@ -74,7 +74,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     prompts = await service.completion_prompts(body)
     generation = await _start(request, service, record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
-    echo = _Echo(body.prompts(), body.n, body.echo, service.token_strings if params.logprobs is not None else None)
+    texts = await service.prompt_texts(body, prompts) if body.echo or params.logprobs is not None else []
+    echo = _Echo(texts, body.n, body.echo, service.token_strings if params.logprobs is not None else None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _experiment_headers(_sse(_completion_chunks(generation, meta, include_usage, echo)), record)
@@ -105,6 +106,8 @@ class _Echo:
     strings: TokenStrings | None
 
     def start(self, index: int) -> tuple[str, CompletionLogprobs | None]:
+        if self.strings is None and not self.echo:
+            return "", None
         prompt = self.prompts[index // self.n]
         builder = None if self.strings is None else CompletionLogprobs(self.strings, 0 if self.echo else len(prompt))
         return (prompt if self.echo else ""), builder

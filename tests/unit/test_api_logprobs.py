@@ -246,3 +246,23 @@ def test_tokenize_refusals(client, path, body, status, param):
     error = assert_error(client.post(path, json=body), status, type_=None)
     if param is not None:
         assert error["param"] == param
+
+
+def test_token_id_prompts_score_like_text_prompts(sdk, client):
+    """lm-evaluation-harness sends token ids by default: the same scores as the text, echoed as
+    the decoded text."""
+    tokenizer = client.app.state.gateway.service.tokenizer
+    ids = tokenizer.encode(PROMPT)
+    as_text = sdk.completions.create(model="pt-a", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    as_ids = sdk.completions.create(model="pt-a", prompt=[ids, ids], max_tokens=0, echo=True, logprobs=1)
+    for choice in as_ids.choices:
+        assert choice.text == PROMPT
+        assert choice.logprobs.token_logprobs == as_text.choices[0].logprobs.token_logprobs
+    plain = sdk.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0)
+    assert plain.choices[0].text == sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=3,
+                                                           temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("prompt", [[10 ** 6], [-3], [[1, 2], []], [[5]] * 9])
+def test_bad_token_id_prompts_are_refused(client, prompt):
+    assert_error(complete(client, prompt=prompt), 400)
