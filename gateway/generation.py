@@ -224,7 +224,7 @@ class GenerationService:
         if self.grammars is None:
             raise BadRequestError("structured outputs are not available on this server", param="response_format")
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-        return dataclasses.replace(params, grammar=await self.grammars.constraint(fmt.type, schema))
+        return dataclasses.replace(params, grammar=await self.grammars.constraint(schema))
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; ids must be in the vocabulary

@@ -143,14 +143,14 @@ class Grammars:
         self._cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
         self.compiled = 0  # grammars compiled (cache misses), for tests and metrics
 
-    async def constraint(self, kind: str, schema: dict[str, Any] | None) -> GrammarConstraint:
+    async def constraint(self, schema: dict[str, Any] | None) -> GrammarConstraint:
         """The grammar of a ``json_object`` (``schema`` None) or ``json_schema`` response format;
         a bad or unsupported schema raises ``BadRequestError``."""
         schema = {"type": "object"} if schema is None else schema
-        check_schema(schema)
         key = json.dumps(schema, separators=(",", ":"))  # property order kept: the answer follows it
         if len(key) > self.max_schema_bytes:
             raise _refuse(f"the schema is {len(key)} bytes; the limit is {self.max_schema_bytes}")
+        check_schema(schema)
         future = self._cache.get(key)
         if future is None:
             future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._compile, key)))
