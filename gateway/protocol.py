@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -31,6 +31,14 @@ class ChatMessage(BaseModel):
                 parts.append(part["text"])
             return "".join(parts)
         return self.content or ""
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the vocabulary by the service
+# token id (a string, as OpenAI has it) -> bias. Ids, values and the count are checked by the
+# service (so that an error names ``logit_bias``, never a client's key); the schema tells clients.
+LogitBias = Annotated[dict[str, float], WithJsonSchema({
+    "type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})]
 
 
 class JsonSchemaFormat(BaseModel):
@@ -69,10 +77,10 @@ class _GenerationParams(BaseModel):
     user: str | None = Field(None, max_length=256)
     # logit adjustments (ranges, and logit_bias's token ids and size, are checked with the
     # sampling parameters: gateway.sampling, gateway.generation)
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None  # extension (vLLM's): 1 is neutral
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # extension (vLLM's): 1 is neutral
+    logit_bias: LogitBias | None = None
     response_format: ResponseFormat | None = None  # structured outputs (gateway.structured)
 
     def stop_list(self) -> list[str]:
@@ -107,7 +115,7 @@ class ChatCompletionRequest(_GenerationParams):
 
 class CompletionRequest(_GenerationParams):
     # text, or token ids (as OpenAI accepts, and lm-evaluation-harness sends by default)
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
