@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from adapters.archive import PICKLE_SUFFIXES
 from adapters.errors import AdapterValidationError
-from adapters.kinds import BY_PEFT_TYPE, HANDLERS
+from adapters.kinds import HANDLERS, handler_for
 from adapters.kinds.base import AdapterLimits, AdapterWeights, BaseModelInfo
 from adapters.safetensors_check import load_checked_tensors
 from adapters.validate import load_config
@@ -32,11 +32,7 @@ def read_adapter(folder: Path, base: BaseModelInfo, limits: AdapterLimits, dtype
     if not (folder / CONFIG_FILE).is_file():
         raise AdapterValidationError(f"{CONFIG_FILE} is missing")
     config = load_config(folder / CONFIG_FILE)
-    peft_type = config.get("peft_type")
-    handler = BY_PEFT_TYPE.get(peft_type) if isinstance(peft_type, str) else None
-    if handler is None:
-        raise AdapterValidationError(
-            f"peft_type {peft_type!r} is not served; supported: {', '.join(sorted(BY_PEFT_TYPE))}")
+    handler = handler_for(config)  # before the tensors: an unserved method is refused by name, cheaply
     tensors = load_checked_tensors(folder / WEIGHTS_FILE, limits.max_adapter_bytes)
     return handler.from_peft(config, tensors, base, limits, dtype)
 

@@ -56,7 +56,7 @@ class BatchContext:
     """Per-forward state shared by every wrapped layer."""
 
     row_slots: list[int] | None = None  # slot of every row; in a packed forward, of every token
-    kinds: frozenset[AdapterKind] = frozenset()  # kinds present among the rows
+    kinds: frozenset[AdapterKind] = frozenset()  # bank families (``KindHandler.serves_as``) the rows need
     trainable: object | None = None  # a TrainableAdapter applied to every row (training forwards)
     device: torch.device | None = None
     _layouts: dict[int, TokenLayout] = field(default_factory=dict)  # by token count, built once a forward
@@ -125,6 +125,10 @@ class AdapterRuntime:
         self.device = next(model.parameters()).device
         self.context = BatchContext()
         self.prompts: dict[int, torch.Tensor] = {}
+        # prefix tuning: per-layer keys and values of a slot's virtual positions, written into that
+        # row's KV blocks by the paged runner (which sets ``kv_prefixes`` when it is the engine's)
+        self.prefixes: dict[int, torch.Tensor] = {}
+        self.kv_prefixes = False
         self._layers: dict[str, MultiAdapterLinear] = {}
         self._installed: dict[int, AdapterWeights] = {}
         self._wrap_linears()
@@ -133,6 +137,9 @@ class AdapterRuntime:
             model_type=getattr(config, "model_type", "unknown"),
             hidden_size=config.hidden_size,
             linear_shapes={n: (m.in_features, m.out_features) for n, m in self._layers.items()},
+            num_layers=getattr(config, "num_hidden_layers", 0),
+            kv_heads=getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", 0),
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // max(config.num_attention_heads, 1),
         )
 
     def _wrap_linears(self) -> None:
@@ -183,7 +190,8 @@ class AdapterRuntime:
         """Within the block, row ``i`` of every forward uses the adapter in ``slots[i]``; in a packed
         forward (inputs ``[1, N]``) pass one slot per token."""
         ctx = self.context
-        kinds = frozenset(k for k in map(self.kind_of, set(slots)) if k is not None)
+        # the bank families the rows need (AdaLoRA, VeRA and DoRA rows run the LoRA banks)
+        kinds = frozenset(HANDLERS[k].serves_as for k in map(self.kind_of, set(slots)) if k is not None)
         ctx.row_slots, ctx.kinds, ctx.device, ctx._layouts = list(slots), kinds, self.device, {}
         try:
             yield

@@ -2,8 +2,8 @@
 
 PEFT adds config fields with every release, nearly all defaulting to null/false/empty. A field we
 know is type-checked; an unknown field is accepted only while it holds such an empty value, so a
-feature we do not implement (DoRA, modules_to_save, rank patterns ...) is refused by name instead
-of being silently ignored and served wrong.
+feature we do not implement (modules_to_save, alpha patterns, layers_to_transform ...) is refused
+by name instead of being silently ignored and served wrong.
 """
 
 from __future__ import annotations
@@ -116,9 +116,17 @@ def _fail(field: str, value: Any, expected: str) -> None:
     raise AdapterValidationError(f"adapter_config.json: field {field!r} = {shown} is not supported ({expected})")
 
 
+fail = _fail  # for kinds that check a field of their own shape (AdaLoRA's rank_pattern)
+
+
 def positive_int(field: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_INT:
         _fail(field, value, f"expected a positive integer up to {MAX_INT}")
+
+
+def non_negative_int(field: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        _fail(field, value, f"expected an integer from 0 to {MAX_INT}")
 
 
 def number_in(low: float, high: float) -> Check:

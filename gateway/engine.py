@@ -1,11 +1,11 @@
 """The engine owns the model and runs the step loop on one thread.
 
-Each step: run queued tasks (adapter installs), drop cancelled rows, drop cancelled waiting
-sequences and fail those that waited past the queue timeout, admit waiting sequences (prefill
-within a token budget, then merge them into the running batch), and decode one token
-for every running row in a single forward pass, whatever adapter each row uses. Results go
-back to the asyncio side through each request's ``sink`` callback; the event loop never waits
-on the model.
+Each loop: run queued tasks (adapter installs, training work), then one step of the concrete
+engine (``gateway.paged_engine`` by default, ``gateway.padded_engine`` as the baseline): drop
+cancelled rows, drop cancelled waiting sequences and fail those that waited past the queue
+timeout, admit waiting sequences whose adapter holds a device slot, and run one forward pass for
+every running row whatever adapter each row uses. Results go back to the asyncio side through each
+request's ``sink`` callback; the event loop never waits on the model.
 """
 
 from __future__ import annotations
@@ -376,7 +376,13 @@ class Engine:
             if token in self.eos_token_ids:
                 self._finish(seq, "stop", seq.text.flush())
                 continue
-            delta, hit_stop = seq.text.push(token)
+            try:
+                delta, hit_stop = seq.text.push(token)
+            except Exception:  # noqa: BLE001 - e.g. a token the tokenizer cannot decode: this row alone
+                log.exception("detokenizing a generated token failed; ending that sequence")
+                self._finish(seq, "error", error="the generated text could not be decoded",
+                             error_code=GENERATION_FAILED)
+                continue
             if hit_stop:
                 self._finish(seq, "stop", delta)
             elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar is complete

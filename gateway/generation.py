@@ -282,7 +282,7 @@ class GenerationService:
                 raise BadRequestError(f"prompt token ids must be from 0 to {vocab - 1}", param="prompt")
             return [self._check_length(ids, "prompt") for ids in given]
         self._check_chars(prompts, "prompt")
-        # a raw prompt is the client's whole text, control tokens included (as OpenAI's completions)
+        # a raw prompt is the client's whole text: no template boundary to protect, control tokens kept
         encoded = await asyncio.to_thread(lambda: [self.tokenizer.encode(p) for p in prompts])
         return [self._check_length(ids, "prompt") for ids in encoded]
 

@@ -12,6 +12,8 @@ and this module's attention function, registered as ``gateway_paged``, then
      causal with the chunk's offset;
    - decode tokens (one query each) in groups of similar context length, gathered to the
      group's longest context and masked, so a long row never pads the short ones.
+   Keys and values are gathered block by block (``block_size`` positions of one sequence are
+   contiguous in the pool): a few large copies instead of one small copy per position.
 
 Why not transformers' own continuous-batching attention: its SDPA path attends all packed queries
 to all packed keys under one block-diagonal mask (work and memory grow with the product of the
@@ -38,21 +40,26 @@ IMPLEMENTATION = "gateway_paged"
 @dataclass
 class PrefillChunk:
     """Queries ``[q_start, q_end)`` of the packed batch: positions ``start .. start + len`` of one
-    sequence, whose whole context ``[0, start + len)`` lives at ``read_slots``."""
+    sequence, whose whole context ``[0, start + len)`` lives in ``read_blocks``."""
 
     q_start: int
     q_end: int
     start: int  # position of the chunk's first token in its sequence
-    read_slots: torch.Tensor  # [start + len] long
+    read_blocks: torch.Tensor  # [ceil((start + len) / block_size)] long
+
+    @property
+    def length(self) -> int:
+        return self.start + self.q_end - self.q_start
 
 
 @dataclass
 class DecodeGroup:
-    """Single-token queries at packed indices ``q_index [B]``; row i attends ``read_slots[i, :lengths[i]]``."""
+    """Single-token queries at packed indices ``q_index [B]``; row i attends the positions of
+    ``read_blocks[i]`` where ``mask[i]`` is set (its own length; padding blocks repeat its first)."""
 
     q_index: torch.Tensor  # [B] long
-    read_slots: torch.Tensor  # [B, L] long (padded with the row's first slot, masked out)
-    mask: torch.Tensor  # [B, 1, 1, L] bool, True where attended
+    read_blocks: torch.Tensor  # [B, nb] long
+    mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True where attended
 
 
 @dataclass
@@ -60,6 +67,9 @@ class PagedStep:
     write_slots: torch.Tensor  # [N] long: pool slot of every packed token
     chunks: list[PrefillChunk] = field(default_factory=list)
     groups: list[DecodeGroup] = field(default_factory=list)
+    # prefix tuning: (pool slots of a row's virtual positions, [layers * 2, n, kv_heads, d] keys and
+    # values for them); written over what the layers compute there, before attention reads them
+    prefixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class KVPool:
@@ -68,17 +78,28 @@ class KVPool:
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (layers, num_blocks * block_size, kv_heads, head_dim)
-        # empty, not zeros: memory is touched only as blocks fill. Only written slots are ever read
-        # (decode groups pad with each row's own first slot), so stale contents never matter.
+        # empty, not zeros: memory is touched only as blocks come into use (``clear_up_to``)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.cleared = 0  # blocks [0, cleared) hold finite values (zeros or keys/values written)
         self.step: PagedStep | None = None  # set for the duration of one packed forward
 
     @property
     def bytes_per_token(self) -> int:
         layers, _, heads, dim = self.keys.shape
         return 2 * layers * heads * dim * self.keys.element_size()
+
+    def clear_up_to(self, blocks: int) -> None:
+        """Zero blocks not used before, up to ``blocks``. Attention reads whole blocks and masks the
+        positions a row has not written; a masked position must still hold a finite number, since
+        NaN times a zero weight is NaN. (Blocks are handed out lowest first, so this zeroes each
+        block once, just before its first use.)"""
+        if blocks > self.cleared:
+            span = slice(self.cleared * self.block_size, blocks * self.block_size)
+            self.keys[:, span].zero_()
+            self.values[:, span].zero_()
+            self.cleared = blocks
 
     @contextlib.contextmanager
     def active(self, model: torch.nn.Module, step: PagedStep) -> Iterator[None]:
@@ -106,26 +127,34 @@ def _attend(pool: KVPool, layer: int, query: torch.Tensor, key: torch.Tensor, va
     keys, values = pool.keys[layer], pool.values[layer]
     keys.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(keys.dtype))
     values.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(values.dtype))
+    for slots, prefix in step.prefixes:
+        keys.index_copy_(0, slots, prefix[2 * layer].to(keys.dtype))
+        values.index_copy_(0, slots, prefix[2 * layer + 1].to(values.dtype))
     q = query[0]  # [heads, N, d]
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [N, heads, d]
+    by_block_k = keys.view(-1, pool.block_size, *keys.shape[1:])  # [blocks, block_size, kv_heads, d]
+    by_block_v = values.view(-1, pool.block_size, *values.shape[1:])
     for chunk in step.chunks:
-        k = keys.index_select(0, chunk.read_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, L, d]
-        v = values.index_select(0, chunk.read_slots).transpose(0, 1).unsqueeze(0)
+        length = chunk.length
+        # [1, kv_heads, L, d]; the slice keeps the leading positions: a view, no copy
+        k = by_block_k.index_select(0, chunk.read_blocks).flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
+        v = by_block_v.index_select(0, chunk.read_blocks).flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
         qc = q[:, chunk.q_start:chunk.q_end].unsqueeze(0)  # [1, heads, C, d]
         if chunk.start == 0:
             o = F.scaled_dot_product_attention(qc, k.to(qc.dtype), v.to(qc.dtype), is_causal=True, scale=scaling,
                                                enable_gqa=True)
         else:  # query i sits at position start + i and sees positions <= start + i
-            length = chunk.read_slots.shape[0]
             rows = torch.arange(chunk.q_end - chunk.q_start, device=q.device) + chunk.start
             allowed = torch.arange(length, device=q.device).unsqueeze(0) <= rows.unsqueeze(1)
             o = F.scaled_dot_product_attention(qc, k.to(qc.dtype), v.to(qc.dtype), attn_mask=allowed,
                                                scale=scaling, enable_gqa=True)
         out[chunk.q_start:chunk.q_end] = o[0].transpose(0, 1)
     for group in step.groups:
-        rows, length = group.read_slots.shape
-        k = keys.index_select(0, group.read_slots.reshape(-1)).view(rows, length, *keys.shape[1:]).transpose(1, 2)
-        v = values.index_select(0, group.read_slots.reshape(-1)).view(rows, length, *values.shape[1:]).transpose(1, 2)
+        rows, blocks = group.read_blocks.shape
+        flat = group.read_blocks.reshape(-1)
+        shape = (rows, blocks * pool.block_size, *keys.shape[1:])
+        k = by_block_k.index_select(0, flat).view(shape).transpose(1, 2)  # [B, kv_heads, nb * bs, d]
+        v = by_block_v.index_select(0, flat).view(shape).transpose(1, 2)
         qg = q.index_select(1, group.q_index).transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
         o = F.scaled_dot_product_attention(qg, k.to(qg.dtype), v.to(qg.dtype), attn_mask=group.mask, scale=scaling,
                                            enable_gqa=True)

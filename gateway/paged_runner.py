@@ -45,8 +45,12 @@ class PagedRunner:
         self.pool = pool
         self.device = runtime.device
         self.embed = model.get_input_embeddings()
+        runtime.kv_prefixes = True  # this runner places prefix-tuning keys and values in the pool
 
     def virtual_tokens(self, slot: int) -> int:
+        prefix = self.runtime.prefixes.get(slot)
+        if prefix is not None:
+            return prefix.shape[1]
         prompt = self.runtime.prompts.get(slot)
         return 0 if prompt is None else prompt.shape[0]
 
@@ -57,6 +61,10 @@ class PagedRunner:
         table = torch.tensor(list(blocks), dtype=torch.long)
         return (table[positions // bs] * bs + positions % bs).to(self.device)
 
+    def _blocks_of(self, blocks: Sequence[int], length: int) -> list[int]:
+        """The blocks holding positions ``0 .. length`` of a sequence."""
+        return list(blocks[:-(-length // self.pool.block_size)])
+
     def _embeddings(self, items: Sequence[StepItem]) -> torch.Tensor:
         """``[N, hidden]`` input embeddings of the packed entries (virtual tokens from the slot's prompt)."""
         entries = [e for item in items for e in item.entries]
@@ -66,7 +74,7 @@ class PagedRunner:
             offset = 0
             for item in items:
                 virtual = [(i, -e - 1) for i, e in enumerate(item.entries) if e < 0]
-                if virtual:
+                if virtual and item.slot in self.runtime.prompts:  # prefix tuning: any input (its KV is set)
                     where = torch.tensor([offset + i for i, _ in virtual], device=self.device)
                     which = torch.tensor([v for _, v in virtual], device=self.device)
                     prompt = self.runtime.prompts[item.slot]
@@ -75,35 +83,41 @@ class PagedRunner:
         return embeds
 
     def _plan(self, items: Sequence[StepItem]) -> PagedStep:
-        writes, chunks, decodes = [], [], []
+        bs = self.pool.block_size
+        writes, chunks, decodes, prefixes = [], [], [], []
+        highest = 0
         offset = 0
         for item in items:
             count = len(item.entries)
             writes.append(self._slots_of(item.blocks, item.start, item.start + count))
+            read = self._blocks_of(item.blocks, item.start + count)
+            highest = max(highest, max(read))
+            prefix = self.runtime.prefixes.get(item.slot)
+            if prefix is not None and item.start < prefix.shape[1]:  # the chunk holds virtual positions
+                end = min(item.start + count, prefix.shape[1])
+                prefixes.append((writes[-1][: end - item.start], prefix[:, item.start:end]))
             if count == 1:
-                decodes.append((offset, item))
+                decodes.append((offset, item, read))
             else:
                 chunks.append(PrefillChunk(q_start=offset, q_end=offset + count, start=item.start,
-                                           read_slots=self._slots_of(item.blocks, 0, item.start + count)))
+                                           read_blocks=torch.tensor(read, dtype=torch.long, device=self.device)))
             offset += count
+        self.pool.clear_up_to(highest + 1)
         groups: list[DecodeGroup] = []
         decodes.sort(key=lambda d: d[1].start, reverse=True)
         while decodes:
             longest = decodes[0][1].start + 1
-            size = next((i for i, (_, item) in enumerate(decodes)
+            size = next((i for i, (_, item, _) in enumerate(decodes)
                          if item.start + 1 < longest * self.DECODE_GROUP_RATIO), len(decodes))
             members, decodes = decodes[:size], decodes[size:]
-            read = torch.empty(len(members), longest, dtype=torch.long, device=self.device)
-            mask = torch.zeros(len(members), 1, 1, longest, dtype=torch.bool, device=self.device)
-            for row, (_, item) in enumerate(members):
-                length = item.start + 1
-                slots = self._slots_of(item.blocks, 0, length)
-                read[row, :length] = slots
-                read[row, length:] = slots[0]  # padding reads a slot the row wrote (masked out)
-                mask[row, ..., :length] = True
-            q_index = torch.tensor([q for q, _ in members], dtype=torch.long, device=self.device)
-            groups.append(DecodeGroup(q_index=q_index, read_slots=read, mask=mask))
-        return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups)
+            width = len(members[0][2])  # blocks of the longest row
+            read = torch.tensor([r + [r[0]] * (width - len(r)) for _, _, r in members], dtype=torch.long,
+                                device=self.device)  # padding repeats the row's first block (masked out)
+            lengths = torch.tensor([item.start + 1 for _, item, _ in members], device=self.device)
+            mask = (torch.arange(width * bs, device=self.device) < lengths.unsqueeze(1)).view(len(members), 1, 1, -1)
+            q_index = torch.tensor([q for q, _, _ in members], dtype=torch.long, device=self.device)
+            groups.append(DecodeGroup(q_index=q_index, read_blocks=read, mask=mask))
+        return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups, prefixes=prefixes)
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> torch.Tensor:

@@ -3,14 +3,15 @@
 the gateway and the PEFT baselines load exactly the same files.
 
 Kinds of the mixed set, in turn: LoRA rank 16 on every linear layer, IA3, prompt tuning with 16
-virtual tokens, LoRA rank 8 on the attention projections. Folders already there are reused (a
-benchmark run can keep them in ``--adapters-dir``)."""
+virtual tokens, LoRA rank 8 on the attention projections. Any rank can be named as
+``lora{r}-all`` (every linear layer) or ``lora{r}-attn`` (q, k, v, o). Folders already there are
+reused (a benchmark run can keep them in ``--adapters-dir``)."""
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -18,11 +19,29 @@ import torch
 log = logging.getLogger(__name__)
 
 MIXED_KINDS = ("lora16", "ia3", "prompt16", "lora8")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+_LORA_SPEC = re.compile(r"lora(\d+)-(all|attn)")
+
+
+def lora_spec(kind: str) -> tuple[int, tuple[str, ...]] | None:
+    """Rank and target modules of a LoRA kind name; None for the other kinds."""
+    if kind == "lora16":
+        return 16, ALL_LINEAR
+    if kind == "lora8":
+        return 8, ATTENTION
+    match = _LORA_SPEC.fullmatch(kind)
+    if match is None:
+        return None
+    return int(match.group(1)), ALL_LINEAR if match.group(2) == "all" else ATTENTION
 
 
 def peft_config(kind: str):
     from peft import IA3Config, LoraConfig, PromptTuningConfig
 
+    if _LORA_SPEC.fullmatch(kind):
+        rank, targets = lora_spec(kind)
+        return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), task_type="CAUSAL_LM")
     if kind == "lora16":
         return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     if kind == "lora8":
@@ -51,14 +70,19 @@ def _add_noise(model, kind: str, generator: torch.Generator) -> None:
 
 
 def make_adapter(base: torch.nn.Module, kind: str, folder: Path, seed: int) -> Path:
+    """Write one adapter on ``base`` and leave ``base`` as it was (PEFT's ``unload`` takes the
+    LoRA/IA3 layers out again; prompt tuning only wraps it): no copy of the base per adapter, which
+    matters for a 1B-parameter base."""
     from peft import get_peft_model
 
     if (folder / "adapter_model.safetensors").is_file():
         return folder
-    model = get_peft_model(copy.deepcopy(base), peft_config(kind))
+    model = get_peft_model(base, peft_config(kind))
     _add_noise(model, kind, torch.Generator().manual_seed(seed))
     folder.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if kind.startswith("lora") or kind == "ia3":
+        model.unload()  # the wrapped modules go back to the base's own, in place
     del model
     gc.collect()
     return folder

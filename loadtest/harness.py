@@ -89,6 +89,19 @@ class InProcessGateway:
         ttft = None if record.first_token is None else record.first_token - record.start
         return Timing(ttft_s=ttft, latency_s=end - record.start, tokens=generation.total_completion_tokens)
 
+    async def complete(self, model: str, prompt: list[int], max_tokens: int) -> str:
+        """The greedy text of one request (for equivalence checks: EOS ignored, as in ``generate``)."""
+        body = CompletionRequest(model=model, prompt="", max_tokens=max_tokens, temperature=0)
+        record = self.service.begin(body, {}, "completions")
+        generation = await self.service.start(record, [prompt], SamplingParams(max_tokens=max_tokens,
+                                                                               temperature=0.0), 1, "prompt")
+        parts = []
+        async for event in generation.events():
+            if event.error:
+                raise RuntimeError(f"request on {model} failed: {event.error}")
+            parts.append(event.text)
+        return "".join(parts)
+
     async def closed_batch(self, models: list[str], prompts: list[list[int]], max_tokens: int) -> dict:
         """Submit every request at once; tokens/s over the wall time until the last one ends."""
         started = time.monotonic()

@@ -69,3 +69,36 @@ def plot_workload(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_engine_bench(result: dict, path: Path) -> None:
+    """Each figure of the engine benchmark, one bar per engine, against its target; and the latency
+    distributions of the workload trace on each engine."""
+    plt = _pyplot()
+    figures = [f for f in result["figures"] if f["value"] is not None and f["unit"] == "x"]
+    traces = {e: t for e, t in result.get("traces", {}).items() if "latencies_s" in t}
+    fig, (ax_figs, ax_trace) = plt.subplots(1, 2, figsize=(17, 6), gridspec_kw={"width_ratios": [2.6, 1]})
+    colors = {"padded": "tab:gray", "paged": "tab:blue"}
+    labels = [f"{f['name'].split(' (')[0]} [{f['engine']}]" for f in figures]
+    bar_colors = [colors.get(f["engine"], "tab:purple") if f["met"] is not False else "tab:red" for f in figures]
+    ax_figs.barh(labels, [f["value"] for f in figures], color=bar_colors)
+    for i, f in enumerate(figures):
+        if f["target"] is not None:
+            ax_figs.plot([f["target"]] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
+    ax_figs.invert_yaxis()
+    ax_figs.set_xlabel("ratio (black line: target; red: missed; gray: padded, blue: paged)")
+    ax_figs.set_title("figures 1-6")
+    for engine, trace in traces.items():
+        values = sorted(trace["latencies_s"])
+        ax_trace.plot(values, [(i + 1) / len(values) for i in range(len(values))], color=colors.get(engine),
+                      label=f"{engine} ({trace['summary']['tokens_per_s']} tok/s)")
+    ax_trace.set_xlabel("request latency (s)")
+    ax_trace.set_ylabel("fraction of requests")
+    ax_trace.set_title("6. S-LoRA trace")
+    ax_trace.grid(alpha=0.3)
+    if traces:
+        ax_trace.legend()
+    fig.suptitle(result.get("title", "engine benchmark"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -24,12 +24,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_gateway(env: dict[str, str], log_path: Path, timeout: float = 300.0) -> Iterator[str]:
-    """Yield the base URL of a gateway started with ``GATEWAY_*`` settings from ``env``."""
+def running_gateway(env: dict[str, str], log_path: Path, timeout: float = 300.0,
+                    module: str = "gateway") -> Iterator[str]:
+    """Yield the base URL of a gateway started with ``GATEWAY_*`` settings from ``env``.
+    ``module`` is what ``python -m`` runs: ``loadtest.bench_server`` serves with EOS ignored."""
     port = free_port()
     full_env = {**os.environ, **env, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port)}
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=full_env,
+        proc = subprocess.Popen([sys.executable, "-m", module, "serve"], env=full_env,
                                 stdout=log_file, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:

@@ -45,10 +45,24 @@ def build_small_llama(vocab_size: int = 320, seed: int = 0) -> LlamaForCausalLM:
 
 
 def peft_config(kind: str, **overrides):
-    from peft import IA3Config, LoraConfig, PromptTuningConfig
+    from peft import (
+        AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig,
+    )
 
     if kind == "lora":
         return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **overrides})
+    if kind == "dora":
+        return LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "use_dora": True, **overrides})
+    if kind == "adalora":
+        return AdaLoraConfig(**{"init_r": 6, "target_r": 4, "total_step": 10, "lora_alpha": 8,
+                                "target_modules": ["q_proj", "v_proj", "down_proj"], **overrides})
+    if kind == "vera":
+        return VeraConfig(**{"r": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"], **overrides})
+    if kind == "prefix_tuning":
+        return PrefixTuningConfig(**{"task_type": "CAUSAL_LM", "num_virtual_tokens": 4, **overrides})
+    if kind == "p_tuning":
+        return PromptEncoderConfig(**{"task_type": "CAUSAL_LM", "num_virtual_tokens": 5, "encoder_hidden_size": 16,
+                                      **overrides})
     if kind == "ia3":
         return IA3Config(**{"task_type": "CAUSAL_LM", **overrides})
     if kind == "prompt_tuning":
@@ -59,7 +73,9 @@ def peft_config(kind: str, **overrides):
 def make_peft_adapter(base: torch.nn.Module, kind: str, folder: Path, seed: int = 1, scale: float = 0.3,
                       **overrides):
     """Save a PEFT adapter with random non-trivial weights on a copy of ``base``; return the
-    PeftModel (the reference) in eval mode."""
+    PeftModel (the reference) in eval mode. Every trainable parameter is perturbed: DoRA's
+    magnitudes, AdaLoRA's singular values (zero at init), VeRA's scaling vectors, P-tuning's
+    prompt encoder (PEFT saves its output)."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)

@@ -2,11 +2,14 @@
 
 A kind turns PEFT files into ``AdapterWeights`` (checked against the base model), installs those
 weights into a device slot of the multi-adapter runtime, and exports them back to PEFT tensors.
-Adding a kind (DoRA, VeRA, ...) means one new module implementing ``KindHandler``.
+Serving a new kind means one new module implementing ``KindHandler`` and one line in
+``adapters.kinds.HANDLERS``: parsing, limits, description, install and export hang off the handler,
+and no serving code branches on the kind (the embedded trainer still does, for the kinds it trains).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
@@ -28,6 +31,11 @@ class AdapterKind(str, enum.Enum):
     LORA = "lora"
     IA3 = "ia3"
     PROMPT_TUNING = "prompt_tuning"
+    DORA = "dora"
+    ADALORA = "adalora"
+    VERA = "vera"
+    P_TUNING = "p_tuning"
+    PREFIX_TUNING = "prefix_tuning"
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,10 @@ class BaseModelInfo:
     # module path (as in ``model.named_modules()``) -> (in_features, out_features) of every
     # linear layer the runtime can adapt
     linear_shapes: dict[str, tuple[int, int]]
+    # attention geometry (what prefix tuning's per-layer keys and values must fit)
+    num_layers: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,29 +60,58 @@ class AdapterLimits:
     max_adapter_bytes: int = 512 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class LoraModule:
+    """One module's LoRA: ``y += scale * (x @ a.T) @ b.T``; with ``magnitude`` (DoRA) the result
+    is then rescaled per output channel to ``magnitude / ||W + scale * b @ a||`` (row norms)."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+    magnitude: torch.Tensor | None = None  # [out], DoRA only
+
+
+@dataclass(frozen=True)
+class Ia3Module:
+    """One module's IA3 scale: on the output (``y * vector``) or, on a feed-forward module, on
+    the input (``base(x * vector)``)."""
+
+    vector: torch.Tensor  # [out], or [in] when feedforward
+    feedforward: bool
+
+
 @dataclass
 class AdapterWeights:
     """One adapter, parsed and validated, held as CPU tensors in the compute dtype.
 
-    ``modules`` maps a module path to that kind's per-module tensors (LoRA: ``(A [r, in],
-    B [out, r] already multiplied by the scale)``; IA3: ``(vector, is_feedforward)``);
-    ``prompt`` holds prompt-tuning virtual-token embeddings ``[num_virtual_tokens, hidden]``.
+    ``modules`` maps a module path to that kind's per-module weights (a dataclass per kind, e.g.
+    ``LoraModule``, ``Ia3Module``); ``shared`` holds tensors every module
+    reads (VeRA's projections); ``prompt`` holds virtual-token embeddings
+    ``[num_virtual_tokens, hidden]`` (prompt tuning, P-tuning).
     """
 
     kind: AdapterKind
     config: dict[str, Any]
     modules: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    prefix: torch.Tensor | None = None  # prefix tuning: [layers * 2 (key, value), virtual, kv_heads, head_dim]
 
     def tensors(self) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [] if self.prompt is None else [self.prompt]
+        out: list[torch.Tensor] = [t for t in (self.prompt, self.prefix) if t is not None]
+        out.extend(self.shared.values())
         for value in self.modules.values():
+            if dataclasses.is_dataclass(value):
+                value = [getattr(value, f.name) for f in dataclasses.fields(value)]
             out.extend(v for v in value if isinstance(v, torch.Tensor))
         return out
 
     @property
     def virtual_tokens(self) -> int:
-        """Positions the adapter adds in front of every prompt (prompt tuning), else 0."""
+        """Positions the adapter adds in front of every prompt (prompt tuning, P-tuning, prefix
+        tuning), else 0."""
+        if self.prefix is not None:
+            return self.prefix.shape[1]
         return 0 if self.prompt is None else self.prompt.shape[0]
 
     @property
@@ -78,12 +119,12 @@ class AdapterWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def describe(self) -> dict[str, Any]:
-        """Plain facts for listings: kind, rank or virtual tokens, target modules."""
+        """Plain facts for listings: kind, target modules, and what the kind's handler adds (rank,
+        virtual tokens ...)."""
+        from adapters.kinds import HANDLERS  # the registry imports this module
+
         info: dict[str, Any] = {"kind": self.kind.value}
-        if self.kind is AdapterKind.LORA:
-            info["rank"] = self.config.get("r")
-        if self.kind is AdapterKind.PROMPT_TUNING:
-            info["num_virtual_tokens"] = self.config.get("num_virtual_tokens")
+        info.update(HANDLERS[self.kind].describe(self))
         info["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in self.modules})
         return info
 
@@ -91,6 +132,15 @@ class AdapterWeights:
 class KindHandler(Protocol):
     kind: AdapterKind
     peft_type: str
+    # the runtime's bank family the kind is served by (AdaLoRA, VeRA and DoRA are served by the
+    # LoRA bank, P-tuning as prompt tuning); a layer's banks of that family run when a row has it
+    serves_as: AdapterKind
+
+    def claims(self, config: dict[str, Any]) -> bool:
+        """Whether a config of this handler's ``peft_type`` is this kind (DoRA is LoRA + use_dora)."""
+        ...
+
+    def describe(self, weights: AdapterWeights) -> dict[str, Any]: ...
 
     def from_peft(
         self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,

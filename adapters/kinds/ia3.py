@@ -13,7 +13,7 @@ import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, Ia3Module, cast_finite, check_finite,
     check_module, split_peft_key,
 )
 from adapters.module_match import check_feedforward_within_targets, check_targets_agree, matches
@@ -58,6 +58,13 @@ class Ia3Bank:
 class Ia3Handler:
     kind = AdapterKind.IA3
     peft_type = "IA3"
+    serves_as = AdapterKind.IA3
+
+    def claims(self, config: dict[str, Any]) -> bool:
+        return True
+
+    def describe(self, weights: AdapterWeights) -> dict[str, Any]:
+        return {}
 
     def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
                   limits: AdapterLimits, dtype: torch.dtype) -> AdapterWeights:
@@ -77,7 +84,7 @@ class Ia3Handler:
                     f"module {module!r}: ia3_l has shape {tuple(tensor.shape)}, expected {expected} for an "
                     f"{side} scale on a layer of {in_f} -> {out_f} features"
                 )
-            modules[module] = (cast_finite(key, tensor.flatten(), dtype), is_ff)
+            modules[module] = Ia3Module(cast_finite(key, tensor.flatten(), dtype), is_ff)
         if not modules:
             raise AdapterValidationError("adapter_model.safetensors holds no IA3 tensors")
         check_targets_agree(config, modules, base.linear_shapes)
@@ -85,24 +92,26 @@ class Ia3Handler:
 
     def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors = {}
-        for module, (vector, is_ff) in weights.modules.items():
-            shaped = vector.reshape(1, -1) if is_ff else vector.reshape(-1, 1)
+        for module, m in weights.modules.items():
+            shaped = m.vector.reshape(1, -1) if m.feedforward else m.vector.reshape(-1, 1)
             tensors[f"{PEFT_PREFIX}{module}.ia3_l"] = shaped.contiguous()
-        names = lambda ff: sorted({m.rsplit(".", 1)[-1] for m, (_, f) in weights.modules.items() if f or not ff})  # noqa: E731
+        names = lambda ff: sorted({n.rsplit(".", 1)[-1] for n, m in weights.modules.items()  # noqa: E731
+                                   if m.feedforward or not ff})
         config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", **weights.config,
                   "target_modules": names(False), "feedforward_modules": names(True)}
         return config, tensors
 
     def install(self, runtime, slot: int, weights: AdapterWeights) -> None:
-        for module, (vector, is_ff) in weights.modules.items():
+        for module, m in weights.modules.items():
             layer = runtime.layer(module)
+            is_ff = m.feedforward
             key = "ia3_in" if is_ff else "ia3_out"
             bank = layer.banks.get(key)
             if bank is None:
                 features = layer.in_features if is_ff else layer.out_features
                 bank = layer.banks[key] = Ia3Bank(runtime.capacity, features, is_ff, runtime.dtype, runtime.device)
-            bank.write(slot, vector)
+            bank.write(slot, m.vector)
 
     def uninstall(self, runtime, slot: int, weights: AdapterWeights) -> None:
-        for module, (_, is_ff) in weights.modules.items():
-            runtime.layer(module).banks["ia3_in" if is_ff else "ia3_out"].clear(slot)
+        for module, m in weights.modules.items():
+            runtime.layer(module).banks["ia3_in" if m.feedforward else "ia3_out"].clear(slot)

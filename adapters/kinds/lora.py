@@ -1,14 +1,18 @@
-"""LoRA: ``y += scale * (x @ A.T) @ B.T`` on targeted linear layers (the scale folded into B)."""
+"""LoRA: ``y += scale * (x @ A.T) @ B.T`` on targeted linear layers (the scale folded into B).
+
+``LoraBank`` also serves every kind whose math is a LoRA delta: AdaLoRA and VeRA (turned into an
+equivalent A and B at install) and DoRA (a LoRA delta plus one scale per output channel).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, LoraModule, cast_finite, check_finite,
     check_module, lora_scale, split_peft_key,
 )
 from adapters.module_match import check_targets_agree
@@ -24,12 +28,23 @@ FIELDS = {
     "exclude_modules": module_spec,
     "bias": equals("none"),
     "use_rslora": boolean,
+    "use_dora": equals(False),  # DoRA configs go to adapters.kinds.dora
     "fan_in_fan_out": equals(False),
     "init_lora_weights": anything,  # how training started; no effect on the saved weights
     "megatron_core": anything,
     "qalora_group_size": anything,  # only read when use_qalora is set, which is refused
     "layers_pattern": anything,  # only read with layers_to_transform, which is refused
 }
+A_KEY, B_KEY, MAGNITUDE_KEY = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
+
+
+class SlotLora(NamedTuple):
+    """One slot's weights in a ``LoraBank``, laid out for the forward."""
+
+    a_t: torch.Tensor  # A.T [in, r]
+    b_t: torch.Tensor  # (scale * B).T [r, out]
+    channel: torch.Tensor | None = None  # [out] DoRA: magnitude / ||W + scale * B @ A|| per output row
+    shift: torch.Tensor | None = None  # [out] DoRA on a layer with a bias: (1 - channel) * bias
 
 
 class LoraBank:
@@ -48,11 +63,14 @@ class LoraBank:
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype = dtype
         self.device = device
-        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A.T [in, r], (scale*B).T [r, out])
+        self.weights: dict[int, SlotLora] = {}
 
-    def write(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
+    def write(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor, channel: torch.Tensor | None = None,
+              shift: torch.Tensor | None = None) -> None:
         to = dict(device=self.device, dtype=self.dtype)
-        self.weights[slot] = (a.to(**to).T.contiguous(), b_scaled.to(**to).T.contiguous())
+        self.weights[slot] = SlotLora(a.to(**to).T.contiguous(), b_scaled.to(**to).T.contiguous(),
+                                      None if channel is None else channel.to(**to),
+                                      None if shift is None else shift.to(**to))
 
     def clear(self, slot: int) -> None:
         self.weights.pop(slot, None)
@@ -63,75 +81,122 @@ class LoraBank:
         return y2.view(y.shape)
 
 
-def add_segments(y: torch.Tensor, x: torch.Tensor, segments, weights) -> None:
+def add_segments(y: torch.Tensor, x: torch.Tensor, segments, weights: dict[int, SlotLora]) -> None:
     """``y[s:e] += (x[s:e] @ A.T) @ (scale * B).T`` for every run ``(s, e, slot)`` whose slot has
-    LoRA weights here; ``y [N, out]`` is updated in place, ``x [N, in]``."""
+    LoRA weights here (DoRA then ``y[s:e] = channel * y[s:e] + shift``); ``y [N, out]`` is updated
+    in place, ``x [N, in]``."""
     for start, end, slot in segments:
-        pair = weights.get(slot)
-        if pair is None:
+        w = weights.get(slot)
+        if w is None:
             continue
-        a_t, b_t = pair
-        shrunk = x[start:end] @ a_t  # [run, r]
+        shrunk = x[start:end] @ w.a_t  # [run, r]
+        out = y[start:end]
         if shrunk.dtype == y.dtype:
-            y[start:end].addmm_(shrunk, b_t)
+            out.addmm_(shrunk, w.b_t)
         else:
-            y[start:end] += (shrunk @ b_t).to(y.dtype)
+            out += (shrunk @ w.b_t).to(y.dtype)
+        if w.channel is not None:
+            out.mul_(w.channel.to(y.dtype))
+            if w.shift is not None:
+                out.add_(w.shift.to(y.dtype))
+
+
+def read_lora_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
+                      limits: AdapterLimits, dtype: torch.dtype, *, dora: bool = False) -> dict[str, LoraModule]:
+    """PEFT's LoRA tensors (with DoRA's magnitude vectors when ``dora``) as checked ``LoraModule``s."""
+    if "r" not in config:
+        raise AdapterValidationError("adapter_config.json: LoRA config lacks 'r'")
+    rank = config["r"]
+    if rank > limits.max_lora_rank:
+        raise AdapterValidationError(f"LoRA rank {rank} is above this gateway's limit of {limits.max_lora_rank}")
+    scale = lora_scale(float(config.get("lora_alpha", 8)), rank, bool(config.get("use_rslora", False)))
+    suffixes = (A_KEY, B_KEY, MAGNITUDE_KEY) if dora else (A_KEY, B_KEY)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, suffix = split_peft_key(key, suffixes)
+        check_finite(key, tensor)
+        parts.setdefault(module, {})[suffix] = tensor
+    if not parts:
+        raise AdapterValidationError("adapter_model.safetensors holds no LoRA tensors")
+    modules = {}
+    for module, part in sorted(parts.items()):
+        in_f, out_f = check_module(module, base)
+        if (A_KEY in part) != (B_KEY in part):
+            raise AdapterValidationError(f"module {module!r} has only one of lora_A / lora_B")
+        missing = [s for s in suffixes if s not in part]
+        if missing:
+            why = " (a DoRA adapter, use_dora: true, holds one per module)" if MAGNITUDE_KEY in missing else ""
+            raise AdapterValidationError(f"module {module!r} lacks {', '.join(missing)}{why}")
+        a, b = part[A_KEY], part[B_KEY]
+        if tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
+            raise AdapterValidationError(
+                f"module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                f"rank {rank} on a layer of {in_f} -> {out_f} features"
+            )
+        a, b = cast_finite(f"{module}.lora_A", a, dtype), cast_finite(f"{module}.lora_B", b, dtype)
+        cast_finite(f"{module}.lora_B scaled by lora_alpha / r = {scale:g}", b * scale, dtype)
+        magnitude = None
+        if dora:
+            magnitude = part[MAGNITUDE_KEY]
+            if tuple(magnitude.shape) != (out_f,):
+                raise AdapterValidationError(
+                    f"module {module!r}: lora_magnitude_vector has shape {tuple(magnitude.shape)}, expected "
+                    f"({out_f},) (one magnitude per output feature)")
+            magnitude = cast_finite(f"{module}.lora_magnitude_vector", magnitude, dtype)
+        modules[module] = LoraModule(a, b, scale, magnitude)
+    check_targets_agree(config, modules, base.linear_shapes)
+    return modules
+
+
+def lora_tensors(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
+    """PEFT's tensor names for ``modules`` (DoRA magnitudes included where present)."""
+    tensors = {}
+    for module, m in modules.items():
+        tensors[f"{PEFT_PREFIX}{module}.{A_KEY}"] = m.a.contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.{B_KEY}"] = m.b.contiguous()
+        if m.magnitude is not None:
+            tensors[f"{PEFT_PREFIX}{module}.{MAGNITUDE_KEY}"] = m.magnitude.contiguous()
+    return tensors
+
+
+def lora_bank(layer, runtime) -> LoraBank:
+    """The layer's LoRA bank, made on first use."""
+    bank = layer.banks.get("lora")
+    if bank is None:
+        bank = layer.banks["lora"] = LoraBank(runtime.dtype, runtime.device)
+    return bank
+
+
+def clear_lora(runtime, slot: int, modules) -> None:
+    for module in modules:
+        runtime.layer(module).banks["lora"].clear(slot)
 
 
 class LoraHandler:
     kind = AdapterKind.LORA
     peft_type = "LORA"
+    serves_as = AdapterKind.LORA
+
+    def claims(self, config: dict[str, Any]) -> bool:
+        return config.get("use_dora") is not True  # another value is refused by FIELDS, by name
+
+    def describe(self, weights: AdapterWeights) -> dict[str, Any]:
+        return {"rank": weights.config.get("r")}
 
     def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
                   limits: AdapterLimits, dtype: torch.dtype) -> AdapterWeights:
         config = sanitize_config(config, FIELDS)
-        if "r" not in config:
-            raise AdapterValidationError("adapter_config.json: LoRA config lacks 'r'")
-        rank = config["r"]
-        if rank > limits.max_lora_rank:
-            raise AdapterValidationError(f"LoRA rank {rank} is above this gateway's limit of {limits.max_lora_rank}")
-        scale = lora_scale(float(config.get("lora_alpha", 8)), rank, bool(config.get("use_rslora", False)))
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            module, suffix = split_peft_key(key, ("lora_A.weight", "lora_B.weight"))
-            check_finite(key, tensor)
-            pairs.setdefault(module, {})[suffix] = tensor
-        if not pairs:
-            raise AdapterValidationError("adapter_model.safetensors holds no LoRA tensors")
-        modules = {}
-        for module, pair in sorted(pairs.items()):
-            in_f, out_f = check_module(module, base)
-            a, b = pair.get("lora_A.weight"), pair.get("lora_B.weight")
-            if a is None or b is None:
-                raise AdapterValidationError(f"module {module!r} has only one of lora_A / lora_B")
-            if tuple(a.shape) != (rank, in_f) or tuple(b.shape) != (out_f, rank):
-                raise AdapterValidationError(
-                    f"module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
-                    f"rank {rank} on a layer of {in_f} -> {out_f} features"
-                )
-            a, b = cast_finite(f"{module}.lora_A", a, dtype), cast_finite(f"{module}.lora_B", b, dtype)
-            cast_finite(f"{module}.lora_B scaled by lora_alpha / r = {scale:g}", b * scale, dtype)
-            modules[module] = (a, b, scale)
-        check_targets_agree(config, modules, base.linear_shapes)
-        return AdapterWeights(kind=self.kind, config=config, modules=modules)
+        return AdapterWeights(kind=self.kind, config=config,
+                              modules=read_lora_modules(config, tensors, base, limits, dtype))
 
     def to_peft(self, weights: AdapterWeights) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        tensors = {}
-        for module, (a, b, _scale) in weights.modules.items():
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
         config = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "bias": "none", "lora_dropout": 0.0,
                   **weights.config, "target_modules": sorted({m.rsplit(".", 1)[-1] for m in weights.modules})}
-        return config, tensors
+        return config, lora_tensors(weights.modules)
 
     def install(self, runtime, slot: int, weights: AdapterWeights) -> None:
-        for module, (a, b, scale) in weights.modules.items():
-            layer = runtime.layer(module)
-            bank = layer.banks.get("lora")
-            if bank is None:
-                bank = layer.banks["lora"] = LoraBank(runtime.dtype, runtime.device)
-            bank.write(slot, a, b * scale)
+        for module, m in weights.modules.items():
+            lora_bank(runtime.layer(module), runtime).write(slot, m.a, m.b * m.scale)
 
     def uninstall(self, runtime, slot: int, weights: AdapterWeights) -> None:
-        for module in weights.modules:
-            runtime.layer(module).banks["lora"].clear(slot)
+        clear_lora(runtime, slot, weights.modules)

@@ -34,10 +34,18 @@ TENSOR_NAME = "prompt_embeddings"
 class PromptTuningHandler:
     kind = AdapterKind.PROMPT_TUNING
     peft_type = "PROMPT_TUNING"
+    serves_as = AdapterKind.PROMPT_TUNING
+    fields = FIELDS
+
+    def claims(self, config: dict[str, Any]) -> bool:
+        return True
+
+    def describe(self, weights: AdapterWeights) -> dict[str, Any]:
+        return {"num_virtual_tokens": weights.config.get("num_virtual_tokens")}
 
     def from_peft(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelInfo,
                   limits: AdapterLimits, dtype: torch.dtype) -> AdapterWeights:
-        config = sanitize_config(config, FIELDS)
+        config = sanitize_config(config, self.fields)
         extra = sorted(set(tensors) - {TENSOR_NAME})
         if extra or TENSOR_NAME not in tensors:
             raise AdapterValidationError(

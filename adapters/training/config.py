@@ -19,6 +19,7 @@ from adapters.registry import ADAPTER_ID_PATTERN
 # learning rates that work for each kind with AdamW (IA3 and prompt tuning move far fewer
 # parameters, so they need larger steps)
 DEFAULT_LEARNING_RATE = {AdapterKind.LORA: 2e-4, AdapterKind.IA3: 5e-3, AdapterKind.PROMPT_TUNING: 3e-2}
+TRAINABLE_KINDS = tuple(DEFAULT_LEARNING_RATE)  # the kinds the embedded trainer can train (others: served only)
 FALLBACK_IA3_TARGETS = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
 
 
@@ -71,6 +72,9 @@ class TrainingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
+        if self.kind not in TRAINABLE_KINDS:
+            raise ValueError(f"kind {self.kind.value!r} is served but not trained here yet; trainable: "
+                             + ", ".join(k.value for k in TRAINABLE_KINDS))
         if self.kind is AdapterKind.PROMPT_TUNING and (self.target_modules or self.feedforward_modules):
             raise ValueError("target_modules / feedforward_modules do not apply to prompt_tuning")
         if self.kind is AdapterKind.LORA and self.feedforward_modules:

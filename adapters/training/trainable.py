@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.kinds.base import AdapterKind, AdapterWeights, lora_scale, matches_module_list
+from adapters.kinds.base import AdapterKind, AdapterWeights, Ia3Module, LoraModule, lora_scale, matches_module_list
 from adapters.training.config import TrainingConfig
 
 PARAM_DTYPE = torch.float32
@@ -96,8 +96,8 @@ class TrainableLora(TrainableAdapter):
         return y + delta.to(y.dtype)
 
     def to_weights(self) -> AdapterWeights:
-        modules = {name: (self.A[_key(name)].detach().cpu().clone(), self.B[_key(name)].detach().cpu().clone(),
-                          self.scale) for name in self.modules_}
+        modules = {name: LoraModule(self.A[_key(name)].detach().cpu().clone(),
+                                    self.B[_key(name)].detach().cpu().clone(), self.scale) for name in self.modules_}
         config = {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout_p,
                   "use_rslora": self.use_rslora}
         return AdapterWeights(kind=self.kind, config=config, modules=modules)
@@ -129,7 +129,7 @@ class TrainableIa3(TrainableAdapter):
         return (y * scale).to(y.dtype)
 
     def to_weights(self) -> AdapterWeights:
-        modules = {name: (self.scales[_key(name)].detach().cpu().clone(), name in self.feedforward)
+        modules = {name: Ia3Module(self.scales[_key(name)].detach().cpu().clone(), name in self.feedforward)
                    for name in self.modules_}
         return AdapterWeights(kind=self.kind, config={}, modules=modules)
 
@@ -193,20 +193,23 @@ def trainable_from_weights(weights: AdapterWeights, device: torch.device, seed: 
     if weights.kind is AdapterKind.LORA:
         cfg = weights.config
         r = int(cfg["r"])
-        shapes = {name: (a.shape[1], b.shape[0]) for name, (a, b, _) in weights.modules.items()}
+        shapes = {name: (m.a.shape[1], m.b.shape[0]) for name, m in weights.modules.items()}
         adapter = TrainableLora(shapes, r, float(cfg.get("lora_alpha", 8)), float(cfg.get("lora_dropout", 0.0)),
                                 bool(cfg.get("use_rslora", False)), seed, device)
         with torch.no_grad():
-            for name, (a, b, _) in weights.modules.items():
-                adapter.A[_key(name)].copy_(a)
-                adapter.B[_key(name)].copy_(b)
+            for name, m in weights.modules.items():
+                adapter.A[_key(name)].copy_(m.a)
+                adapter.B[_key(name)].copy_(m.b)
         return adapter
     if weights.kind is AdapterKind.IA3:
-        shapes = {name: ((v.numel(), 0) if ff else (0, v.numel())) for name, (v, ff) in weights.modules.items()}
-        feedforward = {name for name, (_, ff) in weights.modules.items() if ff}
+        shapes = {name: ((m.vector.numel(), 0) if m.feedforward else (0, m.vector.numel()))
+                  for name, m in weights.modules.items()}
+        feedforward = {name for name, m in weights.modules.items() if m.feedforward}
         adapter = TrainableIa3(shapes, feedforward, seed, device)
         with torch.no_grad():
-            for name, (vector, _) in weights.modules.items():
-                adapter.scales[_key(name)].copy_(vector)
+            for name, m in weights.modules.items():
+                adapter.scales[_key(name)].copy_(m.vector)
         return adapter
-    return TrainablePrompt(weights.prompt, seed, device)
+    if weights.kind is AdapterKind.PROMPT_TUNING:
+        return TrainablePrompt(weights.prompt, seed, device)
+    raise ValueError(f"{weights.kind.value} adapters cannot be trained here yet")

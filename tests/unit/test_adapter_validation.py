@@ -91,7 +91,7 @@ def set_key(key, value):
 
 @pytest.mark.parametrize("key,value,words", [
     ("peft_type", "LOHA", ("LOHA", "peft_type")),
-    ("use_dora", True, ("use_dora",)),
+    ("use_dora", True, ("use_dora", "lora_magnitude_vector")),  # DoRA without its magnitudes
     ("modules_to_save", ["lm_head"], ("modules_to_save",)),
     ("rank_pattern", {"q_proj": 8}, ("rank_pattern",)),
     ("alpha_pattern", {"q_proj": 8}, ("alpha_pattern",)),
@@ -347,12 +347,12 @@ def test_describe_each_kind(good, base_info):
 
 def test_weights_are_parsed_as_documented(good, base_info):
     lora = read(good["lora"][0], base_info)
-    a, b, scale = lora.modules["model.layers.0.self_attn.q_proj"]
-    assert a.shape == (4, 32) and b.shape == (32, 4) and scale == pytest.approx(2.0)
+    q = lora.modules["model.layers.0.self_attn.q_proj"]
+    assert q.a.shape == (4, 32) and q.b.shape == (32, 4) and q.scale == pytest.approx(2.0) and q.magnitude is None
     ia3 = read(good["ia3"][0], base_info)
-    assert ia3.modules["model.layers.0.mlp.down_proj"][1] is True
-    assert ia3.modules["model.layers.0.self_attn.k_proj"][1] is False
-    assert ia3.modules["model.layers.0.mlp.down_proj"][0].shape == (64,)
+    assert ia3.modules["model.layers.0.mlp.down_proj"].feedforward is True
+    assert ia3.modules["model.layers.0.self_attn.k_proj"].feedforward is False
+    assert ia3.modules["model.layers.0.mlp.down_proj"].vector.shape == (64,)
     assert read(good["prompt_tuning"][0], base_info).prompt.shape == (5, 32)
 
 
@@ -444,4 +444,4 @@ def test_patterns_that_agree_are_accepted(good, base_info, tmp_path):
         "down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     folder = mutated(good["ia3"][0], tmp_path / "ia3re", config_fn=lambda c: c.update(
         target_modules=r".*\.(k_proj|v_proj|down_proj|up_proj)", feedforward_modules=r".*mlp\..*"))
-    assert read(folder, base_info).modules["model.layers.0.mlp.up_proj"][1] is True
+    assert read(folder, base_info).modules["model.layers.0.mlp.up_proj"].feedforward is True

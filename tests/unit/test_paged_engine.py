@@ -33,14 +33,24 @@ def _quiet():
         yield
 
 
+# prefix tuning needs the paged KV cache (its keys and values go into a row's blocks): paged only
+PAGED_VARIANTS = {
+    **VARIANTS,
+    "prefix4": ("prefix_tuning", {"num_virtual_tokens": 4}),
+    "prefix_projected": ("prefix_tuning", {"num_virtual_tokens": 6, "prefix_projection": True,
+                                           "encoder_hidden_size": 16}),
+}
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """A runtime holding one adapter of every variant, with PEFT's reference model of each."""
     base = build_tiny_llama()
     root = tmp_path_factory.mktemp("paged")
-    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=len(VARIANTS) + 1, dtype=torch.float32)
+    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=len(PAGED_VARIANTS) + 1, dtype=torch.float32)
+    runtime.kv_prefixes = True  # the runners made below place prefix-tuning keys and values
     slots, refs = {"base": 0}, {"base": base}
-    for i, (name, (kind, overrides)) in enumerate(VARIANTS.items()):
+    for i, (name, (kind, overrides)) in enumerate(PAGED_VARIANTS.items()):
         refs[name] = make_peft_adapter(base, kind, root / name, seed=10 + i, scale=0.5, **overrides)
         slots[name] = runtime.install(load(runtime, root / name))
     return runtime, slots, refs
@@ -61,8 +71,8 @@ def make_engine(runtime, tokenizer, *, blocks=256, block_size=4, max_step_tokens
 
 
 class Tokens:
-    """Collects a request's token count and finish; the engine reports text, so tests read the
-    token ids it sampled from the sequence's own list through ``sink`` events count."""
+    """A request's events (the last one says how it finished); the sampled token ids are read
+    from the sequences themselves by ``run_greedy``."""
 
     def __init__(self):
         self.events: list[SequenceEvent] = []
@@ -110,10 +120,10 @@ def test_packed_forward_of_every_kind_matches_peft(mixed):
     """One packed forward: a whole prompt of every variant (and the base), each row's logits equal
     PEFT's for its adapter alone."""
     runtime, slots, refs = mixed
-    runner = make_runner(runtime)
     names = list(slots)
+    per = 16  # blocks per row, disjoint tables (every kind's row fits: prompt plus virtual tokens)
+    runner = make_runner(runtime, blocks=per * len(names))
     prompts = [prompt_ids(5 + 2 * i, seed=40 + i) for i in range(len(names))]
-    per = 8  # blocks per row, disjoint tables
     logits = runner.prefill(prompts, [slots[n] for n in names],
                             [list(range(i * per, (i + 1) * per)) for i in range(len(names))])
     for row, name in enumerate(names):
@@ -133,6 +143,23 @@ def test_chunked_prefill_with_offset_matches_peft(mixed):
         logits = runner.forward([StepItem(slots["prompt11"], chunk, start, table,
                                           want_logits=start + len(chunk) == len(entries))])
     assert rel_err(logits[-1], ref_logits(refs["prompt11"], ids)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["prefix4", "prefix_projected"])
+def test_chunked_prefill_of_a_prefix_tuning_row_matches_peft(mixed, name):
+    """Prefix tuning's keys and values land in the row's own blocks whichever chunks hold its
+    virtual positions (chunks of 3 split them), and later chunks attend to them."""
+    runtime, slots, refs = mixed
+    runner = make_runner(runtime)
+    ids = prompt_ids(10, seed=4)
+    entries = virtual_entries(runner.virtual_tokens(slots[name])) + ids
+    table = list(range(16))
+    for start in range(0, len(entries), 3):
+        chunk = entries[start:start + 3]
+        logits = runner.forward([StepItem(slots[name], chunk, start, table,
+                                          want_logits=start + len(chunk) == len(entries))])
+    assert rel_err(logits[-1], ref_logits(refs[name], ids)) <= TOL
+    assert rel_err(logits[-1], ref_logits(refs["base"], ids)) > 1e-3
 
 
 def test_engine_greedy_text_matches_peft_with_chunks_and_mixed_kinds(mixed, tiny_tokenizer):
@@ -184,18 +211,27 @@ def test_preemption_under_a_tiny_pool_keeps_every_result(mixed, tiny_tokenizer):
     assert engine.blocks.used == 0  # every block went back
 
 
-def test_failing_adapter_fails_alone(tiny_tokenizer, tmp_path):
-    """An adapter whose forward raises ends its own rows with an error; the rows of other
-    adapters in the same batch finish with the tokens they give alone."""
+def _break_by_shape(bank, slot):  # its matmul raises in the forward
+    w = bank.weights[slot]
+    bank.weights[slot] = w._replace(b_t=w.b_t[:, :3])
+
+
+def _break_by_overflow(bank, slot):  # its logits are inf: sampling refuses the row
+    w = bank.weights[slot]
+    bank.weights[slot] = w._replace(b_t=w.b_t * float("inf"))
+
+
+@pytest.mark.parametrize("breakage", [_break_by_shape, _break_by_overflow])
+def test_broken_adapter_fails_alone(tiny_tokenizer, tmp_path, breakage):
+    """An adapter whose forward raises, or whose output is not finite, ends its own rows with an
+    error; the rows of other adapters in the same batch finish with the tokens they give alone."""
     base = build_tiny_llama()
     runtime = AdapterRuntime(copy.deepcopy(base), max_slots=4, dtype=torch.float32)
     good_ref = make_peft_adapter(base, "lora", tmp_path / "good", seed=1)
     make_peft_adapter(base, "lora", tmp_path / "bad", seed=2)
     good = runtime.install(load(runtime, tmp_path / "good"))
     bad = runtime.install(load(runtime, tmp_path / "bad"))
-    bank = runtime.layer("model.layers.0.self_attn.q_proj").banks["lora"]
-    a_t, b_t = bank.weights[bad]
-    bank.weights[bad] = (a_t, b_t[:, :3])  # a broken shape: its matmul raises
+    breakage(runtime.layer("model.layers.1.mlp.down_proj").banks["lora"], bad)
 
     prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
     got, collectors = run_greedy(make_engine(runtime, tiny_tokenizer),
@@ -203,6 +239,10 @@ def test_failing_adapter_fails_alone(tiny_tokenizer, tmp_path):
     assert collectors[1].finish.error_code == "generation_failed"
     assert got[0] == ref_greedy(good_ref, prompts[0])
     assert got[2] == ref_greedy(base, prompts[2])
+
+
+def test_poison_temperature_is_served_greedily():
+    assert SamplingParams(max_tokens=1, temperature=1e-300).greedy
 
 
 # ---- block manager ---------------------------------------------------------------------------------
@@ -251,27 +291,3 @@ def test_block_manager_invariants_under_random_use():
         m.release(blocks)
     assert m.used == 0
     m.check()
-
-
-def test_adapter_with_non_finite_output_fails_alone(tiny_tokenizer, tmp_path):
-    """An adapter whose weights overflow (inf logits) fails its own row at sampling; a sampled
-    row with a poison temperature (1e-300 is 0 in float32) is served greedily; the others in the
-    batch give the tokens they give alone."""
-    base = build_tiny_llama()
-    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=4, dtype=torch.float32)
-    good_ref = make_peft_adapter(base, "lora", tmp_path / "good", seed=1)
-    make_peft_adapter(base, "lora", tmp_path / "bad", seed=2)
-    good = runtime.install(load(runtime, tmp_path / "good"))
-    bad = runtime.install(load(runtime, tmp_path / "bad"))
-    bank = runtime.layer("model.layers.1.mlp.down_proj").banks["lora"]
-    a_t, b_t = bank.weights[bad]
-    bank.weights[bad] = (a_t, b_t * float("inf"))
-
-    prompts = [prompt_ids(9, seed=1), prompt_ids(7, seed=2), prompt_ids(8, seed=3)]
-    engine = make_engine(runtime, tiny_tokenizer)
-    got, collectors = run_greedy(engine, [(prompts[0], good, "g"), (prompts[1], bad, "b"), (prompts[2], 0, "")])
-    assert collectors[1].finish.error_code == "generation_failed"
-    assert "non-finite" in collectors[1].finish.error
-    assert got[0] == ref_greedy(good_ref, prompts[0])
-    assert got[2] == ref_greedy(base, prompts[2])
-    assert SamplingParams(max_tokens=1, temperature=1e-300).greedy

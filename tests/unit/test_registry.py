@@ -376,9 +376,9 @@ def test_a_restart_serves_the_same_adapters_and_restores_pins(tmp_path, sources)
         lease = await second.registry.acquire("a")
         expected = second.read(sources["lora1"]).modules
         assert set(a.weights.modules) == set(expected)
-        for name, (a_matrix, b_matrix, _scale) in expected.items():
+        for name, module in expected.items():
             got = a.weights.modules[name]
-            assert torch.equal(got[0], a_matrix) and torch.equal(got[1], b_matrix)
+            assert torch.equal(got.a, module.a) and torch.equal(got.b, module.b)
         lease.release()
         await second.registry.close()
 

@@ -27,6 +27,13 @@ VARIANTS = {
                        "feedforward_modules": ["down_proj", "up_proj"]}),
     "prompt5": ("prompt_tuning", {"num_virtual_tokens": 5}),
     "prompt11": ("prompt_tuning", {"num_virtual_tokens": 11}),
+    "dora": ("dora", {}),
+    "dora_qv_r8": ("dora", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
+    "adalora": ("adalora", {}),
+    "vera": ("vera", {}),  # projections saved with the adapter
+    "vera_regenerated": ("vera", {"save_projection": False, "projection_prng_key": 1234, "r": 4}),
+    "p_tuning_mlp": ("p_tuning", {"num_virtual_tokens": 6}),
+    "p_tuning_lstm": ("p_tuning", {"num_virtual_tokens": 4, "encoder_reparameterization_type": "LSTM"}),
 }
 
 
