@@ -22,7 +22,7 @@ from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
 from adapters.store import SqliteAdapterStore, check_database
 from gateway.admin_key import resolve_admin_key
-from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops
+from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops, tokenize
 from gateway.api import admin_training
 from gateway.base_model import LoadedBase, load_base
 from gateway.engine import Engine
@@ -37,6 +37,7 @@ from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
+from gateway.structured import Grammars
 from gateway.training.jobs import TrainingJobs
 from gateway.training.wiring import attach_training
 from gateway.uploads import clear_staging
@@ -109,6 +110,9 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
         install=install, uninstall=uninstall, device_slots=settings.max_device_adapters,
         cpu_capacity=settings.max_cpu_adapters, slot_wait_seconds=settings.slot_wait_seconds, events=metrics)
     service = GenerationService(engine, registry, base.tokenizer, base.name, base.context_window, settings)
+    service.grammars = Grammars(base.tokenizer, base.model.get_output_embeddings().weight.shape[0], eos_ids(base),
+                                max_schema_bytes=settings.max_schema_bytes,
+                                compile_timeout=settings.grammar_compile_timeout_seconds)
     registry.add_name_guard(lambda name: f"{name!r} is the base model's name" if name == service.base_name else None)
     registry.on_removed.append(metrics.forget_adapter)
     service.observers.append(lambda record: count_request(record, registry, metrics, service.base_name))
@@ -179,12 +183,15 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
             await gateway.training.close()  # a running job resumes from its checkpoint at the next start
             await gateway.registry.close()
             await asyncio.to_thread(gateway.experiments.close)
+            if gateway.service.grammars is not None:
+                gateway.service.grammars.close()
 
     app = FastAPI(title="adapter-gateway", lifespan=lifespan)
     app.add_middleware(AccessGuard)  # keys and limits before any body byte is read
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     app.include_router(admin_adapters.router)
     app.include_router(admin_experiments.router)
     app.include_router(feedback.router)

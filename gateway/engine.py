@@ -24,6 +24,9 @@ import torch
 
 from gateway.background import BackgroundWork
 from gateway.detokenize import IncrementalText
+from gateway.grammar_mask import mask_rows
+from gateway.logits_processing import adjust_logits
+from gateway.logprobs import TokenLogprob, score_rows
 from gateway.sampling import RowFailure, SamplingParams, choose_tokens, make_generator
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,10 @@ class SequenceEvent:
     finish_reason: str | None = None
     error: str | None = None
     error_code: str | None = None  # one of the codes above when ``error`` is set
+    # for requests that ask: the generated tokens whose text this event completes (or all that
+    # are left, when it ends), and the prompt's tokens once, with the sequence's first event
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class SlotClaim(Protocol):
@@ -96,6 +103,18 @@ class _Sequence:
     blocks: list[int] = field(default_factory=list)
     computed: int = 0
     block_keys: list[bytes] = field(default_factory=list)
+    # log-probabilities (requests that ask): the prompt's, scored as its positions are computed,
+    # and the generated tokens' not sent yet (their text waits for a whole character)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    matcher: Any = None  # structured outputs: the grammar's state after this sequence's tokens
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_sent: bool = False
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """The prompt's log-probabilities are asked for and not all computed yet: every prompt
+        position's logits are needed (so no prefix-cache hit may skip one)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.request.prompt_ids)
 
     @property
     def prefill_cost(self) -> int:
@@ -177,7 +196,12 @@ class Engine:
                 request=request, index=i, text=IncrementalText(self.tokenizer, request.params.stop),
                 generator=make_generator(None if request.params.seed is None else request.params.seed + i,
                                          self.runner.device),
-                max_new=max(1, min(request.params.max_tokens, room)), virtual_tokens=virtual,
+                # max_tokens 0 (echo, to score the prompt alone) ends right after the prompt
+                max_new=0 if request.params.max_tokens == 0 else max(1, min(request.params.max_tokens, room)),
+                virtual_tokens=virtual,
+                prompt_logprobs=None if request.params.prompt_logprobs is None else [
+                    TokenLogprob(request.prompt_ids[0], None)],
+                matcher=None if request.params.grammar is None else request.params.grammar.matcher(),
             )
             for i in range(request.n)
         ]
@@ -300,13 +324,53 @@ class Engine:
                 self._waiting.append(seq)
                 self._queued_tokens += seq.prefill_cost
 
+    def _score_prompt(self, seq: _Sequence, start: int, logits: torch.Tensor) -> None:
+        """Record the prompt log-probabilities that ``logits`` (those of the sequence's entries
+        ``start ..``, in order) give: entry ``p`` predicts entry ``p + 1``. Positions scored
+        already (a preempted sequence computes them again) are skipped."""
+        prompt, virtual, scored = seq.request.prompt_ids, seq.virtual_tokens, seq.prompt_logprobs
+        if scored is None:
+            return
+        lo = len(scored) + virtual - 1 - start  # the row predicting the next prompt token to score
+        hi = min(len(prompt) + virtual - 1 - start, logits.shape[0])
+        if lo < 0 or hi <= lo:
+            return
+        k = seq.request.params.prompt_logprobs
+        targets = prompt[len(scored):len(scored) + hi - lo]
+        scored += score_rows(logits[lo:hi], targets, [k] * len(targets))
+
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        tokens = choose_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        if any(s.max_new == 0 for s in seqs):  # only the prompt's log-probabilities were asked for
+            for seq in seqs:
+                if seq.max_new == 0 and not seq.done:
+                    self._finish(seq, "length")
+            keep = [i for i, s in enumerate(seqs) if s.max_new > 0]
+            seqs, logits = [seqs[i] for i in keep], logits[keep]
+            if not seqs:
+                return
+        params = [s.request.params for s in seqs]
+        adjusted = logits
+        if any(p.adjusts_logits for p in params):
+            adjusted = adjust_logits(logits, params, [s.request.prompt_ids for s in seqs], [s.tokens for s in seqs])
+        if any(s.matcher is not None for s in seqs):  # only the tokens each row's grammar allows
+            adjusted = mask_rows(adjusted, [s.matcher for s in seqs])
+        tokens = choose_tokens(adjusted, params, [s.generator for s in seqs])
+        scored = [i for i, (p, t) in enumerate(zip(params, tokens, strict=True))
+                  if p.logprobs is not None and not isinstance(t, RowFailure)]
+        if scored:  # from the raw logits: the model's distribution, not the sampler's
+            rows = score_rows(logits[scored], [tokens[i] for i in scored], [params[i].logprobs for i in scored])
+            for i, row in zip(scored, rows, strict=True):
+                if tokens[i] not in self.eos_token_ids:  # the end token has no text to go with
+                    seqs[i].pending_logprobs.append(row)
         for seq, token in zip(seqs, tokens, strict=True):
             if seq.done:
                 continue
             if isinstance(token, RowFailure):  # this row alone: the batch goes on
                 self._finish(seq, "error", error=token.message, error_code=GENERATION_FAILED)
+                continue
+            if seq.matcher is not None and not seq.matcher.accept_token(token):
+                self._finish(seq, "error", error="the output grammar refused the chosen token",
+                             error_code=GENERATION_FAILED)
                 continue
             seq.tokens.append(token)
             if token in self.eos_token_ids:
@@ -321,10 +385,24 @@ class Engine:
                 continue
             if hit_stop:
                 self._finish(seq, "stop", delta)
+            elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar is complete
+                self._finish(seq, "stop", delta + seq.text.flush())
             elif len(seq.tokens) >= seq.max_new:
                 self._finish(seq, "length", delta + seq.text.flush())
             elif delta:
-                seq.request.sink(SequenceEvent(seq.index, delta, len(seq.tokens)))
+                seq.request.sink(SequenceEvent(seq.index, delta, len(seq.tokens), **self._attached(seq)))
+
+    @staticmethod
+    def _attached(seq: _Sequence) -> dict[str, Any]:
+        """The log-probabilities an event of ``seq`` carries (taken: each is sent once)."""
+        out: dict[str, Any] = {}
+        if seq.pending_logprobs:
+            out["logprobs"] = tuple(seq.pending_logprobs)
+            seq.pending_logprobs = []
+        if seq.prompt_logprobs is not None and not seq.prompt_sent:
+            out["prompt_logprobs"] = tuple(seq.prompt_logprobs)
+            seq.prompt_sent = True
+        return out
 
     def _finish(self, seq: _Sequence, reason: str, text: str = "", error: str | None = None,
                 error_code: str | None = None) -> None:
@@ -335,7 +413,7 @@ class Engine:
         request = seq.request
         if reason != "cancelled":
             request.sink(SequenceEvent(seq.index, text, len(seq.tokens), finish_reason=reason, error=error,
-                                       error_code=error_code))
+                                       error_code=error_code, **self._attached(seq)))
         request._open -= 1
         if request._open == 0 and request.on_done is not None:
             request.on_done()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -17,6 +18,8 @@ from adapters.chat_template import render_chat, template_kwargs
 from adapters.registry import AdapterLease, AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.errors import BadRequestError, ModelNotFoundError
+from gateway.logprobs import TokenLogprob, TokenStrings
+from gateway.structured import Grammars
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id
 from gateway.sampling import SamplingParams, SamplingValueError
 from gateway.settings import Settings
@@ -31,6 +34,8 @@ class ChoiceEvent:
     finish_reason: str | None
     error: str | None = None
     error_code: str | None = None  # gateway.engine's code for the error (the API picks the status)
+    logprobs: tuple[TokenLogprob, ...] = ()  # the generated tokens this event completes (when asked)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the prompt's, on a choice's first event
 
 
 @dataclass
@@ -149,6 +154,8 @@ class GenerationService:
         self.settings = settings
         self.max_prompt_tokens = min(settings.max_prompt_tokens or context_window, context_window)
         self._template_kwargs = template_kwargs(tokenizer)
+        self.token_strings = TokenStrings(tokenizer)  # logprobs' token texts and bytes
+        self.grammars: Grammars | None = None  # structured outputs (set by the app)
         self.model_router: ModelRouter | None = None  # experiments pick a model for their name
         self.observers: list[RecordObserver] = []  # each gets every finished RequestRecord
 
@@ -192,14 +199,54 @@ class GenerationService:
         if max_tokens is not None and max_tokens > s.max_tokens_limit:
             param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
             raise BadRequestError(f"{param} is {max_tokens}; the limit is {s.max_tokens_limit}", param=param)
+        if isinstance(body, ChatCompletionRequest):
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = None
+        else:  # the prompt's own log-probabilities come back with echo
+            logprobs = body.logprobs
+            prompt_logprobs = body.logprobs if body.echo else None
         try:  # tiny temperatures become greedy, tiny top_p the top token (see gateway.sampling)
-            return SamplingParams(max_tokens=max_tokens or s.default_max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, seed=body.seed, stop=tuple(stop))
+            return SamplingParams(
+                max_tokens=s.default_max_tokens if max_tokens is None else max_tokens,
+                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=tuple(stop),
+                presence_penalty=_or(body.presence_penalty, 0.0), frequency_penalty=_or(body.frequency_penalty, 0.0),
+                repetition_penalty=_or(body.repetition_penalty, 1.0), logit_bias=self._logit_bias(body.logit_bias),
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except SamplingValueError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
 
+    async def constrain(self, params: SamplingParams, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        """``params`` with the grammar of the request's ``response_format`` (compiled off the event
+        loop, cached per schema); unchanged for plain text."""
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return params
+        if self.grammars is None:
+            raise BadRequestError("structured outputs are not available on this server", param="response_format")
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        return dataclasses.replace(params, grammar=await self.grammars.constraint(schema))
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; ids must be in the vocabulary
+        (values are checked by ``SamplingParams``)."""
+        if not bias:
+            return ()
+        if len(bias) > self.settings.max_logit_bias:
+            raise BadRequestError(f"logit_bias lists {len(bias)} tokens; the limit is {self.settings.max_logit_bias}",
+                                  param="logit_bias")
+        vocab = len(self.tokenizer)
+        pairs = []
+        for key, value in bias.items():
+            token = int(key) if key.isascii() and key.isdigit() and len(key) <= 12 else -1
+            if not 0 <= token < vocab:
+                raise BadRequestError(f"logit_bias keys must be token ids from 0 to {vocab - 1}",
+                                      param="logit_bias")
+            pairs.append((token, float(value)))
+        return tuple(pairs)
+
     # ---- prompts: sizes are checked first, then templating and tokenization run off the event loop
-    async def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(self, body: ChatCompletionRequest, *, generation_prompt: bool = True,
+                          check_length: bool = True) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequestError(
                 f"the model '{self.base_name}' has no chat template; use /v1/completions, or start the "
@@ -215,23 +262,35 @@ class GenerationService:
         self._check_chars([m["content"] for m in messages], "messages")
         try:
             # control tokens typed in a message stay plain text: only the template writes turns
-            ids = await asyncio.to_thread(render_chat, self.tokenizer, messages, generation_prompt=True,
+            ids = await asyncio.to_thread(render_chat, self.tokenizer, messages, generation_prompt=generation_prompt,
                                           kwargs=self._template_kwargs)
         except TemplateError as exc:  # the template's own raise_exception(), e.g. roles out of order
             raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
-        return self._check_length(ids, "messages")
+        return self._check_length(ids, "messages") if check_length else ids
 
     async def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
-        prompts = body.prompts()
+        given = body.token_prompts()
+        prompts = given if given is not None else body.prompts()
         if not prompts or len(prompts) > self.settings.max_n:
             raise BadRequestError(f"prompt must hold 1 to {self.settings.max_n} strings", param="prompt")
         if len(prompts) * body.n > self.settings.max_n:
             raise BadRequestError(f"{len(prompts)} prompts x n={body.n} exceeds the limit of "
                                   f"{self.settings.max_n} choices", param="n")
+        if given is not None:
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for ids in given for t in ids):
+                raise BadRequestError(f"prompt token ids must be from 0 to {vocab - 1}", param="prompt")
+            return [self._check_length(ids, "prompt") for ids in given]
         self._check_chars(prompts, "prompt")
         # a raw prompt is the client's whole text: no template boundary to protect, control tokens kept
         encoded = await asyncio.to_thread(lambda: [self.tokenizer.encode(p) for p in prompts])
         return [self._check_length(ids, "prompt") for ids in encoded]
+
+    async def prompt_texts(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """The text of each prompt (what ``echo`` returns): as given, or decoded from its ids."""
+        if body.token_prompts() is None:
+            return body.prompts()
+        return await asyncio.to_thread(lambda: [self.tokenizer.decode(ids) for ids in prompts])
 
     def _check_chars(self, texts: list[str], param: str) -> None:
         """Refuse text too long to be worth tokenizing (the token limit is checked after)."""
@@ -296,7 +355,8 @@ class GenerationService:
                 if event.error is not None and record.error_type is None:
                     record.error_type = event.error_code or "generation_failed"
                 loop.call_soon_threadsafe(generation.queue.put_nowait, ChoiceEvent(
-                    index, event.text, event.finish_reason, event.error, event.error_code))
+                    index, event.text, event.finish_reason, event.error, event.error_code, event.logprobs,
+                    event.prompt_logprobs))
             return sink
 
         try:
@@ -328,6 +388,10 @@ class GenerationService:
                 observer(record)
             except Exception:  # an observer's bug must not fail requests
                 log.exception("request observer %r failed", observer)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _error_type(exc: Exception) -> str:

@@ -19,7 +19,13 @@ class PaddedEngine(Engine):
         admitted = self._admit()
         if admitted:
             prompts = [s.request.prompt_ids for s in admitted]
-            logits, state = self.runner.prefill(prompts, [s.request.slot for s in admitted])
+            scoring = any(s.scoring_prompt for s in admitted)
+            logits, state = self.runner.prefill(prompts, [s.request.slot for s in admitted], all_logits=scoring)
+            if scoring:  # [rows, T, vocab], left-padded: a row's entries are its last positions
+                for row, seq in enumerate(admitted):
+                    length = seq.virtual_tokens + len(seq.request.prompt_ids)
+                    self._score_prompt(seq, 0, logits[row, logits.shape[1] - length:])
+                logits = logits[:, -1, :]
             self._state = self.runner.merge(self._state, state)
             self._running.extend(admitted)
             self._emit(admitted, logits)

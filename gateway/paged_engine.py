@@ -26,6 +26,10 @@ from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
 
 log = logging.getLogger(__name__)
 
+# Longest prefill chunk of a sequence whose prompt is scored (echo with logprobs): the chunk's
+# logits are all kept ([tokens, vocab] float32, ~50 MB at 256 tokens and a 49k vocabulary).
+SCORED_CHUNK_TOKENS = 256
+
 
 class PagedEngine(Engine):
     def __init__(self, runner: PagedRunner, tokenizer, *, blocks: BlockManager, max_step_tokens: int, **options):
@@ -93,7 +97,8 @@ class PagedEngine(Engine):
                 length = self._length(seq)
                 # the last entry is always computed: its logits choose the next token
                 keys = block_keys(seq.request.cache_key, self._entries(seq, 0, length - 1), bs)
-                hits = self.blocks.match_prefix(keys)
+                # a prompt to score needs the logits of every position: no cached block may skip one
+                hits = [] if seq.scoring_prompt else self.blocks.match_prefix(keys)
                 reserve = len(self._running)  # room for the running rows to grow a block each
                 if self.blocks.blocks_for(length) - len(hits) + reserve > self.blocks.available:
                     self.blocks.release(hits)
@@ -111,6 +116,8 @@ class PagedEngine(Engine):
             pending = self._length(seq) - seq.computed
             if pending > 1 and budget > 0:
                 take = min(pending, budget)
+                if seq.scoring_prompt:  # every position's logits come back: bound their memory
+                    take = min(take, SCORED_CHUNK_TOKENS)
                 plan.append((seq, take))
                 budget -= take
         return plan
@@ -142,7 +149,7 @@ class PagedEngine(Engine):
     def _items(self, plan: list[tuple[_Sequence, int]]) -> list[StepItem]:
         return [StepItem(slot=seq.request.slot, entries=self._entries(seq, seq.computed, seq.computed + count),
                          start=seq.computed, blocks=seq.blocks,
-                         want_logits=seq.computed + count == self._length(seq))
+                         want_logits=seq.computed + count == self._length(seq), all_logits=seq.scoring_prompt)
                 for seq, count in plan]
 
     def _forward(self, plan: list[tuple[_Sequence, int]]):
@@ -166,7 +173,16 @@ class PagedEngine(Engine):
     def _advance(self, plan: list[tuple[_Sequence, int]], logits) -> None:
         bs = self.blocks.block_size
         sampled: list[_Sequence] = []
+        rows: list[int] = []  # the logits row of each sampled sequence
+        row = 0
         for seq, count in plan:
+            if seq.scoring_prompt:  # this item brought the logits of all its positions
+                self._score_prompt(seq, seq.computed, logits[row:row + count])
+                row += count
+                last = row - 1
+            else:
+                last = row
+                row += int(seq.computed + count == self._length(seq))
             seq.computed += count
             full = seq.computed // bs
             if len(seq.block_keys) < full:
@@ -177,8 +193,9 @@ class PagedEngine(Engine):
                     seq.block_keys.append(parent)
             if seq.computed == self._length(seq):
                 sampled.append(seq)
+                rows.append(last)
         if sampled:
-            self._emit(sampled, logits)
+            self._emit(sampled, logits if row == len(rows) else logits[rows])
 
     def _release(self, seq: _Sequence) -> None:
         if seq.blocks:

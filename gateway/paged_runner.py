@@ -26,6 +26,7 @@ class StepItem:
     start: int
     blocks: Sequence[int]
     want_logits: bool = True  # the item ends at the sequence's last entry: sample from it
+    all_logits: bool = False  # logits of every entry (the prompt's log-probabilities are asked for)
 
 
 def virtual_entries(count: int) -> list[int]:
@@ -121,7 +122,8 @@ class PagedRunner:
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> torch.Tensor:
         """Run every item in one forward; return float32 logits ``[K, vocab]`` of the last entry
-        of each item that wants them, in ``items`` order. Items of one slot should be adjacent:
+        of each item that wants them, and of every entry of items with ``all_logits``, in
+        ``items`` order (``logit_rows`` says which rows are whose). Items of one slot should be adjacent:
         each run of one adapter is one LoRA segment."""
         step = self._plan(items)
         embeds = self._embeddings(items)
@@ -141,9 +143,16 @@ class PagedRunner:
         return self.forward(items)
 
 
+def logit_rows(item: StepItem) -> int:
+    """How many rows of ``PagedRunner.forward``'s logits belong to ``item``."""
+    return len(item.entries) if item.all_logits else int(item.want_logits)
+
+
 def _logit_positions(items: Sequence[StepItem]):
     offset = 0
     for item in items:
+        if item.all_logits:
+            yield from range(offset, offset + len(item.entries))
+        elif item.want_logits:
+            yield offset + len(item.entries) - 1
         offset += len(item.entries)
-        if item.want_logits:
-            yield offset - 1

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -33,6 +33,34 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the vocabulary by the service
+# token id (a string, as OpenAI has it) -> bias. Ids, values and the count are checked by the
+# service (so that an error names ``logit_bias``, never a client's key); the schema tells clients.
+LogitBias = Annotated[dict[str, float], WithJsonSchema({
+    "type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # always enforced (the grammar allows only what the schema allows)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
 class _GenerationParams(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -47,22 +75,13 @@ class _GenerationParams(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    # accepted at their neutral values only
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
-
-    @model_validator(mode="after")
-    def _unsupported(self):
-        for name, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0)):
-            if getattr(self, name) != neutral:
-                raise ValueError(f"{name} is not supported; leave it at {neutral}")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        return self
+    # logit adjustments (ranges, and logit_bias's token ids and size, are checked with the
+    # sampling parameters: gateway.sampling, gateway.generation)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # extension (vLLM's): 1 is neutral
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None  # structured outputs (gateway.structured)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -74,7 +93,14 @@ class ChatCompletionRequest(_GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
 
     @field_validator("tools")
     @classmethod
@@ -83,38 +109,66 @@ class ChatCompletionRequest(_GenerationParams):
             raise ValueError("tools are not supported")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and value.get("type") not in (None, "text"):
-            raise ValueError("only response_format type 'text' is supported")
-        return value
-
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_GenerationParams):
-    prompt: str | list[str]
+    # text, or token ids (as OpenAI accepts, and lm-evaluation-harness sends by default)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
+    logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _plain(self):
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (it returns the prompt alone)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of is not supported")
         return self
 
+    def token_prompts(self) -> list[list[int]] | None:
+        """The prompts as token ids when given so; None when given as text."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            return [list(p)]
+        if isinstance(p, list) and p and isinstance(p[0], list):
+            return [list(x) for x in p]
+        return None
+
     def prompts(self) -> list[str]:
+        """The prompts as text (only when given as text)."""
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a completion ``prompt``, or chat ``messages`` through the template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=256)
+    tokens: list[int]
 
 
 class Usage(BaseModel):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,6 +28,12 @@ MAX_TEMPERATURE = 2.0
 # Smallest top-p kept as given. Any top-p this small keeps only the most likely token (the
 # nucleus always holds it), so smaller values, denormals included, are raised to it.
 MIN_TOP_P = 1e-6
+# Bounds of the logit adjustments (OpenAI's for the penalties and the bias; repetition_penalty,
+# an extension, divides or multiplies logits: 1 is neutral, the bound keeps it sane).
+MAX_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingValueError(ValueError):
@@ -48,8 +55,20 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # logit adjustments before the choice (``gateway.logits_processing``)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    # log-probabilities reported (``gateway.logprobs``): None reports none; k reports the chosen
+    # token's and the k most likely ones, for each generated token / each prompt token
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # structured outputs: a ``gateway.structured.GrammarConstraint`` every sequence follows
+    grammar: Any = None
 
     def __post_init__(self) -> None:
+        self._check_adjustments()
         temperature, top_p = float(self.temperature), float(self.top_p)
         if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):
             raise SamplingValueError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature!r}",
@@ -59,9 +78,34 @@ class SamplingParams:
         object.__setattr__(self, "temperature", 0.0 if temperature < GREEDY_TEMPERATURE else temperature)
         object.__setattr__(self, "top_p", max(top_p, MIN_TOP_P))
 
+    def _check_adjustments(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise SamplingValueError(f"{name} must be between {-MAX_PENALTY:g} and {MAX_PENALTY:g}, "
+                                         f"got {value!r}", name)
+        value = float(self.repetition_penalty)
+        if not (math.isfinite(value) and 0.0 < value <= MAX_REPETITION_PENALTY):
+            raise SamplingValueError(f"repetition_penalty must be greater than 0 and at most "
+                                     f"{MAX_REPETITION_PENALTY:g}, got {value!r}", "repetition_penalty")
+        for token, bias in self.logit_bias:
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise SamplingValueError(f"logit_bias values must be between {-MAX_LOGIT_BIAS:g} and "
+                                         f"{MAX_LOGIT_BIAS:g}, got {bias!r} for token {token}", "logit_bias")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise SamplingValueError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {value!r}", name)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Some penalty or bias changes this row's logits before the choice."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 @dataclass(frozen=True)

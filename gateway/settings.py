@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings per request.")
     max_stop_length: int = Field(64, ge=1, description="Longest stop string, in characters.")
+    max_logit_bias: int = Field(300, ge=0, description="Most tokens one request's logit_bias may list.")
+    max_schema_bytes: int = Field(65536, ge=2, description=(
+        "Largest JSON schema of a response_format (compact JSON), in bytes."))
+    grammar_compile_timeout_seconds: float = Field(10.0, gt=0, description=(
+        "Longest a response_format schema may take to compile (400 after that)."))
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body on /v1 routes.")
     experiment_subject_header: str = Field("x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
         "Request header naming the subject of an experiment whose stickiness is 'header', unless the "

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gateway.api.logprob_format import CompletionLogprobs, chat_logprobs, merge_pieces
 from gateway.auth import inference_key_scheme, rate_limit_error, request_key
 from gateway.errors import engine_error, error_body
 from gateway.generation import ChoiceEvent, Generation, GenerationService, RequestRecord
+from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.sampling import SamplingParams
 from gateway.protocol import (
     ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage, now,
@@ -47,35 +50,67 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "chat")
-    params = service.sampling_params(body)
+    params = await service.constrain(service.sampling_params(body), body)
     prompt = await service.chat_prompt(body)
     generation = await _start(request, service, record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
+    strings = service.token_strings if params.logprobs is not None else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage)), record)
-    return _experiment_headers(await _collect(request, generation, lambda texts, reasons: {
+        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage, strings)), record)
+    return _experiment_headers(await _collect(request, generation, lambda c: {
         **meta, "object": "chat.completion",
-        "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                     "finish_reason": reasons[i], "logprobs": None} for i in range(generation.choices)],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.texts[i]},
+                     "finish_reason": c.reasons[i],
+                     "logprobs": None if strings is None else chat_logprobs(strings, c.logprobs[i])}
+                    for i in range(generation.choices)],
     }), record)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "completions")
-    params = service.sampling_params(body)
+    params = await service.constrain(service.sampling_params(body), body)
     prompts = await service.completion_prompts(body)
     generation = await _start(request, service, record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
+    texts = await service.prompt_texts(body, prompts) if body.echo or params.logprobs is not None else []
+    echo = _Echo(texts, body.n, body.echo, service.token_strings if params.logprobs is not None else None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _experiment_headers(_sse(_completion_chunks(generation, meta, include_usage)), record)
-    return _experiment_headers(await _collect(request, generation, lambda texts, reasons: {
-        **meta, "object": "text_completion",
-        "choices": [{"index": i, "text": texts[i], "finish_reason": reasons[i], "logprobs": None}
-                    for i in range(generation.choices)],
-    }), record)
+        return _experiment_headers(_sse(_completion_chunks(generation, meta, include_usage, echo)), record)
+
+    def render(c: _Collected) -> dict[str, Any]:
+        choices = []
+        for i in range(generation.choices):
+            lead, builder = echo.start(i)
+            logprobs = None
+            if builder is not None:
+                pieces = [builder.piece(c.prompt_logprobs[i] or ())] if echo.echo else []
+                logprobs = merge_pieces([*pieces, builder.piece(c.logprobs[i])])
+            choices.append({"index": i, "text": lead + c.texts[i], "finish_reason": c.reasons[i],
+                            "logprobs": logprobs})
+        return {**meta, "object": "text_completion", "choices": choices}
+
+    return _experiment_headers(await _collect(request, generation, render), record)
+
+
+@dataclass
+class _Echo:
+    """What a completion choice starts with: the prompt's text with ``echo``, and the builder of
+    its legacy logprobs (None when not asked), whose offsets count from the prompt's start."""
+
+    prompts: list[str]
+    n: int
+    echo: bool
+    strings: TokenStrings | None
+
+    def start(self, index: int) -> tuple[str, CompletionLogprobs | None]:
+        if self.strings is None and not self.echo:
+            return "", None
+        prompt = self.prompts[index // self.n]
+        builder = None if self.strings is None else CompletionLogprobs(self.strings, 0 if self.echo else len(prompt))
+        return (prompt if self.echo else ""), builder
 
 
 async def _start(request: Request, service: GenerationService, record: RequestRecord, prompts: list[list[int]],
@@ -129,20 +164,33 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
+@dataclass
+class _Collected:
+    """Every choice's text, finish reason and log-probabilities (generated; prompt's, with echo)."""
+
+    texts: list[str]
+    reasons: list[str | None]
+    logprobs: list[list[TokenLogprob]]
+    prompt_logprobs: list[tuple[TokenLogprob, ...] | None]
+
+
 async def _collect(request: Request, generation: Generation,
-                   render: Callable[[list[str], list[str | None]], dict[str, Any]]) -> Response:
+                   render: Callable[[_Collected], dict[str, Any]]) -> Response:
     """Wait for every choice; a client that goes away cancels the work and the wait (a cancelled
     sequence sends no more events, so waiting on would never end)."""
-    texts = [""] * generation.choices
-    reasons: list[str | None] = [None] * generation.choices
+    count = generation.choices
+    collected = _Collected([""] * count, [None] * count, [[] for _ in range(count)], [None] * count)
 
     async def gather() -> None:
         async for event in generation.events():
             if event.error:
                 generation.cancel()
                 raise engine_error(event.error, event.error_code)
-            texts[event.index] += event.text
-            reasons[event.index] = event.finish_reason
+            collected.texts[event.index] += event.text
+            collected.reasons[event.index] = event.finish_reason
+            collected.logprobs[event.index] += event.logprobs
+            if event.prompt_logprobs is not None:
+                collected.prompt_logprobs[event.index] = event.prompt_logprobs
 
     collecting = asyncio.create_task(gather())
     gone = asyncio.create_task(_client_gone(request))
@@ -156,7 +204,7 @@ async def _collect(request: Request, generation: Generation,
     if collecting not in done:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     collecting.result()  # the engine's error, as an API error
-    return JSONResponse({**render(texts, reasons), "usage": _usage(generation)})
+    return JSONResponse({**render(collected), "usage": _usage(generation)})
 
 
 def _error_chunk(event: ChoiceEvent) -> dict[str, Any]:
@@ -175,13 +223,13 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chat_chunks(generation: Generation, meta: dict, n: int,
-                       include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _chat_chunks(generation: Generation, meta: dict, n: int, include_usage: bool,
+                       strings: TokenStrings | None) -> AsyncIterator[dict[str, Any]]:
     base = {**meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, delta: dict, finish: str | None) -> dict:
-        return {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    def chunk(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+        return {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
                 **extra}
 
     for index in range(n):
@@ -190,24 +238,34 @@ async def _chat_chunks(generation: Generation, meta: dict, n: int,
         if event.error:
             yield _error_chunk(event)
             return
-        if event.text:
-            yield chunk(event.index, {"content": event.text}, None)
+        if event.text or (strings is not None and event.logprobs):
+            logprobs = None if strings is None else chat_logprobs(strings, event.logprobs)
+            yield chunk(event.index, {"content": event.text}, None, logprobs)
         if event.finish_reason is not None:
             yield chunk(event.index, {}, event.finish_reason)
     if include_usage:
         yield {**base, "choices": [], "usage": _usage(generation)}
 
 
-async def _completion_chunks(generation: Generation, meta: dict,
-                             include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _completion_chunks(generation: Generation, meta: dict, include_usage: bool,
+                             echo: _Echo) -> AsyncIterator[dict[str, Any]]:
     base = {**meta, "object": "text_completion"}
     extra = {"usage": None} if include_usage else {}
+    builders: dict[int, CompletionLogprobs | None] = {}
     async for event in generation.events():
         if event.error:
             yield _error_chunk(event)
             return
-        if event.text or event.finish_reason is not None:
-            yield {**base, "choices": [{"index": event.index, "text": event.text,
-                                        "finish_reason": event.finish_reason, "logprobs": None}], **extra}
+        text, entries = event.text, list(event.logprobs)
+        if event.index not in builders:  # the choice's first chunk: the prompt goes first with echo
+            lead, builders[event.index] = echo.start(event.index)
+            text = lead + text
+            if echo.echo:
+                entries = list(event.prompt_logprobs or ()) + entries
+        builder = builders[event.index]
+        if text or event.finish_reason is not None or (builder is not None and entries):
+            logprobs = None if builder is None else builder.piece(entries)
+            yield {**base, "choices": [{"index": event.index, "text": text,
+                                        "finish_reason": event.finish_reason, "logprobs": logprobs}], **extra}
     if include_usage:
         yield {**base, "choices": [], "usage": _usage(generation)}

@@ -197,3 +197,37 @@ def test_n_above_limit_is_bad_request(client: openai.OpenAI, artifacts: Artifact
 def test_invalid_temperature_is_bad_request(client: openai.OpenAI, artifacts: Artifacts):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=artifacts.base_name, messages=MESSAGES, temperature=5, max_tokens=4)
+
+
+def test_structured_output_parses_for_every_model(client: openai.OpenAI, artifacts: Artifacts):
+    """SmolLM2's real byte-level vocabulary under a grammar: ``parse`` returns the object for the
+    base and every adapter kind."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        city: str = Field(max_length=24)
+        country: Literal["France", "Germany", "Italy", "Spain"]
+        population_millions: int = Field(ge=0, le=50)
+
+    for model in all_models(artifacts):
+        completion = client.chat.completions.parse(
+            model=model, messages=[{"role": "user", "content": "Name the capital of France as JSON."}],
+            response_format=City, temperature=0, max_tokens=48)
+        assert isinstance(completion.choices[0].message.parsed, City), (model, completion.choices[0].message)
+
+
+def test_echo_scores_the_prompt_and_agrees_with_generation(client: openai.OpenAI, artifacts: Artifacts):
+    """lm-evaluation-harness's request (token ids, echo, max_tokens 0): every prompt token scored;
+    with max_tokens 1 the generated token's entry is the greedy choice."""
+    ids = artifacts.prompt_ids
+    for model in all_models(artifacts):
+        scored = client.completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+        lp = scored.choices[0].logprobs
+        assert len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+        assert all(v <= 0 for v in lp.token_logprobs[1:])
+        one = client.completions.create(model=model, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+        lp1 = one.choices[0].logprobs
+        assert lp1.token_logprobs[:len(ids)] == pytest.approx(lp.token_logprobs, rel=1e-4)
+        assert lp1.token_logprobs[-1] == pytest.approx(max(lp1.top_logprobs[-1].values()), rel=1e-5)

@@ -312,3 +312,12 @@ def test_openapi_is_valid_and_describes_every_body(client):
             assert op["security"] == [{"AdminKey": []}], (method, path)
         elif path.startswith("/v1"):
             assert op["security"] == [{"InferenceKey": []}], (method, path)
+
+
+def test_tokenize_routes_need_an_inference_key(client):
+    body = {"model": "tiny", "prompt": "hello"}
+    assert client.post("/tokenize", json=body).status_code == 401
+    assert client.post("/detokenize", json={"model": "tiny", "tokens": [5]}).status_code == 401
+    assert client.post("/tokenize", json=body, headers=ALPHA).json()["count"] > 0
+    schema = client.get("/openapi.json").json()
+    assert schema["paths"]["/tokenize"]["post"]["security"] == [{"InferenceKey": []}]

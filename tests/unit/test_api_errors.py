@@ -137,11 +137,7 @@ def test_body_too_large_without_content_length(client):
 
 
 @pytest.mark.parametrize("extra, param_hint", [
-    ({"logprobs": True}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_features(client, extra, param_hint):
     error = assert_error(chat(client, **extra), 400)
@@ -149,8 +145,9 @@ def test_unsupported_features(client, extra, param_hint):
 
 
 def test_unsupported_completion_features(client):
-    assert_error(complete(client, echo=True), 400)
+    assert_error(complete(client, max_tokens=0), 400)  # without echo there is nothing to return
     assert_error(complete(client, suffix="x"), 400)
+    assert_error(complete(client, response_format={"type": "xml"}), 400)
     assert_error(complete(client, prompt=""), 400, param="prompt")
 
 

@@ -1,0 +1,191 @@
+"""Structured outputs: ``response_format`` (``json_object`` / ``json_schema``) through xgrammar.
+
+A schema is checked here first (``check_schema``): xgrammar silently ignores some JSON-schema
+keywords (``uniqueItems``, ``not``, ``if``/``then``/``else``, a multi-entry ``allOf``, unknown
+string formats...), and a schema we cannot enforce must be a 400 naming the keyword, never an
+answer that looks constrained and is not. Only keywords known to be enforced (or pure
+annotations) pass.
+
+Compiling turns a schema into a grammar over the model's vocabulary; it runs in a worker thread
+(never on the event loop nor the engine thread) and its result is cached per schema. Each
+constrained sequence holds its own matcher (the grammar's state after its tokens); the engine
+asks the matchers of the rows that have one for a token bitmask and applies it to those rows in
+the batched sampling step (``gateway.grammar_mask``). xgrammar is imported on first use (it takes seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import json
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gateway.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
+MAX_SCHEMA_DEPTH = 32  # nesting of subschemas checked (deeper is refused)
+
+# keywords enforced by xgrammar 0.2.9 (checked one by one), and annotations that constrain nothing
+ENFORCED = {
+    "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
+    "propertyNames", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems",
+    "contains", "unevaluatedProperties", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+    "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "multipleOf",
+}
+ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "default", "examples", "deprecated",
+               "readOnly", "writeOnly"}
+FORMATS = {"email", "date", "time", "date-time", "duration", "uri", "uri-reference", "uri-template", "uuid",
+           "ipv4", "ipv6", "hostname", "json-pointer"}
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name -> subschema
+SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")  # [subschema]
+SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "contains", "unevaluatedProperties")
+
+
+def check_schema(schema: Any, path: str = "", depth: int = 0) -> None:
+    """Raise ``BadRequestError`` naming the first keyword (with its JSON pointer) that structured
+    outputs cannot enforce."""
+    if isinstance(schema, bool):
+        return
+    where = path or "/"
+    if not isinstance(schema, dict):
+        raise _refuse(f"the schema at {where} must be an object or a boolean")
+    if depth > MAX_SCHEMA_DEPTH:
+        raise _refuse(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels at {where}")
+    for key, value in schema.items():
+        if key in ANNOTATIONS:
+            continue
+        if key not in ENFORCED:
+            raise _refuse(f"the JSON schema keyword '{key}' (at {where}) is not supported by structured outputs")
+        if key == "allOf" and isinstance(value, list) and len(value) > 1:
+            raise _refuse(f"'allOf' with more than one schema (at {where}) is not supported by structured outputs")
+        if key == "format" and value not in FORMATS:
+            raise _refuse(f"the string format {str(value)[:40]!r} (at {where}) is not supported; supported: "
+                          + ", ".join(sorted(FORMATS)))
+        if key in SCHEMA_MAPS:
+            if not isinstance(value, dict):
+                raise _refuse(f"'{key}' at {where} must be an object")
+            for name, sub in value.items():
+                check_schema(sub, f"{path}/{key}/{_escape(name)}", depth + 1)
+        elif key in SCHEMA_LISTS or (key == "items" and isinstance(value, list)):
+            if not isinstance(value, list):
+                raise _refuse(f"'{key}' at {where} must be an array")
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{path}/{key}/{i}", depth + 1)
+        elif key in SCHEMA_ONE:
+            check_schema(value, f"{path}/{key}", depth + 1)
+
+
+def _escape(name: str) -> str:
+    return str(name)[:64].replace("~", "~0").replace("/", "~1")
+
+
+def _refuse(message: str) -> BadRequestError:
+    return BadRequestError(message, param="response_format")
+
+
+_XGRAMMAR_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+class GrammarState:
+    """One sequence's progress through its grammar, and the tokens it may never take."""
+
+    def __init__(self, matcher: Any, banned: torch.Tensor):
+        self.matcher = matcher
+        self.banned = banned
+
+    def accept_token(self, token: int) -> bool:
+        return bool(self.matcher.accept_token(token))
+
+    def is_terminated(self) -> bool:
+        return bool(self.matcher.is_terminated())
+
+
+class GrammarConstraint:
+    """A compiled grammar (what ``SamplingParams.grammar`` holds); ``matcher()`` starts a
+    sequence's state. ``banned``: tokens holding a control character (bytes below 0x20), never
+    valid in compact JSON (raw inside a string they are invalid JSON, and xgrammar 0.2.9's rule
+    for length-bounded strings lets them through), so they are masked out on top of the grammar."""
+
+    def __init__(self, compiled: Any, key: str, banned: torch.Tensor):
+        self.compiled = compiled
+        self.key = key
+        self.banned = banned
+
+    def matcher(self) -> GrammarState:
+        import xgrammar
+
+        return GrammarState(xgrammar.GrammarMatcher(self.compiled), self.banned)
+
+
+class Grammars:
+    """Compiles and caches response-format grammars for one model (tokenizer, vocabulary width,
+    end tokens)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], *, max_schema_bytes: int,
+                 compile_timeout: float, workers: int = 2):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self.max_schema_bytes = max_schema_bytes
+        self.compile_timeout = compile_timeout
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
+        self._compiler: Any = None
+        self._banned = torch.empty(0, dtype=torch.long)  # control-character tokens (see GrammarConstraint)
+        self._cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
+        self.compiled = 0  # grammars compiled (cache misses), for tests and metrics
+
+    async def constraint(self, schema: dict[str, Any] | None) -> GrammarConstraint:
+        """The grammar of a ``json_object`` (``schema`` None) or ``json_schema`` response format;
+        a bad or unsupported schema raises ``BadRequestError``."""
+        schema = {"type": "object"} if schema is None else schema
+        key = json.dumps(schema, separators=(",", ":"))  # property order kept: the answer follows it
+        if len(key) > self.max_schema_bytes:
+            raise _refuse(f"the schema is {len(key)} bytes; the limit is {self.max_schema_bytes}")
+        check_schema(schema)
+        future = self._cache.get(key)
+        if future is None:
+            future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._compile, key)))
+            self._cache[key] = future  # concurrent requests with this schema share one compilation
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            future.add_done_callback(lambda f: self._forget_failed(key, f))
+        else:
+            self._cache.move_to_end(key)
+        try:
+            compiled = await asyncio.wait_for(asyncio.shield(future), self.compile_timeout)
+        except TimeoutError:
+            raise _refuse(f"the schema took longer than {self.compile_timeout:g} s to compile; simplify it") from None
+        except Exception as exc:  # noqa: BLE001 - xgrammar's refusal: an invalid or unsupported schema
+            message = _XGRAMMAR_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            raise _refuse(f"the schema cannot be compiled: {message[:300]}") from None
+        return GrammarConstraint(compiled, key, self._banned)
+
+    def _forget_failed(self, key: str, future: asyncio.Future) -> None:
+        if (future.cancelled() or future.exception() is not None) and self._cache.get(key) is future:
+            del self._cache[key]
+
+    def _compile(self, key: str) -> Any:  # worker thread
+        import xgrammar
+
+        if self._compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                           stop_token_ids=self.stop_token_ids)
+            stops = set(self.stop_token_ids)
+            self._banned = torch.tensor([i for i, data in enumerate(info.decoded_vocab)
+                                         if i not in stops and any(b < 0x20 for b in data)], dtype=torch.long)
+            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self.compiled += 1
+        # compact JSON (no free whitespace): a model cannot pad an answer with blanks forever
+        return self._compiler.compile_json_schema(key, any_whitespace=False, strict_mode=True)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

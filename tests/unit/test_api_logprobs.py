@@ -1,0 +1,268 @@
+"""Logprobs, echo, penalties and logit_bias over HTTP with the official ``openai`` SDK (on the
+tiny app of ``test_api``, through TestClient): OpenAI's response shapes for chat and legacy
+completions, streamed and not, for the base and every adapter kind; lm-evaluation-harness's
+scoring request (echo, max_tokens 0); and every hostile value refused with a 400 in OpenAI's
+error shape. Values against PEFT are checked in ``test_logprobs_engine``."""
+
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from support import build_tokenizer
+from test_api import ADAPTERS, MESSAGES, make_adapters, make_base, make_settings, sse_events
+from test_api_errors import assert_error
+
+MODELS = ["tiny", *ADAPTERS]
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logprobs")
+    adapters_dir = make_adapters(root, len(build_tokenizer()))
+    app = create_app(make_settings(root, adapters_dir, max_logit_bias=50), base=make_base(build_tokenizer()))
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sdk(client) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def text_of(entries) -> str:
+    """The text a list of chat logprob entries spells, from their bytes."""
+    return b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_logprobs_shape_for_every_kind(sdk, model):
+    response = sdk.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    choice = response.choices[0]
+    entries = choice.logprobs.content
+    ended = 1 if choice.finish_reason == "stop" else 0  # the end token has no text, no entry
+    assert len(entries) == response.usage.completion_tokens - ended
+    assert text_of(entries) == choice.message.content
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        # greedy, no penalty: the chosen token is the most likely one, with the same value
+        assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob)
+        assert entry.bytes == list(entry.token.encode()) or "\\x" in entry.token
+
+
+def test_chat_logprobs_without_top(sdk):
+    response = sdk.chat.completions.create(model="lora-a", messages=MESSAGES, max_tokens=4, temperature=0,
+                                           logprobs=True)
+    assert all(e.top_logprobs == [] for e in response.choices[0].logprobs.content)
+    plain = sdk.chat.completions.create(model="lora-a", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == response.choices[0].message.content
+
+
+@pytest.mark.parametrize("model", ["tiny", "pt-a"])
+def test_streamed_chat_logprobs_equal_the_whole_answer(sdk, model):
+    whole = sdk.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0,
+                                        logprobs=True, top_logprobs=2)
+    streamed, text = [], ""
+    for chunk in sdk.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0,
+                                             logprobs=True, top_logprobs=2, stream=True):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None:
+                streamed += choice.logprobs.content
+    assert text == whole.choices[0].message.content
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole.choices[0].logprobs.content]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_completion_logprobs_shape(sdk, model):
+    response = sdk.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    choice = response.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert len(lp.tokens) == response.usage.completion_tokens - (choice.finish_reason == "stop")
+    assert lp.text_offset[0] == len(PROMPT)  # offsets count from the prompt's start
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 2 <= len(top) <= 3 and top[token] == value  # the top 2 and the chosen one
+        assert max(top.values()) == value  # greedy
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_echo_with_max_tokens_zero_scores_the_prompt(sdk, client, model):
+    """What lm-evaluation-harness's local-completions sends to score log-likelihoods."""
+    prompts = [PROMPT, "hello world, how are you?"]
+    response = sdk.completions.create(model=model, prompt=prompts, max_tokens=0, echo=True, logprobs=1,
+                                      temperature=0)
+    tokenizer = client.app.state.gateway.service.tokenizer
+    assert response.usage.completion_tokens == 0
+    for choice, prompt in zip(response.choices, prompts, strict=True):
+        lp = choice.logprobs
+        assert choice.text == prompt and choice.finish_reason == "length"
+        assert len(lp.tokens) == len(tokenizer.encode(prompt))
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+        assert all(v <= 0 for v in lp.token_logprobs[1:])
+        assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+        assert "".join(lp.tokens) == prompt  # plain ASCII: token texts join to the prompt
+
+
+def test_echo_then_generate_matches_a_plain_request(sdk):
+    """echo with max_tokens 1: the prompt's entries, then the generated token's, equal to what a
+    request without echo reports for it."""
+    echoed = sdk.completions.create(model="ia3-a", prompt=PROMPT, max_tokens=1, echo=True, logprobs=3,
+                                    temperature=0)
+    plain = sdk.completions.create(model="ia3-a", prompt=PROMPT, max_tokens=1, logprobs=3, temperature=0)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    assert echoed.choices[0].logprobs.token_logprobs[-1] == plain.choices[0].logprobs.token_logprobs[0]
+    assert echoed.choices[0].logprobs.top_logprobs[-1] == plain.choices[0].logprobs.top_logprobs[0]
+    assert echoed.choices[0].logprobs.text_offset[-1] == plain.choices[0].logprobs.text_offset[0]
+
+
+def test_streamed_echo_equals_the_whole_answer(client):
+    body = {"model": "lora-a", "prompt": PROMPT, "max_tokens": 4, "echo": True, "logprobs": 2, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    events = sse_events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert events[-1] == "[DONE]"
+    text, merged = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            text += choice["text"]
+            for key in merged:
+                merged[key] += choice["logprobs"][key]
+    assert text == whole["text"] and text.startswith(PROMPT)
+    assert merged == whole["logprobs"]
+
+
+def test_logit_bias_forces_a_token(sdk, client):
+    tokenizer = client.app.state.gateway.service.tokenizer
+    token = tokenizer.encode(" fox")[-1]
+    for model in MODELS:
+        response = sdk.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=1.0, seed=3,
+                                          logit_bias={str(token): 100}, logprobs=0)
+        lp = response.choices[0].logprobs
+        assert lp.tokens == [tokenizer.decode([token])] * 4, model
+        # the reported values are the model's own: a random model gives the token no such weight
+        assert all(v < math.log(0.5) for v in lp.token_logprobs), model
+
+
+def test_penalties_are_accepted_and_change_sampling(sdk):
+    plain = sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1.5}}):
+        response = sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0, **extra)
+        assert response.choices[0].finish_reason in ("stop", "length")
+    # neutral values are the plain answer
+    neutral = sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0,
+                                          frequency_penalty=0, presence_penalty=0,
+                                          extra_body={"repetition_penalty": 1.0})
+    assert neutral.choices[0].message.content == plain.choices[0].message.content
+
+
+def chat(client, **extra):
+    return client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **extra})
+
+
+def complete(client, **extra):
+    return client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, **extra})
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"top_logprobs": 2}, None),  # top_logprobs needs logprobs
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"٣": 1}}, "logit_bias"),  # a digit, but not an ASCII one
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(51)}}, "logit_bias"),  # more than max_logit_bias
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 11}, "repetition_penalty"),
+])
+def test_hostile_chat_values_are_refused(client, extra, param):
+    error = assert_error(chat(client, **extra), 400)
+    if param is not None:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize("extra", [
+    {"logprobs": 6}, {"logprobs": -1}, {"logprobs": 1, "max_tokens": 0}, {"max_tokens": -1},
+    {"logit_bias": {"1e3": 1}},
+])
+def test_hostile_completion_values_are_refused(client, extra):
+    assert_error(complete(client, **extra), 400)
+
+
+def test_sdk_raises_bad_request_for_top_logprobs_21(sdk):
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=21)
+
+
+# ---- /tokenize and /detokenize ------------------------------------------------------------------
+def test_tokenize_prompt_counts_virtual_tokens(client):
+    tokenizer = client.app.state.gateway.service.tokenizer
+    ids = tokenizer.encode(PROMPT)
+    base = client.post("/tokenize", json={"model": "tiny", "prompt": PROMPT}).json()
+    assert base == {"count": len(ids), "max_model_len": 256, "tokens": ids, "virtual_tokens": 0}
+    lora = client.post("/tokenize", json={"model": "lora-a", "prompt": PROMPT}).json()
+    assert lora["count"] == len(ids) and lora["tokens"] == ids
+    prompt_tuned = client.post("/tokenize", json={"model": "pt-a", "prompt": PROMPT}).json()
+    assert prompt_tuned["virtual_tokens"] == 5 and prompt_tuned["count"] == len(ids) + 5
+
+
+def test_tokenize_messages_matches_the_chat_prompt(client, sdk):
+    counted = client.post("/tokenize", json={"model": "pt-a", "messages": MESSAGES}).json()
+    response = sdk.chat.completions.create(model="pt-a", messages=MESSAGES, max_tokens=1, temperature=0)
+    assert len(counted["tokens"]) == response.usage.prompt_tokens
+    without = client.post("/tokenize", json={"model": "pt-a", "messages": MESSAGES,
+                                             "add_generation_prompt": False}).json()
+    assert len(without["tokens"]) < len(counted["tokens"])
+
+
+def test_detokenize_round_trip(client):
+    ids = client.post("/tokenize", json={"model": "tiny", "prompt": "hello world, héllo ✓"}).json()["tokens"]
+    assert client.post("/detokenize", json={"model": "ia3-a", "tokens": ids}).json() == {"prompt": "hello world, héllo ✓"}
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/tokenize", {"model": "tiny"}, 400, None),
+    ("/tokenize", {"model": "tiny", "prompt": "x", "messages": MESSAGES}, 400, None),
+    ("/detokenize", {"model": "tiny", "tokens": [10 ** 9]}, 400, "tokens"),
+    ("/detokenize", {"model": "tiny", "tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"model": "tiny", "tokens": [1] * 257}, 400, "tokens"),
+    ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+])
+def test_tokenize_refusals(client, path, body, status, param):
+    error = assert_error(client.post(path, json=body), status, type_=None)
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_token_id_prompts_score_like_text_prompts(sdk, client):
+    """lm-evaluation-harness sends token ids by default: the same scores as the text, echoed as
+    the decoded text."""
+    tokenizer = client.app.state.gateway.service.tokenizer
+    ids = tokenizer.encode(PROMPT)
+    as_text = sdk.completions.create(model="pt-a", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    as_ids = sdk.completions.create(model="pt-a", prompt=[ids, ids], max_tokens=0, echo=True, logprobs=1)
+    for choice in as_ids.choices:
+        assert choice.text == PROMPT
+        assert choice.logprobs.token_logprobs == as_text.choices[0].logprobs.token_logprobs
+    plain = sdk.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0)
+    assert plain.choices[0].text == sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=3,
+                                                           temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("prompt", [[10 ** 6], [-3], [[1, 2], []], [[5]] * 9])
+def test_bad_token_id_prompts_are_refused(client, prompt):
+    assert_error(complete(client, prompt=prompt), 400)

@@ -1,0 +1,229 @@
+"""Structured outputs (``response_format``) end to end on the tiny app, with the official
+``openai`` SDK: ``chat.completions.parse`` with pydantic models returns parsed objects for the
+base and every adapter kind, streamed answers parse too, every answer across several schemas
+is schema-valid (checked by ``jsonschema``), constrained and free rows share batches, grammars
+are compiled once per schema, and schemas we cannot enforce are refused naming the keyword."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+from typing import Literal
+
+import jsonschema
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, Field
+
+from gateway.app import create_app
+from gateway.errors import BadRequestError
+from gateway.structured import check_schema
+from support import build_tokenizer
+from test_api import ADAPTERS, MESSAGES, make_adapters, make_base, make_settings, sse_events
+from test_api_errors import assert_error
+
+MODELS = ["tiny", *ADAPTERS]
+
+
+class Address(BaseModel):
+    city: str = Field(max_length=6)
+    country: Literal["fr", "de", "us"]
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=8)
+    age: int = Field(ge=0, le=120)
+    tags: list[Literal["a", "b"]] = Field(max_length=3)
+    address: Address
+    active: bool
+
+
+# bounded schemas (a random model must finish within max_tokens): nested objects, arrays, enums,
+# required fields, string formats, anyOf, $ref
+SCHEMAS = [
+    Person.model_json_schema(),
+    {"type": "object", "properties": {"when": {"type": "string", "format": "date"},
+                                      "id": {"type": "string", "format": "uuid"}},
+     "required": ["when", "id"], "additionalProperties": False},
+    {"type": "object", "properties": {"grid": {"type": "array", "minItems": 1, "maxItems": 2,
+                                               "items": {"type": "array", "maxItems": 2,
+                                                         "items": {"type": "integer", "minimum": -5, "maximum": 5}}}},
+     "required": ["grid"]},
+    {"type": "object", "properties": {"v": {"anyOf": [{"type": "boolean"}, {"type": "null"},
+                                                      {"enum": ["yes", "no"]}]}}, "required": ["v"]},
+    {"type": "array", "items": {"$ref": "#/$defs/p"}, "maxItems": 2,
+     "$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+                     "required": ["x"], "additionalProperties": False}}},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+                                      "ip": {"type": "string", "format": "ipv4"}},
+     "required": ["code", "ip"], "additionalProperties": False},
+]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("structured")
+    adapters_dir = make_adapters(root, len(build_tokenizer()))
+    settings = make_settings(root, adapters_dir, max_body_bytes=65536, max_schema_bytes=4096,
+                             max_tokens_limit=256)
+    with TestClient(create_app(settings, base=make_base(build_tokenizer()))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sdk(client) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def schema_format(schema: dict, name: str = "answer") -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_sdk_parse_returns_a_parsed_object_for_every_kind(sdk, model):
+    for seed in range(2):
+        completion = sdk.chat.completions.parse(model=model, messages=MESSAGES, response_format=Person,
+                                                max_tokens=200, temperature=1.0, seed=seed)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Person)
+        assert Person.model_validate_json(choice.message.content) == choice.message.parsed
+
+
+@pytest.mark.parametrize("model", ["tiny", "pt-a"])
+def test_streamed_structured_output_parses(sdk, model):
+    with sdk.chat.completions.stream(model=model, messages=MESSAGES, response_format=Person, max_tokens=200,
+                                     temperature=1.0, seed=5) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Person)
+
+
+def test_every_answer_is_schema_valid_across_schemas(client):
+    """Chat and completions, the base and each adapter, sampled, all sent at once (constrained rows
+    of many schemas share the engine's batches): every answer validates."""
+    jobs = []
+    for i, schema in enumerate(SCHEMAS):
+        fmt = schema_format(schema, f"s{i}")
+        for model in MODELS:
+            jobs.append((schema, "/v1/chat/completions", {"model": model, "messages": MESSAGES, "n": 2}))
+            jobs.append((schema, "/v1/completions", {"model": model, "prompt": "answer:"}))
+        for job in jobs[-2 * len(MODELS):]:
+            job[2].update(response_format=fmt, max_tokens=200, temperature=1.0, seed=i)
+
+    def send(job):
+        choices = client.post(job[1], json=job[2]).json()["choices"]
+        return [(c["finish_reason"], c["message"]["content"] if "message" in c else c["text"]) for c in choices]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, jobs))
+    answers = 0
+    for (schema, _, _), choices in zip(jobs, results, strict=True):
+        for reason, output in choices:
+            assert reason == "stop", (schema, output)
+            jsonschema.validate(json.loads(output), schema)
+            answers += 1
+    assert answers == len(SCHEMAS) * len(MODELS) * 3
+
+
+def test_json_object_gives_an_object(client):
+    for model in MODELS:
+        body = client.post("/v1/chat/completions", json={
+            "model": model, "messages": MESSAGES, "response_format": {"type": "json_object"},
+            "max_tokens": 48, "temperature": 0}).json()
+        choice = body["choices"][0]
+        if choice["finish_reason"] == "stop":  # a free-form object may run to max_tokens
+            assert isinstance(json.loads(choice["message"]["content"]), dict)
+        else:
+            assert choice["message"]["content"].startswith("{")
+
+
+def test_streamed_completion_with_schema_is_valid(client):
+    schema = SCHEMAS[2]
+    events = sse_events(client.post("/v1/completions", json={
+        "model": "ia3-a", "prompt": "answer:", "response_format": schema_format(schema), "max_tokens": 200,
+        "temperature": 1.0, "seed": 3, "stream": True}))
+    text = "".join(c["text"] for e in events[:-1] for c in e["choices"])
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_constrained_and_free_rows_in_one_batch_equal_alone(client):
+    """Concurrent constrained, free and logprob rows of different adapters (one engine batch)
+    give what each gives alone (greedy)."""
+    requests = [
+        ("/v1/chat/completions", {"model": "lora-a", "messages": MESSAGES, "response_format": schema_format(SCHEMAS[0])}),
+        ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES}),
+        ("/v1/completions", {"model": "pt-a", "prompt": "go:", "response_format": schema_format(SCHEMAS[4])}),
+        ("/v1/chat/completions", {"model": "ia3-a", "messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
+        ("/v1/completions", {"model": "tiny", "prompt": "go:", "response_format": {"type": "json_object"},
+                             "frequency_penalty": 1.0}),
+    ]
+
+    def send(path, body):
+        return client.post(path, json={**body, "max_tokens": 48, "temperature": 0}).json()["choices"][0]
+
+    alone = [send(path, body) for path, body in requests]
+
+    async def together():
+        return await asyncio.gather(*(asyncio.to_thread(send, path, body) for path, body in requests))
+
+    batched = asyncio.run(together())
+    for got, want in zip(batched, alone, strict=True):
+        assert got["finish_reason"] == want["finish_reason"]
+        assert got.get("message", got).get("content", got.get("text")) == want.get("message", want).get(
+            "content", want.get("text"))
+        if got.get("logprobs"):
+            values = [e["logprob"] for e in got["logprobs"]["content"]]
+            assert values == pytest.approx([e["logprob"] for e in want["logprobs"]["content"]], rel=1e-4)
+
+
+def test_grammars_are_compiled_once_per_schema(client):
+    grammars = client.app.state.gateway.service.grammars
+    schema = {"type": "object", "properties": {"k": {"enum": ["unique-to-this-test"]}}, "required": ["k"]}
+    before = grammars.compiled
+    for _ in range(3):
+        body = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 32,
+                                                    "response_format": schema_format(schema)}).json()
+        assert json.loads(body["choices"][0]["text"]) == {"k": "unique-to-this-test"}
+    assert grammars.compiled == before + 1
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"type": "array", "uniqueItems": True}, "uniqueItems"),
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
+    ({"type": "integer", "if": {"minimum": 1}, "then": {"maximum": 3}}, "if"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 2}]}, "allOf"),
+    ({"type": "string", "format": "idn-email"}, "idn-email"),
+    ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
+    ({"type": "object", "properties": []}, "properties"),
+    ({"type": "stringy"}, "stringy"),
+])
+def test_unsupported_schemas_are_a_400_naming_the_feature(client, schema, named):
+    for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})):
+        error = assert_error(client.post(path, json={"model": "tiny", **body, "response_format": schema_format(schema)}),
+                             400, param="response_format")
+        assert named in error["message"]
+
+
+def test_response_format_refusals(client):
+    base = {"model": "tiny", "messages": MESSAGES}
+    post = lambda fmt: client.post("/v1/chat/completions", json={**base, "response_format": fmt})  # noqa: E731
+    assert_error(post({"type": "json_schema"}), 400)  # no json_schema
+    assert_error(post({"type": "xml"}), 400)
+    assert_error(post({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}), 400)
+    deep: dict = {"type": "integer"}
+    for _ in range(40):
+        deep = {"type": "array", "items": deep}
+    assert_error(post(schema_format(deep)), 400, param="response_format")
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(400)}}
+    error = assert_error(post(schema_format(big)), 400, param="response_format")
+    assert "limit" in error["message"]
+
+
+def test_check_schema_walks_subschemas_only():
+    """Property names that look like keywords are names, not keywords."""
+    check_schema({"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}})
+    with pytest.raises(BadRequestError, match="/properties/a/items"):
+        check_schema({"type": "object", "properties": {"a": {"type": "array", "items": {"not": {}}}}})
