@@ -5,9 +5,9 @@ Each step:
 1. finish cancelled rows (their blocks go back to the pool, full ones stay as prefix cache);
 2. admit waiting sequences while a batch row and enough KV blocks are free: a sequence first
    takes the longest cached prefix of its own adapter version (``gateway.kv_blocks``);
-3. schedule tokens under a per-step budget: one token for every decoding row first, then
-   chunks of pending prompts (``max_step_tokens`` while rows decode, so a long prompt is spread
-   over many steps instead of stalling every stream; ``max_prefill_tokens`` when none does);
+3. schedule tokens: one for every decoding row, then chunks of pending prompts up to a budget
+   (``max_step_tokens`` while rows decode, so a long prompt is spread over many steps instead of
+   stalling every stream; ``max_prefill_tokens`` when none does);
 4. give each scheduled row the blocks it needs; when the pool runs dry, the most recently
    admitted row is preempted (its blocks freed, its tokens kept) and queued again at the front,
    to be recomputed later — often from its own cached blocks;
@@ -111,7 +111,7 @@ class PagedEngine(Engine):
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, tokens to compute) for this step, within the step's token budget."""
         plan = [(s, 1) for s in self._running if self._length(s) - s.computed == 1]
-        budget = (self.max_step_tokens if plan else self.max_prefill_tokens) - len(plan)
+        budget = self.max_step_tokens if plan else self.max_prefill_tokens  # decode tokens come on top
         for seq in self._running:
             pending = self._length(seq) - seq.computed
             if pending > 1 and budget > 0:

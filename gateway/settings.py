@@ -81,9 +81,10 @@ class Settings(BaseSettings):
         "memory free after loading; on CPU, four context windows."))
     kv_cache_memory_fraction: float = Field(0.5, gt=0, lt=1, description=(
         "Share of free CUDA memory the KV pool takes when kv_cache_tokens is unset."))
-    max_step_tokens: int = Field(64, ge=1, description=(
-        "Tokens computed per step while sequences decode (paged): a long prompt is prefilled in chunks "
-        "of what is left after one token per decoding sequence, so streams never stall for a whole prefill."))
+    max_step_tokens: int = Field(256, ge=1, description=(
+        "Prompt tokens computed per step while sequences decode (paged; their one token each comes on top): "
+        "a long prompt is prefilled in chunks, so streams never stall for a whole prefill. Smaller: steadier "
+        "streams; larger: sooner first tokens and fuller batches."))
     prefix_caching: bool = Field(True, description=(
         "Reuse the KV blocks of a prompt prefix a request of the same adapter version computed before (paged)."))
     max_queued_requests: int = Field(256, ge=1, description="Waiting requests before new ones get 429.")
