@@ -1,10 +1,11 @@
 """Attention over a paged KV pool, plugged into transformers' attention interface.
 
-The pool holds, per layer, keys and values of ``num_blocks * block_size`` positions:
-``[slots, kv_heads, head_dim]`` where slot = block * block_size + offset. A packed forward feeds
-the model one flat batch ``[1, N]`` of tokens from many sequences (prefill chunks and decode
-tokens) with per-token positions; the model's own projections and rotary embeddings run as usual,
-and this module's attention function, registered as ``gateway_paged``, then
+The pool holds, per layer, keys and values of ``num_blocks * block_size`` positions, head-major:
+``[kv_heads, slots, head_dim]`` where slot = block * block_size + offset, so one block of one head
+(``block_size`` positions) is one contiguous run. A packed forward feeds the model one flat batch
+``[1, N]`` of tokens from many sequences (prefill chunks and decode tokens) with per-token
+positions; the model's own projections and rotary embeddings run as usual, and this module's
+attention function, registered as ``gateway_paged``, then
 
 1. writes the N new keys/values into their pool slots (``PagedStep.write_slots``), and
 2. attends each query to its own sequence's positions only:
@@ -12,8 +13,11 @@ and this module's attention function, registered as ``gateway_paged``, then
      causal with the chunk's offset;
    - decode tokens (one query each) in groups of similar context length, gathered to the
      group's longest context and masked, so a long row never pads the short ones.
-   Keys and values are gathered block by block (``block_size`` positions of one sequence are
-   contiguous in the pool): a few large copies instead of one small copy per position.
+   Keys and values are gathered with one ``index_select`` of (head, block) runs straight into
+   SDPA's ``[rows, kv_heads, positions, head_dim]`` layout, contiguous, so the kernel reads them
+   without another copy. A decode query is one position, so the query heads that share a KV head
+   are folded into that head's query length (``[rows, kv_heads, heads / kv_heads, head_dim]``):
+   grouped-query attention without expanding keys and values.
 
 Why not transformers' own continuous-batching attention: its SDPA path attends all packed queries
 to all packed keys under one block-diagonal mask (work and memory grow with the product of the
@@ -40,12 +44,12 @@ IMPLEMENTATION = "gateway_paged"
 @dataclass
 class PrefillChunk:
     """Queries ``[q_start, q_end)`` of the packed batch: positions ``start .. start + len`` of one
-    sequence, whose whole context ``[0, start + len)`` lives in ``read_blocks``."""
+    sequence, whose whole context ``[0, start + len)`` is gathered by ``gather``."""
 
     q_start: int
     q_end: int
     start: int  # position of the chunk's first token in its sequence
-    read_blocks: torch.Tensor  # [ceil((start + len) / block_size)] long
+    gather: torch.Tensor  # [kv_heads * blocks] long: ``KVPool.gather_index`` of the blocks read
 
     @property
     def length(self) -> int:
@@ -54,12 +58,13 @@ class PrefillChunk:
 
 @dataclass
 class DecodeGroup:
-    """Single-token queries at packed indices ``q_index [B]``; row i attends the positions of
-    ``read_blocks[i]`` where ``mask[i]`` is set (its own length; padding blocks repeat its first)."""
+    """Single-token queries at packed indices ``q_index [B]``; row i attends the positions of its
+    gathered blocks where ``bias[i]`` is 0 (its own length; -inf over the padding blocks, which
+    repeat its first)."""
 
     q_index: torch.Tensor  # [B] long
-    read_blocks: torch.Tensor  # [B, nb] long
-    mask: torch.Tensor  # [B, 1, 1, nb * block_size] bool, True where attended
+    gather: torch.Tensor  # [B * kv_heads * nb] long: ``KVPool.gather_index`` of [B, nb] blocks
+    bias: torch.Tensor  # [B, 1, 1, nb * block_size] additive mask: 0 where attended, -inf elsewhere
 
 
 @dataclass
@@ -73,21 +78,44 @@ class PagedStep:
 
 
 class KVPool:
-    """Preallocated keys and values of every layer (one tensor each, ``[layers, slots, kv_heads, head_dim]``)."""
+    """Preallocated keys and values of every layer (one tensor each, ``[layers, kv_heads, slots, head_dim]``)."""
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        shape = (layers, kv_heads, num_blocks * block_size, head_dim)
         # empty, not zeros: memory is touched only as blocks come into use (``clear_up_to``)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
         self.block_size = block_size
         self.cleared = 0  # blocks [0, cleared) hold finite values (zeros or keys/values written)
         self.step: PagedStep | None = None  # set for the duration of one packed forward
+        # gathered keys and values land here, reused by every layer and step: a fresh tensor of
+        # that size per layer costs more in page faults on CPU than the copy itself
+        self._gathered = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
+
+    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the (head, block) runs ``index`` of ``layer``: two
+        ``[len(index), block_size, head_dim]`` views of the workspace, valid until the next call."""
+        d = self.keys.shape[-1]
+        size = index.shape[0] * self.block_size * d
+        if self._gathered[0].numel() < size:
+            self._gathered = tuple(torch.empty(size, dtype=self.keys.dtype, device=self.keys.device) for _ in range(2))
+        out_k, out_v = (buf[:size].view(-1, self.block_size, d) for buf in self._gathered)
+        torch.index_select(self.keys[layer].view(-1, self.block_size, d), 0, index, out=out_k)
+        torch.index_select(self.values[layer].view(-1, self.block_size, d), 0, index, out=out_v)
+        return out_k, out_v
+
+    def gather_index(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Block tables ``[B, nb]`` -> the ``[B * kv_heads * nb]`` indices of their (head, block)
+        runs in a layer's ``[kv_heads * num_blocks, block_size, head_dim]`` view, ordered so that
+        the gathered runs are ``[B, kv_heads, nb * block_size, head_dim]``."""
+        heads = torch.arange(self.keys.shape[1], device=blocks.device).view(1, -1, 1) * self.num_blocks
+        return (heads + blocks.unsqueeze(1)).reshape(-1)
 
     @property
     def bytes_per_token(self) -> int:
-        layers, _, heads, dim = self.keys.shape
+        layers, heads, _, dim = self.keys.shape
         return 2 * layers * heads * dim * self.keys.element_size()
 
     def clear_up_to(self, blocks: int) -> None:
@@ -97,8 +125,8 @@ class KVPool:
         block once, just before its first use.)"""
         if blocks > self.cleared:
             span = slice(self.cleared * self.block_size, blocks * self.block_size)
-            self.keys[:, span].zero_()
-            self.values[:, span].zero_()
+            self.keys[:, :, span].zero_()
+            self.values[:, :, span].zero_()
             self.cleared = blocks
 
     @contextlib.contextmanager
@@ -124,41 +152,40 @@ def _attend(pool: KVPool, layer: int, query: torch.Tensor, key: torch.Tensor, va
             scaling: float | None) -> torch.Tensor:
     """query ``[1, heads, N, d]``, key/value ``[1, kv_heads, N, d]`` -> output ``[1, N, heads, d]``."""
     step = pool.step
-    keys, values = pool.keys[layer], pool.values[layer]
-    keys.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(keys.dtype))
-    values.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(values.dtype))
+    keys, values = pool.keys[layer], pool.values[layer]  # [kv_heads, slots, d]
+    keys.index_copy_(1, step.write_slots, key[0].to(keys.dtype))
+    values.index_copy_(1, step.write_slots, value[0].to(values.dtype))
     for slots, prefix in step.prefixes:
-        keys.index_copy_(0, slots, prefix[2 * layer].to(keys.dtype))
-        values.index_copy_(0, slots, prefix[2 * layer + 1].to(values.dtype))
+        keys.index_copy_(1, slots, prefix[2 * layer].transpose(0, 1).to(keys.dtype))
+        values.index_copy_(1, slots, prefix[2 * layer + 1].transpose(0, 1).to(values.dtype))
     q = query[0]  # [heads, N, d]
-    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [N, heads, d]
-    by_block_k = keys.view(-1, pool.block_size, *keys.shape[1:])  # [blocks, block_size, kv_heads, d]
-    by_block_v = values.view(-1, pool.block_size, *values.shape[1:])
+    heads, kv_heads, d = q.shape[0], keys.shape[0], q.shape[2]
+    out = q.new_empty(q.shape[1], heads, d)  # [N, heads, d]
+
+    def gathered(index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[rows, kv_heads, positions, d]``, contiguous, in the query's dtype."""
+        k, v = pool.gather(layer, index)
+        return k.view(rows, kv_heads, -1, d).to(q.dtype), v.view(rows, kv_heads, -1, d).to(q.dtype)
+
     for chunk in step.chunks:
-        length = chunk.length
-        # [1, kv_heads, L, d]; the slice keeps the leading positions: a view, no copy
-        k = by_block_k.index_select(0, chunk.read_blocks).flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
-        v = by_block_v.index_select(0, chunk.read_blocks).flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
+        k, v = gathered(chunk.gather, 1)
+        length = chunk.length  # the slice keeps the leading positions: a view, no copy
+        k, v = k[:, :, :length], v[:, :, :length]
         qc = q[:, chunk.q_start:chunk.q_end].unsqueeze(0)  # [1, heads, C, d]
         if chunk.start == 0:
-            o = F.scaled_dot_product_attention(qc, k.to(qc.dtype), v.to(qc.dtype), is_causal=True, scale=scaling,
-                                               enable_gqa=True)
+            o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scaling, enable_gqa=True)
         else:  # query i sits at position start + i and sees positions <= start + i
             rows = torch.arange(chunk.q_end - chunk.q_start, device=q.device) + chunk.start
             allowed = torch.arange(length, device=q.device).unsqueeze(0) <= rows.unsqueeze(1)
-            o = F.scaled_dot_product_attention(qc, k.to(qc.dtype), v.to(qc.dtype), attn_mask=allowed,
-                                               scale=scaling, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)
         out[chunk.q_start:chunk.q_end] = o[0].transpose(0, 1)
     for group in step.groups:
-        rows, blocks = group.read_blocks.shape
-        flat = group.read_blocks.reshape(-1)
-        shape = (rows, blocks * pool.block_size, *keys.shape[1:])
-        k = by_block_k.index_select(0, flat).view(shape).transpose(1, 2)  # [B, kv_heads, nb * bs, d]
-        v = by_block_v.index_select(0, flat).view(shape).transpose(1, 2)
-        qg = q.index_select(1, group.q_index).transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-        o = F.scaled_dot_product_attention(qg, k.to(qg.dtype), v.to(qg.dtype), attn_mask=group.mask, scale=scaling,
-                                           enable_gqa=True)
-        out.index_copy_(0, group.q_index, o[:, :, 0])
+        rows = group.q_index.shape[0]
+        k, v = gathered(group.gather, rows)
+        # [B, kv_heads, heads / kv_heads, d]: query head h reads KV head h // (heads / kv_heads)
+        qg = q.index_select(1, group.q_index).transpose(0, 1).reshape(rows, kv_heads, heads // kv_heads, d)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.bias, scale=scaling)
+        out.index_copy_(0, group.q_index, o.reshape(rows, heads, d))
     return out.unsqueeze(0)
 
 

@@ -99,8 +99,9 @@ class PagedRunner:
             if count == 1:
                 decodes.append((offset, item, read))
             else:
+                table = torch.tensor([read], dtype=torch.long, device=self.device)
                 chunks.append(PrefillChunk(q_start=offset, q_end=offset + count, start=item.start,
-                                           read_blocks=torch.tensor(read, dtype=torch.long, device=self.device)))
+                                           gather=self.pool.gather_index(table)))
             offset += count
         self.pool.clear_up_to(highest + 1)
         groups: list[DecodeGroup] = []
@@ -114,9 +115,12 @@ class PagedRunner:
             read = torch.tensor([r + [r[0]] * (width - len(r)) for _, _, r in members], dtype=torch.long,
                                 device=self.device)  # padding repeats the row's first block (masked out)
             lengths = torch.tensor([item.start + 1 for _, item, _ in members], device=self.device)
-            mask = (torch.arange(width * bs, device=self.device) < lengths.unsqueeze(1)).view(len(members), 1, 1, -1)
+            padding = torch.arange(width * bs, device=self.device) >= lengths.unsqueeze(1)
+            bias = torch.zeros(padding.shape, dtype=self.runtime.dtype, device=self.device)
+            bias.masked_fill_(padding, float("-inf"))
             q_index = torch.tensor([q for q, _, _ in members], dtype=torch.long, device=self.device)
-            groups.append(DecodeGroup(q_index=q_index, read_blocks=read, mask=mask))
+            groups.append(DecodeGroup(q_index=q_index, gather=self.pool.gather_index(read),
+                                      bias=bias.view(len(members), 1, 1, -1)))
         return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups, prefixes=prefixes)
 
     @torch.inference_mode()
