@@ -126,6 +126,8 @@ class Settings(BaseSettings):
         "Largest training dataset upload (JSONL)."))
     max_training_dataset_lines: int = Field(100_000, ge=1, description="Most records in a training dataset.")
     max_training_jobs: int = Field(16, ge=1, description="Training jobs queued or running at once.")
+    max_files: int = Field(1000, ge=1, description=(
+        "Most files /v1/files keeps at once (each at most max_training_dataset_bytes)."))
     training_artifact_retention_seconds: float = Field(86400.0, ge=0, description=(
         "How long the dataset and checkpoints of a failed or cancelled training job are kept (to look "
         "at them) before they are removed; 0 removes them when the job ends. A succeeded job's are "

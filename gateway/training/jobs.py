@@ -37,7 +37,7 @@ from adapters.errors import AdapterConflictError, DatasetValidationError
 from adapters.kinds.base import AdapterLimits
 from adapters.training.checkpoint import CheckpointError
 from adapters.training.config import TrainingConfig
-from adapters.training.prepare import check_limits, prepare_dataset
+from adapters.training.prepare import PreparedDataset, check_limits, prepare_dataset
 from adapters.training.trainer import TrainingRun
 from gateway.background import BackgroundWork
 from gateway.training.artifacts import JobArtifacts
@@ -158,13 +158,18 @@ class TrainingJobs:
         """Set at the next change of any record (then replaced): ``await jobs.changed.wait()``."""
         return self._changed
 
-    async def create(self, data: bytes, config: TrainingConfig) -> TrainingJobRecord:
+    async def create(self, data: bytes, config: TrainingConfig, *, validation: bytes | None = None,
+                     fine_tuning: dict | None = None) -> TrainingJobRecord:
         """Validate the dataset and config, then queue the job. Raises ``DatasetValidationError``
         (every bad line), ``ValueError`` (config), ``AdapterConflictError``, ``TooManyTrainingJobsError``
-        or ``TrainingStoreError`` (nothing is queued, nothing left on disk)."""
-        if len(data) > self.limits.max_dataset_bytes:
-            raise DatasetValidationError(
-                f"the dataset is {len(data)} bytes; the limit is {self.limits.max_dataset_bytes}")
+        or ``TrainingStoreError`` (nothing is queued, nothing left on disk).
+
+        ``validation``: a separate validation set (its eval loss replaces a held-out share of the
+        training data); ``fine_tuning``: what the OpenAI-style API was asked, kept on the record."""
+        for what, blob in (("dataset", data), ("validation set", validation or b"")):
+            if len(blob) > self.limits.max_dataset_bytes:
+                raise DatasetValidationError(
+                    f"the {what} is {len(blob)} bytes; the limit is {self.limits.max_dataset_bytes}")
         check_limits(config, self.limits.adapter)
         active = [r for r in self._records.values() if r.state not in TERMINAL]
         if len(active) >= self.limits.max_queued_jobs:
@@ -173,16 +178,17 @@ class TrainingJobs:
         job_id = f"train-{uuid.uuid4().hex[:12]}"
         adapter_id = config.adapter_id or job_id
         self._check_adapter_id(adapter_id, active)
-        prepared = await asyncio.to_thread(self._prepare, data, config)
+        prepared = await asyncio.to_thread(self._prepare, data, config, validation)
         try:
-            await asyncio.to_thread(self.artifacts.write_dataset, job_id, data)
+            await asyncio.to_thread(self.artifacts.write_dataset, job_id, data, validation)
         except OSError as exc:
             raise TrainingStoreError(f"the dataset could not be saved: {exc}") from None
         record = TrainingJobRecord(
             id=job_id, state=QUEUED, config=config.model_dump(mode="json", by_alias=True), created=time.time(),
             dataset={"format": prepared.format, "bytes": len(data), "train_examples": len(prepared.train),
                      "eval_examples": len(prepared.eval), "skipped_lines": len(prepared.problems),
-                     "problems": [list(p) for p in prepared.problems[:MAX_PROBLEMS_KEPT]]})
+                     "problems": [list(p) for p in prepared.problems[:MAX_PROBLEMS_KEPT]]},
+            fine_tuning=fine_tuning)
         self._records[job_id] = record
         if not await self._persist(record):
             del self._records[job_id]
@@ -229,9 +235,25 @@ class TrainingJobs:
             if (other.config.get("adapter_id") or other.id) == adapter_id:
                 raise AdapterConflictError(f"the training job {other.id} will register {adapter_id!r} already")
 
-    def _prepare(self, data: bytes, config: TrainingConfig):
-        return prepare_dataset(data, self.tokenizer, config, max_lines=self.limits.max_dataset_lines,
-                               max_line_bytes=self.limits.max_line_bytes, context_window=self.limits.context_window)
+    def _prepare(self, data: bytes, config: TrainingConfig, validation: bytes | None = None) -> PreparedDataset:
+        """Tokenize and split; with a separate validation set, all of ``data`` trains and the
+        validation set's examples are the eval split (its errors say 'validation file')."""
+        def prepare(blob: bytes, cfg: TrainingConfig) -> PreparedDataset:
+            return prepare_dataset(blob, self.tokenizer, cfg, max_lines=self.limits.max_dataset_lines,
+                                   max_line_bytes=self.limits.max_line_bytes, context_window=self.limits.context_window)
+
+        if validation is None:
+            return prepare(data, config)
+        whole = config.model_copy(update={"eval_fraction": 0.0})
+        train = prepare(data, whole)
+        try:
+            held = prepare(validation, whole)
+        except DatasetValidationError as exc:
+            error = DatasetValidationError(f"validation file: {exc}", exc.problems)
+            error.param = "validation_file"  # read by gateway.errors
+            raise error from None
+        return PreparedDataset(format=train.format, train=train.train, eval=held.train,
+                               problems=train.problems + held.problems)
 
     # ---- scheduling (event loop) ----------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -317,7 +339,9 @@ class TrainingJobs:
 
     def _build_run(self, record: TrainingJobRecord, config: TrainingConfig) -> TrainingRun:
         data = self.artifacts.dataset(record.id).read_bytes()
-        prepared = self._prepare(data, config)
+        validation_path = self.artifacts.validation(record.id)
+        validation = validation_path.read_bytes() if validation_path.is_file() else None
+        prepared = self._prepare(data, config, validation)
         run = TrainingRun(self.runtime, self.tokenizer, config, prepared.train, prepared.eval,
                           self.artifacts.checkpoints(record.id))
         run.resume()
