@@ -59,12 +59,13 @@ class JobArtifacts:
     def export(self, job_id: str) -> Path:
         return self.folder(job_id) / EXPORT
 
-    def write_dataset(self, job_id: str, data: bytes, validation: bytes | None = None) -> None:
-        """Write the upload (and the validation set) whole or not at all (temporary files renamed
-        into place)."""
+    def write_dataset(self, job_id: str, data: bytes) -> None:
+        """Write the upload whole or not at all (a temporary file renamed into place)."""
         self._write(self.dataset(job_id), DATASET_TMP, data)
-        if validation is not None:
-            self._write(self.validation(job_id), VALIDATION_TMP, validation)
+
+    def write_validation(self, job_id: str, data: bytes) -> None:
+        """Write a separate validation set, like the upload (a failure removes the job's folder)."""
+        self._write(self.validation(job_id), VALIDATION_TMP, data)
 
     @staticmethod
     def _write(path: Path, tmp_name: str, data: bytes) -> None:

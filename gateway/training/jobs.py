@@ -180,7 +180,9 @@ class TrainingJobs:
         self._check_adapter_id(adapter_id, active)
         prepared = await asyncio.to_thread(self._prepare, data, config, validation)
         try:
-            await asyncio.to_thread(self.artifacts.write_dataset, job_id, data, validation)
+            await asyncio.to_thread(self.artifacts.write_dataset, job_id, data)
+            if validation is not None:
+                await asyncio.to_thread(self.artifacts.write_validation, job_id, validation)
         except OSError as exc:
             raise TrainingStoreError(f"the dataset could not be saved: {exc}") from None
         record = TrainingJobRecord(
