@@ -32,7 +32,8 @@ class FineTuningJobCreate(BaseModel):
     """OpenAI's create-job parameters, plus ``adapter`` (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=256, description="The base model's served name.")
+    model: str = Field(min_length=1, max_length=256, description=(
+        "The base model's served name, or a registered adapter (id or ft: name) to continue training."))
     training_file: str = Field(min_length=1, max_length=64, description="A file id from /v1/files.")
     validation_file: str | None = Field(None, min_length=1, max_length=64)
     suffix: str | None = Field(None, pattern=SUFFIX_PATTERN, description=(
@@ -72,19 +73,20 @@ def _adapter_settings(adapter: dict[str, Any] | None) -> dict[str, Any]:
     return settings
 
 
-def _kind(settings: dict[str, Any]) -> AdapterKind:
+def _kind(settings: dict[str, Any], param: str) -> AdapterKind:
     kind = next((k for k in TRAINABLE_KINDS if k.value == settings.get("kind", AdapterKind.LORA.value)), None)
     if kind is None:
-        raise FineTuningRequestError("adapter.kind must be one of the kinds trained here: "
-                                     + ", ".join(k.value for k in TRAINABLE_KINDS), param="adapter.kind")
+        raise FineTuningRequestError(f"{param}: the adapter kind must be one of the kinds trained here: "
+                                     + ", ".join(k.value for k in TRAINABLE_KINDS), param=param)
     return kind
 
 
-def plan_job(body: FineTuningJobCreate) -> JobPlan:
-    """Raises ``FineTuningRequestError`` naming the parameter at fault."""
+def plan_job(body: FineTuningJobCreate, start_from: dict[str, Any] | None = None) -> JobPlan:
+    """Raises ``FineTuningRequestError`` naming the parameter at fault. ``start_from``: the settings
+    of a registered adapter the job continues (``kind``, ``init_adapter`` ...), instead of ``adapter``."""
     method = parse_method(body.method, body.hyperparameters)
-    settings = _adapter_settings(body.adapter)
-    kind = _kind(settings)
+    settings = dict(start_from) if start_from is not None else _adapter_settings(body.adapter)
+    kind = _kind(settings, "model" if start_from is not None else "adapter.kind")
     values = {name: AUTO_VALUES[name] if value == AUTO else value for name, value in method.hyperparameters.items()
               if name in AUTO_VALUES}
     run = {"epochs": values["n_epochs"], "batch_size": values["batch_size"],
@@ -95,7 +97,9 @@ def plan_job(body: FineTuningJobCreate) -> JobPlan:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first.get("loc") else ""
-        if field in ADAPTER_FIELDS:
+        if start_from is not None:
+            param = "model"
+        elif field in ADAPTER_FIELDS:
             param = "adapter." + ".".join(str(p) for p in first["loc"])
         elif field == "learning_rate":
             param = "learning_rate_multiplier"

@@ -32,7 +32,7 @@ def result_name(record: TrainingJobRecord) -> str | None:
     ft = record.fine_tuning
     if ft is None:
         return record.adapter_id  # an admin job: its adapter's id is its name
-    return f"ft:{ft['model']}:{ft.get('suffix') or ''}:{record.id}"
+    return f"ft:{ft.get('base', ft['model'])}:{ft.get('suffix') or ''}:{record.id}"
 
 
 def final_step(record: TrainingJobRecord) -> int:

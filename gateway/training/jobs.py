@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.errors import AdapterConflictError, DatasetValidationError
-from adapters.kinds.base import AdapterLimits
+from adapters.errors import AdapterConflictError, AdapterError, DatasetValidationError
+from adapters.kinds.base import AdapterLimits, AdapterWeights
 from adapters.training.checkpoint import CheckpointError
 from adapters.training.config import TrainingConfig
 from adapters.training.prepare import PreparedDataset, check_limits, prepare_dataset
@@ -90,10 +90,14 @@ class TrainingJobs:
     def __init__(self, *, runtime, tokenizer, store: TrainingJobStore, artifacts: JobArtifacts,
                  limits: TrainingLimits, register: Callable[[str, Path], Awaitable[str]],
                  unregister: Callable[[str], Awaitable[None]], check_adapter_id: Callable[[str], None],
-                 duty_cycle: float, retry_seconds: float = RETRY_SECONDS):
+                 duty_cycle: float, retry_seconds: float = RETRY_SECONDS,
+                 read_adapter: Callable[[str], AdapterWeights] | None = None):
         """``register(adapter_id, folder)`` validates and registers an exported adapter and returns its id;
         ``unregister(adapter_id)`` removes it again (a cancel that arrived while it was registered);
-        ``check_adapter_id`` raises (an ``AdapterError``) when an id could not be registered now."""
+        ``check_adapter_id`` raises (an ``AdapterError``) when an id could not be registered now;
+        ``read_adapter(adapter_id)`` reads a registered adapter's weights (blocking), for jobs that
+        start from one (``config.init_adapter``)."""
+        self._read_adapter = read_adapter
         self.runtime = runtime
         self.tokenizer = copy.deepcopy(tokenizer)  # worker threads tokenize; serving keeps its own
         self.store = store
@@ -305,7 +309,7 @@ class TrainingJobs:
         self._preparing = True
         try:
             run = await asyncio.to_thread(self._build_run, record, config)
-        except (CheckpointError, DatasetValidationError, OSError, ValueError) as exc:
+        except (AdapterError, CheckpointError, DatasetValidationError, OSError, ValueError) as exc:
             if record.state not in TERMINAL:  # unless cancelled meanwhile
                 await self._end(record, FAILED, f"cannot start: {exc}")
             return
@@ -344,8 +348,13 @@ class TrainingJobs:
         validation_path = self.artifacts.validation(record.id)
         validation = validation_path.read_bytes() if validation_path.is_file() else None
         prepared = self._prepare(data, config, validation)
+        initial = None
+        if config.init_adapter is not None:
+            if self._read_adapter is None:
+                raise ValueError("this gateway cannot start training from a registered adapter")
+            initial = self._read_adapter(config.init_adapter)
         run = TrainingRun(self.runtime, self.tokenizer, config, prepared.train, prepared.eval,
-                          self.artifacts.checkpoints(record.id))
+                          self.artifacts.checkpoints(record.id), initial=initial)
         run.resume()
         return run
 

@@ -169,7 +169,21 @@ def test_job_from_file_to_served_ft_model(client):
     # one job store: the admin API sees the same job and the adapter it registered
     admin = client.get(f"/admin/training-jobs/{job.id}", headers=ADMIN).json()
     assert admin["state"] == "succeeded" and admin["adapter_id"] == job.id
-    assert api.files.delete(training.id).deleted  # the job ended: the file may go
+
+    # continue training the result: model names it (its ft: name or its adapter id)
+    follow = api.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=training.id,
+                                         hyperparameters={"n_epochs": 1})
+    assert follow.model == done.fine_tuned_model and follow.model_extra["adapter"] == {
+        "kind": "lora", "init_adapter": job.id}
+    follow_done = wait_job(api, follow.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    assert follow_done.status == "succeeded", follow_done.error
+    assert follow_done.fine_tuned_model == f"ft:tiny::{follow.id}"
+    reply = api.chat.completions.create(model=follow_done.fine_tuned_model, messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as with_adapter:
+        api.fine_tuning.jobs.create(model=job.id, training_file=training.id, extra_body={"adapter": {"kind": "ia3"}})
+    assert with_adapter.value.body["param"] == "adapter"
+    assert api.files.delete(training.id).deleted  # the jobs ended: the file may go
 
 
 def test_list_pagination_and_admin_jobs_show_here(client):
