@@ -269,3 +269,23 @@ def test_bad_job_requests_name_the_parameter(client):
     tokenized = bad_create(api, too_long)
     assert tokenized["param"] == "training_file" and "line 1: too long after tokenization" in tokenized["message"]
     assert api.fine_tuning.jobs.list().data == []  # nothing was queued
+
+
+def test_files_and_ft_names_survive_a_restart(tmp_path):
+    with make_client(tmp_path) as first:
+        api = sdk(first)
+        training = upload(api, chats())
+        job = api.fine_tuning.jobs.create(model="tiny", training_file=training.id, suffix="keep",
+                                          hyperparameters={"n_epochs": 1})
+        done = wait_job(api, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+    orphan = tmp_path / "files" / "file-0123456789abcdef01234567.jsonl"  # bytes whose record was never saved
+    orphan.write_bytes(b"{}")
+    with make_client(tmp_path) as second:
+        api = sdk(second)
+        assert api.files.retrieve(training.id).filename == "train.jsonl"
+        assert api.files.content(training.id).read() == jsonl(chats())
+        assert api.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == f"ft:tiny:keep:{job.id}"
+        reply = api.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=4)
+        assert reply.choices[0].message.content is not None
+    assert not orphan.exists()
