@@ -176,6 +176,12 @@ class AdapterRegistry:
     def entries(self) -> list[AdapterEntry]:
         return sorted(self._entries.values(), key=lambda e: e.id)
 
+    def read_weights(self, adapter_id: str) -> AdapterWeights:
+        """The adapter's weights read afresh from its stored files (blocking: a worker thread); a
+        training job starts from them, and the served copy is never touched."""
+        entry = self._servable(adapter_id)
+        return self._read(self.blobs.path(entry.record.content_hash))
+
     def stats(self, adapter_id: str) -> AdapterStats | None:
         return self._stats.get(adapter_id)
 

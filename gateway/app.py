@@ -23,7 +23,7 @@ from adapters.runtime import AdapterRuntime
 from adapters.store import SqliteAdapterStore, check_database
 from gateway.admin_key import resolve_admin_key
 from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops, tokenize
-from gateway.api import admin_training
+from gateway.api import admin_training, files as files_api, fine_tuning as fine_tuning_api
 from gateway.base_model import LoadedBase, load_base
 from gateway.engine import Engine
 from gateway.engines import build_engine
@@ -31,6 +31,9 @@ from gateway.kv_metrics import KVCacheCollector
 from gateway.paged_engine import PagedEngine
 from gateway.errors import install_error_handlers
 from gateway.experiments.service import ExperimentService, attach_experiments
+from gateway.files.service import FileService
+from gateway.fine_tuning.service import FineTuning
+from gateway.fine_tuning.wiring import FILES_DIR, attach_fine_tuning
 from gateway.generation import GenerationService, RequestRecord
 from gateway.auth import AccessGuard
 from gateway.keys import KeyRing
@@ -63,6 +66,8 @@ class Gateway:
     draining: bool = False  # shutting down: /readyz and new /v1 requests answer 503 (gateway/shutdown.py)
     experiments: ExperimentService | None = None
     training: TrainingJobs | None = None
+    files: FileService | None = None  # /v1/files
+    fine_tuning: FineTuning | None = None  # /v1/fine_tuning/jobs, over ``training``
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # inference keys and their limits
 
 
@@ -80,7 +85,7 @@ def check_data_dir(settings: Settings) -> None:
     """Raise ``DatabaseUnusableError`` when the database is damaged, or lost while the files it
     described remain (the registry would forget them): the operator decides, never the gateway."""
     data = settings.data_dir
-    check_database(data / DATABASE_FILE, (data / "adapter-store", data / "training"))
+    check_database(data / DATABASE_FILE, (data / "adapter-store", data / "training", data / FILES_DIR))
 
 
 def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway:
@@ -124,6 +129,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     gateway.experiments = attach_experiments(settings.data_dir / DATABASE_FILE, settings, service, registry,
                                              metrics.registry)
     gateway.training = attach_training(gateway, settings.data_dir / DATABASE_FILE)
+    gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, settings.data_dir / DATABASE_FILE)
     return gateway
 
 
@@ -170,6 +176,7 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
         gateway.engine.start()  # installs run on the engine thread
         await asyncio.to_thread(clear_staging, settings.data_dir / "staging")
         await gateway.registry.start()
+        await gateway.files.start()
         await gateway.training.start()  # after the registry: a resumed job may register its result
         if settings.adapters_dir is not None:
             await load_adapters_dir(gateway, settings.adapters_dir)
@@ -181,6 +188,7 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
             gateway.ready = False
             await asyncio.to_thread(gateway.engine.stop)
             await gateway.training.close()  # a running job resumes from its checkpoint at the next start
+            await gateway.files.close()
             await gateway.registry.close()
             await asyncio.to_thread(gateway.experiments.close)
             if gateway.service.grammars is not None:
@@ -196,6 +204,8 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
     app.include_router(admin_experiments.router)
     app.include_router(feedback.router)
     app.include_router(admin_training.router)
+    app.include_router(files_api.router)
+    app.include_router(fine_tuning_api.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

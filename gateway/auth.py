@@ -2,7 +2,8 @@
 
 ``AccessGuard`` is ASGI middleware in front of every route. For each HTTP request it:
 
-1. picks the area from the path: open probes and docs (``OPEN_PATHS``), ``/admin`` (admin key),
+1. picks the area from the path: open probes and docs (``OPEN_PATHS``), ``/admin``, ``/v1/files``
+   and ``/v1/fine_tuning`` (admin key),
    everything else (inference keys, when any are configured) — unknown paths are guarded too;
 2. checks the bearer key (401 in OpenAI's shape), then the key's concurrency and request-rate
    limits (429 with Retry-After); nothing of the body has been read at that point, so a client
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
 ADMIN_PREFIX = "/admin"
+# OpenAI-shaped routes that change what is served (uploads for training, fine-tuning jobs on the
+# resident model): they take the admin key, as /admin does
+ADMIN_V1_PREFIXES = ("/v1/files", "/v1/fine_tuning")
 OPEN_BODY_BYTES = 64 * 1024
 
 # for OpenAPI only (the guard does the checking): lets generated clients and fuzzers send keys
@@ -51,7 +55,7 @@ def key_matches(token: str | None, key: str) -> bool:
 
 
 def is_admin_path(path: str) -> bool:
-    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in (ADMIN_PREFIX, *ADMIN_V1_PREFIXES))
 
 
 def rate_limit_error(refusal: Refusal) -> RateLimitError:

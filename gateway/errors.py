@@ -40,6 +40,8 @@ from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
     UnknownArmModelError,
 )
+from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError
+from gateway.fine_tuning.errors import FineTuningRequestError
 from gateway.training.errors import (
     TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
 )
@@ -183,6 +185,10 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     TrainingJobStateError: ErrorSpec(409, "conflict_error", "conflict"),
     TooManyTrainingJobsError: ErrorSpec(429, "rate_limit_error", "too_many_jobs"),
     TrainingStoreError: ErrorSpec(503, "server_error", "storage_unavailable", retry_after=5),
+    FileNotFound: ErrorSpec(404, "not_found_error", "file_not_found"),
+    FileInUseError: ErrorSpec(409, "conflict_error", "file_in_use"),
+    FileRequestError: ErrorSpec(400, "invalid_request_error", "invalid_file_request"),
+    FineTuningRequestError: ErrorSpec(400, "invalid_request_error", "invalid_fine_tuning_request"),
 }
 
 

@@ -157,6 +157,8 @@ class GenerationService:
         self.token_strings = TokenStrings(tokenizer)  # logprobs' token texts and bytes
         self.grammars: Grammars | None = None  # structured outputs (set by the app)
         self.model_router: ModelRouter | None = None  # experiments pick a model for their name
+        # other names of registered adapters (fine-tuning's ft:... names): name -> adapter id, or None
+        self.model_aliases: Callable[[str], str | None] | None = None
         self.observers: list[RecordObserver] = []  # each gets every finished RequestRecord
 
     # ---- request checks ---------------------------------------------------------------------
@@ -164,9 +166,12 @@ class GenerationService:
         """The adapter id a model name stands for; None for the base model."""
         if model == self.base_name:
             return None
-        if model not in self.registry:
+        if model in self.registry:
+            return model
+        alias = self.model_aliases(model) if self.model_aliases is not None else None
+        if alias is None or alias not in self.registry:
             raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
-        return model
+        return alias
 
     def begin(self, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str],
               endpoint: Literal["chat", "completions"]) -> RequestRecord:

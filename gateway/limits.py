@@ -11,7 +11,7 @@ from gateway.errors import PayloadTooLargeError
 
 # (method, path) of the routes that take uploads (multipart): they get ``max_upload_bytes``; every
 # other /admin route gets ``max_admin_json_bytes``. A test checks each exists in the app.
-UPLOAD_ROUTES = frozenset({("POST", "/admin/adapters"), ("POST", "/admin/training-jobs")})
+UPLOAD_ROUTES = frozenset({("POST", "/admin/adapters"), ("POST", "/admin/training-jobs"), ("POST", "/v1/files")})
 
 
 def is_upload(scope: Scope) -> bool:

@@ -123,9 +123,11 @@ class Settings(BaseSettings):
         "Most of the engine's wall time training may take while requests are served (0.25: requests "
         "take about 1.33x as long); with no requests, training runs at full speed."))
     max_training_dataset_bytes: int = Field(32 * 1024 * 1024, ge=1, description=(
-        "Largest training dataset upload (JSONL)."))
+        "Largest training dataset upload (JSONL), and largest /v1/files upload."))
     max_training_dataset_lines: int = Field(100_000, ge=1, description="Most records in a training dataset.")
     max_training_jobs: int = Field(16, ge=1, description="Training jobs queued or running at once.")
+    max_files: int = Field(1000, ge=1, description=(
+        "Most files /v1/files keeps at once (each at most max_training_dataset_bytes)."))
     training_artifact_retention_seconds: float = Field(86400.0, ge=0, description=(
         "How long the dataset and checkpoints of a failed or cancelled training job are kept (to look "
         "at them) before they are removed; 0 removes them when the job ends. A succeeded job's are "

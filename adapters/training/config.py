@@ -34,6 +34,9 @@ class TrainingConfig(BaseModel):
         "Register the adapter for serving when training succeeds."))
     register_only_if_improved: bool = Field(False, description=(
         "Register only if the eval loss after training is lower than before."))
+    init_adapter: str | None = Field(None, pattern=ADAPTER_ID_PATTERN, description=(
+        "A registered adapter whose weights training starts from (continued training); its kind must be "
+        "``kind``, and its own settings (rank, targets, virtual tokens) replace the kind's fields here."))
 
     # LoRA
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")

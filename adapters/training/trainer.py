@@ -33,7 +33,7 @@ from adapters.training.checkpoint import (
     CheckpointError, load_latest, optimizer_tensors, restore_optimizer, save_checkpoint,
 )
 from adapters.training.config import TrainingConfig, learning_rate_at
-from adapters.training.trainable import TrainableAdapter, build_trainable
+from adapters.training.trainable import TrainableAdapter, build_trainable, trainable_from_weights
 from adapters.training_data import IGNORE_INDEX, TrainingExample
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,13 @@ def adapter_forward(runtime, adapter: TrainableAdapter, ids: torch.Tensor, mask:
 
 class TrainingRun:
     def __init__(self, runtime, tokenizer, config: TrainingConfig, train: list[TrainingExample],
-                 eval_examples: list[TrainingExample], checkpoint_dir: Path | None = None):
+                 eval_examples: list[TrainingExample], checkpoint_dir: Path | None = None,
+                 initial: AdapterWeights | None = None):
+        """``initial``: the weights to start from (``config.init_adapter``'s), else a fresh init."""
         if not train:
             raise ValueError("no training examples")
+        if initial is not None and initial.kind is not config.kind:
+            raise ValueError(f"the adapter to start from is {initial.kind.value}, not {config.kind.value}")
         self.runtime = runtime
         self.model = runtime.model
         self.config = config
@@ -156,7 +160,9 @@ class TrainingRun:
         self.checkpoint_dir = checkpoint_dir
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.model.requires_grad_(False)  # QLoRA-style: the base is frozen, only the adapter learns
-        self.adapter: TrainableAdapter | None = build_trainable(config, runtime, tokenizer)
+        self.adapter: TrainableAdapter | None = (
+            build_trainable(config, runtime, tokenizer) if initial is None
+            else trainable_from_weights(initial, runtime.device, config.seed))
         self.params = [p for p in self.adapter.parameters()]
         self.optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
             self.params, lr=learning_rate_at(config, 0, 1), weight_decay=config.weight_decay)

@@ -44,6 +44,9 @@ async def list_models(request: Request) -> ModelList:
               for e in gateway.registry.entries()]
     if gateway.experiments is not None:  # an experiment's name is a model clients can ask for
         cards += [ModelCard(id=e.name, created=int(e.created), root=base) for e in gateway.experiments.list()]
+    if gateway.fine_tuning is not None:  # ft:... names of fine-tuning results (their adapters are listed too)
+        cards += [ModelCard(id=name, created=int(created), parent=base, root=base)
+                  for name, created in gateway.fine_tuning.served_names()]
     return ModelList(data=cards)
 
 

@@ -1,7 +1,8 @@
 """The files of training jobs under ``root/<job id>/``, and when they go.
 
-``dataset.jsonl`` (the upload, kept so a restart can rebuild the same run), ``checkpoints/`` and
-``adapter/`` (the PEFT export). What each outcome keeps:
+``dataset.jsonl`` (the upload, kept so a restart can rebuild the same run), ``validation.jsonl``
+(a separate validation set, when the job has one), ``checkpoints/`` and ``adapter/`` (the PEFT
+export). What each outcome keeps:
 
 - succeeded: the dataset and checkpoints go at once; the export goes too once registered (the
   registry copied it into its own store), and stays as the job's result when it was not registered;
@@ -30,6 +31,9 @@ from gateway.training.store import CANCELLED, FAILED, SUCCEEDED, TrainingJobReco
 log = logging.getLogger(__name__)
 DATASET_FILE = "dataset.jsonl"
 DATASET_TMP = "dataset.tmp"
+VALIDATION_FILE = "validation.jsonl"
+VALIDATION_TMP = "validation.tmp"
+UPLOADS = {DATASET_FILE, DATASET_TMP, VALIDATION_FILE, VALIDATION_TMP}
 CHECKPOINTS = "checkpoints"
 EXPORT = "adapter"
 JOB_ID = re.compile(r"train-[0-9a-f]{12}")
@@ -46,6 +50,9 @@ class JobArtifacts:
     def dataset(self, job_id: str) -> Path:
         return self.folder(job_id) / DATASET_FILE
 
+    def validation(self, job_id: str) -> Path:
+        return self.folder(job_id) / VALIDATION_FILE
+
     def checkpoints(self, job_id: str) -> Path:
         return self.folder(job_id) / CHECKPOINTS
 
@@ -54,9 +61,16 @@ class JobArtifacts:
 
     def write_dataset(self, job_id: str, data: bytes) -> None:
         """Write the upload whole or not at all (a temporary file renamed into place)."""
-        path = self.dataset(job_id)
+        self._write(self.dataset(job_id), DATASET_TMP, data)
+
+    def write_validation(self, job_id: str, data: bytes) -> None:
+        """Write a separate validation set, like the upload (a failure removes the job's folder)."""
+        self._write(self.validation(job_id), VALIDATION_TMP, data)
+
+    @staticmethod
+    def _write(path: Path, tmp_name: str, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(DATASET_TMP)
+        tmp = path.with_name(tmp_name)
         try:
             tmp.write_bytes(data)
             tmp.replace(path)
@@ -77,7 +91,7 @@ class JobArtifacts:
             if not folder.is_dir():
                 continue
             if record.state == SUCCEEDED:
-                leftovers = [self.dataset(record.id), self.checkpoints(record.id)]
+                leftovers = [self.dataset(record.id), self.validation(record.id), self.checkpoints(record.id)]
                 if record.adapter_id is not None:
                     leftovers.append(self.export(record.id))
                 if any(p.exists() for p in leftovers):
@@ -102,7 +116,7 @@ class JobArtifacts:
         for folder in self.root.iterdir():
             if not JOB_ID.fullmatch(folder.name) or folder.name in known:
                 continue
-            upload_only = {p.name for p in folder.iterdir()} <= {DATASET_FILE, DATASET_TMP}
+            upload_only = {p.name for p in folder.iterdir()} <= UPLOADS
             if upload_only:
                 log.warning("removing %s: the upload of a training job whose record was never saved", folder)
                 self.remove(folder.name)

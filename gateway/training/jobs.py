@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from adapters.errors import AdapterConflictError, DatasetValidationError
-from adapters.kinds.base import AdapterLimits
+from adapters.errors import AdapterConflictError, AdapterError, DatasetValidationError
+from adapters.kinds.base import AdapterLimits, AdapterWeights
 from adapters.training.checkpoint import CheckpointError
 from adapters.training.config import TrainingConfig
-from adapters.training.prepare import check_limits, prepare_dataset
+from adapters.training.prepare import PreparedDataset, check_limits, prepare_dataset
 from adapters.training.trainer import TrainingRun
 from gateway.background import BackgroundWork
 from gateway.training.artifacts import JobArtifacts
@@ -90,10 +90,14 @@ class TrainingJobs:
     def __init__(self, *, runtime, tokenizer, store: TrainingJobStore, artifacts: JobArtifacts,
                  limits: TrainingLimits, register: Callable[[str, Path], Awaitable[str]],
                  unregister: Callable[[str], Awaitable[None]], check_adapter_id: Callable[[str], None],
-                 duty_cycle: float, retry_seconds: float = RETRY_SECONDS):
+                 duty_cycle: float, retry_seconds: float = RETRY_SECONDS,
+                 read_adapter: Callable[[str], AdapterWeights] | None = None):
         """``register(adapter_id, folder)`` validates and registers an exported adapter and returns its id;
         ``unregister(adapter_id)`` removes it again (a cancel that arrived while it was registered);
-        ``check_adapter_id`` raises (an ``AdapterError``) when an id could not be registered now."""
+        ``check_adapter_id`` raises (an ``AdapterError``) when an id could not be registered now;
+        ``read_adapter(adapter_id)`` reads a registered adapter's weights (blocking), for jobs that
+        start from one (``config.init_adapter``)."""
+        self._read_adapter = read_adapter
         self.runtime = runtime
         self.tokenizer = copy.deepcopy(tokenizer)  # worker threads tokenize; serving keeps its own
         self.store = store
@@ -158,13 +162,18 @@ class TrainingJobs:
         """Set at the next change of any record (then replaced): ``await jobs.changed.wait()``."""
         return self._changed
 
-    async def create(self, data: bytes, config: TrainingConfig) -> TrainingJobRecord:
+    async def create(self, data: bytes, config: TrainingConfig, *, validation: bytes | None = None,
+                     fine_tuning: dict | None = None) -> TrainingJobRecord:
         """Validate the dataset and config, then queue the job. Raises ``DatasetValidationError``
         (every bad line), ``ValueError`` (config), ``AdapterConflictError``, ``TooManyTrainingJobsError``
-        or ``TrainingStoreError`` (nothing is queued, nothing left on disk)."""
-        if len(data) > self.limits.max_dataset_bytes:
-            raise DatasetValidationError(
-                f"the dataset is {len(data)} bytes; the limit is {self.limits.max_dataset_bytes}")
+        or ``TrainingStoreError`` (nothing is queued, nothing left on disk).
+
+        ``validation``: a separate validation set (its eval loss replaces a held-out share of the
+        training data); ``fine_tuning``: what the OpenAI-style API was asked, kept on the record."""
+        for what, blob in (("dataset", data), ("validation set", validation or b"")):
+            if len(blob) > self.limits.max_dataset_bytes:
+                raise DatasetValidationError(
+                    f"the {what} is {len(blob)} bytes; the limit is {self.limits.max_dataset_bytes}")
         check_limits(config, self.limits.adapter)
         active = [r for r in self._records.values() if r.state not in TERMINAL]
         if len(active) >= self.limits.max_queued_jobs:
@@ -173,16 +182,19 @@ class TrainingJobs:
         job_id = f"train-{uuid.uuid4().hex[:12]}"
         adapter_id = config.adapter_id or job_id
         self._check_adapter_id(adapter_id, active)
-        prepared = await asyncio.to_thread(self._prepare, data, config)
+        prepared = await asyncio.to_thread(self._prepare, data, config, validation)
         try:
             await asyncio.to_thread(self.artifacts.write_dataset, job_id, data)
+            if validation is not None:
+                await asyncio.to_thread(self.artifacts.write_validation, job_id, validation)
         except OSError as exc:
             raise TrainingStoreError(f"the dataset could not be saved: {exc}") from None
         record = TrainingJobRecord(
             id=job_id, state=QUEUED, config=config.model_dump(mode="json", by_alias=True), created=time.time(),
             dataset={"format": prepared.format, "bytes": len(data), "train_examples": len(prepared.train),
                      "eval_examples": len(prepared.eval), "skipped_lines": len(prepared.problems),
-                     "problems": [list(p) for p in prepared.problems[:MAX_PROBLEMS_KEPT]]})
+                     "problems": [list(p) for p in prepared.problems[:MAX_PROBLEMS_KEPT]]},
+            fine_tuning=fine_tuning)
         self._records[job_id] = record
         if not await self._persist(record):
             del self._records[job_id]
@@ -229,9 +241,25 @@ class TrainingJobs:
             if (other.config.get("adapter_id") or other.id) == adapter_id:
                 raise AdapterConflictError(f"the training job {other.id} will register {adapter_id!r} already")
 
-    def _prepare(self, data: bytes, config: TrainingConfig):
-        return prepare_dataset(data, self.tokenizer, config, max_lines=self.limits.max_dataset_lines,
-                               max_line_bytes=self.limits.max_line_bytes, context_window=self.limits.context_window)
+    def _prepare(self, data: bytes, config: TrainingConfig, validation: bytes | None = None) -> PreparedDataset:
+        """Tokenize and split; with a separate validation set, all of ``data`` trains and the
+        validation set's examples are the eval split (its errors say 'validation file')."""
+        def prepare(blob: bytes, cfg: TrainingConfig) -> PreparedDataset:
+            return prepare_dataset(blob, self.tokenizer, cfg, max_lines=self.limits.max_dataset_lines,
+                                   max_line_bytes=self.limits.max_line_bytes, context_window=self.limits.context_window)
+
+        if validation is None:
+            return prepare(data, config)
+        whole = config.model_copy(update={"eval_fraction": 0.0})
+        train = prepare(data, whole)
+        try:
+            held = prepare(validation, whole)
+        except DatasetValidationError as exc:
+            error = DatasetValidationError(f"validation file: {exc}", exc.problems)
+            error.param = "validation_file"  # read by gateway.errors
+            raise error from None
+        return PreparedDataset(format=train.format, train=train.train, eval=held.train,
+                               problems=train.problems + held.problems)
 
     # ---- scheduling (event loop) ----------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -281,7 +309,7 @@ class TrainingJobs:
         self._preparing = True
         try:
             run = await asyncio.to_thread(self._build_run, record, config)
-        except (CheckpointError, DatasetValidationError, OSError, ValueError) as exc:
+        except (AdapterError, CheckpointError, DatasetValidationError, OSError, ValueError) as exc:
             if record.state not in TERMINAL:  # unless cancelled meanwhile
                 await self._end(record, FAILED, f"cannot start: {exc}")
             return
@@ -317,9 +345,16 @@ class TrainingJobs:
 
     def _build_run(self, record: TrainingJobRecord, config: TrainingConfig) -> TrainingRun:
         data = self.artifacts.dataset(record.id).read_bytes()
-        prepared = self._prepare(data, config)
+        validation_path = self.artifacts.validation(record.id)
+        validation = validation_path.read_bytes() if validation_path.is_file() else None
+        prepared = self._prepare(data, config, validation)
+        initial = None
+        if config.init_adapter is not None:
+            if self._read_adapter is None:
+                raise ValueError("this gateway cannot start training from a registered adapter")
+            initial = self._read_adapter(config.init_adapter)
         run = TrainingRun(self.runtime, self.tokenizer, config, prepared.train, prepared.eval,
-                          self.artifacts.checkpoints(record.id))
+                          self.artifacts.checkpoints(record.id), initial=initial)
         run.resume()
         return run
 

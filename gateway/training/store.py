@@ -34,6 +34,9 @@ class TrainingJobRecord:
     error: str | None = None
     adapter_id: str | None = None  # the registered adapter, once succeeded
     note: str | None = None  # e.g. why a finished adapter was not registered
+    # what a job created through /v1/fine_tuning/jobs was asked (model, files, suffix, metadata,
+    # method); None for jobs of the admin API (gateway.fine_tuning.views shows both)
+    fine_tuning: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,7 +41,7 @@ def attach_training(gateway, database: Path) -> TrainingJobs:
                         artifacts=JobArtifacts(settings.data_dir / "training",
                                                settings.training_artifact_retention_seconds),
                         limits=limits, register=register, unregister=unregister, check_adapter_id=check_adapter_id,
-                        duty_cycle=settings.training_duty_cycle)
+                        duty_cycle=settings.training_duty_cycle, read_adapter=gateway.registry.read_weights)
     gateway.engine.set_background(jobs.background)
     register_training_metrics(gateway.metrics.registry, jobs)
     return jobs

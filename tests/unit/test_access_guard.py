@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.auth import is_admin_path
 from gateway.base_model import LoadedBase
 from gateway.limits import UPLOAD_ROUTES
 from gateway.settings import Settings
@@ -111,9 +112,10 @@ def declared_routes() -> set[tuple[str, str]]:
     return found
 
 
-def api_routes(client, prefix: str) -> list[tuple[str, str]]:
+def api_routes(client, prefix: str, admin: bool | None = None) -> list[tuple[str, str]]:
+    """Routes under ``prefix``; with ``admin``, only those in (True) or out of (False) the admin area."""
     return sorted((method, re.sub(r"\{[^}]+\}", "x", path)) for method, path in declared_routes()
-                  if path.startswith(prefix))
+                  if path.startswith(prefix) and (admin is None or is_admin_path(path) == admin))
 
 
 # ---- auth before body ------------------------------------------------------------------------------
@@ -121,8 +123,8 @@ def api_routes(client, prefix: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-xyz"}, ALPHA],
                          ids=["no-key", "wrong-key", "inference-key"])
 def test_600mb_to_any_admin_route_without_the_admin_key_is_never_read(client, headers, declare_length):
-    routes = api_routes(client, "/admin")
-    assert len(routes) >= 15
+    routes = api_routes(client, "/", admin=True)  # /admin, and /v1/files + /v1/fine_tuning
+    assert len(routes) >= 25 and ("POST", "/v1/fine_tuning/jobs") in routes
     for method, path in routes:
         body = CountingBody(600 * MB)
         status, _, content = call(client, method, path, {**headers, "content-type": "application/json"}, body,
@@ -135,7 +137,7 @@ def test_600mb_to_any_admin_route_without_the_admin_key_is_never_read(client, he
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-xyz"}, ADMIN],
                          ids=["no-key", "wrong-key", "admin-key"])
 def test_600mb_to_any_v1_route_without_an_inference_key_is_never_read(client, headers):
-    routes = api_routes(client, "/v1") + [("POST", "/v1/no-such-route"), ("POST", "/not-a-route")]
+    routes = api_routes(client, "/v1", admin=False) + [("POST", "/v1/no-such-route"), ("POST", "/not-a-route")]
     for method, path in routes:
         body = CountingBody(600 * MB)
         status, _, content = call(client, method, path, {**headers, "content-type": "application/json"}, body,
@@ -308,7 +310,7 @@ def test_openapi_is_valid_and_describes_every_body(client):
     for (method, path), op in operations.items():
         if method in ("POST", "PATCH") and not path.endswith(("/stop", "/pin", "/unpin", "/load", "/cancel")):
             assert "requestBody" in op, (method, path)
-        if path.startswith("/admin"):
+        if is_admin_path(path):
             assert op["security"] == [{"AdminKey": []}], (method, path)
         elif path.startswith("/v1"):
             assert op["security"] == [{"InferenceKey": []}], (method, path)

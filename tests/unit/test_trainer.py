@@ -193,3 +193,22 @@ def test_schedules():
     assert learning_rate_at(cosine, 4, 6) == pytest.approx(0.5)
     constant = cfg.model_copy(update={"lr_schedule": "constant"})
     assert learning_rate_at(constant, 5, 6) == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_run_starts_from_given_weights_and_continues_them(base, kind, tiny_tokenizer):
+    cfg = config(kind, max_steps=3, lr_schedule="constant")
+    prepared = prepare_dataset(dataset_bytes(), tiny_tokenizer, cfg)
+    first = TrainingRun(make_runtime(base), tiny_tokenizer, cfg, prepared.train, prepared.eval)
+    run_to_end(first)
+    trained = first.weights()
+    second = TrainingRun(make_runtime(base), tiny_tokenizer, cfg.model_copy(update={"init_adapter": "first"}),
+                         prepared.train, prepared.eval, initial=trained)
+    start = second.weights()
+    for before, after in zip(trained.tensors(), start.tensors(), strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    second.micro_step()  # the eval before training: the first run's loss at its end
+    assert second.progress.eval_loss_before == pytest.approx(first.progress.eval_loss_after, rel=1e-5)
+    other = "ia3" if kind != "ia3" else "lora"
+    with pytest.raises(ValueError, match="start from"):
+        TrainingRun(make_runtime(base), tiny_tokenizer, config(other), prepared.train, prepared.eval, initial=trained)
