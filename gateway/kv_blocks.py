@@ -9,13 +9,20 @@ cache may be shared by several sequences. A *full* block gets a content key, a d
 share the same keys and values at those positions, because LoRA and IA3 change k and v and the
 key covers the adapter. When its last reference goes, a keyed block is not freed but kept as
 *cached* (least recently released first out); an unkeyed one goes back to the free list.
+
+Placement: any block serves any sequence, but a sequence whose blocks are consecutive in the pool
+can be read in place (``gateway.paged_attention`` attends long rows over views of their runs
+instead of copying them). So a sequence grows into the block after its last when that one is
+free, and a sequence that starts (or cannot grow in place) takes the lowest free run with room
+for what it is expected to need, outside the ranges the others are expected to grow into;
+failing that, the lowest free block. Lowest first keeps the touched part of the pool small.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 class OutOfBlocksError(Exception):
@@ -49,7 +56,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
-        self._free: collections.deque[int] = collections.deque(range(num_blocks))
+        self._is_free = bytearray(b"\x01" * num_blocks)  # 1 where a block is free (searched with ``find``)
+        self._free_count = num_blocks
         self._refs = [0] * num_blocks
         self._key_of: dict[int, bytes] = {}  # block -> content key (full blocks only)
         self._by_key: dict[bytes, int] = {}  # content key -> block
@@ -61,7 +69,7 @@ class BlockManager:
     @property
     def used(self) -> int:
         """Blocks referenced by at least one sequence."""
-        return self.num_blocks - len(self._free) - len(self._cached)
+        return self.num_blocks - self._free_count - len(self._cached)
 
     @property
     def cached(self) -> int:
@@ -71,20 +79,40 @@ class BlockManager:
     @property
     def available(self) -> int:
         """Blocks an allocation can take: free ones and cached ones (evicted on demand)."""
-        return len(self._free) + len(self._cached)
+        return self._free_count + len(self._cached)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
     # ---- allocation --------------------------------------------------------------------------
-    def allocate(self) -> int:
-        if self._free:
-            block = self._free.popleft()
+    def allocate(self, after: int | None = None, room: int = 1,
+                 avoid: Callable[[], Iterable[tuple[int, int]]] | None = None) -> int:
+        """A block for a sequence whose last block is ``after`` (None: its first), expected to
+        need ``room`` more blocks (this one included). When it cannot grow into the block after
+        ``after``, it starts a new run outside the ranges ``avoid()`` names (where other sequences
+        are expected to grow) if it can."""
+        if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
+            block = after + 1
+        elif self._free_count:
+            candidates = bytearray(self._is_free)
+            for start, end in avoid() if avoid is not None else ():
+                start, end = max(start, 0), min(end, self.num_blocks)
+                if end > start:
+                    candidates[start:end] = bytes(end - start)
+            block = candidates.find(b"\x01" * max(1, room))
+            if block < 0:
+                block = candidates.find(1)
+            if block < 0:
+                block = self._is_free.find(1)
         elif self._cached:
             block, _ = self._cached.popitem(last=False)
             del self._by_key[self._key_of.pop(block)]
+            self._refs[block] = 1
+            return block
         else:
             raise OutOfBlocksError("the KV cache has no free block")
+        self._is_free[block] = 0
+        self._free_count -= 1
         self._refs[block] = 1
         return block
 
@@ -98,7 +126,8 @@ class BlockManager:
                 if block in self._key_of:
                     self._cached[block] = None
                 else:
-                    self._free.append(block)
+                    self._is_free[block] = 1
+                    self._free_count += 1
 
     # ---- prefix cache ------------------------------------------------------------------------
     def match_prefix(self, keys: Sequence[bytes]) -> list[int]:
@@ -130,8 +159,8 @@ class BlockManager:
 
     def check(self) -> None:
         """Invariants (tests): every block is exactly one of free, cached or referenced."""
-        free, cached = set(self._free), set(self._cached)
-        assert len(free) == len(self._free) and not free & cached
+        free, cached = {b for b in range(self.num_blocks) if self._is_free[b]}, set(self._cached)
+        assert len(free) == self._free_count and not free & cached
         for block in range(self.num_blocks):
             refs = self._refs[block]
             assert refs >= 0

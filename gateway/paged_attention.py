@@ -13,7 +13,9 @@ attention function, registered as ``gateway_paged``, then
      causal with the chunk's offset;
    - decode tokens (one query each) in groups of similar context length, gathered to the
      group's longest context and masked, so a long row never pads the short ones.
-   Keys and values are gathered with one ``index_select`` of (head, block) runs straight into
+   A long decode row whose blocks form a few runs of consecutive blocks (the block manager
+   places them so) is attended in place instead, over views of those runs: its keys and values
+   are read once, never copied. Elsewhere keys and values are gathered with one ``index_select`` of (head, block) runs straight into
    SDPA's ``[rows, kv_heads, positions, head_dim]`` layout, contiguous, so the kernel reads them
    without another copy. A decode query is one position, so the query heads that share a KV head
    are folded into that head's query length (``[rows, kv_heads, heads / kv_heads, head_dim]``):
@@ -68,10 +70,20 @@ class DecodeGroup:
 
 
 @dataclass
+class DecodeRuns:
+    """A single-token query at packed index ``q_index`` whose context lies in a few runs of
+    consecutive pool slots, ``(first slot, positions)`` in order: attended in place, no copy."""
+
+    q_index: int
+    runs: list[tuple[int, int]]
+
+
+@dataclass
 class PagedStep:
     write_slots: torch.Tensor  # [N] long: pool slot of every packed token
     chunks: list[PrefillChunk] = field(default_factory=list)
     groups: list[DecodeGroup] = field(default_factory=list)
+    in_place: list[DecodeRuns] = field(default_factory=list)
     # prefix tuning: (pool slots of a row's virtual positions, [layers * 2, n, kv_heads, d] keys and
     # values for them); written over what the layers compute there, before attention reads them
     prefixes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -186,6 +198,17 @@ def _attend(pool: KVPool, layer: int, query: torch.Tensor, key: torch.Tensor, va
         qg = q.index_select(1, group.q_index).transpose(0, 1).reshape(rows, kv_heads, heads // kv_heads, d)
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=group.bias, scale=scaling)
         out.index_copy_(0, group.q_index, o.reshape(rows, heads, d))
+    scale = scaling if scaling is not None else d ** -0.5
+    for row in step.in_place:
+        qr = q[:, row.q_index].view(kv_heads, heads // kv_heads, d)  # [kv_heads, heads / kv_heads, d]
+        # scores over every run, [kv_heads, heads / kv_heads, positions]; the runs are views of the pool
+        scores = torch.cat([torch.matmul(qr, keys[:, s:s + n].transpose(1, 2)) for s, n in row.runs], dim=-1)
+        probs = (scores.float() * scale).softmax(-1).to(q.dtype)
+        o, seen = None, 0
+        for s, n in row.runs:
+            part = torch.matmul(probs[..., seen:seen + n], values[:, s:s + n].to(q.dtype))
+            o, seen = part if o is None else o + part, seen + n
+        out[row.q_index] = o.reshape(heads, d)
     return out.unsqueeze(0)
 
 

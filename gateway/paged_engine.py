@@ -129,12 +129,24 @@ class PagedEngine(Engine):
         for seq, count in plan:
             while not seq.done and seq in self._running and len(seq.blocks) * bs < seq.computed + count:
                 try:
-                    seq.blocks.append(self.blocks.allocate())
+                    seq.blocks.append(self.blocks.allocate(after=seq.blocks[-1] if seq.blocks else None,
+                                                           room=self._growth(seq),
+                                                           avoid=lambda seq=seq: self._growth_ranges(seq)))
                 except OutOfBlocksError:
                     victim = self._running[-1]
                     self._preempt(victim)
                     planned = [p for p in planned if p[0] is not victim]
         return planned
+
+    def _growth(self, seq: _Sequence) -> int:
+        """Blocks ``seq`` is still expected to take: until it has generated all it may."""
+        expected = seq.virtual_tokens + len(seq.request.prompt_ids) + seq.max_new
+        return max(1, self.blocks.blocks_for(expected) - len(seq.blocks))
+
+    def _growth_ranges(self, placing: _Sequence):
+        """Where the other running sequences are expected to grow (past their last block)."""
+        return [(s.blocks[-1] + 1, s.blocks[-1] + 1 + self._growth(s))
+                for s in self._running if s.blocks and s is not placing]
 
     def _preempt(self, seq: _Sequence) -> None:
         log.info("KV cache full: preempting a sequence of %d positions (it will be recomputed)", seq.computed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.runtime import AdapterRuntime
-from gateway.paged_attention import DecodeGroup, KVPool, PagedStep, PrefillChunk
+from gateway.paged_attention import DecodeGroup, DecodeRuns, KVPool, PagedStep, PrefillChunk
 
 
 @dataclass
@@ -38,6 +38,11 @@ class PagedRunner:
     # decode rows whose context is shorter than this share of their group's longest start a new
     # group: gathering pads each row to its group's longest context, so this bounds that waste
     DECODE_GROUP_RATIO = 0.5
+    # a decode row with at least this much context, held in at most IN_PLACE_MAX_RUNS runs of
+    # consecutive blocks, is attended in place (CPU: a copy costs there what the attention costs;
+    # below this length a row's own small matmuls cost more than its share of a group's copy)
+    IN_PLACE_MIN_CONTEXT = 512
+    IN_PLACE_MAX_RUNS = 8
 
     def __init__(self, model: torch.nn.Module, runtime: AdapterRuntime, pool: KVPool):
         self.model = model
@@ -45,6 +50,7 @@ class PagedRunner:
         self.pool = pool
         self.device = runtime.device
         self.embed = model.get_input_embeddings()
+        self.in_place = self.device.type == "cpu"
         runtime.kv_prefixes = True  # this runner places prefix-tuning keys and values in the pool
 
     def virtual_tokens(self, slot: int) -> int:
@@ -104,6 +110,13 @@ class PagedRunner:
                                            gather=self.pool.gather_index(table)))
             offset += count
         self.pool.clear_up_to(highest + 1)
+        in_place = []
+        if self.in_place:
+            for entry in [d for d in decodes if d[1].start + 1 >= self.IN_PLACE_MIN_CONTEXT]:
+                runs = _runs(entry[2], entry[1].start + 1, bs)
+                if len(runs) <= self.IN_PLACE_MAX_RUNS:
+                    in_place.append(DecodeRuns(q_index=entry[0], runs=runs))
+                    decodes.remove(entry)
         groups: list[DecodeGroup] = []
         decodes.sort(key=lambda d: d[1].start, reverse=True)
         while decodes:
@@ -121,7 +134,8 @@ class PagedRunner:
             q_index = torch.tensor([q for q, _, _ in members], dtype=torch.long, device=self.device)
             groups.append(DecodeGroup(q_index=q_index, gather=self.pool.gather_index(read),
                                       bias=bias.view(len(members), 1, 1, -1)))
-        return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups, prefixes=prefixes)
+        return PagedStep(write_slots=torch.cat(writes), chunks=chunks, groups=groups, in_place=in_place,
+                         prefixes=prefixes)
 
     @torch.inference_mode()
     def forward(self, items: Sequence[StepItem]) -> torch.Tensor:
@@ -150,6 +164,22 @@ class PagedRunner:
 def logit_rows(item: StepItem) -> int:
     """How many rows of ``PagedRunner.forward``'s logits belong to ``item``."""
     return len(item.entries) if item.all_logits else int(item.want_logits)
+
+
+def _runs(blocks: Sequence[int], length: int, block_size: int) -> list[tuple[int, int]]:
+    """The first ``length`` positions of a sequence with block table ``blocks`` as runs of
+    consecutive pool slots: ``[(first slot, positions)]``."""
+    runs: list[tuple[int, int]] = []
+    previous = None
+    for index, block in enumerate(blocks[:-(-length // block_size)]):
+        count = min(block_size, length - index * block_size)
+        if previous is not None and block == previous + 1:
+            first, n = runs[-1]
+            runs[-1] = (first, n + count)
+        else:
+            runs.append((block * block_size, count))
+        previous = block
+    return runs
 
 
 def _logit_positions(items: Sequence[StepItem]):

@@ -162,6 +162,48 @@ def test_chunked_prefill_of_a_prefix_tuning_row_matches_peft(mixed, name):
     assert rel_err(logits[-1], ref_logits(refs["base"], ids)) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["base", "lora", "ia3", "prompt11", "prefix4", "dora"])
+def test_decode_rows_in_place_and_gathered_in_one_forward_match_peft(mixed, name, monkeypatch):
+    """Two decode rows of one adapter in one forward: one whose blocks form three runs (attended
+    in place, over views of the pool) and one scattered over more runs than that path takes
+    (gathered); each gives PEFT's logits for its prompt plus the decoded token."""
+    runtime, slots, refs = mixed
+    runner = make_runner(runtime)
+    monkeypatch.setattr(runner, "IN_PLACE_MIN_CONTEXT", 1)
+    runs_table = list(range(10, 14)) + list(range(30, 33)) + list(range(50, 60))  # 3 runs
+    scattered = list(range(100, 240, 7))  # 20 runs of one block
+    rows = []
+    for table, seed in ((runs_table, 1), (scattered, 2)):
+        ids = prompt_ids(41, seed=70 + seed)
+        entries = virtual_entries(runner.virtual_tokens(slots[name])) + ids
+        first = runner.forward([StepItem(slots[name], entries, 0, table)])
+        token = int(first[-1].argmax())
+        rows.append((ids + [token], StepItem(slots[name], [token], len(entries), table)))
+    items = [item for _, item in rows]
+    plan = runner._plan(items)
+    assert len(plan.in_place) == 1 and len(plan.in_place[0].runs) == 3 and len(plan.groups) == 1
+    logits = runner.forward(items)
+    for row, (ids, _) in enumerate(rows):
+        assert rel_err(logits[row], ref_logits(refs[name], ids)) <= TOL
+
+
+def test_engine_greedy_text_in_place_matches_peft(mixed, tiny_tokenizer, monkeypatch):
+    """Every variant through the engine with every decode row attended in place (its blocks are
+    placed in runs: the block manager grows a row into the block after its last)."""
+    monkeypatch.setattr(PagedRunner, "IN_PLACE_MIN_CONTEXT", 1)
+    runtime, slots, refs = mixed
+    names = list(slots)
+    prompts = {n: prompt_ids(6 + 3 * i, seed=80 + i) for i, n in enumerate(names)}
+    engine = make_engine(runtime, tiny_tokenizer)
+    planned = []
+    original = engine.runner._plan
+    engine.runner._plan = lambda items: planned.append(original(items)) or planned[-1]
+    got, _ = run_greedy(engine, [(prompts[n], slots[n], n) for n in names])
+    for name, tokens in zip(names, got, strict=True):
+        assert tokens == ref_greedy(refs[name], prompts[name]), name
+    assert sum(len(step.in_place) for step in planned) >= len(names) * (STEPS - 1) // 2
+
+
 def test_engine_greedy_text_matches_peft_with_chunks_and_mixed_kinds(mixed, tiny_tokenizer):
     """Every variant and the base at once through the engine (prefills chunked by a budget of 8
     tokens per step while others decode): each row's greedy tokens equal PEFT's alone."""
@@ -263,6 +305,21 @@ def test_blocks_are_shared_cached_then_evicted_lru():
     assert m.match_prefix(keys) == []  # the chain starts at the evicted block: no hit
     with pytest.raises(OutOfBlocksError):
         m.allocate(), m.allocate()
+    m.check()
+
+
+def test_a_sequence_grows_into_the_next_block_and_starts_where_it_has_room():
+    m = BlockManager(num_blocks=16, block_size=4)
+    a = [m.allocate(room=4)]
+    b = [m.allocate(room=4, avoid=lambda: [(a[-1] + 1, a[-1] + 4)])]
+    assert a == [0] and b == [4]  # b starts past the room a is expected to grow into
+    a += [m.allocate(after=a[-1]) for _ in range(3)]
+    assert a == [0, 1, 2, 3]
+    a.append(m.allocate(after=a[-1], room=2, avoid=lambda: [(b[-1] + 1, b[-1] + 4)]))
+    assert a[-1] == 8  # block 4 is b's, 5-7 are where b grows: the lowest run of 2 past them
+    m.release(b)
+    assert m.allocate(room=20) == 4  # no run that long: the lowest free block
+    assert m.allocate(avoid=lambda: [(0, 16)]) == 5  # everything avoided: still any free block
     m.check()
 
 
