@@ -98,7 +98,7 @@ class ChatCompletionRequest(_GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     # function calling: checked in gateway.tool_calls (errors name e.g. tools[3].function.parameters)
     tools: list[Any] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or a named function
     parallel_tool_calls: bool | None = None  # None: true, as OpenAI
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
