@@ -281,8 +281,9 @@ class GenerationService:
         self._check_chars(chat.texts, "messages")
         try:
             # control tokens typed in a message stay plain text: only the template writes turns
-            ids = await asyncio.to_thread(render_chat, self.tokenizer, chat.messages, generation_prompt=generation_prompt,
-                                          kwargs=self._template_kwargs, tools=chat.tools)
+            ids = await asyncio.to_thread(render_chat, self.tokenizer, chat.messages,
+                                          generation_prompt=generation_prompt, kwargs=self._template_kwargs,
+                                          tools=chat.tools)
         except TemplateError as exc:  # the template's own raise_exception(), e.g. roles out of order
             raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
         return self._check_length(ids, "messages") if check_length else ids

@@ -67,7 +67,8 @@ def check_schema(schema: Any, path: str = "", depth: int = 0, *, param: str = "r
         if key not in ENFORCED:
             raise _refuse(param, f"the JSON schema keyword '{key}' (at {where}) is not supported by structured outputs")
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
-            raise _refuse(param, f"'allOf' with more than one schema (at {where}) is not supported by structured outputs")
+            raise _refuse(param, f"'allOf' with more than one schema (at {where}) is not supported by "
+                                 "structured outputs")
         if key == "format" and value not in FORMATS:
             raise _refuse(param, f"the string format {str(value)[:40]!r} (at {where}) is not supported; supported: "
                           + ", ".join(sorted(FORMATS)))

@@ -23,8 +23,9 @@ def tool_message(text: str, reason: str | None) -> tuple[dict[str, Any], str | N
     content = parser.content if parser.content.strip() or not parser.calls else None
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if parser.calls:
-        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                 for c in parser.calls]
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in parser.calls]
     return message, finish_reason(reason, parser)
 
 

@@ -266,7 +266,8 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "argumen
     ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [CALL]},
       {"role": "tool", "tool_call_id": "call_2", "content": "r"}], "messages[2].tool_call_id"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
-        {**CALL, "function": {"name": "add", "arguments": "{not json"}}]}], "messages[1].tool_calls[0].function.arguments"),
+        {**CALL, "function": {"name": "add", "arguments": "{not json"}}]}],
+     "messages[1].tool_calls[0].function.arguments"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{**CALL, "id": "a b"}]}],
      "messages[1].tool_calls[0].id"),
     ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "messages[0].tool_calls"),
