@@ -39,9 +39,13 @@ def as_ids(out) -> list[int]:
     return out
 
 
-def render_chat(tokenizer, messages: list[dict], *, generation_prompt: bool, kwargs: dict | None = None) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], *, generation_prompt: bool, kwargs: dict | None = None,
+                tools: list[dict] | None = None) -> list[int]:
     """Token ids of ``messages`` as the chat template writes them (``kwargs``: from
-    ``template_kwargs``, computed once by callers that render many chats)."""
+    ``template_kwargs``, computed once by callers that render many chats; ``tools``: function
+    definitions, for templates that render them)."""
     kwargs = template_kwargs(tokenizer) if kwargs is None else kwargs
+    if tools:
+        kwargs = {**kwargs, "tools": tools}
     return as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
                                                 tokenize=True, **kwargs))

@@ -20,6 +20,8 @@ from gateway.engine import Engine, EngineRequest, SequenceEvent
 from gateway.errors import BadRequestError, ModelNotFoundError
 from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.structured import Grammars
+from gateway.tool_calls import ToolSpec, parse_tools
+from gateway.tool_prompt import render_messages, template_has_tools
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id
 from gateway.sampling import SamplingParams, SamplingValueError
 from gateway.settings import Settings
@@ -154,6 +156,7 @@ class GenerationService:
         self.settings = settings
         self.max_prompt_tokens = min(settings.max_prompt_tokens or context_window, context_window)
         self._template_kwargs = template_kwargs(tokenizer)
+        self._native_tools = template_has_tools(tokenizer)  # else the gateway's tool format (gateway.tool_prompt)
         self.token_strings = TokenStrings(tokenizer)  # logprobs' token texts and bytes
         self.grammars: Grammars | None = None  # structured outputs (set by the app)
         self.model_router: ModelRouter | None = None  # experiments pick a model for their name
@@ -220,16 +223,35 @@ class GenerationService:
         except SamplingValueError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
 
-    async def constrain(self, params: SamplingParams, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-        """``params`` with the grammar of the request's ``response_format`` (compiled off the event
-        loop, cached per schema); unchanged for plain text."""
+    def tool_spec(self, body: ChatCompletionRequest) -> ToolSpec | None:
+        """The request's tools and tool choice, checked (None: no tools)."""
+        return parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls, max_tools=self.settings.max_tools,
+                           max_schema_bytes=self.settings.max_schema_bytes)
+
+    async def constrain(self, params: SamplingParams, body: ChatCompletionRequest | CompletionRequest,
+                        tools: ToolSpec | None = None) -> SamplingParams:
+        """``params`` with the grammar of the request's ``response_format`` or of its tool calls
+        (compiled off the event loop, cached); unchanged for plain text."""
         fmt = body.response_format
-        if fmt is None or fmt.type == "text":
+        structured = fmt is not None and fmt.type != "text"
+        if tools is not None and tools.constrained:
+            if structured:
+                raise BadRequestError("response_format cannot be combined with tools unless tool_choice is "
+                                      "'none'", param="response_format")
+            return dataclasses.replace(params, grammar=await self._tool_grammar(tools))
+        if not structured:
             return params
         if self.grammars is None:
             raise BadRequestError("structured outputs are not available on this server", param="response_format")
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
         return dataclasses.replace(params, grammar=await self.grammars.constraint(schema))
+
+    async def _tool_grammar(self, tools: ToolSpec):
+        if self.grammars is None:
+            raise BadRequestError("function calling is not available on this server", param="tools")
+        for i, function in enumerate(tools.functions):  # each schema checked alone: errors name their tool
+            await self.grammars.constraint(function.parameters, param=f"tools[{i}].function.parameters")
+        return await self.grammars.structural_tag(tools.structural_tag(), param="tools")
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; ids must be in the vocabulary
@@ -250,8 +272,8 @@ class GenerationService:
         return tuple(pairs)
 
     # ---- prompts: sizes are checked first, then templating and tokenization run off the event loop
-    async def chat_prompt(self, body: ChatCompletionRequest, *, generation_prompt: bool = True,
-                          check_length: bool = True) -> list[int]:
+    async def chat_prompt(self, body: ChatCompletionRequest, tools: ToolSpec | None = None, *,
+                          generation_prompt: bool = True, check_length: bool = True) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequestError(
                 f"the model '{self.base_name}' has no chat template; use /v1/completions, or start the "
@@ -259,16 +281,14 @@ class GenerationService:
         if len(body.messages) > self.settings.max_messages:
             raise BadRequestError(f"{len(body.messages)} messages; the limit is {self.settings.max_messages}",
                                   param="messages")
-        try:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in body.messages]
-        except ValueError as exc:
-            raise BadRequestError(str(exc), param="messages") from None
-        self._check_chars([m["content"] for m in messages], "messages")
+        # tool calls and results checked, and written as the template (or the gateway) writes them
+        chat = render_messages(body.messages, tools, self._native_tools)
+        self._check_chars(chat.texts, "messages")
         try:
             # control tokens typed in a message stay plain text: only the template writes turns
-            ids = await asyncio.to_thread(render_chat, self.tokenizer, messages, generation_prompt=generation_prompt,
-                                          kwargs=self._template_kwargs)
+            ids = await asyncio.to_thread(render_chat, self.tokenizer, chat.messages,
+                                          generation_prompt=generation_prompt, kwargs=self._template_kwargs,
+                                          tools=chat.tools)
         except TemplateError as exc:  # the template's own raise_exception(), e.g. roles out of order
             raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from None
         return self._check_length(ids, "messages") if check_length else ids

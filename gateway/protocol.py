@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -19,8 +19,12 @@ class StreamOptions(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    # function calling (checked in gateway.tool_prompt, whose errors name the exact field)
+    tool_calls: list[Any] | None = None  # an assistant's calls: {id, type: "function", function: {name, arguments}}
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = Field(None, max_length=64)
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text parts are supported
@@ -92,7 +96,10 @@ class _GenerationParams(BaseModel):
 class ChatCompletionRequest(_GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # function calling: checked in gateway.tool_calls (errors name e.g. tools[3].function.parameters)
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or a named function
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -101,13 +108,6 @@ class ChatCompletionRequest(_GenerationParams):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise ValueError("tools are not supported")
-        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

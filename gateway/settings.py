@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     max_logit_bias: int = Field(300, ge=0, description="Most tokens one request's logit_bias may list.")
     max_schema_bytes: int = Field(65536, ge=2, description=(
         "Largest JSON schema of a response_format (compact JSON), in bytes."))
+    max_tools: int = Field(64, ge=1, description=(
+        "Most tools (functions) in a chat completion request; each one's parameters schema is "
+        "bounded by max_schema_bytes."))
     grammar_compile_timeout_seconds: float = Field(10.0, gt=0, description=(
         "Longest a response_format schema may take to compile (400 after that)."))
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body on /v1 routes.")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from gateway.errors import BadRequestError
+from gateway.tool_parser import CallTracker
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +51,47 @@ SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")  # [subschema]
 SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "contains", "unevaluatedProperties")
 
 
-def check_schema(schema: Any, path: str = "", depth: int = 0) -> None:
+def check_schema(schema: Any, path: str = "", depth: int = 0, *, param: str = "response_format") -> None:
     """Raise ``BadRequestError`` naming the first keyword (with its JSON pointer) that structured
-    outputs cannot enforce."""
+    outputs cannot enforce; ``param`` is the request field the schema came from."""
     if isinstance(schema, bool):
         return
     where = path or "/"
     if not isinstance(schema, dict):
-        raise _refuse(f"the schema at {where} must be an object or a boolean")
+        raise _refuse(param, f"the schema at {where} must be an object or a boolean")
     if depth > MAX_SCHEMA_DEPTH:
-        raise _refuse(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels at {where}")
+        raise _refuse(param, f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels at {where}")
     for key, value in schema.items():
         if key in ANNOTATIONS:
             continue
         if key not in ENFORCED:
-            raise _refuse(f"the JSON schema keyword '{key}' (at {where}) is not supported by structured outputs")
+            raise _refuse(param, f"the JSON schema keyword '{key}' (at {where}) is not supported by structured outputs")
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
-            raise _refuse(f"'allOf' with more than one schema (at {where}) is not supported by structured outputs")
+            raise _refuse(param, f"'allOf' with more than one schema (at {where}) is not supported by "
+                                 "structured outputs")
         if key == "format" and value not in FORMATS:
-            raise _refuse(f"the string format {str(value)[:40]!r} (at {where}) is not supported; supported: "
+            raise _refuse(param, f"the string format {str(value)[:40]!r} (at {where}) is not supported; supported: "
                           + ", ".join(sorted(FORMATS)))
         if key in SCHEMA_MAPS:
             if not isinstance(value, dict):
-                raise _refuse(f"'{key}' at {where} must be an object")
+                raise _refuse(param, f"'{key}' at {where} must be an object")
             for name, sub in value.items():
-                check_schema(sub, f"{path}/{key}/{_escape(name)}", depth + 1)
+                check_schema(sub, f"{path}/{key}/{_escape(name)}", depth + 1, param=param)
         elif key in SCHEMA_LISTS or (key == "items" and isinstance(value, list)):
             if not isinstance(value, list):
-                raise _refuse(f"'{key}' at {where} must be an array")
+                raise _refuse(param, f"'{key}' at {where} must be an array")
             for i, sub in enumerate(value):
-                check_schema(sub, f"{path}/{key}/{i}", depth + 1)
+                check_schema(sub, f"{path}/{key}/{i}", depth + 1, param=param)
         elif key in SCHEMA_ONE:
-            check_schema(value, f"{path}/{key}", depth + 1)
+            check_schema(value, f"{path}/{key}", depth + 1, param=param)
 
 
 def _escape(name: str) -> str:
     return str(name)[:64].replace("~", "~0").replace("/", "~1")
 
 
-def _refuse(message: str) -> BadRequestError:
-    return BadRequestError(message, param="response_format")
+def _refuse(param: str, message: str) -> BadRequestError:
+    return BadRequestError(message, param=param)
 
 
 _XGRAMMAR_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
@@ -100,7 +102,12 @@ class GrammarState:
 
     def __init__(self, matcher: Any, banned: torch.Tensor):
         self.matcher = matcher
-        self.banned = banned
+        self._banned = banned
+
+    @property
+    def banned(self) -> torch.Tensor:
+        """Token ids masked out on top of the grammar at this point of the sequence."""
+        return self._banned
 
     def accept_token(self, token: int) -> bool:
         return bool(self.matcher.accept_token(token))
@@ -109,26 +116,55 @@ class GrammarState:
         return bool(self.matcher.is_terminated())
 
 
+class ToolCallGrammarState(GrammarState):
+    """A tool-calling sequence (``gateway.tool_calls``): free text may hold control characters
+    (newlines), a tool call's JSON may not, so the ban applies only while inside a call, as
+    ``CallTracker`` follows it from the bytes of the accepted tokens."""
+
+    def __init__(self, matcher: Any, banned: torch.Tensor, token_bytes: Sequence[bytes]):
+        super().__init__(matcher, banned)
+        self._token_bytes = token_bytes
+        self._tracker = CallTracker()
+
+    @property
+    def banned(self) -> torch.Tensor:
+        return self._banned if self._tracker.inside else _NOTHING
+
+    def accept_token(self, token: int) -> bool:
+        accepted = super().accept_token(token)
+        if accepted and 0 <= token < len(self._token_bytes):
+            self._tracker.feed(self._token_bytes[token].decode("latin-1"))  # one char per byte
+        return accepted
+
+
+_NOTHING = torch.empty(0, dtype=torch.long)
+
+
 class GrammarConstraint:
     """A compiled grammar (what ``SamplingParams.grammar`` holds); ``matcher()`` starts a
     sequence's state. ``banned``: tokens holding a control character (bytes below 0x20), never
     valid in compact JSON (raw inside a string they are invalid JSON, and xgrammar 0.2.9's rule
-    for length-bounded strings lets them through), so they are masked out on top of the grammar."""
+    for length-bounded strings lets them through), so they are masked out on top of the grammar.
+    ``token_bytes`` (tool calls only): each token's bytes, to follow where a sequence is."""
 
-    def __init__(self, compiled: Any, key: str, banned: torch.Tensor):
+    def __init__(self, compiled: Any, key: str, banned: torch.Tensor, token_bytes: Sequence[bytes] | None = None):
         self.compiled = compiled
         self.key = key
         self.banned = banned
+        self.token_bytes = token_bytes
 
     def matcher(self) -> GrammarState:
         import xgrammar
 
-        return GrammarState(xgrammar.GrammarMatcher(self.compiled), self.banned)
+        matcher = xgrammar.GrammarMatcher(self.compiled)
+        if self.token_bytes is not None:
+            return ToolCallGrammarState(matcher, self.banned, self.token_bytes)
+        return GrammarState(matcher, self.banned)
 
 
 class Grammars:
-    """Compiles and caches response-format grammars for one model (tokenizer, vocabulary width,
-    end tokens)."""
+    """Compiles and caches response-format and tool-call grammars for one model (tokenizer,
+    vocabulary width, end tokens)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], *, max_schema_bytes: int,
                  compile_timeout: float, workers: int = 2):
@@ -140,34 +176,47 @@ class Grammars:
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
         self._compiler: Any = None
         self._banned = torch.empty(0, dtype=torch.long)  # control-character tokens (see GrammarConstraint)
+        self._token_bytes: list[bytes] = []
         self._cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
         self.compiled = 0  # grammars compiled (cache misses), for tests and metrics
 
-    async def constraint(self, schema: dict[str, Any] | None) -> GrammarConstraint:
-        """The grammar of a ``json_object`` (``schema`` None) or ``json_schema`` response format;
-        a bad or unsupported schema raises ``BadRequestError``."""
+    async def constraint(self, schema: dict[str, Any] | None, param: str = "response_format") -> GrammarConstraint:
+        """The grammar of a ``json_object`` (``schema`` None) or ``json_schema`` response format
+        (or of a tool's parameters: ``param`` names where the schema came from); a bad or
+        unsupported schema raises ``BadRequestError``."""
         schema = {"type": "object"} if schema is None else schema
         key = json.dumps(schema, separators=(",", ":"))  # property order kept: the answer follows it
         if len(key) > self.max_schema_bytes:
-            raise _refuse(f"the schema is {len(key)} bytes; the limit is {self.max_schema_bytes}")
-        check_schema(schema)
+            raise _refuse(param, f"the schema is {len(key)} bytes; the limit is {self.max_schema_bytes}")
+        check_schema(schema, param=param)
+        compiled = await self._compiled("json:" + key, param)
+        return GrammarConstraint(compiled, key, self._banned)
+
+    async def structural_tag(self, tag: dict[str, Any], param: str = "tools") -> GrammarConstraint:
+        """The grammar of an xgrammar structural tag (``gateway.tool_calls`` builds them; their
+        schemas were checked one by one with ``constraint``)."""
+        key = json.dumps(tag, separators=(",", ":"))
+        compiled = await self._compiled("tag:" + key, param)
+        return GrammarConstraint(compiled, key, self._banned, self._token_bytes)
+
+    async def _compiled(self, key: str, param: str) -> Any:
         future = self._cache.get(key)
         if future is None:
             future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._compile, key)))
-            self._cache[key] = future  # concurrent requests with this schema share one compilation
+            self._cache[key] = future  # concurrent requests with this grammar share one compilation
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
             future.add_done_callback(lambda f: self._forget_failed(key, f))
         else:
             self._cache.move_to_end(key)
         try:
-            compiled = await asyncio.wait_for(asyncio.shield(future), self.compile_timeout)
+            return await asyncio.wait_for(asyncio.shield(future), self.compile_timeout)
         except TimeoutError:
-            raise _refuse(f"the schema took longer than {self.compile_timeout:g} s to compile; simplify it") from None
+            raise _refuse(param, f"the schema took longer than {self.compile_timeout:g} s to compile; "
+                                 "simplify it") from None
         except Exception as exc:  # noqa: BLE001 - xgrammar's refusal: an invalid or unsupported schema
             message = _XGRAMMAR_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-            raise _refuse(f"the schema cannot be compiled: {message[:300]}") from None
-        return GrammarConstraint(compiled, key, self._banned)
+            raise _refuse(param, f"the schema cannot be compiled: {message[:300]}") from None
 
     def _forget_failed(self, key: str, future: asyncio.Future) -> None:
         if (future.cancelled() or future.exception() is not None) and self._cache.get(key) is future:
@@ -180,12 +229,16 @@ class Grammars:
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                            stop_token_ids=self.stop_token_ids)
             stops = set(self.stop_token_ids)
+            self._token_bytes = list(info.decoded_vocab)
             self._banned = torch.tensor([i for i, data in enumerate(info.decoded_vocab)
                                          if i not in stops and any(b < 0x20 for b in data)], dtype=torch.long)
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.compiled += 1
+        kind, _, text = key.partition(":")
+        if kind == "tag":
+            return self._compiler.compile_structural_tag(text)
         # compact JSON (no free whitespace): a model cannot pad an answer with blanks forever
-        return self._compiler.compile_json_schema(key, any_whitespace=False, strict_mode=True)
+        return self._compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

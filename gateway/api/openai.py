@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.api.logprob_format import CompletionLogprobs, chat_logprobs, merge_pieces
+from gateway.api.tool_format import ToolDeltas, tool_message
 from gateway.auth import inference_key_scheme, rate_limit_error, request_key
 from gateway.errors import engine_error, error_body
 from gateway.generation import ChoiceEvent, Generation, GenerationService, RequestRecord
@@ -53,21 +54,32 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "chat")
-    params = await service.constrain(service.sampling_params(body), body)
-    prompt = await service.chat_prompt(body)
+    tools = service.tool_spec(body)
+    params = await service.constrain(service.sampling_params(body), body, tools)
+    prompt = await service.chat_prompt(body, tools)
     generation = await _start(request, service, record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     strings = service.token_strings if params.logprobs is not None else None
+    calls = tools is not None and tools.constrained  # the answer is read for tool calls
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage, strings)), record)
-    return _experiment_headers(await _collect(request, generation, lambda c: {
-        **meta, "object": "chat.completion",
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.texts[i]},
-                     "finish_reason": c.reasons[i],
-                     "logprobs": None if strings is None else chat_logprobs(strings, c.logprobs[i])}
-                    for i in range(generation.choices)],
-    }), record)
+        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage, strings, calls)),
+                                   record)
+
+    def message(c: _Collected, i: int) -> tuple[dict[str, Any], str | None]:
+        if calls:
+            return tool_message(c.texts[i], c.reasons[i])
+        return {"role": "assistant", "content": c.texts[i]}, c.reasons[i]
+
+    def render(c: _Collected) -> dict[str, Any]:
+        choices = []
+        for i in range(generation.choices):
+            msg, reason = message(c, i)
+            choices.append({"index": i, "message": msg, "finish_reason": reason,
+                            "logprobs": None if strings is None else chat_logprobs(strings, c.logprobs[i])})
+        return {**meta, "object": "chat.completion", "choices": choices}
+
+    return _experiment_headers(await _collect(request, generation, render), record)
 
 
 @router.post("/completions")
@@ -227,7 +239,7 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 
 async def _chat_chunks(generation: Generation, meta: dict, n: int, include_usage: bool,
-                       strings: TokenStrings | None) -> AsyncIterator[dict[str, Any]]:
+                       strings: TokenStrings | None, calls: bool = False) -> AsyncIterator[dict[str, Any]]:
     base = {**meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
 
@@ -235,17 +247,30 @@ async def _chat_chunks(generation: Generation, meta: dict, n: int, include_usage
         return {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
                 **extra}
 
+    readers = [ToolDeltas() for _ in range(n)] if calls else []  # tool calls read out of each choice's text
     for index in range(n):
         yield chunk(index, {"role": "assistant", "content": ""}, None)
     async for event in generation.events():
         if event.error:
             yield _error_chunk(event)
             return
-        if event.text or (strings is not None and event.logprobs):
+        finish = event.finish_reason
+        if readers:
+            logprobs = None if strings is None or not event.logprobs else chat_logprobs(strings, event.logprobs)
+            deltas = readers[event.index].feed(event.text)
+            if finish is not None:
+                more, finish = readers[event.index].finish(finish)
+                deltas += more
+            for delta in deltas:  # logprobs go with the first chunk of the event
+                yield chunk(event.index, delta, None, logprobs)
+                logprobs = None
+            if logprobs is not None:
+                yield chunk(event.index, {}, None, logprobs)
+        elif event.text or (strings is not None and event.logprobs):
             logprobs = None if strings is None else chat_logprobs(strings, event.logprobs)
             yield chunk(event.index, {"content": event.text}, None, logprobs)
-        if event.finish_reason is not None:
-            yield chunk(event.index, {}, event.finish_reason)
+        if finish is not None:
+            yield chunk(event.index, {}, finish)
     if include_usage:
         yield {**base, "choices": [], "usage": _usage(generation)}
 
