@@ -88,7 +88,7 @@ class PrefixTuningHandler(TrainingForm):
     training_fields = frozenset({"num_virtual_tokens", "prefix_projection", "encoder_hidden_size"})
 
     def check_training_config(self, config) -> None:
-        if "encoder_hidden_size" in config.model_fields_set and not config.prefix_projection:
+        if config.encoder_hidden_size is not None and not config.prefix_projection:
             raise ValueError("encoder_hidden_size applies to prefix tuning with prefix_projection: true only")
 
     def check_training(self, config, limits: AdapterLimits, total_steps: int | None = None) -> None:

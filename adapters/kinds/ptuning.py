@@ -85,7 +85,8 @@ class PTuningHandler(PromptTuningHandler):
                                  "encoder_num_layers", "encoder_dropout"})
 
     def check_training_config(self, config) -> None:
-        lstm_only = sorted({"encoder_num_layers", "encoder_dropout"} & config.model_fields_set)
+        defaults = type(config).model_fields  # a stored job's config holds every field: compare with defaults
+        lstm_only = [f for f in ("encoder_dropout", "encoder_num_layers") if getattr(config, f) != defaults[f].default]
         if config.encoder_reparameterization_type != "LSTM" and lstm_only:
             raise ValueError(f"{', '.join(lstm_only)} apply to the LSTM prompt encoder only "
                              "(encoder_reparameterization_type 'LSTM'); the MLP encoder has fixed layers")

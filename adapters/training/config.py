@@ -105,7 +105,9 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"kind {self.kind.value!r} is served but not trained here yet; trainable: "
                              + ", ".join(k.value for k in TRAINABLE_KINDS))
         handler = HANDLERS[self.kind]
-        foreign = sorted((self.model_fields_set & KIND_FIELDS) - handler.training_fields)
+        # a field counts as sent when set to other than its default (a stored job's config holds them all)
+        foreign = sorted(name for name in (self.model_fields_set & KIND_FIELDS) - handler.training_fields
+                         if getattr(self, name) != type(self).model_fields[name].default)
         if foreign:
             readers = [k.value for k, h in HANDLERS.items() if foreign[0] in getattr(h, "training_fields", ())]
             raise ValueError(f"{', '.join(foreign)} do(es) not apply to kind {self.kind.value!r} "

@@ -248,7 +248,8 @@ def test_job_trains_registers_and_serves_a_new_kind(client, kind, extra):
     ({"kind": "adalora", "init_r": 4, "target_r": 4}, "config", "target_r (4) must be below init_r"),
     ({"kind": "adalora", "init_r": 300}, "config", "init_r 300 is above"),
     ({"kind": "adalora", "tinit": 5, "tfinal": 5, "max_steps": 8}, "config", "leaves no budgeting phase"),
-    ({"kind": "adalora", "tinit": 2, "tfinal": 3}, "config", "leaves no budgeting phase"),  # 6 examples: 2 steps
+    # 7 training examples, 3 epochs of 2 steps: 6 steps, and 3 >= 6 - 3
+    ({"kind": "adalora", "tinit": 3, "tfinal": 3}, "config", "leaves no budgeting phase"),
     ({"kind": "adalora", "beta1": 1.0}, "config.beta1", "less than 1"),
     ({"kind": "adalora", "deltaT": 0}, "config.deltaT", "greater than or equal to 1"),
     ({"kind": "vera", "r": 300}, "config", "r 300 is above"),
