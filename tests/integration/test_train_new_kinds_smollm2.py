@@ -6,6 +6,7 @@ equals PEFT's."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 
@@ -40,6 +41,15 @@ def settings(smollm2_dir, tmp_path_factory) -> Settings:
 @pytest.fixture(scope="module")
 def client(settings):
     with TestClient(create_app(settings)) as c:
+        # keep a copy of each exported folder (registering moves it into the blob store)
+        jobs = c.app.state.gateway.training
+        register = jobs._register
+
+        async def register_and_keep(adapter_id, folder):
+            shutil.copytree(folder, settings.data_dir / "kept" / adapter_id)
+            return await register(adapter_id, folder)
+
+        jobs._register = register_and_keep
         yield c
 
 
@@ -66,9 +76,7 @@ def test_job_trains_serves_and_peft_agrees(kind, client, settings):
     assert reply.status_code == 200, reply.text
     text = reply.json()["choices"][0]["message"]["content"]
 
-    folder = settings.data_dir / "training" / job_id / "adapter"
-    exported = folder if folder.is_dir() else next(p.parent for p in settings.data_dir.rglob("adapter_config.json")
-                                                   if job_id in str(p))
+    exported = settings.data_dir / "kept" / job["adapter_id"]
     base = load_base(settings)  # a fresh NF4 copy: PEFT wraps its layers its own way
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
