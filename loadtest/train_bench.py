@@ -47,6 +47,12 @@ KIND_CONFIG = {  # per-kind hyperparameters for this task (shared by our run and
     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_rate": 1e-3},
     "ia3": {"learning_rate": 3e-2},
     "prompt_tuning": {"num_virtual_tokens": 16, "learning_rate": 3e-2},
+    "dora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_rate": 1e-3},
+    "adalora": {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_rate": 2e-3,
+                "tinit": 2, "tfinal": 2, "deltaT": 2},
+    "vera": {"r": 256, "learning_rate": 1e-2},
+    "p_tuning": {"num_virtual_tokens": 16, "learning_rate": 1e-3},
+    "prefix_tuning": {"num_virtual_tokens": 16, "prefix_projection": True, "learning_rate": 1e-2},
 }
 
 
@@ -148,10 +154,41 @@ def gateway_phase(args: argparse.Namespace, model_dir: Path, work: Path, data: b
     return result
 
 
+def peft_config_for(kind: str, cfg, model_type: str, total_steps: int):
+    """PEFT's config of ``kind`` with the job's hyperparameters (the reference trains the same thing)."""
+    from peft import (
+        AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig,
+    )
+
+    if kind in ("lora", "dora"):
+        return LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_dora=kind == "dora",
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+    if kind == "adalora":
+        return AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, tinit=cfg.tinit, tfinal=cfg.tfinal,
+                             deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight,
+                             total_step=total_steps, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    if kind == "vera":
+        return VeraConfig(r=cfg.r, projection_prng_key=cfg.projection_prng_key, d_initial=cfg.d_initial,
+                          vera_dropout=cfg.vera_dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    if kind == "ia3":
+        targets, feedforward = cfg.ia3_targets(model_type)
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    if kind == "p_tuning":
+        return PromptEncoderConfig(num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=cfg.encoder_hidden_size,
+                                   encoder_reparameterization_type=cfg.encoder_reparameterization_type,
+                                   task_type="CAUSAL_LM")
+    if kind == "prefix_tuning":
+        return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.prefix_projection,
+                                  encoder_hidden_size=cfg.encoder_hidden_size, task_type="CAUSAL_LM")
+    return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB",
+                              task_type="CAUSAL_LM")
+
+
 def peft_reference(args: argparse.Namespace, model_dir: Path, kind: str, data: bytes) -> dict:
     """The same data, split, order and hyperparameters trained with PEFT on the same NF4 base."""
     import torch
-    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
+    from peft import get_peft_model
 
     from adapters.training.config import TrainingConfig, learning_rate_at
     from adapters.training.prepare import prepare_dataset
@@ -163,20 +200,11 @@ def peft_reference(args: argparse.Namespace, model_dir: Path, kind: str, data: b
     cfg = TrainingConfig.model_validate(job_config(kind, args))
     prepared = prepare_dataset(data, base.tokenizer, cfg, context_window=base.context_window)
     torch.manual_seed(cfg.seed)
-    if kind == "lora":
-        peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules="all-linear", task_type="CAUSAL_LM")
-    elif kind == "ia3":
-        targets, feedforward = cfg.ia3_targets(base.model.config.model_type)
-        peft_cfg = IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
-    else:
-        peft_cfg = PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB",
-                                      task_type="CAUSAL_LM")
-    model = get_peft_model(base.model, peft_cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_micro = total_micro_steps(cfg, len(prepared.train))
     total_steps = -(-total_micro // cfg.grad_accumulation)
+    model = get_peft_model(base.model, peft_config_for(kind, cfg, base.model.config.model_type, total_steps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_at(cfg, s, total_steps) / cfg.lr)
     pad = base.tokenizer.pad_token_id or 0
     model.train()
@@ -192,6 +220,8 @@ def peft_reference(args: argparse.Namespace, model_dir: Path, kind: str, data: b
         if micro + 1 - window_start == window:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if kind == "adalora":  # PEFT's budget allocator, between the step and zero_grad
+                model.base_model.update_and_allocate(micro // cfg.grad_accumulation)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - started
@@ -245,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                         "materialized into --cache-dir)")
     parser.add_argument("--cache-dir", type=Path, default=Path("data"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--kinds", nargs="+", default=["lora", "ia3", "prompt_tuning"])
+    parser.add_argument("--kinds", nargs="+", default=["lora", "ia3", "prompt_tuning"],
+                        choices=list(KIND_CONFIG), help="kinds to train (any of: %(choices)s)")
     parser.add_argument("--train", type=int, default=320, help="training examples (10%% held out for eval loss)")
     parser.add_argument("--test", type=int, default=50, help="held-out prompts for exact match")
     parser.add_argument("--max-steps", type=int, default=80)

@@ -3,8 +3,9 @@
 A kind turns PEFT files into ``AdapterWeights`` (checked against the base model), installs those
 weights into a device slot of the multi-adapter runtime, and exports them back to PEFT tensors.
 Serving a new kind means one new module implementing ``KindHandler`` and one line in
-``adapters.kinds.HANDLERS``: parsing, limits, description, install and export hang off the handler,
-and no serving code branches on the kind (the embedded trainer still does, for the kinds it trains).
+``adapters.kinds.HANDLERS``: parsing, limits, description, install, export and the trainable form
+(``build_trainable``, the training fields it reads and their checks) hang off the handler, and
+neither serving nor training code branches on the kind.
 """
 
 from __future__ import annotations
@@ -152,6 +153,67 @@ class KindHandler(Protocol):
     def install(self, runtime: AdapterRuntime, slot: int, weights: AdapterWeights) -> None: ...
 
     def uninstall(self, runtime: AdapterRuntime, slot: int, weights: AdapterWeights) -> None: ...
+
+    # ---- the trainable form (``TrainingForm`` gives the defaults) ----
+    # AdamW learning rate used when a job sets none; None: the kind is served but not trained
+    default_learning_rate: float | None
+    # the kind-specific ``TrainingConfig`` fields this kind reads (others sent with it are refused)
+    training_fields: frozenset[str]
+
+    def check_training_config(self, config: Any) -> None:
+        """Refuse (``ValueError``) inconsistent fields of a ``TrainingConfig`` of this kind."""
+        ...
+
+    def check_training(self, config: Any, limits: AdapterLimits, total_steps: int | None = None) -> None:
+        """Refuse (``ValueError``) a config whose result the gateway would not serve, or (once the
+        run's optimizer steps are known) a schedule that does not fit them."""
+        ...
+
+    def training_virtual_tokens(self, config: Any) -> int:
+        """Positions the trained adapter adds in front of every sequence (they use the context)."""
+        ...
+
+    def build_trainable(self, config: Any, runtime: AdapterRuntime, tokenizer: Any, total_steps: int) -> Any:
+        """A freshly initialised ``adapters.training.base.TrainableAdapter`` of this kind for a run of
+        ``total_steps`` optimizer steps."""
+        ...
+
+    def trainable_from_weights(self, weights: AdapterWeights, device: torch.device, seed: int) -> Any:
+        """A ``TrainableAdapter`` holding ``weights`` (continue training, compare with PEFT)."""
+        ...
+
+
+class TrainingForm:
+    """Defaults of the trainable part of ``KindHandler``: a kind that is served only."""
+
+    default_learning_rate: float | None = None
+    training_fields: frozenset[str] = frozenset()
+
+    def check_training_config(self, config: Any) -> None:
+        return None
+
+    def check_training(self, config: Any, limits: AdapterLimits, total_steps: int | None = None) -> None:
+        return None
+
+    def training_virtual_tokens(self, config: Any) -> int:
+        return 0
+
+    def build_trainable(self, config: Any, runtime: AdapterRuntime, tokenizer: Any, total_steps: int) -> Any:
+        raise ValueError(f"{self.kind.value} adapters cannot be trained here")  # type: ignore[attr-defined]
+
+    def trainable_from_weights(self, weights: AdapterWeights, device: torch.device, seed: int) -> Any:
+        raise ValueError(f"{weights.kind.value} adapters cannot be trained here")
+
+
+def check_training_rank(field: str, rank: int, limits: AdapterLimits) -> None:
+    if rank > limits.max_lora_rank:
+        raise ValueError(f"{field} {rank} is above this gateway's max_lora_rank of {limits.max_lora_rank}")
+
+
+def check_training_virtual_tokens(count: int, limits: AdapterLimits) -> None:
+    if count > limits.max_virtual_tokens:
+        raise ValueError(f"num_virtual_tokens {count} is above this gateway's "
+                         f"max_virtual_tokens of {limits.max_virtual_tokens}")
 
 
 def matches_module_list(spec: str | list[str] | None, name: str) -> bool:

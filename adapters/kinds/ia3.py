@@ -13,8 +13,8 @@ import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, Ia3Module, cast_finite, check_finite,
-    check_module, split_peft_key,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, Ia3Module, TrainingForm, cast_finite,
+    check_finite, check_module, split_peft_key,
 )
 from adapters.module_match import check_feedforward_within_targets, check_targets_agree, matches
 from adapters.validate import anything, equals, module_spec, sanitize_config
@@ -55,10 +55,27 @@ class Ia3Bank:
         return y * self._token_scales(layout, y.shape).to(y.dtype)
 
 
-class Ia3Handler:
+class Ia3Handler(TrainingForm):
     kind = AdapterKind.IA3
     peft_type = "IA3"
     serves_as = AdapterKind.IA3
+    # IA3 moves far fewer parameters than LoRA, so it needs larger steps
+    default_learning_rate = 5e-3
+    training_fields = frozenset({"target_modules", "feedforward_modules"})
+
+    def check_training_config(self, config) -> None:
+        if config.target_modules == "all-linear" and config.feedforward_modules is None:
+            raise ValueError("with target_modules 'all-linear', ia3 needs feedforward_modules")
+
+    def build_trainable(self, config, runtime, tokenizer, total_steps: int):
+        from adapters.training.trainable import build_ia3  # the trainer imports this package
+
+        return build_ia3(config, runtime)
+
+    def trainable_from_weights(self, weights: AdapterWeights, device: torch.device, seed: int):
+        from adapters.training.trainable import ia3_from_weights
+
+        return ia3_from_weights(weights, device, seed)
 
     def claims(self, config: dict[str, Any]) -> bool:
         return True

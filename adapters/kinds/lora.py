@@ -12,8 +12,8 @@ import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, LoraModule, cast_finite, check_finite,
-    check_module, lora_scale, split_peft_key,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, LoraModule, TrainingForm, cast_finite,
+    check_finite, check_module, check_training_rank, lora_scale, split_peft_key,
 )
 from adapters.module_match import check_targets_agree
 from adapters.validate import (
@@ -172,10 +172,28 @@ def clear_lora(runtime, slot: int, modules) -> None:
         runtime.layer(module).banks["lora"].clear(slot)
 
 
-class LoraHandler:
+LORA_TRAINING_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"})
+
+
+class LoraHandler(TrainingForm):
     kind = AdapterKind.LORA
     peft_type = "LORA"
     serves_as = AdapterKind.LORA
+    default_learning_rate = 2e-4
+    training_fields = LORA_TRAINING_FIELDS
+
+    def check_training(self, config, limits: AdapterLimits, total_steps: int | None = None) -> None:
+        check_training_rank("r", config.r, limits)
+
+    def build_trainable(self, config, runtime, tokenizer, total_steps: int):
+        from adapters.training.trainable import build_lora  # the trainer imports this package
+
+        return build_lora(config, runtime)
+
+    def trainable_from_weights(self, weights: AdapterWeights, device: torch.device, seed: int):
+        from adapters.training.trainable import lora_from_weights
+
+        return lora_from_weights(weights, device, seed)
 
     def claims(self, config: dict[str, Any]) -> bool:
         return config.get("use_dora") is not True  # another value is refused by FIELDS, by name

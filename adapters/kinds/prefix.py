@@ -7,6 +7,11 @@ used ``prefix_projection``), read as ``[virtual, layers * 2, kv_heads, head_dim]
 row ``2l`` holds the keys and ``2l + 1`` the values (PEFT sizes ``token_dim`` and the head count
 to the key/value heads of grouped-query models). The paged runner writes them into a row's own KV
 blocks where its virtual positions lie; the padded engine cannot, so it refuses the install.
+
+Training (``TrainablePrefix``) follows PEFT's ``PrefixEncoder``: the prefix is an embedding of
+``layers * 2 * token_dim`` per virtual token, or with ``prefix_projection`` an embedding of
+``token_dim`` run through ``Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(...,
+layers * 2 * token_dim)``; the export is the encoder's output, as PEFT saves it.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from adapters.errors import AdapterValidationError
-from adapters.kinds.base import AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite
+from adapters.kinds.base import (
+    AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, TrainingForm, cast_finite, check_finite,
+    check_training_virtual_tokens,
+)
+from adapters.training.base import PARAM_DTYPE, TrainableAdapter
 from adapters.validate import anything, equals, positive_int, sanitize_config
 
 FIELDS = {
@@ -32,10 +42,74 @@ FIELDS = {
 TENSOR_NAME = "prompt_embeddings"
 
 
-class PrefixTuningHandler:
+class TrainablePrefix(TrainableAdapter):
+    """PEFT's prefix encoder; ``prefix_key_values`` hands the trainer the per-layer keys and values."""
+
+    kind = AdapterKind.PREFIX_TUNING
+
+    def __init__(self, count: int, layers: int, kv_heads: int, head_dim: int, projection: bool, hidden: int,
+                 seed: int, device: torch.device):
+        super().__init__(seed, device)
+        self.geometry = (count, layers, kv_heads, head_dim)
+        self.projection, self.hidden = projection, hidden
+        token_dim, width = kv_heads * head_dim, layers * 2 * kv_heads * head_dim
+        with torch.random.fork_rng(devices=[]):  # PEFT's init (torch defaults), seeded by the job
+            torch.manual_seed(seed)
+            if projection:
+                self.embedding = nn.Embedding(count, token_dim)
+                self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+            else:
+                self.embedding = nn.Embedding(count, width)
+        self.to(device, PARAM_DTYPE)
+
+    def flat_prefix(self) -> torch.Tensor:
+        """``[virtual, layers * 2 * token_dim]``: what PEFT saves as ``prompt_embeddings``."""
+        out = self.embedding.weight
+        return self.transform(out) if self.projection else out
+
+    def prefix_key_values(self, dtype: torch.dtype) -> torch.Tensor:
+        count, layers, heads, dim = self.geometry
+        return self.flat_prefix().to(dtype).view(count, layers * 2, heads, dim).permute(1, 0, 2, 3)
+
+    def to_weights(self) -> AdapterWeights:
+        count, layers, heads, dim = self.geometry
+        with torch.no_grad():
+            prefix = self.prefix_key_values(PARAM_DTYPE).detach().cpu().contiguous()
+        config = {"num_virtual_tokens": count, "num_layers": layers, "num_attention_heads": heads,
+                  "token_dim": heads * dim, "prefix_projection": self.projection, "encoder_hidden_size": self.hidden}
+        return AdapterWeights(kind=self.kind, config=config, prefix=prefix)
+
+
+class PrefixTuningHandler(TrainingForm):
     kind = AdapterKind.PREFIX_TUNING
     peft_type = "PREFIX_TUNING"
     serves_as = AdapterKind.PREFIX_TUNING
+    default_learning_rate = 1e-2
+    training_fields = frozenset({"num_virtual_tokens", "prefix_projection", "encoder_hidden_size"})
+
+    def check_training_config(self, config) -> None:
+        if config.encoder_hidden_size is not None and not config.prefix_projection:
+            raise ValueError("encoder_hidden_size applies to prefix tuning with prefix_projection: true only")
+
+    def check_training(self, config, limits: AdapterLimits, total_steps: int | None = None) -> None:
+        check_training_virtual_tokens(config.num_virtual_tokens, limits)
+
+    def training_virtual_tokens(self, config) -> int:
+        return config.num_virtual_tokens
+
+    def build_trainable(self, config, runtime, tokenizer, total_steps: int) -> TrainablePrefix:
+        info = runtime.base_info
+        token_dim = info.kv_heads * info.head_dim  # PEFT sizes it to the key/value heads
+        return TrainablePrefix(config.num_virtual_tokens, info.num_layers, info.kv_heads, info.head_dim,
+                               config.prefix_projection, config.encoder_hidden_size or token_dim, config.seed,
+                               runtime.device)
+
+    def trainable_from_weights(self, weights: AdapterWeights, device: torch.device, seed: int) -> TrainablePrefix:
+        rows, count, heads, dim = weights.prefix.shape
+        adapter = TrainablePrefix(count, rows // 2, heads, dim, False, heads * dim, seed, device)
+        with torch.no_grad():
+            adapter.embedding.weight.copy_(weights.prefix.permute(1, 0, 2, 3).reshape(count, -1))
+        return adapter
 
     def claims(self, config: dict[str, Any]) -> bool:
         return True

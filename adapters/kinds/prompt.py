@@ -13,7 +13,8 @@ import torch
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
+    AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, TrainingForm, cast_finite, check_finite,
+    check_training_virtual_tokens,
 )
 from adapters.validate import anything, equals, positive_int, sanitize_config
 
@@ -31,11 +32,29 @@ FIELDS = {
 TENSOR_NAME = "prompt_embeddings"
 
 
-class PromptTuningHandler:
+class PromptTuningHandler(TrainingForm):
     kind = AdapterKind.PROMPT_TUNING
     peft_type = "PROMPT_TUNING"
     serves_as = AdapterKind.PROMPT_TUNING
     fields = FIELDS
+    default_learning_rate = 3e-2  # few parameters: large steps
+    training_fields = frozenset({"num_virtual_tokens", "prompt_init_text"})
+
+    def check_training(self, config, limits: AdapterLimits, total_steps: int | None = None) -> None:
+        check_training_virtual_tokens(config.num_virtual_tokens, limits)
+
+    def training_virtual_tokens(self, config) -> int:
+        return config.num_virtual_tokens
+
+    def build_trainable(self, config, runtime, tokenizer, total_steps: int):
+        from adapters.training.trainable import build_prompt  # the trainer imports this package
+
+        return build_prompt(config, runtime, tokenizer)
+
+    def trainable_from_weights(self, weights: AdapterWeights, device: torch.device, seed: int):
+        from adapters.training.trainable import TrainablePrompt
+
+        return TrainablePrompt(weights.prompt, seed, device)
 
     def claims(self, config: dict[str, Any]) -> bool:
         return True

@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, cast_finite, check_finite,
-    check_module, split_peft_key,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, TrainingForm, cast_finite, check_finite,
+    check_module, check_training_rank, split_peft_key,
 )
 from adapters.kinds.lora import clear_lora, lora_bank
+from adapters.training.base import PARAM_DTYPE, TrainableAdapter, param_key, resolve_targets
 from adapters.module_match import check_targets_agree
 from adapters.validate import (
     anything, boolean, equals, module_spec, non_negative_int, number_in, positive_int, sanitize_config,
@@ -63,10 +66,79 @@ def projections(key: int, r: int, max_in: int, max_out: int) -> tuple[torch.Tens
     return a, kaiming_uniform((max_out, r), generator)
 
 
-class VeraHandler:
+class TrainableVera(TrainableAdapter):
+    """PEFT's VeRA: ``y = base(x) + lambda_b * (B[:out] @ (lambda_d * (A[:, :in] @ dropout(x))))``
+    with A and B frozen (drawn from ``projection_prng_key`` as PEFT draws them, sized to the largest
+    target), lambda_d starting at ``d_initial`` and lambda_b at zero (PEFT's init)."""
+
+    kind = AdapterKind.VERA
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], r: int, prng_key: int, save_projection: bool,
+                 d_initial: float, dropout: float, seed: int, device: torch.device):
+        super().__init__(seed, device)
+        self.r, self.prng_key, self.save_projection = r, prng_key, save_projection
+        self.d_initial, self.dropout_p = d_initial, dropout
+        self.modules_ = sorted(shapes)
+        a, b = projections(prng_key, r, max(i for i, _ in shapes.values()), max(o for _, o in shapes.values()))
+        self.register_buffer("vera_A", a.to(device, PARAM_DTYPE), persistent=False)
+        self.register_buffer("vera_B", b.to(device, PARAM_DTYPE), persistent=False)
+        self.lambda_d = nn.ParameterDict({param_key(n): nn.Parameter(
+            torch.full((r,), float(d_initial), dtype=PARAM_DTYPE, device=device)) for n in self.modules_})
+        self.lambda_b = nn.ParameterDict({param_key(n): nn.Parameter(
+            torch.zeros(shapes[n][1], dtype=PARAM_DTYPE, device=device)) for n in self.modules_})
+
+    def forward_layer(self, name: str, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        y = base_layer(x)
+        key = param_key(name)
+        if key not in self.lambda_d:
+            return y
+        in_f, out_f = x.shape[-1], self.lambda_b[key].shape[0]
+        h = self._dropout(x.to(PARAM_DTYPE), self.dropout_p)
+        delta = self.lambda_b[key] * F.linear(self.lambda_d[key] * F.linear(h, self.vera_A[:, :in_f]),
+                                              self.vera_B[:out_f])
+        return y + delta.to(y.dtype)
+
+    def to_weights(self) -> AdapterWeights:
+        modules = {n: VeraModule(self.lambda_d[param_key(n)].detach().cpu().clone(),
+                                 self.lambda_b[param_key(n)].detach().cpu().clone()) for n in self.modules_}
+        config = {"r": self.r, "projection_prng_key": self.prng_key, "save_projection": self.save_projection,
+                  "d_initial": self.d_initial, "vera_dropout": self.dropout_p}
+        return AdapterWeights(kind=self.kind, config=config, modules=modules,
+                              shared={"vera_A": self.vera_A.cpu().clone(), "vera_B": self.vera_B.cpu().clone()})
+
+
+class VeraHandler(TrainingForm):
     kind = AdapterKind.VERA
     peft_type = "VERA"
     serves_as = AdapterKind.LORA
+    default_learning_rate = 1e-2  # two vectors per layer: large steps, as in the VeRA paper
+    training_fields = frozenset({"r", "target_modules", "projection_prng_key", "save_projection", "d_initial",
+                                 "vera_dropout"})
+
+    def check_training(self, config, limits: AdapterLimits, total_steps: int | None = None) -> None:
+        check_training_rank("r", config.r, limits)
+
+    def build_trainable(self, config, runtime, tokenizer, total_steps: int) -> TrainableVera:
+        shapes = runtime.base_info.linear_shapes
+        targets = resolve_targets(config.target_modules or "all-linear", sorted(shapes))
+        return TrainableVera({n: shapes[n] for n in targets}, config.r, config.projection_prng_key,
+                             config.save_projection, config.d_initial, config.vera_dropout, config.seed,
+                             runtime.device)
+
+    def trainable_from_weights(self, weights: AdapterWeights, device: torch.device, seed: int) -> TrainableVera:
+        cfg = weights.config
+        a, b = weights.shared["vera_A"], weights.shared["vera_B"]
+        shapes = {n: (a.shape[1], m.lambda_b.shape[0]) for n, m in weights.modules.items()}  # sizes the draw only
+        adapter = TrainableVera(shapes, int(cfg.get("r", 256)),
+                                int(cfg.get("projection_prng_key", 0)), bool(cfg.get("save_projection", True)),
+                                float(cfg.get("d_initial", 0.1)), float(cfg.get("vera_dropout", 0.0)), seed, device)
+        with torch.no_grad():
+            adapter.vera_A.copy_(a)
+            adapter.vera_B.copy_(b)
+            for name, m in weights.modules.items():
+                adapter.lambda_d[param_key(name)].copy_(m.lambda_d)
+                adapter.lambda_b[param_key(name)].copy_(m.lambda_b)
+        return adapter
 
     def claims(self, config: dict[str, Any]) -> bool:
         return True

@@ -1,8 +1,9 @@
 """What a training job is asked to do: the adapter kind with its hyperparameters, and the run.
 
-Every field has a default; fields left unset (``None``) take the per-kind default below, so
+Every field has a default; fields left unset (``None``) take the kind's default, so
 ``{"kind": "ia3"}`` alone is a complete config. Unknown fields are refused, so a typo never
-silently trains with a default.
+silently trains with a default; so is a kind-specific field sent with a kind that does not read
+it (each kind's handler lists the fields it reads in ``training_fields``).
 """
 
 from __future__ import annotations
@@ -12,21 +13,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapters.kinds import HANDLERS
 from adapters.kinds.base import AdapterKind
 from adapters.registry import ADAPTER_ID_PATTERN
 
-
-# learning rates that work for each kind with AdamW (IA3 and prompt tuning move far fewer
-# parameters, so they need larger steps)
-DEFAULT_LEARNING_RATE = {AdapterKind.LORA: 2e-4, AdapterKind.IA3: 5e-3, AdapterKind.PROMPT_TUNING: 3e-2}
-TRAINABLE_KINDS = tuple(DEFAULT_LEARNING_RATE)  # the kinds the embedded trainer can train (others: served only)
+# the kinds the embedded trainer can train (a handler with a default learning rate has a trainable form)
+TRAINABLE_KINDS = tuple(k for k, h in HANDLERS.items() if getattr(h, "default_learning_rate", None))
+# fields only some kinds read; each handler's ``training_fields`` says which
+KIND_FIELDS = frozenset().union(*(getattr(h, "training_fields", frozenset()) for h in HANDLERS.values()))
 FALLBACK_IA3_TARGETS = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
 
 
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    kind: AdapterKind = Field(AdapterKind.LORA, description="lora, ia3 or prompt_tuning.")
+    kind: AdapterKind = Field(AdapterKind.LORA, description=(
+        "lora, dora, adalora, vera, ia3, prompt_tuning, p_tuning or prefix_tuning."))
     adapter_id: str | None = Field(None, pattern=ADAPTER_ID_PATTERN, description=(
         "Id to register the trained adapter under (default: the job id)."))
     # "register" in JSON (the attribute name would shadow a pydantic method)
@@ -38,11 +40,27 @@ class TrainingConfig(BaseModel):
         "A registered adapter whose weights training starts from (continued training); its kind must be "
         "``kind``, and its own settings (rank, targets, virtual tokens) replace the kind's fields here."))
 
-    # LoRA
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input while training.")
-    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r.")
+    # LoRA, DoRA (LoRA + magnitudes), VeRA (r: the shared projections' rank)
+    r: int = Field(8, ge=1, le=1024, description="LoRA / DoRA rank; VeRA's shared projection rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA / DoRA / AdaLoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA / DoRA / AdaLoRA input while training.")
+    use_rslora: bool = Field(False, description="LoRA / DoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    # AdaLoRA (PEFT's AdaLoraConfig fields and defaults; total_step is the run's optimizer steps)
+    init_r: int = Field(12, ge=1, le=1024, description="AdaLoRA: initial rank of every module.")
+    target_r: int = Field(8, ge=1, le=1024, description="AdaLoRA: average rank per module after pruning.")
+    tinit: int = Field(0, ge=0, le=1_000_000, description="AdaLoRA: steps of warmup before pruning starts.")
+    tfinal: int = Field(0, ge=0, le=1_000_000, description="AdaLoRA: final steps at the target budget.")
+    deltaT: int = Field(1, ge=1, le=1_000_000, description="AdaLoRA: steps between two budget allocations.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="AdaLoRA: EMA factor of the sensitivity.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="AdaLoRA: EMA factor of the uncertainty.")
+    orth_reg_weight: float = Field(0.5, ge=0, le=100, description="AdaLoRA: weight of the orthogonal regularization.")
+    # VeRA
+    projection_prng_key: int = Field(0, ge=0, le=2**31 - 1, description=(
+        "VeRA: seed of the shared frozen projections (drawn as PEFT draws them)."))
+    save_projection: bool = Field(True, description=(
+        "VeRA: save the projections with the adapter (else they are regenerated from projection_prng_key)."))
+    d_initial: float = Field(0.1, ge=-100, le=100, description="VeRA: initial value of every lambda_d.")
+    vera_dropout: float = Field(0.0, ge=0, lt=1, description="VeRA: dropout on the input while training.")
     # LoRA and IA3: a list of module names, "all-linear", or None for the kind's default
     target_modules: list[str] | Literal["all-linear"] | None = Field(None, description=(
         "Modules to adapt: names like ['q_proj', 'v_proj'] or 'all-linear' (LoRA default: all-linear; "
@@ -50,10 +68,18 @@ class TrainingConfig(BaseModel):
     # IA3
     feedforward_modules: list[str] | None = Field(None, description=(
         "IA3 modules whose input (not output) is scaled (default: PEFT's choice for the model type)."))
-    # prompt tuning
-    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="Prompt-tuning virtual tokens.")
+    # prompt tuning, P-tuning, prefix tuning
+    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="Prompt / P- / prefix-tuning virtual tokens.")
     prompt_init_text: str | None = Field(None, min_length=1, max_length=4096, description=(
-        "Initialise the virtual tokens from this text's embeddings (default: embeddings of random vocabulary)."))
+        "Prompt tuning: initialise the virtual tokens from this text's embeddings (default: random vocabulary)."))
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field("MLP", description=(
+        "P-tuning: the prompt encoder (PEFT's MLP, or a bidirectional LSTM followed by an MLP)."))
+    encoder_hidden_size: int | None = Field(None, ge=1, le=16384, description=(
+        "P-tuning encoder / prefix-tuning projection width (default: the token width, as PEFT)."))
+    encoder_num_layers: int = Field(2, ge=1, le=8, description="P-tuning LSTM encoder: layers.")
+    encoder_dropout: float = Field(0.0, ge=0, lt=1, description="P-tuning LSTM encoder: dropout between layers.")
+    prefix_projection: bool = Field(False, description=(
+        "Prefix tuning: produce the keys and values with a two-layer MLP over token embeddings (P-tuning v2)."))
 
     # the run
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split (ignored with max_steps).")
@@ -62,6 +88,9 @@ class TrainingConfig(BaseModel):
     lr_schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "paged_adamw"] = Field("adamw", description=(
+        "adamw (torch), or paged_adamw: bitsandbytes' paged AdamW as QLoRA prescribes (CUDA only; "
+        "refused with a 400 on a CPU gateway)."))
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None: no clipping).")
     batch_size: int = Field(4, ge=1, le=1024, description="Examples per micro-batch.")
     grad_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
@@ -78,19 +107,22 @@ class TrainingConfig(BaseModel):
         if self.kind not in TRAINABLE_KINDS:
             raise ValueError(f"kind {self.kind.value!r} is served but not trained here yet; trainable: "
                              + ", ".join(k.value for k in TRAINABLE_KINDS))
-        if self.kind is AdapterKind.PROMPT_TUNING and (self.target_modules or self.feedforward_modules):
-            raise ValueError("target_modules / feedforward_modules do not apply to prompt_tuning")
-        if self.kind is AdapterKind.LORA and self.feedforward_modules:
-            raise ValueError("feedforward_modules applies to ia3 only")
-        if self.kind is AdapterKind.IA3 and self.target_modules == "all-linear" and self.feedforward_modules is None:
-            raise ValueError("with target_modules 'all-linear', ia3 needs feedforward_modules")
+        handler = HANDLERS[self.kind]
+        # a field counts as sent when set to other than its default (a stored job's config holds them all)
+        foreign = sorted(name for name in (self.model_fields_set & KIND_FIELDS) - handler.training_fields
+                         if getattr(self, name) != type(self).model_fields[name].default)
+        if foreign:
+            readers = [k.value for k, h in HANDLERS.items() if foreign[0] in getattr(h, "training_fields", ())]
+            raise ValueError(f"{', '.join(foreign)} do(es) not apply to kind {self.kind.value!r} "
+                             f"({foreign[0]} applies to: {', '.join(readers)})")
+        handler.check_training_config(self)
         if self.register_only_if_improved and self.eval_fraction == 0:
             raise ValueError("register_only_if_improved needs eval_fraction > 0")
         return self
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.kind]
+        return self.learning_rate if self.learning_rate is not None else HANDLERS[self.kind].default_learning_rate
 
     def ia3_targets(self, model_type: str) -> tuple[list[str] | Literal["all-linear"], list[str]]:
         """``(target_modules, feedforward_modules)`` for IA3, PEFT's defaults filling the gaps."""

@@ -7,11 +7,14 @@ entry point reports the same messages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from adapters.errors import DatasetValidationError
-from adapters.kinds.base import AdapterKind, AdapterLimits
+from adapters.kinds import HANDLERS
+from adapters.kinds.base import AdapterLimits
 from adapters.training.config import TrainingConfig
+from adapters.training.trainer import total_micro_steps
 from adapters.training_data import TrainingExample, parse_dataset, split_train_eval, tokenize_dataset
 
 
@@ -29,7 +32,7 @@ def prepare_dataset(data: bytes, tokenizer, config: TrainingConfig, *, max_lines
     every ``(line, reason)``) when nothing is usable, or on any bad line unless ``skip_bad_lines``."""
     max_seq_len = config.max_seq_len
     if context_window is not None:
-        virtual = config.num_virtual_tokens if config.kind is AdapterKind.PROMPT_TUNING else 0
+        virtual = HANDLERS[config.kind].training_virtual_tokens(config)
         max_seq_len = min(max_seq_len, context_window - virtual)
         if max_seq_len < 1:
             raise ValueError(f"num_virtual_tokens leaves no room in the context window of {context_window}")
@@ -40,13 +43,24 @@ def prepare_dataset(data: bytes, tokenizer, config: TrainingConfig, *, max_lines
     return PreparedDataset(format=tokenized.format, train=train, eval=held, problems=tokenized.problems)
 
 
-def check_limits(config: TrainingConfig, limits: AdapterLimits) -> None:
-    """Refuse, before any work, a config whose result the gateway would refuse to serve."""
-    if config.kind is AdapterKind.LORA and config.r > limits.max_lora_rank:
-        raise ValueError(f"r {config.r} is above this gateway's max_lora_rank of {limits.max_lora_rank}")
-    if config.kind is AdapterKind.PROMPT_TUNING and config.num_virtual_tokens > limits.max_virtual_tokens:
-        raise ValueError(f"num_virtual_tokens {config.num_virtual_tokens} is above this gateway's "
-                         f"max_virtual_tokens of {limits.max_virtual_tokens}")
+def check_limits(config: TrainingConfig, limits: AdapterLimits, n_train: int | None = None) -> None:
+    """Refuse, before any work, a config whose result the gateway would refuse to serve (the
+    kind's handler knows its limits); with ``n_train`` known, also a schedule that does not fit
+    the run's optimizer steps (AdaLoRA's tinit / tfinal)."""
+    total = None
+    if n_train is not None:
+        total = math.ceil(total_micro_steps(config, n_train) / config.grad_accumulation)
+    elif config.max_steps is not None:
+        total = config.max_steps
+    HANDLERS[config.kind].check_training(config, limits, total)
+
+
+def check_device(config: TrainingConfig, device) -> None:
+    """Refuse what the device cannot run: bitsandbytes' paged optimizers page their state between
+    GPU and CPU memory through CUDA unified memory, so there is nothing to page on a CPU gateway."""
+    if config.optimizer == "paged_adamw" and getattr(device, "type", str(device)) != "cuda":
+        raise ValueError(f"optimizer 'paged_adamw' (bitsandbytes' paged AdamW) needs a CUDA device; this gateway "
+                         f"trains on {getattr(device, 'type', device)}: use optimizer 'adamw'")
 
 
 def describe_problems(error: DatasetValidationError, limit: int = 20) -> str:

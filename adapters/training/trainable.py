@@ -11,58 +11,20 @@ so a resumed run continues the same random stream.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapters.kinds.base import AdapterKind, AdapterWeights, Ia3Module, LoraModule, lora_scale, matches_module_list
-from adapters.training.config import TrainingConfig
+from adapters.training.base import PARAM_DTYPE, TrainableAdapter, kaiming_a, param_key, resolve_targets
 
-PARAM_DTYPE = torch.float32
+if TYPE_CHECKING:
+    from adapters.training.config import TrainingConfig
 
-
-def _key(module: str) -> str:
-    return module.replace(".", "-")  # parameter names may not contain dots
-
-
-def resolve_targets(spec: list[str] | str, layer_names: list[str]) -> list[str]:
-    """Module paths matched by a ``target_modules``-like spec ('all-linear' = every wrapped layer)."""
-    if spec == "all-linear":
-        chosen = list(layer_names)
-    else:
-        chosen = [name for name in layer_names if matches_module_list(spec, name)]
-    if not chosen:
-        raise ValueError(f"target_modules {spec!r} match no linear layer of the base model")
-    return chosen
-
-
-class TrainableAdapter(nn.Module):
-    """Common part: the kind, the dropout generator, and what the trainer reads."""
-
-    kind: AdapterKind
-
-    def __init__(self, seed: int, device: torch.device):
-        super().__init__()
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-
-    def forward_layer(self, name: str, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return base_layer(x)
-
-    def prompt_embeddings(self) -> torch.Tensor | None:
-        """``[num_virtual_tokens, hidden]`` placed in front of every sequence, or None."""
-        return None
-
-    def to_weights(self) -> AdapterWeights:
-        raise NotImplementedError
-
-    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        if not self.training or p == 0:
-            return x
-        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) >= p
-        return x * keep / (1.0 - p)
+_key = param_key
+__all__ = ["PARAM_DTYPE", "TrainableAdapter", "resolve_targets", "build_trainable", "trainable_from_weights"]
 
 
 class TrainableLora(TrainableAdapter):
@@ -81,9 +43,7 @@ class TrainableLora(TrainableAdapter):
         self.B = nn.ParameterDict()
         for name in self.modules_:
             in_f, out_f = shapes[name]
-            a = torch.empty(r, in_f, dtype=PARAM_DTYPE)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=init)  # as PEFT (nn.Linear's default)
-            self.A[_key(name)] = nn.Parameter(a.to(device))
+            self.A[_key(name)] = nn.Parameter(kaiming_a(r, in_f, init).to(device))  # as PEFT
             self.B[_key(name)] = nn.Parameter(torch.zeros(out_f, r, dtype=PARAM_DTYPE, device=device))
 
     def forward_layer(self, name: str, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -170,46 +130,62 @@ def _prompt_init(config: TrainingConfig, embed: nn.Module, tokenizer: Any) -> to
         return embed(token_ids.to(embed.weight.device)).float()
 
 
-def build_trainable(config: TrainingConfig, runtime, tokenizer: Any) -> TrainableAdapter:
-    """A freshly initialised trainable adapter of ``config.kind`` for the runtime's base model."""
+def build_lora(config: TrainingConfig, runtime) -> TrainableLora:
     shapes = runtime.base_info.linear_shapes  # module -> (in, out)
-    layers = sorted(shapes)
-    device = runtime.device
-    if config.kind is AdapterKind.LORA:
-        targets = resolve_targets(config.target_modules or "all-linear", layers)
-        return TrainableLora({n: shapes[n] for n in targets}, config.r, config.lora_alpha, config.lora_dropout,
-                             config.use_rslora, config.seed, device)
-    if config.kind is AdapterKind.IA3:
-        target_spec, ff_spec = config.ia3_targets(runtime.base_info.model_type)
-        targets = resolve_targets(target_spec, layers)
-        feedforward = {n for n in targets if matches_module_list(ff_spec, n)}
-        return TrainableIa3({n: shapes[n] for n in targets}, feedforward, config.seed, device)
+    targets = resolve_targets(config.target_modules or "all-linear", sorted(shapes))
+    return TrainableLora({n: shapes[n] for n in targets}, config.r, config.lora_alpha, config.lora_dropout,
+                         config.use_rslora, config.seed, runtime.device)
+
+
+def build_ia3(config: TrainingConfig, runtime) -> TrainableIa3:
+    shapes = runtime.base_info.linear_shapes
+    target_spec, ff_spec = config.ia3_targets(runtime.base_info.model_type)
+    targets = resolve_targets(target_spec, sorted(shapes))
+    feedforward = {n for n in targets if matches_module_list(ff_spec, n)}
+    return TrainableIa3({n: shapes[n] for n in targets}, feedforward, config.seed, runtime.device)
+
+
+def build_prompt(config: TrainingConfig, runtime, tokenizer: Any) -> TrainablePrompt:
     embed = runtime.model.get_input_embeddings()
-    return TrainablePrompt(_prompt_init(config, embed, tokenizer), config.seed, device)
+    return TrainablePrompt(_prompt_init(config, embed, tokenizer), config.seed, runtime.device)
+
+
+def lora_from_weights(weights: AdapterWeights, device: torch.device, seed: int) -> TrainableLora:
+    cfg = weights.config
+    r = int(cfg["r"])
+    shapes = {name: (m.a.shape[1], m.b.shape[0]) for name, m in weights.modules.items()}
+    adapter = TrainableLora(shapes, r, float(cfg.get("lora_alpha", 8)), float(cfg.get("lora_dropout", 0.0)),
+                            bool(cfg.get("use_rslora", False)), seed, device)
+    with torch.no_grad():
+        for name, m in weights.modules.items():
+            adapter.A[_key(name)].copy_(m.a)
+            adapter.B[_key(name)].copy_(m.b)
+    return adapter
+
+
+def ia3_from_weights(weights: AdapterWeights, device: torch.device, seed: int) -> TrainableIa3:
+    shapes = {name: ((m.vector.numel(), 0) if m.feedforward else (0, m.vector.numel()))
+              for name, m in weights.modules.items()}
+    feedforward = {name for name, m in weights.modules.items() if m.feedforward}
+    adapter = TrainableIa3(shapes, feedforward, seed, device)
+    with torch.no_grad():
+        for name, m in weights.modules.items():
+            adapter.scales[_key(name)].copy_(m.vector)
+    return adapter
+
+
+def build_trainable(config: TrainingConfig, runtime, tokenizer: Any, total_steps: int | None = None) -> TrainableAdapter:
+    """A freshly initialised trainable adapter of ``config.kind`` for the runtime's base model
+    (the kind's handler builds it) for a run of ``total_steps`` optimizer steps (default:
+    ``max_steps``, else 1)."""
+    from adapters.kinds import HANDLERS  # the kind modules import this package
+
+    steps = total_steps if total_steps is not None else (config.max_steps or 1)
+    return HANDLERS[config.kind].build_trainable(config, runtime, tokenizer, steps)
 
 
 def trainable_from_weights(weights: AdapterWeights, device: torch.device, seed: int = 0) -> TrainableAdapter:
     """A trainable adapter holding existing weights (continue training, or compare with PEFT)."""
-    if weights.kind is AdapterKind.LORA:
-        cfg = weights.config
-        r = int(cfg["r"])
-        shapes = {name: (m.a.shape[1], m.b.shape[0]) for name, m in weights.modules.items()}
-        adapter = TrainableLora(shapes, r, float(cfg.get("lora_alpha", 8)), float(cfg.get("lora_dropout", 0.0)),
-                                bool(cfg.get("use_rslora", False)), seed, device)
-        with torch.no_grad():
-            for name, m in weights.modules.items():
-                adapter.A[_key(name)].copy_(m.a)
-                adapter.B[_key(name)].copy_(m.b)
-        return adapter
-    if weights.kind is AdapterKind.IA3:
-        shapes = {name: ((m.vector.numel(), 0) if m.feedforward else (0, m.vector.numel()))
-                  for name, m in weights.modules.items()}
-        feedforward = {name for name, m in weights.modules.items() if m.feedforward}
-        adapter = TrainableIa3(shapes, feedforward, seed, device)
-        with torch.no_grad():
-            for name, m in weights.modules.items():
-                adapter.scales[_key(name)].copy_(m.vector)
-        return adapter
-    if weights.kind is AdapterKind.PROMPT_TUNING:
-        return TrainablePrompt(weights.prompt, seed, device)
-    raise ValueError(f"{weights.kind.value} adapters cannot be trained here yet")
+    from adapters.kinds import HANDLERS
+
+    return HANDLERS[weights.kind].trainable_from_weights(weights, device, seed)

@@ -124,23 +124,54 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, int((shifted != IGNORE_INDEX).sum())
 
 
+def prefix_cache(model, prefix: torch.Tensor, rows: int):
+    """A transformers cache holding ``prefix [layers * 2, virtual, kv_heads, head_dim]`` as every
+    row's past keys (row ``2l``) and values (``2l + 1``) of layer ``l``, as PEFT passes a prefix."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer in range(prefix.shape[0] // 2):
+        key, value = (prefix[2 * layer + i].transpose(0, 1).unsqueeze(0).expand(rows, -1, -1, -1) for i in (0, 1))
+        cache.update(key, value, layer)
+    return cache
+
+
 def adapter_forward(runtime, adapter: TrainableAdapter, ids: torch.Tensor, mask: torch.Tensor,
                     labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits ``[B, n_virtual + T, vocab]`` of the base with ``adapter`` applied to every row (and
-    the labels aligned to them). Right padding: positions of real tokens are 0, 1, 2 ..."""
+    the labels aligned to them; a prefix adds no logits, only past keys and values). Right
+    padding: positions of real tokens are 0, 1, 2 ... after the virtual ones."""
     embeds = runtime.model.get_input_embeddings()(ids)
+    rows = ids.shape[0]
     prompt = adapter.prompt_embeddings()
     if prompt is not None:  # virtual tokens in front: attended to, never labelled (as PEFT)
-        rows, n = ids.shape[0], prompt.shape[0]
+        n = prompt.shape[0]
         embeds = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(rows, -1, -1), embeds], dim=1)
         mask = torch.cat([mask.new_ones(rows, n), mask], dim=1)
         if labels is not None:
             labels = torch.cat([labels.new_full((rows, n), IGNORE_INDEX), labels], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"use_cache": False}
+    prefix = adapter.prefix_key_values(embeds.dtype)
+    if prefix is not None:  # past keys and values at positions 0 .. n-1; the tokens follow them
+        n = prefix.shape[1]
+        positions = positions + n
+        mask = torch.cat([mask.new_ones(rows, n), mask], dim=1)
+        extra = {"use_cache": True, "past_key_values": prefix_cache(runtime.model, prefix, rows)}
     with runtime.training(adapter):
-        logits = runtime.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                               use_cache=False).logits
+        logits = runtime.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **extra).logits
     return logits, labels
+
+
+def make_optimizer(config: TrainingConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged AdamW (QLoRA: optimizer state in unified memory that pages to
+    the CPU under memory pressure); ``check_device`` has refused paged_adamw off CUDA."""
+    lr = learning_rate_at(config, 0, 1)
+    if config.optimizer == "paged_adamw":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
 class TrainingRun:
@@ -160,14 +191,13 @@ class TrainingRun:
         self.checkpoint_dir = checkpoint_dir
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.model.requires_grad_(False)  # QLoRA-style: the base is frozen, only the adapter learns
-        self.adapter: TrainableAdapter | None = (
-            build_trainable(config, runtime, tokenizer) if initial is None
-            else trainable_from_weights(initial, runtime.device, config.seed))
-        self.params = [p for p in self.adapter.parameters()]
-        self.optimizer: torch.optim.Optimizer | None = torch.optim.AdamW(
-            self.params, lr=learning_rate_at(config, 0, 1), weight_decay=config.weight_decay)
         self.total_micro = total_micro_steps(config, len(train))
         self.progress = Progress(total_steps=math.ceil(self.total_micro / config.grad_accumulation))
+        self.adapter: TrainableAdapter | None = (
+            build_trainable(config, runtime, tokenizer, self.progress.total_steps) if initial is None
+            else trainable_from_weights(initial, runtime.device, config.seed))
+        self.params = [p for p in self.adapter.parameters()]
+        self.optimizer: torch.optim.Optimizer | None = make_optimizer(config, self.params)
         self.micro = 0  # micro-batches done
         self._eval_position = 0
         self._eval_sum, self._eval_count = 0.0, 0
@@ -230,6 +260,9 @@ class TrainingRun:
         with torch.enable_grad():
             loss_sum, count = self._forward(ids, labels, mask)
             loss = loss_sum / max(1, count)
+            regularization = self.adapter.regularization()  # e.g. AdaLoRA's orthogonality (as PEFT adds it)
+            if regularization is not None:
+                loss = loss + regularization
             (loss / window).backward()
         self._window_losses.append(float(loss.detach()))
         self.micro += 1
@@ -247,6 +280,7 @@ class TrainingRun:
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
+        self.adapter.after_optimizer_step(progress.step, progress.total_steps)  # gradients still there
         self.optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         _append(progress.train_loss, (progress.step, sum(self._window_losses) / len(self._window_losses)))
@@ -273,8 +307,10 @@ class TrainingRun:
         optim, groups = optimizer_tensors(self.optimizer)
         tensors.update(optim)
         tensors["rng.dropout"] = self.adapter.generator.get_state()
+        extra_tensors, extra_state = self.adapter.extra_state()
+        tensors.update({f"extra.{k}": v for k, v in extra_tensors.items()})
         state = {"digest": self._digest, "micro": self.micro, "progress": self.progress.as_dict(),
-                 "param_groups": groups}
+                 "param_groups": groups, "adapter_state": extra_state}
         save_checkpoint(self.checkpoint_dir, self.progress.step, tensors, state)
         log.info("checkpoint at step %d written to %s", self.progress.step, self.checkpoint_dir)
 
@@ -297,6 +333,8 @@ class TrainingRun:
                 p.copy_(tensors[f"param.{name}"])
         restore_optimizer(self.optimizer, tensors, state["param_groups"])
         self.adapter.generator.set_state(tensors["rng.dropout"])
+        self.adapter.load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")},
+                                      state.get("adapter_state") or {})
         saved = state["progress"]
         p = self.progress
         p.step, p.epoch, p.tokens_trained = saved["step"], saved["epoch"], saved["tokens_trained"]

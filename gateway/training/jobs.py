@@ -37,7 +37,7 @@ from adapters.errors import AdapterConflictError, AdapterError, DatasetValidatio
 from adapters.kinds.base import AdapterLimits, AdapterWeights
 from adapters.training.checkpoint import CheckpointError
 from adapters.training.config import TrainingConfig
-from adapters.training.prepare import PreparedDataset, check_limits, prepare_dataset
+from adapters.training.prepare import PreparedDataset, check_device, check_limits, prepare_dataset
 from adapters.training.trainer import TrainingRun
 from gateway.background import BackgroundWork
 from gateway.training.artifacts import JobArtifacts
@@ -175,6 +175,7 @@ class TrainingJobs:
                 raise DatasetValidationError(
                     f"the {what} is {len(blob)} bytes; the limit is {self.limits.max_dataset_bytes}")
         check_limits(config, self.limits.adapter)
+        check_device(config, self.runtime.device)
         active = [r for r in self._records.values() if r.state not in TERMINAL]
         if len(active) >= self.limits.max_queued_jobs:
             raise TooManyTrainingJobsError(f"{len(active)} training jobs are queued or running (limit "
@@ -183,6 +184,7 @@ class TrainingJobs:
         adapter_id = config.adapter_id or job_id
         self._check_adapter_id(adapter_id, active)
         prepared = await asyncio.to_thread(self._prepare, data, config, validation)
+        check_limits(config, self.limits.adapter, n_train=len(prepared.train))  # the schedule against the run
         try:
             await asyncio.to_thread(self.artifacts.write_dataset, job_id, data)
             if validation is not None:

@@ -19,7 +19,7 @@ from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.runtime import AdapterRuntime
 from adapters.training.config import TrainingConfig
-from adapters.training.prepare import check_limits, describe_problems, prepare_dataset
+from adapters.training.prepare import check_device, check_limits, describe_problems, prepare_dataset
 from adapters.training.trainer import Progress, TrainingRun
 from gateway.settings import Settings
 
@@ -85,6 +85,8 @@ def train_offline(settings: Settings, data_path: Path, config: TrainingConfig, o
     try:
         prepared = prepare_dataset(data, base.tokenizer, config, max_lines=settings.max_training_dataset_lines,
                                    context_window=base.context_window)
+        check_limits(config, limits, n_train=len(prepared.train))
+        check_device(config, next(base.model.parameters()).device)
     except DatasetValidationError as exc:
         raise TrainingFailed(f"invalid dataset: {describe_problems(exc)}") from None
     except ValueError as exc:
