@@ -26,6 +26,8 @@ class KVCacheCollector(Collector):
             ("gateway_kv_live_tokens", "Positions the running sequences hold in the KV cache.", engine.live_tokens),
             ("gateway_kv_bytes_per_token", "Bytes of keys and values one position takes (all layers).",
              engine.runner.pool.bytes_per_token),
+            ("gateway_kv_gather_workspace_bytes", "Bytes of the reused buffers KV blocks are gathered into for "
+             "attention (grows to the largest gather so far).", engine.runner.pool.workspace_bytes),
         )
         for name, help_text, value in gauges:
             family = GaugeMetricFamily(name, help_text)

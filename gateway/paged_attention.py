@@ -118,6 +118,10 @@ class KVPool:
         torch.index_select(self.values[layer].view(-1, self.block_size, d), 0, index, out=out_v)
         return out_k, out_v
 
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(buf.numel() * buf.element_size() for buf in self._gathered)
+
     def gather_index(self, blocks: torch.Tensor) -> torch.Tensor:
         """Block tables ``[B, nb]`` -> the ``[B * kv_heads * nb]`` indices of their (head, block)
         runs in a layer's ``[kv_heads * num_blocks, block_size, head_dim]`` view, ordered so that

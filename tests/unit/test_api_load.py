@@ -285,3 +285,4 @@ def test_kv_cache_metrics_and_prefix_hits_over_http(make_client):
     assert metric(text, "gateway_kv_blocks_used") == 0 and metric(text, "gateway_kv_live_tokens") == 0
     assert metric(text, "gateway_kv_blocks_cached") > 0
     assert metric(text, "gateway_kv_bytes_per_token") > 0
+    assert metric(text, "gateway_kv_gather_workspace_bytes") > 0  # prompts were gathered for attention
