@@ -238,7 +238,7 @@ async def _chat_chunks(generation: Generation, meta: dict, n: int, include_usage
         if event.error:
             yield _error_chunk(event)
             return
-        if event.text or (strings is not None and event.logprobs):
+        if event.text or (strings is not None and any(not e.end for e in event.logprobs)):
             logprobs = None if strings is None else chat_logprobs(strings, event.logprobs)
             yield chunk(event.index, {"content": event.text}, None, logprobs)
         if event.finish_reason is not None:
