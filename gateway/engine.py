@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -360,8 +360,11 @@ class Engine:
         if scored:  # from the raw logits: the model's distribution, not the sampler's
             rows = score_rows(logits[scored], [tokens[i] for i in scored], [params[i].logprobs for i in scored])
             for i, row in zip(scored, rows, strict=True):
-                if tokens[i] not in self.eos_token_ids:  # the end token has no text to go with
-                    seqs[i].pending_logprobs.append(row)
+                # the end token keeps its entry, flagged: a completion lists one entry per
+                # generated token (lm-evaluation-harness drops the last one of an echoed
+                # prompt + 1 token), chat leaves it out (gateway.api.logprob_format)
+                end = tokens[i] in self.eos_token_ids
+                seqs[i].pending_logprobs.append(replace(row, end=True) if end else row)
         for seq, token in zip(seqs, tokens, strict=True):
             if seq.done:
                 continue

@@ -19,11 +19,14 @@ LOGPROB_FLOOR = -9999.0
 @dataclass(frozen=True)
 class TokenLogprob:
     """One position: its token, that token's log-probability (None for a prompt's first token,
-    which nothing predicts) and the ``k`` most likely tokens with theirs, most likely first."""
+    which nothing predicts) and the ``k`` most likely tokens with theirs, most likely first.
+    ``end``: the token is the end-of-sequence token that finished the answer (it has no text;
+    legacy completions list it, chat leaves it out, as OpenAI and vLLM do)."""
 
     token: int
     logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
+    end: bool = False
 
 
 def score_rows(logits: torch.Tensor, targets: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:

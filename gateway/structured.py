@@ -46,6 +46,16 @@ ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "default", 
                "readOnly", "writeOnly"}
 FORMATS = {"email", "date", "time", "date-time", "duration", "uri", "uri-reference", "uri-template", "uuid",
            "ipv4", "ipv6", "hostname", "json-pointer"}
+# Keywords that constrain one JSON type. xgrammar 0.2.9 applies them only when the schema names
+# its ``type`` (or, for arrays and objects, has ``items``/``prefixItems`` or ``properties``, from
+# which it infers the type); alone they give an unconstrained value. And it ignores, with a log
+# line only, ``minLength``/``maxLength`` next to ``format`` or ``pattern``, and ``multipleOf`` on
+# numbers that are not integers. ``check_schema`` refuses all of these.
+SCALAR_KEYWORDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
+                   "maxLength", "pattern", "format"}
+ARRAY_KEYWORDS = {"minItems", "maxItems", "contains"}
+OBJECT_KEYWORDS = {"required", "minProperties", "maxProperties", "patternProperties", "propertyNames",
+                   "additionalProperties", "unevaluatedProperties"}
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name -> subschema
 SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")  # [subschema]
 SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "contains", "unevaluatedProperties")
@@ -61,6 +71,7 @@ def check_schema(schema: Any, path: str = "", depth: int = 0, *, param: str = "r
         raise _refuse(param, f"the schema at {where} must be an object or a boolean")
     if depth > MAX_SCHEMA_DEPTH:
         raise _refuse(param, f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels at {where}")
+    _check_combinations(schema, where, param)
     for key, value in schema.items():
         if key in ANNOTATIONS:
             continue
@@ -84,6 +95,27 @@ def check_schema(schema: Any, path: str = "", depth: int = 0, *, param: str = "r
                 check_schema(sub, f"{path}/{key}/{i}", depth + 1, param=param)
         elif key in SCHEMA_ONE:
             check_schema(value, f"{path}/{key}", depth + 1, param=param)
+
+
+def _check_combinations(schema: dict, where: str, param: str) -> None:
+    """Refuse keyword combinations xgrammar accepts but does not enforce (see SCALAR_KEYWORDS)."""
+    if "type" not in schema:
+        loose = sorted(SCALAR_KEYWORDS & schema.keys())
+        if not {"items", "prefixItems"} & schema.keys():
+            loose += sorted(ARRAY_KEYWORDS & schema.keys())
+        if "properties" not in schema:
+            loose += sorted(OBJECT_KEYWORDS & schema.keys())
+        if loose:
+            raise _refuse(param, f"'{loose[0]}' (at {where}) is enforced only in a schema that names its 'type'; add one")
+    lengths = sorted({"minLength", "maxLength"} & schema.keys())
+    shaped = sorted({"format", "pattern"} & schema.keys())
+    if lengths and shaped:
+        raise _refuse(param, f"'{lengths[0]}' together with '{shaped[0]}' (at {where}) is not supported by "
+                      "structured outputs (the length would not be enforced)")
+    types = schema.get("type")
+    if "multipleOf" in schema and not (types == "integer" or (isinstance(types, list) and "integer" in types
+                                                              and "number" not in types)):
+        raise _refuse(param, f"'multipleOf' (at {where}) is supported on integers only")
 
 
 def _escape(name: str) -> str:

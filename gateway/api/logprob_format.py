@@ -6,6 +6,10 @@
   text_offset}``, where each ``top_logprobs`` entry maps token text to logprob for the k most
   likely tokens plus the chosen one (so up to k + 1 entries), and ``text_offset`` counts characters
   from the start of the prompt (echo puts the prompt's tokens first, the first one with null).
+
+The end-of-sequence token that finished an answer has an entry in legacy completions (one entry
+per generated token: lm-evaluation-harness sends an echoed prompt with ``max_tokens`` 1 and drops
+the last entry as the generated one, whatever it is) but none in chat, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def chat_logprobs(strings: TokenStrings, entries: Sequence[TokenLogprob]) -> dic
         return {"token": text, "logprob": logprob, "bytes": list(data)}
 
     return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
-                        for e in entries], "refusal": None}
+                        for e in entries if not e.end], "refusal": None}
 
 
 class CompletionLogprobs:
@@ -39,7 +43,8 @@ class CompletionLogprobs:
             text = self.strings.text(e.token)
             tokens.append(text)
             offsets.append(self.offset)
-            self.offset += len(text)
+            if not e.end:  # the end token is not part of the text
+                self.offset += len(text)
             if e.logprob is None:  # a prompt's first token: nothing predicts it
                 tops.append(None)
                 continue

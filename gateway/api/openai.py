@@ -256,7 +256,8 @@ async def _chat_chunks(generation: Generation, meta: dict, n: int, include_usage
             return
         finish = event.finish_reason
         if readers:
-            logprobs = None if strings is None or not event.logprobs else chat_logprobs(strings, event.logprobs)
+            shown = strings is not None and any(not e.end for e in event.logprobs)  # chat leaves the end token out
+            logprobs = chat_logprobs(strings, event.logprobs) if shown else None
             deltas = readers[event.index].feed(event.text)
             if finish is not None:
                 more, finish = readers[event.index].finish(finish)
@@ -266,7 +267,7 @@ async def _chat_chunks(generation: Generation, meta: dict, n: int, include_usage
                 logprobs = None
             if logprobs is not None:
                 yield chunk(event.index, {}, None, logprobs)
-        elif event.text or (strings is not None and event.logprobs):
+        elif event.text or (strings is not None and any(not e.end for e in event.logprobs)):
             logprobs = None if strings is None else chat_logprobs(strings, event.logprobs)
             yield chunk(event.index, {"content": event.text}, None, logprobs)
         if finish is not None:

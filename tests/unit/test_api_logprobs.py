@@ -88,7 +88,7 @@ def test_completion_logprobs_shape(sdk, model):
     choice = response.choices[0]
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
-    assert len(lp.tokens) == response.usage.completion_tokens - (choice.finish_reason == "stop")
+    assert len(lp.tokens) == response.usage.completion_tokens  # the end token has its entry too
     assert lp.text_offset[0] == len(PROMPT)  # offsets count from the prompt's start
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert 2 <= len(top) <= 3 and top[token] == value  # the top 2 and the chosen one
@@ -123,6 +123,46 @@ def test_echo_then_generate_matches_a_plain_request(sdk):
     assert echoed.choices[0].logprobs.token_logprobs[-1] == plain.choices[0].logprobs.token_logprobs[0]
     assert echoed.choices[0].logprobs.top_logprobs[-1] == plain.choices[0].logprobs.top_logprobs[0]
     assert echoed.choices[0].logprobs.text_offset[-1] == plain.choices[0].logprobs.text_offset[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_ended_by_the_end_token_keeps_its_entry(client, stream):
+    """lm-evaluation-harness scores a continuation with echo, ``max_tokens`` 1 and ``logprobs`` 1,
+    and sums ``token_logprobs[ctxlen:-1]``: the last entry must be the generated token's even
+    when that token is the end token, or the sum silently loses the continuation's last token
+    (0.0 for a one-token continuation). ``logit_bias`` forces the end token (it moves the
+    sampler, not the reported values)."""
+    tokenizer = client.app.state.gateway.service.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    body = {"model": "lora-a", "prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0,
+            "logit_bias": {str(eos): 100}, "stream": stream}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    if stream:
+        choices = [c for e in sse_events(response)[:-1] for c in e["choices"]]
+        lp = {k: sum((c["logprobs"][k] for c in choices), []) for k in ("tokens", "token_logprobs", "text_offset")}
+        text, finish = "".join(c["text"] for c in choices), choices[-1]["finish_reason"]
+    else:
+        choice = response.json()["choices"][0]
+        lp, text, finish = choice["logprobs"], choice["text"], choice["finish_reason"]
+    prompt_ids = tokenizer.encode(PROMPT)
+    assert finish == "stop" and text == PROMPT
+    assert len(lp["token_logprobs"]) == len(prompt_ids) + 1
+    assert lp["tokens"][-1] == "<|im_end|>" and lp["token_logprobs"][-1] <= 0
+    assert lp["text_offset"][-1] == len(PROMPT)  # the end token adds no text
+    scored = client.post("/v1/completions", json={"model": "lora-a", "prompt": PROMPT, "max_tokens": 0,
+                                                  "echo": True, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][2:-1] == pytest.approx(scored["token_logprobs"][2:], rel=1e-6)
+
+
+def test_chat_leaves_the_end_token_out(client, sdk):
+    """Chat content logprobs spell the answer's text: the end token has no entry (OpenAI's shape)."""
+    eos = client.app.state.gateway.service.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    response = sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                           logprobs=True, logit_bias={str(eos): 100})
+    choice = response.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content == ""
+    assert response.usage.completion_tokens == 1 and choice.logprobs.content == []
 
 
 def test_streamed_echo_equals_the_whole_answer(client):

@@ -199,6 +199,13 @@ def test_grammars_are_compiled_once_per_schema(client):
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
     ({"type": "object", "properties": []}, "properties"),
     ({"type": "stringy"}, "stringy"),
+    # accepted by xgrammar 0.2.9 but not enforced (it logs a warning, or builds an any-JSON grammar)
+    ({"type": "object", "properties": {"e": {"type": "string", "format": "email", "maxLength": 20}}}, "maxLength"),
+    ({"type": "string", "pattern": "^a+$", "minLength": 2}, "minLength"),
+    ({"type": "object", "properties": {"x": {"type": "number", "multipleOf": 0.5}}}, "multipleOf"),
+    ({"type": "object", "properties": {"n": {"minimum": 3}}, "required": ["n"]}, "minimum"),
+    ({"type": "object", "properties": {"e": {"format": "email"}}}, "format"),
+    ({"required": ["a"]}, "required"),
 ])
 def test_unsupported_schemas_are_a_400_naming_the_feature(client, schema, named):
     for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})):
@@ -227,3 +234,35 @@ def test_check_schema_walks_subschemas_only():
     check_schema({"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}})
     with pytest.raises(BadRequestError, match="/properties/a/items"):
         check_schema({"type": "object", "properties": {"a": {"type": "array", "items": {"not": {}}}}})
+
+
+def test_keywords_enforced_where_xgrammar_infers_the_type_pass():
+    """``properties`` makes an object and ``items`` an array for xgrammar: their siblings are
+    enforced without a ``type``; so is ``multipleOf`` on integers (with or without bounds)."""
+    check_schema({"properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False})
+    check_schema({"items": {"type": "integer"}, "maxItems": 2})
+    check_schema({"type": "integer", "minimum": 0, "maximum": 100, "multipleOf": 5})
+    check_schema({"type": ["integer", "null"], "multipleOf": 3})
+    check_schema({"type": "string", "format": "date"})
+    check_schema({"type": "string", "pattern": "^[a-z]{1,8}$"})
+
+
+@pytest.mark.parametrize("schema, bad", [
+    ({"type": "string", "format": "email", "maxLength": 12}, '"abcdefghij@klmnop.com"'),
+    ({"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.25}, "0.3"),
+    ({"minimum": 3}, "1"),
+])
+def test_xgrammar_still_ignores_what_check_schema_refuses(tiny_tokenizer, schema, bad):
+    """Pins the reason for each refusal: compiled alone, xgrammar accepts a whole answer the
+    schema forbids. When an xgrammar upgrade enforces one of these, this fails and the refusal
+    in ``check_schema`` can go."""
+    import xgrammar
+
+    eos = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    info = xgrammar.TokenizerInfo.from_huggingface(tiny_tokenizer, vocab_size=320, stop_token_ids=[eos])
+    compiled = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False).compile_json_schema(
+        json.dumps(schema), any_whitespace=False, strict_mode=True)
+    assert not jsonschema.Draft202012Validator(schema).is_valid(json.loads(bad))
+    matcher = xgrammar.GrammarMatcher(compiled)
+    assert all(matcher.accept_token(t) for t in tiny_tokenizer.encode(bad, add_special_tokens=False))
+    assert matcher.accept_token(eos) and matcher.is_terminated()
