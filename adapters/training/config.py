@@ -81,6 +81,13 @@ class TrainingConfig(BaseModel):
     prefix_projection: bool = Field(False, description=(
         "Prefix tuning: produce the keys and values with a two-layer MLP over token embeddings (P-tuning v2)."))
 
+    # the objective
+    objective: Literal["supervised", "dpo"] = Field("supervised", description=(
+        "supervised: next-token loss on the answers; dpo: preference training (sigmoid DPO loss) on a "
+        "preference dataset, against the frozen base or, with init_adapter, that adapter frozen."))
+    beta: float = Field(0.1, gt=0, le=10, description=(
+        "DPO only: how far the policy may move from the reference (larger: closer to it)."))
+
     # the run
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split (ignored with max_steps).")
     max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Optimizer steps; overrides epochs.")

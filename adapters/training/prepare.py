@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from adapters.errors import DatasetValidationError
 from adapters.kinds import HANDLERS
 from adapters.kinds.base import AdapterLimits
+from adapters.preference_data import PREFERENCE_FORMAT, PreferenceExample, parse_preference_dataset, tokenize_preferences
 from adapters.training.config import TrainingConfig
 from adapters.training.trainer import total_micro_steps
 from adapters.training_data import TrainingExample, parse_dataset, split_train_eval, tokenize_dataset
@@ -21,8 +22,8 @@ from adapters.training_data import TrainingExample, parse_dataset, split_train_e
 @dataclass
 class PreparedDataset:
     format: str
-    train: list[TrainingExample]
-    eval: list[TrainingExample]
+    train: list[TrainingExample] | list[PreferenceExample]  # PreferenceExample for objective "dpo"
+    eval: list[TrainingExample] | list[PreferenceExample]
     problems: list[tuple[int, str]] = field(default_factory=list)
 
 
@@ -37,6 +38,13 @@ def prepare_dataset(data: bytes, tokenizer, config: TrainingConfig, *, max_lines
         if max_seq_len < 1:
             raise ValueError(f"num_virtual_tokens leaves no room in the context window of {context_window}")
     strict = not config.skip_bad_lines
+    if config.objective == "dpo":
+        problems: list[tuple[int, str]] = []
+        pairs = parse_preference_dataset(data, max_lines=max_lines, max_line_bytes=max_line_bytes, strict=strict,
+                                         problems=problems)
+        examples = tokenize_preferences(pairs, tokenizer, max_seq_len=max_seq_len, strict=strict, problems=problems)
+        train, held = split_train_eval(examples, config.eval_fraction, config.seed)
+        return PreparedDataset(format=PREFERENCE_FORMAT, train=train, eval=held, problems=problems)
     parsed = parse_dataset(data, max_lines=max_lines, max_line_bytes=max_line_bytes, strict=strict)
     tokenized = tokenize_dataset(parsed, tokenizer, max_seq_len=max_seq_len, strict=strict)
     train, held = split_train_eval(tokenized.examples, config.eval_fraction, config.seed)

@@ -6,6 +6,11 @@ happens. Phases: eval loss before training, training micro-batches (the optimize
 ``grad_accumulation`` of them, checkpointing every ``checkpoint_every`` steps), eval loss after.
 Knows nothing of HTTP or jobs.
 
+What a batch's loss is comes from the run's objective (``config.objective``): supervised
+next-token loss here, preference training in ``adapters.training.dpo``. An objective's
+``batch_loss(adapter, examples)`` returns a ``BatchLoss``; its metrics (DPO's rewards) are
+averaged per optimizer step and per eval pass into ``Progress.train_metrics`` / ``eval_metrics``.
+
 Determinism: the split, the per-epoch shuffles, the init and the dropout stream all derive from
 ``config.seed`` and the position in the run, never from global RNG state (serving samples from
 that), so a run resumed from a checkpoint continues exactly as an uninterrupted one.
@@ -20,7 +25,8 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from adapters.training.checkpoint import (
     CheckpointError, load_latest, optimizer_tensors, restore_optimizer, save_checkpoint,
 )
 from adapters.training.config import TrainingConfig, learning_rate_at
+from adapters.training.dpo import BatchLoss, DpoObjective, frozen_reference
 from adapters.training.trainable import TrainableAdapter, build_trainable, trainable_from_weights
 from adapters.training_data import IGNORE_INDEX, TrainingExample
 
@@ -56,6 +63,9 @@ class Progress:
     eta_seconds: float | None = None
     tokens_trained: int = 0
     resumed_from_step: int | None = None  # the checkpoint this process continued from, if any
+    # (step, {metric: mean}) of objectives that report more than a loss (DPO's rewards and accuracy)
+    train_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    eval_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
     @property
     def last_loss(self) -> float | None:
@@ -67,19 +77,22 @@ class Progress:
                 "eval_loss": [list(p) for p in self.eval_loss], "eval_loss_before": self.eval_loss_before,
                 "eval_loss_after": self.eval_loss_after, "tokens_per_second": round(self.tokens_per_second, 2),
                 "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
-                "tokens_trained": self.tokens_trained, "resumed_from_step": self.resumed_from_step}
+                "tokens_trained": self.tokens_trained, "resumed_from_step": self.resumed_from_step,
+                "train_metrics": [[s, m] for s, m in self.train_metrics],
+                "eval_metrics": [[s, m] for s, m in self.eval_metrics]}
 
 
-def _append(history: list[tuple[int, float]], point: tuple[int, float]) -> None:
+def _append(history: list[tuple[int, Any]], point: tuple[int, Any]) -> None:
     history.append(point)
     if len(history) > HISTORY_LIMIT:
         del history[1:-1:2]  # keep the first and last points and every other one between
 
 
-def dataset_digest(examples: list[TrainingExample]) -> str:
+def dataset_digest(examples: list) -> str:
+    """Of the token content of the examples (any dataclass of token lists; the source line is left out)."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex.input_ids, ex.labels]).encode())
+        h.update(json.dumps([v for k, v in asdict(ex).items() if k != "line"]).encode())
     return h.hexdigest()
 
 
@@ -174,6 +187,40 @@ def make_optimizer(config: TrainingConfig, params: list[torch.nn.Parameter]) -> 
     return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
+class SupervisedObjective:
+    """Next-token cross-entropy on the labelled (answer) tokens; the mean is over those tokens."""
+
+    metrics: tuple[str, ...] = ()
+
+    def __init__(self, runtime, pad_id: int):
+        self.runtime = runtime
+        self.pad_id = pad_id
+
+    def batch_loss(self, adapter: TrainableAdapter, examples: list[TrainingExample]) -> BatchLoss:
+        ids, labels, mask = collate(examples, self.pad_id, self.runtime.device)
+        logits, labels = adapter_forward(self.runtime, adapter, ids, mask, labels)
+        loss_sum, count = causal_lm_loss_sum(logits, labels)
+        return BatchLoss(loss_sum, count, int(mask.sum()), {})
+
+
+def build_objective(config: TrainingConfig, runtime, pad_id: int, initial: AdapterWeights | None):
+    """The run's objective; DPO's reference is ``initial`` frozen, or the bare base."""
+    if config.objective == "dpo":
+        return DpoObjective(config.beta, frozen_reference(initial, runtime.device),
+                            forward=partial(adapter_forward, runtime),
+                            collate=partial(collate, pad_id=pad_id, device=runtime.device))
+    return SupervisedObjective(runtime, pad_id)
+
+
+def _mean_metrics(sums: dict[str, float], units: int) -> dict[str, float]:
+    return {name: value / max(1, units) for name, value in sums.items()}
+
+
+def _add_metrics(into: dict[str, float], sums: dict[str, float]) -> None:
+    for name, value in sums.items():
+        into[name] = into.get(name, 0.0) + value
+
+
 class TrainingRun:
     def __init__(self, runtime, tokenizer, config: TrainingConfig, train: list[TrainingExample],
                  eval_examples: list[TrainingExample], checkpoint_dir: Path | None = None,
@@ -198,10 +245,14 @@ class TrainingRun:
             else trainable_from_weights(initial, runtime.device, config.seed))
         self.params = [p for p in self.adapter.parameters()]
         self.optimizer: torch.optim.Optimizer | None = make_optimizer(config, self.params)
+        self.objective = build_objective(config, runtime, self.pad_id, initial)
         self.micro = 0  # micro-batches done
         self._eval_position = 0
         self._eval_sum, self._eval_count = 0.0, 0
+        self._eval_metric_sums: dict[str, float] = {}
         self._window_losses: list[float] = []
+        self._window_metric_sums: dict[str, float] = {}
+        self._window_units = 0
         self._train_seconds = 0.0
         self._micro_at_start, self._tokens_at_start = 0, 0  # where this process took over (resume)
         self._digest = hashlib.sha256(
@@ -224,24 +275,25 @@ class TrainingRun:
     def done(self) -> bool:
         return self.progress.phase == "done"
 
-    def _forward(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-        logits, labels = adapter_forward(self.runtime, self.adapter, ids, mask, labels)
-        return causal_lm_loss_sum(logits, labels)
-
     def _eval_micro_step(self) -> None:
         bs = self.config.batch_size
         batch = self.eval_examples[self._eval_position:self._eval_position + bs]
         self.adapter.eval()
         with torch.no_grad():
-            loss_sum, count = self._forward(*collate(batch, self.pad_id, self.runtime.device))
-        self._eval_sum += float(loss_sum)
-        self._eval_count += count
+            out = self.objective.batch_loss(self.adapter, batch)
+        self._eval_sum += float(out.total)
+        self._eval_count += out.units
+        _add_metrics(self._eval_metric_sums, out.metric_sums)
         self._eval_position += bs
         if self._eval_position < len(self.eval_examples):
             return
         loss = self._eval_sum / max(1, self._eval_count)
         _append(self.progress.eval_loss, (self.progress.step, loss))
+        if self._eval_metric_sums:
+            _append(self.progress.eval_metrics,
+                    (self.progress.step, _mean_metrics(self._eval_metric_sums, self._eval_count)))
         self._eval_position, self._eval_sum, self._eval_count = 0, 0.0, 0
+        self._eval_metric_sums = {}
         if self.progress.phase == "eval_before":
             self.progress.eval_loss_before = loss
             self.progress.phase = "train"
@@ -255,18 +307,19 @@ class TrainingRun:
         window_start = (self.micro // cfg.grad_accumulation) * cfg.grad_accumulation
         window = min(cfg.grad_accumulation, self.total_micro - window_start)  # the last may be short
         indices = micro_batch_indices(cfg, len(self.train_examples), self.micro)
-        ids, labels, mask = collate([self.train_examples[i] for i in indices], self.pad_id, self.runtime.device)
         self.adapter.train()
         with torch.enable_grad():
-            loss_sum, count = self._forward(ids, labels, mask)
-            loss = loss_sum / max(1, count)
+            out = self.objective.batch_loss(self.adapter, [self.train_examples[i] for i in indices])
+            loss = out.mean
             regularization = self.adapter.regularization()  # e.g. AdaLoRA's orthogonality (as PEFT adds it)
             if regularization is not None:
                 loss = loss + regularization
             (loss / window).backward()
         self._window_losses.append(float(loss.detach()))
+        _add_metrics(self._window_metric_sums, out.metric_sums)
+        self._window_units += out.units
         self.micro += 1
-        self.progress.tokens_trained += int(mask.sum())
+        self.progress.tokens_trained += out.tokens
         self.progress.epoch = self.micro / micro_batches_per_epoch(cfg, len(self.train_examples))
         if self.micro - window_start == window:
             self._optimizer_step()
@@ -284,7 +337,9 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         progress.step += 1
         _append(progress.train_loss, (progress.step, sum(self._window_losses) / len(self._window_losses)))
-        self._window_losses = []
+        if self._window_metric_sums:
+            _append(progress.train_metrics, (progress.step, _mean_metrics(self._window_metric_sums, self._window_units)))
+        self._window_losses, self._window_metric_sums, self._window_units = [], {}, 0
         finished = progress.step >= progress.total_steps
         if finished:
             progress.phase = "eval_after" if self.eval_examples else "done"
@@ -340,6 +395,8 @@ class TrainingRun:
         p.step, p.epoch, p.tokens_trained = saved["step"], saved["epoch"], saved["tokens_trained"]
         p.train_loss = [tuple(x) for x in saved["train_loss"]]
         p.eval_loss = [tuple(x) for x in saved["eval_loss"]]
+        p.train_metrics = [tuple(x) for x in saved.get("train_metrics", [])]
+        p.eval_metrics = [tuple(x) for x in saved.get("eval_metrics", [])]
         p.eval_loss_before, p.eval_loss_after = saved["eval_loss_before"], saved["eval_loss_after"]
         p.phase = saved["phase"] if saved["phase"] != "eval_before" else "train"
         self.micro = state["micro"]
@@ -362,6 +419,7 @@ class TrainingRun:
         """Free the adapter, its gradients and the optimizer state (the base stays resident)."""
         self.optimizer = None
         self.adapter = None
+        self.objective = None  # DPO's reference adapter goes with it
         self.params = []
         gc.collect()
         if torch.cuda.is_available():
