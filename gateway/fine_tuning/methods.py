@@ -1,9 +1,10 @@
 """Training methods of ``/v1/fine_tuning/jobs`` (``method.type``) and their hyperparameters.
 
 A method is one ``MethodSpec`` row: the hyperparameters it takes (each may be ``"auto"``), the file
-formats its training data may have, and, while the trainer cannot run it, why not. Parsing never
-branches on the method's name, so a method the trainer learns (DPO) is enabled by its row alone
-plus what the trainer needs from its hyperparameters (``gateway.fine_tuning.plan``).
+formats its training data may have, the trainer objective it runs (``TrainingConfig.objective``),
+and, while the trainer cannot run it, why not. Parsing never branches on the method's name, so a
+method the trainer learns is enabled by its row alone plus what the trainer needs from its
+hyperparameters (``gateway.fine_tuning.plan``).
 """
 
 from __future__ import annotations
@@ -51,15 +52,14 @@ class MethodSpec:
     type: str
     hyperparameters: tuple[Hyperparameter, ...]
     formats: frozenset[str]  # training data formats (gateway.files) this method trains on
+    objective: str  # TrainingConfig.objective
     unavailable: str | None = None  # why the trainer cannot run it yet; None: it can
 
 
 METHODS = {
-    "supervised": MethodSpec("supervised", COMMON, frozenset(SUPERVISED_FORMATS)),
+    "supervised": MethodSpec("supervised", COMMON, frozenset(SUPERVISED_FORMATS), objective="supervised"),
     "dpo": MethodSpec("dpo", COMMON + (Hyperparameter("beta", False, 0, 10, low_open=True),),
-                      frozenset({PREFERENCE_FORMAT}),
-                      unavailable="method 'dpo' (preference training) is not implemented by this gateway's "
-                                  "trainer yet; use method 'supervised'"),
+                      frozenset({PREFERENCE_FORMAT}), objective="dpo"),
 }
 
 

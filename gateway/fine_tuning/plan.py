@@ -5,8 +5,8 @@ The adapter to train is this API's one extension field, ``adapter``: ``{"kind": 
 ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``target_modules``, ``feedforward_modules``,
 ``num_virtual_tokens``, ``prompt_init_text``). Without it a LoRA is trained with the trainer's
 defaults. OpenAI's hyperparameters map onto the run: ``n_epochs`` -> epochs (auto: 3),
-``batch_size`` (auto: 4), ``learning_rate_multiplier`` x the kind's default learning rate (auto: 1).
-Nothing is held out of the training file; a ``validation_file`` gives the validation loss.
+``batch_size`` (auto: 4), ``learning_rate_multiplier`` x the kind's default learning rate (auto: 1),
+and for method ``dpo`` ``beta`` (auto: 0.1) with the trainer's DPO objective. Nothing is held out of the training file; a ``validation_file`` gives the validation loss.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gateway.fine_tuning.methods import AUTO, ParsedMethod, parse_method
 
 ADAPTER_FIELDS = ("kind", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "feedforward_modules",
                   "num_virtual_tokens", "prompt_init_text")
-AUTO_VALUES = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+AUTO_VALUES = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta": 0.1}
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 
@@ -92,7 +92,9 @@ def plan_job(body: FineTuningJobCreate, start_from: dict[str, Any] | None = None
               if name in AUTO_VALUES}
     run = {"epochs": values["n_epochs"], "batch_size": values["batch_size"],
            "learning_rate": values["learning_rate_multiplier"] * HANDLERS[kind].default_learning_rate,
-           "seed": body.seed or 0, "eval_fraction": 0.0}
+           "seed": body.seed or 0, "eval_fraction": 0.0, "objective": method.spec.objective}
+    if "beta" in values:
+        run["beta"] = values["beta"]
     try:
         config = TrainingConfig.model_validate({**settings, **run})
     except ValidationError as exc:

@@ -5,7 +5,9 @@ their result name the adapter id they registered).
 Events are derived from the record, never stored apart: a 'message' event for each stage
 (created, started, ended) and a 'metrics' event for each recorded optimizer step (``data``:
 ``step``, ``train_loss``, ``total_steps``, and ``valid_loss`` where a validation pass ran at that
-step). The trainer records no per-step time, so metrics events carry the job's start time. Ids are
+step; for DPO also ``chosen_reward``, ``rejected_reward``, ``reward_margin`` and
+``preference_accuracy``, the step's means over its pairs, and the same prefixed ``valid_`` for a
+validation pass). The trainer records no per-step time, so metrics events carry the job's start time. Ids are
 derived from what an event is ("<job>-step-12"), so they are stable while the job runs on.
 
 Checkpoints: the trainer keeps only its latest checkpoint, in its own resumable form, and removes
@@ -93,15 +95,21 @@ def events(record: TrainingJobRecord) -> list[dict[str, Any]]:
     progress = record.progress
     total = progress.get("total_steps")
     valid = {int(step): loss for step, loss in progress.get("eval_loss") or []}
+    train_metrics = {int(step): metrics for step, metrics in progress.get("train_metrics") or []}
+    valid_metrics = {int(step): {f"valid_{name}": value for name, value in metrics.items()}
+                     for step, metrics in progress.get("eval_metrics") or []}
     if 0 in valid:
         out.append(_event(record, "step-0", record.started, f"Step 0/{total}: validation loss={valid[0]:.4f}",
-                          data={"step": 0, "valid_loss": valid[0], "total_steps": total}))
+                          data={"step": 0, "valid_loss": valid[0], "total_steps": total, **valid_metrics.get(0, {})}))
     for step, loss in progress.get("train_loss") or []:
         step = int(step)
-        data = {"step": step, "train_loss": loss, "total_steps": total}
+        data = {"step": step, "train_loss": loss, "total_steps": total, **train_metrics.get(step, {})}
         message = f"Step {step}/{total}: training loss={loss:.4f}"
+        if "preference_accuracy" in data:
+            message += f", reward margin={data['reward_margin']:.4f}, preference accuracy={data['preference_accuracy']:.2f}"
         if step in valid:
             data["valid_loss"] = valid[step]
+            data.update(valid_metrics.get(step, {}))
             message += f", validation loss={valid[step]:.4f}"
         out.append(_event(record, f"step-{step}", record.started, message, data=data))
     if record.state == SUCCEEDED:
@@ -128,6 +136,8 @@ def checkpoints(record: TrainingJobRecord) -> list[dict[str, Any]]:
     metrics: dict[str, Any] = {"step": step}
     if losses:
         metrics["train_loss"] = losses[-1][1]
+    if progress.get("train_metrics"):
+        metrics.update(progress["train_metrics"][-1][1])
     if progress.get("eval_loss_after") is not None:
         metrics["valid_loss"] = progress["eval_loss_after"]
     return [{"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{record.id}-{step}",

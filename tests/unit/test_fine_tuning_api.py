@@ -247,7 +247,8 @@ def test_bad_job_requests_name_the_parameter(client):
         ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"epochs": 2}}}}, f"{supervised}.epochs"),
         ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs"),
         ({"method": {"type": "reinforcement"}}, "method.type"),
-        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.type"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "training_file"),  # not preference
         ({"model": "gpt-4o-mini"}, "model"),
         ({"suffix": "no spaces please"}, "suffix"),
         ({"extra_body": {"adapter": {"kind": "loha"}}}, "adapter.kind"),
@@ -261,7 +262,7 @@ def test_bad_job_requests_name_the_parameter(client):
         body = bad_create(api, training, **params)
         assert body["param"] == param, (params, body)
     dpo = bad_create(api, training, method={"type": "dpo"})
-    assert "dpo" in dpo["message"] and "not implemented" in dpo["message"]
+    assert "method 'dpo' trains on preference records" in dpo["message"]
     wrong_format = bad_create(api, dpo_file)
     assert wrong_format["param"] == "training_file" and "preference" in wrong_format["message"]
     too_long = upload(api, [{"messages": [{"role": "user", "content": "fox " * 400},
@@ -269,6 +270,49 @@ def test_bad_job_requests_name_the_parameter(client):
     tokenized = bad_create(api, too_long)
     assert tokenized["param"] == "training_file" and "line 1: too long after tokenization" in tokenized["message"]
     assert api.fine_tuning.jobs.list().data == []  # nothing was queued
+
+
+def test_dpo_job_from_a_preference_file_then_from_a_supervised_result(client):
+    """method dpo on a preference file: beta, DPO metrics in the events, the result served; then
+    SFT then DPO: model names the supervised result, which is the reference and the start."""
+    api = sdk(client)
+    pairs = upload(api, preference(8))
+    job = api.fine_tuning.jobs.create(
+        model="tiny", training_file=pairs.id, suffix="prefers-json",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2, "batch_size": 4}}},
+        extra_body={"adapter": {"kind": "ia3"}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_job(api, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    metrics = [e.data for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    assert sorted(m["step"] for m in metrics) == [1, 2, 3, 4]
+    for m in metrics:
+        assert {"train_loss", "chosen_reward", "rejected_reward", "reward_margin", "preference_accuracy"} <= set(m)
+        assert m["reward_margin"] == pytest.approx(m["chosen_reward"] - m["rejected_reward"], abs=1e-5)
+        assert 0.0 <= m["preference_accuracy"] <= 1.0
+    assert metrics[0]["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # a new IA3 starts as the reference
+    admin = client.get(f"/admin/training-jobs/{job.id}", headers=ADMIN).json()
+    assert admin["config"]["objective"] == "dpo" and admin["config"]["beta"] == 0.2
+    assert admin["dataset"]["format"] == "preference"
+    reply = api.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].message.content is not None
+
+    sft = api.fine_tuning.jobs.create(model="tiny", training_file=upload(api, chats()).id,
+                                      hyperparameters={"n_epochs": 1})
+    sft_done = wait_job(api, sft.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    assert sft_done.status == "succeeded", sft_done.error
+    follow = api.fine_tuning.jobs.create(model=sft_done.fine_tuned_model, training_file=pairs.id,
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}})
+    assert follow.model_extra["adapter"] == {"kind": "lora", "init_adapter": sft.id}
+    assert follow.method.dpo.hyperparameters.beta == 0.1  # "auto"
+    follow_done = wait_job(api, follow.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    assert follow_done.status == "succeeded", follow_done.error
+    first = [e.data for e in api.fine_tuning.jobs.list_events(follow.id, limit=100).data
+             if e.type == "metrics" and e.data["step"] == 1][0]
+    # the reference is the SFT adapter itself (only its LoRA dropout, on in training, moves the policy)
+    assert first["train_loss"] == pytest.approx(0.6931, abs=1e-2)
+    reply = api.chat.completions.create(model=follow_done.fine_tuned_model, messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].message.content is not None
 
 
 def test_files_and_ft_names_survive_a_restart(tmp_path):
