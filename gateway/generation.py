@@ -40,6 +40,44 @@ class ChoiceEvent:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # the prompt's, on a choice's first event
 
 
+CAPTURE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class Capture:
+    """The prompt and answer of a chat request an experiment with capture on routed (one choice):
+    the messages as the chat template saw them, and the answer's text as it is generated. Over
+    ``max_chars`` in all, nothing is kept (a cut prompt or answer would be wrong training data)."""
+
+    messages: list[dict]
+    max_chars: int
+    text: list[str] = field(default_factory=list)
+    chars: int = 0
+
+    def add(self, piece: str) -> None:  # engine thread; read on the loop once the request is over
+        self.chars += len(piece)
+        if self.chars <= self.max_chars:
+            self.text.append(piece)
+
+    @property
+    def complete(self) -> bool:
+        return self.chars <= self.max_chars
+
+    @classmethod
+    def of(cls, body, max_chars: int) -> Capture | None:
+        """For a one-choice chat request whose messages fit ``max_chars``; else None."""
+        if not isinstance(body, ChatCompletionRequest) or body.n != 1:
+            return None
+        try:
+            messages = [{"role": CAPTURE_ROLES[m.role], "content": m.text()} for m in body.messages]
+        except (KeyError, ValueError):  # a role or content a preference file cannot hold
+            return None
+        size = sum(len(m["content"]) for m in messages)
+        if not messages or messages[-1]["role"] == "assistant" or size > max_chars:
+            return None
+        return cls(messages, max_chars - size)
+
+
 @dataclass
 class RequestRecord:
     """The outcome of one generation request. Opened by ``GenerationService.begin``; once the
@@ -62,6 +100,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error_type: str | None = None  # None: completed; "cancelled": the client went away; else an error code
+    capture: Capture | None = None  # set when the routing experiment keeps prompts and answers
 
     @property
     def ttft_s(self) -> float | None:
@@ -79,6 +118,7 @@ class Assignment:
     experiment: str
     arm: str
     subject: str | None = None  # a hash of the sticky subject; None: drawn per request
+    capture_chars: int = 0  # > 0: capture the prompt and answer, up to this many characters in all
 
 
 # (requested model, the OpenAI ``user`` field, request headers) -> an assignment, or None to serve
@@ -187,6 +227,8 @@ class GenerationService:
             record.adapter_id = self.resolve_model(body.model)
             return record
         record.experiment, record.arm, record.subject = assignment.experiment, assignment.arm, assignment.subject
+        if assignment.capture_chars > 0:
+            record.capture = Capture.of(body, assignment.capture_chars)
         try:
             record.adapter_id = self.resolve_model(assignment.arm)
         except ModelNotFoundError:
@@ -377,6 +419,8 @@ class GenerationService:
                 generation.completion_tokens[index] = event.completion_tokens
                 if record.first_token is None and event.completion_tokens:
                     record.first_token = time.monotonic()
+                if record.capture is not None and event.text:
+                    record.capture.add(event.text)
                 if event.error is not None and record.error_type is None:
                     record.error_type = event.error_code or "generation_failed"
                 loop.call_soon_threadsafe(generation.queue.put_nowait, ChoiceEvent(

@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     max_experiments: int = Field(64, ge=1, description="Most experiments that may exist at once.")
     experiment_min_samples: int = Field(30, ge=2, description=(
         "Feedback samples each arm needs before its comparison with the control gets a verdict."))
+    experiment_capture_max_chars: int = Field(32768, ge=1, le=1_000_000, description=(
+        "Experiments with capture on: the most characters (prompt messages plus answer) one request may "
+        "have to be captured; a longer one is not captured at all."))
+    experiment_capture_pending: int = Field(1024, ge=1, le=1_000_000, description=(
+        "Experiments with capture on: captured requests held in memory until they receive feedback "
+        "(oldest dropped first; only those with feedback are stored)."))
     training_duty_cycle: float = Field(0.25, gt=0, lt=1, description=(
         "Most of the engine's wall time training may take while requests are served (0.25: requests "
         "take about 1.33x as long); with no requests, training runs at full speed."))

@@ -1,15 +1,18 @@
 """Admin routes for A/B experiments between adapters: create, list, read, change weights, stop,
-promote a winner, delete, and per-arm results. All behind the admin key."""
+promote a winner, delete, per-arm results, and a preference file from captured answers. All
+behind the admin key."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Security
+from fastapi import APIRouter, Depends, Request, Security
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.feedback import get_experiments
+from gateway.api.files import file_object
 from gateway.auth import admin_key_scheme
+from gateway.errors import NotFoundError
 from gateway.experiments.assignment import Arm
 from gateway.experiments.service import ExperimentService, describe
 
@@ -38,6 +41,9 @@ class CreateExperiment(BaseModel):
     subject_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
         "The header naming the subject when stickiness is 'header' (default: the gateway's setting)."))
     salt: str | None = Field(None, max_length=64, description="Hash salt (default: random); a new salt reshuffles.")
+    capture: bool = Field(False, description=(
+        "Keep the prompt (chat messages) and answer text of requests that receive feedback, for "
+        "POST /admin/experiments/{name}/preference-file. Deleted with the experiment."))
 
 
 class PatchExperiment(BaseModel):
@@ -53,7 +59,7 @@ class PromoteExperiment(BaseModel):
 @router.post("", status_code=201)
 async def create_experiment(body: CreateExperiment, experiments: ExperimentsDep) -> dict[str, Any]:
     experiment = await experiments.create(body.name, [Arm(a.name, a.weight) for a in body.arms], body.stickiness,
-                                          body.subject_header, body.salt)
+                                          body.subject_header, body.salt, body.capture)
     return describe(experiment)
 
 
@@ -91,3 +97,16 @@ async def delete_experiment(name: str, experiments: ExperimentsDep) -> dict[str,
 @router.get("/{name}/results")
 async def experiment_results(name: str, experiments: ExperimentsDep) -> dict[str, Any]:
     return await experiments.results(name)
+
+
+@router.post("/{name}/preference-file", status_code=201)
+async def preference_file(name: str, request: Request, experiments: ExperimentsDep) -> dict[str, Any]:
+    """Pairs of arms' answers to the same prompt, ranked by their feedback, as a /v1/files file
+    (purpose fine-tune, OpenAI's preference format) for a DPO fine-tuning job. 409 when the
+    experiment does not capture or has no pair yet."""
+    files = request.app.state.gateway.files
+    if files is None:
+        raise NotFoundError("files are not enabled on this gateway (training is off)")
+    data, summary = await experiments.preference_data(name)
+    record = await files.create(data, f"{name}-preferences.jsonl", "fine-tune")
+    return {**file_object(record), "records": summary.pairs, "answers": summary.answers, "prompts": summary.prompts}

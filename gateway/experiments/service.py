@@ -4,6 +4,10 @@ recording outcomes and feedback, and computing results.
 Definitions live in memory (routing never waits on the database) and in the store. Every store
 call runs on one worker thread, in submission order: a request's row is queued when its work
 ends, before its response is sent, so feedback on that response always finds it.
+
+Capture (an experiment created with ``capture: true``): the prompt and answer of each finished
+chat request it routed wait in memory (at most ``capture_pending`` of them, oldest dropped first);
+only those that receive feedback are written to the store, and only those make preference files.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -28,10 +33,11 @@ from gateway.experiments.errors import (
 )
 from gateway.experiments.assignment import Arm, assign_arm, assign_per_request, validate_weights
 from gateway.experiments.metrics import ExperimentMetrics
+from gateway.experiments.preferences import PairSummary, jsonl, preference_records
 from gateway.experiments.results import experiment_results
 from gateway.experiments.store import (
-    CANCELLED, Experiment, ExperimentStore, FeedbackRow, RequestRow, SqliteExperimentStore, Stickiness, Thumbs,
-    UnknownCompletionError,
+    CANCELLED, CaptureRow, Experiment, ExperimentStore, FeedbackRow, RequestRow, SqliteExperimentStore, Stickiness,
+    Thumbs, UnknownCompletionError,
 )
 from gateway.generation import Assignment, GenerationService, RequestRecord
 from gateway.settings import Settings
@@ -47,13 +53,17 @@ def subject_hash(salt: str, subject: str) -> str:
 
 class ExperimentService:
     def __init__(self, store: ExperimentStore, metrics: ExperimentMetrics, *, is_model: Callable[[str], bool],
-                 max_experiments: int, min_samples: int, default_subject_header: str):
+                 max_experiments: int, min_samples: int, default_subject_header: str,
+                 capture_max_chars: int = 32768, capture_pending: int = 1024):
         self.store = store
         self.metrics = metrics
         self._is_model = is_model  # an adapter id or the base model's name
         self.max_experiments = max_experiments
         self.min_samples = min_samples
         self.default_subject_header = default_subject_header
+        self.capture_max_chars = capture_max_chars  # prompt + answer of one captured request
+        self.capture_pending = capture_pending  # captured requests held in memory awaiting feedback
+        self._pending: OrderedDict[str, CaptureRow] = OrderedDict()  # completion id -> capture (event loop)
         self._experiments: dict[str, Experiment] = {e.name: e for e in store.load_experiments()}
         self._lock = asyncio.Lock()  # one change of definitions at a time
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiments-db")
@@ -93,7 +103,7 @@ class ExperimentService:
         return sorted(self._experiments.values(), key=lambda e: (e.created, e.name))
 
     async def create(self, name: str, arms: list[Arm], stickiness: Stickiness, subject_header: str | None = None,
-                     salt: str | None = None) -> Experiment:
+                     salt: str | None = None, capture: bool = False) -> Experiment:
         _check_arms(arms)
         async with self._lock:
             # checks and the in-memory insert run without an await between them, so the registry's
@@ -113,7 +123,7 @@ class ExperimentService:
             header = (subject_header or self.default_subject_header).lower() if stickiness == "header" else None
             experiment = Experiment(name=name, salt=salt if salt is not None else secrets.token_hex(8), arms=arms,
                                     stickiness=stickiness, subject_header=header, state="running", created=now,
-                                    updated=now)
+                                    updated=now, capture=capture)
             self._experiments[name] = experiment
             try:
                 await self._run(self.store.insert_experiment, experiment)
@@ -159,6 +169,8 @@ class ExperimentService:
             experiment = self.get(name)
             await self._run(self.store.delete_experiment, name)
             del self._experiments[name]
+            for completion_id in [k for k, row in self._pending.items() if row.experiment == name]:
+                del self._pending[completion_id]
         self.metrics.forget(name, [arm.name for arm in experiment.arms])
         log.info("experiment %s deleted", name)
 
@@ -194,14 +206,14 @@ class ExperimentService:
             subject = None
         return self._assign(experiment, subject or None)
 
-    @staticmethod
-    def _assign(experiment: Experiment, subject: str | None) -> Assignment:
+    def _assign(self, experiment: Experiment, subject: str | None) -> Assignment:
         if experiment.state != "running":
             return Assignment(experiment.name, experiment.serving_arms()[0], None)
+        capture = self.capture_max_chars if experiment.capture else 0
         if subject is None:  # no subject: each request draws its arm by weight
-            return Assignment(experiment.name, assign_per_request(experiment.arms).name, None)
+            return Assignment(experiment.name, assign_per_request(experiment.arms).name, None, capture)
         arm = assign_arm(experiment.name, experiment.salt, subject, experiment.arms)
-        return Assignment(experiment.name, arm.name, subject_hash(experiment.salt, subject))
+        return Assignment(experiment.name, arm.name, subject_hash(experiment.salt, subject), capture)
 
     # ---- outcomes and feedback ------------------------------------------------------------------
     def observe(self, record: RequestRecord) -> None:
@@ -217,7 +229,14 @@ class ExperimentService:
                          completion_tokens=record.completion_tokens, error_type=record.error_type,
                          created=record.created, api_key_id=record.api_key_id)
         self._db.submit(self.store.add_request, row).add_done_callback(_log_failure)
-
+        capture = record.capture
+        if experiment.capture and capture is not None and outcome == "ok" and capture.complete:
+            text = "".join(capture.text)
+            if text.strip():  # an empty answer is nothing to prefer
+                self._pending[record.completion_id] = CaptureRow(record.completion_id, experiment.name,
+                                                                 capture.messages, text, record.created)
+                while len(self._pending) > self.capture_pending:
+                    self._pending.popitem(last=False)
     async def feedback(self, completion_id: str, score: float | None, thumbs: Thumbs | None,
                        api_key_id: str | None = None) -> dict[str, Any]:
         """Keep feedback on a recorded request; a second feedback on the same id replaces the first.
@@ -230,8 +249,27 @@ class ExperimentService:
             raise CompletionNotFoundError(
                 f"no request routed by an experiment has the id '{completion_id}'", param="id") from None
         self.metrics.observe_feedback(request.experiment, request.arm, thumbs)
+        captured = self._pending.pop(completion_id, None)  # kept only now that it has feedback
+        if captured is not None:
+            await self._run(self.store.put_capture, captured)
         return {"id": completion_id, "object": "feedback", "experiment": request.experiment, "arm": request.arm,
                 "score": score, "thumbs": thumbs, "replaced": replaced}
+
+    async def preference_data(self, name: str) -> tuple[bytes, PairSummary]:
+        """A preference file (JSONL, OpenAI's format) of the experiment's captured answers with
+        feedback (``gateway.experiments.preferences``). Raises ``ExperimentConflictError`` when the
+        experiment does not capture, or its answers make no pair."""
+        experiment = self.get(name)
+        if not experiment.capture:
+            raise ExperimentConflictError(f"the experiment '{name}' does not capture prompts and answers; create "
+                                          "one with capture: true to collect preference data")
+        records, summary = preference_records(await self._run(self.store.captured_answers, name))
+        if not records:
+            raise ExperimentConflictError(
+                f"the experiment '{name}' has no preference pair yet: {summary.answers} captured answer(s) with "
+                f"feedback over {summary.prompts} prompt(s); a pair needs two arms' different answers to the same "
+                "prompt whose feedback ranks one above the other (a higher score, or thumbs up over down)")
+        return jsonl(records), summary
 
     async def results(self, name: str) -> dict[str, Any]:
         experiment = self.get(name)
@@ -247,6 +285,7 @@ def describe(experiment: Experiment) -> dict[str, Any]:
         "arms": [{"name": a.name, "weight": a.weight, "share": a.weight / total} for a in experiment.arms],
         "control": experiment.control, "winner": experiment.winner, "serving": serving,
         "stickiness": experiment.stickiness, "subject_header": experiment.subject_header, "salt": experiment.salt,
+        "capture": experiment.capture,
         "created": int(experiment.created), "updated": int(experiment.updated),
     }
 
@@ -271,7 +310,8 @@ def attach_experiments(database: Path, settings: Settings, generation: Generatio
         SqliteExperimentStore(database), ExperimentMetrics(prometheus),
         is_model=lambda name: name == generation.base_name or name in registry,
         max_experiments=settings.max_experiments, min_samples=settings.experiment_min_samples,
-        default_subject_header=settings.experiment_subject_header)
+        default_subject_header=settings.experiment_subject_header,
+        capture_max_chars=settings.experiment_capture_max_chars, capture_pending=settings.experiment_capture_pending)
     generation.model_router = experiments.route
     generation.observers.append(experiments.observe)
     registry.add_name_guard(experiments.name_guard)

@@ -1,7 +1,9 @@
 """Experiment persistence behind a small interface; SQLite (WAL) is the embedded implementation.
 
 What is kept: each experiment's definition and state, one row per finished request an experiment
-routed (its arm, timings, tokens, error), and at most one feedback row per such request. Every
+routed (its arm, timings, tokens, error), and at most one feedback row per such request. For an
+experiment created with ``capture`` on, also the prompt (chat messages) and the answer text of each
+request that received feedback (``experiment_captures``), for preference files. Every
 write is one transaction, so a crash leaves the old or the new state, never half of a change.
 The tables share the gateway's database file with the adapter registry; their names start with
 ``experiment``.
@@ -41,6 +43,7 @@ class Experiment:
     created: float
     updated: float
     winner: str | None = None
+    capture: bool = False  # keep the prompt and answer of requests that receive feedback
 
     @property
     def control(self) -> str:
@@ -98,6 +101,29 @@ class ArmData:
     thumbs_down: int = 0
 
 
+@dataclass
+class CaptureRow:
+    """The prompt and answer of a request that received feedback, in an experiment with capture on."""
+
+    completion_id: str
+    experiment: str
+    messages: list[dict]  # the chat messages of the request, as the template saw them
+    completion: str  # the answer's text
+    created: float
+
+
+@dataclass
+class CapturedAnswer:
+    """A captured answer with its arm and feedback (what preference pairs are made of)."""
+
+    completion_id: str
+    arm: str
+    messages: list[dict]
+    completion: str
+    score: float | None
+    thumbs: Thumbs | None
+
+
 class UnknownCompletionError(LookupError):
     """No request an experiment routed has this completion id."""
 
@@ -123,6 +149,12 @@ class ExperimentStore(Protocol):
 
     def arm_data(self, name: str) -> dict[str, ArmData]: ...
 
+    def put_capture(self, row: CaptureRow) -> None:
+        """Keep (or replace) the prompt and answer of a request."""
+
+    def captured_answers(self, name: str) -> list[CapturedAnswer]:
+        """Every captured answer of the experiment that has feedback, oldest first."""
+
     def close(self) -> None: ...
 
 
@@ -139,11 +171,16 @@ _SCHEMA = (
     " completion_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, score REAL,"
     " thumbs TEXT CHECK (thumbs IN ('up', 'down')), created REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS experiment_feedback_by_experiment ON experiment_feedback (experiment)",
+    "CREATE TABLE IF NOT EXISTS experiment_captures ("
+    " completion_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, messages TEXT NOT NULL, completion TEXT NOT NULL,"
+    " created REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS experiment_captures_by_experiment ON experiment_captures (experiment)",
 )
 _REQUEST_COLUMNS = ("completion_id, experiment, arm, subject, endpoint, ttft_s, latency_s, prompt_tokens, "
                     "completion_tokens, error_type, created, api_key_id")
 # columns added after the first release: (table, column, type), added to an older database at open
-_ADDED_COLUMNS = (("experiment_requests", "api_key_id", "TEXT"),)
+_ADDED_COLUMNS = (("experiment_requests", "api_key_id", "TEXT"),
+                  ("experiments", "capture", "INTEGER NOT NULL DEFAULT 0"))
 
 
 class SqliteExperimentStore:
@@ -178,20 +215,21 @@ class SqliteExperimentStore:
     def load_experiments(self) -> list[Experiment]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT name, salt, arms, stickiness, subject_header, state, created, updated, winner "
+                "SELECT name, salt, arms, stickiness, subject_header, state, created, updated, winner, capture "
                 "FROM experiments ORDER BY created, name").fetchall()
         return [Experiment(name=r[0], salt=r[1], arms=[Arm(a["name"], a["weight"]) for a in json.loads(r[2])],
                            stickiness=r[3], subject_header=r[4], state=r[5], created=r[6], updated=r[7],
-                           winner=r[8]) for r in rows]
+                           winner=r[8], capture=bool(r[9])) for r in rows]
 
     def insert_experiment(self, experiment: Experiment) -> None:
         e = experiment
         with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM experiments WHERE name = ?", (e.name,)).fetchone():
                 raise ValueError(f"an experiment named {e.name!r} exists")
-            conn.execute("INSERT INTO experiments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.execute("INSERT INTO experiments (name, salt, arms, stickiness, subject_header, state, winner, "
+                         "created, updated, capture) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (e.name, e.salt, _arms_json(e.arms), e.stickiness, e.subject_header, e.state,
-                          e.winner, e.created, e.updated))
+                          e.winner, e.created, e.updated, int(e.capture)))
 
     def update_experiment(self, experiment: Experiment) -> None:
         e = experiment
@@ -202,6 +240,7 @@ class SqliteExperimentStore:
 
     def delete_experiment(self, name: str) -> None:
         with self._transaction() as conn:
+            conn.execute("DELETE FROM experiment_captures WHERE experiment = ?", (name,))
             conn.execute("DELETE FROM experiment_feedback WHERE experiment = ?", (name,))
             conn.execute("DELETE FROM experiment_requests WHERE experiment = ?", (name,))
             conn.execute("DELETE FROM experiments WHERE name = ?", (name,))
@@ -264,6 +303,21 @@ class SqliteExperimentStore:
             data.thumbs_up += thumbs == "up"
             data.thumbs_down += thumbs == "down"
         return arms
+
+    def put_capture(self, row: CaptureRow) -> None:
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO experiment_captures VALUES (?, ?, ?, ?, ?)",
+                         (row.completion_id, row.experiment, json.dumps(row.messages), row.completion, row.created))
+
+    def captured_answers(self, name: str) -> list[CapturedAnswer]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT c.completion_id, r.arm, c.messages, c.completion, f.score, f.thumbs"
+                " FROM experiment_captures c"
+                " JOIN experiment_requests r ON r.completion_id = c.completion_id"
+                " JOIN experiment_feedback f ON f.completion_id = c.completion_id"
+                " WHERE c.experiment = ? ORDER BY c.created, c.completion_id", (name,)).fetchall()
+        return [CapturedAnswer(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def close(self) -> None:
         with self._lock:

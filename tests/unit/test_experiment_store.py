@@ -9,7 +9,7 @@ import pytest
 
 from gateway.experiments.assignment import Arm
 from gateway.experiments.store import (
-    Experiment, FeedbackRow, RequestRow, SqliteExperimentStore, UnknownCompletionError,
+    CapturedAnswer, CaptureRow, Experiment, FeedbackRow, RequestRow, SqliteExperimentStore, UnknownCompletionError,
 )
 
 
@@ -136,7 +136,8 @@ def test_tables_share_the_file_with_other_tables(db):
     store.insert_experiment(experiment())
     store.close()
     tables = {row[0] for row in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"registry_adapters", "experiments", "experiment_requests", "experiment_feedback"}
+    assert tables == {"registry_adapters", "experiments", "experiment_requests", "experiment_feedback",
+                      "experiment_captures"}
     assert other.execute("SELECT id FROM registry_adapters").fetchall() == [("lora-a",)]
     other.close()
 
@@ -173,3 +174,43 @@ def test_a_database_from_before_key_binding_is_upgraded(db):
     finally:
         store.close()
     SqliteExperimentStore(db).close()  # opening an upgraded database again changes nothing
+
+
+def test_captures_round_trip_with_feedback_and_go_with_the_experiment(db):
+    store = SqliteExperimentStore(db)
+    store.insert_experiment(experiment(capture=True))
+    store.insert_experiment(experiment("other"))
+    messages = [{"role": "user", "content": "hi"}]
+    for completion_id, arm in (("c1", "base"), ("c2", "lora-a"), ("c3", "lora-a")):
+        store.add_request(request_row(completion_id, arm))
+        store.put_capture(CaptureRow(completion_id, "exp", messages, f"answer {completion_id}", 200.0))
+    store.put_feedback(FeedbackRow("c1", None, "up", 300.0))
+    store.put_feedback(FeedbackRow("c2", 2.0, None, 300.0))  # c3: captured, no feedback
+    store.close()
+
+    reopened = SqliteExperimentStore(db)
+    assert {e.name: e.capture for e in reopened.load_experiments()} == {"exp": True, "other": False}
+    assert reopened.captured_answers("exp") == [
+        CapturedAnswer("c1", "base", messages, "answer c1", None, "up"),
+        CapturedAnswer("c2", "lora-a", messages, "answer c2", 2.0, None)]
+    reopened.delete_experiment("exp")
+    assert reopened.captured_answers("exp") == []
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM experiment_captures").fetchone() == (0,)
+    reopened.close()
+
+
+def test_an_older_database_gains_the_capture_column(db):
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:  # the experiments table as it was before capture
+        conn.execute("CREATE TABLE experiments (name TEXT PRIMARY KEY, salt TEXT NOT NULL, arms TEXT NOT NULL,"
+                     " stickiness TEXT NOT NULL, subject_header TEXT, state TEXT NOT NULL, winner TEXT,"
+                     " created REAL NOT NULL, updated REAL NOT NULL)")
+        conn.execute("INSERT INTO experiments VALUES ('old', 's', '[{\"name\": \"base\", \"weight\": 1}]',"
+                     " 'user', NULL, 'running', NULL, 1.0, 1.0)")
+    store = SqliteExperimentStore(db)
+    assert [(e.name, e.capture) for e in store.load_experiments()] == [("old", False)]
+    store.close()
