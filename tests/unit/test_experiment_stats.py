@@ -1,4 +1,4 @@
-"""Pure-Python experiment statistics, pinned against scipy/numpy on fixed data."""
+"""Experiment statistics (distributions from scipy), pinned against scipy/numpy on fixed data."""
 
 from __future__ import annotations
 
