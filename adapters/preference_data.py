@@ -63,6 +63,18 @@ def is_preference_record(obj: object) -> bool:
     return isinstance(obj, dict) and any(key in obj for key in OUTPUT_FIELDS + PAIR_FIELDS)
 
 
+def first_record(data: bytes) -> object:
+    """The first non-blank line of a JSONL file, parsed (None when it is not JSON): enough to tell
+    a preference file from a supervised one before validating every line."""
+    for raw in data.split(b"\n"):
+        if raw.strip():
+            try:
+                return json.loads(raw.decode("utf-8", "replace").lstrip("\ufeff"))
+            except (ValueError, RecursionError):
+                return None
+    return None
+
+
 def _record_format(obj: dict) -> str:
     return "openai" if any(key in obj for key in OUTPUT_FIELDS) else "pairs"
 

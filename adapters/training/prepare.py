@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from adapters.errors import DatasetValidationError
 from adapters.kinds import HANDLERS
 from adapters.kinds.base import AdapterLimits
-from adapters.preference_data import PREFERENCE_FORMAT, PreferenceExample, parse_preference_dataset, tokenize_preferences
+from adapters.preference_data import (
+    PREFERENCE_FORMAT, PreferenceExample, first_record, is_preference_record, parse_preference_dataset,
+    tokenize_preferences,
+)
 from adapters.training.config import TrainingConfig
 from adapters.training.trainer import total_micro_steps
 from adapters.training_data import TrainingExample, parse_dataset, split_train_eval, tokenize_dataset
@@ -45,6 +48,9 @@ def prepare_dataset(data: bytes, tokenizer, config: TrainingConfig, *, max_lines
         examples = tokenize_preferences(pairs, tokenizer, max_seq_len=max_seq_len, strict=strict, problems=problems)
         train, held = split_train_eval(examples, config.eval_fraction, config.seed)
         return PreparedDataset(format=PREFERENCE_FORMAT, train=train, eval=held, problems=problems)
+    if is_preference_record(first_record(data)):
+        raise DatasetValidationError("this is a preference dataset (chosen and rejected answers): train it with "
+                                     "objective 'dpo' (method 'dpo' in the fine-tuning API)", [])
     parsed = parse_dataset(data, max_lines=max_lines, max_line_bytes=max_line_bytes, strict=strict)
     tokenized = tokenize_dataset(parsed, tokenizer, max_seq_len=max_seq_len, strict=strict)
     train, held = split_train_eval(tokenized.examples, config.eval_fraction, config.seed)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import time
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import DatasetValidationError
-from adapters.preference_data import PREFERENCE_FORMAT, is_preference_record, parse_preference_dataset
+from adapters.preference_data import PREFERENCE_FORMAT, first_record, is_preference_record, parse_preference_dataset
 from adapters.training_data import parse_dataset
 from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError
 from gateway.files.store import FileRecord, SqliteFileStore
@@ -54,19 +53,9 @@ def sanitize_filename(name: str | None) -> str:
     return base if base not in ("", ".", "..") else "upload.jsonl"
 
 
-def _first_record(data: bytes) -> object:
-    for raw in data.split(b"\n"):
-        if raw.strip():
-            try:
-                return json.loads(raw.decode("utf-8", "replace").lstrip("\ufeff"))
-            except (ValueError, RecursionError):
-                return None
-    return None
-
-
 def validate_training_file(data: bytes, limits: FileLimits) -> tuple[str, int]:
     """``(format, usable records)``; raises ``DatasetValidationError`` naming every bad line."""
-    if is_preference_record(_first_record(data)):
+    if is_preference_record(first_record(data)):
         pairs = parse_preference_dataset(data, max_lines=limits.max_lines, max_line_bytes=limits.max_line_bytes)
         return PREFERENCE_FORMAT, len(pairs)
     parsed = parse_dataset(data, max_lines=limits.max_lines, max_line_bytes=limits.max_line_bytes, strict=True)

@@ -153,3 +153,22 @@ def test_restart_with_a_broken_checkpoint_fails_the_job_with_the_reason(tmp_path
     with make_client(tmp_path) as second:
         job = wait_for(second, job_id, lambda j: j["state"] == "failed")
         assert "cannot start" in job["error"] and "checkpoint" in job["error"]
+
+
+def test_dpo_objective_through_the_admin_api(client):
+    """The admin jobs API takes objective 'dpo' (and beta) in its config; a preference dataset given
+    to a supervised job is refused with the reason."""
+    pairs = [{"prompt": f"the quick fox {i}", "chosen": "how are you?", "rejected": f"the lazy dog {i}"}
+             for i in range(8)]
+    wrong = submit(client, jsonl(pairs), max_steps=1)
+    assert wrong.status_code == 400 and "train it with objective 'dpo'" in wrong.json()["error"]["message"]
+    bad_beta = submit(client, jsonl(pairs), objective="dpo", beta=0)
+    assert bad_beta.status_code == 400 and bad_beta.json()["error"]["param"] == "config.beta"
+    created = submit(client, jsonl(pairs), objective="dpo", beta=0.25, max_steps=2, batch_size=4, kind="prompt_tuning",
+                     num_virtual_tokens=4)
+    assert created.status_code == 201, created.text
+    job = wait_for(client, created.json()["id"], lambda j: j["state"] in ("succeeded", "failed"))
+    assert job["state"] == "succeeded", job.get("error")
+    assert job["dataset"]["format"] == "preference" and job["config"]["objective"] == "dpo"
+    assert [step for step, _ in job["progress"]["train_metrics"]] == [1, 2]
+    assert "preference_accuracy" in job["progress"]["eval_metrics"][-1][1]
