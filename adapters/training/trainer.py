@@ -212,6 +212,13 @@ def build_objective(config: TrainingConfig, runtime, pad_id: int, initial: Adapt
     return SupervisedObjective(runtime, pad_id)
 
 
+def _config_digest_text(config: TrainingConfig) -> str:
+    # a supervised run's digest leaves out the DPO fields, so checkpoints written before they
+    # existed still resume after an upgrade
+    exclude = {"objective", "beta"} if config.objective == "supervised" else None
+    return config.model_dump_json(exclude=exclude)
+
+
 def _mean_metrics(sums: dict[str, float], units: int) -> dict[str, float]:
     return {name: value / max(1, units) for name, value in sums.items()}
 
@@ -256,7 +263,7 @@ class TrainingRun:
         self._train_seconds = 0.0
         self._micro_at_start, self._tokens_at_start = 0, 0  # where this process took over (resume)
         self._digest = hashlib.sha256(
-            (config.model_dump_json() + dataset_digest(train) + dataset_digest(eval_examples)).encode()
+            (_config_digest_text(config) + dataset_digest(train) + dataset_digest(eval_examples)).encode()
         ).hexdigest()
         if not self.eval_examples:
             self.progress.phase = "train"
