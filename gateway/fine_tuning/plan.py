@@ -6,7 +6,8 @@ The adapter to train is this API's one extension field, ``adapter``: ``{"kind": 
 ``num_virtual_tokens``, ``prompt_init_text``). Without it a LoRA is trained with the trainer's
 defaults. OpenAI's hyperparameters map onto the run: ``n_epochs`` -> epochs (auto: 3),
 ``batch_size`` (auto: 4), ``learning_rate_multiplier`` x the kind's default learning rate (auto: 1),
-and for method ``dpo`` ``beta`` (auto: 0.1) with the trainer's DPO objective. Nothing is held out of the training file; a ``validation_file`` gives the validation loss.
+and for method ``dpo`` ``beta`` (auto: 0.1) with the trainer's DPO objective. Nothing is held out
+of the training file; a ``validation_file`` gives the validation loss.
 """
 
 from __future__ import annotations

@@ -246,3 +246,26 @@ def test_dpo_needs_preference_data_and_resumes_exactly(base, tiny_tokenizer, tmp
     assert second.progress.train_metrics == whole.progress.train_metrics
     for (name, a), (_, b) in zip(whole.adapter.named_parameters(), second.adapter.named_parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["dora", "adalora", "vera", "p_tuning", "prefix"])
+def test_dpo_trains_every_other_trainable_kind(base, name, tiny_tokenizer):
+    """Nothing in DPO knows the kind: the kinds trained since (their own forward hooks, AdaLoRA's
+    regularization and rank allocator, prefixes as past keys and values) train on preferences too."""
+    from test_train_new_kinds import VARIANTS
+
+    from adapters.training.prepare import check_limits
+    from adapters.kinds.base import AdapterLimits as Limits
+
+    cfg = TrainingConfig(**{**VARIANTS[name], "objective": "dpo", "beta": 0.5, "batch_size": 4, "epochs": 6,
+                            "eval_fraction": 0.25, "max_seq_len": 128, "seed": 3})
+    prepared = prepare_dataset(pairs_bytes(12), tiny_tokenizer, cfg)
+    check_limits(cfg, Limits(), len(prepared.train))
+    runtime = AdapterRuntime(copy.deepcopy(base), max_slots=2, dtype=torch.float32)
+    run = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval)
+    while run.micro_step():
+        pass
+    p = run.progress
+    assert p.eval_loss_after < p.eval_loss_before
+    assert [step for step, _ in p.train_metrics] == list(range(1, p.total_steps + 1))
+    assert p.eval_metrics[-1][1]["reward_margin"] > p.eval_metrics[0][1]["reward_margin"]
