@@ -65,11 +65,18 @@ class Capture:
 
     @classmethod
     def of(cls, body, max_chars: int) -> Capture | None:
-        """For a one-choice chat request whose messages fit ``max_chars``; else None."""
-        if not isinstance(body, ChatCompletionRequest) or body.n != 1:
+        """For a one-choice chat request whose messages a preference file can hold and that fit
+        ``max_chars``; else None. Not captured: several choices (feedback could not say which it
+        meant), tools (the answer may be a call), tool messages and calls, blank or non-text content."""
+        if not isinstance(body, ChatCompletionRequest) or body.n != 1 or body.tools:
             return None
         try:
-            messages = [{"role": CAPTURE_ROLES[m.role], "content": m.text()} for m in body.messages]
+            messages = [{"role": CAPTURE_ROLES[m.role], "content": m.text()} for m in body.messages
+                        if not m.tool_calls]
+            if len(messages) != len(body.messages) or any(not m["content"].strip() for m in messages):
+                return None
+            for m in messages:
+                m["content"].encode("utf-8")  # JSON escapes can spell lone surrogates
         except (KeyError, ValueError):  # a role or content a preference file cannot hold
             return None
         size = sum(len(m["content"]) for m in messages)

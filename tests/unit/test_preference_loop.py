@@ -144,3 +144,34 @@ def test_pairs_come_from_different_arms_and_comparable_feedback():
     pairs = {(r["preferred_output"][0]["content"], r["non_preferred_output"][0]["content"]) for r in records}
     assert pairs == {("x", "y"), ("s1", "s2"), ("s1", "s3")}
     assert summary.answers == len(answers) and summary.prompts == 2 and summary.pairs == len(records)
+
+
+def test_what_a_request_capture_keeps():
+    from gateway.generation import Capture
+    from gateway.protocol import ChatCompletionRequest
+
+    def body(messages, **extra):
+        return ChatCompletionRequest(model="m", messages=messages, **extra)
+
+    ok = Capture.of(body([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]), 100)
+    assert ok.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    ok.add("hel")
+    ok.add("lo")
+    assert ok.complete and "".join(ok.text) == "hello"
+    tight = Capture.of(body([{"role": "user", "content": "hi"}]), 4)  # 2 characters left for the answer
+    tight.add("abc")
+    assert not tight.complete
+    refused = {
+        "two choices": body([{"role": "user", "content": "hi"}], n=2),
+        "tools": body([{"role": "user", "content": "hi"}],
+                      tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        "a tool message": body([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x", "tool_call_id": "1"},
+                                {"role": "user", "content": "and?"}]),
+        "blank content": body([{"role": "user", "content": "  "}]),
+        "a lone surrogate": body([{"role": "user", "content": "\ud800"}]),
+        "ends with the assistant": body([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]),
+        "too long": body([{"role": "user", "content": "x" * 101}]),
+        "image parts": body([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    }
+    for why, request in refused.items():
+        assert Capture.of(request, 100) is None, why
