@@ -237,6 +237,7 @@ class ExperimentService:
                                                                  capture.messages, text, record.created)
                 while len(self._pending) > self.capture_pending:
                     self._pending.popitem(last=False)
+
     async def feedback(self, completion_id: str, score: float | None, thumbs: Thumbs | None,
                        api_key_id: str | None = None) -> dict[str, Any]:
         """Keep feedback on a recorded request; a second feedback on the same id replaces the first.
