@@ -255,12 +255,11 @@ def test_dpo_trains_every_other_trainable_kind(base, name, tiny_tokenizer):
     from test_train_new_kinds import VARIANTS
 
     from adapters.training.prepare import check_limits
-    from adapters.kinds.base import AdapterLimits as Limits
 
     cfg = TrainingConfig(**{**VARIANTS[name], "objective": "dpo", "beta": 0.5, "batch_size": 4, "epochs": 6,
                             "eval_fraction": 0.25, "max_seq_len": 128, "seed": 3})
     prepared = prepare_dataset(pairs_bytes(12), tiny_tokenizer, cfg)
-    check_limits(cfg, Limits(), len(prepared.train))
+    check_limits(cfg, AdapterLimits(), len(prepared.train))
     runtime = AdapterRuntime(copy.deepcopy(base), max_slots=2, dtype=torch.float32)
     run = TrainingRun(runtime, tiny_tokenizer, cfg, prepared.train, prepared.eval)
     while run.micro_step():
