@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from adapters.chat_template import render_chat, template_kwargs
 from adapters.errors import DatasetValidationError
-from adapters.training_data import ROLES, _LineProblem, _summary, _text, _tokenize_plain, _type_name
+from adapters.training_data import ROLES, JsonlObjects, _LineProblem, _summary, _text, _tokenize_plain, _type_name
 
 PREFERENCE_FORMAT = "preference"
 OUTPUT_FIELDS = ("preferred_output", "non_preferred_output")
@@ -141,28 +141,10 @@ def parse_preference_dataset(data: bytes, *, max_lines: int = 100_000, max_line_
     ``strict=False`` only when no pair is usable; the bad lines are appended to ``problems``)."""
     pairs: list[PreferencePair] = []
     problems = [] if problems is None else problems
-    records = 0
     fmt: str | None = None
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        records += 1
-        if records > max_lines:
-            problems.append((lineno, f"too many lines (limit {max_lines}); this line and the rest were not read"))
-            break
+    lines = JsonlObjects(data, problems, max_lines=max_lines, max_line_bytes=max_line_bytes)
+    for lineno, obj in lines:
         try:
-            if len(raw) > max_line_bytes:
-                raise _LineProblem(f"line too long ({len(raw)} bytes > limit {max_line_bytes})")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _LineProblem("not valid UTF-8") from None
-            try:
-                obj = json.loads(text.lstrip("\ufeff") if lineno == 1 else text)
-            except (ValueError, RecursionError):
-                raise _LineProblem("not valid JSON") from None
-            if not isinstance(obj, dict):
-                raise _LineProblem(f"not a JSON object (got {_type_name(obj)})")
             if not is_preference_record(obj):
                 raise _LineProblem("expected a preference record like the first one ('input', 'preferred_output', "
                                    "'non_preferred_output', or 'prompt', 'chosen', 'rejected')")
@@ -182,10 +164,10 @@ def parse_preference_dataset(data: bytes, *, max_lines: int = 100_000, max_line_
         except _LineProblem as problem:
             problems.append((lineno, str(problem)))
     if not pairs:
-        what = "dataset is empty" if records == 0 else "dataset has no usable record"
-        raise DatasetValidationError(_summary(what, 0, records, problems), problems)
+        what = "dataset is empty" if lines.records == 0 else "dataset has no usable record"
+        raise DatasetValidationError(_summary(what, 0, lines.records, problems), problems)
     if problems and strict:
-        raise DatasetValidationError(_summary("dataset has bad lines", len(pairs), records, problems), problems)
+        raise DatasetValidationError(_summary("dataset has bad lines", len(pairs), lines.records, problems), problems)
     return pairs
 
 

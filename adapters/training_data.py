@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from adapters.chat_template import render_chat, template_kwargs
@@ -160,35 +161,56 @@ def _summary(what: str, usable: int, total: int, problems: list[tuple[int, str]]
     return msg
 
 
+class JsonlObjects:
+    """The non-blank lines of a JSONL file as JSON objects: iterating yields ``(line number, object)``;
+    a line that is not one (too long, not UTF-8, not JSON, not an object) goes to ``problems`` as
+    ``(line, reason)``, and reading stops after ``max_lines`` records. ``records`` counts the
+    non-blank lines seen (one more than ``max_lines`` when the file has more)."""
+
+    def __init__(self, data: bytes, problems: list[tuple[int, str]], *, max_lines: int, max_line_bytes: int):
+        self.data, self.problems = data, problems
+        self.max_lines, self.max_line_bytes = max_lines, max_line_bytes
+        self.records = 0
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        for lineno, raw in enumerate(self.data.split(b"\n"), start=1):
+            if not raw.strip():
+                continue
+            self.records += 1
+            if self.records > self.max_lines:
+                self.problems.append((lineno, f"too many lines (limit {self.max_lines}); this line and the rest "
+                                              "were not read"))
+                return
+            try:
+                yield lineno, self._object(raw, lineno)
+            except _LineProblem as problem:
+                self.problems.append((lineno, str(problem)))
+
+    def _object(self, raw: bytes, lineno: int) -> dict:
+        if len(raw) > self.max_line_bytes:
+            raise _LineProblem(f"line too long ({len(raw)} bytes > limit {self.max_line_bytes})")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _LineProblem("not valid UTF-8") from None
+        try:
+            obj = json.loads(text.lstrip("\ufeff") if lineno == 1 else text)
+        except (ValueError, RecursionError):
+            raise _LineProblem("not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise _LineProblem(f"not a JSON object (got {_type_name(obj)})")
+        return obj
+
+
 def parse_dataset(data: bytes, *, max_lines: int = 100_000, max_line_bytes: int = 1 << 20,
                   strict: bool = False) -> ParsedDataset:
     """Parse JSONL bytes into conversations; bad lines go to ``problems`` (see module docstring)."""
     fmt: str | None = None
     conversations: list[Conversation] = []
     problems: list[tuple[int, str]] = []
-    records = 0
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        records += 1
-        if records > max_lines:
-            problems.append((lineno, f"too many lines (limit {max_lines}); this line and the rest were not read"))
-            break
+    lines = JsonlObjects(data, problems, max_lines=max_lines, max_line_bytes=max_line_bytes)
+    for lineno, obj in lines:
         try:
-            if len(raw) > max_line_bytes:
-                raise _LineProblem(f"line too long ({len(raw)} bytes > limit {max_line_bytes})")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _LineProblem("not valid UTF-8") from None
-            if lineno == 1:
-                text = text.lstrip("\ufeff")
-            try:
-                obj = json.loads(text)
-            except (ValueError, RecursionError):
-                raise _LineProblem("not valid JSON") from None
-            if not isinstance(obj, dict):
-                raise _LineProblem(f"not a JSON object (got {_type_name(obj)})")
             kind = _kind(obj)
             if fmt is None:
                 if kind is None:
@@ -201,10 +223,10 @@ def parse_dataset(data: bytes, *, max_lines: int = 100_000, max_line_bytes: int 
         except _LineProblem as problem:
             problems.append((lineno, str(problem)))
     if not conversations:
-        what = "dataset is empty" if records == 0 else "dataset has no usable record"
-        raise DatasetValidationError(_summary(what, 0, records, problems), problems)
+        what = "dataset is empty" if lines.records == 0 else "dataset has no usable record"
+        raise DatasetValidationError(_summary(what, 0, lines.records, problems), problems)
     if strict and problems:
-        raise DatasetValidationError(_summary("dataset has bad lines", len(conversations), records, problems),
+        raise DatasetValidationError(_summary("dataset has bad lines", len(conversations), lines.records, problems),
                                      problems)
     return ParsedDataset(format=fmt or "chat", conversations=conversations, problems=problems)
 
