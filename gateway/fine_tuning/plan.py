@@ -23,8 +23,9 @@ from adapters.training.config import TRAINABLE_KINDS, TrainingConfig
 from gateway.fine_tuning.errors import FineTuningRequestError
 from gateway.fine_tuning.methods import AUTO, ParsedMethod, parse_method
 
-ADAPTER_FIELDS = ("kind", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "feedforward_modules",
-                  "num_virtual_tokens", "prompt_init_text")
+# the extension field takes the kind and the settings of any trainable kind (each kind's handler
+# names its own; a setting of another kind is refused by the training config, naming the kinds)
+ADAPTER_FIELDS = ("kind", *sorted(set().union(*(HANDLERS[k].training_fields for k in TRAINABLE_KINDS))))
 AUTO_VALUES = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta": 0.1}
 SUFFIX_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits

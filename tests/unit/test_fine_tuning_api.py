@@ -254,6 +254,8 @@ def test_bad_job_requests_name_the_parameter(client):
         ({"extra_body": {"adapter": {"kind": "loha"}}}, "adapter.kind"),
         ({"extra_body": {"adapter": {"kind": "lora", "r": 0}}}, "adapter.r"),
         ({"extra_body": {"adapter": {"kind": "lora", "rank": 4}}}, "adapter.rank"),
+        ({"extra_body": {"adapter": {"kind": "lora", "init_r": 16}}}, "adapter"),  # AdaLoRA's, not LoRA's
+        ({"extra_body": {"adapter": {"kind": "adalora", "init_r": 4, "target_r": 8}}}, "adapter"),
         ({"extra_body": {"adapter": {"kind": "prompt_tuning", "num_virtual_tokens": 100_000}}},
          "adapter.num_virtual_tokens"),
         ({"validation_file": dpo_file}, "validation_file"),
