@@ -205,6 +205,12 @@ def _attend(pool: KVPool, layer: int, query: torch.Tensor, key: torch.Tensor, va
     scale = scaling if scaling is not None else d ** -0.5
     for row in step.in_place:
         qr = q[:, row.q_index].view(kv_heads, heads // kv_heads, d)  # [kv_heads, heads / kv_heads, d]
+        if len(row.runs) == 1:  # one view of the pool, [kv_heads, positions, d]: one kernel call
+            s, n = row.runs[0]
+            o = F.scaled_dot_product_attention(qr.unsqueeze(0), keys[None, :, s:s + n].to(q.dtype),
+                                               values[None, :, s:s + n].to(q.dtype), scale=scaling)
+            out[row.q_index] = o.reshape(heads, d)
+            continue
         # scores over every run, [kv_heads, heads / kv_heads, positions]; the runs are views of the pool
         scores = torch.cat([torch.matmul(qr, keys[:, s:s + n].transpose(1, 2)) for s, n in row.runs], dim=-1)
         probs = (scores.float() * scale).softmax(-1).to(q.dtype)
