@@ -127,6 +127,7 @@ def test_the_mix_holds_every_kind_and_its_heaviest_adapter_is_the_baseline():
 
     mix = {f"mix-{i:03d}": MIX_KINDS[i % len(MIX_KINDS)] for i in range(32)}
     assert len(FAMILY_ORDER) == 8 and {_family(k) for k in MIX_KINDS[:8]} == set(FAMILY_ORDER)  # --quick's 8 too
+    assert "lora8-attn" in MIX_KINDS[:8]  # figure 2's adapter, in --quick's mix too
     assert mix[heaviest_adapter(list(mix), mix, SMOLLM2_135M)] == "dora64-attn"
     # DoRA's rescale makes it dearer than LoRA and VeRA of its rank and targets, whichever comes first
     same = {"a": "vera64-attn", "b": "lora64-attn", "c": "dora64-attn", "d": "lora16-all", "e": "prefix16"}
