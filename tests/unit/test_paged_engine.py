@@ -221,9 +221,11 @@ WAVES = [
     [("base", 7, 9), ("lora", 12, 14), ("ia3", 5, 12), ("prompt5", 9, 11), ("dora", 16, 13),
      ("adalora", 6, 15), ("vera", 10, 12), ("p_tuning_mlp", 4, 14), ("prefix4", 13, 16),
      ("lora_rslora_r8", 8, 3), ("ia3_ff", 11, 13), ("prefix_projected", 3, 12)],
-    [("base", 4, 12), ("prompt11", 6, 10), ("dora_qv_r8", 3, 11), ("vera_regenerated", 5, 12)],
+    # while the others decode: the base row's 17 prompt tokens fill most of two steps' 16, so the
+    # prefix-tuning row's 6 virtual positions are split over two steps
+    [("base", 17, 12), ("prefix_projected", 9, 10), ("prompt11", 6, 10), ("vera_regenerated", 5, 12)],
     [("p_tuning_lstm", 9, 7), ("lora_qv", 14, 5), ("base", 20, 6), ("adalora", 3, 1), ("prefix4", 7, 8),
-     ("lora", 5, 4)],
+     ("dora_qv_r8", 5, 4)],
 ]
 
 
@@ -256,11 +258,14 @@ def test_one_batch_of_every_kind_with_rows_joining_and_leaving_matches_peft(mixe
 
     steps: list[dict] = []  # per forward: its rows' adapter slots and its row count
     joined: list[int] = []  # the forward at which the third wave was submitted
+    split: list[StepItem] = []  # prefix-tuning chunks that start inside the virtual positions
     forward = engine.runner.forward
 
     def spy_forward(items):  # runs on the engine thread: later waves join at chosen points
         finished = sum(c.done.is_set() for *_, c in requests)
         steps.append({"slots": {item.slot for item in items}, "rows": len(items)})
+        split.extend(i for i in items if kind_of[i.slot] == "prefix_tuning"
+                     and 0 < i.start < runtime.prefixes[i.slot].shape[1])
         if len(steps) == 3:
             submit(1)  # the first rows decode by now
         if finished and len(requests) == len(WAVES[0]) + len(WAVES[1]):
@@ -287,6 +292,7 @@ def test_one_batch_of_every_kind_with_rows_joining_and_leaving_matches_peft(mixe
     late = {slots[name] for name, *_ in WAVES[2]} - {slots[name] for name, *_ in WAVES[0] + WAVES[1]}
     assert joined and all(late.isdisjoint(s["slots"]) for s in steps[:joined[0]])
     assert any(late & s["slots"] and early & s["slots"] for s in steps[joined[0]:])
+    assert split, "no prefix-tuning row had its virtual positions split over two steps (retune WAVES)"
     for name, prompt, request, c in requests:
         assert c.finish.finish_reason == "length", name
         assert sampled[request.id] == ref_greedy(refs[name], prompt, steps=request.params.max_tokens), name
