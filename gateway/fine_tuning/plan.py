@@ -16,9 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adapters.kinds import HANDLERS
 from adapters.kinds.base import AdapterKind
-from adapters.training.config import TRAINABLE_KINDS, TrainingConfig
+from adapters.training.config import DEFAULT_LEARNING_RATE, TRAINABLE_KINDS, TrainingConfig
 from gateway.fine_tuning.errors import FineTuningRequestError
 from gateway.fine_tuning.methods import AUTO, ParsedMethod, parse_method
 
@@ -91,7 +90,7 @@ def plan_job(body: FineTuningJobCreate, start_from: dict[str, Any] | None = None
     values = {name: AUTO_VALUES[name] if value == AUTO else value for name, value in method.hyperparameters.items()
               if name in AUTO_VALUES}
     run = {"epochs": values["n_epochs"], "batch_size": values["batch_size"],
-           "learning_rate": values["learning_rate_multiplier"] * HANDLERS[kind].default_learning_rate,
+           "learning_rate": values["learning_rate_multiplier"] * DEFAULT_LEARNING_RATE[kind],
            "seed": body.seed or 0, "eval_fraction": 0.0}
     try:
         config = TrainingConfig.model_validate({**settings, **run})

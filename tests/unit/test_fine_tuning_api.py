@@ -250,7 +250,7 @@ def test_bad_job_requests_name_the_parameter(client):
         ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.type"),
         ({"model": "gpt-4o-mini"}, "model"),
         ({"suffix": "no spaces please"}, "suffix"),
-        ({"extra_body": {"adapter": {"kind": "loha"}}}, "adapter.kind"),
+        ({"extra_body": {"adapter": {"kind": "dora"}}}, "adapter.kind"),
         ({"extra_body": {"adapter": {"kind": "lora", "r": 0}}}, "adapter.r"),
         ({"extra_body": {"adapter": {"kind": "lora", "rank": 4}}}, "adapter.rank"),
         ({"extra_body": {"adapter": {"kind": "prompt_tuning", "num_virtual_tokens": 100_000}}},
