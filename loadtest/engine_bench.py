@@ -8,8 +8,10 @@ measured on the same server just before or after:
    served / with a fresh one of the same length;
 3. context growth: decode time per token of 8 streams at ~1,500 tokens of context / at ~40, with
    attention's share of the arithmetic at both lengths (from the model config);
-4. mixed LoRA ranks: 32 adapters (LoRA ranks 4-64, IA3, prompt tuning) / the same 32 requests on
-   the most expensive single adapter of the mix (throughput); and rank-8 traffic with an idle
+4. mixed ranks and kinds: 32 adapters of all eight kinds (LoRA, DoRA, AdaLoRA and VeRA of ranks
+   4-64, IA3, prompt tuning, P-tuning, prefix tuning) / the same 32 requests on the most expensive
+   single adapter of the mix (throughput; prefix tuning needs the paged KV cache, so the padded
+   engine's mix leaves it out); and rank-8 traffic with an idle
    rank-256 adapter pinned on the device / without it (a server of its own, so no larger rank
    was ever installed there);
 5. KV memory: pool bytes held by the running sequences / bytes their live tokens need, at 32
@@ -47,15 +49,21 @@ from pathlib import Path
 import httpx
 
 from loadtest import engine_figures as ef
-from loadtest.bench_adapters import lora_spec, make_adapter_set
+from loadtest.bench_adapters import low_rank_spec, make_adapter_set
 from loadtest.http_load import StreamResult, WordPrompts, admin, closed_batch, scrape, stream
 from loadtest.server import running_gateway
 from loadtest.trace import make_trace, summarize
 
 log = logging.getLogger("loadtest.engine_bench")
 ENGINES = ("padded", "paged")
-# 8 kinds in turn: LoRA ranks 4-64 (all linear layers or attention only), IA3, prompt tuning
-MIX_KINDS = ("lora4-all", "lora8-attn", "ia3", "lora16-all", "lora32-attn", "prompt16", "lora64-attn", "lora8-all")
+# 16 adapters in turn, every kind among the first 8 (so a --quick mix of 8 holds them all, and
+# lora8-attn, figure 2's adapter): LoRA, DoRA, AdaLoRA and VeRA of ranks 4-64 (all linear layers or
+# attention only), IA3, prompt tuning, P-tuning, prefix tuning. The most expensive is dora64-attn
+# (a rank-64 delta plus DoRA's rescale).
+MIX_KINDS = ("lora8-attn", "dora8-attn", "ia3", "adalora16-all", "prompt16", "vera32-attn", "ptuning16", "prefix16",
+             "lora64-attn", "dora16-all", "lora4-all", "adalora8-attn", "vera64-attn", "lora32-attn", "dora64-attn",
+             "lora8-all")
+PAGED_ONLY_KINDS = ("prefix16",)  # the padded engine refuses prefix tuning (its keys go into KV blocks)
 IDLE_KINDS = ("lora8-all", "lora8-all", "lora8-all", "lora256-all")
 
 
@@ -232,11 +240,33 @@ async def fig_context_growth(server: Server, args, words: WordPrompts, config: d
                             "bytes read per step"))]
 
 
-async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[str, str], config: dict) -> list[dict]:
+def served_mix(mix: dict[str, str], engine: str) -> dict[str, str]:
+    """The adapters of the mix that ``engine`` serves (all of them on the paged one)."""
+    return {i: kind for i, kind in mix.items() if engine == "paged" or kind not in PAGED_ONLY_KINDS}
+
+
+FAMILY_ORDER = ("LoRA", "DoRA", "AdaLoRA", "VeRA", "IA3", "prompt tuning", "P-tuning", "prefix tuning")
+
+
+def _family(kind: str) -> str:
+    """The PEFT method of a bench kind name, as the figure's title names it."""
+    spec = low_rank_spec(kind)
+    if spec is not None:
+        return FAMILY_ORDER[("lora", "dora", "adalora", "vera").index(spec[0])]
+    return {"ia3": "IA3", "prompt16": "prompt tuning", "ptuning16": "P-tuning", "prefix16": "prefix tuning"}[kind]
+
+
+def heaviest_adapter(ids: list[str], mix: dict[str, str], config: dict) -> str:
+    """The adapter of ``ids`` that costs most per token as served (the low-rank kinds; IA3 and the
+    virtual-token kinds cost about nothing per token beyond the base)."""
     shape = ef.ModelShape.from_config(config)
+    costs = {i: ef.low_rank_cost(*spec, shape) for i in ids if (spec := low_rank_spec(mix[i]))}
+    return max(costs, key=costs.get)
+
+
+async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[str, str], config: dict) -> list[dict]:
     ids = list(mix)[:args.mixed_adapters]
-    costs = {i: ef.lora_cost(*lora_spec(mix[i]), shape) for i in ids if lora_spec(mix[i])}
-    heaviest = max(costs, key=costs.get)
+    heaviest = heaviest_adapter(ids, mix, config)
     runs = {"mixed": [], "single": []}
     plans = {"mixed": ids, "single": [heaviest] * len(ids)}
     for mode in abba(tuple(plans), args.repeats):
@@ -246,9 +276,12 @@ async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[st
         runs[mode].append(await closed_batch(server.client, models, prompts, args.batch_output))
         log.info("mixed ranks %s: %.1f tok/s", mode, runs[mode][-1]["tokens_per_s"])
     mixed, single = _median_key(runs["mixed"], "tokens_per_s"), _median_key(runs["single"], "tokens_per_s")
-    return [ef.figure("mixed_ranks", f"4a. mixed LoRA ranks ({len(ids)} adapters of ranks 4-64, IA3, prompt "
-                      f"tuning / all on {heaviest}, throughput)", ef.ratio(mixed, single), engine=server.engine,
-                      mixed_tokens_per_s=mixed, single_tokens_per_s=single, heaviest=heaviest, runs=runs)]
+    families = sorted({_family(mix[i]) for i in ids}, key=FAMILY_ORDER.index)
+    return [ef.figure("mixed_ranks", f"4a. mixed ranks and kinds ({len(ids)} adapters: {', '.join(families)} / all "
+                      f"on {heaviest}, throughput)", ef.ratio(mixed, single), engine=server.engine,
+                      mixed_tokens_per_s=mixed, single_tokens_per_s=single, heaviest=heaviest,
+                      kinds=families, runs=runs)]
+
 
 
 async def fig_idle_rank256(server: Server, args, words: WordPrompts, idle: dict[str, str]) -> list[dict]:
@@ -417,14 +450,14 @@ async def run_core(args, servers: dict[str, Server], words: WordPrompts, sets: d
     """Figures 1-6 on every engine's core server, figure by figure (each figure on every engine
     before the next: a run cut short keeps whole before/after pairs, and drift hits both)."""
     wanted = set(args.figures)
-    ids = list(sets["mix"])
     lora = next(i for i, k in sets["mix"].items() if k == "lora8-attn")
     plan = [("1", lambda s: fig_long_neighbour(s, args, words)),
             ("2", lambda s: fig_shared_prefix(s, args, words, lora)),
             ("3", lambda s: fig_context_growth(s, args, words, config)),
             ("5", lambda s: fig_kv_memory(s, args, words)),
-            ("4", lambda s: _after(warm(s, ids[:args.mixed_adapters]),
-                                   lambda: fig_mixed_ranks(s, args, words, sets["mix"], config)))]
+            ("4", lambda s: _after(warm(s, list(served_mix(sets["mix"], s.engine))[:args.mixed_adapters]),
+                                   lambda: fig_mixed_ranks(s, args, words, served_mix(sets["mix"], s.engine),
+                                                           config)))]
     for number, make in plan:
         if number in wanted:
             for engine, server in servers.items():
@@ -432,8 +465,9 @@ async def run_core(args, servers: dict[str, Server], words: WordPrompts, sets: d
     if "6" in wanted:
         for engine, server in servers.items():
             try:
-                await warm(server, ids[:args.trace_adapters])
-                traces[engine] = await run_trace(server, args, words, sets["mix"])
+                mix = served_mix(sets["mix"], engine)
+                await warm(server, list(mix)[:args.trace_adapters])
+                traces[engine] = await run_trace(server, args, words, mix)
             except Exception as exc:  # noqa: BLE001 - fail soft
                 log.exception("trace on %s failed", engine)
                 traces[engine] = {"error": f"{type(exc).__name__}: {exc}"}

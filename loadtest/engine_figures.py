@@ -208,3 +208,15 @@ def lora_cost(rank: int, targets: Sequence[str], shape: ModelShape) -> int:
              "o_proj": q_out + shape.hidden, "gate_proj": shape.hidden + shape.intermediate,
              "up_proj": shape.hidden + shape.intermediate, "down_proj": shape.intermediate + shape.hidden}
     return rank * shape.layers * sum(sizes[t] for t in targets)
+
+
+def low_rank_cost(family: str, rank: int, targets: Sequence[str], shape: ModelShape) -> int:
+    """Multiply-adds per token of one adapter served as a LoRA delta (LoRA, AdaLoRA and VeRA at
+    their rank r); DoRA adds one multiply per output channel (its magnitude rescale)."""
+    cost = lora_cost(rank, targets, shape)
+    if family == "dora":
+        q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        outputs = {"q_proj": q_out, "k_proj": kv_out, "v_proj": kv_out, "o_proj": shape.hidden,
+                   "gate_proj": shape.intermediate, "up_proj": shape.intermediate, "down_proj": shape.hidden}
+        cost += shape.layers * sum(outputs[t] for t in targets)
+    return cost

@@ -103,6 +103,71 @@ def test_lora_cost_matches_the_parameters_peft_creates():
     assert ef.lora_cost(4, targets, shape) == trainable
 
 
+@pytest.mark.parametrize("family,config", [
+    ("lora", {}), ("dora", {"use_dora": True}),
+])
+def test_low_rank_cost_matches_the_parameters_peft_creates(family, config):
+    """A rank-r delta costs its A and B; DoRA adds one magnitude per output channel."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_llama()
+    shape = ef.ModelShape.from_config(model.config.to_dict())
+    targets = ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, **config))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert ef.low_rank_cost(family, 4, targets, shape) == trainable
+
+
+SMOLLM2_135M = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152}
+
+
+def test_the_mix_holds_every_kind_and_its_heaviest_adapter_is_the_baseline():
+    from loadtest.engine_bench import FAMILY_ORDER, MIX_KINDS, _family, heaviest_adapter, served_mix
+
+    mix = {f"mix-{i:03d}": MIX_KINDS[i % len(MIX_KINDS)] for i in range(32)}
+    assert len(FAMILY_ORDER) == 8 and {_family(k) for k in MIX_KINDS[:8]} == set(FAMILY_ORDER)  # --quick's 8 too
+    assert "lora8-attn" in MIX_KINDS[:8]  # figure 2's adapter, in --quick's mix too
+    assert mix[heaviest_adapter(list(mix), mix, SMOLLM2_135M)] == "dora64-attn"
+    # DoRA's rescale makes it dearer than LoRA and VeRA of its rank and targets, whichever comes first
+    same = {"a": "vera64-attn", "b": "lora64-attn", "c": "dora64-attn", "d": "lora16-all", "e": "prefix16"}
+    assert heaviest_adapter(list(same), same, SMOLLM2_135M) == "c"
+    wide = {"a": "lora64-attn", "b": "adalora32-all", "c": "ia3", "d": "prompt16"}  # all linear layers: wider
+    assert heaviest_adapter(list(wide), wide, SMOLLM2_135M) == "b"
+    assert served_mix(mix, "paged") == mix
+    padded = served_mix(mix, "padded")
+    assert len(padded) == 30 and "prefix16" not in padded.values()
+
+
+def test_bench_adapters_of_every_kind_are_served_as_their_kind_and_change_the_output(tmp_path):
+    """Each new kind's bench adapter is read by the gateway as that kind, at the bench's rank,
+    and moves PEFT's logits away from the base (the noise makes it non-trivial)."""
+    import copy
+
+    from peft import PeftModel
+    from test_adapter_validation import read
+
+    from adapters.runtime import AdapterRuntime
+    from loadtest.bench_adapters import make_adapter
+
+    base = build_tiny_llama()
+    info = AdapterRuntime(copy.deepcopy(base), max_slots=1, dtype=torch.float32).base_info
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250]])
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits[0, -1]
+    expected = {"dora8-attn": ("dora", 8), "adalora8-all": ("adalora", 8), "vera16-attn": ("vera", 16),
+                "ptuning16": ("p_tuning", None), "prefix16": ("prefix_tuning", None)}
+    for i, (kind, (served, rank)) in enumerate(expected.items()):
+        folder = make_adapter(base, kind, tmp_path / kind, seed=i)
+        described = read(folder, info).describe()
+        assert described["kind"] == served and described.get("rank") == rank, kind
+        if rank is None:
+            assert described["num_virtual_tokens"] == 16
+        with torch.no_grad():
+            logits = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()(input_ids=ids).logits[0, -1]
+        assert ((logits - plain).norm() / plain.norm()).item() > 1e-2, kind
+
+
 def test_attention_share_grows_with_context():
     config = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
               "num_key_value_heads": 3, "vocab_size": 49152}  # SmolLM2-135M
@@ -140,13 +205,15 @@ def test_bench_adapters_leave_the_shared_base_untouched(tmp_path):
 
     base = build_tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    for i, kind in enumerate(["lora8-all", "ia3", "prompt16", "lora4-attn"]):
+    kinds = ["lora8-all", "ia3", "prompt16", "lora4-attn", "dora8-attn", "adalora8-all", "vera16-attn", "ptuning16",
+             "prefix16"]
+    for i, kind in enumerate(kinds):
         folder = make_adapter(base, kind, tmp_path / kind, seed=i)
         assert load_file(folder / "adapter_model.safetensors")
     after = base.state_dict()
     assert sorted(after) == sorted(before)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any("lora" in name or "ia3" in name for name, _ in base.named_modules())
+    assert not any(word in name for name, _ in base.named_modules() for word in ("lora", "ia3", "vera", "prompt"))
     attention = load_file(tmp_path / "lora4-attn" / "adapter_model.safetensors")
     assert not any("mlp" in k for k in attention) and any("o_proj.lora_A" in k for k in attention)
 

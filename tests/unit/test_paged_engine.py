@@ -215,6 +215,91 @@ def test_engine_greedy_text_matches_peft_with_chunks_and_mixed_kinds(mixed, tiny
         assert tokens == ref_greedy(refs[name], prompts[name]), name
 
 
+# (variant, prompt length, max_tokens): three waves. The first two fill the 16-row batch with
+# every kind and the base; the third arrives once a row has left and takes the freed rows.
+WAVES = [
+    [("base", 7, 9), ("lora", 12, 14), ("ia3", 5, 12), ("prompt5", 9, 11), ("dora", 16, 13),
+     ("adalora", 6, 15), ("vera", 10, 12), ("p_tuning_mlp", 4, 14), ("prefix4", 13, 16),
+     ("lora_rslora_r8", 8, 3), ("ia3_ff", 11, 13), ("prefix_projected", 3, 12)],
+    # while the others decode: the base row's 17 prompt tokens fill most of two steps' 16, so the
+    # prefix-tuning row's 6 virtual positions are split over two steps
+    [("base", 17, 12), ("prefix_projected", 9, 10), ("prompt11", 6, 10), ("vera_regenerated", 5, 12)],
+    [("p_tuning_lstm", 9, 7), ("lora_qv", 14, 5), ("base", 20, 6), ("adalora", 3, 1), ("prefix4", 7, 8),
+     ("dora_qv_r8", 5, 4)],
+]
+
+
+def test_one_batch_of_every_kind_with_rows_joining_and_leaving_matches_peft(mixed, tiny_tokenizer):
+    """One engine batch of 16 rows holding all eight kinds (LoRA, IA3, prompt tuning, DoRA,
+    AdaLoRA, VeRA, P-tuning, prefix tuning) and base rows; rows of different prompt lengths and
+    max_tokens are submitted while others decode, leave when done, and later rows take their
+    places. Each row's greedy tokens equal PEFT's for its adapter alone."""
+    runtime, slots, refs = mixed
+    kind_of = {0: "base"} | {slots[name]: kind for name, (kind, _) in PAGED_VARIANTS.items()}
+    engine = make_engine(runtime, tiny_tokenizer, max_step_tokens=16)
+    requests: list[tuple[str, list[int], EngineRequest, Tokens]] = []
+
+    def submit(wave: int) -> None:
+        for i, (name, length, max_tokens) in enumerate(WAVES[wave]):
+            c = Tokens()
+            request = EngineRequest(prompt_ids=prompt_ids(length, seed=100 * wave + i), slot=slots[name],
+                                    params=SamplingParams(max_tokens=max_tokens, temperature=0),
+                                    sink=c.sink, on_done=c.on_done, cache_key=name)
+            engine.submit(request)
+            requests.append((name, request.prompt_ids, request, c))
+
+    sampled: dict[int, list[int]] = {}
+    emit = engine._emit
+
+    def spy_emit(seqs, logits):  # the tokens each sequence has sampled so far
+        emit(seqs, logits)
+        for seq in seqs:
+            sampled[seq.request.id] = list(seq.tokens)
+
+    steps: list[dict] = []  # per forward: its rows' adapter slots and its row count
+    joined: list[int] = []  # the forward at which the third wave was submitted
+    split: list[StepItem] = []  # prefix-tuning chunks that start inside the virtual positions
+    forward = engine.runner.forward
+
+    def spy_forward(items):  # runs on the engine thread: later waves join at chosen points
+        finished = sum(c.done.is_set() for *_, c in requests)
+        steps.append({"slots": {item.slot for item in items}, "rows": len(items)})
+        split.extend(i for i in items if kind_of[i.slot] == "prefix_tuning"
+                     and 0 < i.start < runtime.prefixes[i.slot].shape[1])
+        if len(steps) == 3:
+            submit(1)  # the first rows decode by now
+        if finished and len(requests) == len(WAVES[0]) + len(WAVES[1]):
+            joined.append(len(steps))
+            submit(2)  # a row has left
+        return forward(items)
+
+    engine._emit, engine.runner.forward = spy_emit, spy_forward
+    submit(0)
+    engine.start()
+    try:
+        for _ in range(3):
+            for *_, c in list(requests):
+                assert c.done.wait(60), "request did not finish"
+    finally:
+        engine.stop()
+
+    assert len(requests) == sum(map(len, WAVES))
+    kinds = {"base", "lora", "ia3", "prompt_tuning", "dora", "adalora", "vera", "p_tuning", "prefix_tuning"}
+    assert any(s["rows"] == engine.max_batch_size and {kind_of[slot] for slot in s["slots"]} == kinds
+               for s in steps), "no forward held rows of all kinds in a batch of 16"
+    # the third wave, submitted after a row left, ran in the same forwards as first-wave rows
+    early = {slots[name] for name, *_ in WAVES[0]} - {slots[name] for name, *_ in WAVES[1] + WAVES[2]}
+    late = {slots[name] for name, *_ in WAVES[2]} - {slots[name] for name, *_ in WAVES[0] + WAVES[1]}
+    assert joined and all(late.isdisjoint(s["slots"]) for s in steps[:joined[0]])
+    assert any(late & s["slots"] and early & s["slots"] for s in steps[joined[0]:])
+    assert split, "no prefix-tuning row had its virtual positions split over two steps (retune WAVES)"
+    for name, prompt, request, c in requests:
+        assert c.finish.finish_reason == "length", name
+        assert sampled[request.id] == ref_greedy(refs[name], prompt, steps=request.params.max_tokens), name
+    engine.blocks.check()
+    assert engine.blocks.used == 0
+
+
 def test_prefix_cache_hits_only_the_same_adapter_and_keeps_results(mixed, tiny_tokenizer):
     runtime, slots, refs = mixed
     shared = prompt_ids(24, seed=5)
