@@ -38,7 +38,6 @@ import contextlib
 import json
 import logging
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ import httpx
 from loadtest import engine_figures as ef
 from loadtest.bench_adapters import low_rank_spec, make_adapter_set
 from loadtest.http_load import StreamResult, WordPrompts, admin, closed_batch, scrape, stream
-from loadtest.server import running_gateway
+from loadtest.server import running_gateway, stop_servers_on_sigterm
 from loadtest.trace import make_trace, summarize
 
 log = logging.getLogger("loadtest.engine_bench")
@@ -592,10 +591,6 @@ def make_sets(args, adapters_dir: Path) -> dict:
             "idle": {f.name: k for f, k in zip(idle, IDLE_KINDS, strict=True)}}
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> dict:
     from gateway.base_model import materialize_dummy, materialize_embedded
     from gateway.settings import EMBEDDED_MODEL
@@ -604,7 +599,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     quiet_logging()
     # a SIGTERM (a time limit) unwinds like an exception, so every gateway server started is stopped
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_servers_on_sigterm()
     args.model_dir = materialize_embedded(args.data_dir) if args.model == EMBEDDED_MODEL else Path(args.model)
     if args.dummy_weights:  # written once into the data dir; adapters and servers then load that folder
         args.model_dir = materialize_dummy(str(args.model_dir), args.data_dir)

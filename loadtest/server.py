@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,3 +53,12 @@ def running_gateway(env: dict[str, str], log_path: Path, timeout: float = 300.0,
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def stop_servers_on_sigterm() -> None:
+    """A benchmark stopped with SIGTERM unwinds like one stopped with Ctrl-C, so the gateway
+    servers it started (context managers here) are stopped with it, never left running."""
+    def stop(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.server import running_gateway
+from loadtest.server import running_gateway, stop_servers_on_sigterm
 
 log = logging.getLogger("train_bench")
 NAMES = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Julia", "Kofi", "Lena",
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the PEFT reference runs")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/train_bench.json"))
     args = parser.parse_args(argv)
+    stop_servers_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
     if args.model_dir is None:
