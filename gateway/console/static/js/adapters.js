@@ -158,12 +158,12 @@ export function show(section, params) {
   poller.start();
 }
 
+// #/adapters?filter=ID (e.g. a training job's result) filters the table; plain #/adapters shows all
 export function update(params) {
-  if (params && params.get('filter') !== null && filterInput) {
-    filterInput.value = params.get('filter');
-    state.filter = filterInput.value;
-    render();
-  }
+  if (!filterInput) return;
+  filterInput.value = (params && params.get('filter')) || '';
+  state.filter = filterInput.value;
+  render();
 }
 
 export function hide() { poller.stop(); }
