@@ -84,7 +84,9 @@ def browser():
     driver.quit()
 
 
-def shot(driver, name: str) -> None:
+def shot(driver, name: str, focus: str | None = None) -> None:
+    if focus:  # what the step is about, in view
+        driver.execute_script("const e = document.querySelector(arguments[0]); if (e) e.scrollIntoView()", focus)
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 
@@ -230,7 +232,7 @@ def test_06_dataset_problems_are_shown_in_place_as_text(browser, server, files):
     wait(browser, lambda d: find(d, "#dataset-problems").is_displayed())
     assert text(browser, "#dataset-problems") == expected
     no_injected_elements(browser)
-    shot(browser, "06-dataset-problems")
+    shot(browser, "06-dataset-problems", "#training-form")
 
 
 def test_07_train_and_watch_the_loss_curve_grow(browser, server, files):
@@ -257,7 +259,7 @@ def test_07_train_and_watch_the_loss_curve_grow(browser, server, files):
         if count and (not seen or seen[-1] != count):
             seen.append(count)
             if len(seen) == 2:
-                shot(d, "07-training-running")
+                shot(d, "07-training-running", "#training-detail")
         return text(d, "#training-job-state") in ("succeeded", "failed", "cancelled")
 
     wait(browser, finished, timeout=300)
@@ -268,7 +270,7 @@ def test_07_train_and_watch_the_loss_curve_grow(browser, server, files):
     assert finds(browser, '#loss-chart path[data-series="eval"]')
     assert text(browser, "#training-step") == "120"
     assert text(browser, "#training-result a") == "trained-a"
-    shot(browser, "07-training-done")
+    shot(browser, "07-training-done", "#training-detail")
     click(browser, "#training-result a")
     wait(browser, lambda d: texts(d, "#adapters-table .adapter-id") == ["trained-a"])
     assert find(browser, "#adapters-filter").get_attribute("value") == "trained-a"
@@ -287,6 +289,9 @@ def test_08_experiment_with_live_results(browser, server):
         response = httpx.post(f"{server.url}/v1/chat/completions", timeout=WAIT, json={
             "model": "ab-test", "user": f"user-{user}", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 200, response.text
+        feedback = httpx.post(f"{server.url}/v1/feedback", timeout=WAIT, json={
+            "id": response.json()["id"], "thumbs": "up" if user % 3 else "down", "score": user / 8})
+        assert feedback.status_code == 200, feedback.text
 
     def requests_shown(d) -> int:
         try:

@@ -87,14 +87,16 @@ function resultsTable(results) {
       el('td', {}, arm.arm), el('td', {}, `${fmtNumber(arm.share * 100, 1)} %`),
       el('td', { class: 'arm-requests' }, fmtNumber(arm.requests)), el('td', {}, fmtNumber(arm.errors)),
       el('td', {}, arm.latency_seconds.p50 === null ? '–' : `${fmtNumber(arm.latency_seconds.p50, 2)} s`),
-      el('td', {}, `${thumbs.up} up / ${thumbs.down} down`, el('br'), ciBar(thumbs.positive_rate, thumbs.ci95),
+      el('td', {}, el('span', { class: 'thumbs-up' }, String(thumbs.up)), ' up / ',
+        el('span', { class: 'thumbs-down' }, String(thumbs.down)), ' down', el('br'), ciBar(thumbs.positive_rate, thumbs.ci95),
         el('span', { class: 'muted' }, thumbs.ci95 ? ` ${fmtNumber(thumbs.positive_rate * 100, 0)} % [${fmtNumber(thumbs.ci95[0] * 100, 0)}, ${fmtNumber(thumbs.ci95[1] * 100, 0)}]` : ' no ratings')),
       el('td', {}, `n=${score.count}`, el('br'), ciBar(score.mean, score.ci95, { lo: Math.min(0, score.ci95 ? score.ci95[0] : 0), hi: Math.max(1, score.ci95 ? score.ci95[1] : 1) }),
         el('span', { class: 'muted' }, score.mean === null ? ' no scores' : ` mean ${fmtNumber(score.mean, 2)}`))));
   }
   const verdicts = el('ul', { class: 'verdicts' }, results.comparisons.map((c) => el('li', {},
-    el('strong', {}, `${c.arm} vs ${c.control}: `), el('span', { class: 'verdict' }, c.thumbs.verdict), ' ',
-    el('span', { class: 'verdict muted' }, c.score.verdict))));
+    el('strong', {}, `${c.arm} vs ${c.control}`),
+    el('div', {}, 'thumbs: ', el('span', { class: 'verdict', 'data-metric': 'thumbs' }, c.thumbs.verdict)),
+    el('div', {}, 'score: ', el('span', { class: 'verdict', 'data-metric': 'score' }, c.score.verdict)))));
   return el('div', {}, el('table', { class: 'results' }, el('thead', {}, el('tr', {},
     ['Arm', 'Share', 'Requests', 'Errors', 'Latency p50', 'Thumbs (95 % CI)', 'Score (95 % CI)'].map((h) => el('th', {}, h)))), body), verdicts);
 }
