@@ -25,7 +25,7 @@ from gateway.console.security import (
     CONSOLE_PREFIX, SIGN_IN_PATH, cleared_cookie, console_session, cookie_value, same_origin, session_cookie,
 )
 from gateway.console.sessions import ConsoleSessions, SignInThrottle
-from gateway.console.status import TokenRate, gateway_status
+from gateway.console.status import TokenRate, gateway_status, per_adapter_latency
 from gateway.errors import BadRequestError
 from gateway.settings import Settings
 
@@ -49,8 +49,9 @@ def attach_console(settings: Settings) -> ConsoleState:
 
 
 page = APIRouter(prefix=CONSOLE_PREFIX, include_in_schema=False)
-# admin-only, checked by AccessGuard (a session cookie with its CSRF token, or the admin key)
-api = APIRouter(prefix=CONSOLE_PREFIX + "/api", tags=["console"], dependencies=[Security(admin_key_scheme)])
+# admin-only, checked by AccessGuard (a session cookie with its CSRF token, or the admin key); the
+# page's own helpers, documented in the README rather than in the OpenAPI document
+api = APIRouter(prefix=CONSOLE_PREFIX + "/api", dependencies=[Security(admin_key_scheme)], include_in_schema=False)
 
 
 def _secure(request: Request) -> bool:
@@ -126,6 +127,13 @@ async def status(request: Request) -> dict[str, Any]:
     """Everything the Overview page shows, in one JSON document."""
     gateway = request.app.state.gateway
     return gateway_status(gateway, gateway.console.rate)
+
+
+@api.get("/traffic")
+async def traffic(request: Request) -> dict[str, Any]:
+    """Requests finished and their summed duration (seconds), by adapter (and the base model's
+    name), since the start: the Adapters page draws traffic and latency sparklines from them."""
+    return {"object": "console.traffic", "data": per_adapter_latency(request.app.state.gateway.metrics.latency)}
 
 
 def _default(info: Any) -> Any:

@@ -43,6 +43,22 @@ def counter_total(counter: Any) -> float:
     return sum(s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total"))
 
 
+def per_adapter_latency(histogram: Any) -> dict[str, dict[str, float]]:
+    """Request count and summed duration by adapter label, from a labelled prometheus Histogram;
+    the page turns two readings into the mean latency of the requests between them."""
+    out: dict[str, dict[str, float]] = {}
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            adapter = sample.labels.get("adapter")
+            if adapter is None:
+                continue
+            if sample.name.endswith("_count"):
+                out.setdefault(adapter, {"count": 0.0, "sum": 0.0})["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                out.setdefault(adapter, {"count": 0.0, "sum": 0.0})["sum"] = sample.value
+    return out
+
+
 def memory(device: torch.device, model: torch.nn.Module) -> dict[str, Any]:
     info: dict[str, Any] = {"model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     if device.type == "cuda" and torch.cuda.is_available():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -234,6 +235,20 @@ def test_status_and_training_defaults(started):
     assert fields["kind"]["default"] == "lora" and fields["r"]["default"] == 8
     assert fields["register"]["default"] is True and fields["num_virtual_tokens"]["default"] == 20
     json.dumps(fields)  # JSON-able throughout
+
+
+def test_traffic_counts_requests_and_latency_by_adapter(started):
+    c, token = signed_in(started)
+    before = c.get("/console/api/traffic").json()["data"].get("lora-a", {"count": 0, "sum": 0})
+    chat = {"model": "lora-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for _ in range(2):
+        assert c.post("/v1/chat/completions", json=chat, headers={CSRF_HEADER: token}).status_code == 200
+    # a request is counted when its record is closed, which may be just after its response
+    deadline = time.monotonic() + 30
+    while (after := c.get("/console/api/traffic").json()["data"]["lora-a"])["count"] < before["count"] + 2:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
+    assert after["count"] == before["count"] + 2 and after["sum"] > before["sum"]
 
 
 # ---- the pure parts -----------------------------------------------------------------------------

@@ -24,14 +24,19 @@ function valueOf(adapter, key) {
   return column && column.value ? column.value(adapter) : adapter[key];
 }
 
+const HISTORY = 30;  // polls kept per sparkline (one minute)
+
 async function refresh() {
-  const list = await api('GET', '/admin/adapters');
+  const [list, traffic] = await Promise.all([api('GET', '/admin/adapters'), api('GET', '/console/api/traffic')]);
   state.adapters = list.data;
-  for (const a of list.data) {  // requests per poll, for the sparkline
-    const seen = state.traffic.get(a.id) || { last: a.requests, deltas: [] };
-    seen.deltas.push(Math.max(0, a.requests - seen.last));
-    seen.last = a.requests;
-    if (seen.deltas.length > 30) seen.deltas.shift();
+  for (const a of list.data) {  // per poll: requests finished, and their mean latency
+    const now = traffic.data[a.id] || { count: 0, sum: 0 };
+    const seen = state.traffic.get(a.id) || { last: now, requests: [], latency: [] };
+    const finished = Math.max(0, now.count - seen.last.count);
+    seen.requests.push(finished);
+    seen.latency.push(finished ? (now.sum - seen.last.sum) / finished : 0);
+    seen.last = now;
+    if (seen.requests.length > HISTORY) { seen.requests.shift(); seen.latency.shift(); }
     state.traffic.set(a.id, seen);
   }
   render();
@@ -67,6 +72,15 @@ function actions(a) {
     } }, 'Delete'));
 }
 
+function trafficCell(seen) {
+  if (!seen) return el('td', {});
+  const recent = seen.latency.filter((v) => v > 0);
+  return el('td', { class: 'traffic' },
+    el('div', { title: 'requests finished per 2 s' }, sparkline(seen.requests)),
+    el('div', { title: 'mean latency of those requests' }, sparkline(seen.latency)),
+    el('span', { class: 'muted latency' }, recent.length ? `${fmtNumber(recent[recent.length - 1], 2)} s` : ''));
+}
+
 function render() {
   if (!tbody) return;
   const needle = state.filter.toLowerCase();
@@ -85,7 +99,7 @@ function render() {
     el('td', {}, fmtNumber(a.requests)),
     el('td', {}, fmtNumber(valueOf(a, 'tokens'))),
     el('td', {}, fmtTime(a.last_used)),
-    el('td', {}, sparkline((state.traffic.get(a.id) || { deltas: [] }).deltas)),
+    trafficCell(state.traffic.get(a.id)),
     actions(a))));
   if (!rows.length) tbody.append(el('tr', {}, el('td', { colspan: COLUMNS.length + 2, class: 'muted' }, 'No adapters.')));
 }
@@ -104,7 +118,7 @@ function header() {
     });
     row.append(th);
   }
-  row.append(el('th', {}, 'Traffic'), el('th', {}, 'Actions'));
+  row.append(el('th', {}, 'Requests / latency (1 min)'), el('th', {}, 'Actions'));
   return row;
 }
 
