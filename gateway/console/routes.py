@@ -26,7 +26,7 @@ from gateway.console.security import (
 )
 from gateway.console.sessions import ConsoleSessions, SignInThrottle
 from gateway.console.status import TokenRate, gateway_status, per_adapter_latency
-from gateway.errors import BadRequestError
+from gateway.errors import BadRequestError, ServiceUnavailableError
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,10 @@ async def console_page() -> FileResponse:
 async def sign_in(request: Request) -> RedirectResponse:
     """The sign-in form posts the admin key here; the answer sets the session cookie and sends the
     browser back to the page, which never sees the key again."""
-    console: ConsoleState = request.app.state.gateway.console
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:  # the page is open while the model loads; sign-in waits for the gateway
+        raise ServiceUnavailableError("the gateway is starting")
+    console: ConsoleState = gateway.console
     client = request.client.host if request.client else "unknown"
     if not same_origin(request.scope, {k.lower(): v for k, v in request.headers.raw}):
         log.warning("console sign-in from a foreign origin refused (%s)", client)
@@ -88,7 +91,7 @@ async def sign_in(request: Request) -> RedirectResponse:
     except Exception:  # noqa: BLE001 - starlette raises plain HTTP/multipart errors
         raise BadRequestError("send the sign-in form (application/x-www-form-urlencoded, field 'key')") from None
     key = form.get("key")
-    if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not key_matches(key, request.app.state.gateway.admin_key):
+    if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not key_matches(key, gateway.admin_key):
         console.throttle.failed(client)
         log.warning("console sign-in with a wrong key from %s", client)
         return _back_to_page(signin="failed")

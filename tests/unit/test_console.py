@@ -161,6 +161,13 @@ def test_wrong_key_and_foreign_origin_get_no_session(started):
     assert "set-cookie" not in response.headers
 
 
+def test_sign_in_before_the_gateway_started_is_a_503(tmp_path):
+    (tmp_path / "none").mkdir()
+    c = TestClient(make_app(tmp_path / "data", tmp_path / "none"), follow_redirects=False)  # no lifespan
+    assert c.get("/console/").status_code == 200
+    assert_error(sign_in(c), 503, type_="server_error")
+
+
 def test_failed_sign_ins_are_throttled_per_address(tmp_path):
     (tmp_path / "none").mkdir()
     app = make_app(tmp_path / "data", tmp_path / "none", console_sign_in_failures=2)
