@@ -101,9 +101,9 @@ def texts(driver, css: str) -> list[str]:
     return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)", css)
 
 
-def text(driver, css: str) -> str | None:
+def text(driver, css: str) -> str:
     found = texts(driver, css)
-    return found[0] if found else None
+    return found[0] if found else ""
 
 
 def click(driver, css: str) -> None:
@@ -300,8 +300,12 @@ def test_08_experiment_with_live_results(browser, server):
             return -1
 
     wait(browser, lambda d: requests_shown(d) == 8)
+    wait(browser, lambda d: len(finds(d, '[data-experiment="ab-test"] .ci-line')) == 4)  # thumbs and score, per arm
     verdicts = texts(browser, '[data-experiment="ab-test"] .verdict')
-    assert verdicts and all(verdicts), verdicts
+    assert len(verdicts) == 2 and all("not enough data yet" in v for v in verdicts), verdicts  # 30 samples needed
+    ups = texts(browser, '[data-experiment="ab-test"] .thumbs-up')
+    downs = texts(browser, '[data-experiment="ab-test"] .thumbs-down')
+    assert sum(map(int, ups)) == 5 and sum(map(int, downs)) == 3, (ups, downs)  # up: users 1, 2, 4, 5, 7
     shot(browser, "08-experiment-results")
     # ramp: adapter-b to 80 (adapter-a keeps 50)
     slider = find(browser, '[data-experiment="ab-test"] .weight-slider[data-arm="adapter-b"]')
@@ -342,9 +346,36 @@ def test_09_playground_compares_two_adapters(browser, server):
     answers = texts(browser, ".turn-assistant .text")
     assert len(answers) == 2 and all(answers), answers
     assert texts(browser, ".turn-user .text") == [HOSTILE, HOSTILE]  # the prompt, as text
-    assert all(t.startswith("done (") for t in texts(browser, ".column-status"))
+    statuses = texts(browser, ".column-status")
+    assert len(statuses) == 2 and all(t.startswith("done (") for t in statuses), statuses
     no_injected_elements(browser)
     shot(browser, "09-playground-compare")
+
+
+def test_09b_playground_feedback_on_an_experiment_reply(browser, server):
+    created = httpx.post(f"{server.url}/admin/experiments", headers=ADMIN, json={
+        "name": "ab-live", "stickiness": "request",
+        "arms": [{"name": "adapter-a", "weight": 1}, {"name": "adapter-b", "weight": 1}]})
+    assert created.status_code == 201, created.text
+    go(browser, server, "overview")
+    go(browser, server, "playground")  # shown again: the model list now has ab-live
+    wait(browser, lambda d: finds(d, "#playground-columns .model-select"))
+    click(browser, "#pg-add-column")
+    selects = finds(browser, "#playground-columns .model-select")
+    Select(selects[0]).select_by_value("adapter-a")
+    Select(selects[1]).select_by_value("ab-live")
+    find(browser, "#pg-prompt").send_keys("hello")
+    click(browser, "#pg-send")
+    wait(browser, lambda d: len(finds(d, '.turn-assistant[data-done="true"]')) == 2)
+    statuses = texts(browser, ".column-status")
+    assert statuses[1].split(" · arm ")[1] in ("adapter-a", "adapter-b"), statuses  # the arm that answered
+    assert not finds(browser, '[data-column="0"] .thumbs-up-button')  # a plain adapter takes no feedback
+    click(browser, '[data-column="1"] .thumbs-up-button')
+    wait(browser, lambda d: text(d, '[data-column="1"] .feedback-status'))
+    assert text(browser, '[data-column="1"] .feedback-status') == " thumbs up recorded"
+    results = httpx.get(f"{server.url}/admin/experiments/ab-live/results", headers=ADMIN).json()
+    assert sum(arm["feedback"]["thumbs"]["up"] for arm in results["arms"]) == 1
+    shot(browser, "09-playground-feedback")
 
 
 def test_10_sign_out(browser, server):

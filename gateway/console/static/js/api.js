@@ -50,8 +50,9 @@ export async function signOut() {
   try { await api('POST', '/console/api/sign-out'); } finally { signedOut(); }
 }
 
-// POST /v1/chat/completions with stream: true; calls onDelta(text) per piece and returns the
-// finish reason. Server-sent events are read from the response body (EventSource cannot POST).
+// POST /v1/chat/completions with stream: true; calls onDelta(text) per piece and returns
+// {finish, id, arm}: the finish reason, the completion's id (for feedback) and, for an experiment,
+// the arm that answered. Server-sent events are read from the response body (EventSource cannot POST).
 export async function streamChat(body, onDelta, signal) {
   const response = await fetch('/v1/chat/completions', {
     method: 'POST', credentials: 'same-origin', signal,
@@ -66,8 +67,10 @@ export async function streamChat(body, onDelta, signal) {
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
+  let arm = response.headers.get('x-gateway-experiment-arm');
   let buffer = '';
   let finish = null;
+  let id = null;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -79,9 +82,11 @@ export async function streamChat(body, onDelta, signal) {
       for (const line of event.split('\n')) {
         if (!line.startsWith('data:')) continue;
         const data = line.slice(5).trim();
-        if (data === '[DONE]') return finish;
+        if (data === '[DONE]') return { finish, id, arm };
         const chunk = JSON.parse(data);
         if (chunk.error) throw new ApiError(500, chunk);
+        id = chunk.id || id;
+        if (chunk.experiment) arm = chunk.experiment.arm;
         for (const choice of chunk.choices || []) {
           if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
           if (choice.finish_reason) finish = choice.finish_reason;
@@ -89,5 +94,5 @@ export async function streamChat(body, onDelta, signal) {
       }
     }
   }
-  return finish;
+  return { finish, id, arm };
 }

@@ -38,9 +38,12 @@ export function clear(node) {
   return node;
 }
 
+// A status line: its text, marked 'error' or 'ok' (other classes of the node are kept)
 export function message(node, text, kind = 'error') {
   node.textContent = text || '';
-  node.className = `message ${text ? kind : ''}`;
+  node.classList.add('message');
+  node.classList.remove('error', 'ok');
+  if (text) node.classList.add(kind);
 }
 
 export function fmtNumber(value, digits = 0) {

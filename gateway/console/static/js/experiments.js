@@ -131,7 +131,10 @@ async function refresh() {
     const signature = JSON.stringify(experiment);
     if (!entry || entry.signature !== signature) {  // rebuilt only when it changed: a slider being dragged survives polls
       const fresh = card(experiment);
-      if (entry) entry.node.replaceWith(fresh.node); else list.append(fresh.node);
+      if (entry) {
+        fresh.resultsBox.append(...entry.resultsBox.childNodes);  // the last results stay until the new ones come
+        entry.node.replaceWith(fresh.node);
+      } else list.append(fresh.node);
       cards.set(experiment.id, fresh);
       entry = fresh;
     }

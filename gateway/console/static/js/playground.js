@@ -4,7 +4,7 @@
 import { api, streamChat } from './api.js';
 import { clear, el, message } from './dom.js';
 
-let root = null; let columnsBox = null; let models = []; let controllers = [];
+let root = null; let columnsBox = null; let models = []; let controllers = []; let experiments = new Set();
 const columns = [];
 
 function modelSelect(initial) {
@@ -43,6 +43,20 @@ function sampling(form) {
   return settings;
 }
 
+// Thumbs on a reply an experiment routed: the feedback its results count (POST /v1/feedback)
+function feedbackButtons(completionId) {
+  const note = el('span', { class: 'muted feedback-status' });
+  const vote = async (thumbs) => {
+    try {
+      await api('POST', '/v1/feedback', { id: completionId, thumbs });
+      note.textContent = ` thumbs ${thumbs} recorded`;
+    } catch (error) { note.textContent = ` ${error.message}`; }
+  };
+  return el('div', { class: 'feedback' },
+    el('button', { type: 'button', class: 'thumbs-up-button', onclick: () => vote('up') }, '👍'),
+    el('button', { type: 'button', class: 'thumbs-down-button', onclick: () => vote('down') }, '👎'), note);
+}
+
 async function send(form, prompt, system) {
   controllers = [];
   const settings = sampling(form);
@@ -58,10 +72,12 @@ async function send(form, prompt, system) {
     const messages = system ? [{ role: 'system', content: system }, ...column.messages] : column.messages;
     let text = '';
     try {
-      const finish = await streamChat({ model: column.select.value, messages, ...settings },
+      const model = column.select.value;
+      const result = await streamChat({ model, messages, ...settings },
         (delta) => { text += delta; reply.body.textContent = text; }, controller.signal);
       column.messages.push({ role: 'assistant', content: text });
-      message(column.status, `done (${finish || 'stopped'})`, 'ok');
+      message(column.status, `done (${result.finish || 'stopped'})${result.arm ? ` · arm ${result.arm}` : ''}`, 'ok');
+      if (experiments.has(model) && result.id) reply.node.append(feedbackButtons(result.id));
       reply.node.dataset.done = 'true';
     } catch (error) {
       column.messages.pop();
@@ -73,8 +89,10 @@ async function send(form, prompt, system) {
 
 export async function show(section) {
   root = section;
-  const v1 = await api('GET', '/v1/models');
+  const [v1, running] = await Promise.all([api('GET', '/v1/models'), api('GET', '/admin/experiments')]);
   models = v1.data.map((m) => m.id);
+  // only a running experiment keeps outcomes and takes feedback
+  experiments = new Set(running.data.filter((e) => e.state === 'running').map((e) => e.id));
   columns.length = 0;
   columnsBox = el('div', { class: 'columns', id: 'playground-columns' });
   const prompt = el('textarea', { id: 'pg-prompt', rows: '3', placeholder: 'Message (sent to every column)' });
