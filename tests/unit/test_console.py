@@ -119,6 +119,17 @@ def test_scripts_never_parse_data_as_html():
         assert not sinks.search(path.read_text()), path.name
 
 
+def test_every_static_file_is_package_data():
+    """A wheel (or a non-editable install) carries exactly what pyproject's package-data names:
+    every file the page needs must match one of its patterns."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    patterns = tomllib.loads((STATIC.parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["gateway.console"]
+    packaged = {p for pattern in patterns for p in STATIC.parent.glob(pattern)}
+    shipped = {p for p in STATIC.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert shipped and shipped <= packaged, sorted(str(p) for p in shipped - packaged)
+
+
 # ---- sign-in ------------------------------------------------------------------------------------
 def test_console_api_needs_a_session(started):
     c = client(started)

@@ -53,8 +53,8 @@ function feedbackButtons(completionId) {
     } catch (error) { note.textContent = ` ${error.message}`; }
   };
   return el('div', { class: 'feedback' },
-    el('button', { type: 'button', class: 'thumbs-up-button', onclick: () => vote('up') }, '👍'),
-    el('button', { type: 'button', class: 'thumbs-down-button', onclick: () => vote('down') }, '👎'), note);
+    el('button', { type: 'button', class: 'thumbs-up-button', onclick: () => vote('up') }, 'Thumbs up'),
+    el('button', { type: 'button', class: 'thumbs-down-button', onclick: () => vote('down') }, 'Thumbs down'), note);
 }
 
 async function send(form, prompt, system) {

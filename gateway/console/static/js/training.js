@@ -92,7 +92,7 @@ function renderJob(job) {
   } }, 'Cancel');
   const jobStatus = el('p', { class: 'message', role: 'status' });
   const bar = el('progress', { class: 'progress', id: 'training-progress', max: String(p.total_steps || 1), value: String(p.step || 0) });
-  clear(detail).append(
+  const parts = [
     el('h2', {}, 'Job ', el('span', { id: 'training-job-id' }, job.id), ' — ', el('span', { id: 'training-job-state' }, job.state)),
     el('div', { class: 'row' }, bar),
     el('div', { class: 'row' },
@@ -109,7 +109,8 @@ function renderJob(job) {
     job.note ? el('p', { class: 'message', id: 'training-note' }, job.note) : null,
     job.adapter_id ? el('p', { id: 'training-result' }, 'Result: adapter ',
       el('a', { href: `#/adapters?filter=${encodeURIComponent(job.adapter_id)}` }, job.adapter_id)) : null,
-    jobStatus);
+    jobStatus];
+  clear(detail).append(...parts.filter(Boolean));
 }
 
 function follow(jobId) {
@@ -137,9 +138,10 @@ export async function show(section, params) {
   detail = el('div', { id: 'training-detail' });
   clear(root).append(el('h1', {}, 'Training'), el('p', { class: 'muted' }, 'Loading settings…'));
   defaults = (await api('GET', '/console/api/training-defaults')).data;
-  clear(root).append(el('h1', {}, 'Training'), el('h2', {}, 'Start a job'), startForm(), el('h2', {}, 'Jobs'),
+  // the job being watched first, then the list, then the form to start another
+  clear(root).append(el('h1', {}, 'Training'), detail, el('h2', {}, 'Jobs'),
     el('table', { id: 'training-jobs' }, el('thead', {}, el('tr', {}, ['Job', 'State', 'Kind', 'Step', 'Created', 'Adapter'].map((h) => el('th', {}, h)))), jobsBody),
-    detail);
+    el('h2', {}, 'Start a job'), startForm());
   poller.start();
   update(params);
 }
