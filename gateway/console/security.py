@@ -113,6 +113,8 @@ class ConsoleHeaders:
         extra = list(SECURITY_HEADERS)
         if is_console_api(scope["path"]) or scope["path"] in (CONSOLE_PREFIX, CONSOLE_PREFIX + "/"):
             extra.append((b"cache-control", b"no-store"))
+        else:  # static files: revalidated each time (a cheap 304), so an upgrade is never half-cached
+            extra.append((b"cache-control", b"no-cache"))
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

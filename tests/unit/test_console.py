@@ -107,6 +107,7 @@ def test_static_modules_are_served_as_javascript_with_nosniff(started):
         assert response.headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript")
         assert response.headers["x-content-type-options"] == "nosniff"
         assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        assert response.headers["cache-control"] == "no-cache"
     assert c.get("/console/static/console.css").headers["content-type"].startswith("text/css")
     assert c.get("/console/static/../../auth.py").status_code == 404
 
