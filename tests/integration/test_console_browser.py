@@ -72,6 +72,7 @@ def server(launch_server, files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    previous = os.environ.get("SE_OFFLINE")
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a driver or a browser
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -82,6 +83,10 @@ def browser():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()
+    if previous is None:
+        os.environ.pop("SE_OFFLINE", None)
+    else:
+        os.environ["SE_OFFLINE"] = previous
 
 
 def shot(driver, name: str, focus: str | None = None) -> None:
