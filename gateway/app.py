@@ -36,6 +36,8 @@ from gateway.fine_tuning.service import FineTuning
 from gateway.fine_tuning.wiring import FILES_DIR, attach_fine_tuning
 from gateway.generation import GenerationService, RequestRecord
 from gateway.auth import AccessGuard
+from gateway.console.routes import ConsoleState, attach_console, install_console
+from gateway.console.security import ConsoleHeaders
 from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
@@ -69,6 +71,7 @@ class Gateway:
     files: FileService | None = None  # /v1/files
     fine_tuning: FineTuning | None = None  # /v1/fine_tuning/jobs, over ``training``
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # inference keys and their limits
+    console: ConsoleState | None = None  # the operator console's sessions (gateway/console)
 
 
 def eos_ids(base: LoadedBase) -> set[int]:
@@ -130,6 +133,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
                                              metrics.registry)
     gateway.training = attach_training(gateway, settings.data_dir / DATABASE_FILE)
     gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, settings.data_dir / DATABASE_FILE)
+    gateway.console = attach_console(settings)
     return gateway
 
 
@@ -196,6 +200,7 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
 
     app = FastAPI(title="adapter-gateway", lifespan=lifespan)
     app.add_middleware(AccessGuard)  # keys and limits before any body byte is read
+    app.add_middleware(ConsoleHeaders)  # outermost: the guard's refusals under /console get the CSP too
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(openai.router)
@@ -206,6 +211,7 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
     app.include_router(admin_training.router)
     app.include_router(files_api.router)
     app.include_router(fine_tuning_api.router)
+    install_console(app)  # /console: the operator's web UI
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

@@ -2,9 +2,11 @@
 
 ``AccessGuard`` is ASGI middleware in front of every route. For each HTTP request it:
 
-1. picks the area from the path: open probes and docs (``OPEN_PATHS``), ``/admin``, ``/v1/files``
-   and ``/v1/fine_tuning`` (admin key),
+1. picks the area from the path: open probes and docs (``OPEN_PATHS``) and the console's page and
+   sign-in form, ``/admin``, ``/v1/files``, ``/v1/fine_tuning`` and ``/console/api`` (admin key),
    everything else (inference keys, when any are configured) — unknown paths are guarded too;
+   a request without a bearer key but with a signed-in console session cookie counts as the
+   admin everywhere, and needs the session's CSRF token for any state-changing method (403);
 2. checks the bearer key (401 in OpenAI's shape), then the key's concurrency and request-rate
    limits (429 with Retry-After); nothing of the body has been read at that point, so a client
    without a key costs the server a header parse, whatever it sends;
@@ -23,7 +25,10 @@ from fastapi import Request
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import APIError, AuthenticationError, RateLimitError, ServiceUnavailableError, error_response
+from gateway.console.security import console_session, csrf_ok, is_console_api, is_open_console_path
+from gateway.errors import (
+    APIError, AuthenticationError, PermissionDeniedError, RateLimitError, ServiceUnavailableError, error_response,
+)
 from gateway.keys import ApiKey
 from gateway.limits import declared_too_large, is_upload, limited_receive
 from gateway.rate_limits import Refusal
@@ -78,7 +83,7 @@ class AccessGuard:
             return
         gateway = getattr(scope["app"].state, "gateway", None)
         path = scope["path"]
-        if path in OPEN_PATHS:  # probes, metrics and docs: GETs, no body worth reading
+        if path in OPEN_PATHS or is_open_console_path(path):  # probes, docs, the console page: small bodies
             await self.app(scope, limited_receive(receive, OPEN_BODY_BYTES), send)
             return
         if gateway is None:  # not started: no keys to check against yet
@@ -87,14 +92,23 @@ class AccessGuard:
         headers = dict(scope["headers"])
         settings = gateway.settings
         key: ApiKey | None = None
-        if is_admin_path(path):
-            if not key_matches(bearer_token(headers), gateway.admin_key):
+        token = bearer_token(headers)
+        # a bearer key always wins; the cookie is only looked at when none was sent
+        session = console_session(gateway.console.sessions if gateway.console else None, headers) if token is None \
+            else None
+        if session is not None and not csrf_ok(session, scope["method"], headers):
+            await self._refuse(PermissionDeniedError(
+                "missing or incorrect CSRF token: send the console session's token in X-CSRF-Token",
+                code="csrf_token_invalid"), scope, receive, send)
+            return
+        if is_admin_path(path) or is_console_api(path):
+            if session is None and not key_matches(token, gateway.admin_key):
                 await self._refuse(_auth_error(headers, "admin key"), scope, receive, send)
                 return
             max_bytes = settings.max_upload_bytes if is_upload(scope) else settings.max_admin_json_bytes
         else:
-            if gateway.keys.enabled:
-                key = gateway.keys.authenticate(bearer_token(headers))
+            if gateway.keys.enabled and session is None:  # a console session is the admin: no key limits
+                key = gateway.keys.authenticate(token)
                 if key is None:
                     await self._refuse(_auth_error(headers, "API key"), scope, receive, send)
                     return

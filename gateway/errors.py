@@ -74,6 +74,12 @@ class AuthenticationError(APIError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(APIError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFoundError(APIError):
     status = 404
     type = "not_found_error"

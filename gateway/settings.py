@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     experiment_subject_header: str = Field("x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
         "Request header naming the subject of an experiment whose stickiness is 'header', unless the "
         "experiment names its own."))
+    console_session_seconds: int = Field(8 * 3600, ge=60, le=7 * 24 * 3600, description=(
+        "Lifetime of a console sign-in (the session cookie and its server-side session expire together)."))
+    console_sign_in_failures: int = Field(5, ge=1, le=1000, description=(
+        "Failed console sign-ins allowed per client address per minute; past it every attempt from that "
+        "address is refused until the oldest failure is a minute old."))
     max_experiments: int = Field(64, ge=1, description="Most experiments that may exist at once.")
     experiment_min_samples: int = Field(30, ge=2, description=(
         "Feedback samples each arm needs before its comparison with the control gets a verdict."))
