@@ -19,8 +19,8 @@ from torch import nn
 
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
-    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, TrainingForm, cast_finite, check_finite,
-    check_module, check_training_rank, split_peft_key,
+    PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, TrainingForm, cast_finite,
+    check_module, check_training_rank, tensors_by_module,
 )
 from adapters.kinds.lora import clear_lora, lora_bank
 from adapters.training.base import PARAM_DTYPE, TrainableAdapter, param_key, resolve_targets
@@ -293,13 +293,7 @@ class AdaLoraHandler(TrainingForm):
                 raise AdapterValidationError(
                     f"adapter_config.json: rank_pattern for {module!r} has {len(mask)} entries; "
                     f"expected init_r = {init_r}")
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            module, suffix = split_peft_key(key, SUFFIXES)
-            check_finite(key, tensor)
-            parts.setdefault(module, {})[suffix] = tensor
-        if not parts:
-            raise AdapterValidationError("adapter_model.safetensors holds no AdaLoRA tensors")
+        parts = tensors_by_module(tensors, SUFFIXES, "AdaLoRA")
         unknown = sorted(set(masks) - set(parts))
         if unknown:
             raise AdapterValidationError(

@@ -235,6 +235,20 @@ def split_peft_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str]:
     )
 
 
+def tensors_by_module(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...],
+                      kind: str) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT's ``<prefix><module>.<suffix>`` tensors grouped as {module: {suffix: tensor}}, each
+    checked finite; a validation error for a foreign name or when there is none."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, suffix = split_peft_key(key, suffixes)
+        check_finite(key, tensor)
+        parts.setdefault(module, {})[suffix] = tensor
+    if not parts:
+        raise AdapterValidationError(f"adapter_model.safetensors holds no {kind} tensors")
+    return parts
+
+
 def check_module(name: str, base: BaseModelInfo) -> tuple[int, int]:
     if name not in base.linear_shapes:
         raise AdapterValidationError(

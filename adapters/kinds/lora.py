@@ -13,7 +13,7 @@ import torch
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
     PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, LoraModule, TrainingForm, cast_finite,
-    check_finite, check_module, check_training_rank, lora_scale, split_peft_key,
+    check_module, check_training_rank, lora_scale, tensors_by_module,
 )
 from adapters.module_match import check_targets_agree
 from adapters.validate import (
@@ -111,13 +111,7 @@ def read_lora_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], 
         raise AdapterValidationError(f"LoRA rank {rank} is above this gateway's limit of {limits.max_lora_rank}")
     scale = lora_scale(float(config.get("lora_alpha", 8)), rank, bool(config.get("use_rslora", False)))
     suffixes = (A_KEY, B_KEY, MAGNITUDE_KEY) if dora else (A_KEY, B_KEY)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        module, suffix = split_peft_key(key, suffixes)
-        check_finite(key, tensor)
-        parts.setdefault(module, {})[suffix] = tensor
-    if not parts:
-        raise AdapterValidationError("adapter_model.safetensors holds no LoRA tensors")
+    parts = tensors_by_module(tensors, suffixes, "LoRA")
     modules = {}
     for module, part in sorted(parts.items()):
         in_f, out_f = check_module(module, base)

@@ -22,7 +22,7 @@ from torch import nn
 from adapters.errors import AdapterValidationError
 from adapters.kinds.base import (
     PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, TrainingForm, cast_finite, check_finite,
-    check_module, check_training_rank, split_peft_key,
+    check_module, check_training_rank, tensors_by_module,
 )
 from adapters.kinds.lora import clear_lora, lora_bank
 from adapters.training.base import PARAM_DTYPE, TrainableAdapter, param_key, resolve_targets
@@ -163,13 +163,7 @@ class VeraHandler(TrainingForm):
             raise AdapterValidationError(
                 "adapter_model.safetensors holds vera_A / vera_B, but adapter_config.json says save_projection "
                 "is false (the projections would be regenerated from projection_prng_key): set one or the other")
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            module, suffix = split_peft_key(key, SUFFIXES)
-            check_finite(key, tensor)
-            parts.setdefault(module, {})[suffix] = tensor
-        if not parts:
-            raise AdapterValidationError("adapter_model.safetensors holds no VeRA tensors")
+        parts = tensors_by_module(tensors, SUFFIXES, "VeRA")
         shapes = {module: check_module(module, base) for module in parts}
         check_targets_agree(config, parts, base.linear_shapes)
         max_in = max(i for i, _ in shapes.values())
