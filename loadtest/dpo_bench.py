@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.server import running_gateway
+from loadtest.server import running_gateway, stop_servers_on_sigterm
 from loadtest.train_bench import CITIES, INSTRUCTION, KIND_CONFIG, NAMES, TEMPLATES, peft_config_for, submit_job, wait_job
 
 log = logging.getLogger("dpo_bench")
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the TRL reference runs")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/dpo_bench.json"))
     args = parser.parse_args(argv)
+    stop_servers_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
     if args.model_dir is None:
