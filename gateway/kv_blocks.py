@@ -16,6 +16,10 @@ instead of copying them). So a sequence grows into the block after its last when
 free, and a sequence that starts (or cannot grow in place) takes the lowest free run with room
 for what it is expected to need, outside the ranges the others are expected to grow into;
 failing that, the lowest free block. Lowest first keeps the touched part of the pool small.
+Contiguity outranks keeping a cached block: growth may take the next block when it is only
+cached, and a new run may span cached blocks when no free run has room. Without that, a pool
+full of cached blocks (the steady state: they are evicted only on demand) would hand out LRU
+blocks scattered over the pool, and every long sequence would become many short runs.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ def block_keys(adapter_key: str, tokens: Sequence[int], block_size: int) -> list
         parent = chain_key(parent, tokens[start:start + block_size])
         keys.append(parent)
     return keys
+
+
+def _longest_run(candidates: bytes | bytearray) -> int:
+    """Start of the longest run of 1s (the lowest among equals), or -1 when there is none."""
+    best_start, best_length, position = -1, 0, 0
+    for run in bytes(candidates).split(b"\x00"):
+        if len(run) > best_length:
+            best_start, best_length = position, len(run)
+        position += len(run) + 1
+    return best_start
 
 
 class BlockManager:
@@ -90,31 +104,51 @@ class BlockManager:
         """A block for a sequence whose last block is ``after`` (None: its first), expected to
         need ``room`` more blocks (this one included). When it cannot grow into the block after
         ``after``, it starts a new run outside the ranges ``avoid()`` names (where other sequences
-        are expected to grow) if it can."""
-        if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
-            block = after + 1
-        elif self._free_count:
-            candidates = bytearray(self._is_free)
-            for start, end in avoid() if avoid is not None else ():
-                start, end = max(start, 0), min(end, self.num_blocks)
-                if end > start:
-                    candidates[start:end] = bytes(end - start)
-            block = candidates.find(b"\x01" * max(1, room))
-            if block < 0:
-                block = candidates.find(1)
-            if block < 0:
-                block = self._is_free.find(1)
-        elif self._cached:
-            block, _ = self._cached.popitem(last=False)
-            del self._by_key[self._key_of.pop(block)]
-            self._refs[block] = 1
-            return block
+        are expected to grow) if it can. A cached block taken is evicted from the prefix cache."""
+        if after is not None and after + 1 < self.num_blocks and self._refs[after + 1] == 0:
+            block = after + 1  # free or only cached
+        elif self._free_count or self._cached:
+            block = self._run_start(max(1, room), avoid() if avoid is not None else ())
         else:
             raise OutOfBlocksError("the KV cache has no free block")
-        self._is_free[block] = 0
-        self._free_count -= 1
+        if self._is_free[block]:
+            self._is_free[block] = 0
+            self._free_count -= 1
+        else:
+            self._evict(block)
         self._refs[block] = 1
         return block
+
+    def _run_start(self, room: int, avoid: Iterable[tuple[int, int]]) -> int:
+        """First block of a new run, by preference: the lowest run of ``room`` free blocks outside
+        ``avoid``; the lowest such run of free or cached blocks; the start of the longest run of
+        free or cached blocks outside ``avoid``, then anywhere."""
+        ranges = [(max(start, 0), min(end, self.num_blocks)) for start, end in avoid]
+
+        def outside(candidates: bytearray) -> bytearray:
+            for start, end in ranges:
+                if end > start:
+                    candidates[start:end] = bytes(end - start)
+            return candidates
+
+        want = b"\x01" * room
+        block = outside(bytearray(self._is_free)).find(want)
+        if block >= 0:
+            return block
+        unreferenced = bytearray(self._is_free)
+        for cached in self._cached:
+            unreferenced[cached] = 1
+        anywhere = bytes(unreferenced)
+        unreferenced = outside(unreferenced)
+        block = unreferenced.find(want)
+        if block < 0:
+            block = _longest_run(unreferenced)
+        return block if block >= 0 else _longest_run(anywhere)
+
+    def _evict(self, block: int) -> None:
+        """Forget a cached block's content: it is about to hold something else."""
+        del self._cached[block]
+        del self._by_key[self._key_of.pop(block)]
 
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference on each block (a finished, cancelled or preempted sequence)."""

@@ -398,13 +398,36 @@ def test_a_sequence_grows_into_the_next_block_and_starts_where_it_has_room():
     a = [m.allocate(room=4)]
     b = [m.allocate(room=4, avoid=lambda: [(a[-1] + 1, a[-1] + 4)])]
     assert a == [0] and b == [4]  # b starts past the room a is expected to grow into
-    a += [m.allocate(after=a[-1]) for _ in range(3)]
+    for _ in range(3):
+        a.append(m.allocate(after=a[-1]))
     assert a == [0, 1, 2, 3]
     a.append(m.allocate(after=a[-1], room=2, avoid=lambda: [(b[-1] + 1, b[-1] + 4)]))
     assert a[-1] == 8  # block 4 is b's, 5-7 are where b grows: the lowest run of 2 past them
     m.release(b)
-    assert m.allocate(room=20) == 4  # no run that long: the lowest free block
-    assert m.allocate(avoid=lambda: [(0, 16)]) == 5  # everything avoided: still any free block
+    assert m.allocate(room=20) == 9  # no run that long: the longest one (9-15, not 4-7)
+    assert m.allocate(avoid=lambda: [(0, 16)]) == 10  # everything avoided: still the longest run (10-15)
+    m.check()
+
+
+def test_contiguity_outranks_keeping_cached_blocks():
+    """A pool full of cached blocks (the steady state) still hands out runs, not the scattered
+    least recently released blocks."""
+    m = BlockManager(num_blocks=12, block_size=2)
+    blocks = [m.allocate(after=None, room=12)]
+    for _ in range(11):
+        blocks.append(m.allocate(after=blocks[-1]))
+    keys = block_keys("a", list(range(24)), 2)
+    for block, key in zip(blocks, keys, strict=True):
+        m.publish(block, key)
+    m.release(blocks[::-1])  # released last-first: block 11 is the least recently released
+    assert (m.cached, m.available) == (12, 12)
+    m.match_prefix(keys[:1])  # block 0 holds a prefix a new request shares: referenced again
+    run = [m.allocate(room=4, avoid=lambda: [(1, 4)])]  # room for 4 past where block 0 would grow
+    for _ in range(3):
+        run.append(m.allocate(after=run[-1]))  # growth takes the next block, though it is cached
+    assert run == [4, 5, 6, 7]
+    assert m.cached == 12 - 1 - 4 and m.match_prefix(keys[4:5]) == []  # those four are forgotten
+    assert m.match_prefix(keys[:4]) == [0, 1, 2, 3]  # the others still hit
     m.check()
 
 
