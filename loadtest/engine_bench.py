@@ -10,10 +10,11 @@ measured on the same server just before or after:
    attention's share of the arithmetic at both lengths (from the model config);
 4. mixed ranks and kinds: 32 adapters of all eight kinds (LoRA, DoRA, AdaLoRA and VeRA of ranks
    4-64, IA3, prompt tuning, P-tuning, prefix tuning) / the same 32 requests on the most expensive
-   single adapter of the mix (throughput; prefix tuning needs the paged KV cache, so the padded
-   engine's mix leaves it out); and rank-8 traffic with an idle
-   rank-256 adapter pinned on the device / without it (a server of its own, so no larger rank
-   was ever installed there);
+   single adapter of the mix, found by measuring each candidate alone (the costliest low-rank delta
+   and one adapter of each virtual-token kind; throughput; prefix tuning needs the paged KV cache,
+   so the padded engine's mix leaves it out); and rank-8 traffic with an idle rank-256 adapter
+   pinned on the device / without it (a server of its own, so no larger rank was ever installed
+   there; on the paged engine A B B A, the adapter deleted for the second "without");
 5. KV memory: pool bytes held by the running sequences / bytes their live tokens need, at 32
    streams of mixed lengths, from the ``gateway_kv_*`` gauges (paged engine; for the padded one,
    the client-side estimate rows x longest / sum of lengths, a lower bound);
@@ -255,32 +256,45 @@ def _family(kind: str) -> str:
     return {"ia3": "IA3", "prompt16": "prompt tuning", "ptuning16": "P-tuning", "prefix16": "prefix tuning"}[kind]
 
 
-def heaviest_adapter(ids: list[str], mix: dict[str, str], config: dict) -> str:
-    """The adapter of ``ids`` that costs most per token as served (the low-rank kinds; IA3 and the
-    virtual-token kinds cost about nothing per token beyond the base)."""
+def heaviest_low_rank(ids: list[str], mix: dict[str, str], config: dict) -> str:
+    """The low-rank adapter of ``ids`` whose delta costs most per token (from the model's shapes)."""
     shape = ef.ModelShape.from_config(config)
     costs = {i: ef.low_rank_cost(*spec, shape) for i in ids if (spec := low_rank_spec(mix[i]))}
     return max(costs, key=costs.get)
 
 
+def single_candidates(ids: list[str], mix: dict[str, str], config: dict) -> list[str]:
+    """The adapters of ``ids`` that may be the mix's most expensive one, each measured alone: the
+    costliest low-rank delta, and one adapter of each virtual-token kind (its 16 virtual tokens are
+    prompt positions every request of it computes or attends over; IA3 costs a scale per channel)."""
+    virtual: dict[str, str] = {}
+    for i in ids:
+        if low_rank_spec(mix[i]) is None and mix[i] != "ia3":
+            virtual.setdefault(mix[i], i)
+    return [heaviest_low_rank(ids, mix, config), *virtual.values()]
+
+
 async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[str, str], config: dict) -> list[dict]:
+    """The mix / the same requests all on its most expensive single adapter, which is measured, not
+    assumed: each candidate alone (``single_candidates``), the slowest one is the denominator."""
     ids = list(mix)[:args.mixed_adapters]
-    heaviest = heaviest_adapter(ids, mix, config)
-    runs = {"mixed": [], "single": []}
-    plans = {"mixed": ids, "single": [heaviest] * len(ids)}
+    plans = {"mixed": ids, **{f"single {c}": [c] * len(ids) for c in single_candidates(ids, mix, config)}}
+    runs: dict[str, list[dict]] = {mode: [] for mode in plans}
     for mode in abba(tuple(plans), args.repeats):
         models = plans[mode]
         prompts = [words.make(args.batch_prompt) for _ in ids]
         await settle(server)
         runs[mode].append(await closed_batch(server.client, models, prompts, args.batch_output))
         log.info("mixed ranks %s: %.1f tok/s", mode, runs[mode][-1]["tokens_per_s"])
-    mixed, single = _median_key(runs["mixed"], "tokens_per_s"), _median_key(runs["single"], "tokens_per_s")
+    mixed = _median_key(runs["mixed"], "tokens_per_s")
+    singles = {mode.removeprefix("single "): _median_key(runs[mode], "tokens_per_s") for mode in plans if mode != "mixed"}
+    heaviest = min(singles, key=lambda i: singles[i] if singles[i] is not None else float("inf"))
+    single = singles[heaviest]
     families = sorted({_family(mix[i]) for i in ids}, key=FAMILY_ORDER.index)
     return [ef.figure("mixed_ranks", f"4a. mixed ranks and kinds ({len(ids)} adapters: {', '.join(families)} / all "
-                      f"on {heaviest}, throughput)", ef.ratio(mixed, single), engine=server.engine,
+                      f"on the slowest alone, {heaviest}, throughput)", ef.ratio(mixed, single), engine=server.engine,
                       mixed_tokens_per_s=mixed, single_tokens_per_s=single, heaviest=heaviest,
-                      kinds=families, runs=runs)]
-
+                      singles_tokens_per_s=singles, kinds=families, runs=runs)]
 
 
 async def fig_idle_rank256(server: Server, args, words: WordPrompts, idle: dict[str, str]) -> list[dict]:
@@ -288,12 +302,18 @@ async def fig_idle_rank256(server: Server, args, words: WordPrompts, idle: dict[
     small = [i for i, kind in idle.items() if kind != "lora256-all"]
     models = [small[i % len(small)] for i in range(args.idle_requests)]
     runs = {"without": [], "with": []}
-    for mode in ("without", "with"):  # banks may grow but never shrink: "without" must come first
-        if mode == "with":
+    # The padded engine's banks grow but never shrink, so there "without" must come first. The paged
+    # engine frees an adapter's weights when it is deleted: A B B A, so that drift over the run (a
+    # warming or busier machine) cannot pass for a cost of the idle adapter.
+    order = ("without", "with", "with", "without") if server.engine == "paged" else ("without", "with")
+    for index, mode in enumerate(order):
+        if mode == "with" and index == order.index("with"):
             await admin(server.client, server.key, "POST", f"/admin/adapters/{big}/pin")
             tier = (await admin(server.client, server.key, "GET", f"/admin/adapters/{big}"))["tier"]
             if tier != "device":
                 raise RuntimeError(f"{big} should be on the device once pinned, but is in {tier}")
+        if mode == "without" and index > 0:
+            await admin(server.client, server.key, "DELETE", f"/admin/adapters/{big}")
         for _ in range(args.repeats):
             prompts = [words.make(args.batch_prompt) for _ in models]
             await settle(server)

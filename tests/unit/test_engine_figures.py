@@ -122,18 +122,23 @@ SMOLLM2_135M = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size"
                 "num_key_value_heads": 3, "vocab_size": 49152}
 
 
-def test_the_mix_holds_every_kind_and_its_heaviest_adapter_is_the_baseline():
-    from loadtest.engine_bench import FAMILY_ORDER, MIX_KINDS, _family, heaviest_adapter, served_mix
+def test_the_mix_holds_every_kind_and_its_candidates_for_heaviest_are_measured():
+    from loadtest.engine_bench import (
+        FAMILY_ORDER, MIX_KINDS, _family, heaviest_low_rank, served_mix, single_candidates,
+    )
 
     mix = {f"mix-{i:03d}": MIX_KINDS[i % len(MIX_KINDS)] for i in range(32)}
     assert len(FAMILY_ORDER) == 8 and {_family(k) for k in MIX_KINDS[:8]} == set(FAMILY_ORDER)  # --quick's 8 too
     assert "lora8-attn" in MIX_KINDS[:8]  # figure 2's adapter, in --quick's mix too
-    assert mix[heaviest_adapter(list(mix), mix, SMOLLM2_135M)] == "dora64-attn"
+    assert mix[heaviest_low_rank(list(mix), mix, SMOLLM2_135M)] == "dora64-attn"
+    # the virtual-token kinds' cost is prompt positions, not a delta: one of each is measured alone too
+    candidates = [mix[i] for i in single_candidates(list(mix), mix, SMOLLM2_135M)]
+    assert candidates == ["dora64-attn", *sorted({"prompt16", "ptuning16", "prefix16"}, key=MIX_KINDS.index)]
     # DoRA's rescale makes it dearer than LoRA and VeRA of its rank and targets, whichever comes first
     same = {"a": "vera64-attn", "b": "lora64-attn", "c": "dora64-attn", "d": "lora16-all", "e": "prefix16"}
-    assert heaviest_adapter(list(same), same, SMOLLM2_135M) == "c"
+    assert heaviest_low_rank(list(same), same, SMOLLM2_135M) == "c"
     wide = {"a": "lora64-attn", "b": "adalora32-all", "c": "ia3", "d": "prompt16"}  # all linear layers: wider
-    assert heaviest_adapter(list(wide), wide, SMOLLM2_135M) == "b"
+    assert heaviest_low_rank(list(wide), wide, SMOLLM2_135M) == "b"
     assert served_mix(mix, "paged") == mix
     padded = served_mix(mix, "padded")
     assert len(padded) == 30 and "prefix16" not in padded.values()
