@@ -86,3 +86,19 @@ def launch_server(request, tmp_path_factory) -> Iterator[Callable[..., Server]]:
         with capture.global_and_fixture_disabled():
             for server in servers:
                 print(f"\n----- server log ({server.log_path}) -----\n{server.log()}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for the whole session (the fleet tests); shut down at the end.
+    Two logical CPUs: two replicas at half a CPU each and the ingress fit, as on this machine."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
