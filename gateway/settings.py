@@ -164,8 +164,8 @@ class Settings(BaseSettings):
         "Requests Ray Serve sends one replica at once; beyond it, the ingress waits for a free replica "
         "(the gateway's own queue limits still apply inside the replica)."))
     replica_metrics_port: int | None = Field(None, ge=1, le=65535, description=(
-        "Replicas >= 2: each replica serves its Prometheus metrics at http://<node>:<port + rank>/metrics "
-        "(rank: 0 .. replicas-1) for scraping. Unset: only /metrics through the ingress (any one replica)."))
+        "Replicas >= 2: each replica serves its Prometheus metrics at http://<node>:<port + i>/metrics "
+        "(i: the replica's index among those on its node, so 0 with one replica per node) for scraping. Unset: only /metrics through the ingress (any one replica)."))
     fleet_route_cache_seconds: float = Field(1.0, ge=0, description=(
         "How long the ingress remembers what a model name stands for (an adapter id, an alias, the base "
         "model); experiment names are asked for on every request. Routing is a hint: the replica resolves "

@@ -75,7 +75,12 @@ def build_fleet(settings: Settings):
 def build_app(args: dict[str, Any]):
     """``serve run gateway.fleet.app:build_app [setting=value ...]``: settings from ``GATEWAY_*``
     variables, overridden by the arguments (names as in the settings table)."""
+    from gateway.exposure import check_exposure
+
     settings = Settings(**args)
+    problem = check_exposure(settings)  # the proxy listens beyond loopback: refuse an open /v1
+    if problem is not None:
+        raise ValueError(problem)
     if settings.replicas < 2:
         log.warning("replicas=%d: a Serve application with a single gateway replica", settings.replicas)
     return build_fleet(settings)

@@ -59,7 +59,8 @@ class GatewayReplica:
     async def __init__(self, settings: Settings):
         context = serve.get_replica_context()
         self.name = context.replica_tag
-        rank = context.rank.rank if hasattr(context.rank, "rank") else int(context.rank)
+        rank = context.rank.rank  # 0 .. replicas-1, kept by the replica Ray starts in a dead one's place
+        local_rank = context.rank.local_rank  # among this deployment's replicas on this node
         self.settings = settings.model_copy(update={"data_dir": replica_data_dir(settings.data_dir, rank)})
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.app = create_app(self.settings)
@@ -79,7 +80,7 @@ class GatewayReplica:
         if settings.replica_metrics_port is not None:
             from prometheus_client import start_http_server
 
-            port = settings.replica_metrics_port + rank
+            port = settings.replica_metrics_port + local_rank  # one replica per node (GPU pods): the same port
             self._metrics_server, _ = start_http_server(port, addr=settings.host, registry=self.gateway.metrics.registry)
             log.info("replica %s (rank %d): metrics at http://%s:%d/metrics", self.name, rank, settings.host, port)
         log.info("replica %s (rank %d) ready; data dir %s", self.name, rank, self.settings.data_dir)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -31,7 +32,7 @@ REPLICA = "x-gateway-replica"
 
 
 @pytest.fixture(scope="module")
-def fleet(ray_cluster, tmp_path_factory) -> str:
+def fleet(ray_cluster: str, tmp_path_factory) -> Iterator[str]:
     from gateway.fleet.app import build_fleet
 
     root = tmp_path_factory.mktemp("fleet")
@@ -45,17 +46,9 @@ def fleet(ray_cluster, tmp_path_factory) -> str:
                         data_dir=root / "data", adapters_dir=root / "adapters", api_keys=[API_KEY],
                         admin_key=ADMIN_KEY, replicas=2, replica_num_cpus=0.5, max_device_adapters=2,
                         max_batch_size=4)
-    port = free_http_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_fleet(settings), name="gateway", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield ray_cluster
     serve.delete("gateway")
-
-
-def free_http_port() -> int:
-    from loadtest.server import free_port
-
-    return free_port()
 
 
 def replica_handle():
