@@ -6,13 +6,16 @@ One trace, replayed through the ingress (open loop, Poisson arrivals):
   (Serve's default load-based choice, no affinity): cold adapter loads per 1,000 requests (device
   loads, from each replica's ``gateway_adapter_loads{source="cpu"}``) and latency p50/p99;
 - throughput: the same requests sent all at once to 2 replicas and to 1 replica;
-- the Serve hop: sequential one-token requests to 1 replica through the ingress, and to the same
-  gateway in one process (``adapter-gateway serve``) — the difference is the hop's cost.
+- the Serve hop: sequential ``GET /v1/models`` (no model work) and one-token requests to 1 replica
+  through the ingress, and to the same gateway in one process (``adapter-gateway serve``) — the
+  difference is the hop's cost.
+Each replica (and the one process) runs torch on ``--threads`` threads: a replica stands for one
+device, so 2 replicas ÷ 1 replica reads as 2 devices ÷ 1.
 
 End-of-sequence tokens are pushed down with ``logit_bias`` so every request generates exactly its
 drawn length. Writes JSON and a PNG.
 
-Small run:  python -m loadtest.fleet_bench --slots 2 --requests 80 --rate 3
+Small run:  python -m loadtest.fleet_bench --slots 2 --requests 60 --rate 1
 """
 
 from __future__ import annotations
@@ -129,15 +132,21 @@ async def replay(url: str, trace: list[TraceRequest], models: list[str], prompts
         return list(timings), time.perf_counter() - started
 
 
-async def hop_latencies(url: str, model: str, prompt: str, bias: dict, count: int) -> list[float]:
-    """Sequential one-token requests: each one's latency, after two warm-ups."""
+async def hop_latencies(url: str, model: str, prompt: str, bias: dict, count: int) -> dict[str, list[float]]:
+    """Sequential requests, after two warm-ups each: ``GET /v1/models`` (no model work: the hop
+    alone shows) and one-token completions on an adapter."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        latencies = []
+        out: dict[str, list[float]] = {"models": [], "one_token": []}
+        for i in range(count + 2):
+            started = time.perf_counter()
+            (await client.get("/v1/models")).raise_for_status()
+            if i >= 2:
+                out["models"].append(time.perf_counter() - started)
         for i in range(count + 2):
             result = await stream(client, model, 1, prompt=prompt, extra_body={"logit_bias": bias})
             if i >= 2:
-                latencies.append(result.latency_s)
-        return latencies
+                out["one_token"].append(result.latency_s)
+        return out
 
 
 def fleet_settings(args, model_dir: Path, data_dir: Path, adapters_dir: Path, *, replicas: int, routing: str,
@@ -171,8 +180,10 @@ def run(args) -> dict:
     bias = end_token_bias(model_dir)
     http_port = free_port()
     result: dict = {"routing": {}, "throughput": {}, "hop": {}}
+    # one torch thread per replica (a replica stands for one device), and the same in the direct process
     ray.init(num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                       "OMP_NUM_THREADS": str(args.threads)}})
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     try:
         for routing in ("multiplexed", "plain"):
@@ -205,7 +216,7 @@ def run(args) -> dict:
     env = {"GATEWAY_MODEL": str(model_dir), "GATEWAY_SERVED_MODEL_NAME": "base", "GATEWAY_DEVICE": "cpu",
            "GATEWAY_DATA_DIR": str(root / "data-direct"), "GATEWAY_ADAPTERS_DIR": str(root / "adapters"),
            "GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_MAX_DEVICE_ADAPTERS": str(args.slots),
-           "GATEWAY_QUANTIZATION": args.quantization}
+           "GATEWAY_QUANTIZATION": args.quantization, "OMP_NUM_THREADS": str(args.threads)}
     with running_gateway(env, root / "direct.log") as url:
         result["hop"]["direct"] = asyncio.run(hop_latencies(url, ids[0], prompts[0], bias, args.hop_requests))
     return result
@@ -224,9 +235,10 @@ def ratios(result: dict) -> dict:
         "latency_p50_multiplexed_over_plain": div(mux["summary"]["latency_p50_s"], plain["summary"]["latency_p50_s"]),
         "latency_p99_multiplexed_over_plain": div(mux["summary"]["latency_p99_s"], plain["summary"]["latency_p99_s"]),
         "throughput_2_over_1_replicas": div(two["tokens_per_s"], one["tokens_per_s"]),
-        "serve_hop_ms_p50": round(1000 * (percentile(through, 50) - percentile(direct, 50)), 2),
-        "one_token_p50_ms": {"through the ingress": round(1000 * percentile(through, 50), 2),
-                             "direct": round(1000 * percentile(direct, 50), 2)},
+        "serve_hop_ms_p50": round(1000 * (percentile(through["models"], 50) - percentile(direct["models"], 50)), 2),
+        **{f"{kind}_p50_ms": {"through the ingress": round(1000 * percentile(through[kind], 50), 2),
+                              "direct": round(1000 * percentile(direct[kind], 50), 2)}
+           for kind in ("models", "one_token")},
     }
 
 
@@ -262,12 +274,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/fleet"), help="JSON/PNG path stem")
     parser.add_argument("--slots", type=int, default=2, help="M: device slots per replica (3·M adapters)")
     parser.add_argument("--alpha", type=float, default=0.5, help="popularity skew (1 uniform, smaller skewed)")
-    parser.add_argument("--rate", type=float, default=3.0, help="mean arrivals per second (Poisson)")
-    parser.add_argument("--requests", type=int, default=80)
+    parser.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second (Poisson)")
+    parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--input", type=int, nargs=2, default=[16, 48], metavar=("MIN", "MAX"))
     parser.add_argument("--output", type=int, nargs=2, default=[4, 12], metavar=("MIN", "MAX"))
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--cpus", type=float, default=2.0, help="CPUs the replicas share (Ray logical CPUs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per replica (and direct)")
     parser.add_argument("--hop-requests", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     result["ratios"] = ratios(result)
     result["title"] = (f"fleet on Ray Serve, CPU: 2 replicas x {args.slots} slots, {3 * args.slots} LoRA adapters, "
-                       f"alpha {args.alpha}, {args.rate} req/s, {args.requests} requests")
+                       f"alpha {args.alpha}, {args.rate} req/s, {args.requests} requests, {args.threads} thread(s) per replica")
     result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -59,7 +59,7 @@ class GatewayReplica:
     async def __init__(self, settings: Settings):
         context = serve.get_replica_context()
         self.name = context.replica_tag
-        rank = context.rank.rank  # 0 .. replicas-1, kept by the replica Ray starts in a dead one's place
+        rank = context.rank.rank  # 0 .. replicas-1; a replacement takes the lowest free one: the dead one's
         local_rank = context.rank.local_rank  # among this deployment's replicas on this node
         self.settings = settings.model_copy(update={"data_dir": replica_data_dir(settings.data_dir, rank)})
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -91,8 +91,10 @@ class GatewayReplica:
         if adapter_id:
             try:
                 await self._resident(adapter_id)
-            except AdapterError as exc:  # the gateway answers this request with its own error
+            except AdapterError as exc:  # unknown, deleted, files missing: the gateway answers its own error
                 log.info("adapter %s not made resident here: %s", adapter_id, exc)
+            except Exception:  # noqa: BLE001 - never a Ray error for the client: the request's own lease reports it
+                log.exception("adapter %s: loading it for the router failed", adapter_id)
         async for piece in call_app(self.app, request, self._header):
             yield piece
 
