@@ -57,6 +57,8 @@ def build_ingress_app() -> FastAPI:
     return FastAPI(title="adapter-gateway fleet ingress", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+# created at import, unlike the gateway's app: serve.ingress takes the app when the class is
+# defined, and Serve imports this module in the ingress's process to build it
 fleet_http = build_ingress_app()
 
 
