@@ -26,6 +26,7 @@ from gateway.app import create_app
 from gateway.errors import ModelNotFoundError
 from gateway.fleet.asgi_bridge import ForwardedRequest, ResponseStart, call_app
 from gateway.fleet.routing import Route
+from gateway.generation import GenerationService
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,19 @@ class Residency:
     async def release(self) -> None:
         if await self.registry.tiers.release_device(self.entry):
             log.info("adapter %s: no longer routed here, its device slot is free", self.entry.name)
+
+
+def resolve_route(service: GenerationService, model: str, user: str | None, headers: dict[str, str]) -> Route:
+    """What ``service`` would serve a request for ``model`` with: an experiment picks its arm as
+    when it serves the request (sticky assignments hash to the same arm on every replica), an
+    alias its adapter id; the base model and unknown names need no particular replica."""
+    assignment = service.model_router(model, user, Headers(headers)) if service.model_router else None
+    try:
+        if assignment is not None:
+            return Route(service.resolve_model(assignment.arm), cacheable=False)
+        return Route(service.resolve_model(model), cacheable=True)
+    except ModelNotFoundError:
+        return Route(None, cacheable=assignment is None)
 
 
 class GatewayReplica:
@@ -99,16 +113,8 @@ class GatewayReplica:
             yield piece
 
     async def route(self, model: str, user: str | None, headers: dict[str, str]) -> Route:
-        """The adapter a request for ``model`` would use here (an experiment picks its arm as the
-        gateway does: sticky assignments are the same on every replica)."""
-        service = self.gateway.service
-        assignment = service.model_router(model, user, Headers(headers)) if service.model_router else None
-        try:
-            if assignment is not None:
-                return Route(service.resolve_model(assignment.arm), cacheable=False)
-            return Route(service.resolve_model(model), cacheable=True)
-        except ModelNotFoundError:
-            return Route(None, cacheable=assignment is None)
+        """The adapter a request for ``model`` would use here."""
+        return resolve_route(self.gateway.service, model, user, headers)
 
     def whoami(self) -> tuple[str, int]:
         """This replica's name (as in the ``x-gateway-replica`` header) and process id, for

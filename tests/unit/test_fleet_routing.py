@@ -195,3 +195,51 @@ def test_model_routes_cache_stays_bounded():
 
     run(main())
     assert len(routes._cache) <= 8  # noqa: SLF001 - the bound is the point
+
+
+class FakeService:
+    """The two things ``resolve_route`` asks of the generation service: its model router (an
+    experiment sticky by a header, assigned with the real hash) and its name resolution."""
+
+    def __init__(self):
+        self.adapters = {"a", "b"}
+        self.aliases = {"ft:a": "a"}
+
+    def model_router(self, model, user, headers):
+        from gateway.experiments.assignment import Arm, assign_arm
+        from gateway.generation import Assignment
+
+        if model == "exp":
+            arms = [Arm("a", 1.0), Arm("b", 1.0)]
+            return Assignment("exp", assign_arm("exp", "salt", headers.get("X-Session-Id") or "", arms).name)
+        if model == "exp-broken":
+            return Assignment("exp-broken", "gone")
+        return None
+
+    def resolve_model(self, model):
+        from gateway.errors import ModelNotFoundError
+
+        if model == "base":
+            return None
+        if model in self.adapters:
+            return model
+        if model in self.aliases:
+            return self.aliases[model]
+        raise ModelNotFoundError(f"The model '{model}' does not exist")
+
+
+def test_resolve_route_names_the_adapter_and_says_what_may_be_cached():
+    pytest.importorskip("ray")
+    from gateway.experiments.assignment import Arm, assign_arm
+    from gateway.fleet.replica import resolve_route
+
+    service = FakeService()
+    assert resolve_route(service, "a", None, {}) == Route("a", True)
+    assert resolve_route(service, "ft:a", None, {}) == Route("a", True)
+    assert resolve_route(service, "base", None, {}) == Route(None, True)
+    assert resolve_route(service, "nope", None, {}) == Route(None, True)
+    for subject in ("s1", "s2", "s3", "s4"):
+        expected = assign_arm("exp", "salt", subject, [Arm("a", 1.0), Arm("b", 1.0)]).name
+        # the ingress passes lower-cased header names; the router's lookup is case-insensitive
+        assert resolve_route(service, "exp", None, {"x-session-id": subject}) == Route(expected, False)
+    assert resolve_route(service, "exp-broken", None, {}) == Route(None, False)  # its arm is gone: not cached
