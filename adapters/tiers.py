@@ -236,6 +236,18 @@ class AdapterTiers:
             item.pinned = False
             raise
 
+    async def release_device(self, item: Resident) -> bool:
+        """Give the item's device slot back now, if no request of the running batch uses it and it
+        is not pinned; True when it left the device. A router that steers an adapter's requests to
+        one replica calls this when it stops doing so (Ray Serve's multiplexing evicted the id), so
+        the slot goes to the adapters routed here instead of waiting for the LRU to notice."""
+        async with self._changed:
+            if item not in self._device or item.device_users > 0 or item.pinned:
+                return False
+            await self._evict_device(item)
+            self._changed.notify_all()  # a claim waiting for a slot may take this one
+        return True
+
     async def drop(self, item: Resident) -> None:
         """Forget the item in every memory tier (after its last request)."""
         for pending in (self._cpu_loads.get(item), self._loads.get(item)):

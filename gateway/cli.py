@@ -42,6 +42,11 @@ def serve(settings: Settings) -> None:
     problem = check_exposure(settings)
     if problem is not None:
         sys.exit(f"adapter-gateway: {problem}")
+    if settings.replicas >= 2:  # a Ray Serve fleet; each replica checks its own data dir
+        from gateway.fleet.app import run_fleet
+
+        run_fleet(settings)
+        return
     try:
         check_data_dir(settings)
     except DatabaseUnusableError as exc:

@@ -146,6 +146,30 @@ class Settings(BaseSettings):
         "How long the dataset and checkpoints of a failed or cancelled training job are kept (to look "
         "at them) before they are removed; 0 removes them when the job ends. A succeeded job's are "
         "removed at once (its registered adapter lives in the adapter store)."))
+    replicas: int = Field(1, ge=1, le=1024, description=(
+        "Gateway replicas. 1: this single process (SQLite, local files). 2 or more: a Ray Serve application "
+        "(gateway.fleet) with one replica per device, an ingress routing each adapter's requests to a replica "
+        "holding it; starts a local Ray cluster unless ray_address is set."))
+    ray_address: str | None = Field(None, description=(
+        "Ray cluster to join with replicas >= 2 (e.g. 'ray://head:10001' or 'auto'). Unset: a local cluster."))
+    fleet_routing: Literal["multiplexed", "plain"] = Field("multiplexed", description=(
+        "How the ingress picks a replica (replicas >= 2). multiplexed: Ray Serve model multiplexing on the "
+        "request's adapter id (a replica already holding it first); plain: Serve's default load-based choice, "
+        "no affinity (the benchmark's baseline)."))
+    replica_num_gpus: float | None = Field(None, ge=0, description=(
+        "GPUs each replica reserves in Ray. Unset: 1 on CUDA (device cuda, or auto with CUDA present), else 0."))
+    replica_num_cpus: float = Field(1.0, gt=0, description=(
+        "CPUs each replica reserves in Ray (the ingress reserves a tenth of one)."))
+    replica_max_ongoing_requests: int = Field(128, ge=1, description=(
+        "Requests Ray Serve sends one replica at once; beyond it, the ingress waits for a free replica "
+        "(the gateway's own queue limits still apply inside the replica)."))
+    replica_metrics_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Replicas >= 2: each replica serves its Prometheus metrics at http://<node>:<port + i>/metrics "
+        "(i: the replica's index among those on its node, so 0 with one replica per node) for scraping. Unset: only /metrics through the ingress (any one replica)."))
+    fleet_route_cache_seconds: float = Field(1.0, ge=0, description=(
+        "How long the ingress remembers what a model name stands for (an adapter id, an alias, the base "
+        "model); experiment names are asked for on every request. Routing is a hint: the replica resolves "
+        "the name again, so a stale entry can cost a cold adapter load, never a wrong answer."))
     log_level: str = Field("info", description="Logging level.")
 
     @field_validator("api_keys", mode="before")

@@ -47,12 +47,12 @@ class RequestFailed(RuntimeError):
 
 async def stream(client: httpx.AsyncClient, model: str, max_tokens: int, *, prompt: str | None = None,
                  messages: list[dict] | None = None, stop: asyncio.Event | None = None,
-                 on_chunk=None) -> StreamResult:
+                 on_chunk=None, extra_body: dict | None = None) -> StreamResult:
     """One streamed greedy request (text completion with ``prompt``, chat with ``messages``).
     Closing early when ``stop`` is set ends it on the server too (a disconnect cancels it).
-    ``on_chunk(result)`` runs after each chunk of text."""
+    ``on_chunk(result)`` runs after each chunk of text; ``extra_body`` adds request fields."""
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                  "stream_options": {"include_usage": True}}
+                  "stream_options": {"include_usage": True}, **(extra_body or {})}
     if messages is not None:
         path, body["messages"] = "/v1/chat/completions", messages
     else:

@@ -86,3 +86,23 @@ def launch_server(request, tmp_path_factory) -> Iterator[Callable[..., Server]]:
         with capture.global_and_fixture_disabled():
             for server in servers:
                 print(f"\n----- server log ({server.log_path}) -----\n{server.log()}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster with Ray Serve for the whole session (the fleet tests), shut down at
+    the end; yields the base URL of Serve's HTTP proxy (one port per Serve instance: every fleet
+    test deploys its application behind it). Two logical CPUs, as on this machine: two replicas
+    at half a CPU each and the ingress fit."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

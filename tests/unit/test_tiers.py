@@ -491,3 +491,25 @@ def test_a_cancelled_drop_does_not_cancel_the_load_it_waits_for():
         check_consistent(s, [a])
 
     run(main())
+
+
+def test_release_device_frees_an_idle_slot_but_never_a_claimed_or_pinned_one():
+    """A router's "this adapter is no longer routed here" (Ray Serve evicting a multiplexed id)
+    frees the slot at once when idle; a claimed or pinned adapter stays on the device."""
+    async def main():
+        s = make(device_slots=3)
+        idle, busy, pinned, cold = Item("idle"), Item("busy", in_flight=1), Item("pinned"), Item("cold")
+        await s.tiers.to_device(idle)
+        await s.tiers.claim(busy)
+        await s.tiers.pin(pinned)
+        assert await s.tiers.release_device(idle)
+        assert not await s.tiers.release_device(busy)
+        assert not await s.tiers.release_device(pinned)
+        assert not await s.tiers.release_device(cold)  # never loaded: nothing to free
+        assert tiers_of([idle, busy, pinned, cold]) == {"idle": CPU, "busy": DEVICE, "pinned": DEVICE, "cold": DISK}
+        assert s.events.counts["evicted", DEVICE] == 1
+        await s.tiers.to_device(cold)  # the freed slot is taken without evicting anyone
+        assert s.events.counts["evicted", DEVICE] == 1
+        check_consistent(s, [idle, busy, pinned, cold])
+
+    run(main())

@@ -1,0 +1,186 @@
+"""The fleet on a local Ray cluster: two gateway replicas (a small random model, CPU) behind the
+Ray Serve ingress. Chat and streaming through the ingress, admin routes and probes, adapter
+affinity (an adapter's requests land on the replica holding it), the gateway's own 404 for an
+unknown adapter, keys checked at the ingress, and a replica killed with SIGKILL mid-stream.
+
+One Ray cluster per session (``ray_cluster``), one fleet for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from support import build_small_llama, build_tokenizer, make_peft_adapter
+
+from gateway.settings import Settings
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+pytestmark = pytest.mark.ray
+API_KEY = "fleet-inference-key-0123456789"
+ADMIN_KEY = "fleet-admin-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+NO_EOS = {"2": -100}  # the random model's end token never comes: streams run their full length
+REPLICA = "x-gateway-replica"
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster: str, tmp_path_factory) -> Iterator[str]:
+    from gateway.fleet.app import build_fleet
+
+    root = tmp_path_factory.mktemp("fleet")
+    tokenizer = build_tokenizer()
+    model = build_small_llama(len(tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for seed, name in enumerate(("a", "b", "c")):
+        make_peft_adapter(model, "lora", root / "adapters" / name, seed=seed, r=4, lora_alpha=8)
+    settings = Settings(model=str(root / "model"), served_model_name="tiny", quantization="none", device="cpu",
+                        data_dir=root / "data", adapters_dir=root / "adapters", api_keys=[API_KEY],
+                        admin_key=ADMIN_KEY, replicas=2, replica_num_cpus=0.5, max_device_adapters=2,
+                        max_batch_size=4)
+    serve.run(build_fleet(settings), name="gateway", route_prefix="/")
+    yield ray_cluster
+    serve.delete("gateway")
+
+
+def replica_handle():
+    return serve.get_deployment_handle("GatewayReplica", app_name="gateway")
+
+
+def replicas_by_name(expected: int = 2, tries: int = 200, pause: float = 0.0) -> dict[str, int]:
+    """Every running replica's name -> process id, asked through a Serve handle (no adapter id:
+    Serve spreads the calls) until ``expected`` different replicas answered (``pause`` between
+    asks: a restarting replica needs its model loaded first)."""
+    handle = replica_handle()
+    seen: dict[str, int] = {}
+    for _ in range(tries):
+        try:
+            name, pid = handle.whoami.remote().result(timeout_s=120)
+        except ray.exceptions.RayError:  # a replica that just died, not yet known dead to the router
+            continue
+        seen[name] = pid
+        if len(seen) >= expected:
+            return seen
+        time.sleep(pause)
+    raise AssertionError(f"only {sorted(seen)} answered")
+
+
+def wait_until_routed(adapter_id: str, replica: str, in_a_row: int = 5, tries: int = 400) -> None:
+    """Until Serve's routers know ``replica`` holds ``adapter_id``: a handle call with that
+    multiplexed id (which loads nothing) lands there ``in_a_row`` times running."""
+    handle = replica_handle().options(multiplexed_model_id=adapter_id)
+    streak = 0
+    for _ in range(tries):
+        name, _ = handle.whoami.remote().result(timeout_s=120)
+        streak = streak + 1 if name == replica else 0
+        if streak >= in_a_row:
+            return
+    raise AssertionError(f"{adapter_id} never routed to {replica}")
+
+
+def chat(url: str, model: str, max_tokens: int = 4, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello world"}], "max_tokens": max_tokens,
+            "temperature": 0, **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+
+
+def test_probes_admin_and_metrics_pass_through(fleet):
+    assert httpx.get(f"{fleet}/healthz", timeout=60).status_code == 200
+    assert httpx.get(f"{fleet}/readyz", timeout=60).status_code == 200
+    listed = httpx.get(f"{fleet}/admin/adapters", headers=ADMIN, timeout=60)
+    assert listed.status_code == 200, listed.text
+    assert {a["id"] for a in listed.json()["data"]} == {"a", "b", "c"}  # adapters_dir, on every replica
+    models = httpx.get(f"{fleet}/v1/models", headers=AUTH, timeout=60)
+    assert models.status_code == 200 and {"tiny", "a", "b", "c"} <= {m["id"] for m in models.json()["data"]}
+    metrics = httpx.get(f"{fleet}/metrics", timeout=60)
+    assert metrics.status_code == 200 and "gateway_adapter_loads" in metrics.text
+    assert metrics.headers[REPLICA]  # one replica's metrics, and which one
+
+
+def test_keys_are_checked_at_the_ingress_before_the_body(fleet):
+    no_key = httpx.post(f"{fleet}/v1/chat/completions", content=b"{not json", timeout=60)
+    assert no_key.status_code == 401
+    assert no_key.json()["error"]["code"] == "invalid_api_key"
+    assert REPLICA not in no_key.headers  # no replica saw it
+    wrong_admin = httpx.get(f"{fleet}/admin/adapters", headers=AUTH, timeout=60)
+    assert wrong_admin.status_code == 401
+    too_big = httpx.post(f"{fleet}/v1/chat/completions", content=b"x" * (1024 * 1024 + 1), headers=AUTH,
+                         timeout=60)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large"
+
+
+def test_chat_and_streaming_through_the_ingress(fleet):
+    plain = chat(fleet, "a")
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["model"] == "a" and plain.json()["usage"]["completion_tokens"] == 4
+    assert plain.headers[REPLICA]
+    base = chat(fleet, "tiny")
+    assert base.status_code == 200, base.text
+    with httpx.stream("POST", f"{fleet}/v1/chat/completions", headers=AUTH, timeout=120,
+                      json={"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                            "stream": True, "logit_bias": NO_EOS}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert len([p for p in pieces if p]) >= 2  # the tokens came as several chunks, not one body
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def test_unknown_adapter_gets_the_gateways_404(fleet):
+    response = chat(fleet, "no-such-adapter")
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and error["type"] == "not_found_error"
+    assert "no-such-adapter" in error["message"]
+
+
+def test_an_adapters_requests_land_on_the_replica_holding_it(fleet):
+    first = chat(fleet, "c")
+    assert first.status_code == 200, first.text
+    holder = first.headers[REPLICA]
+    wait_until_routed("c", holder)
+    served = {chat(fleet, "c").headers[REPLICA] for _ in range(8)}
+    assert served == {holder}
+
+
+def test_a_replica_killed_mid_stream_ends_its_stream_cleanly_and_the_fleet_recovers(fleet):
+    warm = chat(fleet, "a")
+    assert warm.status_code == 200
+    victim = warm.headers[REPLICA]
+    wait_until_routed("a", victim)
+    pids = replicas_by_name()
+    survivor = next(name for name in pids if name != victim)
+    body = {"model": "a", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 200, "stream": True,
+            "logit_bias": NO_EOS, "temperature": 0}
+    events = []
+    with httpx.stream("POST", f"{fleet}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
+        assert response.status_code == 200 and response.headers[REPLICA] == victim
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+                break
+        os.kill(pids[victim], signal.SIGKILL)
+        events += [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "replica_unavailable" and error["type"] == "server_error"
+    # the other replica serves on, while Ray brings a new replica up
+    other = chat(fleet, "b")
+    assert other.status_code == 200, other.text
+    restarted = replicas_by_name(tries=1500, pause=0.2)
+    assert survivor in restarted and victim not in restarted
+    again = chat(fleet, "a")
+    assert again.status_code == 200, again.text

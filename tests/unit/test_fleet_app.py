@@ -1,0 +1,68 @@
+"""Starting the fleet without starting it: ``serve --replicas N`` hands over to the Ray runner (1
+keeps the single process), the application builder's settings, and its refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import cli
+from gateway.settings import Settings
+
+pytest.importorskip("ray")
+
+
+def test_serve_with_two_replicas_runs_the_fleet_and_one_replica_does_not(monkeypatch, tmp_path: Path):
+    import gateway.fleet.app as fleet_app
+
+    started: list[Settings] = []
+    monkeypatch.setattr(fleet_app, "run_fleet", started.append)
+    cli.main(["serve", "--replicas", "2", "--data-dir", str(tmp_path), "--ray-address", "auto"])
+    assert len(started) == 1 and started[0].replicas == 2 and started[0].ray_address == "auto"
+
+    single: list[object] = []
+    import gateway.exposure
+
+    # the one-process path checks exposure before anything: stop it there
+    monkeypatch.setattr(gateway.exposure, "check_exposure", lambda s: single.append(s) or "single process")
+    with pytest.raises(SystemExit, match="single process"):
+        cli.main(["serve", "--data-dir", str(tmp_path)])
+    assert len(started) == 1 and single[0].replicas == 1  # the one-process path, unchanged
+
+
+def test_fleet_settings_share_one_admin_key_resolved_where_the_fleet_starts(tmp_path: Path):
+    from gateway.fleet.app import fleet_settings
+
+    first = fleet_settings(Settings(data_dir=tmp_path, replicas=2))
+    again = fleet_settings(Settings(data_dir=tmp_path, replicas=2))
+    assert first.admin_key and first.admin_key == again.admin_key  # generated once into DATA_DIR/admin_key
+    assert (tmp_path / "admin_key").read_text().strip() == first.admin_key
+    chosen = "operator-chosen-admin-key-0123"
+    assert fleet_settings(Settings(data_dir=tmp_path, admin_key=chosen)).admin_key == chosen
+
+
+def test_replica_gpus_follow_the_device():
+    from gateway.fleet.app import replica_gpus
+
+    assert replica_gpus(Settings(device="cpu")) == 0
+    assert replica_gpus(Settings(device="cuda")) == 1
+    assert replica_gpus(Settings(device="cuda", replica_num_gpus=0.5)) == 0.5
+
+
+def test_build_app_refuses_an_open_v1_beyond_loopback_and_builds_otherwise(tmp_path: Path):
+    from ray.serve import Application
+
+    from gateway.fleet.app import build_app
+
+    with pytest.raises(ValueError, match="without an inference key"):
+        build_app({"host": "0.0.0.0", "data_dir": str(tmp_path)})
+    app = build_app({"host": "0.0.0.0", "api_keys": "k-0123456789abcdef", "replicas": 2, "data_dir": str(tmp_path)})
+    assert isinstance(app, Application)
+
+
+def test_replica_data_dirs_are_distinct(tmp_path: Path):
+    from gateway.fleet.replica import replica_data_dir
+
+    assert replica_data_dir(tmp_path, 0) != replica_data_dir(tmp_path, 1)
+    assert replica_data_dir(tmp_path, 1).parent == tmp_path
