@@ -40,7 +40,7 @@ from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
     UnknownArmModelError,
 )
-from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError
+from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError, FileUnavailableError
 from gateway.fine_tuning.errors import FineTuningRequestError
 from gateway.training.errors import (
     TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
@@ -194,6 +194,7 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     FileNotFound: ErrorSpec(404, "not_found_error", "file_not_found"),
     FileInUseError: ErrorSpec(409, "conflict_error", "file_in_use"),
     FileRequestError: ErrorSpec(400, "invalid_request_error", "invalid_file_request"),
+    FileUnavailableError: ErrorSpec(503, "server_error", "file_unavailable"),
     FineTuningRequestError: ErrorSpec(400, "invalid_request_error", "invalid_fine_tuning_request"),
 }
 
