@@ -64,3 +64,26 @@ def test_a_corrupt_shared_file_is_a_clean_503(tmp_path, files):  # noqa: F811
                          data={"purpose": "fine-tune"}).json()["id"]
         (shared / "files" / f"{file_id}.jsonl").write_bytes(DATA.replace(b"a", b"b"))
         check_error(a.get(f"/v1/files/{file_id}/content", headers=ADMIN), 503, "corrupt")
+
+
+def training_client(data_dir, shared):
+    from support import build_tokenizer
+    from test_api import make_base as make_api_base, make_settings
+    settings = make_settings(data_dir, None, admin_key="k" * 24, max_body_bytes=65536, shared_store_url=str(shared))
+    return TestClient(create_app(settings, base=make_api_base(build_tokenizer())))
+
+
+def test_a_job_interrupted_on_a_resumes_on_b_from_the_shared_checkpoint(tmp_path):
+    from test_training_api import ADMIN as TRAIN_ADMIN, jsonl, rows, submit, wait_for
+    shared, data_a, data_b = tmp_path / "shared", tmp_path / "a", tmp_path / "b"
+    with training_client(data_a, shared) as a:
+        job_id = submit(a, jsonl(rows()), kind="lora", max_steps=100_000, checkpoint_every=2).json()["id"]
+        wait_for(a, job_id, lambda j: j["progress"].get("step", 0) >= 3)
+    assert (shared / "training" / job_id / "checkpoints" / "LATEST").is_file()
+    data_b.mkdir()
+    shutil.copy(data_a / "gateway.sqlite3", data_b / "gateway.sqlite3")  # the shared registry's rows
+    with training_client(data_b, shared) as b:  # A is gone: nothing of the job is on B's disk
+        job = wait_for(b, job_id, lambda j: j["progress"].get("resumed_from_step") is not None)
+        assert job["state"] == "running" and job["progress"]["resumed_from_step"] >= 2
+        assert (data_b / "training" / job_id / "dataset.jsonl").read_bytes() == jsonl(rows())
+        b.post(f"/admin/training-jobs/{job_id}/cancel", headers=TRAIN_ADMIN)
