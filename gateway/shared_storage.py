@@ -4,6 +4,8 @@ blob store on top of it; with no shared store, the local ``BlobStore`` in the da
 from __future__ import annotations
 
 import logging
+import socket
+import uuid
 from pathlib import Path
 
 from adapters.blobs import BlobStore
@@ -15,15 +17,20 @@ log = logging.getLogger(__name__)
 
 
 def open_shared_store(settings: Settings) -> SharedStore | None:
-    """The shared store, checked readable now (a wrong bucket or an unmounted folder fails the start,
-    not the first request); None when none is configured."""
+    """The shared store, checked readable and writable now (a wrong bucket, an unmounted or
+    read-only folder, refused credentials fail the start, not the first request); None when none
+    is configured."""
     if settings.shared_store_url is None:
         return None
-    store = SharedStore(settings.shared_store_url, settings.shared_store_options)
     try:
+        store = SharedStore(settings.shared_store_url, settings.shared_store_options)
         store.children(store.root)
         if not store.local and not store.fs.exists(store.root.split("/", 1)[0]):
             raise FileNotFoundError(f"the bucket {store.root.split('/', 1)[0]!r} does not exist")
+        probe = store.key("probes", f"{socket.gethostname()[:40] or 'replica'}-{uuid.uuid4().hex}"
+                          .replace("_", "-").replace(".", "-"))
+        store.put_bytes(probe, b"writable")  # a read-only mount or credential fails here, not at upload
+        store.remove(probe)
     except (OSError, ValueError) as exc:
         raise SharedStoreError(f"the shared store {settings.shared_store_url!r} cannot be used: {exc}") from None
     log.info("shared store: %s (adapter files, training checkpoints and results, /v1/files)", store.url)

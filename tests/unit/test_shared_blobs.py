@@ -5,6 +5,7 @@ verified, the local tier a cache, nothing a row may refer to ever deleted."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,3 +182,21 @@ def test_digests_are_checked_before_they_become_keys(pair, bad):
 def test_key_parts_are_names_never_paths(bad):
     with pytest.raises(ValueError):
         check_part(bad)
+
+
+
+def test_a_shared_store_that_cannot_be_written_fails_the_start(tmp_path):
+    from adapters.shared_store import SharedStoreError
+    from gateway.settings import Settings
+    from gateway.shared_storage import open_shared_store
+    shared = tmp_path / "shared"
+    settings = Settings(data_dir=tmp_path / "data", shared_store_url=str(shared))
+    assert open_shared_store(settings) is not None and not list((shared / "probes").iterdir())
+    shutil.rmtree(shared / "probes")
+    (shared / "probes").write_bytes(b"")  # nothing can be written under it (as a read-only mount, even for root)
+    with pytest.raises(SharedStoreError, match="cannot be used"):
+        open_shared_store(settings)
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"")
+    with pytest.raises(SharedStoreError, match="cannot be used"):
+        open_shared_store(Settings(data_dir=tmp_path / "data", shared_store_url=str(a_file / "sub")))
