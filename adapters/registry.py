@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.blobs import BlobStore
-from adapters.shared_blobs import CachedBlobStore
 from adapters.errors import (
     AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
 )
 from adapters.kinds.base import AdapterWeights
+from adapters.shared_blobs import AnyBlobStore
 from adapters.store import AdapterRecord, AdapterStore
 from adapters.tiers import AdapterTiers, TierEvents
 
@@ -136,7 +135,7 @@ class AdapterLease:
 
 
 class AdapterRegistry:
-    def __init__(self, *, store: AdapterStore, blobs: BlobStore | CachedBlobStore, read: Callable[[Path], AdapterWeights],
+    def __init__(self, *, store: AdapterStore, blobs: AnyBlobStore, read: Callable[[Path], AdapterWeights],
                  install: Callable[[AdapterWeights], Awaitable[int]], uninstall: Callable[[int], Awaitable[None]],
                  device_slots: int, cpu_capacity: int, slot_wait_seconds: float = 30.0,
                  events: TierEvents | None = None):

@@ -188,3 +188,7 @@ class CachedBlobStore:
         """The local tier reconciled as a ``BlobStore``; what it lacks counts as missing only when
         the shared store lacks it too (a fresh replica fetches the rest on first use)."""
         return [d for d in self.local.reconcile(referenced) if not self.shared.available(d)]
+
+
+# what the registry takes: one disk (single process), or one disk caching the shared store
+AnyBlobStore = BlobStore | CachedBlobStore

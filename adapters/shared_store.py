@@ -15,7 +15,6 @@ they write a small marker object last, and treat whatever has no marker as absen
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -26,7 +25,6 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-log = logging.getLogger(__name__)
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TMP = ".tmp-"
 _CHUNK = 1 << 20

@@ -109,9 +109,14 @@ class JobArtifacts:
             log.error("training job %s: cannot copy its checkpoint to the shared store: %s", job_id, exc)
 
     def export_written(self, job_id: str) -> None:
-        """Copy the PEFT export to the shared store (it stays the job's result when not registered)."""
-        if self.shared is not None:
+        """Copy the PEFT export to the shared store (it stays the job's result when not registered).
+        A failure is logged: the local export is whole, and registering copies it to the shared store."""
+        if self.shared is None:
+            return
+        try:
             self.shared.push_export(job_id, self.export(job_id))
+        except Exception as exc:  # noqa: BLE001 - the job's outcome does not depend on this copy
+            log.error("training job %s: cannot copy its adapter to the shared store: %s", job_id, exc)
 
     def remove(self, job_id: str) -> None:
         if JOB_ID.fullmatch(job_id):

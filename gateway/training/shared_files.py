@@ -80,7 +80,8 @@ class SharedJobFiles:
         for file in CHECKPOINT_FILES:
             self.store.upload(checkpoints / name / file, self._key(job_id, "checkpoints", name, file))
             sums[file] = _sha256(checkpoints / name / file)
-        self.store.put_bytes(self._key(job_id, "checkpoints", LATEST), json.dumps({"name": name, "sha256": sums}).encode())
+        pointer_json = json.dumps({"name": name, "sha256": sums}).encode()
+        self.store.put_bytes(self._key(job_id, "checkpoints", LATEST), pointer_json)
         for other in self.store.children(self._key(job_id, "checkpoints")):
             if CHECKPOINT.fullmatch(other) and other != name:
                 self.store.remove_tree(self._key(job_id, "checkpoints", other))

@@ -110,7 +110,8 @@ def test_a_crash_between_the_files_leaves_no_blob(tmp_path, shared_dir):
         from adapters.blobs import BlobStore
         from adapters.shared_blobs import CachedBlobStore, SharedBlobs
         from adapters.shared_store import SharedStore
-        store = CachedBlobStore(BlobStore(Path({str(tmp_path / 'dying')!r})), SharedBlobs(SharedStore({str(shared_dir)!r})))
+        store = CachedBlobStore(BlobStore(Path({str(tmp_path / 'dying')!r})),
+                                SharedBlobs(SharedStore({str(shared_dir)!r})))
         store.add(Path({str(source)!r}))
     """)
     env = {**os.environ, faults.ENV: str(fault_file)}

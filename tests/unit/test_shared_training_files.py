@@ -26,7 +26,8 @@ JOB = "train-0123456789ab"
 
 
 def artifacts(tmp_path, name: str) -> JobArtifacts:
-    return JobArtifacts(tmp_path / name / "training", 3600, shared=SharedJobFiles(SharedStore(str(tmp_path / "shared"))))
+    shared = SharedJobFiles(SharedStore(str(tmp_path / "shared")))
+    return JobArtifacts(tmp_path / name / "training", 3600, shared=shared)
 
 
 def train_until(run: TrainingRun, step: int) -> None:
