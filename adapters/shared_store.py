@@ -55,8 +55,9 @@ class SharedStore:
         self.url = url
         self.root = root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
-        if self.local:
-            self.fs.makedirs(self.root, exist_ok=True)
+        if self.local and not self.fs.isdir(self.root):
+            # never created here: a typo or a missing mount would split the replicas into private stores
+            raise SharedStoreError(f"the shared folder {self.root!r} does not exist; create or mount it first")
 
     def __repr__(self) -> str:
         return f"SharedStore({self.url!r})"

@@ -3,6 +3,7 @@ at start. The README's configuration table mirrors the field descriptions here."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +39,7 @@ class Settings(BaseSettings):
         "replicas share them: an absolute path or file:// URL of a shared folder, or s3://bucket/prefix "
         "(s3fs; credentials from the usual AWS variables or role). Each replica's data dir then caches "
         "adapter files. Unset: everything stays in the data dir."))
-    shared_store_options: dict[str, Any] = Field(default_factory=dict, description=(
+    shared_store_options: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict, description=(
         "JSON object of fsspec options for the shared store, e.g. {\"endpoint_url\": \"http://minio:9000\"} "
         "for an S3-compatible server. Secrets belong in the AWS variables, not here."))
     host: str = Field("127.0.0.1", description="Address to listen on.")
@@ -179,6 +180,17 @@ class Settings(BaseSettings):
     def _must_exist(cls, value: Path | None) -> Path | None:
         if value is not None and not value.exists():
             raise ValueError(f"{value} does not exist")
+        return value
+
+    @field_validator("shared_store_options", mode="before")
+    @classmethod
+    def _options_json(cls, value: object) -> object:
+        """A JSON object given as text (the --shared-store-options flag; the variable is parsed already)."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("shared_store_options must be a JSON object") from None
         return value
 
     @field_validator("shared_store_url")

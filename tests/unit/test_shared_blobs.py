@@ -29,6 +29,7 @@ def replica(tmp_path: Path, name: str, shared_url: str) -> CachedBlobStore:
 
 @pytest.fixture
 def shared_dir(tmp_path) -> Path:
+    (tmp_path / "shared").mkdir()  # the operator's folder (a mount): the gateway never creates it
     return tmp_path / "shared"
 
 
@@ -192,6 +193,10 @@ def test_a_shared_store_that_cannot_be_written_fails_the_start(tmp_path):
     from gateway.shared_storage import open_shared_store
     shared = tmp_path / "shared"
     settings = Settings(data_dir=tmp_path / "data", shared_store_url=str(shared))
+    with pytest.raises(SharedStoreError, match="does not exist; create or mount it"):
+        open_shared_store(settings)  # a typo or a missing mount must not become a private store
+    assert not shared.exists()
+    shared.mkdir()
     assert open_shared_store(settings) is not None and not list((shared / "probes").iterdir())
     shutil.rmtree(shared / "probes")
     (shared / "probes").write_bytes(b"")  # nothing can be written under it (as a read-only mount, even for root)
@@ -199,5 +204,5 @@ def test_a_shared_store_that_cannot_be_written_fails_the_start(tmp_path):
         open_shared_store(settings)
     a_file = tmp_path / "a-file"
     a_file.write_bytes(b"")
-    with pytest.raises(SharedStoreError, match="cannot be used"):
+    with pytest.raises(SharedStoreError, match="does not exist"):
         open_shared_store(Settings(data_dir=tmp_path / "data", shared_store_url=str(a_file / "sub")))

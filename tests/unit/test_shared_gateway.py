@@ -22,6 +22,7 @@ DATA = b'{"prompt": "a", "completion": "b"}\n'
 
 
 def gateway(data_dir, shared, base):
+    shared.mkdir(exist_ok=True)
     settings = settings_for(data_dir, api_keys=[INFERENCE_KEY], admin_key=ADMIN_KEY, shared_store_url=str(shared))
     return TestClient(create_app(settings, base=base))
 
@@ -67,6 +68,7 @@ def test_a_corrupt_shared_file_is_a_clean_503(tmp_path, files):  # noqa: F811
 
 
 def training_client(data_dir, shared):
+    shared.mkdir(exist_ok=True)
     from support import build_tokenizer
     from test_api import make_base as make_api_base, make_settings
     settings = make_settings(data_dir, None, admin_key="k" * 24, max_body_bytes=65536, shared_store_url=str(shared))

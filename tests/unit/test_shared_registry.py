@@ -26,6 +26,7 @@ from test_registry import VOCAB, run, sources  # noqa: F401 - sources: a fixture
 class Replica:
     def __init__(self, tmp_path: Path, name: str):
         self.runtime = AdapterRuntime(build_tiny_llama(VOCAB), 2, torch.float32)
+        (tmp_path / "shared").mkdir(exist_ok=True)
         self.blobs = CachedBlobStore(BlobStore(tmp_path / name / "adapter-store"),
                                      SharedBlobs(SharedStore(str(tmp_path / "shared"))))
         self.store = SqliteAdapterStore(tmp_path / "registry.sqlite3")

@@ -26,6 +26,7 @@ JOB = "train-0123456789ab"
 
 
 def artifacts(tmp_path, name: str) -> JobArtifacts:
+    (tmp_path / "shared").mkdir(exist_ok=True)
     shared = SharedJobFiles(SharedStore(str(tmp_path / "shared")))
     return JobArtifacts(tmp_path / name / "training", 3600, shared=shared)
 
@@ -147,6 +148,7 @@ DATA = b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\
 
 def file_service(tmp_path, name: str) -> FileService:
     # one database file stands in for the shared registry (PostgreSQL in a deployment)
+    (tmp_path / "shared").mkdir(exist_ok=True)
     return FileService(tmp_path / name / "files", SqliteFileStore(tmp_path / "gateway.sqlite3"), LIMITS,
                        shared=SharedStore((tmp_path / "shared").as_uri()))
 
