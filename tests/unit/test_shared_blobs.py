@@ -206,3 +206,27 @@ def test_a_shared_store_that_cannot_be_written_fails_the_start(tmp_path):
     a_file.write_bytes(b"")
     with pytest.raises(SharedStoreError, match="does not exist"):
         open_shared_store(Settings(data_dir=tmp_path / "data", shared_store_url=str(a_file / "sub")))
+
+
+@pytest.mark.parametrize("url", ["relative/path", "http://host/x", "memory://x", "s3://", "file://relative",
+                                 "gs://bucket/x"])
+def test_settings_take_only_an_absolute_shared_folder_or_s3(tmp_path, url):
+    from pydantic import ValidationError
+
+    from gateway.settings import Settings
+    with pytest.raises(ValidationError, match="shared_store_url"):
+        Settings(data_dir=tmp_path, shared_store_url=url)
+
+
+def test_settings_read_the_store_options_as_json(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from gateway.settings import Settings
+    ok = Settings(data_dir=tmp_path, shared_store_url="s3://bucket/prefix/", shared_store_options='{"anon": false}')
+    assert ok.shared_store_url == "s3://bucket/prefix" and ok.shared_store_options == {"anon": False}
+    monkeypatch.setenv("GATEWAY_SHARED_STORE_OPTIONS", '{"endpoint_url": "http://minio:9000"}')
+    assert Settings(data_dir=tmp_path).shared_store_options == {"endpoint_url": "http://minio:9000"}
+    for bad in ("not json", "[1, 2]"):
+        with pytest.raises(ValidationError, match="shared_store_options"):
+            Settings(data_dir=tmp_path, shared_store_options=bad)
+    assert Settings(data_dir=tmp_path, shared_store_url=None).shared_store_url is None
