@@ -23,16 +23,18 @@ race of a delete on one replica with a registration of the same content on anoth
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from adapters import faults
 from adapters.blobs import _DIGEST, _TMP_PREFIX, BLOB_FILES, BlobStore, content_hash
-from adapters.errors import AdapterUnavailableError
+from adapters.errors import AdapterError, AdapterUnavailableError, SharedStoreUnavailableError
 from adapters.shared_store import SharedStore
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,26 @@ LIVE = "adapters"
 QUARANTINE = "adapters-quarantine"
 CORRUPT = "adapters-corrupt"
 MARKER = "COMPLETE"
+
+
+@contextlib.contextmanager
+def shared_errors(doing: str) -> Iterator[None]:
+    """Whatever the shared store's client raises (a refused connection, an HTTP error, a lost mount)
+    becomes ``SharedStoreUnavailableError`` (a clean 503); our own typed errors and a full disk
+    (``ENOSPC``, a 507) pass unchanged."""
+    try:
+        yield
+    except (AdapterError, ValueError):
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error("the shared store failed while %s: %s", doing, exc)
+        raise SharedStoreUnavailableError(f"the shared store cannot be used now ({doing}): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - client libraries raise their own exception types
+        log.error("the shared store failed while %s: %s: %s", doing, type(exc).__name__, exc)
+        raise SharedStoreUnavailableError(f"the shared store cannot be used now ({doing}): "
+                                          f"{type(exc).__name__}") from None
 
 
 def check_digest(digest: str) -> str:
@@ -88,8 +110,12 @@ class SharedBlobs:
         """Fetch the blob into the new folder ``target`` and verify it; raises
         ``AdapterUnavailableError`` when it is missing or does not hash to its digest."""
         if not self.has(digest) and self.quarantined(digest):
-            self._move(QUARANTINE, digest, LIVE, digest)
-            log.warning("adapter files %s were in the shared quarantine and a row refers to them: restored", digest)
+            try:
+                self._move(QUARANTINE, digest, LIVE, digest)
+                log.warning("adapter files %s were in the shared quarantine and a row refers to them: restored",
+                            digest)
+            except FileNotFoundError:  # another replica restored it meanwhile (it moved the marker first)
+                pass
         if not self.has(digest):
             raise AdapterUnavailableError(f"the adapter files {digest[:12]} are not in the shared store")
         target.mkdir()
@@ -142,7 +168,10 @@ class CachedBlobStore:
         return self.local.path(digest)
 
     def exists(self, digest: str) -> bool:
-        return self.local.exists(digest) or self.shared.has(digest)
+        if self.local.exists(digest):
+            return True
+        with shared_errors("looking up adapter files"):
+            return self.shared.has(digest)
 
     def size(self, digest: str) -> int:
         return self.local.size(digest) if self.local.exists(digest) else self.shared.size(digest)
@@ -152,7 +181,8 @@ class CachedBlobStore:
         the local copy this call made and raises: a row must never name a blob only one replica has."""
         digest, created = self.local.add(source)
         try:
-            self.shared.put(digest, self.local.path(digest))
+            with shared_errors("uploading adapter files"):
+                self.shared.put(digest, self.local.path(digest))
         except BaseException:
             if created:
                 self.local.remove(digest)
@@ -166,7 +196,8 @@ class CachedBlobStore:
             return self.local.path(digest)
         tmp = self.local.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"  # swept by reconcile after a crash
         try:
-            self.shared.download(digest, tmp)
+            with shared_errors("reading adapter files"):
+                self.shared.download(digest, tmp)
             self.local.adopt(tmp, digest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -187,7 +218,9 @@ class CachedBlobStore:
     def reconcile(self, referenced: set[str]) -> list[str]:
         """The local tier reconciled as a ``BlobStore``; what it lacks counts as missing only when
         the shared store lacks it too (a fresh replica fetches the rest on first use)."""
-        return [d for d in self.local.reconcile(referenced) if not self.shared.available(d)]
+        missing = self.local.reconcile(referenced)
+        with shared_errors("looking up adapter files"):
+            return [d for d in missing if not self.shared.available(d)]
 
 
 # what the registry takes: one disk (single process), or one disk caching the shared store

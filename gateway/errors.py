@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import (
     AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
-    DatasetValidationError,
+    DatasetValidationError, SharedStoreUnavailableError,
 )
 from adapters.tiers import NoFreeSlotError
 from gateway.domain_errors import DomainError
@@ -179,6 +179,7 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     DatasetValidationError: ErrorSpec(400, "invalid_request_error", "invalid_dataset"),
     AdapterConflictError: ErrorSpec(409, "conflict_error", "conflict"),
     AdapterUnavailableError: ErrorSpec(503, "server_error", "adapter_unavailable"),
+    SharedStoreUnavailableError: ErrorSpec(503, "server_error", "storage_unavailable", retry_after=5),
     QueueFullError: BUSY,
     NoFreeSlotError: BUSY,
     EngineStoppedError: ErrorSpec(503, "server_error", SHUTTING_DOWN),

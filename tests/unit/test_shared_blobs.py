@@ -230,3 +230,43 @@ def test_settings_read_the_store_options_as_json(tmp_path, monkeypatch):
         with pytest.raises(ValidationError, match="shared_store_options"):
             Settings(data_dir=tmp_path, shared_store_options=bad)
     assert Settings(data_dir=tmp_path, shared_store_url=None).shared_store_url is None
+
+
+def test_an_unreachable_shared_store_is_a_typed_error_and_a_full_disk_stays_one(tmp_path, monkeypatch, pair):
+    import errno
+
+    from adapters.errors import SharedStoreUnavailableError
+    from gateway.errors import domain_error_spec
+    a, b = pair
+    source = adapter_folder(tmp_path, "src")
+    digest, _ = a.add(source)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(b.shared.store, "download", refused)
+    with pytest.raises(SharedStoreUnavailableError, match="reading adapter files"):
+        b.fetch(digest)
+    assert not b.local.exists(digest) and not [p for p in b.local.root.iterdir() if p.name.startswith(".tmp-")]
+
+    class ClientError(Exception):  # what an object store's client library raises: not an OSError
+        pass
+
+    def client_error(*args, **kwargs):
+        raise ClientError("403 Forbidden")
+
+    other = adapter_folder(tmp_path, "other", weights=b"other")
+    monkeypatch.setattr(b.shared.store, "upload", client_error)
+    with pytest.raises(SharedStoreUnavailableError, match="uploading adapter files"):
+        b.add(other)
+    assert not b.local.exists(content_hash(other))  # no row will be written: the local copy is undone
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(b.shared.store, "upload", full)
+    with pytest.raises(OSError) as raised:
+        b.add(other)
+    assert raised.value.errno == errno.ENOSPC  # answered 507 by the gateway, as a full local disk
+    spec = domain_error_spec(SharedStoreUnavailableError("x"))
+    assert (spec.status, spec.type, spec.code) == (503, "server_error", "storage_unavailable")
