@@ -76,26 +76,39 @@ class BlobStore:
                     os.fsync(dst.fileno())
                 faults.hit("blob.write")
             digest = content_hash(tmp)
-            if self.exists(digest):  # same content registered before: share the blob
-                shutil.rmtree(tmp)
-                return digest, False
-            _fsync_dir(tmp)
-            try:
-                os.rename(tmp, self.path(digest))
-            except OSError:
-                if not self.exists(digest):
-                    raise
-                shutil.rmtree(tmp)  # an identical upload won the race
-                return digest, False
-            _fsync_dir(self.root)
-            return digest, True
+            return digest, self.adopt(tmp, digest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def adopt(self, tmp: Path, digest: str) -> bool:
+        """Rename the whole folder ``tmp`` (under ``root``, its files fsynced, hashing to ``digest``)
+        into place; False when the blob exists already (``tmp`` is then removed)."""
+        if self.exists(digest):  # same content registered before: share the blob
+            shutil.rmtree(tmp)
+            return False
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, self.path(digest))
+        except OSError:
+            if not self.exists(digest):
+                raise
+            shutil.rmtree(tmp)  # an identical upload won the race
+            return False
+        _fsync_dir(self.root)
+        return True
+
+    def fetch(self, digest: str) -> Path:
+        """The blob's folder, to read it (a ``CachedBlobStore`` fetches it from the shared store first)."""
+        return self.path(digest)
+
     def remove(self, digest: str) -> None:
         faults.hit("blob.remove")
         shutil.rmtree(self.path(digest), ignore_errors=True)
+
+    def release(self, digest: str, referenced) -> bool:
+        """Nothing to do on one disk: ``remove`` freed the only copy (see ``CachedBlobStore.release``)."""
+        return False
 
     @property
     def quarantine(self) -> Path:

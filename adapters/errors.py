@@ -34,3 +34,8 @@ class AdapterConflictError(AdapterError):
 
 class AdapterUnavailableError(AdapterError):
     """The adapter is registered but cannot be served now (its files are missing on disk)."""
+
+
+class SharedStoreUnavailableError(AdapterError):
+    """The shared store of a multi-replica deployment cannot be read or written now (unreachable,
+    refused); nothing was changed. A full disk stays an ``OSError(ENOSPC)``."""

@@ -9,7 +9,8 @@ in this process since it was armed). Actions:
 - ``enospc``: raise ``OSError(ENOSPC)``, as a full disk does to a file write;
 - ``sqlite-full``: raise ``sqlite3.OperationalError("database or disk is full")``, as SQLite does.
 
-Points: ``blob.write`` (between the two files of a new blob), ``blob.remove``, ``adapter-db.delete``,
+Points: ``blob.write`` (between the two files of a new blob), ``shared-blob.write`` (after each file
+of a blob uploaded to the shared store, before its completion marker), ``blob.remove``, ``adapter-db.delete``,
 ``checkpoint.write`` (between a checkpoint's tensors and its state), ``experiment-db.update``
 (inside the transaction, before its commit). Unset, a hit costs one environment lookup.
 """

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.blobs import BlobStore
 from adapters.errors import (
     AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
 )
 from adapters.kinds.base import AdapterWeights
+from adapters.shared_blobs import AnyBlobStore
 from adapters.store import AdapterRecord, AdapterStore
 from adapters.tiers import AdapterTiers, TierEvents
 
@@ -135,7 +135,7 @@ class AdapterLease:
 
 
 class AdapterRegistry:
-    def __init__(self, *, store: AdapterStore, blobs: BlobStore, read: Callable[[Path], AdapterWeights],
+    def __init__(self, *, store: AdapterStore, blobs: AnyBlobStore, read: Callable[[Path], AdapterWeights],
                  install: Callable[[AdapterWeights], Awaitable[int]], uninstall: Callable[[int], Awaitable[None]],
                  device_slots: int, cpu_capacity: int, slot_wait_seconds: float = 30.0,
                  events: TierEvents | None = None):
@@ -144,7 +144,7 @@ class AdapterRegistry:
         self._read = read  # validating reader of a PEFT folder (blocking)
         self.tiers = AdapterTiers(
             device_slots=device_slots, cpu_capacity=cpu_capacity, install=install, uninstall=uninstall,
-            load=lambda entry: read(blobs.path(entry.record.content_hash)),
+            load=lambda entry: read(blobs.fetch(entry.record.content_hash)),
             slot_wait_seconds=slot_wait_seconds, events=events)
         self._entries: dict[str, AdapterEntry] = {}
         self._stats: dict[str, AdapterStats] = {}
@@ -180,7 +180,7 @@ class AdapterRegistry:
         """The adapter's weights read afresh from its stored files (blocking: a worker thread); a
         training job starts from them, and the served copy is never touched."""
         entry = self._servable(adapter_id)
-        return self._read(self.blobs.path(entry.record.content_hash))
+        return self._read(self.blobs.fetch(entry.record.content_hash))
 
     def stats(self, adapter_id: str) -> AdapterStats | None:
         return self._stats.get(adapter_id)
@@ -248,6 +248,7 @@ class AdapterRegistry:
             except BaseException:
                 if created:
                     self.blobs.remove(digest)
+                await asyncio.to_thread(self._release_shared, digest)
                 raise
             entry = self._new_entry(record)
             self.tiers.admit_cpu(entry, weights)
@@ -294,6 +295,17 @@ class AdapterRegistry:
             digest = entry.record.content_hash
             if all(e.record.content_hash != digest for e in self._entries.values()):
                 await asyncio.to_thread(self.blobs.remove, digest)
+                await asyncio.to_thread(self._release_shared, digest)
+
+    def _release_shared(self, digest: str) -> None:
+        """With a shared blob store: quarantine the shared copy when no row (of any replica) refers
+        to it any more. Best effort: a failure leaves an orphan, never a row without its blob."""
+        def referenced(d: str) -> bool:
+            return any(r.content_hash == d for r in self.store.load_all())
+        try:
+            self.blobs.release(digest, referenced)
+        except Exception as exc:  # noqa: BLE001 - the delete is done; the shared copy stays
+            log.warning("adapter files %s: cannot release the shared copy: %s", digest, exc)
 
     # ---- pin / load -----------------------------------------------------------------------------
     async def set_pinned(self, adapter_id: str, pinned: bool) -> AdapterEntry:

@@ -14,12 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.blobs import BlobStore, content_hash
+from adapters.blobs import content_hash
 from adapters.errors import AdapterError
 from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
+from adapters.shared_store import SharedStore
 from adapters.store import SqliteAdapterStore, check_database
 from gateway.admin_key import resolve_admin_key
 from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops, tokenize
@@ -42,6 +43,7 @@ from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
+from gateway.shared_storage import adapter_blobs, open_shared_store
 from gateway.structured import Grammars
 from gateway.training.jobs import TrainingJobs
 from gateway.training.wiring import attach_training
@@ -72,6 +74,7 @@ class Gateway:
     fine_tuning: FineTuning | None = None  # /v1/fine_tuning/jobs, over ``training``
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # inference keys and their limits
     console: ConsoleState | None = None  # the operator console's sessions (gateway/console)
+    shared_store: SharedStore | None = None  # files all replicas share (settings.shared_store_url)
 
 
 def eos_ids(base: LoadedBase) -> set[int]:
@@ -112,8 +115,10 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     metrics.quarantined_blobs.set_function(lambda: registry.quarantined_blobs)
     if isinstance(engine, PagedEngine):
         metrics.registry.register(KVCacheCollector(engine))
+    shared = open_shared_store(settings)  # None: every file stays in the data dir
     registry = AdapterRegistry(
-        store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE), blobs=BlobStore(settings.data_dir / "adapter-store"),
+        store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE),
+        blobs=adapter_blobs(settings.data_dir / "adapter-store", shared),
         read=lambda folder: read_adapter(folder, runtime.base_info, limits, base.dtype),
         install=install, uninstall=uninstall, device_slots=settings.max_device_adapters,
         cpu_capacity=settings.max_cpu_adapters, slot_wait_seconds=settings.slot_wait_seconds, events=metrics)
@@ -128,7 +133,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     keys = KeyRing(settings.api_keys, KeyLimits(settings.key_max_concurrent, settings.key_rpm, settings.key_tpm))
     service.observers.append(lambda record: count_key_usage(record, keys, metrics))
     gateway = Gateway(settings, base, runtime, engine, registry, service, admin_key, metrics, started=int(time.time()),
-                      keys=keys)
+                      keys=keys, shared_store=shared)
     gateway.experiments = attach_experiments(settings.data_dir / DATABASE_FILE, settings, service, registry,
                                              metrics.registry)
     gateway.training = attach_training(gateway, settings.data_dir / DATABASE_FILE)

@@ -33,9 +33,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from adapters.shared_store import SharedStoreError
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
     from gateway.exposure import check_exposure
+    from gateway.shared_storage import open_shared_store
     from gateway.shutdown import GatewayServer
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -50,6 +52,10 @@ def serve(settings: Settings) -> None:
     try:
         check_data_dir(settings)
     except DatabaseUnusableError as exc:
+        sys.exit(f"adapter-gateway: refusing to start: {exc}")
+    try:
+        open_shared_store(settings)  # before the model loads: a wrong bucket or mount fails fast
+    except SharedStoreError as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
     app = create_app(settings)
     # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import (
     AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
-    DatasetValidationError,
+    DatasetValidationError, SharedStoreUnavailableError,
 )
 from adapters.tiers import NoFreeSlotError
 from gateway.domain_errors import DomainError
@@ -40,7 +40,7 @@ from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
     UnknownArmModelError,
 )
-from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError
+from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError, FileUnavailableError
 from gateway.fine_tuning.errors import FineTuningRequestError
 from gateway.training.errors import (
     TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
@@ -179,6 +179,7 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     DatasetValidationError: ErrorSpec(400, "invalid_request_error", "invalid_dataset"),
     AdapterConflictError: ErrorSpec(409, "conflict_error", "conflict"),
     AdapterUnavailableError: ErrorSpec(503, "server_error", "adapter_unavailable"),
+    SharedStoreUnavailableError: ErrorSpec(503, "server_error", "storage_unavailable", retry_after=5),
     QueueFullError: BUSY,
     NoFreeSlotError: BUSY,
     EngineStoppedError: ErrorSpec(503, "server_error", SHUTTING_DOWN),
@@ -194,6 +195,7 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     FileNotFound: ErrorSpec(404, "not_found_error", "file_not_found"),
     FileInUseError: ErrorSpec(409, "conflict_error", "file_in_use"),
     FileRequestError: ErrorSpec(400, "invalid_request_error", "invalid_file_request"),
+    FileUnavailableError: ErrorSpec(503, "server_error", "file_unavailable"),
     FineTuningRequestError: ErrorSpec(400, "invalid_request_error", "invalid_fine_tuning_request"),
 }
 

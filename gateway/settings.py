@@ -3,8 +3,9 @@ at start. The README's configuration table mirrors the field descriptions here."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,6 +34,14 @@ class Settings(BaseSettings):
         "Writable folder for the materialized default model and gateway state."))
     adapters_dir: Path | None = Field(None, description=(
         "Folder whose sub-folders (one per adapter id, PEFT format) are registered at start (changed content replaces)."))
+    shared_store_url: str | None = Field(None, description=(
+        "Where adapter files, training checkpoints and results, and /v1/files contents live when several "
+        "replicas share them: an absolute path or file:// URL of a shared folder, or s3://bucket/prefix "
+        "(s3fs; credentials from the usual AWS variables or role). Each replica's data dir then caches "
+        "adapter files. Unset: everything stays in the data dir."))
+    shared_store_options: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict, description=(
+        "JSON object of fsspec options for the shared store, e.g. {\"endpoint_url\": \"http://minio:9000\"} "
+        "for an S3-compatible server. Secrets belong in the AWS variables, not here."))
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_keys: Annotated[list[ApiKeySpec], NoDecode] = Field(default_factory=list, description=(
@@ -196,6 +205,32 @@ class Settings(BaseSettings):
         if value is not None and not value.exists():
             raise ValueError(f"{value} does not exist")
         return value
+
+    @field_validator("shared_store_options", mode="before")
+    @classmethod
+    def _options_json(cls, value: object) -> object:
+        """A JSON object given as text (the --shared-store-options flag; the variable is parsed already)."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("shared_store_options must be a JSON object") from None
+        return value
+
+    @field_validator("shared_store_url")
+    @classmethod
+    def _shared_store_url(cls, value: str | None) -> str | None:
+        """A shared folder (absolute path or file:// URL) or s3://bucket[/prefix]; nothing else."""
+        if value is None:
+            return None
+        if value.startswith("s3://"):
+            if not value[len("s3://"):].split("/", 1)[0]:
+                raise ValueError("an s3:// shared store needs a bucket: s3://bucket/prefix")
+            return value.rstrip("/")
+        path = value[len("file://"):] if value.startswith("file://") else value
+        if "://" in path or not Path(path).is_absolute():
+            raise ValueError("the shared store must be an absolute path, a file:// URL or s3://bucket/prefix")
+        return value.rstrip("/")
 
     @field_validator("adapter_source_roots")
     @classmethod

@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -243,6 +244,7 @@ class TrainingRun:
         self.train_examples = train
         self.eval_examples = eval_examples[: config.eval_batches_max * config.batch_size]
         self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_saved: Callable[[], None] | None = None  # after each checkpoint (a shared copy)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.model.requires_grad_(False)  # QLoRA-style: the base is frozen, only the adapter learns
         self.total_micro = total_micro_steps(config, len(train))
@@ -375,6 +377,8 @@ class TrainingRun:
                  "param_groups": groups, "adapter_state": extra_state}
         save_checkpoint(self.checkpoint_dir, self.progress.step, tensors, state)
         log.info("checkpoint at step %d written to %s", self.progress.step, self.checkpoint_dir)
+        if self.checkpoint_saved is not None:
+            self.checkpoint_saved()
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint if there is one; False when there is none.

@@ -19,3 +19,7 @@ class FileInUseError(FileError):
 
 class FileRequestError(FileError):
     """A bad upload request: an unsupported purpose, too many files stored."""
+
+
+class FileUnavailableError(FileError):
+    """The file's bytes cannot be read now, or no longer match their digest (refused, not served)."""

@@ -9,6 +9,11 @@ job's max_seq_len and adapter kind), and reports by line number too.
 
 Records change on the event loop only; disk and database work runs in worker threads. A crash
 between writing the bytes and the record leaves a file no record names: removed at the next start.
+
+With a shared store (``shared``), the bytes live there instead, under ``files/<file id>.jsonl``, so
+any replica reads them; a read checks them against the record's sha256. Orphans there are left
+alone: another replica may be between its bytes and its record, and only its own records are
+known here.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from pathlib import Path
 from adapters.errors import DatasetValidationError
 from adapters.preference_data import PREFERENCE_FORMAT, first_record, is_preference_record, parse_preference_dataset
 from adapters.training_data import parse_dataset
-from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError
+from adapters.shared_store import SharedStore
+from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError, FileUnavailableError
 from gateway.files.store import FileRecord, SqliteFileStore
 
 log = logging.getLogger(__name__)
 PURPOSES = ("fine-tune",)
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 SUFFIX = ".jsonl"
+SHARED_AREA = "files"
 MAX_FILENAME_CHARS = 255
 _UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
 
@@ -63,8 +70,9 @@ def validate_training_file(data: bytes, limits: FileLimits) -> tuple[str, int]:
 
 
 class FileService:
-    def __init__(self, root: Path, store: SqliteFileStore, limits: FileLimits):
+    def __init__(self, root: Path, store: SqliteFileStore, limits: FileLimits, shared: SharedStore | None = None):
         self.root = root
+        self.shared = shared
         self.store = store
         self.limits = limits
         self._records: dict[str, FileRecord] = {}
@@ -74,13 +82,19 @@ class FileService:
     async def start(self) -> None:
         for record in await asyncio.to_thread(self.store.load_all):
             self._records[record.id] = record
-        await asyncio.to_thread(self._remove_orphans, set(self._records))
+        if self.shared is None:
+            await asyncio.to_thread(self._remove_orphans, set(self._records))
 
     async def close(self) -> None:
         await asyncio.to_thread(self.store.close)
 
     def path(self, file_id: str) -> Path:
         return self.root / (file_id + SUFFIX)
+
+    def _key(self, file_id: str) -> str:
+        if not FILE_ID.fullmatch(file_id):
+            raise ValueError(f"not a file id: {file_id!r}")
+        return self.shared.key(SHARED_AREA, file_id + SUFFIX)
 
     # ---- API ------------------------------------------------------------------------------------
     def list(self, purpose: str | None = None) -> list[FileRecord]:
@@ -115,8 +129,21 @@ class FileService:
         return record
 
     async def read(self, file_id: str) -> bytes:
-        self.get(file_id)
-        return await asyncio.to_thread(self.path(file_id).read_bytes)
+        record = self.get(file_id)
+        if self.shared is None:
+            return await asyncio.to_thread(self.path(file_id).read_bytes)
+        return await asyncio.to_thread(self._read_shared, record)
+
+    def _read_shared(self, record: FileRecord) -> bytes:
+        try:
+            data = self.shared.read_bytes(self._key(record.id))
+        except OSError as exc:  # FileNotFoundError included: the record says it must be there
+            log.error("file %s: cannot read its bytes from the shared store: %s", record.id, exc)
+            raise FileUnavailableError(f"the contents of {record.id} cannot be read now", param="id") from None
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            log.error("file %s: its bytes in the shared store do not match its sha256; refused", record.id)
+            raise FileUnavailableError(f"the stored contents of {record.id} are corrupt (refused)", param="id")
+        return data
 
     async def delete(self, file_id: str) -> None:
         self.get(file_id)
@@ -125,12 +152,24 @@ class FileService:
             raise FileInUseError(f"the file {file_id} cannot be deleted now: {reason}", param="id")
         await asyncio.to_thread(self.store.delete, file_id)
         self._records.pop(file_id, None)
-        await asyncio.to_thread(self.path(file_id).unlink, missing_ok=True)
+        if self.shared is None:
+            await asyncio.to_thread(self.path(file_id).unlink, missing_ok=True)
+        else:
+            await asyncio.to_thread(self.shared.remove, self._key(file_id))
         log.info("file %s deleted", file_id)
 
     # ---- disk (worker threads) ----------------------------------------------------------------
     def _write(self, record: FileRecord, data: bytes) -> None:
         """Bytes first (whole, via a renamed temporary file), then the record; a failure leaves neither."""
+        if self.shared is not None:
+            key = self._key(record.id)
+            try:
+                self.shared.put_bytes(key, data)
+                self.store.put(record)
+            except BaseException:
+                self.shared.remove(key)
+                raise
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(record.id)
         tmp = path.with_suffix(".tmp")

@@ -17,7 +17,8 @@ def attach_fine_tuning(gateway, database: Path) -> tuple[FileService, FineTuning
     settings = gateway.settings
     limits = FileLimits(max_bytes=settings.max_training_dataset_bytes, max_lines=settings.max_training_dataset_lines,
                         max_line_bytes=MAX_LINE_BYTES, max_files=settings.max_files)
-    files = FileService(settings.data_dir / FILES_DIR, SqliteFileStore(database), limits)
+    files = FileService(settings.data_dir / FILES_DIR, SqliteFileStore(database), limits,
+                        shared=gateway.shared_store)  # None: the bytes stay in the data dir
     def describe(adapter_id: str) -> dict | None:
         if adapter_id not in gateway.registry:
             return None

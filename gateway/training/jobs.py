@@ -346,6 +346,7 @@ class TrainingJobs:
             await asyncio.to_thread(run.close)
 
     def _build_run(self, record: TrainingJobRecord, config: TrainingConfig) -> TrainingRun:
+        self.artifacts.pull(record.id)  # with a shared store: the dataset and newest checkpoint of any replica
         data = self.artifacts.dataset(record.id).read_bytes()
         validation_path = self.artifacts.validation(record.id)
         validation = validation_path.read_bytes() if validation_path.is_file() else None
@@ -357,6 +358,7 @@ class TrainingJobs:
             initial = self._read_adapter(config.init_adapter)
         run = TrainingRun(self.runtime, self.tokenizer, config, prepared.train, prepared.eval,
                           self.artifacts.checkpoints(record.id), initial=initial)
+        run.checkpoint_saved = lambda: self.artifacts.checkpoint_saved(record.id)
         run.resume()
         return run
 
@@ -364,6 +366,7 @@ class TrainingJobs:
         out = self.artifacts.export(record.id)
         try:
             await asyncio.to_thread(run.export, out)
+            await asyncio.to_thread(self.artifacts.export_written, record.id)
         except OSError as exc:
             await self._end(record, FAILED, f"cannot write the adapter: {exc}")
             return

@@ -10,6 +10,7 @@ from adapters.kinds.base import AdapterLimits
 from gateway.training.artifacts import JobArtifacts
 from gateway.training.jobs import TrainingJobs, TrainingLimits
 from gateway.training.metrics import register_training_metrics
+from gateway.training.shared_files import SharedJobFiles
 from gateway.training.store import SqliteTrainingJobStore
 
 MAX_LINE_BYTES = 1 << 20
@@ -36,10 +37,12 @@ def attach_training(gateway, database: Path) -> TrainingJobs:
         context_window=gateway.base.context_window,
         adapter=AdapterLimits(max_lora_rank=settings.max_lora_rank, max_virtual_tokens=settings.max_virtual_tokens,
                               max_adapter_bytes=settings.max_adapter_bytes))
+    # with a shared store, datasets, checkpoints and results are copied there: any replica can resume
+    shared = SharedJobFiles(gateway.shared_store) if gateway.shared_store is not None else None
     jobs = TrainingJobs(runtime=gateway.runtime, tokenizer=gateway.base.tokenizer,
                         store=SqliteTrainingJobStore(database),
                         artifacts=JobArtifacts(settings.data_dir / "training",
-                                               settings.training_artifact_retention_seconds),
+                                               settings.training_artifact_retention_seconds, shared=shared),
                         limits=limits, register=register, unregister=unregister, check_adapter_id=check_adapter_id,
                         duty_cycle=settings.training_duty_cycle, read_adapter=gateway.registry.read_weights)
     gateway.engine.set_background(jobs.background)
