@@ -20,7 +20,7 @@ from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
-from adapters.store import SqliteAdapterStore, check_database
+from adapters.store import check_database
 from gateway.admin_key import resolve_admin_key
 from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops, tokenize
 from gateway.api import admin_training, files as files_api, fine_tuning as fine_tuning_api
@@ -38,6 +38,8 @@ from gateway.generation import GenerationService, RequestRecord
 from gateway.auth import AccessGuard
 from gateway.console.routes import ConsoleState, attach_console, install_console
 from gateway.console.security import ConsoleHeaders
+from gateway.database import DATABASE_FILE, Stores, open_stores
+from gateway.database.changes import ChangeFeed
 from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
@@ -48,7 +50,6 @@ from gateway.training.wiring import attach_training
 from gateway.uploads import clear_staging
 
 log = logging.getLogger(__name__)
-DATABASE_FILE = "gateway.sqlite3"
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Gateway:
     fine_tuning: FineTuning | None = None  # /v1/fine_tuning/jobs, over ``training``
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # inference keys and their limits
     console: ConsoleState | None = None  # the operator console's sessions (gateway/console)
+    changes: ChangeFeed | None = None  # PostgreSQL: follows other replicas' changes (gateway/database)
 
 
 def eos_ids(base: LoadedBase) -> set[int]:
@@ -86,13 +88,17 @@ def eos_ids(base: LoadedBase) -> set[int]:
 
 def check_data_dir(settings: Settings) -> None:
     """Raise ``DatabaseUnusableError`` when the database is damaged, or lost while the files it
-    described remain (the registry would forget them): the operator decides, never the gateway."""
+    described remain (the registry would forget them): the operator decides, never the gateway.
+    (SQLite only: a PostgreSQL database is the server's to keep whole.)"""
+    if settings.database_url is not None:
+        return
     data = settings.data_dir
     check_database(data / DATABASE_FILE, (data / "adapter-store", data / "training", data / FILES_DIR))
 
 
 def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway:
     check_data_dir(settings)  # before the model loads: fail fast
+    stores = open_stores(settings)  # migrates PostgreSQL, or refuses a newer schema: before the model too
     base = base or load_base(settings)
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
     engine = build_engine(settings, runtime, base.tokenizer, context_window=base.context_window,
@@ -113,7 +119,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     if isinstance(engine, PagedEngine):
         metrics.registry.register(KVCacheCollector(engine))
     registry = AdapterRegistry(
-        store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE), blobs=BlobStore(settings.data_dir / "adapter-store"),
+        store=stores.adapters, blobs=BlobStore(settings.data_dir / "adapter-store"),
         read=lambda folder: read_adapter(folder, runtime.base_info, limits, base.dtype),
         install=install, uninstall=uninstall, device_slots=settings.max_device_adapters,
         cpu_capacity=settings.max_cpu_adapters, slot_wait_seconds=settings.slot_wait_seconds, events=metrics)
@@ -129,12 +135,24 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     service.observers.append(lambda record: count_key_usage(record, keys, metrics))
     gateway = Gateway(settings, base, runtime, engine, registry, service, admin_key, metrics, started=int(time.time()),
                       keys=keys)
-    gateway.experiments = attach_experiments(settings.data_dir / DATABASE_FILE, settings, service, registry,
-                                             metrics.registry)
-    gateway.training = attach_training(gateway, settings.data_dir / DATABASE_FILE)
-    gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, settings.data_dir / DATABASE_FILE)
+    gateway.experiments = attach_experiments(stores.experiments, settings, service, registry, metrics.registry)
+    gateway.training = attach_training(gateway, stores.training, shared=stores.shared)
+    gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, stores.files)
     gateway.console = attach_console(settings)
+    gateway.changes = follow_changes(gateway, stores)
     return gateway
+
+
+def follow_changes(gateway: Gateway, stores: Stores) -> ChangeFeed | None:
+    """On a shared database, what other replicas change reaches this one's memory (gateway/database)."""
+    if not stores.shared:
+        return None
+    feed = ChangeFeed(stores.adapters.db, gateway.settings.database_resync_seconds)
+    feed.subscribe("adapters", gateway.registry.sync)
+    feed.subscribe("experiments", gateway.experiments.sync)
+    feed.subscribe("training", gateway.training.sync)
+    feed.subscribe("files", gateway.files.sync)
+    return feed
 
 
 def count_request(record: RequestRecord, registry: AdapterRegistry, metrics: GatewayMetrics, base_name: str) -> None:
@@ -182,6 +200,8 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
         await gateway.registry.start()
         await gateway.files.start()
         await gateway.training.start()  # after the registry: a resumed job may register its result
+        if gateway.changes is not None:
+            await gateway.changes.start()
         if settings.adapters_dir is not None:
             await load_adapters_dir(gateway, settings.adapters_dir)
         gateway.ready = True
@@ -190,6 +210,8 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
             yield
         finally:
             gateway.ready = False
+            if gateway.changes is not None:
+                await gateway.changes.close()
             await asyncio.to_thread(gateway.engine.stop)
             await gateway.training.close()  # a running job resumes from its checkpoint at the next start
             await gateway.files.close()

@@ -27,7 +27,7 @@ from adapters.errors import DatasetValidationError
 from adapters.preference_data import PREFERENCE_FORMAT, first_record, is_preference_record, parse_preference_dataset
 from adapters.training_data import parse_dataset
 from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError
-from gateway.files.store import FileRecord, SqliteFileStore
+from gateway.files.store import FileRecord, SqlFileStore
 
 log = logging.getLogger(__name__)
 PURPOSES = ("fine-tune",)
@@ -63,7 +63,7 @@ def validate_training_file(data: bytes, limits: FileLimits) -> tuple[str, int]:
 
 
 class FileService:
-    def __init__(self, root: Path, store: SqliteFileStore, limits: FileLimits):
+    def __init__(self, root: Path, store: SqlFileStore, limits: FileLimits):
         self.root = root
         self.store = store
         self.limits = limits
@@ -78,6 +78,11 @@ class FileService:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.store.close)
+
+    async def sync(self) -> None:
+        """Follow the store's records, which other replicas change when they share the database."""
+        rows = await asyncio.to_thread(self.store.load_all)
+        self._records = {r.id: r for r in rows}
 
     def path(self, file_id: str) -> Path:
         return self.root / (file_id + SUFFIX)
