@@ -43,6 +43,7 @@ class ChangeFeed:
         self.reconnects = 0
         self.syncs = 0  # topic re-reads done (a metric, and what tests wait on)
         self.sync_errors = 0
+        self._failing = False  # the last re-read failed (logged once until one succeeds)
 
     def subscribe(self, topic: str, handler: Callable[[], Awaitable[None]]) -> None:
         """``handler()`` re-reads ``topic``'s rows and applies them; called on the event loop."""
@@ -128,7 +129,13 @@ class ChangeFeed:
                 except Exception as exc:  # noqa: BLE001 - kept dirty, tried again at the next round
                     self.sync_errors += 1
                     self._dirty.add(topic)
-                    log.warning("cannot re-read %s from the database: %s", topic, exc)
+                    # once per outage: the next rounds fail alike until the server is back
+                    log.log(logging.DEBUG if self._failing else logging.WARNING,
+                            "cannot re-read %s from the database (serving goes on from memory): %s", topic, exc)
+                    self._failing = True
+            if self._failing and not self._dirty:
+                self._failing = False
+                log.info("the database is reachable again; memory follows it again")
 
 
 def _topic(payload: str) -> str:

@@ -245,7 +245,8 @@ class TrainingJobs:
         if record.state in TERMINAL:
             raise TrainingJobStateError(_too_late(record))
         if job_id != self._current or self._preparing:
-            await self._end(record, CANCELLED)  # a run being built meanwhile is thrown away
+            async with self._records_lock:  # a sync must not put back the state it read before this write
+                await self._end(record, CANCELLED)  # a run being built meanwhile is thrown away
             return record
         self._cancel_asked.add(job_id)
         active = self._active
@@ -338,9 +339,14 @@ class TrainingJobs:
             await self._idle(self.retry_seconds)  # no new job while the store refuses writes
             return
         await self._tidy(list(self._records.values()))
-        if self.shared:
-            await self.sync()  # jobs other replicas created (a missed notification heals here too)
-        claimed = await asyncio.to_thread(self.store.claim, self.owner, self.lease_seconds, time.time())
+        try:
+            if self.shared:
+                await self.sync()  # jobs other replicas created (a missed notification heals here too)
+            claimed = await asyncio.to_thread(self.store.claim, self.owner, self.lease_seconds, time.time())
+        except DatabaseUnavailableError as exc:  # expected while the server is away: no traceback
+            log.warning("training jobs: %s; trying again in %.1f s", exc, self.retry_seconds)
+            await self._idle(self.retry_seconds)
+            return
         if claimed is None:
             await self._idle(self.poll_seconds if self.shared else TIDY_EVERY_SECONDS)
             return
