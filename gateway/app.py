@@ -38,7 +38,7 @@ from gateway.generation import GenerationService, RequestRecord
 from gateway.auth import AccessGuard
 from gateway.console.routes import ConsoleState, attach_console, install_console
 from gateway.console.security import ConsoleHeaders
-from gateway.database import DATABASE_FILE, Stores, open_stores
+from gateway.database import DATABASE_FILE, Stores, check_shared_database, open_stores
 from gateway.database.changes import ChangeFeed
 from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
@@ -89,8 +89,10 @@ def eos_ids(base: LoadedBase) -> set[int]:
 def check_data_dir(settings: Settings) -> None:
     """Raise ``DatabaseUnusableError`` when the database is damaged, or lost while the files it
     described remain (the registry would forget them): the operator decides, never the gateway.
-    (SQLite only: a PostgreSQL database is the server's to keep whole.)"""
+    With PostgreSQL: raise ``DatabaseUnavailableError`` when it cannot be reached, and
+    ``SchemaTooNewError`` when a newer release migrated it (its schema is migrated here otherwise)."""
     if settings.database_url is not None:
+        check_shared_database(settings)
         return
     data = settings.data_dir
     check_database(data / DATABASE_FILE, (data / "adapter-store", data / "training", data / FILES_DIR))
@@ -98,7 +100,7 @@ def check_data_dir(settings: Settings) -> None:
 
 def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway:
     check_data_dir(settings)  # before the model loads: fail fast
-    stores = open_stores(settings)  # migrates PostgreSQL, or refuses a newer schema: before the model too
+    stores = open_stores(settings)
     base = base or load_base(settings)
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
     engine = build_engine(settings, runtime, base.tokenizer, context_window=base.context_window,

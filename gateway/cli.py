@@ -33,8 +33,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from adapters.sql import DatabaseUnavailableError
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
+    from gateway.database.migrations import SchemaTooNewError
     from gateway.exposure import check_exposure
     from gateway.shutdown import GatewayServer
 
@@ -44,7 +46,7 @@ def serve(settings: Settings) -> None:
         sys.exit(f"adapter-gateway: {problem}")
     try:
         check_data_dir(settings)
-    except DatabaseUnusableError as exc:
+    except (DatabaseUnusableError, DatabaseUnavailableError, SchemaTooNewError) as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
     app = create_app(settings)
     # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from adapters.sql import PostgresDatabase, redact_url
 from adapters.store import AdapterStore, SqlAdapterStore, SqliteAdapterStore
@@ -52,6 +51,14 @@ def open_stores(settings: Settings) -> Stores:
                   SqlTrainingJobStore(connect()), shared=True)
 
 
-def sqlite_path(settings: Settings) -> Path | None:
-    """The SQLite database file, or None when the rows live in PostgreSQL."""
-    return settings.data_dir / DATABASE_FILE if settings.database_url is None else None
+def check_shared_database(settings: Settings) -> None:
+    """PostgreSQL: reach the server and bring its schema up to date now, so that a start fails fast
+    with the reason (``DatabaseUnavailableError``, ``SchemaTooNewError``) before the model loads."""
+    url = database_url(settings)
+    if url is None:
+        return
+    db = PostgresDatabase(url, settings.database_timeout_seconds)
+    try:
+        migrate(db)
+    finally:
+        db.close()

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from adapters.sql import PostgresDatabase
+from gateway.app import check_data_dir
 from gateway.database import open_stores
 from gateway.database.migrations import LATEST, MIGRATIONS, SchemaTooNewError, migrate
 from gateway.settings import Settings
@@ -51,7 +52,9 @@ def test_a_database_newer_than_the_code_is_refused(postgres_url):
     with pytest.raises(SchemaTooNewError, match=f"version {LATEST + 5}, newer than this release knows"):
         migrate(db)
     settings = Settings(database_url=postgres_url, database_timeout_seconds=2)
-    with pytest.raises(SchemaTooNewError):  # the gateway refuses to start on it
+    with pytest.raises(SchemaTooNewError):  # the gateway refuses to start on it, before the model loads
+        check_data_dir(settings)
+    with pytest.raises(SchemaTooNewError):
         open_stores(settings)
     db.close()
 
