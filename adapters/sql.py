@@ -89,6 +89,10 @@ class SqlDatabase:
     def run(self, fn: Callable[[Transaction], T]) -> T:
         raise NotImplementedError
 
+    def read(self, fn: Callable[[Transaction], T]) -> T:
+        """``run`` for a transaction that only reads (SQLite then takes no write lock)."""
+        return self.run(fn)
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -113,9 +117,15 @@ class SqliteDatabase(SqlDatabase):
         self._lock = threading.Lock()
 
     def run(self, fn: Callable[[Transaction], T]) -> T:
+        # IMMEDIATE takes the write lock up front, so a read-then-write cannot be overtaken
+        return self._transaction(fn, "BEGIN IMMEDIATE")
+
+    def read(self, fn: Callable[[Transaction], T]) -> T:
+        return self._transaction(fn, "BEGIN")  # one snapshot, no write lock
+
+    def _transaction(self, fn: Callable[[Transaction], T], begin: str) -> T:
         with self._lock:
-            # IMMEDIATE takes the write lock up front, so a read-then-write cannot be overtaken
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(begin)
             try:
                 result = fn(Transaction(self._conn.cursor(), self.dialect))
             except BaseException:
@@ -183,6 +193,12 @@ class PostgresDatabase(SqlDatabase):
                         continue
                     raise DatabaseUnavailableError(f"the database is unavailable: {_first_line(exc)}") from None
             raise AssertionError("unreachable")
+
+    def read(self, fn: Callable[[Transaction], T]) -> T:
+        def snapshot(tx: Transaction) -> T:  # every statement of ``fn`` sees the same committed state
+            tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return fn(tx)
+        return self.run(snapshot)
 
     def _discard(self) -> None:
         try:

@@ -90,7 +90,7 @@ class SqlAdapterStore:
         self.db = db
 
     def load_all(self) -> list[AdapterRecord]:
-        rows = self.db.run(lambda tx: tx.execute(f"SELECT {', '.join(_COLUMNS)} FROM registry_adapters ORDER BY id"))
+        rows = self.db.read(lambda tx: tx.execute(f"SELECT {', '.join(_COLUMNS)} FROM registry_adapters ORDER BY id"))
         return [AdapterRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6])) for r in rows]
 
     def put(self, record: AdapterRecord) -> None:

@@ -197,7 +197,7 @@ class SqlExperimentStore:
 
     # ---- experiments ----------------------------------------------------------------------------
     def load_experiments(self) -> list[Experiment]:
-        rows = self.db.run(lambda tx: tx.execute(
+        rows = self.db.read(lambda tx: tx.execute(
             f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY created, name"))
         return [Experiment(name=r[0], salt=r[1], arms=[Arm(a["name"], a["weight"]) for a in json.loads(r[2])],
                            stickiness=r[3], subject_header=r[4], state=r[5], created=r[6], updated=r[7],
@@ -271,7 +271,7 @@ class SqlExperimentStore:
                 " JOIN experiment_requests r ON r.completion_id = f.completion_id WHERE f.experiment = ?", (name,))
             return counts, timings, feedback
 
-        counts, timings, feedback = self.db.run(read)
+        counts, timings, feedback = self.db.read(read)
         arms: dict[str, ArmData] = {}
         for arm, requests, errors, cancelled, prompt, completion in counts:
             arms[arm] = ArmData(requests=int(requests), errors=int(errors or 0), cancelled=int(cancelled or 0),
@@ -295,7 +295,7 @@ class SqlExperimentStore:
                                                          row.completion, row.created)))
 
     def captured_answers(self, name: str) -> list[CapturedAnswer]:
-        rows = self.db.run(lambda tx: tx.execute(
+        rows = self.db.read(lambda tx: tx.execute(
             "SELECT c.completion_id, r.arm, c.messages, c.completion, f.score, f.thumbs"
             " FROM experiment_captures c"
             " JOIN experiment_requests r ON r.completion_id = c.completion_id"

@@ -37,7 +37,7 @@ class SqlFileStore:
         self.db = db
 
     def load_all(self) -> list[FileRecord]:
-        rows = self.db.run(lambda tx: tx.execute("SELECT record FROM files ORDER BY created, id"))
+        rows = self.db.read(lambda tx: tx.execute("SELECT record FROM files ORDER BY created, id"))
         return [FileRecord(**json.loads(r[0])) for r in rows]
 
     def put(self, record: FileRecord) -> None:

@@ -83,7 +83,7 @@ class SqlTrainingJobStore:
         self.db = db
 
     def load_all(self) -> list[TrainingJobRecord]:
-        rows = self.db.run(lambda tx: tx.execute("SELECT record FROM training_jobs ORDER BY created, id"))
+        rows = self.db.read(lambda tx: tx.execute("SELECT record FROM training_jobs ORDER BY created, id"))
         return [TrainingJobRecord(**json.loads(r[0])) for r in rows]
 
     def put(self, record: TrainingJobRecord) -> None:
