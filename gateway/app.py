@@ -39,7 +39,7 @@ from gateway.auth import AccessGuard
 from gateway.console.routes import ConsoleState, attach_console, install_console
 from gateway.console.security import ConsoleHeaders
 from gateway.database import DATABASE_FILE, Stores, check_shared_database, open_stores
-from gateway.database.changes import ChangeFeed
+from gateway.database.changes import ChangeFeed, ChangeFeedCollector
 from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
@@ -154,6 +154,7 @@ def follow_changes(gateway: Gateway, stores: Stores) -> ChangeFeed | None:
     feed.subscribe("experiments", gateway.experiments.sync)
     feed.subscribe("training", gateway.training.sync)
     feed.subscribe("files", gateway.files.sync)
+    gateway.metrics.registry.register(ChangeFeedCollector(feed))
     return feed
 
 

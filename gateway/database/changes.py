@@ -19,7 +19,10 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from adapters.sql import CHANGES_CHANNEL, DatabaseUnavailableError, PostgresDatabase
 
@@ -143,3 +146,24 @@ def _topic(payload: str) -> str:
         return str(json.loads(payload)["topic"])
     except (ValueError, KeyError, TypeError):
         return ""
+
+
+class ChangeFeedCollector(Collector):
+    """Prometheus figures of the change feed, read at scrape time."""
+
+    def __init__(self, feed: ChangeFeed):
+        self.feed = feed
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        connected = GaugeMetricFamily("gateway_database_listener_connected",
+                                      "1 while this replica listens for the shared database's changes.")
+        connected.add_metric([], 1.0 if self.feed.connected else 0.0)
+        yield connected
+        for name, help_text, value in (
+                ("gateway_database_resyncs", "Tables re-read from the shared database (after a change "
+                 "notification, periodically, after a reconnect).", self.feed.syncs),
+                ("gateway_database_resync_errors", "Re-reads of the shared database that failed (the server "
+                 "unreachable); tried again at the next round.", self.feed.sync_errors)):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], value)
+            yield family

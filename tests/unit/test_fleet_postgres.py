@@ -253,5 +253,8 @@ def test_postgres_down_serving_goes_on_writes_get_503_and_recover(tmp_path, adap
             poll(lambda: register(a, "new", "lora-2").status_code == 201, "writes work again")
             poll(lambda: chat(b, "new").status_code == 200, "B follows changes again")
             assert gateway_of(b).changes.reconnects >= 2
+            figures = b.get("/metrics").text
+            assert "gateway_database_listener_connected 1.0" in figures
+            assert "gateway_database_resync_errors_total" in figures
     finally:
         cluster.destroy()
