@@ -369,7 +369,13 @@ class AdapterRegistry:
         else:
             entry.pinned = False
             await self.tiers.released()
-        await asyncio.to_thread(self.store.set_pinned, adapter_id, pinned)
+        try:
+            await asyncio.to_thread(self.store.set_pinned, adapter_id, pinned)
+        except BaseException:
+            # not saved: memory goes back to what the store (and every other replica) holds
+            entry.pinned = not pinned
+            await self.tiers.released()
+            raise
         return entry
 
     async def load(self, adapter_id: str) -> AdapterEntry:

@@ -242,6 +242,8 @@ def test_postgres_down_serving_goes_on_writes_get_503_and_recover(tmp_path, adap
             assert_unavailable(register(a, "new", "lora-2"))
             assert_unavailable(a.delete("/admin/adapters/known", headers=ADMIN))
             assert chat(a, "known").status_code == 200  # the refused delete left it served
+            assert_unavailable(a.post("/admin/adapters/known/pin", headers=ADMIN))
+            assert described(a, "known")["pinned"] is False  # the refused pin left nothing behind
             arms = [{"name": "known", "weight": 1}, {"name": "tiny", "weight": 1}]
             assert_unavailable(b.post("/admin/experiments", headers=ADMIN, json={"name": "e", "arms": arms}))
             assert_unavailable(submit(a, jsonl(rows()), kind="ia3", max_steps=1))
