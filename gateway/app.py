@@ -147,9 +147,9 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
 
 def follow_changes(gateway: Gateway, stores: Stores) -> ChangeFeed | None:
     """On a shared database, what other replicas change reaches this one's memory (gateway/database)."""
-    if not stores.shared:
+    if stores.postgres is None:
         return None
-    feed = ChangeFeed(stores.adapters.db, gateway.settings.database_resync_seconds)
+    feed = ChangeFeed(stores.postgres, gateway.settings.database_resync_seconds)
     feed.subscribe("adapters", gateway.registry.sync)
     feed.subscribe("experiments", gateway.experiments.sync)
     feed.subscribe("training", gateway.training.sync)

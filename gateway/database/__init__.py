@@ -25,7 +25,11 @@ class Stores:
     experiments: ExperimentStore
     files: SqlFileStore
     training: TrainingJobStore
-    shared: bool  # PostgreSQL: other replicas share these rows
+    postgres: PostgresDatabase | None = None  # shared with other replicas: where to follow their changes
+
+    @property
+    def shared(self) -> bool:
+        return self.postgres is not None
 
 
 def database_url(settings: Settings) -> str | None:
@@ -39,7 +43,7 @@ def open_stores(settings: Settings) -> Stores:
     if url is None:
         path = settings.data_dir / DATABASE_FILE
         return Stores(SqliteAdapterStore(path), SqliteExperimentStore(path), SqliteFileStore(path),
-                      SqliteTrainingJobStore(path), shared=False)
+                      SqliteTrainingJobStore(path))
 
     def connect() -> PostgresDatabase:
         return PostgresDatabase(url, settings.database_timeout_seconds)
@@ -48,7 +52,7 @@ def open_stores(settings: Settings) -> Stores:
     migrate(first)
     log.info("registry in PostgreSQL at %s", redact_url(url))
     return Stores(SqlAdapterStore(first), SqlExperimentStore(connect()), SqlFileStore(connect()),
-                  SqlTrainingJobStore(connect()), shared=True)
+                  SqlTrainingJobStore(connect()), postgres=first)
 
 
 def check_shared_database(settings: Settings) -> None:
