@@ -211,6 +211,70 @@ class AdapterRegistry:
         log.info("registry: %d adapter(s) registered, %d with missing files, %d unreferenced blob(s) in quarantine",
                  len(records), len(missing), self.quarantined_blobs)
 
+    async def sync(self) -> None:
+        """Make memory match the store's rows after changes another process made (replicas sharing
+        one database), with the semantics of the local calls: a new row is servable at once (its
+        weights load lazily from the blob store by content hash, at its first request); a changed
+        content hash replaces the version (leased requests finish on the old one, new ones get the
+        new one); a row gone deletes the id (new requests fail at once, in-flight ones finish); a
+        changed pin pins or unpins here too. Changes this process made are in memory already, so
+        applying them again changes nothing. Rows are read under the registry's lock: a local
+        register or delete is never half seen."""
+        retired: list[AdapterEntry] = []
+        removed: list[AdapterEntry] = []
+        pins: list[tuple[AdapterEntry, bool]] = []
+        async with self._lock:
+            records = await asyncio.to_thread(self.store.load_all)
+            # whether files exist is asked only of rows new here, changed, or missing their files
+            # (with a shared store on S3 each answer is a request: not every row at every resync)
+            unsure = [r for r in records if (known := self._entries.get(r.id)) is None
+                      or known.record.content_hash != r.content_hash or known.missing]
+            present = set(await asyncio.to_thread(
+                lambda: {r.content_hash for r in unsure if self.blobs.exists(r.content_hash)}))
+            rows = {r.id: r for r in records}
+            for adapter_id in [i for i in self._entries if i not in rows]:
+                removed.append(self._entries.pop(adapter_id))  # hidden before any await
+                self._stats.pop(adapter_id, None)
+            for record in records:
+                entry = self._entries.get(record.id)
+                if entry is not None and entry.record.content_hash == record.content_hash:
+                    if entry.missing:
+                        entry.missing = record.content_hash not in present
+                    if entry.pinned != record.pinned:
+                        pins.append((entry, record.pinned))
+                    continue
+                new = self._new_entry(record)
+                new.missing = record.content_hash not in present
+                self._entries[record.id] = new
+                if record.pinned and not new.missing:
+                    pins.append((new, True))
+                if entry is not None:
+                    retired.append(entry)
+        for entry in retired:
+            log.info("adapter %s replaced by another replica", entry.name)
+            entry.retired, entry.pinned = True, False
+            self._retire_later(entry)
+        for entry in removed:
+            log.info("adapter %s deleted by another replica; waiting for %d request(s) in flight", entry.name,
+                     entry.in_flight)
+            self._in_background(self._retire_removed(entry))
+        for entry, pinned in pins:
+            if pinned:
+                try:
+                    await self.tiers.pin(entry)
+                except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the sync
+                    log.error("adapter %s: pinned by another replica but could not be loaded here: %s",
+                              entry.name, exc)
+            else:
+                entry.pinned = False
+                await self.tiers.released()
+
+    async def _retire_removed(self, entry: AdapterEntry) -> None:
+        await self._retire(entry)
+        if entry.id not in self._entries:  # unless registered again meanwhile
+            for callback in self.on_removed:
+                callback(entry.id)
+
     def _new_entry(self, record: AdapterRecord) -> AdapterEntry:
         stats = self._stats.setdefault(record.id, AdapterStats())
         return AdapterEntry(record=record, stats=stats)
@@ -322,7 +386,13 @@ class AdapterRegistry:
         else:
             entry.pinned = False
             await self.tiers.released()
-        await asyncio.to_thread(self.store.set_pinned, adapter_id, pinned)
+        try:
+            await asyncio.to_thread(self.store.set_pinned, adapter_id, pinned)
+        except BaseException:
+            # not saved: memory goes back to what the store (and every other replica) holds
+            entry.pinned = not pinned
+            await self.tiers.released()
+            raise
         return entry
 
     async def load(self, adapter_id: str) -> AdapterEntry:

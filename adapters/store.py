@@ -1,19 +1,19 @@
 """Registry metadata persistence behind a small interface; SQLite (WAL) is the embedded default.
 
 Each write is one transaction, so after a crash the database holds the old or the new row, never
-half of one. A server database can replace SQLite by implementing ``AdapterStore``.
+half of one. ``SqlAdapterStore`` runs on SQLite or PostgreSQL (``adapters.sql``).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from adapters import faults
+from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 
 
 @dataclass
@@ -78,51 +78,51 @@ def check_database(path: Path, described: tuple[Path, ...] = ()) -> None:
             f"start with an empty database (the stored files it described must then be moved aside too)")
 
 
-def open_sqlite(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
-    """A connection in WAL mode (fsync per commit unless ``synchronous`` says otherwise), usable
-    from the event loop and worker threads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
+_COLUMNS = ("id", "content_hash", "kind", "size_bytes", "created", "pinned", "info")
+_PUT = upsert_sql("registry_adapters", _COLUMNS)
 
 
-class SqliteAdapterStore:
-    def __init__(self, path: Path):
-        self._conn = open_sqlite(path)
-        self._lock = threading.Lock()
-        with self._lock, self._conn:
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS registry_adapters ("
-                " id TEXT PRIMARY KEY, content_hash TEXT NOT NULL, kind TEXT NOT NULL,"
-                " size_bytes INTEGER NOT NULL, created REAL NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,"
-                " info TEXT NOT NULL)")
+class SqlAdapterStore:
+    """``AdapterStore`` on SQLite or PostgreSQL (``adapters.sql``); every change notifies the
+    topic ``adapters``, which other replicas follow."""
+
+    def __init__(self, db: SqlDatabase):
+        self.db = db
 
     def load_all(self) -> list[AdapterRecord]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT id, content_hash, kind, size_bytes, created, pinned, info FROM registry_adapters "
-                "ORDER BY id").fetchall()
+        rows = self.db.read(lambda tx: tx.execute(f"SELECT {', '.join(_COLUMNS)} FROM registry_adapters ORDER BY id"))
         return [AdapterRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6])) for r in rows]
 
     def put(self, record: AdapterRecord) -> None:
-        with self._lock, self._conn:
-            self._conn.execute(
-                "INSERT OR REPLACE INTO registry_adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (record.id, record.content_hash, record.kind, record.size_bytes, record.created,
-                 int(record.pinned), json.dumps(record.info, sort_keys=True)))
+        def write(tx: Transaction) -> None:
+            tx.execute(_PUT, (record.id, record.content_hash, record.kind, record.size_bytes, record.created,
+                              int(record.pinned), json.dumps(record.info, sort_keys=True)))
+            tx.notify("adapters", id=record.id)
+        self.db.run(write)
 
     def delete(self, adapter_id: str) -> None:
         faults.hit("adapter-db.delete")
-        with self._lock, self._conn:
-            self._conn.execute("DELETE FROM registry_adapters WHERE id = ?", (adapter_id,))
+
+        def write(tx: Transaction) -> None:
+            tx.execute("DELETE FROM registry_adapters WHERE id = ?", (adapter_id,))
+            tx.notify("adapters", id=adapter_id)
+        self.db.run(write)
 
     def set_pinned(self, adapter_id: str, pinned: bool) -> None:
-        with self._lock, self._conn:
-            self._conn.execute("UPDATE registry_adapters SET pinned = ? WHERE id = ?", (int(pinned), adapter_id))
+        def write(tx: Transaction) -> None:
+            tx.execute("UPDATE registry_adapters SET pinned = ? WHERE id = ?", (int(pinned), adapter_id))
+            tx.notify("adapters", id=adapter_id)
+        self.db.run(write)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.db.close()
+
+
+class SqliteAdapterStore(SqlAdapterStore):
+    def __init__(self, path: Path):
+        super().__init__(SqliteDatabase(path))
+        self.db.run(lambda tx: tx.execute(
+            "CREATE TABLE IF NOT EXISTS registry_adapters ("
+            " id TEXT PRIMARY KEY, content_hash TEXT NOT NULL, kind TEXT NOT NULL,"
+            " size_bytes INTEGER NOT NULL, created REAL NOT NULL, pinned INTEGER NOT NULL DEFAULT 0,"
+            " info TEXT NOT NULL)"))

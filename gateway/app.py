@@ -21,7 +21,7 @@ from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
 from adapters.shared_store import SharedStore
-from adapters.store import SqliteAdapterStore, check_database
+from adapters.store import check_database
 from gateway.admin_key import resolve_admin_key
 from gateway.api import admin_adapters, admin_experiments, feedback, openai, ops, tokenize
 from gateway.api import admin_training, files as files_api, fine_tuning as fine_tuning_api
@@ -39,6 +39,8 @@ from gateway.generation import GenerationService, RequestRecord
 from gateway.auth import AccessGuard
 from gateway.console.routes import ConsoleState, attach_console, install_console
 from gateway.console.security import ConsoleHeaders
+from gateway.database import DATABASE_FILE, Stores, check_shared_database, open_stores
+from gateway.database.changes import ChangeFeed, ChangeFeedCollector
 from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
@@ -50,7 +52,6 @@ from gateway.training.wiring import attach_training
 from gateway.uploads import clear_staging
 
 log = logging.getLogger(__name__)
-DATABASE_FILE = "gateway.sqlite3"
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Gateway:
     keys: KeyRing = field(default_factory=lambda: KeyRing([]))  # inference keys and their limits
     console: ConsoleState | None = None  # the operator console's sessions (gateway/console)
     shared_store: SharedStore | None = None  # files all replicas share (settings.shared_store_url)
+    changes: ChangeFeed | None = None  # PostgreSQL: follows other replicas' changes (gateway/database)
 
 
 def eos_ids(base: LoadedBase) -> set[int]:
@@ -89,13 +91,19 @@ def eos_ids(base: LoadedBase) -> set[int]:
 
 def check_data_dir(settings: Settings) -> None:
     """Raise ``DatabaseUnusableError`` when the database is damaged, or lost while the files it
-    described remain (the registry would forget them): the operator decides, never the gateway."""
+    described remain (the registry would forget them): the operator decides, never the gateway.
+    With PostgreSQL: raise ``DatabaseUnavailableError`` when it cannot be reached, and
+    ``SchemaTooNewError`` when a newer release migrated it (its schema is migrated here otherwise)."""
+    if settings.database_url is not None:
+        check_shared_database(settings)
+        return
     data = settings.data_dir
     check_database(data / DATABASE_FILE, (data / "adapter-store", data / "training", data / FILES_DIR))
 
 
 def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway:
     check_data_dir(settings)  # before the model loads: fail fast
+    stores = open_stores(settings)
     base = base or load_base(settings)
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
     engine = build_engine(settings, runtime, base.tokenizer, context_window=base.context_window,
@@ -117,8 +125,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
         metrics.registry.register(KVCacheCollector(engine))
     shared = open_shared_store(settings)  # None: every file stays in the data dir
     registry = AdapterRegistry(
-        store=SqliteAdapterStore(settings.data_dir / DATABASE_FILE),
-        blobs=adapter_blobs(settings.data_dir / "adapter-store", shared),
+        store=stores.adapters, blobs=adapter_blobs(settings.data_dir / "adapter-store", shared),
         read=lambda folder: read_adapter(folder, runtime.base_info, limits, base.dtype),
         install=install, uninstall=uninstall, device_slots=settings.max_device_adapters,
         cpu_capacity=settings.max_cpu_adapters, slot_wait_seconds=settings.slot_wait_seconds, events=metrics)
@@ -134,12 +141,25 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     service.observers.append(lambda record: count_key_usage(record, keys, metrics))
     gateway = Gateway(settings, base, runtime, engine, registry, service, admin_key, metrics, started=int(time.time()),
                       keys=keys, shared_store=shared)
-    gateway.experiments = attach_experiments(settings.data_dir / DATABASE_FILE, settings, service, registry,
-                                             metrics.registry)
-    gateway.training = attach_training(gateway, settings.data_dir / DATABASE_FILE)
-    gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, settings.data_dir / DATABASE_FILE)
+    gateway.experiments = attach_experiments(stores.experiments, settings, service, registry, metrics.registry)
+    gateway.training = attach_training(gateway, stores.training, shared=stores.shared)
+    gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, stores.files)
     gateway.console = attach_console(settings)
+    gateway.changes = follow_changes(gateway, stores)
     return gateway
+
+
+def follow_changes(gateway: Gateway, stores: Stores) -> ChangeFeed | None:
+    """On a shared database, what other replicas change reaches this one's memory (gateway/database)."""
+    if stores.postgres is None:
+        return None
+    feed = ChangeFeed(stores.postgres, gateway.settings.database_resync_seconds)
+    feed.subscribe("adapters", gateway.registry.sync)
+    feed.subscribe("experiments", gateway.experiments.sync)
+    feed.subscribe("training", gateway.training.sync)
+    feed.subscribe("files", gateway.files.sync)
+    gateway.metrics.registry.register(ChangeFeedCollector(feed))
+    return feed
 
 
 def count_request(record: RequestRecord, registry: AdapterRegistry, metrics: GatewayMetrics, base_name: str) -> None:
@@ -187,6 +207,8 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
         await gateway.registry.start()
         await gateway.files.start()
         await gateway.training.start()  # after the registry: a resumed job may register its result
+        if gateway.changes is not None:
+            await gateway.changes.start()
         if settings.adapters_dir is not None:
             await load_adapters_dir(gateway, settings.adapters_dir)
         gateway.ready = True
@@ -195,6 +217,8 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
             yield
         finally:
             gateway.ready = False
+            if gateway.changes is not None:
+                await gateway.changes.close()
             await asyncio.to_thread(gateway.engine.stop)
             await gateway.training.close()  # a running job resumes from its checkpoint at the next start
             await gateway.files.close()

@@ -34,8 +34,10 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from adapters.shared_store import SharedStoreError
+    from adapters.sql import DatabaseUnavailableError
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
+    from gateway.database.migrations import SchemaTooNewError
     from gateway.exposure import check_exposure
     from gateway.shared_storage import open_shared_store
     from gateway.shutdown import GatewayServer
@@ -51,7 +53,7 @@ def serve(settings: Settings) -> None:
         return
     try:
         check_data_dir(settings)
-    except DatabaseUnusableError as exc:
+    except (DatabaseUnusableError, DatabaseUnavailableError, SchemaTooNewError) as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
     try:
         open_shared_store(settings)  # before the model loads: a wrong bucket or mount fails fast

@@ -31,6 +31,7 @@ from adapters.errors import (
     AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
     DatasetValidationError, SharedStoreUnavailableError,
 )
+from adapters.sql import DatabaseUnavailableError
 from adapters.tiers import NoFreeSlotError
 from gateway.domain_errors import DomainError
 from gateway.engine import (
@@ -192,6 +193,8 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     TrainingJobStateError: ErrorSpec(409, "conflict_error", "conflict"),
     TooManyTrainingJobsError: ErrorSpec(429, "rate_limit_error", "too_many_jobs"),
     TrainingStoreError: ErrorSpec(503, "server_error", "storage_unavailable", retry_after=5),
+    # PostgreSQL unreachable: nothing was written; serving of known adapters goes on from memory
+    DatabaseUnavailableError: ErrorSpec(503, "server_error", "database_unavailable", retry_after=5),
     FileNotFound: ErrorSpec(404, "not_found_error", "file_not_found"),
     FileInUseError: ErrorSpec(409, "conflict_error", "file_in_use"),
     FileRequestError: ErrorSpec(400, "invalid_request_error", "invalid_file_request"),

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.keys import ApiKeySpec, check_unique, normalize_key_specs
@@ -179,6 +179,21 @@ class Settings(BaseSettings):
         "How long the ingress remembers what a model name stands for (an adapter id, an alias, the base "
         "model); experiment names are asked for on every request. Routing is a hint: the replica resolves "
         "the name again, so a stale entry can cost a cold adapter load, never a wrong answer."))
+    database_url: SecretStr | None = Field(None, description=(
+        "Where the registry, experiments, files and training jobs are kept. Unset: SQLite in DATA_DIR "
+        "(one process). postgresql://user:password@host:port/database: one PostgreSQL database shared by "
+        "every replica (schema migrated at start; changes reach all replicas through LISTEN/NOTIFY). "
+        "The password is never logged."))
+    database_timeout_seconds: float = Field(5.0, gt=0, le=300, description=(
+        "PostgreSQL: how long to wait for the server before a write fails with 503 database_unavailable "
+        "(serving of known adapters goes on from memory)."))
+    database_resync_seconds: float = Field(5.0, gt=0, le=3600, description=(
+        "PostgreSQL: how often each replica re-reads adapters, experiments and training jobs in full, "
+        "beside the change notifications (heals a missed notification); also done after a reconnect."))
+    training_lease_seconds: float = Field(30.0, ge=1, le=3600, description=(
+        "PostgreSQL: how long a replica's claim on a training job lasts without renewal (renewed every "
+        "third of it); a replica that dies leaves the job to another after this, which resumes it from "
+        "its last checkpoint."))
     log_level: str = Field("info", description="Logging level.")
 
     @field_validator("api_keys", mode="before")
@@ -238,6 +253,13 @@ class Settings(BaseSettings):
         for root in value:
             if not root.is_dir():
                 raise ValueError(f"{root} is not a folder")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql://user:password@host:port/database URL (unset: SQLite)")
         return value
 
     @model_validator(mode="after")

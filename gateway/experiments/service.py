@@ -21,7 +21,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
@@ -36,7 +35,7 @@ from gateway.experiments.metrics import ExperimentMetrics
 from gateway.experiments.preferences import PairSummary, jsonl, preference_records
 from gateway.experiments.results import experiment_results
 from gateway.experiments.store import (
-    CANCELLED, CaptureRow, Experiment, ExperimentStore, FeedbackRow, RequestRow, SqliteExperimentStore, Stickiness,
+    CANCELLED, CaptureRow, Experiment, ExperimentStore, FeedbackRow, RequestRow, Stickiness,
     Thumbs, UnknownCompletionError,
 )
 from gateway.generation import Assignment, GenerationService, RequestRecord
@@ -187,6 +186,20 @@ class ExperimentService:
         log.info("experiment %s: %s", updated.name, ", ".join(f"{k}={v}" for k, v in changes.items()))
         return updated
 
+    async def sync(self) -> None:
+        """Replace the definitions in memory by the store's, after changes another replica made:
+        every replica then routes a subject to the same arm (assignment depends only on the
+        definition). Read under the definitions' lock, so a local change is never half seen."""
+        async with self._lock:
+            loaded = {e.name: e for e in await self._run(self.store.load_experiments)}
+            gone = [e for name, e in self._experiments.items() if name not in loaded]
+            self._experiments = loaded  # replaced whole: readers never see half a change
+            for completion_id in [k for k, row in self._pending.items() if row.experiment not in loaded]:
+                del self._pending[completion_id]
+        for experiment in gone:
+            self.metrics.forget(experiment.name, [arm.name for arm in experiment.arms])
+            log.info("experiment %s deleted by another replica", experiment.name)
+
     # ---- routing --------------------------------------------------------------------------------
     def resolve(self, name: str, subject: str | None) -> str:
         """The arm (a model name) serving ``subject`` in experiment ``name``; a None subject draws per request."""
@@ -303,12 +316,12 @@ def _log_failure(future: Future) -> None:
         log.error("could not record an experiment request: %s", exc)
 
 
-def attach_experiments(database: Path, settings: Settings, generation: GenerationService, registry: AdapterRegistry,
+def attach_experiments(store: ExperimentStore, settings: Settings, generation: GenerationService, registry: AdapterRegistry,
                        prometheus: CollectorRegistry) -> ExperimentService:
-    """Build the experiment service on the gateway's database and hook it into the generation
+    """Build the experiment service on the gateway's experiment store and hook it into the generation
     service (routing, outcomes) and the registry (name and delete guards)."""
     experiments = ExperimentService(
-        SqliteExperimentStore(database), ExperimentMetrics(prometheus),
+        store, ExperimentMetrics(prometheus),
         is_model=lambda name: name == generation.base_name or name in registry,
         max_experiments=settings.max_experiments, min_samples=settings.experiment_min_samples,
         default_subject_header=settings.experiment_subject_header,

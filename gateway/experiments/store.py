@@ -11,17 +11,13 @@ The tables share the gateway's database file with the adapter registry; their na
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
 from adapters import faults
-from adapters.store import open_sqlite
+from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 from gateway.experiments.assignment import Arm
 
 State = Literal["running", "stopped", "promoted"]
@@ -183,113 +179,103 @@ _ADDED_COLUMNS = (("experiment_requests", "api_key_id", "TEXT"),
                   ("experiments", "capture", "INTEGER NOT NULL DEFAULT 0"))
 
 
-class SqliteExperimentStore:
-    """``ExperimentStore`` on one SQLite connection shared by threads (calls are serialized)."""
+_EXPERIMENT_COLUMNS = "name, salt, arms, stickiness, subject_header, state, created, updated, winner, capture"
+_PUT_REQUEST = upsert_sql("experiment_requests", tuple(_REQUEST_COLUMNS.split(", ")), key="completion_id")
+_PUT_FEEDBACK = upsert_sql("experiment_feedback", ("completion_id", "experiment", "score", "thumbs", "created"),
+                           key="completion_id")
+_PUT_CAPTURE = upsert_sql("experiment_captures", ("completion_id", "experiment", "messages", "completion", "created"),
+                          key="completion_id")
 
-    def __init__(self, path: Path):
-        # autocommit mode: transactions are opened explicitly in ``_transaction``. NORMAL in WAL
-        # mode: a commit survives a crash of the process (not necessarily of the OS) without one
-        # fsync per request row
-        self._conn = open_sqlite(path, synchronous="NORMAL")
-        self._lock = threading.Lock()
-        with self._transaction() as conn:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            for table, column, type_ in _ADDED_COLUMNS:
-                if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
-                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {type_}")
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            # IMMEDIATE takes the write lock up front, so a read-then-write cannot be overtaken
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+class SqlExperimentStore:
+    """``ExperimentStore`` on SQLite or PostgreSQL (``adapters.sql``). A change of definitions
+    notifies the topic ``experiments``; request and feedback rows notify nothing (results are read
+    from the database, so they aggregate over every replica)."""
+
+    def __init__(self, db: SqlDatabase):
+        self.db = db
 
     # ---- experiments ----------------------------------------------------------------------------
     def load_experiments(self) -> list[Experiment]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT name, salt, arms, stickiness, subject_header, state, created, updated, winner, capture "
-                "FROM experiments ORDER BY created, name").fetchall()
+        rows = self.db.read(lambda tx: tx.execute(
+            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY created, name"))
         return [Experiment(name=r[0], salt=r[1], arms=[Arm(a["name"], a["weight"]) for a in json.loads(r[2])],
                            stickiness=r[3], subject_header=r[4], state=r[5], created=r[6], updated=r[7],
                            winner=r[8], capture=bool(r[9])) for r in rows]
 
     def insert_experiment(self, experiment: Experiment) -> None:
         e = experiment
-        with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM experiments WHERE name = ?", (e.name,)).fetchone():
+
+        def write(tx: Transaction) -> None:
+            if tx.one("SELECT 1 FROM experiments WHERE name = ?", (e.name,)):
                 raise ValueError(f"an experiment named {e.name!r} exists")
-            conn.execute("INSERT INTO experiments (name, salt, arms, stickiness, subject_header, state, winner, "
-                         "created, updated, capture) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (e.name, e.salt, _arms_json(e.arms), e.stickiness, e.subject_header, e.state,
-                          e.winner, e.created, e.updated, int(e.capture)))
+            tx.execute(f"INSERT INTO experiments ({_EXPERIMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (e.name, e.salt, _arms_json(e.arms), e.stickiness, e.subject_header, e.state,
+                        e.created, e.updated, e.winner, int(e.capture)))
+            tx.notify("experiments", name=e.name)
+        try:
+            self.db.run(write)
+        except self.db.integrity_errors:  # another replica inserted it between the check and the insert
+            raise ValueError(f"an experiment named {e.name!r} exists") from None
 
     def update_experiment(self, experiment: Experiment) -> None:
         e = experiment
-        with self._transaction() as conn:
-            conn.execute("UPDATE experiments SET arms = ?, state = ?, winner = ?, updated = ? WHERE name = ?",
-                         (_arms_json(e.arms), e.state, e.winner, e.updated, e.name))
+
+        def write(tx: Transaction) -> None:
+            tx.execute("UPDATE experiments SET arms = ?, state = ?, winner = ?, updated = ? WHERE name = ?",
+                       (_arms_json(e.arms), e.state, e.winner, e.updated, e.name))
             faults.hit("experiment-db.update")
+            tx.notify("experiments", name=e.name)
+        self.db.run(write)
 
     def delete_experiment(self, name: str) -> None:
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM experiment_captures WHERE experiment = ?", (name,))
-            conn.execute("DELETE FROM experiment_feedback WHERE experiment = ?", (name,))
-            conn.execute("DELETE FROM experiment_requests WHERE experiment = ?", (name,))
-            conn.execute("DELETE FROM experiments WHERE name = ?", (name,))
+        def write(tx: Transaction) -> None:
+            for table in ("experiment_captures", "experiment_feedback", "experiment_requests"):
+                tx.execute(f"DELETE FROM {table} WHERE experiment = ?", (name,))
+            tx.execute("DELETE FROM experiments WHERE name = ?", (name,))
+            tx.notify("experiments", name=name)
+        self.db.run(write)
 
     # ---- requests and feedback ------------------------------------------------------------------
     def add_request(self, row: RequestRow) -> None:
-        with self._transaction() as conn:
-            conn.execute(f"INSERT OR REPLACE INTO experiment_requests ({_REQUEST_COLUMNS}) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (row.completion_id, row.experiment, row.arm, row.subject, row.endpoint, row.ttft_s,
-                          row.latency_s, row.prompt_tokens, row.completion_tokens, row.error_type, row.created,
-                          row.api_key_id))
+        self.db.run(lambda tx: tx.execute(_PUT_REQUEST, (
+            row.completion_id, row.experiment, row.arm, row.subject, row.endpoint, row.ttft_s, row.latency_s,
+            row.prompt_tokens, row.completion_tokens, row.error_type, row.created, row.api_key_id)))
 
     def put_feedback(self, row: FeedbackRow) -> tuple[RequestRow, bool]:
-        with self._transaction() as conn:
-            found = conn.execute(f"SELECT {_REQUEST_COLUMNS} FROM experiment_requests WHERE completion_id = ?",
-                                 (row.completion_id,)).fetchone()
+        def write(tx: Transaction) -> tuple[RequestRow, bool]:
+            found = tx.one(f"SELECT {_REQUEST_COLUMNS} FROM experiment_requests WHERE completion_id = ?",
+                           (row.completion_id,))
             # a request made with another key is as unknown as a missing one: ids cannot be probed
             if found is None or found[-1] != row.api_key_id:
                 raise UnknownCompletionError(row.completion_id)
             request = RequestRow(*found)
-            replaced = conn.execute("SELECT 1 FROM experiment_feedback WHERE completion_id = ?",
-                                    (row.completion_id,)).fetchone() is not None
-            conn.execute("INSERT OR REPLACE INTO experiment_feedback VALUES (?, ?, ?, ?, ?)",
-                         (row.completion_id, request.experiment, row.score, row.thumbs, row.created))
-        return request, replaced
+            replaced = tx.one("SELECT 1 FROM experiment_feedback WHERE completion_id = ?",
+                              (row.completion_id,)) is not None
+            tx.execute(_PUT_FEEDBACK, (row.completion_id, request.experiment, row.score, row.thumbs, row.created))
+            return request, replaced
+        return self.db.run(write)
 
     def arm_data(self, name: str) -> dict[str, ArmData]:
+        def read(tx: Transaction) -> tuple[list, list, list]:  # one transaction: counts and samples agree
+            counts = tx.execute(
+                "SELECT arm, COUNT(*),"
+                " SUM(CASE WHEN error_type IS NOT NULL AND error_type <> ? THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN error_type = ? THEN 1 ELSE 0 END), SUM(prompt_tokens), SUM(completion_tokens)"
+                " FROM experiment_requests WHERE experiment = ? GROUP BY arm", (CANCELLED, CANCELLED, name))
+            timings = tx.execute(
+                "SELECT arm, ttft_s, CASE WHEN error_type IS NULL THEN latency_s END FROM experiment_requests"
+                " WHERE experiment = ?", (name,))
+            feedback = tx.execute(
+                "SELECT r.arm, f.score, f.thumbs FROM experiment_feedback f"
+                " JOIN experiment_requests r ON r.completion_id = f.completion_id WHERE f.experiment = ?", (name,))
+            return counts, timings, feedback
+
+        counts, timings, feedback = self.db.read(read)
         arms: dict[str, ArmData] = {}
-        with self._lock:  # one read transaction: counts and samples agree
-            self._conn.execute("BEGIN")
-            try:
-                counts = self._conn.execute(
-                    "SELECT arm, COUNT(*), SUM(error_type IS NOT NULL AND error_type != ?),"
-                    " SUM(error_type IS ?), SUM(prompt_tokens), SUM(completion_tokens)"
-                    " FROM experiment_requests WHERE experiment = ? GROUP BY arm",
-                    (CANCELLED, CANCELLED, name)).fetchall()
-                timings = self._conn.execute(
-                    "SELECT arm, ttft_s, CASE WHEN error_type IS NULL THEN latency_s END FROM experiment_requests"
-                    " WHERE experiment = ?", (name,)).fetchall()
-                feedback = self._conn.execute(
-                    "SELECT r.arm, f.score, f.thumbs FROM experiment_feedback f"
-                    " JOIN experiment_requests r ON r.completion_id = f.completion_id WHERE f.experiment = ?",
-                    (name,)).fetchall()
-            finally:
-                self._conn.execute("COMMIT")
         for arm, requests, errors, cancelled, prompt, completion in counts:
-            arms[arm] = ArmData(requests=requests, errors=errors or 0, cancelled=cancelled or 0,
-                                prompt_tokens=prompt or 0, completion_tokens=completion or 0)
+            arms[arm] = ArmData(requests=int(requests), errors=int(errors or 0), cancelled=int(cancelled or 0),
+                                prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0))
         for arm, ttft, latency in timings:
             if ttft is not None:
                 arms[arm].ttft_s.append(ttft)
@@ -305,23 +291,35 @@ class SqliteExperimentStore:
         return arms
 
     def put_capture(self, row: CaptureRow) -> None:
-        with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO experiment_captures VALUES (?, ?, ?, ?, ?)",
-                         (row.completion_id, row.experiment, json.dumps(row.messages), row.completion, row.created))
+        self.db.run(lambda tx: tx.execute(_PUT_CAPTURE, (row.completion_id, row.experiment, json.dumps(row.messages),
+                                                         row.completion, row.created)))
 
     def captured_answers(self, name: str) -> list[CapturedAnswer]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT c.completion_id, r.arm, c.messages, c.completion, f.score, f.thumbs"
-                " FROM experiment_captures c"
-                " JOIN experiment_requests r ON r.completion_id = c.completion_id"
-                " JOIN experiment_feedback f ON f.completion_id = c.completion_id"
-                " WHERE c.experiment = ? ORDER BY c.created, c.completion_id", (name,)).fetchall()
+        rows = self.db.read(lambda tx: tx.execute(
+            "SELECT c.completion_id, r.arm, c.messages, c.completion, f.score, f.thumbs"
+            " FROM experiment_captures c"
+            " JOIN experiment_requests r ON r.completion_id = c.completion_id"
+            " JOIN experiment_feedback f ON f.completion_id = c.completion_id"
+            " WHERE c.experiment = ? ORDER BY c.created, c.completion_id", (name,)))
         return [CapturedAnswer(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.db.close()
+
+
+class SqliteExperimentStore(SqlExperimentStore):
+    def __init__(self, path: Path):
+        # NORMAL in WAL mode: a commit survives a crash of the process (not necessarily of the OS)
+        # without one fsync per request row
+        super().__init__(SqliteDatabase(path, synchronous="NORMAL"))
+
+        def schema(tx: Transaction) -> None:
+            for statement in _SCHEMA:
+                tx.execute(statement)
+            for table, column, type_ in _ADDED_COLUMNS:
+                if column not in {r[1] for r in tx.execute(f"PRAGMA table_info({table})")}:
+                    tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {type_}")
+        self.db.run(schema)
 
 
 def _arms_json(arms: list[Arm]) -> str:

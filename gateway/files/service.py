@@ -33,7 +33,7 @@ from adapters.preference_data import PREFERENCE_FORMAT, first_record, is_prefere
 from adapters.training_data import parse_dataset
 from adapters.shared_store import SharedStore
 from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError, FileUnavailableError
-from gateway.files.store import FileRecord, SqliteFileStore
+from gateway.files.store import FileRecord, SqlFileStore
 
 log = logging.getLogger(__name__)
 PURPOSES = ("fine-tune",)
@@ -70,7 +70,7 @@ def validate_training_file(data: bytes, limits: FileLimits) -> tuple[str, int]:
 
 
 class FileService:
-    def __init__(self, root: Path, store: SqliteFileStore, limits: FileLimits, shared: SharedStore | None = None):
+    def __init__(self, root: Path, store: SqlFileStore, limits: FileLimits, shared: SharedStore | None = None):
         self.root = root
         self.shared = shared
         self.store = store
@@ -87,6 +87,11 @@ class FileService:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.store.close)
+
+    async def sync(self) -> None:
+        """Follow the store's records, which other replicas change when they share the database."""
+        rows = await asyncio.to_thread(self.store.load_all)
+        self._records = {r.id: r for r in rows}
 
     def path(self, file_id: str) -> Path:
         return self.root / (file_id + SUFFIX)

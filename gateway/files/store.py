@@ -5,12 +5,11 @@ one transaction (the training jobs' style). The bytes live next to it, under the
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.store import open_sqlite
+from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 
 
 @dataclass
@@ -28,28 +27,37 @@ class FileRecord:
         return asdict(self)
 
 
-class SqliteFileStore:
-    def __init__(self, path: Path):
-        self._conn = open_sqlite(path)
-        self._lock = threading.Lock()
-        with self._lock, self._conn:
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL)")
+_PUT = upsert_sql("files", ("id", "created", "record"))
+
+
+class SqlFileStore:
+    """File records on SQLite or PostgreSQL (``adapters.sql``); a change notifies the topic ``files``."""
+
+    def __init__(self, db: SqlDatabase):
+        self.db = db
 
     def load_all(self) -> list[FileRecord]:
-        with self._lock:
-            rows = self._conn.execute("SELECT record FROM files ORDER BY created, id").fetchall()
+        rows = self.db.read(lambda tx: tx.execute("SELECT record FROM files ORDER BY created, id"))
         return [FileRecord(**json.loads(r[0])) for r in rows]
 
     def put(self, record: FileRecord) -> None:
-        with self._lock, self._conn:
-            self._conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)",
-                               (record.id, record.created_at, json.dumps(record.as_dict())))
+        def write(tx: Transaction) -> None:
+            tx.execute(_PUT, (record.id, record.created_at, json.dumps(record.as_dict())))
+            tx.notify("files", id=record.id)
+        self.db.run(write)
 
     def delete(self, file_id: str) -> None:
-        with self._lock, self._conn:
-            self._conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        def write(tx: Transaction) -> None:
+            tx.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            tx.notify("files", id=file_id)
+        self.db.run(write)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.db.close()
+
+
+class SqliteFileStore(SqlFileStore):
+    def __init__(self, path: Path):
+        super().__init__(SqliteDatabase(path))
+        self.db.run(lambda tx: tx.execute(
+            "CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, created REAL NOT NULL, record TEXT NOT NULL)"))

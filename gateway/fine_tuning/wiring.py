@@ -1,23 +1,21 @@
 """Build a gateway's files and fine-tuning API: files under ``data_dir/files``, records in the
-gateway database, jobs in the gateway's one training job store, ``ft:`` names served."""
+gateway's file store, jobs in the gateway's one training job store, ``ft:`` names served."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from gateway.files.service import FileLimits, FileService
-from gateway.files.store import SqliteFileStore
+from gateway.files.store import SqlFileStore
 from gateway.fine_tuning.service import FineTuning
 from gateway.training.wiring import MAX_LINE_BYTES
 
 FILES_DIR = "files"
 
 
-def attach_fine_tuning(gateway, database: Path) -> tuple[FileService, FineTuning]:
+def attach_fine_tuning(gateway, store: SqlFileStore) -> tuple[FileService, FineTuning]:
     settings = gateway.settings
     limits = FileLimits(max_bytes=settings.max_training_dataset_bytes, max_lines=settings.max_training_dataset_lines,
                         max_line_bytes=MAX_LINE_BYTES, max_files=settings.max_files)
-    files = FileService(settings.data_dir / FILES_DIR, SqliteFileStore(database), limits,
+    files = FileService(settings.data_dir / FILES_DIR, store, limits,
                         shared=gateway.shared_store)  # None: the bytes stay in the data dir
     def describe(adapter_id: str) -> dict | None:
         if adapter_id not in gateway.registry:

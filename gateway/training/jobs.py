@@ -17,6 +17,13 @@ cannot be marked running is failed with the reason, and no new job starts until 
 writes again.
 
 Files of a job are kept and removed by ``gateway.training.artifacts``.
+
+Claims: a job runs in the process that claimed it in the store (``TrainingJobStore.claim``: a
+lease, renewed every third of ``lease_seconds`` while the job is this process's). With one
+process that changes nothing; with replicas sharing the store (``shared``), each job runs once,
+a replica that dies leaves its job to another once the lease expires (which resumes it from its
+last checkpoint), and a job cancelled on another replica is stopped here at the next renewal.
+Records of jobs other replicas run follow the store (``sync``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 
 from adapters.errors import AdapterConflictError, AdapterError, DatasetValidationError
 from adapters.kinds.base import AdapterLimits, AdapterWeights
+from adapters.sql import DatabaseUnavailableError
 from adapters.training.checkpoint import CheckpointError
 from adapters.training.config import TrainingConfig
 from adapters.training.prepare import PreparedDataset, check_device, check_limits, prepare_dataset
@@ -91,12 +99,21 @@ class TrainingJobs:
                  limits: TrainingLimits, register: Callable[[str, Path], Awaitable[str]],
                  unregister: Callable[[str], Awaitable[None]], check_adapter_id: Callable[[str], None],
                  duty_cycle: float, retry_seconds: float = RETRY_SECONDS,
-                 read_adapter: Callable[[str], AdapterWeights] | None = None):
+                 read_adapter: Callable[[str], AdapterWeights] | None = None, owner: str | None = None,
+                 shared: bool = False, lease_seconds: float = 30.0, poll_seconds: float = 5.0):
         """``register(adapter_id, folder)`` validates and registers an exported adapter and returns its id;
         ``unregister(adapter_id)`` removes it again (a cancel that arrived while it was registered);
         ``check_adapter_id`` raises (an ``AdapterError``) when an id could not be registered now;
         ``read_adapter(adapter_id)`` reads a registered adapter's weights (blocking), for jobs that
-        start from one (``config.init_adapter``)."""
+        start from one (``config.init_adapter``). ``owner`` names this process in job claims;
+        ``shared``: other processes run jobs of the same store (see the module docstring), which is
+        polled every ``poll_seconds`` besides ``sync`` calls."""
+        self.owner = owner or f"gateway-{uuid.uuid4().hex[:12]}"
+        self.shared = shared
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self._lost: set[str] = set()  # jobs this process stopped owning while it ran them
+        self._records_lock = asyncio.Lock()  # a sync never sees a record half created or deleted
         self._read_adapter = read_adapter
         self.runtime = runtime
         self.tokenizer = copy.deepcopy(tokenizer)  # worker threads tokenize; serving keeps its own
@@ -127,8 +144,10 @@ class TrainingJobs:
         """Load the records; jobs that were queued or running are queued again (running ones resume
         from their last checkpoint when their turn comes). Files no job needs any more are removed."""
         self._loop = asyncio.get_running_loop()
+        if not self.shared:  # this process owns the store: every lease is a previous run's
+            await asyncio.to_thread(self.store.release_all)
         for record in await asyncio.to_thread(self.store.load_all):
-            if record.state == RUNNING:
+            if record.state == RUNNING and not self.shared:
                 record.state = QUEUED
                 await self._persist(record)
                 log.info("training job %s was interrupted; it will resume from its last checkpoint", record.id)
@@ -138,10 +157,17 @@ class TrainingJobs:
 
     async def close(self) -> None:
         """Stop scheduling; a running job stays 'running' in the store and resumes at the next start."""
+        current = self._current
         if self._scheduler is not None:
             self._scheduler.cancel()
             await asyncio.gather(self._scheduler, *self._pending_writes, return_exceptions=True)
         await self.writer.flush()  # a last try; what still fails is logged
+        if current is not None and self.shared:  # another replica may take it over at once
+            try:
+                await asyncio.to_thread(self.store.release, self.owner, current)
+            except Exception as exc:  # noqa: BLE001 - the lease then simply expires
+                log.warning("training job %s: could not release its lease (%s); it expires in %.0f s", current,
+                            exc, self.lease_seconds)
         await asyncio.to_thread(self.store.close)
 
     # ---- API ------------------------------------------------------------------------------------
@@ -197,12 +223,17 @@ class TrainingJobs:
                      "eval_examples": len(prepared.eval), "skipped_lines": len(prepared.problems),
                      "problems": [list(p) for p in prepared.problems[:MAX_PROBLEMS_KEPT]]},
             fine_tuning=fine_tuning)
-        self._records[job_id] = record
-        if not await self._persist(record):
-            del self._records[job_id]
-            self.writer.forget(job_id)
+        async with self._records_lock:
+            self._records[job_id] = record
+            saved = await self._persist(record)
+            if not saved:
+                del self._records[job_id]
+                self.writer.forget(job_id)
+        if not saved:
             await asyncio.to_thread(self.artifacts.remove, job_id)
             self._notify()
+            if isinstance(self.writer.last_exception, DatabaseUnavailableError):
+                raise DatabaseUnavailableError(f"the job could not be saved: {self.writer.last_exception}")
             raise TrainingStoreError(f"the job could not be saved: {self.writer.last_error}")
         log.info("training job %s queued (%s, %d examples)", job_id, config.kind.value, len(prepared.train))
         self._wakeup.set()
@@ -214,7 +245,8 @@ class TrainingJobs:
         if record.state in TERMINAL:
             raise TrainingJobStateError(_too_late(record))
         if job_id != self._current or self._preparing:
-            await self._end(record, CANCELLED)  # a run being built meanwhile is thrown away
+            async with self._records_lock:  # a sync must not put back the state it read before this write
+                await self._end(record, CANCELLED)  # a run being built meanwhile is thrown away
             return record
         self._cancel_asked.add(job_id)
         active = self._active
@@ -230,12 +262,38 @@ class TrainingJobs:
         record = self.get(job_id)
         if record.state not in TERMINAL:
             raise TrainingJobStateError(f"the training job {job_id!r} is {record.state}; cancel it first")
-        await self.writer.delete(job_id)
-        self._records.pop(job_id, None)
+        async with self._records_lock:
+            await self.writer.delete(job_id)
+            self._records.pop(job_id, None)
         self._last_persist.pop(job_id, None)
         await asyncio.to_thread(self.artifacts.remove, job_id)
         log.info("training job %s deleted", job_id)
         self._notify()
+
+    async def sync(self) -> None:
+        """Follow the store's records, which other replicas change: their jobs' progress and
+        states, jobs they created or deleted. The job this process runs, and records whose write
+        is still pending here, stay as they are in memory (they are newer). Record objects are
+        updated in place, so whoever holds one sees the change."""
+        async with self._records_lock:
+            if self.writer.unsaved:
+                return
+            rows = {r.id: r for r in await asyncio.to_thread(self.store.load_all)}
+            for job_id in [i for i in self._records if i not in rows and i != self._current]:
+                del self._records[job_id]
+            for job_id, row in rows.items():
+                if job_id != self._current:
+                    self._adopt(row)
+        self._notify()
+        self._wakeup.set()
+
+    def _adopt(self, row: TrainingJobRecord) -> TrainingJobRecord:
+        record = self._records.get(row.id)
+        if record is None:
+            self._records[row.id] = record = row
+        else:
+            vars(record).update(vars(row))
+        return record
 
     def _check_adapter_id(self, adapter_id: str, active: list[TrainingJobRecord]) -> None:
         self._check_registry_id(adapter_id)
@@ -281,17 +339,52 @@ class TrainingJobs:
             await self._idle(self.retry_seconds)  # no new job while the store refuses writes
             return
         await self._tidy(list(self._records.values()))
-        queued = [r for r in self._records.values() if r.state == QUEUED]
-        if not queued:
-            await self._idle(TIDY_EVERY_SECONDS)
+        try:
+            if self.shared:
+                await self.sync()  # jobs other replicas created (a missed notification heals here too)
+            claimed = await asyncio.to_thread(self.store.claim, self.owner, self.lease_seconds, time.time())
+        except DatabaseUnavailableError as exc:  # expected while the server is away: no traceback
+            log.warning("training jobs: %s; trying again in %.1f s", exc, self.retry_seconds)
+            await self._idle(self.retry_seconds)
             return
-        record = min(queued, key=lambda r: (r.created, r.id))
-        self._current = record.id
+        if claimed is None:
+            await self._idle(self.poll_seconds if self.shared else TIDY_EVERY_SECONDS)
+            return
+        self._current = claimed.id
+        record = self._adopt(claimed)  # the row as claimed: another replica may have run it before
+        lease = asyncio.get_running_loop().create_task(self._keep_lease(record.id))
         try:
             await self._run_job(record)
+        except Exception:
+            # an unexpected error: give the claim up, so the job is taken again after the pause
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.store.release, self.owner, record.id)
+            raise
         finally:
+            lease.cancel()
             self._current, self._preparing = None, False
             self._cancel_asked.discard(record.id)
+            self._lost.discard(record.id)
+
+    async def _keep_lease(self, job_id: str) -> None:
+        """Renew this process's claim on the job it runs; stop the job when it is no longer ours."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                mine = await asyncio.to_thread(self.store.renew, self.owner, job_id, self.lease_seconds, time.time())
+            except Exception as exc:  # noqa: BLE001 - the job goes on; the lease may still be renewed later
+                log.warning("training job %s: cannot renew its lease: %s", job_id, exc)
+                continue
+            if not mine:
+                log.warning("training job %s ended on another replica or was taken over by one; stopping it here",
+                            job_id)
+                self._lost.add(job_id)
+                self._cancel_asked.add(job_id)
+                active = self._active
+                if active is not None and active.record.id == job_id:
+                    active.cancel_requested = True
+                    self.background.wake()
+                return
 
     async def _tidy(self, records: list[TrainingJobRecord]) -> None:
         """Remove files ended jobs no longer need; a failure (a folder we may not touch) is logged and
@@ -404,6 +497,9 @@ class TrainingJobs:
         return True
 
     async def _end(self, record: TrainingJobRecord, state: str, error: str | None = None) -> None:
+        if record.id in self._lost:  # the store says what became of it (another replica's doing)
+            self._notify()
+            return
         record.state, record.error, record.finished = state, error, time.time()
         log.log(logging.WARNING if state == FAILED else logging.INFO, "training job %s %s%s", record.id, state,
                 f": {error}" if error else "")

@@ -12,6 +12,7 @@ import asyncio
 import copy
 import logging
 
+from adapters.sql import DatabaseUnavailableError
 from gateway.training.errors import TrainingStoreError
 from gateway.training.store import TrainingJobRecord, TrainingJobStore
 
@@ -25,6 +26,7 @@ class RecordWriter:
         self._unsaved: dict[str, TrainingJobRecord] = {}  # records whose latest write failed
         self.errors = 0  # failed writes since start (a metric)
         self.last_error: str | None = None
+        self.last_exception: BaseException | None = None
 
     @property
     def unsaved(self) -> int:
@@ -59,6 +61,8 @@ class RecordWriter:
                 await asyncio.to_thread(self.store.delete, job_id)
             except Exception as exc:  # noqa: BLE001 - told to the caller as a typed error
                 self._failed(exc)
+                if isinstance(exc, DatabaseUnavailableError):
+                    raise DatabaseUnavailableError(f"the job could not be deleted: {exc}") from None
                 raise TrainingStoreError(f"the job could not be deleted: {self.last_error}") from None
         self._unsaved.pop(job_id, None)
 
@@ -68,5 +72,6 @@ class RecordWriter:
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
+        self.last_exception = exc
         self.last_error = f"{type(exc).__name__}: {exc}"
         log.error("cannot write training job records (kept, and tried again later): %s", self.last_error)

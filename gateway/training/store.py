@@ -1,18 +1,19 @@
-"""Training job records behind a small interface; SQLite (WAL, in the gateway database) by default.
+"""Training job records behind a small interface; SQLite (WAL, in the gateway database) by default,
+PostgreSQL when replicas share one registry.
 
 A record is one JSON document keyed by job id; each write is one transaction, so after a crash
-the database holds the previous or the new version of a record, never half of one.
+the database holds the previous or the new version of a record, never half of one. A job is run by
+the process holding its lease (``claim``), so in a fleet each job runs once.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters.store import open_sqlite
+from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -46,37 +47,99 @@ class TrainingJobStore(Protocol):
     def load_all(self) -> list[TrainingJobRecord]: ...
 
     def put(self, record: TrainingJobRecord) -> None:
-        """Insert, or replace the record with the same id, atomically."""
+        """Insert, or replace the record with the same id, atomically; an ended job's record is
+        final (a late write of another process never brings it back to life)."""
 
     def delete(self, job_id: str) -> None: ...
+
+    def claim(self, owner: str, lease_seconds: float, now: float) -> TrainingJobRecord | None:
+        """Take the oldest job that is queued, or running under an expired (or released) lease, for
+        ``owner`` until ``now + lease_seconds``; None when there is none. One job, one claimer."""
+
+    def renew(self, owner: str, job_id: str, lease_seconds: float, now: float) -> bool:
+        """Extend ``owner``'s lease on the job; False when it is no longer ``owner``'s to run (its
+        lease was taken over, or the job ended elsewhere: cancelled on another replica)."""
+
+    def release(self, owner: str, job_id: str) -> None:
+        """Give up ``owner``'s lease at once (a shutdown): any process may claim the job now."""
+
+    def release_all(self) -> None:
+        """Forget every lease (one process owning the database, at its start)."""
 
     def close(self) -> None: ...
 
 
-class SqliteTrainingJobStore:
-    def __init__(self, path: Path):
-        self._conn = open_sqlite(path)
-        self._lock = threading.Lock()
-        with self._lock, self._conn:
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS training_jobs ("
-                " id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, record TEXT NOT NULL)")
+_COLUMNS = ("id", "state", "created", "record")
+_PUT = upsert_sql("training_jobs", _COLUMNS) + " WHERE training_jobs.state NOT IN ({})".format(
+    ", ".join(f"'{s}'" for s in TERMINAL))
+
+
+class SqlTrainingJobStore:
+    """``TrainingJobStore`` on SQLite or PostgreSQL (``adapters.sql``). A lease is two columns
+    beside the record (``claimed_by``, ``lease_until``), so record writes never touch it; every
+    change notifies the topic ``training``."""
+
+    def __init__(self, db: SqlDatabase):
+        self.db = db
 
     def load_all(self) -> list[TrainingJobRecord]:
-        with self._lock:
-            rows = self._conn.execute("SELECT record FROM training_jobs ORDER BY created, id").fetchall()
+        rows = self.db.read(lambda tx: tx.execute("SELECT record FROM training_jobs ORDER BY created, id"))
         return [TrainingJobRecord(**json.loads(r[0])) for r in rows]
 
     def put(self, record: TrainingJobRecord) -> None:
-        with self._lock, self._conn:
-            self._conn.execute("INSERT OR REPLACE INTO training_jobs VALUES (?, ?, ?, ?)",
-                               (record.id, record.state, record.created, json.dumps(record.as_dict())))
+        def write(tx: Transaction) -> None:
+            tx.execute(_PUT, (record.id, record.state, record.created, json.dumps(record.as_dict())))
+            tx.notify("training", id=record.id)
+        self.db.run(write)
 
     def delete(self, job_id: str) -> None:
-        with self._lock, self._conn:
-            self._conn.execute("DELETE FROM training_jobs WHERE id = ?", (job_id,))
+        def write(tx: Transaction) -> None:
+            tx.execute("DELETE FROM training_jobs WHERE id = ?", (job_id,))
+            tx.notify("training", id=job_id)
+        self.db.run(write)
+
+    def claim(self, owner: str, lease_seconds: float, now: float) -> TrainingJobRecord | None:
+        def take(tx: Transaction) -> TrainingJobRecord | None:
+            row = tx.one("SELECT id, record FROM training_jobs WHERE state IN (?, ?)"
+                         " AND (lease_until IS NULL OR lease_until < ?) ORDER BY created, id LIMIT 1" + tx.lock_rows,
+                         (QUEUED, RUNNING, now))
+            if row is None:
+                return None
+            tx.execute("UPDATE training_jobs SET claimed_by = ?, lease_until = ? WHERE id = ?",
+                       (owner, now + lease_seconds, row[0]))
+            return TrainingJobRecord(**json.loads(row[1]))
+        return self.db.run(take)
+
+    def renew(self, owner: str, job_id: str, lease_seconds: float, now: float) -> bool:
+        def extend(tx: Transaction) -> bool:
+            row = tx.one("SELECT claimed_by, state FROM training_jobs WHERE id = ?", (job_id,))
+            if row is None or row[0] != owner or row[1] in TERMINAL:
+                return False
+            tx.execute("UPDATE training_jobs SET lease_until = ? WHERE id = ?", (now + lease_seconds, job_id))
+            return True
+        return self.db.run(extend)
+
+    def release(self, owner: str, job_id: str) -> None:
+        self.db.run(lambda tx: tx.execute(
+            "UPDATE training_jobs SET claimed_by = NULL, lease_until = NULL WHERE id = ? AND claimed_by = ?",
+            (job_id, owner)))
+
+    def release_all(self) -> None:
+        self.db.run(lambda tx: tx.execute("UPDATE training_jobs SET claimed_by = NULL, lease_until = NULL"))
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.db.close()
 
+
+class SqliteTrainingJobStore(SqlTrainingJobStore):
+    def __init__(self, path: Path):
+        super().__init__(SqliteDatabase(path))
+
+        def schema(tx: Transaction) -> None:
+            tx.execute("CREATE TABLE IF NOT EXISTS training_jobs ("
+                       " id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, record TEXT NOT NULL)")
+            columns = {r[1] for r in tx.execute("PRAGMA table_info(training_jobs)")}
+            for column, type_ in (("claimed_by", "TEXT"), ("lease_until", "REAL")):  # added with leases
+                if column not in columns:
+                    tx.execute(f"ALTER TABLE training_jobs ADD COLUMN {column} {type_}")
+        self.db.run(schema)

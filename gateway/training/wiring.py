@@ -1,8 +1,12 @@
-"""Build a gateway's training jobs: files under ``data_dir/training``, records in the gateway
-database, micro-steps on the engine thread, results registered in the registry, metrics."""
+"""Build a gateway's training jobs: files under ``data_dir/training``, records in the gateway's
+job store (``shared``: other replicas claim jobs from it too), micro-steps on the engine thread,
+results registered in the registry, metrics."""
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from pathlib import Path
 
 from adapters.errors import AdapterConflictError
@@ -11,12 +15,12 @@ from gateway.training.artifacts import JobArtifacts
 from gateway.training.jobs import TrainingJobs, TrainingLimits
 from gateway.training.metrics import register_training_metrics
 from gateway.training.shared_files import SharedJobFiles
-from gateway.training.store import SqliteTrainingJobStore
+from gateway.training.store import TrainingJobStore
 
 MAX_LINE_BYTES = 1 << 20
 
 
-def attach_training(gateway, database: Path) -> TrainingJobs:
+def attach_training(gateway, store: TrainingJobStore, *, shared: bool = False) -> TrainingJobs:
     settings = gateway.settings
 
     async def register(adapter_id: str, folder: Path) -> str:
@@ -38,13 +42,15 @@ def attach_training(gateway, database: Path) -> TrainingJobs:
         adapter=AdapterLimits(max_lora_rank=settings.max_lora_rank, max_virtual_tokens=settings.max_virtual_tokens,
                               max_adapter_bytes=settings.max_adapter_bytes))
     # with a shared store, datasets, checkpoints and results are copied there: any replica can resume
-    shared = SharedJobFiles(gateway.shared_store) if gateway.shared_store is not None else None
+    job_files = SharedJobFiles(gateway.shared_store) if gateway.shared_store is not None else None
     jobs = TrainingJobs(runtime=gateway.runtime, tokenizer=gateway.base.tokenizer,
-                        store=SqliteTrainingJobStore(database),
+                        store=store,
                         artifacts=JobArtifacts(settings.data_dir / "training",
-                                               settings.training_artifact_retention_seconds, shared=shared),
+                                               settings.training_artifact_retention_seconds, shared=job_files),
                         limits=limits, register=register, unregister=unregister, check_adapter_id=check_adapter_id,
-                        duty_cycle=settings.training_duty_cycle, read_adapter=gateway.registry.read_weights)
+                        duty_cycle=settings.training_duty_cycle, read_adapter=gateway.registry.read_weights,
+                        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shared=shared,
+                        lease_seconds=settings.training_lease_seconds, poll_seconds=settings.database_resync_seconds)
     gateway.engine.set_background(jobs.background)
     register_training_metrics(gateway.metrics.registry, jobs)
     return jobs

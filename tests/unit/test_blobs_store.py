@@ -1,4 +1,5 @@
-"""Content-addressed adapter files (BlobStore) and the SQLite registry rows (SqliteAdapterStore)."""
+"""Content-addressed adapter files (BlobStore) and the registry rows (SqlAdapterStore, on SQLite and
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from adapters.blobs import BLOB_FILES, BlobStore, content_hash
 from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE
-from adapters.store import AdapterRecord, SqliteAdapterStore
+from adapters.store import AdapterRecord, SqlAdapterStore, SqliteAdapterStore
 
 
 def adapter_folder(root: Path, name: str, config: bytes = b'{"peft_type": "LORA"}',
@@ -161,14 +162,24 @@ def record(adapter_id: str, digest: str = "a" * 64, **overrides) -> AdapterRecor
     return AdapterRecord(**{**values, **overrides})
 
 
-def test_store_rows_survive_a_reopen(tmp_path):
-    path = tmp_path / "state" / "gateway.sqlite3"  # the parent folder is created
-    store = SqliteAdapterStore(path)
+@pytest.fixture
+def open_store(store_backend):
+    return lambda: store_backend.open(SqliteAdapterStore, SqlAdapterStore)
+
+
+def test_sqlite_creates_the_parent_folder(tmp_path):
+    path = tmp_path / "state" / "gateway.sqlite3"
+    SqliteAdapterStore(path).close()
+    assert path.is_file()
+
+
+def test_store_rows_survive_a_reopen(open_store):
+    store = open_store()
     assert store.load_all() == []
     store.put(record("b-adapter", "b" * 64))
     store.put(record("a-adapter", pinned=True))
     store.close()
-    reopened = SqliteAdapterStore(path)
+    reopened = open_store()
     rows = reopened.load_all()
     assert [r.id for r in rows] == ["a-adapter", "b-adapter"]  # ordered by id
     assert rows[0] == record("a-adapter", pinned=True)  # every field, info included, round-trips
@@ -176,20 +187,18 @@ def test_store_rows_survive_a_reopen(tmp_path):
     reopened.close()
 
 
-def test_store_put_replaces_the_row_with_the_same_id(tmp_path):
-    path = tmp_path / "gateway.sqlite3"
-    store = SqliteAdapterStore(path)
+def test_store_put_replaces_the_row_with_the_same_id(open_store):
+    store = open_store()
     store.put(record("x"))
     store.put(record("x", "c" * 64, kind="ia3", size_bytes=9, info={"kind": "ia3"}))
     store.close()
-    store = SqliteAdapterStore(path)
+    store = open_store()
     assert store.load_all() == [record("x", "c" * 64, kind="ia3", size_bytes=9, info={"kind": "ia3"})]
     store.close()
 
 
-def test_store_delete_and_set_pinned_persist(tmp_path):
-    path = tmp_path / "gateway.sqlite3"
-    store = SqliteAdapterStore(path)
+def test_store_delete_and_set_pinned_persist(open_store):
+    store = open_store()
     for name in ("one", "two", "three"):
         store.put(record(name))
     store.delete("two")
@@ -199,7 +208,7 @@ def test_store_delete_and_set_pinned_persist(tmp_path):
     store.set_pinned("three", False)
     store.set_pinned("never-there", True)  # no row appears
     store.close()
-    store = SqliteAdapterStore(path)
+    store = open_store()
     assert {r.id: r.pinned for r in store.load_all()} == {"one": True, "three": False}
     store.close()
 

@@ -1,5 +1,6 @@
-"""SQLite persistence of experiments, request outcomes and feedback: round trips, reopening the
-file, replaced feedback, deletes that take everything with them, and rolled-back transactions."""
+"""Persistence of experiments, request outcomes and feedback, on SQLite and on PostgreSQL alike:
+round trips, reopening the database, replaced feedback, deletes that take everything with them,
+and rolled-back transactions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from gateway.experiments.assignment import Arm
 from gateway.experiments.store import (
-    CapturedAnswer, CaptureRow, Experiment, FeedbackRow, RequestRow, SqliteExperimentStore, UnknownCompletionError,
+    CapturedAnswer, CaptureRow, Experiment, FeedbackRow, RequestRow, SqlExperimentStore, SqliteExperimentStore,
+    UnknownCompletionError,
 )
 
 
@@ -32,14 +34,19 @@ def db(tmp_path) -> Path:
 
 
 @pytest.fixture
-def store(db):
-    store = SqliteExperimentStore(db)
+def open_store(store_backend):
+    return lambda: store_backend.open(SqliteExperimentStore, SqlExperimentStore)
+
+
+@pytest.fixture
+def store(open_store):
+    store = open_store()
     yield store
     store.close()
 
 
-def test_experiments_survive_reopening(db):
-    first = SqliteExperimentStore(db)
+def test_experiments_survive_reopening(open_store):
+    first = open_store()
     first.insert_experiment(experiment("a", stickiness="header", subject_header="x-session-id"))
     first.insert_experiment(experiment("b", created=50.0))
     changed = experiment("a", arms=[Arm("base", 50.0), Arm("lora-a", 50.0)], state="promoted", winner="lora-a",
@@ -47,7 +54,7 @@ def test_experiments_survive_reopening(db):
     first.update_experiment(changed)
     first.close()
 
-    second = SqliteExperimentStore(db)
+    second = open_store()
     loaded = {e.name: e for e in second.load_experiments()}
     assert [e.name for e in second.load_experiments()] == ["b", "a"]  # by creation time
     assert loaded["a"] == changed
@@ -118,10 +125,12 @@ def test_delete_removes_requests_and_feedback_of_that_experiment_only(store):
 
 def test_a_failed_transaction_leaves_no_trace(store):
     store.insert_experiment(experiment())
+    def crash(tx):
+        tx.execute("DELETE FROM experiments")
+        raise RuntimeError("crash in the middle")
+
     with pytest.raises(RuntimeError):
-        with store._transaction() as conn:
-            conn.execute("DELETE FROM experiments")
-            raise RuntimeError("crash in the middle")
+        store.db.run(crash)
     assert [e.name for e in store.load_experiments()] == ["exp"]
 
 
@@ -176,8 +185,8 @@ def test_a_database_from_before_key_binding_is_upgraded(db):
     SqliteExperimentStore(db).close()  # opening an upgraded database again changes nothing
 
 
-def test_captures_round_trip_with_feedback_and_go_with_the_experiment(db):
-    store = SqliteExperimentStore(db)
+def test_captures_round_trip_with_feedback_and_go_with_the_experiment(open_store):
+    store = open_store()
     store.insert_experiment(experiment(capture=True))
     store.insert_experiment(experiment("other"))
     messages = [{"role": "user", "content": "hi"}]
@@ -188,17 +197,14 @@ def test_captures_round_trip_with_feedback_and_go_with_the_experiment(db):
     store.put_feedback(FeedbackRow("c2", 2.0, None, 300.0))  # c3: captured, no feedback
     store.close()
 
-    reopened = SqliteExperimentStore(db)
+    reopened = open_store()
     assert {e.name: e.capture for e in reopened.load_experiments()} == {"exp": True, "other": False}
     assert reopened.captured_answers("exp") == [
         CapturedAnswer("c1", "base", messages, "answer c1", None, "up"),
         CapturedAnswer("c2", "lora-a", messages, "answer c2", 2.0, None)]
     reopened.delete_experiment("exp")
     assert reopened.captured_answers("exp") == []
-    import sqlite3
-
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM experiment_captures").fetchone() == (0,)
+    assert reopened.db.run(lambda tx: tx.one("SELECT COUNT(*) FROM experiment_captures")) == (0,)
     reopened.close()
 
 

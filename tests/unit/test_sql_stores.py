@@ -1,0 +1,129 @@
+"""Training job and file records on SQLite and PostgreSQL alike: round trips, ended jobs staying
+ended, and job claims (one claimer per job, leases that expire, renew and release)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from gateway.files.store import FileRecord, SqlFileStore, SqliteFileStore
+from gateway.training.store import (
+    CANCELLED, QUEUED, RUNNING, SUCCEEDED, SqliteTrainingJobStore, SqlTrainingJobStore, TrainingJobRecord,
+)
+
+
+def job(job_id: str, created: float = 1.0, state: str = QUEUED) -> TrainingJobRecord:
+    return TrainingJobRecord(id=job_id, state=state, config={"kind": "lora", "adapter_id": job_id},
+                             created=created, dataset={"format": "chat"}, progress={"step": 0})
+
+
+@pytest.fixture
+def open_jobs(store_backend):
+    return lambda: store_backend.open(SqliteTrainingJobStore, SqlTrainingJobStore)
+
+
+@pytest.fixture
+def jobs(open_jobs):
+    store = open_jobs()
+    yield store
+    store.close()
+
+
+def test_job_records_round_trip_in_creation_order(open_jobs):
+    store = open_jobs()
+    store.put(job("b", created=2.0))
+    store.put(job("a", created=3.0))
+    changed = job("b", created=2.0, state=RUNNING)
+    changed.progress = {"step": 7, "loss": 1.25}
+    store.put(changed)
+    store.close()
+    reopened = open_jobs()
+    assert reopened.load_all() == [changed, job("a", created=3.0)]
+    reopened.delete("a")
+    assert [r.id for r in reopened.load_all()] == ["b"]
+    reopened.close()
+
+
+def test_an_ended_job_stays_ended(jobs):
+    jobs.put(job("j"))
+    jobs.put(job("j", state=CANCELLED))  # e.g. cancelled on another replica
+    jobs.put(job("j", state=RUNNING))  # a late progress write of the replica that ran it
+    assert [r.state for r in jobs.load_all()] == [CANCELLED]
+
+
+def test_claims_take_the_oldest_claimable_job_once(jobs):
+    for job_id, created in (("new", 2.0), ("old", 1.0), ("done", 0.5)):
+        jobs.put(job(job_id, created, SUCCEEDED if job_id == "done" else QUEUED))
+    assert jobs.claim("a", 30.0, now=100.0).id == "old"
+    assert jobs.claim("b", 30.0, now=100.0).id == "new"  # "old" is a's while its lease lasts
+    assert jobs.claim("c", 30.0, now=100.0) is None
+
+
+def test_an_expired_lease_lets_another_claimer_take_the_job(jobs):
+    jobs.put(job("j"))
+    assert jobs.claim("a", 10.0, now=100.0).id == "j"
+    assert jobs.renew("a", "j", 10.0, now=105.0)  # lease until 115
+    assert jobs.claim("b", 10.0, now=114.0) is None
+    running = job("j", state=RUNNING)
+    jobs.put(running)  # a's progress: a record write keeps the lease
+    assert jobs.claim("b", 10.0, now=114.0) is None
+    taken = jobs.claim("b", 10.0, now=116.0)  # a stopped renewing: b resumes it
+    assert taken == running
+    assert not jobs.renew("a", "j", 10.0, now=117.0)  # a learns it is no longer its job
+
+
+def test_renew_fails_once_the_job_ended_elsewhere_and_release_frees_it(jobs):
+    jobs.put(job("j"))
+    jobs.claim("a", 10.0, now=100.0)
+    jobs.release("b", "j")  # not b's: nothing happens
+    assert jobs.claim("b", 10.0, now=101.0) is None
+    jobs.release("a", "j")
+    assert jobs.claim("b", 10.0, now=101.0).id == "j"
+    jobs.put(job("j", state=CANCELLED))
+    assert not jobs.renew("b", "j", 10.0, now=102.0)
+    jobs.put(job("k"))
+    jobs.claim("a", 10.0, now=100.0)
+    jobs.release_all()
+    assert jobs.claim("b", 10.0, now=100.0).id == "k"
+
+
+def test_concurrent_claimers_never_take_the_same_job(open_jobs):
+    setup = open_jobs()
+    for i in range(20):
+        setup.put(job(f"j{i:02d}", created=float(i)))
+    setup.close()
+    taken: dict[str, list[str]] = {}
+    barrier = threading.Barrier(4)
+
+    def claimer(name: str) -> None:
+        store = open_jobs()  # its own connection, as a replica has
+        mine = taken.setdefault(name, [])
+        barrier.wait()
+        while (record := store.claim(name, 60.0, now=100.0)) is not None:
+            mine.append(record.id)
+        store.close()
+
+    threads = [threading.Thread(target=claimer, args=(f"c{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = [job_id for ids in taken.values() for job_id in ids]
+    assert sorted(claimed) == [f"j{i:02d}" for i in range(20)]  # each job exactly once
+
+
+def test_file_records_round_trip(store_backend):
+    store = store_backend.open(SqliteFileStore, SqlFileStore)
+    first = FileRecord(id="file-" + "a" * 24, bytes=10, created_at=5, filename="x.jsonl", purpose="fine-tune",
+                       format="chat", records=2, sha256="f" * 64)
+    second = FileRecord(id="file-" + "b" * 24, bytes=20, created_at=3, filename="y.jsonl", purpose="fine-tune",
+                        format="preference", records=1, sha256="e" * 64)
+    store.put(first)
+    store.put(second)
+    store.close()
+    store = store_backend.open(SqliteFileStore, SqlFileStore)
+    assert store.load_all() == [second, first]
+    store.delete(second.id)
+    assert store.load_all() == [first]
+    store.close()
