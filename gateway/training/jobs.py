@@ -513,7 +513,8 @@ class TrainingJobs:
         self._last_persist[record.id] = time.monotonic()
         if notify:
             self._notify()
-        return await self.writer.put(record)
+        # the job this process runs is written only while its claim is ours
+        return await self.writer.put(record, self.owner if record.id == self._current else None)
 
     def _notify(self) -> None:
         self._changed.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 
 from adapters.sql import DatabaseUnavailableError
@@ -24,6 +25,7 @@ class RecordWriter:
         self.store = store
         self._lock = asyncio.Lock()
         self._unsaved: dict[str, TrainingJobRecord] = {}  # records whose latest write failed
+        self._owners: dict[str, str] = {}  # the claim an unsaved record's write is conditional on
         self.errors = 0  # failed writes since start (a metric)
         self.last_error: str | None = None
         self.last_exception: BaseException | None = None
@@ -32,17 +34,23 @@ class RecordWriter:
     def unsaved(self) -> int:
         return len(self._unsaved)
 
-    async def put(self, record: TrainingJobRecord) -> bool:
-        """Write the record's current state; False when the store failed (the record is retried)."""
+    async def put(self, record: TrainingJobRecord, owner: str | None = None) -> bool:
+        """Write the record's current state; False when the store failed (the record is retried).
+        With ``owner``: only while ``owner`` holds the job's claim (``TrainingJobStore.put``)."""
         snapshot = copy.deepcopy(record)
+        write = functools.partial(self.store.put, snapshot, owner=owner) if owner else functools.partial(
+            self.store.put, snapshot)
         async with self._lock:
             try:
-                await asyncio.to_thread(self.store.put, snapshot)
+                await asyncio.to_thread(write)
             except Exception as exc:  # noqa: BLE001 - whatever the store raises, never fatal here
                 self._failed(exc)
                 self._unsaved[record.id] = record
+                if owner:
+                    self._owners[record.id] = owner
                 return False
         self._unsaved.pop(record.id, None)
+        self._owners.pop(record.id, None)
         return True
 
     async def flush(self) -> bool:
@@ -50,7 +58,7 @@ class RecordWriter:
         if not self._unsaved:
             return True
         for record in list(self._unsaved.values()):
-            if not await self.put(record):
+            if not await self.put(record, self._owners.get(record.id)):
                 return False
         log.info("training job records are saved again")
         return True
@@ -65,10 +73,12 @@ class RecordWriter:
                     raise DatabaseUnavailableError(f"the job could not be deleted: {exc}") from None
                 raise TrainingStoreError(f"the job could not be deleted: {self.last_error}") from None
         self._unsaved.pop(job_id, None)
+        self._owners.pop(job_id, None)
 
     def forget(self, job_id: str) -> None:
         """Drop an unsaved record that must not be written (a job whose creation was refused)."""
         self._unsaved.pop(job_id, None)
+        self._owners.pop(job_id, None)
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1

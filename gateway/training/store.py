@@ -46,9 +46,11 @@ class TrainingJobRecord:
 class TrainingJobStore(Protocol):
     def load_all(self) -> list[TrainingJobRecord]: ...
 
-    def put(self, record: TrainingJobRecord) -> None:
+    def put(self, record: TrainingJobRecord, owner: str | None = None) -> None:
         """Insert, or replace the record with the same id, atomically; an ended job's record is
-        final (a late write of another process never brings it back to life)."""
+        final (a late write of another process never brings it back to life). With ``owner``
+        (the process running the job): written only while ``owner`` holds the job's claim, so a
+        replica whose lease lapsed and was taken over cannot overwrite its successor's record."""
 
     def delete(self, job_id: str) -> None: ...
 
@@ -86,9 +88,13 @@ class SqlTrainingJobStore:
         rows = self.db.read(lambda tx: tx.execute("SELECT record FROM training_jobs ORDER BY created, id"))
         return [TrainingJobRecord(**json.loads(r[0])) for r in rows]
 
-    def put(self, record: TrainingJobRecord) -> None:
+    def put(self, record: TrainingJobRecord, owner: str | None = None) -> None:
         def write(tx: Transaction) -> None:
-            tx.execute(_PUT, (record.id, record.state, record.created, json.dumps(record.as_dict())))
+            values = (record.id, record.state, record.created, json.dumps(record.as_dict()))
+            if owner is None:
+                tx.execute(_PUT, values)
+            else:
+                tx.execute(_PUT + " AND training_jobs.claimed_by = ?", (*values, owner))
             tx.notify("training", id=record.id)
         self.db.run(write)
 

@@ -84,6 +84,12 @@ def gateway_of(client):
     return client.app.state.gateway
 
 
+def job_view(client, job_id: str) -> dict:
+    """The job as this replica shows it; {} while it does not know the job yet (404)."""
+    response = client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN)
+    return response.json() if response.status_code == 200 else {}
+
+
 # ---- adapters -------------------------------------------------------------------------------------
 def test_register_replace_and_delete_reach_the_other_replica(fleet):
     a, b = fleet
@@ -180,8 +186,8 @@ def test_each_job_runs_once_and_its_adapter_serves_everywhere(fleet):
         assert response.status_code == 201, response.text
         ids.append(response.json()["id"])
     for job_id in ids:
-        job = poll(lambda j=job_id: (lambda r: r if r["state"] in TERMINAL else None)(
-            b.get(f"/admin/training-jobs/{j}", headers=ADMIN).json()), f"job {job_id} ends")
+        job = poll(lambda j=job_id: (lambda r: r if r.get("state") in TERMINAL else None)(job_view(b, j)),
+                   f"job {job_id} ends")
         assert job["state"] == SUCCEEDED, job
     assert sorted(job_id for _, job_id in runs) == sorted(ids)  # each once, whoever ran it
     for i in range(3):
@@ -199,13 +205,12 @@ def stop_a_claimer_and_resume(a, b) -> None:
     claimer = poll(lambda: next((c for c in (a, b) if gateway_of(c).training._current == job_id), None),
                    "one replica claims the job")
     other = b if claimer is a else a
-    poll(lambda: claimer.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()["progress"].get("step", 0) >= 3,
-         "a checkpoint is written")
+    poll(lambda: job_view(claimer, job_id).get("progress", {}).get("step", 0) >= 3, "a checkpoint is written")
     # the claimer stops as a killed process would: no more steps, no lease renewal, no release
     scheduler = gateway_of(claimer).training._scheduler
     claimer.portal.call(scheduler.cancel)
-    job = poll(lambda: (lambda j: j if j["progress"].get("resumed_from_step") is not None else None)(
-        other.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()), "the other replica resumes it")
+    job = poll(lambda: (lambda j: j if j.get("progress", {}).get("resumed_from_step") is not None else None)(
+        job_view(other, job_id)), "the other replica resumes it")
     assert job["state"] == "running" and job["progress"]["resumed_from_step"] >= 2
     assert gateway_of(other).training._current == job_id
     assert other.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN).json()["state"] == "cancelled"
@@ -221,12 +226,10 @@ def cancel_on_the_other(a, b) -> None:
     runner = poll(lambda: next((c for c in (a, b) if gateway_of(c).training._current == job_id), None),
                   "one replica runs it")
     other = b if runner is a else a
-    poll(lambda: other.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()["state"] == "running",
-         "the other sees it running")
+    poll(lambda: job_view(other, job_id).get("state") == "running", "the other sees it running")
     assert other.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN).json()["state"] == "cancelled"
     poll(lambda: gateway_of(runner).training._current is None, "the runner stops it at its next renewal")
-    poll(lambda: runner.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()["state"] == "cancelled",
-         "the runner shows it cancelled")
+    poll(lambda: job_view(runner, job_id).get("state") == "cancelled", "the runner shows it cancelled")
 
 
 # ---- faults ---------------------------------------------------------------------------------------

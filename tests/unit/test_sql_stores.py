@@ -70,6 +70,13 @@ def test_an_expired_lease_lets_another_claimer_take_the_job(jobs):
     assert jobs.claim("b", 10.0, now=114.0) is None
     taken = jobs.claim("b", 10.0, now=116.0)  # a stopped renewing: b resumes it
     assert taken == running
+    progressed = job("j", state=RUNNING)
+    progressed.progress = {"step": 9}
+    jobs.put(progressed, owner="b")
+    late = job("j", state=RUNNING)
+    late.progress = {"step": 3}
+    jobs.put(late, owner="a")  # a late write of the replica that lost the claim changes nothing
+    assert jobs.load_all() == [progressed]
     assert not jobs.renew("a", "j", 10.0, now=117.0)  # a learns it is no longer its job
 
 

@@ -200,10 +200,10 @@ class FlakyStore:
     def load_all(self):
         return self.inner.load_all()
 
-    def put(self, record):
+    def put(self, record, **owner):
         if self.error is not None:
             raise self.error
-        self.inner.put(record)
+        self.inner.put(record, **owner)
 
     def delete(self, job_id):
         if self.error is not None:
