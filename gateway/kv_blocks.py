@@ -14,12 +14,13 @@ Placement: any block serves any sequence, but a sequence whose blocks are consec
 can be read in place (``gateway.paged_attention`` attends long rows over views of their runs
 instead of copying them). So a sequence grows into the block after its last when that one is
 free, and a sequence that starts (or cannot grow in place) takes the lowest free run with room
-for what it is expected to need, outside the ranges the others are expected to grow into;
-failing that, the lowest free block. Lowest first keeps the touched part of the pool small.
-Contiguity outranks keeping a cached block: growth may take the next block when it is only
-cached, and a new run may span cached blocks when no free run has room. Without that, a pool
-full of cached blocks (the steady state: they are evicted only on demand) would hand out LRU
-blocks scattered over the pool, and every long sequence would become many short runs.
+for what it is expected to need, outside the ranges the others are expected to grow into.
+Lowest first keeps the touched part of the pool small. Contiguity outranks keeping a cached
+block: growth may take the next block when it is only cached, and a new run may span cached
+blocks when no free run has room (the least recently released half first: a prefix served a
+moment ago is the likeliest to be asked for again); failing all that, the longest run there is.
+Without this, a pool full of cached blocks (the steady state: they are evicted only on demand)
+would hand out LRU blocks scattered over the pool, and long sequences would split into many runs.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ class BlockManager:
 
     def _run_start(self, room: int, avoid: Iterable[tuple[int, int]]) -> int:
         """First block of a new run, by preference: the lowest run of ``room`` free blocks outside
-        ``avoid``; the lowest such run of free or cached blocks; the start of the longest run of
-        free or cached blocks outside ``avoid``, then anywhere."""
+        ``avoid``; the lowest such run of free blocks and the older half of the cached ones, then of
+        free or any cached blocks; the start of the longest run of free or cached blocks outside
+        ``avoid``, then anywhere."""
         ranges = [(max(start, 0), min(end, self.num_blocks)) for start, end in avoid]
 
         def outside(candidates: bytearray) -> bytearray:
@@ -135,15 +137,20 @@ class BlockManager:
         block = outside(bytearray(self._is_free)).find(want)
         if block >= 0:
             return block
+        # cached blocks may join the run: first only the least recently released half (a prefix
+        # served a moment ago is the likeliest to be asked for again), then all of them
         unreferenced = bytearray(self._is_free)
-        for cached in self._cached:
-            unreferenced[cached] = 1
-        anywhere = bytes(unreferenced)
-        unreferenced = outside(unreferenced)
-        block = unreferenced.find(want)
-        if block < 0:
-            block = _longest_run(unreferenced)
-        return block if block >= 0 else _longest_run(anywhere)
+        cached = list(self._cached)  # least recently released first
+        taken = 0
+        for share in (len(cached) // 2, len(cached)):
+            for index in range(taken, share):
+                unreferenced[cached[index]] = 1
+            taken = share
+            block = outside(bytearray(unreferenced)).find(want)
+            if block >= 0:
+                return block
+        block = _longest_run(outside(bytearray(unreferenced)))
+        return block if block >= 0 else _longest_run(unreferenced)
 
     def _evict(self, block: int) -> None:
         """Forget a cached block's content: it is about to hold something else."""

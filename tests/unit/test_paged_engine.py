@@ -425,9 +425,24 @@ def test_contiguity_outranks_keeping_cached_blocks():
     run = [m.allocate(room=4, avoid=lambda: [(1, 4)])]  # room for 4 past where block 0 would grow
     for _ in range(3):
         run.append(m.allocate(after=run[-1]))  # growth takes the next block, though it is cached
-    assert run == [4, 5, 6, 7]
-    assert m.cached == 12 - 1 - 4 and m.match_prefix(keys[4:5]) == []  # those four are forgotten
+    assert run == [7, 8, 9, 10]  # within the older half of the 11 cached blocks (11 .. 7, released first)
+    assert m.cached == 12 - 1 - 4 and m.match_prefix(keys[7:8]) == []  # those four are forgotten
     assert m.match_prefix(keys[:4]) == [0, 1, 2, 3]  # the others still hit
+    m.check()
+
+
+def test_a_new_run_spares_the_most_recently_cached_blocks_when_it_can():
+    m = BlockManager(num_blocks=8, block_size=2)
+    blocks = [m.allocate(room=8)]
+    for _ in range(7):
+        blocks.append(m.allocate(after=blocks[-1]))
+    keys = block_keys("a", list(range(16)), 2)
+    for block, key in zip(blocks, keys, strict=True):
+        m.publish(block, key)
+    m.release(blocks[:4])  # 0-3 released first: the older half
+    m.release(blocks[4:])
+    assert m.allocate(room=2) == 0  # the lowest run among the older half
+    assert m.match_prefix(keys[4:5]) == [4]  # a prefix served a moment ago survived
     m.check()
 
 
