@@ -94,3 +94,18 @@ def test_a_fleet_on_sqlite_starts_with_a_warning_that_admin_writes_stay_on_one_r
     with caplog.at_level("WARNING", logger="gateway.fleet.app"):
         build_fleet(Settings(data_dir=tmp_path, replicas=2, database_url=PG, shared_store_url=str(tmp_path)))
     assert "ONE replica" not in caplog.text
+
+
+def test_a_local_fleet_whose_database_or_store_is_unusable_is_refused_before_ray_starts(monkeypatch, tmp_path: Path):
+    import gateway.fleet.app as fleet_app
+
+    started: list[Settings] = []
+    monkeypatch.setattr(fleet_app, "run_fleet", started.append)
+    (tmp_path / "shared").mkdir()
+    with pytest.raises(SystemExit, match="refusing to start"):  # nothing listens on port 1
+        cli.main(["serve", "--replicas", "2", "--data-dir", str(tmp_path), "--database-url", PG,
+                  "--shared-store-url", str(tmp_path / "shared"), "--database-timeout-seconds", "1"])
+    with pytest.raises(SystemExit, match="refusing to start: the shared folder .* does not exist"):  # a missing mount
+        cli.main(["serve", "--replicas", "2", "--data-dir", str(tmp_path), "--shared-store-url",
+                  str(tmp_path / "not-mounted")])
+    assert started == []
