@@ -47,8 +47,16 @@ def serve(settings: Settings) -> None:
     if problem is not None:
         sys.exit(f"adapter-gateway: {problem}")
     if settings.replicas >= 2:  # a Ray Serve fleet; each replica checks its own data dir
-        from gateway.fleet.app import run_fleet
+        from gateway.fleet.app import FleetConfigError, check_fleet_state, run_fleet
 
+        try:
+            check_fleet_state(settings)
+            if settings.ray_address is None:  # replicas on this machine: their database and store are ours
+                if settings.database_url is not None:
+                    check_data_dir(settings)  # reachable, schema migrated once before the replicas start
+                open_shared_store(settings)
+        except (FleetConfigError, DatabaseUnavailableError, SchemaTooNewError, SharedStoreError) as exc:
+            sys.exit(f"adapter-gateway: refusing to start: {exc}")
         run_fleet(settings)
         return
     try:

@@ -158,7 +158,9 @@ class Settings(BaseSettings):
     replicas: int = Field(1, ge=1, le=1024, description=(
         "Gateway replicas. 1: this single process (SQLite, local files). 2 or more: a Ray Serve application "
         "(gateway.fleet) with one replica per device, an ingress routing each adapter's requests to a replica "
-        "holding it; starts a local Ray cluster unless ray_address is set."))
+        "holding it; starts a local Ray cluster unless ray_address is set. One registry for all replicas needs "
+        "database_url and shared_store_url (database_url without shared_store_url is refused; neither: each "
+        "replica has its own SQLite registry, with a warning)."))
     ray_address: str | None = Field(None, description=(
         "Ray cluster to join with replicas >= 2 (e.g. 'ray://head:10001' or 'auto'). Unset: a local cluster."))
     fleet_routing: Literal["multiplexed", "plain"] = Field("multiplexed", description=(

@@ -22,6 +22,33 @@ APP_NAME = "gateway"
 INGRESS_CPUS = 0.1  # the ingress only relays bytes: it must not take a device replica's CPU share
 
 
+class FleetConfigError(ValueError):
+    """A fleet whose replicas could not share what they must (refused before anything starts)."""
+
+
+def check_fleet_state(settings: Settings) -> None:
+    """Refuse, or warn about, a fleet whose replicas would not share their state.
+
+    With ``replicas`` >= 2 and PostgreSQL but no shared store, an adapter uploaded through one
+    replica would be a row every replica knows and files only one has: the others would answer
+    errors for it. That is refused. Without ``database_url`` each replica keeps its own SQLite
+    registry: a fleet serving a fixed set of adapters (``adapters_dir`` baked into the image) works,
+    but an admin write reaches one replica only; that is allowed with a warning at start."""
+    if settings.replicas < 2:
+        return
+    if settings.database_url is None:
+        log.warning("replicas=%d without database_url: each replica keeps its own SQLite registry, so an "
+                    "adapter, experiment or training job created through the admin API exists on ONE replica "
+                    "only; set GATEWAY_DATABASE_URL and GATEWAY_SHARED_STORE_URL for one registry (a fleet "
+                    "serving only adapters_dir needs neither)", settings.replicas)
+        return
+    if settings.shared_store_url is None:
+        raise FleetConfigError(
+            f"replicas={settings.replicas} with database_url needs shared_store_url too: adapter files uploaded to "
+            "one replica's disk would be invisible to the others. Set GATEWAY_SHARED_STORE_URL to a folder every "
+            "replica mounts (a ReadWriteMany volume) or to s3://bucket/prefix")
+
+
 def replica_gpus(settings: Settings) -> float:
     if settings.replica_num_gpus is not None:
         return settings.replica_num_gpus
@@ -59,6 +86,7 @@ def build_fleet(settings: Settings):
     from gateway.fleet.ingress import GatewayIngress
     from gateway.fleet.replica import GatewayReplica
 
+    check_fleet_state(settings)
     settings = fleet_settings(settings)
     replica = serve.deployment(
         GatewayReplica, name="GatewayReplica", num_replicas=settings.replicas,

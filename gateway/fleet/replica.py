@@ -121,12 +121,20 @@ class GatewayReplica:
         operators and tests reaching replicas through a Serve handle (never over HTTP)."""
         return self.name, os.getpid()
 
+    def training_claims(self) -> tuple[str, list[str]]:
+        """This replica's name and the training jobs it claimed since it started (in a fleet on one
+        database each job is claimed by exactly one replica), for operators and tests."""
+        return self.name, list(self.gateway.training.claimed)
+
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose check raises."""
         if not self.gateway.ready:
             raise RuntimeError(f"replica {self.name}: the gateway is not serving")
 
     async def __del__(self) -> None:
-        if self._metrics_server is not None:
+        # Serve calls this after a failed __init__ too: only what was set up is torn down
+        if getattr(self, "_metrics_server", None) is not None:
             self._metrics_server.shutdown()
-        await self._lifespan.aclose()
+        lifespan = getattr(self, "_lifespan", None)
+        if lifespan is not None:
+            await lifespan.aclose()

@@ -29,6 +29,7 @@ Records of jobs other replicas run follow the store (``sync``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import logging
@@ -128,6 +129,8 @@ class TrainingJobs:
         self._records: dict[str, TrainingJobRecord] = {}
         self._active: _Active | None = None
         self._current: str | None = None  # the job the scheduler works on (preparing .. registering)
+        # the jobs this process claimed, newest last (a fleet's replica reports them); bounded
+        self.claimed: collections.deque[str] = collections.deque(maxlen=1000)
         self._preparing = False  # its run is being built in a worker thread
         self._cancel_asked: set[str] = set()  # cancels of the current job, honoured at its next stage
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -351,6 +354,8 @@ class TrainingJobs:
             await self._idle(self.poll_seconds if self.shared else TIDY_EVERY_SECONDS)
             return
         self._current = claimed.id
+        self.claimed.append(claimed.id)
+        log.info("training job %s claimed by %s", claimed.id, self.owner)
         record = self._adopt(claimed)  # the row as claimed: another replica may have run it before
         lease = asyncio.get_running_loop().create_task(self._keep_lease(record.id))
         try:

@@ -66,3 +66,46 @@ def test_replica_data_dirs_are_distinct(tmp_path: Path):
 
     assert replica_data_dir(tmp_path, 0) != replica_data_dir(tmp_path, 1)
     assert replica_data_dir(tmp_path, 1).parent == tmp_path
+
+
+PG = "postgresql://gateway@127.0.0.1:1/gateway"  # never reached: the checks below refuse first or need none
+
+
+def test_a_fleet_on_postgresql_without_a_shared_store_is_refused(tmp_path: Path):
+    from gateway.fleet.app import FleetConfigError, build_fleet
+
+    unshared = Settings(data_dir=tmp_path, replicas=2, database_url=PG)
+    with pytest.raises(FleetConfigError, match="needs shared_store_url"):
+        build_fleet(unshared)
+    with pytest.raises(SystemExit, match="refusing to start: .*needs shared_store_url"):
+        cli.main(["serve", "--replicas", "2", "--data-dir", str(tmp_path), "--database-url", PG])
+    (tmp_path / "shared").mkdir()
+    build_fleet(unshared.model_copy(update={"shared_store_url": str(tmp_path / "shared")}))  # builds
+    build_fleet(Settings(data_dir=tmp_path, database_url=PG))  # one replica: nothing to share
+
+
+def test_a_fleet_on_sqlite_starts_with_a_warning_that_admin_writes_stay_on_one_replica(tmp_path: Path, caplog):
+    from gateway.fleet.app import build_fleet
+
+    with caplog.at_level("WARNING", logger="gateway.fleet.app"):
+        build_fleet(Settings(data_dir=tmp_path, replicas=2))
+    assert "exists on ONE replica only" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gateway.fleet.app"):
+        build_fleet(Settings(data_dir=tmp_path, replicas=2, database_url=PG, shared_store_url=str(tmp_path)))
+    assert "ONE replica" not in caplog.text
+
+
+def test_a_local_fleet_whose_database_or_store_is_unusable_is_refused_before_ray_starts(monkeypatch, tmp_path: Path):
+    import gateway.fleet.app as fleet_app
+
+    started: list[Settings] = []
+    monkeypatch.setattr(fleet_app, "run_fleet", started.append)
+    (tmp_path / "shared").mkdir()
+    with pytest.raises(SystemExit, match="refusing to start"):  # nothing listens on port 1
+        cli.main(["serve", "--replicas", "2", "--data-dir", str(tmp_path), "--database-url", PG,
+                  "--shared-store-url", str(tmp_path / "shared"), "--database-timeout-seconds", "1"])
+    with pytest.raises(SystemExit, match="refusing to start: the shared folder .* does not exist"):  # a missing mount
+        cli.main(["serve", "--replicas", "2", "--data-dir", str(tmp_path), "--shared-store-url",
+                  str(tmp_path / "not-mounted")])
+    assert started == []
