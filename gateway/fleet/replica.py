@@ -50,8 +50,11 @@ class Residency:
         self.__del__ = self.release
 
     async def release(self) -> None:
-        if await self.registry.tiers.release_device(self.entry):
-            log.info("adapter %s: no longer routed here, its device slot is free", self.entry.name)
+        # the id may have been replaced since it was loaded: free its current version's slot too
+        current = self.registry.get(self.entry.id) if self.entry.id in self.registry else None
+        for entry in dict.fromkeys(e for e in (self.entry, current) if e is not None):
+            if await self.registry.tiers.release_device(entry):
+                log.info("adapter %s: no longer routed here, its device slot is free", entry.name)
 
 
 def resolve_route(service: GenerationService, model: str, user: str | None, headers: dict[str, str]) -> Route:

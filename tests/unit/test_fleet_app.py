@@ -109,3 +109,48 @@ def test_a_local_fleet_whose_database_or_store_is_unusable_is_refused_before_ray
         cli.main(["serve", "--replicas", "2", "--data-dir", str(tmp_path), "--shared-store-url",
                   str(tmp_path / "not-mounted")])
     assert started == []
+
+
+
+class _Version:
+    def __init__(self, number: int):
+        self.id = self.name = "a"
+        self.number = number
+
+
+class _Registry:
+    """What ``Residency`` uses of the registry: lookup by id, and the tiers' ``release_device``."""
+
+    def __init__(self, entries: dict):
+        self.entries = entries
+        self.released: list[int] = []
+        self.tiers = self
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self.entries
+
+    def get(self, adapter_id: str):
+        return self.entries[adapter_id]
+
+    async def release_device(self, entry) -> bool:
+        self.released.append(entry.number)
+        return True
+
+
+def test_serve_evicting_a_replaced_adapter_frees_its_current_version_too():
+    """The multiplexed id was loaded as version 1, then replaced: when Serve stops routing the id
+    here, the slot of the version now served (2) is given back too."""
+    import asyncio
+
+    from gateway.fleet.replica import Residency
+
+    loaded = _Version(1)
+    registry = _Registry({"a": _Version(2)})
+    asyncio.run(Residency(registry, loaded).release())
+    assert registry.released == [1, 2]
+    registry = _Registry({})  # deleted meanwhile: only the version that was loaded
+    asyncio.run(Residency(registry, loaded).release())
+    assert registry.released == [1]
+    registry = _Registry({"a": loaded})  # not replaced: released once
+    asyncio.run(Residency(registry, loaded).release())
+    assert registry.released == [1]
