@@ -95,12 +95,11 @@ class KVPool:
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (layers, kv_heads, num_blocks * block_size, head_dim)
-        # empty, not zeros: memory is touched only as blocks come into use (``clear_up_to``)
+        # empty, not zeros: memory is touched only as blocks come into use (written, or ``zero_slots``)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.cleared = 0  # blocks [0, cleared) hold finite values (zeros or keys/values written)
         self.step: PagedStep | None = None  # set for the duration of one packed forward
         # gathered keys and values land here, reused by every layer and step: a fresh tensor of
         # that size per layer costs more in page faults on CPU than the copy itself
@@ -134,16 +133,14 @@ class KVPool:
         layers, heads, _, dim = self.keys.shape
         return 2 * layers * heads * dim * self.keys.element_size()
 
-    def clear_up_to(self, blocks: int) -> None:
-        """Zero blocks not used before, up to ``blocks``. Attention reads whole blocks and masks the
-        positions a row has not written; a masked position must still hold a finite number, since
-        NaN times a zero weight is NaN. (Blocks are handed out lowest first, so this zeroes each
-        block once, just before its first use.)"""
-        if blocks > self.cleared:
-            span = slice(self.cleared * self.block_size, blocks * self.block_size)
-            self.keys[:, :, span].zero_()
-            self.values[:, :, span].zero_()
-            self.cleared = blocks
+    def zero_slots(self, slots: torch.Tensor) -> None:
+        """Zero the keys and values at pool ``slots`` in every layer. Attention reads whole blocks
+        and masks the positions a row has not written; a masked position must still hold a finite
+        number, since NaN times a zero weight is NaN. A block new to a row may hold anything there:
+        the pool's first, never-written memory, or what its last owner left (an adapter that
+        overflowed, say). The runner zeroes those positions before a forward can read them."""
+        self.keys.index_fill_(2, slots, 0)
+        self.values.index_fill_(2, slots, 0)
 
     @contextlib.contextmanager
     def active(self, model: torch.nn.Module, step: PagedStep) -> Iterator[None]:

@@ -90,14 +90,16 @@ class PagedRunner:
 
     def _plan(self, items: Sequence[StepItem]) -> PagedStep:
         bs = self.pool.block_size
-        writes, chunks, decodes, prefixes = [], [], [], []
-        highest = 0
+        writes, chunks, decodes, prefixes, tails = [], [], [], [], []
         offset = 0
         for item in items:
             count = len(item.entries)
-            writes.append(self._slots_of(item.blocks, item.start, item.start + count))
-            read = self._blocks_of(item.blocks, item.start + count)
-            highest = max(highest, max(read))
+            end = item.start + count
+            writes.append(self._slots_of(item.blocks, item.start, end))
+            read = self._blocks_of(item.blocks, end)
+            if end % bs and (end - 1) // bs * bs >= item.start:
+                # the row's last block is new to it this step and not filled: zero the rest of it
+                tails.append(self._slots_of(item.blocks, end, len(read) * bs))
             prefix = self.runtime.prefixes.get(item.slot)
             if prefix is not None and item.start < prefix.shape[1]:  # the chunk holds virtual positions
                 end = min(item.start + count, prefix.shape[1])
@@ -109,7 +111,8 @@ class PagedRunner:
                 chunks.append(PrefillChunk(q_start=offset, q_end=offset + count, start=item.start,
                                            gather=self.pool.gather_index(table)))
             offset += count
-        self.pool.clear_up_to(highest + 1)
+        if tails:
+            self.pool.zero_slots(torch.cat(tails))
         in_place = []
         if self.in_place:
             for entry in [d for d in decodes if d[1].start + 1 >= self.IN_PLACE_MIN_CONTEXT]:

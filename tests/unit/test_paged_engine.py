@@ -130,6 +130,25 @@ def test_packed_forward_of_every_kind_matches_peft(mixed):
         assert rel_err(logits[row], ref_logits(refs[name], prompts[row])) <= TOL, name
 
 
+def test_what_a_blocks_last_owner_left_never_reaches_a_new_row(mixed):
+    """Blocks full of NaN (a broken adapter's keys, or memory never written): a row that takes
+    them, prefilled and then decoded one token at a time with its last block partly filled,
+    still gives PEFT's logits (its unwritten positions are zeroed, not merely masked)."""
+    runtime, slots, refs = mixed
+    runner = make_runner(runtime, blocks=8)
+    runner.forward([StepItem(slots["base"], prompt_ids(32, seed=6), 0, list(range(8)))])  # the last owner
+    runner.pool.keys.fill_(float("nan"))  # ... whose adapter overflowed
+    runner.pool.values.fill_(float("nan"))
+    prompt = prompt_ids(6, seed=7)  # block size 4: two blocks, the second half filled
+    table = [5, 2, 6]
+    logits = runner.forward([StepItem(slots["base"], list(prompt), 0, table)])
+    assert rel_err(logits[-1], ref_logits(refs["base"], prompt)) <= TOL
+    for step, token in enumerate((3, 9, 4)):  # the third decode token starts block 6
+        prompt = prompt + [token]
+        logits = runner.forward([StepItem(slots["base"], [token], len(prompt) - 1, table)])
+        assert rel_err(logits[-1], ref_logits(refs["base"], prompt)) <= TOL, step
+
+
 def test_chunked_prefill_with_offset_matches_peft(mixed):
     """A prompt computed in chunks of 3 (the later chunks attend to cached positions) gives PEFT's
     last logits, for a prompt-tuning adapter whose virtual tokens span the first chunks."""
