@@ -8,13 +8,12 @@ One Ray cluster per session (``ray_cluster``), one fleet for the module."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from fleet_support import ADMIN, ADMIN_KEY, API_KEY, AUTH, NO_EOS, REPLICA, kill_mid_stream
 from support import build_small_llama, build_tokenizer, make_peft_adapter
 
 from gateway.settings import Settings
@@ -23,12 +22,6 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 pytestmark = pytest.mark.ray
-API_KEY = "fleet-inference-key-0123456789"
-ADMIN_KEY = "fleet-admin-key-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-NO_EOS = {"2": -100}  # the random model's end token never comes: streams run their full length
-REPLICA = "x-gateway-replica"
 
 
 @pytest.fixture(scope="module")
@@ -162,20 +155,8 @@ def test_a_replica_killed_mid_stream_ends_its_stream_cleanly_and_the_fleet_recov
     wait_until_routed("a", victim)
     pids = replicas_by_name()
     survivor = next(name for name in pids if name != victim)
-    body = {"model": "a", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 200, "stream": True,
-            "logit_bias": NO_EOS, "temperature": 0}
-    events = []
-    with httpx.stream("POST", f"{fleet}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
-        assert response.status_code == 200 and response.headers[REPLICA] == victim
-        lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-                break
-        os.kill(pids[victim], signal.SIGKILL)
-        events += [line[len("data: "):] for line in lines if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])["error"]
+    killed, error = kill_mid_stream(fleet, "a", pids.__getitem__)
+    assert killed == victim
     assert error["code"] == "replica_unavailable" and error["type"] == "server_error"
     # the other replica serves on, while Ray brings a new replica up
     other = chat(fleet, "b")

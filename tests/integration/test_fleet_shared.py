@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fleet_support import ADMIN, ADMIN_KEY, API_KEY, AUTH, REPLICA, kill_mid_stream
 from support import build_small_llama, build_tokenizer, make_peft_adapter
 
 from gateway.settings import Settings
@@ -31,12 +30,6 @@ from ray import serve  # noqa: E402
 
 pytestmark = pytest.mark.ray
 APP = "shared-fleet"
-API_KEY = "fleet-inference-key-0123456789"
-ADMIN_KEY = "fleet-admin-key-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-NO_EOS = {"2": -100}  # the random model's end token never comes: streams run their full length
-REPLICA = "x-gateway-replica"
 WAIT = 120.0  # a generous bound on what holds within about a second when things work
 PROPAGATION: list[float] = []  # registration acknowledged -> served by every replica (seconds)
 
@@ -217,21 +210,7 @@ def test_a_replica_killed_mid_stream_errors_cleanly_and_nothing_acknowledged_is_
     assert durable.status_code == 201, durable.text  # acknowledged before the kill
     pids = replica_pids()
     until_each_replica(lambda: chat(url, "durable"), status(200), set(pids), "durable served")
-    body = {"model": "durable", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 200,
-            "stream": True, "logit_bias": NO_EOS, "temperature": 0}
-    events = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
-        assert response.status_code == 200
-        victim = response.headers[REPLICA]
-        lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: "):
-                events.append(line[len("data: "):])
-                break
-        os.kill(pids[victim], signal.SIGKILL)
-        events += [line[len("data: "):] for line in lines if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])["error"]
+    victim, error = kill_mid_stream(url, "durable", pids.__getitem__)
     assert error["code"] == "replica_unavailable" and error["type"] == "server_error"
 
     survivor = next(name for name in pids if name != victim)
