@@ -48,6 +48,9 @@ def job_config(kind: str, args: argparse.Namespace) -> dict:
               "seed": args.seed, "max_seq_len": 256, "checkpoint_every": 10_000, **KIND_CONFIG[kind]}
     if args.lr is not None:
         config["learning_rate"] = args.lr
+    for item in args.set:  # e.g. prefix_projection=false
+        key, _, value = item.partition("=")
+        config[key] = json.loads(value)
     if args.no_dropout:
         if kind in ("lora", "dora", "adalora"):
             config["lora_dropout"] = 0.0
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps per side left out of the timing")
     parser.add_argument("--lr", type=float, help="learning rate for every kind (default: train_bench's per kind)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override a job config field for every kind, e.g. --set prefix_projection=false")
     parser.add_argument("--no-dropout", action="store_true", help="dropout 0 (the curves then differ only by "
                         "arithmetic order)")
     parser.add_argument("--own-init", action="store_true", help="our own init instead of PEFT's weights")
