@@ -56,7 +56,7 @@ KIND_CONFIG = {  # per-kind hyperparameters for this task (shared by our run and
                 "tinit": 2, "tfinal": 2, "deltaT": 2},
     "vera": {"r": 256, "learning_rate": 1e-2},
     "p_tuning": {"num_virtual_tokens": 16, "learning_rate": 1e-3},
-    "prefix_tuning": {"num_virtual_tokens": 16, "prefix_projection": True, "learning_rate": 1e-2},
+    "prefix_tuning": {"num_virtual_tokens": 16, "prefix_projection": True, "learning_rate": 1e-3},
 }
 
 
