@@ -347,8 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "load_average_start": os.getloadavg(), **gateway_phase(args, args.model_dir, Path(tmp), data, test)}
-    result["peft_reference"] = {} if args.no_reference else {
-        kind: peft_reference(args, args.model_dir, kind, data, test) for kind in args.kinds}
+    result["peft_reference"] = {}
+    for kind in [] if args.no_reference else args.kinds:
+        result["peft_reference"][kind] = peft_reference(args, args.model_dir, kind, data, test)
+        log.info("PEFT %s: %s", kind, result["peft_reference"][kind])  # a long run shows each as it ends
     result["load_average_end"] = os.getloadavg()
     compare(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
