@@ -9,8 +9,11 @@ unprompted. For each kind the benchmark, in one run:
    the served adapter (greedy) on held-out prompts, the base model alongside;
 3. measures serving latency p50 while a training job runs (target: at most 1.5x idle);
 4. stops the gateway and trains the same kinds with PEFT (``get_peft_model`` and a plain loop)
-   on the same NF4 base, data, order and hyperparameters: eval loss (ours within 5%) and
-   training tokens/s (ours at least 0.9x) are ratios within this run.
+   on the same NF4 base, data, order and hyperparameters, and scores PEFT's adapter the same way
+   (held-out exact match, greedy): exact match, eval loss (ours within 5%) and training tokens/s
+   (ours at least 0.9x) side by side, ratios within this run (a markdown table is printed last).
+   The load average at the start and end is stored: on a shared machine the tokens/s of the two
+   phases, which run one after the other, swing with it.
 
 Usage (smoke): python -m loadtest.train_bench --train 16 --test 4 --max-steps 2 --latency-requests 3
 Full run:      python -m loadtest.train_bench
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import secrets
 import statistics
@@ -52,7 +56,7 @@ KIND_CONFIG = {  # per-kind hyperparameters for this task (shared by our run and
                 "tinit": 2, "tfinal": 2, "deltaT": 2},
     "vera": {"r": 256, "learning_rate": 1e-2},
     "p_tuning": {"num_virtual_tokens": 16, "learning_rate": 1e-3},
-    "prefix_tuning": {"num_virtual_tokens": 16, "prefix_projection": True, "learning_rate": 1e-2},
+    "prefix_tuning": {"num_virtual_tokens": 16, "prefix_projection": True, "learning_rate": 1e-3},
 }
 
 
@@ -185,8 +189,27 @@ def peft_config_for(kind: str, cfg, model_type: str, total_steps: int):
                               task_type="CAUSAL_LM")
 
 
-def peft_reference(args: argparse.Namespace, model_dir: Path, kind: str, data: bytes) -> dict:
-    """The same data, split, order and hyperparameters trained with PEFT on the same NF4 base."""
+def generate_answers(model, tokenizer, prompts: list[str], max_tokens: int, device) -> list[str]:
+    """Greedy answers of a PEFT (or plain transformers) model to chat prompts, rendered with the
+    tokenizer's chat template as the gateway renders a chat request."""
+    import torch
+
+    answers = []
+    with torch.no_grad():
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def peft_reference(args: argparse.Namespace, model_dir: Path, kind: str, data: bytes,
+                   test: list[tuple[str, str]]) -> dict:
+    """The same data, split, order and hyperparameters trained with PEFT on the same NF4 base;
+    scored as ours is (held-out exact match, greedy)."""
     import torch
     from peft import get_peft_model
 
@@ -238,15 +261,39 @@ def peft_reference(args: argparse.Namespace, model_dir: Path, kind: str, data: b
                                     labels], dim=1)
             s, c = causal_lm_loss_sum(logits, labels)
             loss_sum, count = loss_sum + float(s), count + c
-    return {"eval_loss_after": loss_sum / max(1, count), "tokens_per_second": round(tokens / seconds, 2)}
+    answers = generate_answers(model, base.tokenizer, [p for p, _ in test], 48, base.device)
+    hits = sum(a.strip() == expected for a, (_, expected) in zip(answers, test, strict=True))
+    return {"eval_loss_after": loss_sum / max(1, count), "tokens_per_second": round(tokens / seconds, 2),
+            "exact_match": round(hits / max(1, len(test)), 4), "n": len(test),
+            "samples": [{"expected": e, "answer": a} for a, (_, e) in list(zip(answers, test))[:3]]}
 
 
 def compare(result: dict) -> None:
+    """Ratios per kind, and one side-by-side row per kind (ours | PEFT's) for the table printed."""
+    result["side_by_side"] = []
     for kind, ours in result["kinds"].items():
         ref = result["peft_reference"].get(kind)
         if ref and ours["eval_loss_after"] is not None:
             ours["eval_loss_ratio_vs_peft"] = round(ours["eval_loss_after"] / ref["eval_loss_after"], 4)
             ours["tokens_per_second_ratio_vs_peft"] = round(ours["tokens_per_second"] / ref["tokens_per_second"], 3)
+        if ref:
+            result["side_by_side"].append({
+                "kind": kind, "exact_match": [ours["exact_match"], ref.get("exact_match")],
+                "eval_loss_after": [round(ours["eval_loss_after"], 4), round(ref["eval_loss_after"], 4)],
+                "tokens_per_second": [round(ours["tokens_per_second"], 1), ref["tokens_per_second"]],
+                "eval_loss_ratio": ours.get("eval_loss_ratio_vs_peft"),
+                "tokens_per_second_ratio": ours.get("tokens_per_second_ratio_vs_peft")})
+
+
+def side_by_side_table(result: dict) -> str:
+    """A markdown table of ``compare``'s rows: ours | PEFT's per figure, and the ratios."""
+    lines = ["| kind | exact match ours / PEFT | eval loss ours / PEFT (ratio) | tokens/s ours / PEFT (ratio) |",
+             "|---|---|---|---|"]
+    for row in result.get("side_by_side", []):
+        (em_o, em_p), (l_o, l_p), (t_o, t_p) = row["exact_match"], row["eval_loss_after"], row["tokens_per_second"]
+        lines.append(f"| {row['kind']} | {em_o} / {em_p} | {l_o} / {l_p} ({row['eval_loss_ratio']}) | "
+                     f"{t_o} / {t_p} ({row['tokens_per_second_ratio']}) |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> str | None:
@@ -299,14 +346,19 @@ def main(argv: list[str] | None = None) -> None:
     data = "\n".join(json.dumps(r) for r in train).encode()
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  **gateway_phase(args, args.model_dir, Path(tmp), data, test)}
-    result["peft_reference"] = {} if args.no_reference else {
-        kind: peft_reference(args, args.model_dir, kind, data) for kind in args.kinds}
+                  "load_average_start": os.getloadavg(), **gateway_phase(args, args.model_dir, Path(tmp), data, test)}
+    result["peft_reference"] = {}
+    for kind in [] if args.no_reference else args.kinds:
+        result["peft_reference"][kind] = peft_reference(args, args.model_dir, kind, data, test)
+        log.info("PEFT %s: %s", kind, result["peft_reference"][kind])  # a long run shows each as it ends
+    result["load_average_end"] = os.getloadavg()
     compare(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     result["plot"] = plot(result, args.out.with_suffix(".png"))
     print(json.dumps(result, indent=2))
+    if result["side_by_side"]:
+        print(side_by_side_table(result))
 
 
 if __name__ == "__main__":

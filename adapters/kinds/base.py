@@ -160,6 +160,11 @@ class KindHandler(Protocol):
     # the kind-specific ``TrainingConfig`` fields this kind reads (others sent with it are refused)
     training_fields: frozenset[str]
 
+    def learning_rate_for(self, config: Any) -> float | None:
+        """The learning rate of a ``TrainingConfig`` that sets none (``default_learning_rate``
+        unless the kind's own fields change what a step does, as prefix tuning's projection)."""
+        ...
+
     def check_training_config(self, config: Any) -> None:
         """Refuse (``ValueError``) inconsistent fields of a ``TrainingConfig`` of this kind."""
         ...
@@ -188,6 +193,9 @@ class TrainingForm:
 
     default_learning_rate: float | None = None
     training_fields: frozenset[str] = frozenset()
+
+    def learning_rate_for(self, config: Any) -> float | None:
+        return self.default_learning_rate
 
     def check_training_config(self, config: Any) -> None:
         return None

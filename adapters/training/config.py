@@ -129,7 +129,7 @@ class TrainingConfig(BaseModel):
 
     @property
     def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else HANDLERS[self.kind].default_learning_rate
+        return self.learning_rate if self.learning_rate is not None else HANDLERS[self.kind].learning_rate_for(self)
 
     def ia3_targets(self, model_type: str) -> tuple[list[str] | Literal["all-linear"], list[str]]:
         """``(target_modules, feedforward_modules)`` for IA3, PEFT's defaults filling the gaps."""

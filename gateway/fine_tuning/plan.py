@@ -84,6 +84,15 @@ def _kind(settings: dict[str, Any], param: str) -> AdapterKind:
     return kind
 
 
+def _default_learning_rate(kind: AdapterKind, settings: dict[str, Any]) -> float:
+    """The kind's learning rate for these adapter settings (prefix tuning's depends on its
+    projection); settings that do not validate are named by the full validation that follows."""
+    try:
+        return TrainingConfig.model_validate({**settings, "kind": kind.value}).lr
+    except ValidationError:
+        return HANDLERS[kind].default_learning_rate
+
+
 def plan_job(body: FineTuningJobCreate, start_from: dict[str, Any] | None = None) -> JobPlan:
     """Raises ``FineTuningRequestError`` naming the parameter at fault. ``start_from``: the settings
     of a registered adapter the job continues (``kind``, ``init_adapter`` ...), instead of ``adapter``."""
@@ -93,7 +102,7 @@ def plan_job(body: FineTuningJobCreate, start_from: dict[str, Any] | None = None
     values = {name: AUTO_VALUES[name] if value == AUTO else value for name, value in method.hyperparameters.items()
               if name in AUTO_VALUES}
     run = {"epochs": values["n_epochs"], "batch_size": values["batch_size"],
-           "learning_rate": values["learning_rate_multiplier"] * HANDLERS[kind].default_learning_rate,
+           "learning_rate": values["learning_rate_multiplier"] * _default_learning_rate(kind, settings),
            "seed": body.seed or 0, "eval_fraction": 0.0, "objective": method.spec.objective}
     if "beta" in values:
         run["beta"] = values["beta"]

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from support import build_tiny_llama, make_peft_adapter
 
 from adapters.kinds.base import AdapterLimits
@@ -114,6 +115,53 @@ def test_loss_counts_only_answer_tokens(base, tiny_tokenizer):
         hf_loss = runtime.model(input_ids=ids, labels=labels).loss  # transformers' own masking
     assert count == len(labelled)
     assert torch.allclose(loss_sum / count, hf_loss, rtol=1e-5)
+
+
+def _self_allocations(fn, size: int) -> list[tuple[str, int]]:
+    """The ops of ``fn()`` (forward and backward) that themselves allocate at least ``size / 2``
+    bytes, by the profiler's memory accounting (bytes, not time: no timing in tests)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage >= size // 2]
+
+
+def test_the_loss_copies_no_logits():
+    """Forward and backward of the loss allocate the log-softmax, its gradient and the logits'
+    gradient, nothing more the size of the logits: shifting the logits instead of the labels cost
+    a copy forward and a zero-filled tensor backward (time the trainer spent beyond PEFT's loop)."""
+    logits = torch.randn(4, 40, 700, requires_grad=True)
+    labels = torch.randint(0, 700, (4, 40))
+    labels[:, :10] = IGNORE_INDEX
+
+    def step():
+        loss, count = causal_lm_loss_sum(logits, labels)
+        (loss / count).backward()
+
+    big = _self_allocations(step, logits.nbytes)
+    assert len(big) <= 3, big
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 700), labels[:, 1:].reshape(-1), reduction="sum")
+    loss, count = causal_lm_loss_sum(logits, labels)
+    assert count == 4 * 30 and torch.allclose(loss, expected, rtol=1e-6)
+
+
+def test_dropout_draws_once_and_is_seeded(base, tiny_tokenizer):
+    """Dropout keeps a share 1 - p of the entries scaled by 1 / (1 - p), repeats with the seed, and
+    allocates the mask and the output only (two passes over the activations, as ``nn.Dropout``)."""
+    runtime = make_runtime(base)
+    x = torch.randn(8, 64, 48)
+    draws = []
+    for _ in range(2):
+        adapter = build_trainable(config("lora", lora_dropout=0.25), runtime, tiny_tokenizer).train()
+        draws.append(adapter._dropout(x, 0.25))
+    kept = draws[0] != 0
+    assert torch.equal(draws[0], draws[1])
+    assert abs(kept.float().mean().item() - 0.75) < 0.02
+    assert torch.allclose(draws[0][kept], x[kept] / 0.75)
+    big = _self_allocations(lambda: adapter._dropout(x, 0.25), x.nbytes)
+    assert sum(n for _, n in big) <= 2 * x.nbytes, big
+    assert adapter.eval()._dropout(x, 0.25) is x
 
 
 @pytest.mark.parametrize("kind", KINDS)
