@@ -364,10 +364,8 @@ class AdapterRegistry:
     def _release_shared(self, digest: str) -> None:
         """With a shared blob store: quarantine the shared copy when no row (of any replica) refers
         to it any more. Best effort: a failure leaves an orphan, never a row without its blob."""
-        def referenced(d: str) -> bool:
-            return any(r.content_hash == d for r in self.store.load_all())
         try:
-            self.blobs.release(digest, referenced)
+            self.blobs.release(digest, self.store.refers_to)
         except Exception as exc:  # noqa: BLE001 - the delete is done; the shared copy stays
             log.warning("adapter files %s: cannot release the shared copy: %s", digest, exc)
 

@@ -39,6 +39,9 @@ class AdapterStore(Protocol):
 
     def set_pinned(self, adapter_id: str, pinned: bool) -> None: ...
 
+    def refers_to(self, content_hash: str) -> bool:
+        """Whether any row (of any replica sharing the store) names these adapter files."""
+
     def close(self) -> None: ...
 
 
@@ -113,6 +116,10 @@ class SqlAdapterStore:
             tx.execute("UPDATE registry_adapters SET pinned = ? WHERE id = ?", (int(pinned), adapter_id))
             tx.notify("adapters", id=adapter_id)
         self.db.run(write)
+
+    def refers_to(self, content_hash: str) -> bool:
+        return bool(self.db.read(lambda tx: tx.execute(
+            "SELECT 1 FROM registry_adapters WHERE content_hash = ? LIMIT 1", (content_hash,))))
 
     def close(self) -> None:
         self.db.close()
