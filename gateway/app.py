@@ -102,7 +102,8 @@ def check_data_dir(settings: Settings) -> None:
 
 
 def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway:
-    check_data_dir(settings)  # before the model loads: fail fast
+    if settings.database_url is None:  # PostgreSQL: open_stores reaches and migrates it, with the same errors
+        check_data_dir(settings)  # before the model loads: fail fast
     stores = open_stores(settings)
     base = base or load_base(settings)
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
