@@ -5,12 +5,14 @@ Task: each prompt asks to extract a person from a sentence; the preferred answer
 built here, nothing is downloaded. In one run the benchmark:
 
 1. starts a gateway (NF4 base), scores the base: the share of held-out prompts (people never seen
-   in training) answered the preferred way (greedy; the answer parses as a JSON object with
-   exactly the keys name, city and age);
+   in training) answered the preferred way, greedy, three ways from strict to loose: the answer is
+   exactly a JSON object with the keys name, city and age; it opens with such an object (text may
+   follow); it opens with a JSON object of any keys (the contrast the pairs teach: JSON, not prose);
 2. trains one adapter per kind with DPO through ``POST /admin/training-jobs`` (objective ``dpo``,
    the reference is the frozen base) and scores each served adapter the same way, with its
    training tokens/s and its final held-out reward margin and preference accuracy;
-3. stops the gateway and trains the same data with TRL's ``DPOTrainer`` (``loss_type="sigmoid"``,
+3. stops the gateway and trains the same data with TRL's ``DPOTrainer`` (``loss_type="sigmoid"``, or
+   ``["sigmoid", "sft"]`` weighted ``[1, --sft-weight]`` when the runs add the SFT term,
    a PEFT adapter of the same kind and settings, the same NF4 base, steps, batch size, learning
    rate, schedule, beta and clipping), scores it the same way, and reports its preference rate
    and tokens/s beside ours (ratios within this run).
@@ -64,17 +66,43 @@ def make_task(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], lis
     return records, [prompt(n, c, rng.randint(18, 90)) for n, c in test_people]
 
 
-def preferred_way(answer: str) -> bool:
-    try:
-        value = json.loads(answer.strip())
-    except ValueError:
-        return False
+def _person(value) -> bool:
     return isinstance(value, dict) and set(value) == KEYS
 
 
+def preferred_way(answer: str) -> bool:
+    """The answer is the JSON object, nothing else."""
+    try:
+        return _person(json.loads(answer.strip()))
+    except ValueError:
+        return False
+
+
+def _leading_value(answer: str):
+    """The JSON value the answer opens with (whatever follows it), or None."""
+    try:
+        return json.JSONDecoder().raw_decode(answer.strip())[0]
+    except ValueError:
+        return None
+
+
+def leads_with_object(answer: str) -> bool:
+    """The answer opens with the JSON object of exactly those keys, text may follow it."""
+    return _person(_leading_value(answer))
+
+
+def opens_with_json_object(answer: str) -> bool:
+    """The answer opens with a JSON object of any keys: the contrast DPO's pairs teach (JSON
+    against prose); the exact keys and the stop after the object are what they share."""
+    return isinstance(_leading_value(answer), dict)
+
+
 def score(answers: list[str]) -> dict:
-    hits = [preferred_way(a) for a in answers]
-    return {"preference_rate": round(sum(hits) / len(hits), 4), "n": len(hits), "samples": answers[:3]}
+    def rate(test) -> float:
+        return round(sum(map(test, answers)) / len(answers), 4)
+
+    return {"preference_rate": rate(preferred_way), "leads_with_object_rate": rate(leads_with_object),
+            "json_object_rate": rate(opens_with_json_object), "n": len(answers), "answers": answers}
 
 
 def gateway_answers(client: httpx.Client, model: str, prompts: list[str]) -> list[str]:
@@ -89,9 +117,14 @@ def gateway_answers(client: httpx.Client, model: str, prompts: list[str]) -> lis
 
 
 def dpo_config(kind: str, args: argparse.Namespace, **extra) -> dict:
-    return {"kind": kind, "objective": "dpo", "beta": args.beta, "max_steps": args.max_steps,
+    """The supervised task's settings of ``kind`` with its learning rate times ``--lr-scale``: at
+    the supervised rates DPO drives the margin up until the answers degenerate (names and keys
+    turn to noise), the likelihood of the preferred answer falling with that of the other."""
+    settings = dict(KIND_CONFIG[kind])
+    settings["learning_rate"] *= args.lr_scale
+    return {"kind": kind, "objective": "dpo", "beta": args.beta, "sft_weight": args.sft_weight, "max_steps": args.max_steps,
             "batch_size": args.batch_size, "eval_fraction": 0.1, "seed": args.seed, "max_seq_len": 256,
-            "checkpoint_every": 10_000, **KIND_CONFIG[kind], **extra}
+            "checkpoint_every": 10_000, **settings, **extra}
 
 
 def gateway_phase(args: argparse.Namespace, model_dir: Path, work: Path, data: bytes, test: list[str]) -> dict:
@@ -134,7 +167,9 @@ def trl_reference(args: argparse.Namespace, model_dir: Path, kind: str, records:
     cfg = TrainingConfig.model_validate(dpo_config(kind, args))
     rows = [{"prompt": r["input"]["messages"], "chosen": r["preferred_output"],
              "rejected": r["non_preferred_output"]} for r in records]
-    config = DPOConfig(output_dir=str(work / f"trl-{kind}"), beta=cfg.beta, loss_type=["sigmoid"], max_steps=cfg.max_steps,
+    losses = ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight
+              else {"loss_type": ["sigmoid"]})
+    config = DPOConfig(output_dir=str(work / f"trl-{kind}"), beta=cfg.beta, **losses, max_steps=cfg.max_steps,
                        per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr, lr_scheduler_type="linear",
                        warmup_steps=0, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed,
                        report_to="none", save_strategy="no", logging_steps=1, use_cpu=args.device == "cpu",
@@ -200,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--sft-weight", type=float, default=0.0,
+                        help="RPO: weight of the preferred answers' NLL added to the DPO loss (both sides)")
+    parser.add_argument("--lr-scale", type=float, default=0.2,
+                        help="times the supervised task's learning rate of each kind (both sides)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-reference", action="store_true", help="skip the TRL reference runs")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/dpo_bench.json"))

@@ -291,10 +291,17 @@ async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[st
     heaviest = min(singles, key=lambda i: singles[i] if singles[i] is not None else float("inf"))
     single = singles[heaviest]
     families = sorted({_family(mix[i]) for i in ids}, key=FAMILY_ORDER.index)
+    shape = ef.ModelShape.from_config(config)
+    cost = lambda i: ef.low_rank_cost(*spec, shape) if (spec := low_rank_spec(mix[i])) else 0  # noqa: E731
+    weights = ef.adapter_weight_bytes_report([cost(i) for i in ids], cost(heaviest_low_rank(ids, mix, config)), shape,
+                                             element_bytes=4 if args.device == "cpu" else 2)
     return [ef.figure("mixed_ranks", f"4a. mixed ranks and kinds ({len(ids)} adapters: {', '.join(families)} / all "
                       f"on the slowest alone, {heaviest}, throughput)", ef.ratio(mixed, single), engine=server.engine,
                       mixed_tokens_per_s=mixed, single_tokens_per_s=single, heaviest=heaviest,
-                      singles_tokens_per_s=singles, kinds=families, runs=runs)]
+                      singles_tokens_per_s=singles, kinds=families, adapter_weights=weights, runs=runs,
+                      note=(f"a decode step of the mix reads {weights['mix_over_base']:.1f}x the base's weight bytes "
+                            f"in adapter weights; memory-bound, no kernel beats "
+                            f"{weights['bandwidth_bound_ratio']:.2f}x"))]
 
 
 async def fig_idle_rank256(server: Server, args, words: WordPrompts, idle: dict[str, str]) -> list[dict]:

@@ -210,6 +210,19 @@ def lora_cost(rank: int, targets: Sequence[str], shape: ModelShape) -> int:
     return rank * shape.layers * sum(sizes[t] for t in targets)
 
 
+def adapter_weight_bytes_report(mix_costs: Sequence[int], single_cost: int, shape: ModelShape, *,
+                                element_bytes: int) -> dict:
+    """Weights one decode step of the mix must read against the same batch on one adapter: each
+    distinct adapter's A and B once (``rank * (in + out)`` elements, its per-token multiply-adds),
+    beside the NF4 base and LM head every step reads anyway. Where a decode step is bound by memory
+    (a GPU), ``(base + single) / (base + mix)`` is the best ratio any kernel can reach."""
+    base = shape.layers * shape.layer_linear_params * NF4_WEIGHT_BYTES + shape.lm_head_params * element_bytes
+    mix, single = sum(mix_costs) * element_bytes, single_cost * element_bytes
+    return {"base_bytes": round(base), "mix_adapter_bytes": mix, "single_adapter_bytes": single,
+            "mix_over_base": round(mix / base, 3),
+            "bandwidth_bound_ratio": round((base + single) / (base + mix), 4)}
+
+
 def low_rank_cost(family: str, rank: int, targets: Sequence[str], shape: ModelShape) -> int:
     """Multiply-adds per token of one adapter served as a LoRA delta (LoRA, AdaLoRA and VeRA at
     their rank r); DoRA adds one multiply per output channel (its magnitude rescale)."""

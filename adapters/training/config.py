@@ -87,6 +87,10 @@ class TrainingConfig(BaseModel):
         "preference dataset, against the frozen base or, with init_adapter, that adapter frozen."))
     beta: float = Field(0.1, gt=0, le=10, description=(
         "DPO only: how far the policy may move from the reference (larger: closer to it)."))
+    sft_weight: float = Field(0.0, ge=0, le=100, description=(
+        "DPO only: weight of a supervised loss on the preferred answers added to the DPO loss (RPO; "
+        "TRL's loss_type ['sigmoid', 'sft'] with loss_weights [1, sft_weight]): keeps the preferred "
+        "answers likely while the margin grows, so a run from the bare base learns their exact form."))
 
     # the run
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split (ignored with max_steps).")
@@ -123,6 +127,8 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"{', '.join(foreign)} do(es) not apply to kind {self.kind.value!r} "
                              f"({foreign[0]} applies to: {', '.join(readers)})")
         handler.check_training_config(self)
+        if self.sft_weight and self.objective != "dpo":
+            raise ValueError("sft_weight applies to objective 'dpo' only (supervised training is all SFT)")
         if self.register_only_if_improved and self.eval_fraction == 0:
             raise ValueError("register_only_if_improved needs eval_fraction > 0")
         return self

@@ -6,7 +6,10 @@ For a pair (prompt x, chosen y_w, rejected y_l), with log pi(y | x) summed over 
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
 
 averaged over the pairs of a batch: TRL's ``DPOTrainer`` with ``loss_type="sigmoid"`` and no label
-smoothing, which the tests hold this module to. The implicit rewards are
+smoothing, which the tests hold this module to. With ``sft_weight`` w > 0 the batch's mean
+negative log-likelihood of the chosen answers' tokens, times w, is added (RPO, Pang et al. 2024;
+TRL's ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, w]``): pure DPO from the bare base
+may widen the margin by making both answers unlikely, until greedy answers degenerate. The implicit rewards are
 ``beta * (log pi - log ref)`` of each answer; a pair counts as preferred when the chosen answer's
 reward is higher (TRL's ``rewards/accuracies``).
 
@@ -50,15 +53,20 @@ class BatchLoss:
         return self.total / max(1, self.units)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[B]``: the summed log-probability of each row's labelled tokens (next-token aligned).
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, T-1], [B, T-1])``: the log-probability of each next token and whether it is labelled.
 
     ``logits`` ``[B, T, vocab]``, ``labels`` ``[B, T]`` with ``IGNORE_INDEX`` where nothing is scored."""
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * scored).sum(dim=-1)
+    return picked * scored, scored
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the summed log-probability of each row's labelled tokens (next-token aligned)."""
+    return token_logps(logits, labels)[0].sum(dim=-1)
 
 
 @dataclass
@@ -103,11 +111,13 @@ class DpoObjective:
 
     metrics = METRICS
 
-    def __init__(self, beta: float, reference: TrainableAdapter, forward: Forward, collate: Collate):
+    def __init__(self, beta: float, reference: TrainableAdapter, forward: Forward, collate: Collate,
+                 sft_weight: float = 0.0):
         self.beta = beta
         self.reference = reference
         self._forward = forward
         self._collate = collate
+        self.sft_weight = sft_weight
 
     def batch_loss(self, policy: TrainableAdapter, examples: list[PreferenceExample]) -> BatchLoss:
         """Chosen and rejected sequences go through one forward (``[2 * pairs, T]``), as TRL does."""
@@ -117,11 +127,17 @@ class DpoObjective:
             ref_chosen, ref_rejected = sequence_logps(ref_logits, ref_labels).chunk(2)
             del ref_logits
         logits, policy_labels = self._forward(policy, ids, mask, labels)
-        chosen, rejected = sequence_logps(logits, policy_labels).chunk(2)
+        picked, scored = token_logps(logits, policy_labels)
+        chosen, rejected = picked.sum(dim=-1).chunk(2)
         terms = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        total = terms.losses.sum()
+        if self.sft_weight:  # the mean over the batch's chosen tokens, as a per-pair mean: times pairs
+            pairs = len(examples)
+            chosen_nll = -picked[:pairs].sum() / scored[:pairs].sum().clamp(min=1)
+            total = total + self.sft_weight * chosen_nll * pairs
         margins = terms.chosen_rewards - terms.rejected_rewards
         sums = {"chosen_reward": float(terms.chosen_rewards.sum()),
                 "rejected_reward": float(terms.rejected_rewards.sum()),
                 "reward_margin": float(margins.sum()),
                 "preference_accuracy": float((margins > 0).float().sum())}
-        return BatchLoss(terms.losses.sum(), len(examples), int(mask.sum()), sums)
+        return BatchLoss(total, len(examples), int(mask.sum()), sums)

@@ -214,7 +214,8 @@ def build_objective(config: TrainingConfig, runtime, pad_id: int, initial: Adapt
     if config.objective == "dpo":
         return DpoObjective(config.beta, frozen_reference(initial, runtime.device),
                             forward=partial(adapter_forward, runtime),
-                            collate=partial(collate, pad_id=pad_id, device=runtime.device))
+                            collate=partial(collate, pad_id=pad_id, device=runtime.device),
+                            sft_weight=config.sft_weight)
     return SupervisedObjective(runtime, pad_id)
 
 

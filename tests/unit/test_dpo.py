@@ -73,7 +73,8 @@ def _peft_key(name: str) -> str:
     raise AssertionError(f"unexpected trainable PEFT parameter {name}")
 
 
-def _trl_loss_and_grads(start, kind: str, policy_peft, inputs, tokenizer, beta: float, tmp_path):
+def _trl_loss_and_grads(start, kind: str, policy_peft, inputs, tokenizer, beta: float, tmp_path,
+                        sft_weight: float = 0.0):
     """TRL's DPO loss and gradients. ``start``: a plain model (TRL adds a new adapter; the reference
     is the base with adapters disabled) or a PeftModel (TRL copies its adapter as the frozen "ref").
     Then the policy's weights are loaded into the trained adapter, as after some steps."""
@@ -81,8 +82,10 @@ def _trl_loss_and_grads(start, kind: str, policy_peft, inputs, tokenizer, beta: 
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=["sigmoid"], report_to="none",
-                     use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=len(inputs["input_ids"]) // 2)
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {
+        "loss_type": ["sigmoid"]}
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, report_to="none", use_cpu=True, bf16=False,
+                     fp16=False, per_device_train_batch_size=len(inputs["input_ids"]) // 2, **losses)
     dummy = Dataset.from_list([{"prompt": "hello", "chosen": " world", "rejected": " fox"}])
     trainer = DPOTrainer(model=start, ref_model=None, args=args, train_dataset=dummy, processing_class=tokenizer,
                          peft_config=None if isinstance(start, PeftModel) else peft_config(kind))
@@ -122,9 +125,11 @@ def _assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     assert error <= RTOL, f"{what}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("reference", ["base", "adapter"])
-def test_loss_and_gradients_equal_trl(base, kind, reference, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("kind,reference,sft_weight", [
+    *((kind, reference, 0.0) for kind in KINDS for reference in ("base", "adapter")),
+    *((kind, "base", 0.7) for kind in KINDS),  # RPO: DPO plus the chosen answers' NLL
+])
+def test_loss_and_gradients_equal_trl(base, kind, reference, sft_weight, tiny_tokenizer, tmp_path):
     """Same batch (our tokenization, TRL's collator), same weights: same loss and same gradients."""
     beta = 0.3
     policy_peft = make_peft_adapter(base, kind, tmp_path / "policy", seed=1)
@@ -142,13 +147,13 @@ def test_loss_and_gradients_equal_trl(base, kind, reference, tiny_tokenizer, tmp
 
     policy = trainable_from_weights(read(tmp_path / "policy"), runtime.device).train()
     objective = DpoObjective(beta, frozen_reference(initial, runtime.device), forward=partial(adapter_forward, runtime),
-                             collate=partial(collate, pad_id=pad_id, device=runtime.device))
+                             collate=partial(collate, pad_id=pad_id, device=runtime.device), sft_weight=sft_weight)
     out = objective.batch_loss(policy, batch)
     out.mean.backward()
     ours = {n: p.grad for n, p in policy.named_parameters()}
 
     trl_loss, theirs = _trl_loss_and_grads(start, kind, policy_peft, _collated_for_trl(batch, pad_id),
-                                           tiny_tokenizer, beta, tmp_path)
+                                           tiny_tokenizer, beta, tmp_path, sft_weight)
     _assert_close(out.mean.detach(), trl_loss, "loss")
     assert sorted(ours) == sorted(theirs)
     for name in ours:
@@ -268,3 +273,13 @@ def test_dpo_trains_every_other_trainable_kind(base, name, tiny_tokenizer):
     assert p.eval_loss_after < p.eval_loss_before
     assert [step for step, _ in p.train_metrics] == list(range(1, p.total_steps + 1))
     assert p.eval_metrics[-1][1]["reward_margin"] > p.eval_metrics[0][1]["reward_margin"]
+
+
+def test_sft_weight_is_dpo_only():
+    from pydantic import ValidationError
+
+    from adapters.training.config import TrainingConfig
+
+    with pytest.raises(ValidationError, match="sft_weight applies to objective 'dpo' only"):
+        TrainingConfig(kind="lora", sft_weight=0.5)
+    assert TrainingConfig(kind="lora", objective="dpo", sft_weight=0.5).sft_weight == 0.5

@@ -254,3 +254,15 @@ def test_gpu_check_verdicts_tell_failed_from_skipped():
     assert step_verdict({"passed": None, "skipped": True}) == "skipped"
     assert step_verdict({"error": "RuntimeError: x"}) == "error: RuntimeError: x"
     assert step_verdict({"passed": True}) == step_verdict({"points": []}) == "ok"
+
+
+def test_adapter_weight_bytes_bound_the_mixed_ranks_ratio():
+    """Four distinct adapters read four adapters' weights a step where one shared adapter reads
+    one: with the base's own bytes beside them, that bounds the memory-bound ratio."""
+    model = build_tiny_llama(layers=2)
+    shape = ef.ModelShape.from_config(model.config.to_dict())
+    cost = ef.lora_cost(8, ["q_proj", "v_proj"], shape)
+    report = ef.adapter_weight_bytes_report([cost] * 4, cost, shape, element_bytes=2)
+    base = 2 * shape.layer_linear_params * ef.NF4_WEIGHT_BYTES + shape.lm_head_params * 2
+    assert report["mix_adapter_bytes"] == 4 * report["single_adapter_bytes"] == 4 * cost * 2
+    assert report["bandwidth_bound_ratio"] == pytest.approx((base + 2 * cost) / (base + 8 * cost), abs=1e-4)

@@ -77,6 +77,8 @@ def test_bad_config_and_auth(client):
     assert response.status_code == 400 and response.json()["error"]["param"] == "config.r"
     response = submit(client, jsonl(rows()), kind="lora", learnin_rate=1.0)
     assert response.status_code == 400 and "learnin_rate" in response.json()["error"]["param"]
+    response = submit(client, jsonl(rows()), kind="lora", sft_weight=0.5)  # a DPO setting on a supervised job
+    assert response.status_code == 400 and "objective 'dpo' only" in response.json()["error"]["message"]
     response = submit(client, jsonl(rows()), kind="prompt_tuning", num_virtual_tokens=600)
     assert response.status_code == 400 and "max_virtual_tokens" in response.json()["error"]["message"]
     response = submit(client, jsonl(rows()), adapter_id="tiny")  # the base model's name
