@@ -122,9 +122,9 @@ def dpo_config(kind: str, args: argparse.Namespace, **extra) -> dict:
     turn to noise), the likelihood of the preferred answer falling with that of the other."""
     settings = dict(KIND_CONFIG[kind])
     settings["learning_rate"] *= args.lr_scale
-    return {"kind": kind, "objective": "dpo", "beta": args.beta, "sft_weight": args.sft_weight, "max_steps": args.max_steps,
-            "batch_size": args.batch_size, "eval_fraction": 0.1, "seed": args.seed, "max_seq_len": 256,
-            "checkpoint_every": 10_000, **settings, **extra}
+    return {"kind": kind, "objective": "dpo", "beta": args.beta, "sft_weight": args.sft_weight,
+            "max_steps": args.max_steps, "batch_size": args.batch_size, "eval_fraction": 0.1, "seed": args.seed,
+            "max_seq_len": 256, "checkpoint_every": 10_000, **settings, **extra}
 
 
 def gateway_phase(args: argparse.Namespace, model_dir: Path, work: Path, data: bytes, test: list[str]) -> dict:

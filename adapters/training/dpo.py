@@ -6,12 +6,14 @@ For a pair (prompt x, chosen y_w, rejected y_l), with log pi(y | x) summed over 
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
 
 averaged over the pairs of a batch: TRL's ``DPOTrainer`` with ``loss_type="sigmoid"`` and no label
-smoothing, which the tests hold this module to. With ``sft_weight`` w > 0 the batch's mean
-negative log-likelihood of the chosen answers' tokens, times w, is added (RPO, Pang et al. 2024;
-TRL's ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, w]``): pure DPO from the bare base
-may widen the margin by making both answers unlikely, until greedy answers degenerate. The implicit rewards are
+smoothing, which the tests hold this module to. The implicit rewards are
 ``beta * (log pi - log ref)`` of each answer; a pair counts as preferred when the chosen answer's
 reward is higher (TRL's ``rewards/accuracies``).
+
+With ``sft_weight`` w > 0, w times the batch's mean negative log-likelihood of the chosen answers'
+tokens is added (RPO, Pang et al. 2024; TRL's ``loss_type=["sigmoid", "sft"]`` with
+``loss_weights=[1, w]``): pure DPO may widen the margin by making both answers unlikely, and from
+the bare base its greedy answers then degenerate.
 
 The reference policy is the frozen base (an adapter that changes nothing: the trainer's forward
 with no adapter) or, when the run starts from a registered adapter, a frozen copy of that adapter,
