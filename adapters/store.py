@@ -118,8 +118,8 @@ class SqlAdapterStore:
         self.db.run(write)
 
     def refers_to(self, content_hash: str) -> bool:
-        return bool(self.db.read(lambda tx: tx.execute(
-            "SELECT 1 FROM registry_adapters WHERE content_hash = ? LIMIT 1", (content_hash,))))
+        return self.db.read(lambda tx: tx.one(
+            "SELECT 1 FROM registry_adapters WHERE content_hash = ? LIMIT 1", (content_hash,))) is not None
 
     def close(self) -> None:
         self.db.close()
