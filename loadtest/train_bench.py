@@ -117,7 +117,7 @@ def wait_job(admin: httpx.Client, job_id: str, until, timeout: float = 7200) -> 
             return job
         if job["state"] in ("failed", "cancelled"):
             raise RuntimeError(f"job {job_id} {job['state']}: {job.get('error')}")
-        time.sleep(0.5)
+        time.sleep(2.0)  # each poll is CPU the job's two threads lose on a small machine
     raise TimeoutError(f"job {job_id} did not finish")
 
 
