@@ -52,10 +52,11 @@ def single_omp_thread() -> None:
     every thread started later, the engine's included."""
     torch.get_num_threads()  # torch sets each thread's count on first use: let it, then override
     runtime = _loaded_openmp()
-    if runtime is None:
-        log.debug("no OpenMP runtime loaded; nothing to limit")
-        return
-    runtime.omp_set_num_threads(1)
+    try:
+        runtime.omp_set_num_threads(1)
+    except AttributeError:  # no OpenMP runtime loaded (or not this one's symbol): nothing to limit, and
+        # an executor's initializer must not fail, which would break every later call on the pool
+        log.debug("no OpenMP runtime to limit")
 
 
 def single_omp_executor(max_workers: int | None = None) -> ThreadPoolExecutor:
@@ -72,11 +73,13 @@ async def in_own_thread(fn: Callable[..., T], *args) -> T:
 
     def run() -> None:
         try:
-            result = fn(*args)
+            outcome = (fn(*args), None)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(_settle, done, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, done, *outcome)
+        except RuntimeError:  # the loop closed meanwhile (startup cancelled): nobody is waiting
+            log.debug("%s finished after its event loop closed", thread.name)
 
     thread = threading.Thread(target=run, name=getattr(fn, "__name__", "one-off"), daemon=True)
     thread.start()

@@ -8,7 +8,6 @@ offline trainer's tokens/s that way.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 
 import pytest
@@ -21,7 +20,7 @@ from gateway.omp_threads import in_own_thread, single_omp_executor, single_omp_t
 from gateway.settings import Settings
 from support import build_tiny_llama, build_tokenizer
 
-needs_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: every thread has one OpenMP thread")
+needs_cores = pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs on one thread here anyway")
 
 
 def in_new_thread(fn):
@@ -89,3 +88,16 @@ def test_running_gateway_keeps_omp_teams_to_the_engine(tmp_path):
 
         assert client.portal.call(off_loop) == 1
         assert gateway.engine.call(torch.get_num_threads).result(timeout=30) == default
+
+
+def test_without_an_openmp_runtime_the_limit_is_a_no_op(monkeypatch):
+    import gateway.omp_threads as omp_threads
+
+    monkeypatch.setattr(omp_threads, "_loaded_openmp", lambda: None)
+    default = in_new_thread(torch.get_num_threads)
+
+    def limited():
+        single_omp_thread()  # must not raise: it is a thread pool's initializer
+        return torch.get_num_threads()
+
+    assert in_new_thread(limited) == default
