@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -218,9 +217,6 @@ def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
             await load_adapters_dir(gateway, settings.adapters_dir)
         gateway.ready = True
         app.state.gateway = gateway
-        # the ~600k objects of startup (model, libraries) are never garbage: keep them out of the
-        # collector's full passes, which otherwise stall the engine thread ~150 ms each
-        gc.freeze()
         try:
             yield
         finally:

@@ -3,7 +3,7 @@
 Every thread that runs a parallel torch op on the CPU becomes the master of an OpenMP team whose
 workers live as long as that thread does. GNU OpenMP (the runtime torch's CPU wheels ship)
 counts those workers process-wide, and once they outnumber the CPUs it stops spinning between
-parallel regions: every worker sleeps on a futex after ~100 spins and is woken for the next op.
+parallel regions: every worker sleeps on a futex after a short spin and is woken for the next op.
 A forward or training step is thousands of small ops, so the engine loses a large share of its
 time to wake-ups: a training job in the server ran at 0.81x the tokens/s of the same trainer
 run offline (99 against 122), with the engine's worker thread busy 62% of the time against 98%.
