@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -68,30 +68,16 @@ def single_omp_executor(max_workers: int | None = None) -> ThreadPoolExecutor:
 async def in_own_thread(fn: Callable[..., T], *args) -> T:
     """``fn(*args)`` in a new thread that ends with it: full CPU parallelism for a one-off job,
     and its OpenMP team goes away with the thread."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
+    outcome: Future = Future()
 
     def run() -> None:
         try:
-            outcome = (fn(*args), None)
+            outcome.set_result(fn(*args))
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(_settle, done, *outcome)
-        except RuntimeError:  # the loop closed meanwhile (startup cancelled): nobody is waiting
-            log.debug("%s finished after its event loop closed", thread.name)
+            outcome.set_exception(exc)
 
     thread = threading.Thread(target=run, name=getattr(fn, "__name__", "one-off"), daemon=True)
     thread.start()
-    result = await done
+    result = await asyncio.wrap_future(outcome)
     thread.join()  # it has handed over its result: only its exit, which frees its team, remains
     return result
-
-
-def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)

@@ -292,7 +292,11 @@ async def fig_mixed_ranks(server: Server, args, words: WordPrompts, mix: dict[st
     single = singles[heaviest]
     families = sorted({_family(mix[i]) for i in ids}, key=FAMILY_ORDER.index)
     shape = ef.ModelShape.from_config(config)
-    cost = lambda i: ef.low_rank_cost(*spec, shape) if (spec := low_rank_spec(mix[i])) else 0  # noqa: E731
+
+    def cost(adapter: str) -> int:  # multiply-adds per token of a low-rank adapter; 0 for the others
+        spec = low_rank_spec(mix[adapter])
+        return ef.low_rank_cost(*spec, shape) if spec else 0
+
     weights = ef.adapter_weight_bytes_report([cost(i) for i in ids], cost(heaviest_low_rank(ids, mix, config)), shape,
                                              element_bytes=4 if args.device == "cpu" else 2)
     return [ef.figure("mixed_ranks", f"4a. mixed ranks and kinds ({len(ids)} adapters: {', '.join(families)} / all "
