@@ -34,6 +34,15 @@ class TokenLayout:
 
     slots: torch.Tensor  # [N] long, device slot of every token (0 = base)
     segments: tuple[tuple[int, int, int], ...]  # maximal runs (start, end, slot) covering 0..N in order
+    # what banks derive from the layout once per forward rather than once per layer (kernel tiles)
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def derived(self, name: str, build):
+        """``build()``, computed on the first call of the forward and reused by every later one."""
+        value = self._derived.get(name)
+        if value is None:
+            value = self._derived[name] = build()
+        return value
 
     @property
     def uniform_slot(self) -> int | None:
@@ -118,8 +127,11 @@ def _linear_types() -> tuple[type, ...]:
 class AdapterRuntime:
     """Wraps a causal LM's linear layers and manages ``capacity - 1`` adapter slots on its device."""
 
-    def __init__(self, model: nn.Module, max_slots: int, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, max_slots: int, dtype: torch.dtype, lora_kernel: str = "torch"):
         self.model = model
+        # how LoRA banks apply deltas ("torch" or "triton", ``adapters.kinds.lora_kernel``); fixed for
+        # the runtime's life, since banks store their weights for it
+        self.lora_kernel = lora_kernel
         self.capacity = max_slots + 1  # slot 0 is the identity
         self.dtype = dtype
         self.device = next(model.parameters()).device

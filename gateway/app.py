@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from adapters.blobs import content_hash
 from adapters.errors import AdapterError
 from adapters.kinds.base import AdapterLimits
+from adapters.kinds.lora_kernel import choose_lora_kernel
 from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
@@ -107,7 +108,11 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
         check_data_dir(settings)  # before the model loads: fail fast
     stores = open_stores(settings)
     base = base or load_base(settings)
-    runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype)
+    kernel = choose_lora_kernel(settings.lora_kernel, next(base.model.parameters()).device, base.dtype,
+                                base.model.config.hidden_size)
+    log.info("LoRA deltas: %s path (%s)%s", kernel.kernel, kernel.reason,
+             f"; probe ms {kernel.timings_ms}" if kernel.timings_ms else "")
+    runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype, lora_kernel=kernel.kernel)
     engine = build_engine(settings, runtime, base.tokenizer, context_window=base.context_window,
                           eos_token_ids=eos_ids(base))
 
@@ -121,6 +126,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
                            max_adapter_bytes=settings.max_adapter_bytes)
     metrics = GatewayMetrics()
     metrics.queue_depth.set_function(lambda: engine.queue_depth)
+    metrics.lora_kernel.labels(kernel.kernel).set(1)
     metrics.running_sequences.set_function(lambda: engine.running)
     metrics.quarantined_blobs.set_function(lambda: registry.quarantined_blobs)
     if isinstance(engine, PagedEngine):

@@ -32,9 +32,14 @@ class WindowDecoder:
         self.window: list[int] = []  # prefix tokens, then unread ones
         self.read = 0  # window[:read] is the prefix
         self.prefix_text = ""  # decode(window[:read])
+        # special tokens decode to nothing (``skip_special_tokens``), so they never enter the window:
+        # there they would count as tokens after an incomplete character without bringing a byte of it
+        self.skipped = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
 
     def push(self, token_id: int) -> str:
         """Add a token; return the new text it completes ('' while a character is incomplete)."""
+        if token_id in self.skipped:
+            return ""
         self.window.append(token_id)
         text = self._decode(self.window)
         if not text.endswith(REPLACEMENT):

@@ -41,6 +41,8 @@ class GatewayMetrics(TierEvents):
                                     ["tier", "result"], registry=r)
         self.resident_adapters = Gauge("gateway_adapters_resident", "Adapters held per tier.", ["tier"], registry=r)
         self.queue_depth = Gauge("gateway_queue_depth", "Sequences waiting for the engine.", registry=r)
+        self.lora_kernel = Gauge("gateway_lora_kernel", "1 for the path that applies LoRA deltas (torch or triton).",
+                                 ["kernel"], registry=r)
         self.running_sequences = Gauge("gateway_running_sequences", "Sequences in the running batch.", registry=r)
         self.quarantined_blobs = Gauge("gateway_adapter_blobs_quarantined", "Adapter file folders no database row "
                                        "refers to, moved to adapter-store/quarantine/ at start (never deleted).",

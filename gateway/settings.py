@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         "paged: the KV cache is a pool of fixed-size blocks, with chunked prefill, prefix caching and "
         "preemption; padded: the first engine's left-padded cache, kept as the benchmarks' baseline."))
     kv_block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block (paged).")
+    lora_kernel: Literal["auto", "torch", "triton"] = Field("auto", description=(
+        "How LoRA-family deltas are applied: torch (two matmuls per adapter run) or triton (one fused launch "
+        "per rank bucket, CUDA only). auto: on CUDA, both are measured at start and the faster is used."))
     kv_cache_tokens: int | None = Field(None, ge=1, description=(
         "Capacity of the KV pool in tokens (paged). Default: on CUDA, kv_cache_memory_fraction of the device "
         "memory free after loading; on CPU, four context windows."))

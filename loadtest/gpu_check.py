@@ -6,12 +6,15 @@ JSON is rewritten after each, so a run cut short keeps what it measured.
 Steps:
 1. ``env``: torch, CUDA device, bitsandbytes, memory.
 2. ``pytest_gpu``: ``pytest tests/unit/test_gpu.py`` (the runtime's mixed batch against PEFT on CUDA).
-3. ``nf4_equivalence``: a tiny Llama in NF4 (float32 compute, TF32 off) on the device; one mixed
+   On CUDA that includes the LoRA Triton kernels against PEFT, and their start-up probe.
+3. ``lora_kernel``: ``lora_kernel=auto``'s probe at the bench model's width, per dtype: the
+   torch path's and the Triton kernels' time for one packed batch, and which one the gateway uses.
+4. ``nf4_equivalence``: a tiny Llama in NF4 (float32 compute, TF32 off) on the device; one mixed
    batch of LoRA, IA3, prompt tuning and the base through the gateway's GenerationService, each
    row's greedy text against PEFT's own model for that adapter alone on the same NF4 weights.
-4. ``decode_bound``: the ~1B model in NF4, plain transformers decode steps at batch B and context
+5. ``decode_bound``: the ~1B model in NF4, plain transformers decode steps at batch B and context
    L, against (NF4 weights + LM head + KV cache read once per step) / the GPU's peak bandwidth.
-5. ``figures``: ``loadtest.engine_bench`` on that model through HTTP (a subprocess, under the
+6. ``figures``: ``loadtest.engine_bench`` on that model through HTTP (a subprocess, under the
    time left); its figures are copied in, and figure 3's decode time per token is set against the
    same bandwidth bound.
 
@@ -143,6 +146,21 @@ def step_pytest_gpu(args) -> dict:
     skipped = " skipped" in tail and " passed" not in tail
     return {"returncode": proc.returncode, "passed": None if skipped else proc.returncode == 0, "skipped": skipped,
             "seconds": round(time.monotonic() - started, 1), "output_tail": tail}
+
+
+def step_lora_kernel(args) -> dict:
+    """``lora_kernel=auto``'s start-up probe at the bench model's width, for each serving dtype."""
+    import torch
+
+    from adapters.kinds.lora_kernel import choose_lora_kernel
+
+    result = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        choice = choose_lora_kernel("auto", torch.device(args.device), dtype, args.shape["hidden_size"])
+        result[str(dtype).removeprefix("torch.")] = {"kernel": choice.kernel, "reason": choice.reason,
+                                                     "timings_ms": choice.timings_ms}
+        log.info("LoRA kernel, %s: %s (%s) %s", dtype, choice.kernel, choice.reason, choice.timings_ms)
+    return result
 
 
 def step_nf4_equivalence(args, work: Path) -> dict:
@@ -353,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model and sizes on CPU: checks this script")
     p.add_argument("--out", type=Path, help="JSON file (default: $OUT/gpu_check.json, else loadtest/results/)")
     p.add_argument("--budget-s", type=float, default=480, help="the figures step stops by then (whole run)")
-    p.add_argument("--steps", nargs="+", default=["env", "pytest_gpu", "nf4_equivalence", "model", "decode_bound", "figures"])
+    p.add_argument("--steps", nargs="+", default=["env", "pytest_gpu", "lora_kernel", "nf4_equivalence", "model", "decode_bound", "figures"])
     p.add_argument("--engines", nargs="+", default=["padded", "paged"])
     p.add_argument("--figures", nargs="+", default=["1", "2", "3", "4", "5", "6"])
     p.add_argument("--peak-bandwidth", type=float, help="bytes/s (default: from the device name)")
@@ -407,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     run("env", lambda: step_env(args))
     run("pytest_gpu", lambda: step_pytest_gpu(args))
+    run("lora_kernel", lambda: step_lora_kernel(args))
     run("nf4_equivalence", lambda: step_nf4_equivalence(args, work))
     model_dir: Path | None = None
 

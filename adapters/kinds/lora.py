@@ -15,6 +15,7 @@ from adapters.kinds.base import (
     PEFT_PREFIX, AdapterKind, AdapterLimits, AdapterWeights, BaseModelInfo, LoraModule, TrainingForm, cast_finite,
     check_module, check_training_rank, lora_scale, tensors_by_module,
 )
+from adapters.kinds.lora_buckets import RankBucket, bucket_rank
 from adapters.module_match import check_targets_agree
 from adapters.validate import (
     anything, boolean, equals, module_spec, number, number_in, positive_int, sanitize_config,
@@ -53,32 +54,71 @@ class LoraBank:
     A forward's tokens come in runs of one slot (``TokenLayout.segments``; the paged engine packs
     the tokens of one adapter together), and each run gets two small matmuls on its own adapter's
     weights (SGMV-style): no rank padding, no per-row copies of the weights, and an idle adapter of
-    a large rank costs nothing to the others. ``add_segments`` is the seam where a fused kernel
-    (Triton SGMV/BGMV on CUDA) would plug in.
+    a large rank costs nothing to the others. That is the torch path (``add_segments``). With
+    ``fused`` (the runtime's ``lora_kernel`` is ``triton``, on CUDA) the weights are kept stacked
+    by rank bucket instead (``lora_buckets``) and one launch per bucket applies every run
+    (``lora_triton``).
     """
 
     kind = AdapterKind.LORA
     stage = "output"
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dtype: torch.dtype, device: torch.device, *, fused: bool = False, slots: int = 0):
         self.dtype = dtype
         self.device = device
-        self.weights: dict[int, SlotLora] = {}
+        self.weights: dict[int, SlotLora] = {}  # the torch path's
+        self.fused = fused
+        self.slots = slots  # slot numbers are below this (the fused path's lookup tables)
+        self.buckets: dict[int, RankBucket] = {}  # the fused path's, by bucket rank
+        self._bucket_of: dict[int, tuple[int, bool]] = {}  # slot -> (bucket rank, has a DoRA rescale)
 
     def write(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor, channel: torch.Tensor | None = None,
               shift: torch.Tensor | None = None) -> None:
         to = dict(device=self.device, dtype=self.dtype)
-        self.weights[slot] = SlotLora(a.to(**to).T.contiguous(), b_scaled.to(**to).T.contiguous(),
-                                      None if channel is None else channel.to(**to),
-                                      None if shift is None else shift.to(**to))
+        weights = SlotLora(a.to(**to).T.contiguous(), b_scaled.to(**to).T.contiguous(),
+                           None if channel is None else channel.to(**to), None if shift is None else shift.to(**to))
+        if not self.fused:
+            self.weights[slot] = weights
+            return
+        if slot in self._bucket_of:  # written again: its old row goes first
+            self.clear(slot)
+        in_features, rank = weights.a_t.shape
+        key = bucket_rank(rank)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = RankBucket(key, in_features, weights.b_t.shape[1], self.slots, self.dtype,
+                                                    self.device)
+        bucket.add(slot, *weights)
+        self._bucket_of[slot] = (key, channel is not None)
 
     def clear(self, slot: int) -> None:
         self.weights.pop(slot, None)
+        placed = self._bucket_of.pop(slot, None)
+        if placed is not None:
+            key, rescaled = placed
+            self.buckets[key].remove(slot, rescaled)
+            if not self.buckets[key]:  # the bucket's last adapter left: its memory goes with it
+                del self.buckets[key]
 
     def transform_output(self, y: torch.Tensor, x: torch.Tensor, layout) -> torch.Tensor:
         y2 = y.reshape(-1, y.shape[-1])  # [N, out], a view of y
-        add_segments(y2, x.reshape(-1, x.shape[-1]).to(self.dtype), layout.segments, self.weights)
+        x2 = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self.fused:
+            kernels = lora_triton()
+            tiles = layout.derived("lora_tiles", lambda: kernels.segment_tiles(layout.segments, x.device))
+            x2 = x2.contiguous()
+            for bucket in self.buckets.values():
+                kernels.add_bucket(y2, x2, tiles, bucket)
+        else:
+            add_segments(y2, x2, layout.segments, self.weights)
         return y2.view(y.shape)
+
+
+def lora_triton():
+    """The Triton kernels' module, imported on first use: Triton is needed only on the fused path."""
+    from adapters.kinds import lora_triton as module
+
+    return module
 
 
 def add_segments(y: torch.Tensor, x: torch.Tensor, segments, weights: dict[int, SlotLora]) -> None:
@@ -157,7 +197,8 @@ def lora_bank(layer, runtime) -> LoraBank:
     """The layer's LoRA bank, made on first use."""
     bank = layer.banks.get("lora")
     if bank is None:
-        bank = layer.banks["lora"] = LoraBank(runtime.dtype, runtime.device)
+        bank = layer.banks["lora"] = LoraBank(runtime.dtype, runtime.device, fused=runtime.lora_kernel == "triton",
+                                              slots=runtime.capacity)
     return bank
 
 

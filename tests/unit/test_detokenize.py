@@ -135,6 +135,19 @@ def test_random_ids_join_to_full_decode_smollm2(smollm2_tokenizer, data):
 
 
 @pytest.mark.slow
+def test_special_tokens_between_the_bytes_of_a_character_smollm2(smollm2_tokenizer):
+    """A continuation byte, then a lead byte and its continuation, with special tokens (skipped by
+    the decode) between them: the lead byte is not sent as a broken character before the byte that
+    completes it. Hypothesis found this; the special tokens used to fill the decoder's window."""
+    tok = smollm2_tokenizer
+    special = tok.all_special_ids[0]
+    lead, continuation = byte_ids(tok)[0xC2], byte_ids(tok)[0x80]
+    ids = [continuation, special, special, special, lead, special, special, special, continuation]
+    assert tok.decode(ids, skip_special_tokens=True) == REPLACEMENT + "\x80"
+    assert streamed(tok, ids)[0] == REPLACEMENT + "\x80"
+
+
+@pytest.mark.slow
 @EXAMPLES
 @given(text=UNICODE_TEXT, stop=st.lists(st.text(min_size=1, max_size=3), max_size=2))
 def test_encoded_unicode_and_stops_smollm2(smollm2_tokenizer, text, stop):

@@ -16,13 +16,17 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_mixed_batch_on_cuda_matches_peft(tmp_path):
+@pytest.mark.parametrize("lora_kernel", ["torch", "triton"])
+def test_mixed_batch_on_cuda_matches_peft(tmp_path, lora_kernel):
+    """Every kind in one batch, LoRA deltas by torch's matmuls or by the Triton kernels."""
+    if lora_kernel == "triton":
+        pytest.importorskip("triton")
     torch.backends.cuda.matmul.allow_tf32 = False
     base = build_tiny_llama()
     kinds = ["lora", "ia3", "prompt_tuning", "dora", "adalora", "vera", "p_tuning"]
     references = {k: make_peft_adapter(base, k, tmp_path / k).cuda() for k in kinds}
     model = copy.deepcopy(base).cuda()
-    runtime = AdapterRuntime(model, max_slots=len(kinds), dtype=torch.float32)
+    runtime = AdapterRuntime(model, max_slots=len(kinds), dtype=torch.float32, lora_kernel=lora_kernel)
     runner = ModelRunner(model, runtime)
     slots = {k: runtime.install(read_adapter(tmp_path / k, runtime.base_info, AdapterLimits(), torch.float32))
              for k in kinds}
@@ -61,3 +65,14 @@ def test_paged_adamw_trains_on_cuda(tmp_path):
     assert run.progress.eval_loss_after < 0.95 * run.progress.eval_loss_before
     resumed = TrainingRun(runtime, tokenizer, cfg, prepared.train, prepared.eval, tmp_path / "ckpt")
     assert resumed.resume() and resumed.progress.step == 6
+
+
+def test_lora_kernel_probe_on_cuda():
+    """``lora_kernel=auto``'s measurement runs on the GPU: both paths timed, the kernel agreeing."""
+    pytest.importorskip("triton")
+    from adapters.kinds.lora_kernel import measure
+
+    for dtype in (torch.float32, torch.bfloat16):
+        choice = measure(torch.device("cuda"), dtype, 576)
+        assert set(choice.timings_ms) == {"torch", "triton"}, choice
+        assert "disagrees" not in choice.reason and "failed" not in choice.reason, choice
