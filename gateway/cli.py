@@ -33,10 +33,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from adapters.kinds.lora_kernel import check_lora_kernel
     from adapters.shared_store import SharedStoreError
     from adapters.sql import DatabaseUnavailableError
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
+    from gateway.base_model import ModelLoadError, pick_device
     from gateway.database.migrations import SchemaTooNewError
     from gateway.exposure import check_exposure
     from gateway.shared_storage import open_shared_store
@@ -62,6 +64,10 @@ def serve(settings: Settings) -> None:
     try:
         check_data_dir(settings)
     except (DatabaseUnusableError, DatabaseUnavailableError, SchemaTooNewError) as exc:
+        sys.exit(f"adapter-gateway: refusing to start: {exc}")
+    try:  # before the model loads
+        check_lora_kernel(settings.lora_kernel, pick_device(settings.device))
+    except (ModelLoadError, ValueError) as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
     try:
         open_shared_store(settings)  # before the model loads: a wrong bucket or mount fails fast

@@ -42,16 +42,27 @@ def triton_available() -> str | None:
     return None
 
 
-def choose_lora_kernel(setting: str, device: torch.device, dtype: torch.dtype, hidden_size: int) -> KernelChoice:
-    """The LoRA path for ``setting`` (``KERNELS``); ``triton`` where it cannot run raises ValueError."""
+def kernel_unavailable(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else why not."""
+    return "the Triton LoRA kernel runs on CUDA only" if device.type != "cuda" else triton_available()
+
+
+def check_lora_kernel(setting: str, device: torch.device) -> None:
+    """Refuse (ValueError) a ``lora_kernel`` setting that cannot run on ``device``: before the model loads."""
     if setting not in KERNELS:
         raise ValueError(f"lora_kernel must be one of {', '.join(KERNELS)}, not {setting!r}")
+    missing = kernel_unavailable(device) if setting == "triton" else None
+    if missing:
+        raise ValueError(f"lora_kernel=triton: {missing}")
+
+
+def choose_lora_kernel(setting: str, device: torch.device, dtype: torch.dtype, hidden_size: int) -> KernelChoice:
+    """The LoRA path for ``setting`` (``KERNELS``); ``triton`` where it cannot run raises ValueError."""
+    check_lora_kernel(setting, device)
     if setting == "torch":
         return KernelChoice("torch", "set to torch")
-    missing = "the Triton LoRA kernel runs on CUDA only" if device.type != "cuda" else triton_available()
+    missing = kernel_unavailable(device)
     if missing:
-        if setting == "triton":
-            raise ValueError(f"lora_kernel=triton: {missing}")
         return KernelChoice("torch", missing)
     if setting == "triton":
         return KernelChoice("triton", "set to triton")

@@ -147,3 +147,14 @@ def test_measurement_compares_both_paths(interpreted):
     assert "relative error" in choice.reason and "disagrees" not in choice.reason
     faster = min(choice.timings_ms, key=choice.timings_ms.get)
     assert choice.kernel == faster
+
+
+def test_serve_refuses_a_kernel_this_machine_cannot_run_before_the_model_loads(monkeypatch, tmp_path):
+    from gateway import app, cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(app, "create_app", no_model)
+    with pytest.raises(SystemExit, match="refusing to start: lora_kernel=triton: the Triton LoRA kernel runs on CUDA"):
+        cli.main(["serve", "--data-dir", str(tmp_path), "--device", "cpu", "--lora-kernel", "triton"])
