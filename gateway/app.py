@@ -108,8 +108,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
         check_data_dir(settings)  # before the model loads: fail fast
     stores = open_stores(settings)
     base = base or load_base(settings)
-    kernel = choose_lora_kernel(settings.lora_kernel, next(base.model.parameters()).device, base.dtype,
-                                base.model.config.hidden_size)
+    kernel = choose_lora_kernel(settings.lora_kernel, base.device, base.dtype, base.model.config.hidden_size)
     log.info("LoRA deltas: %s path (%s)%s", kernel.kernel, kernel.reason,
              f"; probe ms {kernel.timings_ms}" if kernel.timings_ms else "")
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype, lora_kernel=kernel.kernel)

@@ -371,7 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model and sizes on CPU: checks this script")
     p.add_argument("--out", type=Path, help="JSON file (default: $OUT/gpu_check.json, else loadtest/results/)")
     p.add_argument("--budget-s", type=float, default=480, help="the figures step stops by then (whole run)")
-    p.add_argument("--steps", nargs="+", default=["env", "pytest_gpu", "lora_kernel", "nf4_equivalence", "model", "decode_bound", "figures"])
+    p.add_argument("--steps", nargs="+", default=["env", "pytest_gpu", "lora_kernel", "nf4_equivalence", "model",
+                                                  "decode_bound", "figures"])
     p.add_argument("--engines", nargs="+", default=["padded", "paged"])
     p.add_argument("--figures", nargs="+", default=["1", "2", "3", "4", "5", "6"])
     p.add_argument("--peak-bandwidth", type=float, help="bytes/s (default: from the device name)")

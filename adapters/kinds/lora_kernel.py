@@ -107,7 +107,7 @@ def measure(device: torch.device, dtype: torch.dtype, hidden_size: int, repeats:
             timings[name] = (time.perf_counter() - start) / repeats * 1e3
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot run is not chosen
             log.warning("LoRA kernel probe: the %s path failed (%s)", name, exc)
-            return KernelChoice("torch", f"the triton kernel failed: {exc}", timings)
+            return KernelChoice("torch", f"the {name} path failed in the probe: {exc}", timings)
     error = ((outputs["triton"].float() - outputs["torch"].float()).abs().max()
              / outputs["torch"].float().abs().max().clamp(min=1e-6)).item()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2

@@ -85,7 +85,8 @@ def test_fused_bank_lifecycle(interpreted):
     layout = TokenLayout(torch.empty(0), token_segments([1, 2, 2, 3, 0, 4]))
     x = torch.randn(6, din, generator=g)
     y = torch.randn(6, dout, generator=g)
-    assert relative_error(fused.transform_output(y.clone(), x, layout), plain.transform_output(y.clone(), x, layout)) < 1e-5
+    fused_out = fused.transform_output(y.clone(), x, layout)
+    assert relative_error(fused_out, plain.transform_output(y.clone(), x, layout)) < 1e-5
 
     fused.clear(4)
     assert 256 not in fused.buckets  # the rank-256 stack is gone with its adapter
@@ -117,7 +118,8 @@ def test_paged_forward_with_the_kernel_matches_peft(interpreted, tmp_path):
     pool = KVPool(layers=config.num_hidden_layers, num_blocks=32, block_size=4, kv_heads=config.num_key_value_heads,
                   head_dim=config.hidden_size // config.num_attention_heads, dtype=torch.float32, device=CPU)
     runner = PagedRunner(model, runtime, pool)
-    prompts = {"lora": [5, 6, 7, 8, 9], "dora": [11, 12, 13], "adalora": [21, 22, 23, 24], "vera": [31, 32], None: [41, 42]}
+    prompts = {"lora": [5, 6, 7, 8, 9], "dora": [11, 12, 13], "adalora": [21, 22, 23, 24], "vera": [31, 32],
+               None: [41, 42]}
     tables = {k: list(range(i * 4, i * 4 + 4)) for i, k in enumerate(prompts)}
     items = [StepItem(slots.get(k, 0), ids, 0, tables[k]) for k, ids in prompts.items()]
     runner.forward(items)
