@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from adapters.blobs import content_hash
 from adapters.errors import AdapterError
 from adapters.kinds.base import AdapterLimits
-from adapters.kinds.lora_kernel import choose_lora_kernel
+from adapters.kinds.lora_kernel import choose_lora_kernel, warm_up
 from adapters.peft_io import read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
@@ -111,6 +111,10 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     kernel = choose_lora_kernel(settings.lora_kernel, base.device, base.dtype, base.model.config.hidden_size)
     log.info("LoRA deltas: %s path (%s)%s", kernel.kernel, kernel.reason,
              f"; probe ms {kernel.timings_ms}" if kernel.timings_ms else "")
+    if kernel.kernel == "triton":
+        started = time.monotonic()
+        variants = warm_up(base.device, base.dtype, base.model.config.hidden_size, settings.max_lora_rank)
+        log.info("LoRA kernels: %d variants compiled in %.1f s", variants, time.monotonic() - started)
     runtime = AdapterRuntime(base.model, settings.max_device_adapters, base.dtype, lora_kernel=kernel.kernel)
     engine = build_engine(settings, runtime, base.tokenizer, context_window=base.context_window,
                           eos_token_ids=eos_ids(base))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.kinds.lora import LoraBank
+from adapters.kinds.lora_buckets import MIN_BUCKET_RANK, RankBucket, bucket_rank
 from adapters.runtime import TokenLayout, token_segments
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,30 @@ def measure(device: torch.device, dtype: torch.dtype, hidden_size: int, repeats:
         return KernelChoice("torch", f"the triton kernel disagrees with torch (relative error {error:.2e})", timings)
     kernel = "triton" if timings["triton"] < timings["torch"] else "torch"
     return KernelChoice(kernel, f"measured faster (relative error {error:.1e})", timings)
+
+
+def warm_up(device: torch.device, dtype: torch.dtype, hidden_size: int, max_rank: int) -> int:
+    """Compile the kernels for every rank bucket up to ``max_rank``'s, with and without DoRA's
+    rescale, at a layer of the model's width: Triton compiles a variant on its first launch, and
+    serving would otherwise stall every stream of the batch that first meets one. Returns the
+    number of variants run (compiled ones are cached on disk by Triton for later starts)."""
+    from adapters.kinds.lora_triton import add_bucket, segment_tiles
+
+    x = torch.zeros(1, hidden_size, dtype=dtype, device=device)
+    y = torch.zeros(1, hidden_size, dtype=dtype, device=device)
+    tiles = segment_tiles(((0, 1, 1),), device)
+    rank, variants = MIN_BUCKET_RANK, 0
+    while rank <= bucket_rank(max_rank):
+        for rescaled in (False, True):
+            bucket = RankBucket(rank, hidden_size, hidden_size, 2, dtype, device)
+            channel = torch.ones(hidden_size, dtype=dtype, device=device) if rescaled else None
+            bucket.add(1, torch.zeros(hidden_size, rank, dtype=dtype, device=device),
+                       torch.zeros(rank, hidden_size, dtype=dtype, device=device), channel, None)
+            add_bucket(y, x, tiles, bucket)
+            variants += 1
+        rank *= 2
+    _sync(device)
+    return variants
 
 
 def _sync(device: torch.device) -> None:

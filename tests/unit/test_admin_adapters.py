@@ -453,6 +453,7 @@ def test_metrics_count_loads_evictions_and_residents(client, admin, files):
     assert ("gateway_adapters_resident", (("tier", "cpu"),)) in samples
     assert ("gateway_adapter_tier_lookups_total", (("result", "hit"), ("tier", "device"))) in samples
     assert "no-such-model-q7" not in client.get("/metrics").text
+    assert samples[("gateway_lora_kernel", (("kernel", "torch"),))] == 1  # auto on CPU: the torch path
 
 
 # ---- restart ------------------------------------------------------------------------------------

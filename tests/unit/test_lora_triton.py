@@ -15,7 +15,7 @@ from support import build_tiny_llama, make_peft_adapter
 from adapters.kinds.base import AdapterLimits
 from adapters.kinds.lora import LoraBank, SlotLora, add_segments
 from adapters.kinds.lora_buckets import RankBucket, bucket_rank
-from adapters.kinds.lora_kernel import choose_lora_kernel, measure
+from adapters.kinds.lora_kernel import choose_lora_kernel, measure, warm_up
 from adapters.peft_io import read_adapter
 from adapters.runtime import AdapterRuntime, TokenLayout, token_segments
 from gateway.paged_attention import KVPool
@@ -160,3 +160,18 @@ def test_serve_refuses_a_kernel_this_machine_cannot_run_before_the_model_loads(m
     monkeypatch.setattr(app, "create_app", no_model)
     with pytest.raises(SystemExit, match="refusing to start: lora_kernel=triton: the Triton LoRA kernel runs on CUDA"):
         cli.main(["serve", "--data-dir", str(tmp_path), "--device", "cpu", "--lora-kernel", "triton"])
+
+
+def test_warm_up_runs_every_bucket_up_to_the_rank_limit(interpreted, monkeypatch):
+    """Start-up compiles each rank bucket's kernels with and without DoRA's rescale: 16, 32, 64 for
+    a limit of 40 (its bucket is 64), twice each."""
+    launched = []
+    real = interpreted.add_bucket
+
+    def recording(y, x, tiles, bucket):
+        launched.append((bucket.rank, bucket.rescaled > 0))
+        real(y, x, tiles, bucket)
+
+    monkeypatch.setattr(interpreted, "add_bucket", recording)
+    assert warm_up(CPU, torch.float32, 32, 40) == 6
+    assert launched == [(16, False), (16, True), (32, False), (32, True), (64, False), (64, True)]
