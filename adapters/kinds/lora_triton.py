@@ -35,7 +35,10 @@ def segment_tiles(segments: Sequence[tuple[int, int, int]], device: torch.device
     """The ``[T, 3]`` int32 tiles (first token, run end, slot) of the adapter runs ``segments``
     (slot 0, the base, has none)."""
     tiles = [(row, end, slot) for start, end, slot in segments if slot for row in range(start, end, TILE)]
-    return torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 3)
+    table = torch.tensor(tiles, dtype=torch.int32).view(-1, 3)
+    if device.type == "cuda":  # from pinned memory the copy queues behind the forward's kernels: no host wait
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
 @triton.jit
