@@ -70,7 +70,7 @@ class LoraBank:
         self.fused = fused
         self.slots = slots  # slot numbers are below this (the fused path's lookup tables)
         self.buckets: dict[int, RankBucket] = {}  # the fused path's, by bucket rank
-        self._bucket_of: dict[int, tuple[int, bool]] = {}  # slot -> (bucket rank, has a DoRA rescale)
+        self._bucket_of: dict[int, int] = {}  # slot -> its bucket's rank
 
     def write(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor, channel: torch.Tensor | None = None,
               shift: torch.Tensor | None = None) -> None:
@@ -89,14 +89,13 @@ class LoraBank:
             bucket = self.buckets[key] = RankBucket(key, in_features, weights.b_t.shape[1], self.slots, self.dtype,
                                                     self.device)
         bucket.add(slot, *weights)
-        self._bucket_of[slot] = (key, channel is not None)
+        self._bucket_of[slot] = key
 
     def clear(self, slot: int) -> None:
         self.weights.pop(slot, None)
-        placed = self._bucket_of.pop(slot, None)
-        if placed is not None:
-            key, rescaled = placed
-            self.buckets[key].remove(slot, rescaled)
+        key = self._bucket_of.pop(slot, None)
+        if key is not None:
+            self.buckets[key].remove(slot)
             if not self.buckets[key]:  # the bucket's last adapter left: its memory goes with it
                 del self.buckets[key]
 

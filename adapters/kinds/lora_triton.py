@@ -122,7 +122,7 @@ def add_bucket(y: torch.Tensor, x: torch.Tensor, tiles: torch.Tensor, bucket: Ra
     _expand[(count, triton.cdiv(bucket.out_features, block_n))](
         shrunk, bucket.b, y, bucket.channel, bucket.shift, tiles, bucket.row_of_slot, bucket.out_features,
         shrunk.stride(0), y.stride(0), RANK=bucket.rank, BLOCK_R=block_r, BLOCK_N=block_n,
-        RESCALED=bucket.rescaled > 0, IEEE=ieee)
+        RESCALED=bucket.rescaled, IEEE=ieee)
 
 
 def _block(features: int) -> int:
