@@ -19,11 +19,15 @@ from gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def kv_pool_tokens(settings: Settings, runtime: AdapterRuntime, bytes_per_token: int, context_window: int) -> int:
+def kv_pool_tokens(settings: Settings, device: torch.device, bytes_per_token: int, context_window: int) -> int:
+    """The KV pool's capacity in tokens: as set (in tokens or bytes), else a share of free CUDA memory,
+    else (CPU) four context windows."""
     if settings.kv_cache_tokens is not None:
         return settings.kv_cache_tokens
-    if runtime.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(runtime.device)
+    if settings.kv_cache_bytes is not None:
+        return max(1, settings.kv_cache_bytes // bytes_per_token)  # under one token: refused as too small
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         return int(free * settings.kv_cache_memory_fraction) // bytes_per_token
     return 4 * context_window
 
@@ -42,7 +46,7 @@ def build_engine(settings: Settings, runtime: AdapterRuntime, tokenizer, *, cont
     shape = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim)
     bytes_per_token = 2 * shape["layers"] * shape["kv_heads"] * head_dim * torch.finfo(runtime.dtype).bits // 8
     block = settings.kv_block_size
-    num_blocks = -(-kv_pool_tokens(settings, runtime, bytes_per_token, context_window) // block)
+    num_blocks = -(-kv_pool_tokens(settings, runtime.device, bytes_per_token, context_window) // block)
     pool = KVPool(num_blocks=num_blocks, block_size=block, dtype=runtime.dtype, device=runtime.device, **shape)
     log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, block,
              num_blocks * block * bytes_per_token / 2**20)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.keys import ApiKeySpec, check_unique, normalize_key_specs
@@ -91,8 +91,11 @@ class Settings(BaseSettings):
     kv_cache_tokens: int | None = Field(None, ge=1, description=(
         "Capacity of the KV pool in tokens (paged). Default: on CUDA, kv_cache_memory_fraction of the device "
         "memory free after loading; on CPU, four context windows."))
+    kv_cache_bytes: ByteSize | None = Field(None, gt=0, description=(
+        "Capacity of the KV pool in bytes (paged), e.g. 8GiB or 500MB; the pool holds as many tokens as fit. "
+        "Exclusive with kv_cache_tokens."))
     kv_cache_memory_fraction: float = Field(0.5, gt=0, lt=1, description=(
-        "Share of free CUDA memory the KV pool takes when kv_cache_tokens is unset."))
+        "Share of free CUDA memory the KV pool takes when neither kv_cache_tokens nor kv_cache_bytes is set."))
     max_step_tokens: int = Field(256, ge=1, description=(
         "Prompt tokens computed per step while sequences decode (paged; their one token each comes on top): "
         "a long prompt is prefilled in chunks, so streams never stall for a whole prefill. Smaller: steadier "
@@ -271,4 +274,6 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
+            raise ValueError("set kv_cache_tokens or kv_cache_bytes, not both")
         return self

@@ -490,3 +490,29 @@ def test_block_manager_invariants_under_random_use():
         m.release(blocks)
     assert m.used == 0
     m.check()
+
+
+# ---- pool size from settings ----------------------------------------------------------------------
+def test_kv_pool_size_in_tokens_or_bytes(tmp_path):
+    from pydantic import ValidationError
+
+    from gateway.engines import kv_pool_tokens
+    from gateway.settings import Settings
+
+    cpu, per_token = torch.device("cpu"), 1000
+    by_bytes = Settings(data_dir=tmp_path, kv_cache_bytes="1MiB")
+    assert by_bytes.kv_cache_bytes == 2**20
+    assert kv_pool_tokens(by_bytes, cpu, per_token, context_window=64) == 2**20 // per_token
+    assert kv_pool_tokens(Settings(data_dir=tmp_path, kv_cache_bytes=999), cpu, per_token, 64) == 1  # then refused
+    assert kv_pool_tokens(Settings(data_dir=tmp_path, kv_cache_tokens=300), cpu, per_token, 64) == 300
+    assert kv_pool_tokens(Settings(data_dir=tmp_path), cpu, per_token, 64) == 4 * 64
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(data_dir=tmp_path, kv_cache_tokens=300, kv_cache_bytes="1MiB")
+    with pytest.raises(ValidationError):
+        Settings(data_dir=tmp_path, kv_cache_bytes="lots")
+
+
+def test_a_pool_under_one_context_window_is_refused(mixed, tiny_tokenizer):
+    runtime, _, _ = mixed
+    with pytest.raises(ValueError, match="less than one context window"):
+        make_engine(runtime, tiny_tokenizer, blocks=1, block_size=4)
