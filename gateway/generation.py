@@ -145,6 +145,10 @@ class Generation:
     completion_tokens: dict[int, int] = field(default_factory=dict)
     record: RequestRecord | None = None
     cancelled: bool = False
+    # set once every engine request let go and the record went to the observers (metrics,
+    # experiments): a finished response is only sent after it, so a client that has its answer
+    # finds it counted and can give feedback on it at once
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -152,7 +156,8 @@ class Generation:
             request.cancelled = True
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
-        """Yield events until every choice has finished; cancels the work if abandoned."""
+        """Yield events until every choice has finished and the request settled; cancels the work
+        if abandoned."""
         open_choices = self.choices
         try:
             while open_choices:
@@ -160,6 +165,7 @@ class Generation:
                 if event.finish_reason is not None:
                     open_choices -= 1
                 yield event
+            await self.settled.wait()  # the engine let go right after the last event: a moment
         finally:
             if open_choices:
                 self.cancel()
@@ -456,6 +462,7 @@ class GenerationService:
         if record.error_type is None and generation.cancelled:
             record.error_type = "cancelled"
         self._close(record)
+        generation.settled.set()
 
     def _close(self, record: RequestRecord) -> None:
         record.end = time.monotonic()

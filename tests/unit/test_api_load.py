@@ -155,6 +155,33 @@ def test_queue_timeout_ends_a_stream_with_an_error_event(expiring_client):
     assert all("error" not in e for e in events[:-2])
 
 
+# ---- a sent answer is a counted answer ------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_is_sent_only_once_its_request_is_counted(make_client, monkeypatch, stream):
+    """The engine tells the request it is done just after the last event; here that comes late on
+    purpose, and the answer still waits for it, so the request is in /metrics when the client has
+    its answer (and an experiment's feedback on it finds it)."""
+    client = make_client()
+    engine = gateway_of(client).engine
+    submit = engine.submit
+
+    def submit_with_late_release(request) -> None:
+        on_done = request.on_done
+        request.on_done = lambda: threading.Timer(0.3, on_done).start()
+        submit(request)
+
+    monkeypatch.setattr(engine, "submit", submit_with_late_release)
+    registry = gateway_of(client).metrics.registry
+
+    def counted() -> float:
+        return registry.get_sample_value("gateway_requests_total", {"adapter": "lora-a"}) or 0.0
+
+    for round_ in range(2):
+        response = client.post("/v1/chat/completions", json=chat_body("lora-a", stream=stream))
+        assert response.status_code == 200
+        assert counted() == round_ + 1
+
+
 # ---- draining ---------------------------------------------------------------------------------------
 def test_draining_refuses_new_requests_and_readyz(make_client):
     client = make_client()
