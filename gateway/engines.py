@@ -19,6 +19,28 @@ from gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def check_kv_pool(settings: Settings, config, dtype: torch.dtype, context_window: int) -> None:
+    """Refuse (``ValueError``) a paged KV pool set in tokens or bytes that cannot hold one context
+    window: said before the model loads, with the size that would."""
+    if settings.kv_cache != "paged" or (settings.kv_cache_tokens is None and settings.kv_cache_bytes is None):
+        return
+    per_token = kv_bytes_per_token(config, dtype)
+    block = settings.kv_block_size
+    capacity = -(-kv_pool_tokens(settings, torch.device("cpu"), per_token, context_window) // block) * block
+    if capacity < context_window:
+        given = ("kv_cache_tokens", settings.kv_cache_tokens) if settings.kv_cache_tokens is not None \
+            else ("kv_cache_bytes", settings.kv_cache_bytes.human_readable())
+        raise ValueError(f"{given[0]}={given[1]}: the KV pool would hold {capacity} tokens of this model "
+                         f"({per_token} bytes each), less than one context window ({context_window} tokens); "
+                         f"give it at least {context_window} tokens ({context_window * per_token / 2**20:.0f} MiB)")
+
+
 def kv_pool_tokens(settings: Settings, device: torch.device, bytes_per_token: int, context_window: int) -> int:
     """The KV pool's capacity in tokens: as set (in tokens or bytes), else a share of free CUDA memory,
     else (CPU) four context windows."""
@@ -44,7 +66,7 @@ def build_engine(settings: Settings, runtime: AdapterRuntime, tokenizer, *, cont
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim)
-    bytes_per_token = 2 * shape["layers"] * shape["kv_heads"] * head_dim * torch.finfo(runtime.dtype).bits // 8
+    bytes_per_token = kv_bytes_per_token(config, runtime.dtype)
     block = settings.kv_block_size
     num_blocks = -(-kv_pool_tokens(settings, runtime.device, bytes_per_token, context_window) // block)
     pool = KVPool(num_blocks=num_blocks, block_size=block, dtype=runtime.dtype, device=runtime.device, **shape)

@@ -512,6 +512,42 @@ def test_kv_pool_size_in_tokens_or_bytes(tmp_path):
         Settings(data_dir=tmp_path, kv_cache_bytes="lots")
 
 
+def test_a_pool_set_under_one_context_window_is_refused_from_the_config(tmp_path):
+    from gateway.engines import check_kv_pool, kv_bytes_per_token
+    from gateway.settings import Settings
+
+    config = build_tiny_llama().config  # 2 layers, 2 KV heads of 8: 256 bytes a token in float32
+    assert kv_bytes_per_token(config, torch.float32) == 256 and kv_bytes_per_token(config, torch.bfloat16) == 128
+
+    def check(**settings) -> None:
+        check_kv_pool(Settings(data_dir=tmp_path, **settings), config, torch.float32, context_window=256)
+
+    check(kv_cache_bytes="64KiB")
+    check(kv_cache_tokens=250)  # rounded up to whole 16-token blocks: 256
+    check()  # sized from memory at start, after the load
+    check(kv_cache="padded", kv_cache_tokens=1)  # no pool
+    with pytest.raises(ValueError, match=r"kv_cache_bytes=16.0KiB: the KV pool would hold 64 tokens .* at least "
+                                         r"256 tokens"):
+        check(kv_cache_bytes="16KiB")
+    with pytest.raises(ValueError, match="kv_cache_tokens=100: .* 112 tokens"):
+        check(kv_cache_tokens=100)
+
+
+def test_serve_refuses_a_pool_too_small_before_the_model_loads(monkeypatch, tmp_path):
+    from gateway import app, cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(app, "create_app", no_model)
+    build_tiny_llama().config.save_pretrained(tmp_path / "model")
+    serve = ["serve", "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="refusing to start: kv_cache_bytes=16.0KiB: the KV pool would hold 64"):
+        cli.main([*serve, "--model", str(tmp_path / "model"), "--kv-cache-bytes", "16KiB"])
+    with pytest.raises(SystemExit, match="refusing to start: cannot load base model"):
+        cli.main([*serve, "--model", str(tmp_path / "no-such-model"), "--kv-cache-tokens", "4096"])
+
+
 def test_a_pool_under_one_context_window_is_refused(mixed, tiny_tokenizer):
     runtime, _, _ = mixed
     with pytest.raises(ValueError, match="less than one context window"):
