@@ -32,11 +32,12 @@ def check_kv_pool(settings: Settings, config, dtype: torch.dtype, context_window
         return
     per_token = kv_bytes_per_token(config, dtype)
     block = settings.kv_block_size
-    capacity = -(-kv_pool_tokens(settings, torch.device("cpu"), per_token, context_window) // block) * block
+    set_in_settings = torch.device("cpu")  # the size comes from the settings, not from device memory
+    capacity = -(-kv_pool_tokens(settings, set_in_settings, per_token, context_window) // block) * block
     if capacity < context_window:
-        given = ("kv_cache_tokens", settings.kv_cache_tokens) if settings.kv_cache_tokens is not None \
-            else ("kv_cache_bytes", settings.kv_cache_bytes.human_readable())
-        raise ValueError(f"{given[0]}={given[1]}: the KV pool would hold {capacity} tokens of this model "
+        given = (f"kv_cache_tokens={settings.kv_cache_tokens}" if settings.kv_cache_tokens is not None
+                 else f"kv_cache_bytes={settings.kv_cache_bytes.human_readable()}")
+        raise ValueError(f"{given}: the KV pool would hold {capacity} tokens of this model "
                          f"({per_token} bytes each), less than one context window ({context_window} tokens); "
                          f"give it at least {context_window} tokens ({context_window * per_token / 2**20:.0f} MiB)")
 
