@@ -83,7 +83,7 @@ class _GenerationParams(BaseModel):
     # sampling parameters: gateway.sampling, gateway.generation)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # extension (vLLM's): 1 is neutral
+    repetition_penalty: float | None = Field(None, ge=0.1, le=10.0)  # extension (vLLM's): 1 is neutral
     logit_bias: LogitBias | None = None
     response_format: ResponseFormat | None = None  # structured outputs (gateway.structured)
 

@@ -29,9 +29,11 @@ MAX_TEMPERATURE = 2.0
 # nucleus always holds it), so smaller values, denormals included, are raised to it.
 MIN_TOP_P = 1e-6
 # Bounds of the logit adjustments (OpenAI's for the penalties and the bias; repetition_penalty,
-# an extension, divides or multiplies logits: 1 is neutral, the bound keeps it sane).
+# an extension, divides or multiplies logits: 1 is neutral, and the bounds keep every adjusted
+# logit finite: a denormal penalty would turn a positive logit into infinity).
 MAX_PENALTY = 2.0
 MAX_REPETITION_PENALTY = 10.0
+MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY
 MAX_LOGIT_BIAS = 100.0
 MAX_TOP_LOGPROBS = 20
 
@@ -85,8 +87,8 @@ class SamplingParams:
                 raise SamplingValueError(f"{name} must be between {-MAX_PENALTY:g} and {MAX_PENALTY:g}, "
                                          f"got {value!r}", name)
         value = float(self.repetition_penalty)
-        if not (math.isfinite(value) and 0.0 < value <= MAX_REPETITION_PENALTY):
-            raise SamplingValueError(f"repetition_penalty must be greater than 0 and at most "
+        if not (math.isfinite(value) and MIN_REPETITION_PENALTY <= value <= MAX_REPETITION_PENALTY):
+            raise SamplingValueError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
                                      f"{MAX_REPETITION_PENALTY:g}, got {value!r}", "repetition_penalty")
         for token, bias in self.logit_bias:
             if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):

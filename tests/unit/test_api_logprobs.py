@@ -226,6 +226,8 @@ def complete(client, **extra):
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # found by loadtest.fuzz: 1 / it is infinite
+    ({"repetition_penalty": 0.09}, "repetition_penalty"),
     ({"repetition_penalty": 11}, "repetition_penalty"),
 ])
 def test_hostile_chat_values_are_refused(client, extra, param):

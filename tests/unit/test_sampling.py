@@ -53,6 +53,8 @@ def test_vanishing_top_p_keeps_the_top_token(top_p):
     ({"temperature": -0.5}, "temperature"), ({"temperature": 2.5}, "temperature"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": math.nan}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"top_p": -1e-300}, "top_p"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": 0.099}, "repetition_penalty"), ({"repetition_penalty": 10.5}, "repetition_penalty"),
 ])
 def test_out_of_range_values_are_refused(values, param):
     with pytest.raises(SamplingValueError) as caught:
