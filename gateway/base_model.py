@@ -74,15 +74,18 @@ def _embedded_package_dir() -> Path:
 def read_model_config(settings: Settings):
     """The base model's config alone, before any weight is read: checks that need only its shapes
     refuse a bad start in seconds rather than after the load. Raises ``ModelLoadError``."""
+    model = settings.model
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+        raise ModelLoadError(f"cannot load base model {model!r}: no such folder")
     try:
-        if settings.model != EMBEDDED_MODEL:
-            return AutoConfig.from_pretrained(settings.model)
+        if model != EMBEDDED_MODEL:
+            return AutoConfig.from_pretrained(model)
         materialized = settings.data_dir / "models" / EMBEDDED_NAME
         if (materialized / "config.json").is_file():
             return AutoConfig.from_pretrained(materialized)
         return AutoConfig.from_pretrained(_embedded_package_dir(), gguf_file=EMBEDDED_GGUF)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load base model {settings.model!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load base model {model!r}: {exc}") from exc
 
 
 def materialize_embedded(data_dir: Path) -> Path:

@@ -11,7 +11,7 @@ import sys
 
 from pydantic import ValidationError
 
-from gateway.settings import Settings
+from gateway.settings import EMBEDDED_MODEL, Settings
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,8 +69,9 @@ def serve(settings: Settings) -> None:
     try:  # before the model loads
         device = pick_device(settings.device)
         check_lora_kernel(settings.lora_kernel, device)
-        if settings.kv_cache_tokens is not None or settings.kv_cache_bytes is not None:
-            config = read_model_config(settings)
+        pool_set = settings.kv_cache_tokens is not None or settings.kv_cache_bytes is not None
+        if settings.model != EMBEDDED_MODEL or pool_set:  # the embedded model's config takes seconds to read
+            config = read_model_config(settings)  # a wrong model path is said here, not as a traceback
             check_kv_pool(settings, config, compute_dtype(device), context_window_of(config))
     except (ModelLoadError, ValueError) as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")

@@ -59,6 +59,15 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         load_base(Settings(model=str(tmp_path / "nope"), data_dir=tmp_path, quantization="none"))
 
 
+def test_serve_refuses_a_missing_model_folder_before_loading(monkeypatch, tmp_path):
+    import gateway.app
+    from gateway.cli import main
+
+    monkeypatch.setattr(gateway.app, "create_app", lambda *a: pytest.fail("must refuse before building the app"))
+    with pytest.raises(SystemExit, match="refusing to start: cannot load base model '.*nope': no such folder"):
+        main(["serve", "--model", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "data"), "--device", "cpu"])
+
+
 @pytest.mark.parametrize("env", [
     {"GATEWAY_PORT": "70000"},
     {"GATEWAY_MAX_BATCH_SIZE": "0"},

@@ -541,11 +541,9 @@ def test_serve_refuses_a_pool_too_small_before_the_model_loads(monkeypatch, tmp_
 
     monkeypatch.setattr(app, "create_app", no_model)
     build_tiny_llama().config.save_pretrained(tmp_path / "model")
-    serve = ["serve", "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
     with pytest.raises(SystemExit, match="refusing to start: kv_cache_bytes=16.0KiB: the KV pool would hold 64"):
-        cli.main([*serve, "--model", str(tmp_path / "model"), "--kv-cache-bytes", "16KiB"])
-    with pytest.raises(SystemExit, match="refusing to start: cannot load base model"):
-        cli.main([*serve, "--model", str(tmp_path / "no-such-model"), "--kv-cache-tokens", "4096"])
+        cli.main(["serve", "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--model", str(tmp_path / "model"),
+                  "--kv-cache-bytes", "16KiB"])
 
 
 def test_a_pool_under_one_context_window_is_refused(mixed, tiny_tokenizer):
