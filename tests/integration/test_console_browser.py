@@ -294,13 +294,22 @@ def test_08_experiment_with_live_results(browser, server):
     Select(selects[1]).select_by_value("adapter-b")
     click(browser, "#experiment-create")
     wait(browser, lambda d: finds(d, '[data-experiment="ab-test"] .results tr[data-arm="adapter-b"]'))
-    for user in range(8):
+    # users are split between the arms by a hash salted per experiment: send users until each arm
+    # has the two samples a score interval needs (8 users leave one arm short 7% of the time)
+    per_arm, thumbs = {"adapter-a": 0, "adapter-b": 0}, {"up": 0, "down": 0}
+    user = 0
+    while min(per_arm.values()) < 2 or user < 8:
         response = httpx.post(f"{server.url}/v1/chat/completions", timeout=WAIT, json={
             "model": "ab-test", "user": f"user-{user}", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 200, response.text
+        per_arm[response.headers["x-gateway-experiment-arm"]] += 1
+        thumb = "up" if user % 3 else "down"
+        thumbs[thumb] += 1
         feedback = httpx.post(f"{server.url}/v1/feedback", timeout=WAIT, json={
-            "id": response.json()["id"], "thumbs": "up" if user % 3 else "down", "score": user / 8})
+            "id": response.json()["id"], "thumbs": thumb, "score": user % 8 / 8})
         assert feedback.status_code == 200, feedback.text
+        user += 1
+        assert user < 28, per_arm  # both arms should have two users long before (and each under 30, no verdict)
 
     def requests_shown(d) -> int:
         try:
@@ -308,13 +317,13 @@ def test_08_experiment_with_live_results(browser, server):
         except Exception:  # noqa: BLE001 - redrawn between the calls
             return -1
 
-    wait(browser, lambda d: requests_shown(d) == 8)
+    wait(browser, lambda d: requests_shown(d) == user)
     wait(browser, lambda d: len(finds(d, '[data-experiment="ab-test"] .ci-line')) == 4)  # thumbs and score, per arm
     verdicts = texts(browser, '[data-experiment="ab-test"] .verdict')
     assert len(verdicts) == 2 and all("not enough data yet" in v for v in verdicts), verdicts  # 30 samples needed
     ups = texts(browser, '[data-experiment="ab-test"] .thumbs-up')
     downs = texts(browser, '[data-experiment="ab-test"] .thumbs-down')
-    assert sum(map(int, ups)) == 5 and sum(map(int, downs)) == 3, (ups, downs)  # up: users 1, 2, 4, 5, 7
+    assert (sum(map(int, ups)), sum(map(int, downs))) == (thumbs["up"], thumbs["down"]), (ups, downs)
     shot(browser, "08-experiment-results")
     # ramp: adapter-b to 80 (adapter-a keeps 50)
     slider = find(browser, '[data-experiment="ab-test"] .weight-slider[data-arm="adapter-b"]')
