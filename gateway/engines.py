@@ -19,10 +19,16 @@ from gateway.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def kv_shape(config) -> dict[str, int]:
+    """The KV pool's shape from the model's config: layers, KV heads, head width."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim)
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes one token's keys and values take in every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+    shape = kv_shape(config)
+    return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * torch.finfo(dtype).bits // 8
 
 
 def check_kv_pool(settings: Settings, config, dtype: torch.dtype, context_window: int) -> None:
@@ -64,10 +70,8 @@ def build_engine(settings: Settings, runtime: AdapterRuntime, tokenizer, *, cont
     model = runtime.model
     if settings.kv_cache == "padded":
         return PaddedEngine(ModelRunner(model, runtime), tokenizer, **options)
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    shape = dict(layers=config.num_hidden_layers, kv_heads=config.num_key_value_heads, head_dim=head_dim)
-    bytes_per_token = kv_bytes_per_token(config, runtime.dtype)
+    shape = kv_shape(model.config)
+    bytes_per_token = kv_bytes_per_token(model.config, runtime.dtype)
     block = settings.kv_block_size
     num_blocks = -(-kv_pool_tokens(settings, runtime.device, bytes_per_token, context_window) // block)
     pool = KVPool(num_blocks=num_blocks, block_size=block, dtype=runtime.dtype, device=runtime.device, **shape)

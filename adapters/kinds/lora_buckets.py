@@ -5,9 +5,9 @@ bucket that holds all its slots: ``a [capacity, in, rank]`` and ``b [capacity, r
 slot of a smaller rank zero-padded up to the bucket's (zeros add nothing to the delta). Buckets
 are powers of two from ``MIN_BUCKET_RANK`` up, so an adapter of rank 16 or more pads to less than
 twice its rank (a smaller one to 16), and a rank-256 adapter sits in a bucket of its own: launched
-only when its rows are in the batch, and freed when it leaves. DoRA's per-channel rescale rides along as ``channel`` (1 for a plain LoRA
-slot) and ``shift`` (0), so the kernel applies ``(y + delta) * channel + shift`` to every slot
-and a plain slot comes out unchanged.
+only when its rows are in the batch, and freed when it leaves. DoRA's per-channel rescale rides
+along as ``channel`` (1 for a plain LoRA slot) and ``shift`` (0), so the kernel applies
+``(y + delta) * channel + shift`` to every slot and a plain slot comes out unchanged.
 """
 
 from __future__ import annotations
