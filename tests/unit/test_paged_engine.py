@@ -4,6 +4,7 @@ only its own rows. Plus the block manager's bookkeeping."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import random
 import threading
@@ -353,6 +354,95 @@ def test_preemption_under_a_tiny_pool_keeps_every_result(mixed, tiny_tokenizer):
     for name, tokens in zip(names, got, strict=True):
         assert tokens == ref_greedy(refs[name], prompts[name], steps=12), name
     assert all(c.finish.finish_reason == "length" for c in collectors)
+    engine.blocks.check()
+    assert engine.blocks.used == 0  # every block went back
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_traffic_with_preemption_prefix_hits_and_cancellations_keeps_every_result(mixed, tiny_tokenizer,
+                                                                                           seed):
+    """Seeded random traffic through a pool too small for it: requests of every kind arrive at
+    random forwards, most extending a prompt an earlier request of the same adapter used (prefix
+    hits), some asking for two choices, some cancelled a few forwards after they arrive. Rows are
+    preempted and recomputed. Every choice that runs to its end gives PEFT's greedy tokens for its
+    adapter; a cancelled one's tokens are a prefix of them; afterwards no block is in use and the
+    block manager's books balance."""
+    runtime, slots, refs = mixed
+    rng = random.Random(seed)
+    names = ["base", *PAGED_VARIANTS]
+    stems = {name: [prompt_ids(rng.randrange(8, 20), seed=1000 * seed + i)] for i, name in enumerate(names)}
+    plan = []  # (arrival forward, adapter, prompt, max_tokens, choices, cancel after this many forwards or None)
+    for i in range(28):
+        name = rng.choice(names)
+        stem = rng.choice([p for p in stems[name] if len(p) < 32])
+        prompt = stem + prompt_ids(rng.randrange(1, 9), seed=7000 * seed + i)
+        stems[name].append(prompt)  # a later request may extend this one's prompt
+        cancel = rng.randrange(0, 8) if rng.random() < 0.2 else None
+        plan.append((rng.randrange(0, 16), name, prompt, rng.randrange(2, 11), 1 + (rng.random() < 0.2), cancel))
+    plan.sort(key=lambda p: p[0])
+    engine = make_engine(runtime, tiny_tokenizer, blocks=24, max_step_tokens=12, context_window=64)
+
+    submitted: list[tuple[tuple, EngineRequest, Tokens, int]] = []  # (plan entry, request, events, forward)
+    sampled: dict[tuple[int, int], list[int]] = {}
+    lock = threading.Lock()
+    emit, forward = engine._emit, engine.runner.forward
+    forwards = [0]
+
+    def submit_due(now: int, force: bool = False) -> None:
+        """Submit the next planned request if it is due (or ``force``): one arrival per forward at most."""
+        with lock:
+            if len(submitted) == len(plan) or not (force or plan[len(submitted)][0] <= now):
+                return
+            entry = plan[len(submitted)]
+            _, name, prompt, max_tokens, n, _ = entry
+            c = Tokens()
+            request = EngineRequest(prompt_ids=prompt, slot=slots[name], n=n, sink=c.sink, on_done=c.on_done,
+                                    params=SamplingParams(max_tokens=max_tokens, temperature=0),
+                                    cache_key=name if name != "base" else "")
+            engine.submit(request)
+            submitted.append((entry, request, c, now))
+
+    def spy_emit(seqs, logits):
+        emit(seqs, logits)
+        for seq in seqs:
+            sampled[seq.request.id, seq.index] = list(seq.tokens)
+
+    def spy_forward(items):  # the engine thread: arrivals and cancellations land between forwards
+        forwards[0] += 1
+        submit_due(forwards[0])
+        for (*_, cancel), request, _, at in submitted:
+            if cancel is not None and forwards[0] - at >= cancel:
+                request.cancelled = True
+        return forward(items)
+
+    engine._emit, engine.runner.forward = spy_emit, spy_forward
+    submit_due(0)
+    engine.start()
+    try:
+        while len(submitted) < len(plan) or not all(c.done.is_set() for _, _, c, _ in submitted):
+            if not engine.busy:  # idle before every arrival came: the next one arrives now
+                submit_due(forwards[0], force=True)
+            for *_, c, _ in list(submitted):
+                assert c.done.wait(60), "request did not finish"
+    finally:
+        engine.stop()
+
+    assert engine.preemptions > 0, "no row was preempted (retune the pool)"
+    assert engine.blocks.hit_tokens > 0, "no prefix-cache hit (retune the prompts)"
+    ended = collections.Counter()
+    for (_, name, prompt, max_tokens, n, _), request, c, _ in submitted:
+        reference = ref_greedy(refs[name], prompt, steps=max_tokens)
+        finishes = {e.index: e.finish_reason for e in c.events if e.finish_reason is not None}
+        for index in range(n):
+            tokens = sampled.get((request.id, index), [])
+            reason = finishes.get(index, "cancelled")  # a cancelled choice sends no event
+            ended[reason] += 1
+            if reason == "length":
+                assert tokens == reference, (name, index)
+            else:
+                assert reason == "cancelled" and request.cancelled, (name, reason)
+                assert tokens == reference[:len(tokens)], (name, index)
+    assert ended["length"] > 0
     engine.blocks.check()
     assert engine.blocks.used == 0  # every block went back
 
