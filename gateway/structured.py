@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from gateway.errors import BadRequestError
+from gateway.pattern_cost import PatternTooComplexError, check_pattern_cost
 from gateway.tool_parser import CallTracker
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,11 @@ def check_schema(schema: Any, path: str = "", depth: int = 0, *, param: str = "r
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
             raise _refuse(param, f"'allOf' with more than one schema (at {where}) is not supported by "
                                  "structured outputs")
+        if key == "pattern" and isinstance(value, str):
+            _check_pattern(value, f"{path}/pattern", param)
+        if key == "patternProperties" and isinstance(value, dict):
+            for name in value:
+                _check_pattern(name, f"{path}/patternProperties/{_escape(name)}", param)
         if key == "format" and value not in FORMATS:
             raise _refuse(param, f"the string format {str(value)[:40]!r} (at {where}) is not supported; supported: "
                           + ", ".join(sorted(FORMATS)))
@@ -116,6 +122,13 @@ def _check_combinations(schema: dict, where: str, param: str) -> None:
     if "multipleOf" in schema and not (types == "integer" or (isinstance(types, list) and "integer" in types
                                                               and "number" not in types)):
         raise _refuse(param, f"'multipleOf' (at {where}) is supported on integers only")
+
+
+def _check_pattern(pattern: str, where: str, param: str) -> None:
+    try:
+        check_pattern_cost(pattern)
+    except PatternTooComplexError as exc:
+        raise _refuse(param, f"{exc} (at {where})") from None
 
 
 def _escape(name: str) -> str:

@@ -206,6 +206,10 @@ def test_grammars_are_compiled_once_per_schema(client):
     ({"type": "object", "properties": {"n": {"minimum": 3}}, "required": ["n"]}, "minimum"),
     ({"type": "object", "properties": {"e": {"format": "email"}}}, "format"),
     ({"required": ["a"]}, "required"),
+    # patterns whose grammar would take minutes to compile or to follow (gateway.pattern_cost)
+    ({"type": "string", "pattern": "((a|aa){1,30}){1,30}b"}, "/pattern"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "[a-z]{1,20000}"}}}, "/properties/a/pattern"),
+    ({"type": "object", "patternProperties": {"(.|..){1,100}": {"type": "integer"}}}, "/patternProperties/"),
 ])
 def test_unsupported_schemas_are_a_400_naming_the_feature(client, schema, named):
     for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})):

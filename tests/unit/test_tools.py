@@ -244,6 +244,9 @@ BAD_TOOL = {"type": "function", "function": {"name": "ok", "parameters": {"type"
     ({"tools": [{"type": "function", "function": {"name": "big", "parameters": {
         "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(200)}}}}]},
      "tools[0].function.parameters", "limit"),
+    ({"tools": [{"type": "function", "function": {"name": "p", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "((a|aa){1,30}){1,30}"}}}}}]},
+     "tools[0].function.parameters", "/properties/a/pattern"),
     ({"tools": [{"type": "function", "function": {"name": "d", "description": "x" * 9000}}]},
      "tools[0].function.description", "8192"),
     ({"tools": [BAD_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},

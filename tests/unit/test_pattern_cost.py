@@ -1,0 +1,78 @@
+"""The pattern analyser that refuses regular expressions xgrammar would expand into a grammar too
+costly to compile or to follow (``gateway.pattern_cost``): everyday patterns pass; nested or
+branching counted repetitions past the limit, huge counts and deep group nesting are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.pattern_cost import (
+    MAX_BRANCHING_REPETITION, MAX_PATTERN_SIZE, PatternTooComplexError, check_pattern_cost,
+)
+
+EVERYDAY = [
+    r"^[a-z]{1,8}$", r"^\d{4}-\d{2}-\d{2}$", r"(\d{3}-){2}\d{4}", r"([0-9]{1,3}\.){3}[0-9]{1,3}",
+    r"^((25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(25[0-5]|2[0-4]\d|1?\d?\d)$", r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$",
+    r"^(?:[A-Z][a-z]+ ){1,5}$", r"(?<year>\d{4})-(?<month>\d{2})", r"^\p{L}+$", r"[\](]{2,5}",
+    r"[a-z]{1,1000}", r"([a-z]+ ){1,30}", r"(\w+\s?)*", r"([a-z]{1,30})*", r"a{,5}", r"x{2}{3}",
+]
+
+COSTLY = [
+    # ((a|aa){1,30}){1,30}: compiles at once, then one mask step ran for minutes on the engine thread
+    (r"((a|aa){1,30}){1,30}b", "{1,30}"),
+    (r"([a-z]{1,30}){1,30}b", "{1,30}"),  # did not compile in 30 s
+    (r"(.|..){1,100}", "{1,100}"),  # 5.5 s to compile
+    (r"(\w+\s?){1,50}", "{1,50}"),
+    (r"(([a-z]{1,5}){1,5}){1,5}", "{1,5}"),
+    (r"(a|b){1,99999999999999999999}", "{1,99999999999999999999}"),
+    (r"[a-z]{1,20000}", f"limit {MAX_PATTERN_SIZE}"),
+    (r".{1,1000}.{1,1000}.{1,1000}", f"limit {MAX_PATTERN_SIZE}"),
+    ("(" * 40 + "a" + ")" * 40, "deeper than"),
+]
+
+
+@pytest.mark.parametrize("pattern", EVERYDAY)
+def test_everyday_patterns_pass(pattern):
+    check_pattern_cost(pattern)
+
+
+@pytest.mark.parametrize("pattern, named", COSTLY)
+def test_costly_patterns_are_refused_naming_the_part(pattern, named):
+    with pytest.raises(PatternTooComplexError) as refused:
+        check_pattern_cost(pattern)
+    assert named in str(refused.value)
+
+
+def test_the_limits_are_inclusive():
+    check_pattern_cost("(a|b){%d}" % (MAX_BRANCHING_REPETITION // 2))  # two atoms a copy: exactly the limit
+    check_pattern_cost("a" * MAX_PATTERN_SIZE)
+    with pytest.raises(PatternTooComplexError):
+        check_pattern_cost("(a|b){%d}" % (MAX_BRANCHING_REPETITION // 2 + 1))
+    with pytest.raises(PatternTooComplexError):
+        check_pattern_cost("a" * (MAX_PATTERN_SIZE + 1))
+
+
+@pytest.mark.parametrize("pattern", ["(", ")", "((a)", "a)|(b", "[abc", "\\", "a{1,2", "(?<x", "\\p{L"])
+def test_malformed_patterns_are_measured_without_error(pattern):
+    """A pattern this reader cannot make sense of is left to xgrammar (which refuses it); the
+    reader itself never fails on it."""
+    check_pattern_cost(pattern)
+
+
+def test_patterns_at_the_limit_compile_and_follow_their_language(tiny_tokenizer):
+    """The most expensive shapes still allowed compile and constrain as written (xgrammar accepts
+    a matching answer, refuses a longer one)."""
+    import xgrammar
+
+    info = xgrammar.TokenizerInfo.from_huggingface(tiny_tokenizer, vocab_size=len(tiny_tokenizer))
+    compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    for pattern, good, bad in [("((a|aa){1,4}){1,5}", "a" * 40, "a" * 41), ("(([a-z]{1,4}){1,4}){1,4}", "b" * 64,
+                                                                             "b" * 65)]:
+        check_pattern_cost(pattern)
+        grammar = compiler.compile_json_schema(json.dumps({"type": "string", "pattern": pattern}),
+                                               any_whitespace=False, strict_mode=True)
+        for text, accepted in ((good, True), (bad, False)):
+            matcher = xgrammar.GrammarMatcher(grammar)
+            assert all(matcher.accept_string(ch) for ch in json.dumps(text)) == accepted, (pattern, len(text))
