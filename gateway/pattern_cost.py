@@ -1,20 +1,22 @@
 """How far a JSON-schema ``pattern`` expands when xgrammar turns it into a grammar, checked before
-it is compiled.
+it is compiled: a pattern too costly to follow would slow or stall the engine thread, where every
+constrained row's next-token mask is computed.
 
-xgrammar (0.2.9) expands a counted repetition ``X{m,n}`` into copies of ``X``. A repetition whose
-operand can match in more than one way (it holds an alternation or another quantifier) multiplies
-the grammar's states, and its cost grows far faster than its size. Measured on two CPU cores
-(SmolLM2's 49k-token vocabulary): ``(.|..){1,30}`` compiles in 1.4 s and ``(.|..){1,100}`` in 5.5 s;
-``([a-z]{1,30}){1,30}`` did not compile in 30 s; ``((a|aa){1,30}){1,30}b`` compiles at once, then a
-single ``fill_next_token_bitmask`` on the engine thread ran for minutes: one request would stall
-every stream. Flat repetitions of one atom are cheap (``[a-z]{1,1000}``: 0.04 s).
+xgrammar (0.2.9) expands a counted repetition ``X{m,n}`` into copies of ``X``. Measured on two CPU
+cores over SmolLM2's 49k-token vocabulary:
+- a repetition whose operand can match in more than one way (it holds an alternation or another
+  quantifier) multiplies the grammar's states: ``((a|aa){1,30}){1,30}b`` compiles at once, then a
+  single ``fill_next_token_bitmask`` ran for minutes: one request would stall every stream;
+- past 128 copies it switches to a form that is cheap to compile and slow to follow:
+  ``.{1,129}`` costs up to 14 ms a token, ``.{1,1000}`` 18 ms on average (``.{1,128}``: 0.1 ms).
 
 So a pattern is measured here: each atom counts 1, sequences and alternatives add up, ``X{m,n}``
-counts ``n`` times ``X`` (``X{m,}`` ``m`` times; ``*``, ``+`` and ``?`` do not expand). A counted
-repetition of a branching operand may count at most ``MAX_BRANCHING_REPETITION``, the whole
-pattern ``MAX_PATTERN_SIZE``. The grammar is ECMAScript's, read only as far as sizes need: groups,
-classes, escapes, alternatives and quantifiers; a pattern it cannot read is left to xgrammar,
-which refuses it."""
+counts ``n`` times ``X`` (``X{m,}`` ``m`` times; ``*``, ``+`` and ``?`` do not expand). No count
+may exceed ``MAX_REPEAT_COUNT``; a counted repetition of a branching operand may count at most
+``MAX_BRANCHING_REPETITION``, the whole pattern ``MAX_PATTERN_SIZE``. Compile time is bounded
+separately (``gateway.grammar_process`` kills a compile past its deadline). The grammar is
+ECMAScript's, read only as far as sizes need: groups, classes, escapes, alternatives and
+quantifiers; a pattern it cannot read is left to xgrammar, which refuses it."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import re
 from dataclasses import dataclass
 
 MAX_PATTERN_SIZE = 2000
+MAX_REPEAT_COUNT = 128  # xgrammar's cheap-to-follow expansion ends here
 MAX_BRANCHING_REPETITION = 64  # (.{1,8}){1,8} compiles in ~5 s here; ((a|aa){1,30}){1,30} never finishes matching
 MAX_GROUP_DEPTH = 32  # groups inside groups (the reader recurses once per level)
 
@@ -120,6 +123,10 @@ class _Reader:
         if not counted:
             return _Part(operand.size, True)
         copies = max(low if high is None else high, 1)
+        if copies > MAX_REPEAT_COUNT:
+            raise PatternTooComplexError(
+                f"the repetition {counted.group(0)} counts past {MAX_REPEAT_COUNT}, which structured outputs follow "
+                "too slowly; use + or * (or maxLength on a string schema without a pattern)")
         size = operand.size * copies
         if operand.branching and copies > 1 and size > MAX_BRANCHING_REPETITION:
             raise PatternTooComplexError(

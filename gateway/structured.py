@@ -6,8 +6,9 @@ string formats...), and a schema we cannot enforce must be a 400 naming the keyw
 answer that looks constrained and is not. Only keywords known to be enforced (or pure
 annotations) pass.
 
-Compiling turns a schema into a grammar over the model's vocabulary; it runs in a worker thread
-(never on the event loop nor the engine thread) and its result is cached per schema. Each
+Compiling turns a schema into a grammar over the model's vocabulary; it runs in a child process
+(``gateway.grammar_process``: killed when it runs past ``compile_timeout``), driven from a worker
+thread (never the event loop nor the engine thread), and its result is cached per schema. Each
 constrained sequence holds its own matcher (the grammar's state after its tokens); the engine
 asks the matchers of the rows that have one for a token bitmask and applies it to those rows in
 the batched sampling step (``gateway.grammar_mask``). xgrammar is imported on first use (it takes seconds).
@@ -20,13 +21,16 @@ import collections
 import concurrent.futures
 import json
 import logging
+import queue
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gateway.errors import BadRequestError
+from gateway.grammar_process import CompileProcess, CompileTimeoutError
 from gateway.pattern_cost import PatternTooComplexError, check_pattern_cost
 from gateway.tool_parser import CallTracker
 
@@ -219,7 +223,12 @@ class Grammars:
         self.max_schema_bytes = max_schema_bytes
         self.compile_timeout = compile_timeout
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
-        self._compiler: Any = None
+        self._info: Any = None  # xgrammar's TokenizerInfo, made on the first compile
+        # one compile process per worker thread, taken for the length of a compile
+        self._processes: queue.SimpleQueue[CompileProcess] = queue.SimpleQueue()
+        self._all_processes: list[CompileProcess] = []
+        self._workers = workers
+        self._info_lock = threading.Lock()
         self._banned = torch.empty(0, dtype=torch.long)  # control-character tokens (see GrammarConstraint)
         self._token_bytes: list[bytes] = []
         self._cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
@@ -264,26 +273,40 @@ class Grammars:
             raise _refuse(param, f"the schema cannot be compiled: {message[:300]}") from None
 
     def _forget_failed(self, key: str, future: asyncio.Future) -> None:
-        if (future.cancelled() or future.exception() is not None) and self._cache.get(key) is future:
-            del self._cache[key]
+        """A grammar that failed is compiled again when asked again, except one that ran out of
+        time: it would only take a compile process's time again."""
+        if future.cancelled() or (future.exception() is not None
+                                  and not isinstance(future.exception(), CompileTimeoutError)):
+            if self._cache.get(key) is future:
+                del self._cache[key]
 
     def _compile(self, key: str) -> Any:  # worker thread
         import xgrammar
 
-        if self._compiler is None:
-            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                           stop_token_ids=self.stop_token_ids)
-            stops = set(self.stop_token_ids)
-            self._token_bytes = list(info.decoded_vocab)
-            self._banned = torch.tensor([i for i, data in enumerate(info.decoded_vocab)
-                                         if i not in stops and any(b < 0x20 for b in data)], dtype=torch.long)
-            self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        with self._info_lock:
+            if self._info is None:
+                info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                               stop_token_ids=self.stop_token_ids)
+                stops = set(self.stop_token_ids)
+                self._token_bytes = list(info.decoded_vocab)
+                self._banned = torch.tensor([i for i, data in enumerate(info.decoded_vocab)
+                                             if i not in stops and any(b < 0x20 for b in data)], dtype=torch.long)
+                info_json = info.serialize_json()
+                for _ in range(self._workers):
+                    process = CompileProcess(info_json)
+                    self._all_processes.append(process)
+                    self._processes.put(process)
+                self._info = info
         self.compiled += 1
         kind, _, text = key.partition(":")
-        if kind == "tag":
-            return self._compiler.compile_structural_tag(text)
-        # compact JSON (no free whitespace): a model cannot pad an answer with blanks forever
-        return self._compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+        process = self._processes.get()
+        try:
+            serialized = process.compile(kind, text, self.compile_timeout)
+        finally:
+            self._processes.put(process)
+        return xgrammar.CompiledGrammar.deserialize_json(serialized, self._info)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in self._all_processes:
+            process.close()

@@ -1,0 +1,143 @@
+"""Grammar compilation in a child process that is killed when it runs past its time.
+
+xgrammar's compiler cannot be interrupted, and some schemas that pass every static check still take
+minutes to compile (adjacent variable-length repetitions of overlapping classes in a ``pattern``:
+``.{1,64}`` eight times over did not compile in 60 s on two cores). In a thread, a compile past its
+timeout answered the client with a 400 but kept a core busy and held a compile worker until it
+finished, so a few such requests starved every structured-output request and slowed the engine.
+Here each compile runs in a child process (``python -m gateway.grammar_process``) that holds the
+tokenizer's vocabulary and an xgrammar compiler; past its deadline the child is killed and a fresh
+one starts for the next compile. The compiled grammar comes back serialized (xgrammar's JSON form:
+50 KB for a small object schema, 0.8 MB for ``.{1,128}``; under 10 ms each way).
+
+The protocol over the child's stdin and stdout is length-prefixed frames: first the tokenizer info
+(xgrammar's JSON), then one ``{"kind", "text"}`` request per compile, each answered by
+``{"ok": serialized grammar}`` or ``{"error": message}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import struct
+import subprocess
+import sys
+import time
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct(">I")  # a frame's length in bytes, then the frame
+
+
+class CompileTimeoutError(TimeoutError):
+    """The compile ran past its deadline; its child process was killed."""
+
+
+class GrammarCompileError(ValueError):
+    """xgrammar refused the grammar (the message is xgrammar's)."""
+
+
+class CompileProcess:
+    """One child process and the compiles it runs, one at a time (callers serialize)."""
+
+    def __init__(self, tokenizer_info_json: str):
+        self._info = tokenizer_info_json.encode()
+        self._proc: subprocess.Popen | None = None
+
+    def compile(self, kind: str, text: str, timeout: float) -> str:
+        """The serialized compiled grammar of ``text`` (``kind`` "json" for a JSON schema, "tag" for
+        a structural tag). Raises ``CompileTimeoutError`` past ``timeout`` seconds (the child is
+        killed) and ``GrammarCompileError`` when xgrammar refuses it."""
+        proc = self._started()
+        deadline = time.monotonic() + timeout  # the compile's own time, not the process's start
+        try:
+            _write_frame(proc.stdin, json.dumps({"kind": kind, "text": text}).encode())
+            answer = json.loads(_read_frame(proc.stdout, deadline))
+        except TimeoutError:
+            self.close()
+            self._started()  # its successor starts now, not in the next compile's time
+            raise CompileTimeoutError(f"compiling took longer than {timeout:g} s") from None
+        except (OSError, EOFError, ValueError) as exc:  # the child died (out of memory, killed): start afresh
+            self.close()
+            raise GrammarCompileError(f"the grammar compiler stopped ({exc})") from None
+        if "error" in answer:
+            raise GrammarCompileError(answer["error"])
+        return answer["ok"]
+
+    def _started(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen([sys.executable, "-m", "gateway.grammar_process"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            _write_frame(self._proc.stdin, self._info)
+        return self._proc
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None or self._proc.poll() is not None else self._proc.pid
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc is not None:
+            for pipe in (proc.stdin, proc.stdout):
+                pipe.close()
+
+
+def _write_frame(pipe: IO[bytes], data: bytes) -> None:
+    pipe.write(_HEADER.pack(len(data)) + data)
+    pipe.flush()
+
+
+def _read_frame(pipe: IO[bytes], deadline: float | None = None) -> bytes:
+    """One frame from ``pipe``; ``TimeoutError`` when ``deadline`` (monotonic) passes first."""
+    header = _read_exactly(pipe, _HEADER.size, deadline)
+    return _read_exactly(pipe, _HEADER.unpack(header)[0], deadline)
+
+
+def _read_exactly(pipe: IO[bytes], size: int, deadline: float | None) -> bytes:
+    fd, chunks, left = pipe.fileno(), [], size
+    while left:
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                raise TimeoutError
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the grammar compiler closed its output")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
+    """The child: compile each request with one compiler over the tokenizer it was sent first."""
+    import xgrammar
+
+    info = xgrammar.TokenizerInfo.deserialize_json(_read_frame(stdin).decode())
+    compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    while True:
+        try:
+            request: dict[str, Any] = json.loads(_read_frame(stdin))
+        except EOFError:  # the server went away
+            return
+        try:
+            if request["kind"] == "tag":
+                compiled = compiler.compile_structural_tag(request["text"])
+            else:  # compact JSON (no free whitespace): a model cannot pad an answer with blanks forever
+                compiled = compiler.compile_json_schema(request["text"], any_whitespace=False, strict_mode=True)
+            answer = {"ok": compiled.serialize_json()}
+        except Exception as exc:  # noqa: BLE001 - xgrammar's refusal goes back to the request
+            answer = {"error": str(exc)}
+        _write_frame(stdout, json.dumps(answer).encode())
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    protocol_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the frames
+    _serve(sys.stdin.buffer, protocol_out)

@@ -1,0 +1,94 @@
+"""Grammar compilation in a child process (``gateway.grammar_process``): a compile past its
+deadline is refused, its process killed (no core stays busy) and a fresh one started; xgrammar's
+refusals come back as errors without losing the process; and a schema that ran out of time is
+refused again at once rather than compiled again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+import xgrammar
+
+from gateway.errors import BadRequestError
+from gateway.grammar_process import CompileProcess, CompileTimeoutError, GrammarCompileError
+from gateway.structured import Grammars, check_schema
+
+# passes every static check (no nested repetition, 512 elements) yet did not compile in 60 s over
+# SmolLM2's vocabulary on two cores: adjacent repetitions of '.' leave every split open
+SLOW = {"type": "string", "pattern": ".{1,64}" * 8}
+QUICK = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead too
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def smollm2_info(smollm2_tokenizer):
+    return xgrammar.TokenizerInfo.from_huggingface(smollm2_tokenizer, vocab_size=len(smollm2_tokenizer))
+
+
+def test_a_compile_past_its_deadline_kills_its_process_and_the_next_gets_a_new_one(smollm2_info):
+    check_schema(SLOW)
+    process = CompileProcess(smollm2_info.serialize_json())
+    try:
+        process.compile("json", json.dumps(QUICK), timeout=60)
+        first = process.pid
+        started = time.monotonic()
+        with pytest.raises(CompileTimeoutError):
+            process.compile("json", json.dumps(SLOW), timeout=1.5)
+        assert time.monotonic() - started < 10
+        assert not _alive(first)
+        successor = process.pid  # started at once, so the next compile does not wait for it
+        assert successor not in (None, first)
+        compiled = xgrammar.CompiledGrammar.deserialize_json(process.compile("json", json.dumps(QUICK), timeout=60),
+                                                              smollm2_info)
+        assert process.pid == successor
+        assert xgrammar.GrammarMatcher(compiled).accept_string('{"a": 12}')
+        assert not xgrammar.GrammarMatcher(compiled).accept_string('{"b"')
+    finally:
+        process.close()
+
+
+def test_xgrammar_refusals_come_back_and_the_process_stays(tiny_tokenizer):
+    info = xgrammar.TokenizerInfo.from_huggingface(tiny_tokenizer, vocab_size=len(tiny_tokenizer))
+    process = CompileProcess(info.serialize_json())
+    try:
+        process.compile("json", json.dumps(QUICK), timeout=60)
+        pid = process.pid
+        with pytest.raises(GrammarCompileError, match="missing"):
+            process.compile("json", json.dumps({"$ref": "#/$defs/missing"}), timeout=60)
+        assert process.pid == pid
+    finally:
+        process.close()
+    assert not _alive(pid)
+
+
+def test_a_schema_that_ran_out_of_time_is_refused_again_without_compiling(smollm2_tokenizer):
+    grammars = Grammars(smollm2_tokenizer, len(smollm2_tokenizer), [smollm2_tokenizer.eos_token_id],
+                        max_schema_bytes=65536, compile_timeout=1.5, workers=1)
+
+    async def scenario():
+        with pytest.raises(BadRequestError, match="longer than 1.5 s"):
+            await grammars.constraint(SLOW)
+        await asyncio.sleep(2)  # the compile process's own deadline passes too
+        compiled = grammars.compiled
+        with pytest.raises(BadRequestError, match="longer than 1.5 s"):
+            await grammars.constraint(SLOW)
+        assert grammars.compiled == compiled  # remembered, not compiled again
+        await grammars.constraint(QUICK)  # the worker and a fresh process serve the next schema
+        assert grammars.compiled == compiled + 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        grammars.close()
