@@ -224,8 +224,10 @@ class Grammars:
         self.compile_timeout = compile_timeout
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
         self._info: Any = None  # xgrammar's TokenizerInfo, made on the first compile
-        # one compile process per worker thread, taken for the length of a compile
-        self._processes: queue.SimpleQueue[CompileProcess] = queue.SimpleQueue()
+        # one compile process per worker thread, taken for the length of a compile; last in, first
+        # out, so one process serves compiles that come one at a time (each holds ~270 MB: xgrammar
+        # imports torch) and the others start only when compiles overlap
+        self._processes: queue.LifoQueue[CompileProcess] = queue.LifoQueue()
         self._all_processes: list[CompileProcess] = []
         self._workers = workers
         self._info_lock = threading.Lock()
