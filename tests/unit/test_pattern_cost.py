@@ -4,9 +4,13 @@ past their limit, counts past 128, oversized patterns and deep group nesting are
 
 from __future__ import annotations
 
+import collections
 import json
+import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.pattern_cost import (
     MAX_BRANCHING_REPETITION, MAX_PATTERN_SIZE, MAX_REPEAT_COUNT, PatternTooComplexError, check_pattern_cost,
@@ -80,3 +84,28 @@ def test_patterns_at_the_limit_compile_and_follow_their_language(tiny_tokenizer)
         for text, accepted in ((good, True), (bad, False)):
             matcher = xgrammar.GrammarMatcher(grammar)
             assert all(matcher.accept_string(ch) for ch in json.dumps(text)) == accepted, (pattern, len(text))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab.[]()|*+?{},0123456789\\^$-:<>=!dwsupk")), max_size=60))
+def test_any_text_is_measured_or_refused_never_an_error(pattern):
+    """Whatever a client puts in a pattern, the reader ends with a verdict: no other exception
+    (it runs inside request validation, where one would be a 500)."""
+    try:
+        check_pattern_cost(pattern)
+    except PatternTooComplexError:
+        pass
+
+
+def test_the_sweeps_random_patterns_are_all_measured():
+    from loadtest.pattern_sweep import random_pattern
+
+    rng = random.Random(0)
+    verdicts = collections.Counter()
+    for _ in range(2000):
+        try:
+            check_pattern_cost(random_pattern(rng))
+            verdicts["pass"] += 1
+        except PatternTooComplexError:
+            verdicts["refused"] += 1
+    assert verdicts["pass"] > 500 and verdicts["refused"] > 50  # the sweep explores both sides of the limits
