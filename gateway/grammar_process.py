@@ -17,10 +17,13 @@ The protocol over the child's stdin and stdout is length-prefixed frames: first 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -30,6 +33,8 @@ from typing import IO, Any
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">I")  # a frame's length in bytes, then the frame
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+_PARENT_ENV = "GATEWAY_GRAMMAR_PARENT_PID"  # the server's pid: the child checks it is still its parent
 
 
 class CompileTimeoutError(TimeoutError):
@@ -70,7 +75,8 @@ class CompileProcess:
     def _started(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen([sys.executable, "-m", "gateway.grammar_process"], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                          stdout=subprocess.PIPE,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1", _PARENT_ENV: str(os.getpid())})
             _write_frame(self._proc.stdin, self._info)
         return self._proc
 
@@ -86,6 +92,20 @@ class CompileProcess:
         if proc is not None:
             for pipe in (proc.stdin, proc.stdout):
                 pipe.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: on Linux, ask the kernel to kill it when the server dies, even in the middle of
+    a compile (elsewhere it ends at its next read, which finds its input closed). A server that died
+    before the request was made has been replaced as parent already: then end now. (Linux ties
+    this to the thread that started the child: the compile workers live as long as the server.)"""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.environ.get(_PARENT_ENV) != str(os.getppid()):
+        sys.exit(0)
 
 
 def _write_frame(pipe: IO[bytes], data: bytes) -> None:
@@ -137,6 +157,7 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
 
 
 if __name__ == "__main__":
+    _die_with_parent()
     logging.basicConfig(level=logging.WARNING)
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the frames

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -92,3 +94,27 @@ def test_a_schema_that_ran_out_of_time_is_refused_again_without_compiling(smollm
         asyncio.run(scenario())
     finally:
         grammars.close()
+
+
+def test_a_compile_process_dies_with_the_server(smollm2_info, tmp_path):
+    """The server killed outright (no shutdown) in the middle of a slow compile: its compile
+    process goes too, not left compiling."""
+    script = tmp_path / "server.py"
+    info = tmp_path / "info.json"
+    info.write_text(smollm2_info.serialize_json())
+    script.write_text(
+        "import json, pathlib, sys, threading\n"
+        "from gateway.grammar_process import CompileProcess\n"
+        f"process = CompileProcess(pathlib.Path({str(info)!r}).read_text())\n"
+        "process.compile('json', json.dumps({'type': 'integer'}), 60)\n"
+        "print(process.pid, flush=True)\n"
+        f"process.compile('json', json.dumps({SLOW!r}), 600)\n")
+    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(server.stdout.readline())
+    assert _alive(child)
+    server.kill()
+    server.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
