@@ -7,8 +7,10 @@ timeout answered the client with a 400 but kept a core busy and held a compile w
 finished, so a few such requests starved every structured-output request and slowed the engine.
 Here each compile runs in a child process (``python -m gateway.grammar_process``) that holds the
 tokenizer's vocabulary and an xgrammar compiler; past its deadline the child is killed and a fresh
-one starts for the next compile. The compiled grammar comes back serialized (xgrammar's JSON form:
-50 KB for a small object schema, 0.8 MB for ``.{1,128}``; under 10 ms each way).
+one starts for the next compile. A child may grow by ``MEMORY_BUDGET`` of address space once it is
+ready, so a compile that would need more fails alone; and it dies with the server. The compiled
+grammar comes back serialized (xgrammar's JSON form: 50 KB for a small object schema, 0.8 MB for
+``.{1,128}``; under 10 ms each way).
 
 The protocol over the child's stdin and stdout is length-prefixed frames: first the tokenizer info
 (xgrammar's JSON), then one ``{"kind", "text"}`` request per compile, each answered by
@@ -22,6 +24,7 @@ import ctypes.util
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import struct
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")  # a frame's length in bytes, then the frame
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 _PARENT_ENV = "GATEWAY_GRAMMAR_PARENT_PID"  # the server's pid: the child checks it is still its parent
+_BUDGET_ENV = "GATEWAY_GRAMMAR_MEMORY_BUDGET"
+# address space a compile may add to the child's once it is ready (xgrammar and torch imported):
+# far above what any schema that passes the checks needs, far below what would crowd the server
+MEMORY_BUDGET = 2 << 30
 
 
 class CompileTimeoutError(TimeoutError):
@@ -48,8 +55,9 @@ class GrammarCompileError(ValueError):
 class CompileProcess:
     """One child process and the compiles it runs, one at a time (callers serialize)."""
 
-    def __init__(self, tokenizer_info_json: str):
+    def __init__(self, tokenizer_info_json: str, memory_budget: int = MEMORY_BUDGET):
         self._info = tokenizer_info_json.encode()
+        self._memory_budget = memory_budget
         self._proc: subprocess.Popen | None = None
 
     def compile(self, kind: str, text: str, timeout: float) -> str:
@@ -76,7 +84,8 @@ class CompileProcess:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen([sys.executable, "-m", "gateway.grammar_process"], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE,
-                                          env={**os.environ, "OMP_NUM_THREADS": "1", _PARENT_ENV: str(os.getpid())})
+                                          env={**os.environ, "OMP_NUM_THREADS": "1", _PARENT_ENV: str(os.getpid()),
+                                               _BUDGET_ENV: str(self._memory_budget)})
             _write_frame(self._proc.stdin, self._info)
         return self._proc
 
@@ -134,12 +143,27 @@ def _read_exactly(pipe: IO[bytes], size: int, deadline: float | None) -> bytes:
     return b"".join(chunks)
 
 
+def _cap_address_space(budget: int) -> None:
+    """Let this process grow by at most ``budget`` bytes of address space from now on (Linux): a
+    compile that would need more fails alone instead of pressing the whole machine's memory."""
+    try:
+        with open("/proc/self/status") as status:
+            size_kb = int(next(line for line in status if line.startswith("VmSize:")).split()[1])
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = size_kb * 1024 + budget
+        resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    except (OSError, StopIteration, ValueError):
+        log.warning("could not cap the grammar compiler's memory")
+
+
 def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     """The child: compile each request with one compiler over the tokenizer it was sent first."""
     import xgrammar
 
     info = xgrammar.TokenizerInfo.deserialize_json(_read_frame(stdin).decode())
     compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    budget = int(os.environ.get(_BUDGET_ENV, MEMORY_BUDGET))
+    _cap_address_space(budget)
     while True:
         try:
             request: dict[str, Any] = json.loads(_read_frame(stdin))
@@ -151,8 +175,13 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
             else:  # compact JSON (no free whitespace): a model cannot pad an answer with blanks forever
                 compiled = compiler.compile_json_schema(request["text"], any_whitespace=False, strict_mode=True)
             answer = {"ok": compiled.serialize_json()}
+        except MemoryError:
+            answer = {"error": f"compiling it needs more than {budget >> 20} MB"}
         except Exception as exc:  # noqa: BLE001 - xgrammar's refusal goes back to the request
-            answer = {"error": str(exc)}
+            message = str(exc)
+            if "bad_alloc" in message:  # xgrammar's C++ ran out of the address space it may use
+                message = f"compiling it needs more than {budget >> 20} MB"
+            answer = {"error": message}
         _write_frame(stdout, json.dumps(answer).encode())
 
 

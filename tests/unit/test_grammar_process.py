@@ -118,3 +118,22 @@ def test_a_compile_process_dies_with_the_server(smollm2_info, tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+
+
+def test_a_compile_past_its_memory_budget_fails_alone(tiny_tokenizer):
+    """A compile process may grow by its memory budget and no more: past it the compile is refused
+    with a clear message, and a process with the default budget compiles the same schema."""
+    info = xgrammar.TokenizerInfo.from_huggingface(tiny_tokenizer, vocab_size=len(tiny_tokenizer)).serialize_json()
+    schema = json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,64}"}
+                                                          for i in range(40)}})
+    cramped = CompileProcess(info, memory_budget=1 << 20)
+    try:
+        with pytest.raises(GrammarCompileError, match="needs more than 1 MB"):
+            cramped.compile("json", schema, timeout=60)
+    finally:
+        cramped.close()
+    roomy = CompileProcess(info)
+    try:
+        roomy.compile("json", schema, timeout=60)
+    finally:
+        roomy.close()
