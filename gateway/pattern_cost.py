@@ -108,28 +108,35 @@ class _Reader:
         p = self.p
         if self.i >= len(p):
             return operand
-        counted = _COUNTED.match(p, self.i)
-        if p[self.i] in "*+?":
+        if p[self.i] in "*+?":  # no copies: a loop or an option
             self.i += 1
-            low, high = 0, 1
-        elif counted:
-            self.i = counted.end()
-            low = int(counted.group(1))
-            high = low if counted.group(2) is None else int(counted.group(3)) if counted.group(3) else None
-        else:
-            return operand
-        if self.i < len(p) and p[self.i] == "?":  # lazy: the same language
-            self.i += 1
-        if not counted:
+            self._skip_lazy()
             return _Part(operand.size, True)
+        counted = _COUNTED.match(p, self.i)
+        if not counted:
+            return operand
+        self.i = counted.end()
+        self._skip_lazy()
+        low = _count(counted.group(1))
+        high = low if counted.group(2) is None else _count(counted.group(3)) if counted.group(3) else None
         copies = max(low if high is None else high, 1)
         if copies > MAX_REPEAT_COUNT:
             raise PatternTooComplexError(
-                f"the repetition {counted.group(0)} counts past {MAX_REPEAT_COUNT}, which structured outputs follow "
-                "too slowly; use + or * (or maxLength on a string schema without a pattern)")
+                f"the repetition {counted.group(0)[:40]} counts past {MAX_REPEAT_COUNT}, which structured outputs "
+                "follow too slowly; use + or * (or maxLength on a string schema without a pattern)")
         size = operand.size * copies
         if operand.branching and copies > 1 and size > MAX_BRANCHING_REPETITION:
             raise PatternTooComplexError(
                 f"the repetition {counted.group(0)} of a part that can match in several ways expands to {size} "
                 f"elements (limit {MAX_BRANCHING_REPETITION}): structured outputs would be too slow to follow it")
         return _Part(size, operand.branching or high != low)
+
+    def _skip_lazy(self) -> None:
+        if self.i < len(self.p) and self.p[self.i] == "?":  # lazy: the same language
+            self.i += 1
+
+
+def _count(digits: str) -> int:
+    """A repetition count; any count of ten digits or more reads as 10**9 (past every limit, and
+    Python refuses to read integers of thousands of digits)."""
+    return int(digits) if len(digits) < 10 else 10 ** 9
