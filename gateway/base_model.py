@@ -71,6 +71,11 @@ def _embedded_package_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone, from its packaged GGUF file (no weights read)."""
+    return AutoTokenizer.from_pretrained(_embedded_package_dir(), gguf_file=EMBEDDED_GGUF)
+
+
 def read_model_config(settings: Settings):
     """The base model's config alone, before any weight is read: checks that need only its shapes
     refuse a bad start in seconds rather than after the load. Raises ``ModelLoadError``."""
@@ -97,7 +102,7 @@ def materialize_embedded(data_dir: Path) -> Path:
     log.info("materializing %s from %s into %s (first start only)", EMBEDDED_NAME, package_dir, target)
     started = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
+    tokenizer = embedded_tokenizer()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".materialize-"))
     try:

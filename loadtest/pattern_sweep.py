@@ -90,12 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import xgrammar
-    from transformers import AutoTokenizer
 
-    from gateway.base_model import EMBEDDED_GGUF, _embedded_package_dir
+    from gateway.base_model import embedded_tokenizer
     from gateway.pattern_cost import PatternTooComplexError, check_pattern_cost
 
-    tokenizer = AutoTokenizer.from_pretrained(_embedded_package_dir(), gguf_file=EMBEDDED_GGUF)
+    tokenizer = embedded_tokenizer()
     info_json = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer)).serialize_json()
     rng = random.Random(args.seed)
     tried, slow, refused_by_xgrammar, worst_step, worst_compile = 0, [], 0, 0.0, 0.0
