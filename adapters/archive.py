@@ -23,12 +23,14 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Union
 
 from adapters.errors import AdapterValidationError
+from adapters.validate import MAX_CONFIG_BYTES
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-ALLOWED_NAMES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
+WEIGHTS_NAME = "adapter_model.safetensors"  # the one member allowed up to max_member_bytes
+ALLOWED_NAMES = frozenset({"adapter_config.json", WEIGHTS_NAME})
 IGNORED_NAMES = frozenset({"README.md"})  # tolerated in an upload, never extracted
 # Formats that unpickle on load: loading one runs arbitrary code, so they are refused outright.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
@@ -57,8 +59,15 @@ _READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, OSEr
 @dataclass(frozen=True)
 class ArchiveLimits:
     max_members: int = 16
-    max_member_bytes: int = 512 * MiB
+    max_member_bytes: int = 512 * MiB  # the weights file
     max_total_bytes: int = 1 * GiB
+    # Every other extracted member (the config) is read later under this limit and refused past it,
+    # so inflating and writing up to max_member_bytes of it first would only waste disk and CPU.
+    max_config_bytes: int = MAX_CONFIG_BYTES
+
+    def member_limit(self, out_name: str) -> int:
+        """The most bytes the member extracted as ``out_name`` may hold."""
+        return self.max_member_bytes if out_name == WEIGHTS_NAME else self.max_config_bytes
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,9 @@ def _plan(entries: list[_Entry], limits: ArchiveLimits) -> dict[str, _Entry]:
                         f"(allowed: {', '.join(sorted(ALLOWED_NAMES))})")
         if base in chosen:
             raise _fail(f"archive holds {base} more than once")
+        if e.size > limits.member_limit(base):
+            raise _fail(f"archive member {_show(e.raw_name)} declares {e.size} bytes, over the {base} "
+                        f"limit of {limits.member_limit(base)} bytes")
         chosen[base] = e
     missing = sorted(ALLOWED_NAMES - chosen.keys())
     if missing:
@@ -167,9 +179,9 @@ def _plan(entries: list[_Entry], limits: ArchiveLimits) -> dict[str, _Entry]:
     return chosen
 
 
-def _read(src: IO[bytes], name: str) -> bytes:
+def _read(src: IO[bytes], name: str, size: int = _CHUNK) -> bytes:
     try:
-        return src.read(_CHUNK)
+        return src.read(size)
     except _READ_ERRORS as exc:  # e.g. a CRC mismatch once a lying member is fully inflated
         raise _fail(f"archive member {name} is corrupt: {type(exc).__name__}") from None
 
@@ -182,18 +194,19 @@ class _Budget:
 
     def copy(self, src: IO[bytes], entry: _Entry, dest: Path, written: list[Path]) -> None:
         name, limits = _show(entry.raw_name), self.limits
+        limit = limits.member_limit(dest.name)  # dest is dest_dir/<one of ALLOWED_NAMES>
         # O_EXCL + O_NOFOLLOW: never follow or overwrite anything already at the path.
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         written.append(dest)  # recorded only once created by us, so cleanup never removes others
         count = 0
         with os.fdopen(fd, "wb") as out:
             os.fchmod(fd, 0o600)  # the umask may only narrow 0o600; make the mode exact anyway
-            while chunk := _read(src, name):
+            # never inflate more than one byte past the limit: a config's limit is far below _CHUNK
+            while chunk := _read(src, name, min(_CHUNK, limit - count + 1)):
                 count += len(chunk)
                 self.total += len(chunk)
-                if count > limits.max_member_bytes:
-                    raise _fail(f"archive member {name} expands past the per-member limit of "
-                                f"{limits.max_member_bytes} bytes")
+                if count > limit:  # checked before the write: nothing past the limit reaches disk
+                    raise _fail(f"archive member {name} expands past the {dest.name} limit of {limit} bytes")
                 if self.total > limits.max_total_bytes:
                     raise _fail(f"archive expands past the total limit of {limits.max_total_bytes} bytes")
                 if count > entry.size:

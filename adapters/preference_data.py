@@ -200,7 +200,8 @@ def _tokenize_pair(tokenizer, pair: PreferencePair, kwargs: dict | None) -> Pref
 
 
 def tokenize_preferences(pairs: list[PreferencePair], tokenizer, *, max_seq_len: int, strict: bool = True,
-                         problems: list[tuple[int, str]] | None = None) -> list[PreferenceExample]:
+                         problems: list[tuple[int, str]] | None = None,
+                         limit: str = "max_seq_len") -> list[PreferenceExample]:
     """Tokenized pairs; a pair whose longer sequence exceeds ``max_seq_len`` or whose rendering is not
     prefix-stable is a bad line (raised with ``strict``, else appended to ``problems`` and skipped)."""
     problems = [] if problems is None else problems
@@ -212,7 +213,7 @@ def tokenize_preferences(pairs: list[PreferencePair], tokenizer, *, max_seq_len:
             example = _tokenize_pair(tokenizer, pair, kwargs)
             longest = len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
             if longest > max_seq_len:
-                raise _LineProblem(f"too long after tokenization ({longest} tokens > max_seq_len {max_seq_len})")
+                raise _LineProblem(f"too long after tokenization ({longest} tokens > {limit} {max_seq_len})")
             if example.chosen_ids == example.rejected_ids:
                 raise _LineProblem("the two answers tokenize to the same tokens")
             examples.append(example)

@@ -30,6 +30,7 @@ BOS token when the tokenizer has one distinct from EOS.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -173,9 +174,14 @@ class JsonlObjects:
         self.records = 0
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
-        for lineno, raw in enumerate(self.data.split(b"\n"), start=1):
+        # One line at a time: data.split() would hold a copy of every line at once (several times the
+        # file, per concurrent upload). BytesIO shares the bytes and splits at b"\n" only, as split()
+        # did, so a "\r" stays in its line (and in its length); it just never yields the empty piece
+        # after a final "\n", which split() yielded and the blank check skipped.
+        for lineno, raw in enumerate(io.BytesIO(self.data), start=1):
             if not raw.strip():
                 continue
+            raw = raw.removesuffix(b"\n")
             self.records += 1
             if self.records > self.max_lines:
                 self.problems.append((lineno, f"too many lines (limit {self.max_lines}); this line and the rest "
@@ -231,13 +237,25 @@ def parse_dataset(data: bytes, *, max_lines: int = 100_000, max_line_bytes: int 
     return ParsedDataset(format=fmt or "chat", conversations=conversations, problems=problems)
 
 
-def _tokenize_with_template(tokenizer, messages: list[dict], kwargs: dict) -> tuple[list[int], list[int]]:
+def _too_long(tokens: int, max_seq_len: int, at_least: bool = False, limit: str = "max_seq_len") -> _LineProblem:
+    counted = f"at least {tokens}" if at_least else str(tokens)
+    return _LineProblem(f"too long after tokenization ({counted} tokens > {limit} {max_seq_len})")
+
+
+def _tokenize_with_template(tokenizer, messages: list[dict], kwargs: dict, max_seq_len: int,
+                            limit: str = "max_seq_len") -> tuple[list[int], list[int]]:
+    """Each assistant turn renders the conversation up to it (twice: prompt, then answer), so a
+    line of many short turns costs the square of its length: rendering stops at the first prompt
+    past ``max_seq_len``, which bounds the turns rendered by the tokens allowed (a 1 MiB line of
+    14k one-character turns took hours before)."""
     ids: list[int] = []
     labels: list[int] = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
         prefix = render_chat(tokenizer, messages[:i], generation_prompt=True, kwargs=kwargs)
+        if len(prefix) > max_seq_len:
+            raise _too_long(len(prefix), max_seq_len, at_least=True, limit=limit)
         if prefix[:len(ids)] != ids:
             raise _LineProblem(f"chat template is not prefix-stable: the prompt for messages[{i}] does not "
                                "start with the tokens of the conversation before it")
@@ -273,9 +291,10 @@ def _tokenize_plain(tokenizer, messages: list[dict]) -> tuple[list[int], list[in
     return ids, labels
 
 
-def tokenize_dataset(parsed: ParsedDataset, tokenizer, *, max_seq_len: int,
-                     strict: bool = False) -> TokenizedDataset:
-    """Turn conversations into ``TrainingExample``s with loss only on assistant turns."""
+def tokenize_dataset(parsed: ParsedDataset, tokenizer, *, max_seq_len: int, strict: bool = False,
+                     limit: str = "max_seq_len") -> TokenizedDataset:
+    """Turn conversations into ``TrainingExample``s with loss only on assistant turns; ``limit``
+    names what bounds ``max_seq_len`` in the too-long message."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     use_template = bool(getattr(tokenizer, "chat_template", None))
@@ -290,7 +309,7 @@ def tokenize_dataset(parsed: ParsedDataset, tokenizer, *, max_seq_len: int,
                 raise _LineProblem("chat has no assistant message")
             if use_template:
                 try:
-                    ids, labels = _tokenize_with_template(tokenizer, messages, kwargs)
+                    ids, labels = _tokenize_with_template(tokenizer, messages, kwargs, max_seq_len, limit)
                 except _LineProblem:
                     raise
                 except Exception as exc:  # template raise_exception(), renderer or tokenizer errors
@@ -298,7 +317,7 @@ def tokenize_dataset(parsed: ParsedDataset, tokenizer, *, max_seq_len: int,
             else:
                 ids, labels = _tokenize_plain(tokenizer, messages)
             if len(ids) > max_seq_len:
-                raise _LineProblem(f"too long after tokenization ({len(ids)} tokens > max_seq_len {max_seq_len})")
+                raise _too_long(len(ids), max_seq_len, limit=limit)
             examples.append(TrainingExample(input_ids=ids, labels=labels, line=conv.line))
         except _LineProblem as problem:
             problems.append((conv.line, str(problem)))

@@ -13,16 +13,26 @@ Two kinds of errors reach it:
 
 A body larger than its limit is always ``PayloadTooLargeError`` (413, ``payload_too_large``),
 whether the size was declared up front or counted while the body streamed in.
+
+A JSON body whose strings are not valid Unicode (JSON can spell a lone UTF-16 surrogate,
+``"\\ud800"``) is refused here for every route (``refuse_unpaired_surrogates``), before any route
+hands such text to a tokenizer or quotes it in an error. Errors never fail to render such text
+either, and quote a client's value at most ``ECHO_CHARS`` long (``shown``).
 """
 
 from __future__ import annotations
 
+import email.message
 import errno
+import json
 import logging
+import re
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -221,6 +231,34 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+ECHO_CHARS = 64  # the most of one client value an error message quotes
+
+
+def shown(value: object, limit: int = ECHO_CHARS) -> str:
+    """``value`` as an error message quotes it: cut to ``limit`` characters and an ellipsis, so a
+    400-digit ``max_tokens`` (or a long string) is not sent back in full."""
+    try:
+        text = str(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a number too long to show"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class ErrorJSONResponse(JSONResponse):
+    """Starlette's JSONResponse, except that text UTF-8 cannot encode (a lone surrogate that a
+    message quotes from the client) is written as a JSON escape instead of failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _json_error(body: dict, status: int, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return ErrorJSONResponse(body, status_code=status, headers=headers)
+
+
 def error_response(exc: BaseException) -> JSONResponse | None:
     """The response for an ``APIError`` or a registered domain error; None for anything else."""
     if isinstance(exc, APIError):
@@ -230,13 +268,84 @@ def error_response(exc: BaseException) -> JSONResponse | None:
         return None
     message = spec.prefix + (getattr(exc, "message", None) or str(exc))
     headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
-    return JSONResponse(error_body(message, spec.type, getattr(exc, "param", None) or spec.param, spec.code),
-                        status_code=spec.status, headers=headers)
+    return _json_error(error_body(message, spec.type, getattr(exc, "param", None) or spec.param, spec.code),
+                       spec.status, headers)
 
 
 def _render(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
-                        headers=exc.headers)
+    return _json_error(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, exc.headers)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unpaired_surrogate(value: Any) -> list[str | int] | None:
+    """The path (keys and indexes) to the first string or object key in a parsed JSON value that
+    holds a lone UTF-16 surrogate: JSON may spell one and Python keeps it, but it is not Unicode,
+    so tokenizers and UTF-8 encoders raise on it. A bad key's path is its object's. None: all valid.
+    Iterative, as deep as the JSON parser allowed; a path is built only for the hit."""
+    stack: list[tuple[Any, tuple | None]] = [(value, None)]  # (value, (parent's link, key))
+    while stack:
+        item, link = stack.pop()
+        if isinstance(item, str):
+            bad = _SURROGATE.search(item) is not None
+        elif isinstance(item, dict):
+            bad = any(_SURROGATE.search(k) for k in item)
+            stack.extend((v, (link, k)) for k, v in reversed(item.items()) if isinstance(v, (str, dict, list)))
+        elif isinstance(item, list):
+            bad = False
+            stack.extend((item[i], (link, i)) for i in range(len(item) - 1, -1, -1)
+                         if isinstance(item[i], (str, dict, list)))
+        else:
+            bad = False
+        if bad:
+            path: list[str | int] = []
+            while link is not None:
+                link, key = link
+                path.append(key)
+            return path[::-1]
+    return None
+
+
+def param_path(path: list[str | int]) -> str | None:
+    """``["messages", 0, "content"]`` as OpenAI writes a ``param``: ``messages[0].content``."""
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else (f".{shown(key)}" if out else shown(key))
+    return out or None
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this type as JSON (as ``fastapi.routing`` decides it)."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+async def refuse_unpaired_surrogates(request: Request) -> None:
+    """Dependency of every route: a JSON body with a string that is not valid Unicode gets a 400
+    naming where, before the route tokenizes the text or quotes it. FastAPI has parsed the body of
+    a route that takes one already (``request.json()`` is cached)."""
+    if request.method not in ("POST", "PUT", "PATCH") or not _is_json(request.headers.get("content-type")):
+        return
+    raw = await request.body()
+    if b"\\u" not in raw and b"\xed" not in raw:  # no escape nor raw UTF-8 bytes can spell a surrogate
+        return
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):  # not JSON: the route (or FastAPI) refuses it in its own words
+        return
+    path = unpaired_surrogate(body)
+    if path is not None:
+        raise surrogate_error(param_path(path))
+
+
+def surrogate_error(param: str | None) -> BadRequestError:
+    return BadRequestError(f"{param or 'the request body'} holds an unpaired UTF-16 surrogate (\\ud800-\\udfff); "
+                           "strings must be valid Unicode", param=param, code="invalid_value")
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -257,6 +366,10 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Handlers for every error, and the body check that must answer before any route runs. Call it
+    before the routers are included: the app's dependencies reach the routes included after."""
+    app.router.dependencies.append(Depends(refuse_unpaired_surrogates))
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _render(exc)
@@ -264,15 +377,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400)
+        return _json_error(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, APIError):  # PayloadTooLargeError raised while a body was read
             return _render(exc)
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type_, None, None), status_code=exc.status_code,
-                            headers=exc.headers)
+        return _json_error(error_body(str(exc.detail), type_, None, None), exc.status_code, exc.headers)
 
     async def _domain(_: Request, exc: Exception) -> JSONResponse:
         response = error_response(exc)
@@ -303,5 +415,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal server error", "server_error", None, "internal_error"),
-                            status_code=500)
+        return _json_error(error_body("internal server error", "server_error", None, "internal_error"), 500)

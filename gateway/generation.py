@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -17,7 +18,7 @@ from jinja2 import TemplateError
 from adapters.chat_template import render_chat, template_kwargs
 from adapters.registry import AdapterLease, AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
-from gateway.errors import BadRequestError, ModelNotFoundError
+from gateway.errors import BadRequestError, ModelNotFoundError, shown, surrogate_error, unpaired_surrogate
 from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.structured import Grammars
 from gateway.tool_calls import ToolSpec, parse_tools
@@ -252,7 +253,7 @@ class GenerationService:
     def sampling_params(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         s = self.settings
         if body.n > s.max_n:
-            raise BadRequestError(f"n is {body.n}; the limit is {s.max_n}", param="n")
+            raise BadRequestError(f"n is {shown(body.n)}; the limit is {s.max_n}", param="n")
         stop = body.stop_list()
         if len(stop) > s.max_stop_sequences:
             raise BadRequestError(f"{len(stop)} stop sequences; the limit is {s.max_stop_sequences}", param="stop")
@@ -261,7 +262,7 @@ class GenerationService:
         max_tokens = body.requested_max_tokens()
         if max_tokens is not None and max_tokens > s.max_tokens_limit:
             param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-            raise BadRequestError(f"{param} is {max_tokens}; the limit is {s.max_tokens_limit}", param=param)
+            raise BadRequestError(f"{param} is {shown(max_tokens)}; the limit is {s.max_tokens_limit}", param=param)
         if isinstance(body, ChatCompletionRequest):
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             prompt_logprobs = None
@@ -338,6 +339,7 @@ class GenerationService:
                                   param="messages")
         # tool calls and results checked, and written as the template (or the gateway) writes them
         chat = render_messages(body.messages, tools, self._native_tools)
+        _check_call_arguments(body)
         self._check_chars(chat.texts, "messages")
         try:
             # control tokens typed in a message stay plain text: only the template writes turns
@@ -475,6 +477,18 @@ class GenerationService:
 
 def _or(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _check_call_arguments(body: ChatCompletionRequest) -> None:
+    """Refuse tool-call arguments that decode to a lone surrogate. They are JSON inside a string:
+    the body check (gateway.errors) sees ``\\ud800`` there as plain text; only parsing them for the
+    template makes it a surrogate, which the tokenizer cannot take. Runs after ``render_messages``
+    has checked the calls' shape and count."""
+    for i, message in enumerate(body.messages):
+        for j, call in enumerate(message.tool_calls or ()):
+            arguments = call["function"]["arguments"]
+            if "\\u" in arguments and unpaired_surrogate(json.loads(arguments)) is not None:
+                raise surrogate_error(f"messages[{i}].tool_calls[{j}].function.arguments")
 
 
 def _error_type(exc: Exception) -> str:

@@ -12,9 +12,14 @@ ready, so a compile that would need more fails alone; and it dies with the serve
 grammar comes back serialized (xgrammar's JSON form: 50 KB for a small object schema, 0.8 MB for
 ``.{1,128}``; under 10 ms each way).
 
+The serialized size grows much faster than the schema: 1,000 string properties (42 KB of schema)
+weigh 336 MB, nested identical ``anyOf`` 17 MB for 10 KB. So each request carries ``max_bytes``:
+the child refuses a grammar over it instead of sending it, and the server refuses any frame over it
+before reading it, so no oversized grammar is ever parsed or deserialized in the server.
+
 The protocol over the child's stdin and stdout is length-prefixed frames: first the tokenizer info
-(xgrammar's JSON), then one ``{"kind", "text"}`` request per compile, each answered by
-``{"ok": serialized grammar}`` or ``{"error": message}``.
+(xgrammar's JSON), then one ``{"kind", "text", "max_bytes"}`` request per compile, each answered by
+``{"ok": serialized grammar}``, ``{"too_large": its size}`` or ``{"error": message}``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ class GrammarCompileError(ValueError):
     """xgrammar refused the grammar (the message is xgrammar's)."""
 
 
+class GrammarTooLargeError(GrammarCompileError):
+    """The compiled grammar's serialized form is over the size the server accepts."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the compiled grammar is {size >> 20} MB, over the limit of {limit >> 20} MB; "
+                         "use fewer properties or alternatives")
+
+
 class CompileProcess:
     """One child process and the compiles it runs, one at a time (callers serialize)."""
 
@@ -60,15 +73,20 @@ class CompileProcess:
         self._memory_budget = memory_budget
         self._proc: subprocess.Popen | None = None
 
-    def compile(self, kind: str, text: str, timeout: float) -> str:
+    def compile(self, kind: str, text: str, timeout: float, max_bytes: int = 1 << 62) -> str:
         """The serialized compiled grammar of ``text`` (``kind`` "json" for a JSON schema, "tag" for
         a structural tag). Raises ``CompileTimeoutError`` past ``timeout`` seconds (the child is
-        killed) and ``GrammarCompileError`` when xgrammar refuses it."""
+        killed), ``GrammarTooLargeError`` when the serialized grammar is over ``max_bytes`` and
+        ``GrammarCompileError`` when xgrammar refuses it."""
         proc = self._started()
         deadline = time.monotonic() + timeout  # the compile's own time, not the process's start
         try:
-            _write_frame(proc.stdin, json.dumps({"kind": kind, "text": text}).encode())
-            answer = json.loads(_read_frame(proc.stdout, deadline))
+            _write_frame(proc.stdin, json.dumps({"kind": kind, "text": text, "max_bytes": max_bytes}).encode())
+            # the child checks the size itself; this bound holds even if it did not (JSON quoting: x2)
+            answer = json.loads(_read_frame(proc.stdout, deadline, limit=2 * max_bytes + 4096))
+        except _FrameTooLargeError as exc:  # the rest of the frame is still in the pipe: drop this child
+            self.close()
+            raise GrammarTooLargeError(exc.size, max_bytes) from None
         except TimeoutError:
             self.close()
             self._started()  # its successor starts now, not in the next compile's time
@@ -78,6 +96,8 @@ class CompileProcess:
             raise GrammarCompileError(f"the grammar compiler stopped ({exc})") from None
         if "error" in answer:
             raise GrammarCompileError(answer["error"])
+        if "too_large" in answer or len(answer["ok"]) > max_bytes:
+            raise GrammarTooLargeError(int(answer.get("too_large") or len(answer["ok"])), max_bytes)
         return answer["ok"]
 
     def _started(self) -> subprocess.Popen:
@@ -123,10 +143,19 @@ def _write_frame(pipe: IO[bytes], data: bytes) -> None:
     pipe.flush()
 
 
-def _read_frame(pipe: IO[bytes], deadline: float | None = None) -> bytes:
-    """One frame from ``pipe``; ``TimeoutError`` when ``deadline`` (monotonic) passes first."""
-    header = _read_exactly(pipe, _HEADER.size, deadline)
-    return _read_exactly(pipe, _HEADER.unpack(header)[0], deadline)
+class _FrameTooLargeError(ValueError):
+    def __init__(self, size: int):
+        super().__init__(f"a frame of {size} bytes")
+        self.size = size
+
+
+def _read_frame(pipe: IO[bytes], deadline: float | None = None, limit: int | None = None) -> bytes:
+    """One frame from ``pipe``; ``TimeoutError`` when ``deadline`` (monotonic) passes first,
+    ``_FrameTooLargeError`` (before reading it) when it is longer than ``limit``."""
+    size = _HEADER.unpack(_read_exactly(pipe, _HEADER.size, deadline))[0]
+    if limit is not None and size > limit:
+        raise _FrameTooLargeError(size)
+    return _read_exactly(pipe, size, deadline)
 
 
 def _read_exactly(pipe: IO[bytes], size: int, deadline: float | None) -> bytes:
@@ -175,7 +204,9 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
                 compiled = compiler.compile_structural_tag(request["text"])
             else:  # compact JSON (no free whitespace): a model cannot pad an answer with blanks forever
                 compiled = compiler.compile_json_schema(request["text"], any_whitespace=False, strict_mode=True)
-            answer = {"ok": compiled.serialize_json()}
+            serialized = compiled.serialize_json()
+            max_bytes = int(request.get("max_bytes", 1 << 62))
+            answer = {"too_large": len(serialized)} if len(serialized) > max_bytes else {"ok": serialized}
         except MemoryError:
             answer = {"error": f"compiling it needs more than {budget >> 20} MB"}
         except Exception as exc:  # noqa: BLE001 - xgrammar's refusal goes back to the request

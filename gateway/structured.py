@@ -12,6 +12,12 @@ thread (never the event loop nor the engine thread), and its result is cached pe
 constrained sequence holds its own matcher (the grammar's state after its tokens); the engine
 asks the matchers of the rows that have one for a token bitmask and applies it to those rows in
 the batched sampling step (``gateway.grammar_mask``). xgrammar is imported on first use (it takes seconds).
+
+Two costs are bounded besides compile time. Ambiguity: xgrammar follows every alternative of an
+``anyOf`` that could still match, and nested unions multiply them; every constrained row pays it
+for every token on the engine thread (``MAX_SCHEMA_AMBIGUITY``). Size: a compiled grammar's
+serialized form grows much faster than its schema (``gateway.grammar_process``); one over
+``MAX_GRAMMAR_BYTES`` is refused, and the cache keeps at most ``CACHE_BYTES`` of them.
 """
 
 from __future__ import annotations
@@ -30,14 +36,31 @@ from typing import Any
 import torch
 
 from gateway.errors import BadRequestError
-from gateway.grammar_process import CompileProcess, CompileTimeoutError
+from gateway.grammar_process import CompileProcess, CompileTimeoutError, GrammarTooLargeError
 from gateway.pattern_cost import PatternTooComplexError, check_pattern_cost
 from gateway.tool_parser import CallTracker
 
 log = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
+# ... and their serialized bytes (a proxy for what they hold; the server's RSS grew ~4x that)
+CACHE_BYTES = 256 << 20
+# Largest serialized compiled grammar (xgrammar 0.2.9, SmolLM2's 49k vocabulary): a small object
+# 0.05 MB, 100 string properties 3.2 MB (8.2 MB nullable), 300 properties 29 MB, 1,000 properties
+# 336 MB (size grows with the square of the property count); nested identical anyOf 17 MB for 10 KB.
+MAX_GRAMMAR_BYTES = 16 << 20
 MAX_SCHEMA_DEPTH = 32  # nesting of subschemas checked (deeper is refused)
+# Alternatives xgrammar may follow at once along one nesting path: the product of the widths of the
+# unions (anyOf, oneOf) on it, each counting the alternatives that start with the same JSON type
+# (``_Ambiguity.union_width``; a type list's types all start differently, but integer and number,
+# scalars, which cost nothing). Per-token mask cost measured on two
+# shared cores with identical alternatives, the worst case: nested arrays 2 wide, 4 deep (16)
+# 0.7-2 ms; 4 wide x 2 deep (16) 0.3 ms; 16 x 1 (16) 0.3 ms; 2 wide 5 deep (32) 3-4 ms; 5 x 2 (25)
+# 1.8-2.2 ms; 2 wide 7 deep (128) 10-16 ms. Flat unions of scalars cost nothing (256 consts:
+# 0.02 ms) and count 1.
+MAX_SCHEMA_AMBIGUITY = 16
+MAX_SCHEMA_VISITS = 100_000  # subschemas the ambiguity check visits, $refs followed (~0.1 s)
+MAX_REF_DEPTH = 128  # nesting it follows through $refs (each level is a Python call)
 
 # keywords enforced by xgrammar 0.2.9 (checked one by one), and annotations that constrain nothing
 ENFORCED = {
@@ -105,6 +128,138 @@ def check_schema(schema: Any, path: str = "", depth: int = 0, *, param: str = "r
                 check_schema(sub, f"{path}/{key}/{i}", depth + 1, param=param)
         elif key in SCHEMA_ONE:
             check_schema(value, f"{path}/{key}", depth + 1, param=param)
+    if depth == 0:
+        _Ambiguity(schema, param).walk(schema, "", 1)
+
+
+_START_TYPES = ("object", "array", "string", "number", "boolean", "null")  # a JSON value's first character
+_SCALAR_TYPES = {"string", "number", "integer", "boolean", "null"}
+_SUBSCHEMA_KEYS = {*SCHEMA_MAPS, *SCHEMA_LISTS, *SCHEMA_ONE, "$ref"}
+
+
+class _Ambiguity:
+    """Refuses a schema whose unions multiply past ``MAX_SCHEMA_AMBIGUITY`` along a nesting path
+    (local ``$ref``s followed; a recursive one ends its path)."""
+
+    def __init__(self, root: dict, param: str):
+        self.root = root
+        self.param = param
+        # by the id of a $ref's target (nodes of ``root``, alive meanwhile): the highest product it was
+        # walked with, so each is walked at most once per product, and a recursion ends
+        self.entered: dict[int, int] = {}
+        self.kinds: dict[int, set[str]] = {}  # starts() of each subschema seen
+        self.visits = 0  # subschemas visited: $refs make a DAG of the schema, bounded here
+
+    def visit(self) -> None:
+        self.visits += 1
+        if self.visits > MAX_SCHEMA_VISITS:
+            raise _refuse(self.param, f"the schema's $refs expand past {MAX_SCHEMA_VISITS} subschemas; use fewer")
+
+    def walk(self, schema: Any, path: str, product: int, depth: int = 0) -> None:
+        if not isinstance(schema, dict):
+            return
+        self.visit()
+        if depth > MAX_REF_DEPTH:
+            raise _refuse(self.param, f"the schema nests deeper than {MAX_REF_DEPTH} levels through $refs at {path}")
+        for key in ("anyOf", "oneOf"):
+            if isinstance(schema.get(key), list):
+                product *= self.union_width(schema[key])
+        if product > MAX_SCHEMA_AMBIGUITY:
+            raise _refuse(self.param, f"the unions (anyOf, oneOf) nested at {path or '/'} multiply to "
+                          f"{product} alternatives (limit {MAX_SCHEMA_AMBIGUITY}), too slow to follow; nest fewer "
+                          "unions, or make their alternatives start with different JSON types")
+        target = self.resolve(schema["$ref"]) if isinstance(schema.get("$ref"), str) else None
+        if isinstance(target, dict) and self.entered.get(id(target), 0) < product:
+            self.entered[id(target)] = product  # a recursion through no union comes back with the same product
+            self.walk(target, schema["$ref"][1:], product, depth + 1)  # on from the target's own pointer
+        for key in SCHEMA_MAPS:
+            if isinstance(schema.get(key), dict):
+                for name, sub in schema[key].items():
+                    self.walk(sub, f"{path}/{key}/{_escape(name)}", product, depth + 1)
+        for key in (*SCHEMA_LISTS, "items"):
+            if isinstance(schema.get(key), list):
+                for i, sub in enumerate(schema[key]):
+                    self.walk(sub, f"{path}/{key}/{i}", product, depth + 1)
+        for key in SCHEMA_ONE:
+            if isinstance(schema.get(key), dict):
+                self.walk(schema[key], f"{path}/{key}", product, depth + 1)
+
+    def union_width(self, alternatives: list) -> int:
+        """How many alternatives can match together past a value's first character: the most that
+        start with the same JSON type (1 when all are scalars, which xgrammar follows cheaply)."""
+        if all(_is_scalar(alt) for alt in alternatives):
+            return 1
+        starts = [self.starts(alt) for alt in alternatives]
+        return max(sum(kind in s for s in starts) for kind in _START_TYPES)
+
+    def starts(self, schema: Any, depth: int = 0) -> set[str]:
+        """The JSON types a value of ``schema`` may start with (all when unknown, or too deep to tell)."""
+        if schema is False:
+            return set()
+        if not isinstance(schema, dict) or depth > MAX_REF_DEPTH:
+            return set(_START_TYPES)
+        if id(schema) not in self.kinds:
+            self.visit()
+            self.kinds[id(schema)] = set(_START_TYPES)  # while it is worked out: a recursion may start with anything
+            self.kinds[id(schema)] = self._starts(schema, depth)
+        return self.kinds[id(schema)]
+
+    def _starts(self, schema: dict, depth: int) -> set[str]:
+        if "const" in schema or isinstance(schema.get("enum"), list):
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            return {_value_type(v) for v in values}
+        if isinstance(schema.get("type"), (str, list)):
+            return _types(schema["type"])
+        if "properties" in schema:
+            return {"object"}
+        if {"items", "prefixItems"} & schema.keys():
+            return {"array"}
+        alternatives = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf")
+        if isinstance(alternatives, list):
+            return set().union(*(self.starts(alt, depth + 1) for alt in alternatives))
+        if isinstance(schema.get("$ref"), str):
+            return self.starts(self.resolve(schema["$ref"]), depth + 1)
+        return set(_START_TYPES)
+
+    def resolve(self, ref: str) -> Any:
+        """A local ``$ref``'s target (None when it is not one: xgrammar refuses it)."""
+        if not ref.startswith("#"):
+            return None
+        target: Any = self.root
+        for part in ref[1:].split("/")[1:]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                return None
+        return target
+
+
+def _is_scalar(schema: Any) -> bool:
+    if not isinstance(schema, dict) or _SUBSCHEMA_KEYS & schema.keys():
+        return False
+    if "const" in schema or "enum" in schema:
+        return True
+    types = schema.get("type")
+    return isinstance(types, str) and types in _SCALAR_TYPES or (
+        isinstance(types, list) and bool(types) and all(t in _SCALAR_TYPES for t in types))
+
+
+def _types(types: str | list) -> set[str]:
+    names = [types] if isinstance(types, str) else types
+    return {"number" if t == "integer" else t for t in names if isinstance(t, str)}
+
+
+def _value_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), "string")
 
 
 def _check_combinations(schema: dict, where: str, param: str) -> None:
@@ -122,6 +277,21 @@ def _check_combinations(schema: dict, where: str, param: str) -> None:
     if lengths and shaped:
         raise _refuse(param, f"'{lengths[0]}' together with '{shaped[0]}' (at {where}) is not supported by "
                       "structured outputs (the length would not be enforced)")
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):  # xgrammar would constrain nothing there
+        raise _refuse(param, f"the $ref {ref[:64]!r} (at {where}) is not local; only references into this "
+                      "schema ('#/$defs/...') are supported")
+    for key in ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"):
+        if key in schema and not (isinstance(schema[key], int) and not isinstance(schema[key], bool)
+                                  and schema[key] >= 0):
+            raise _refuse(param, f"'{key}' (at {where}) must be a non-negative integer")
+    required = schema.get("required")
+    if isinstance(required, list) and schema.get("additionalProperties") is False and "patternProperties" not in schema:
+        named = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        unmet = [name for name in required if isinstance(name, str) and name not in named]
+        if unmet:  # no object can satisfy it: xgrammar would answer {} rather than refuse
+            raise _refuse(param, f"'required' names {unmet[0][:64]!r} (at {where}), which 'additionalProperties': "
+                          "false forbids; list it in 'properties'")
     types = schema.get("type")
     if "multipleOf" in schema and not (types == "integer" or (isinstance(types, list) and "integer" in types
                                                               and "number" not in types)):
@@ -216,12 +386,15 @@ class Grammars:
     vocabulary width, end tokens)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], *, max_schema_bytes: int,
-                 compile_timeout: float, workers: int = 2):
+                 compile_timeout: float, workers: int = 2, max_grammar_bytes: int = MAX_GRAMMAR_BYTES,
+                 cache_bytes: int = CACHE_BYTES):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
         self.max_schema_bytes = max_schema_bytes
         self.compile_timeout = compile_timeout
+        self.max_grammar_bytes = max_grammar_bytes
+        self.cache_bytes = cache_bytes
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
         self._info: Any = None  # xgrammar's TokenizerInfo, made on the first compile
         # one compile process per worker thread, taken for the length of a compile; last in, first
@@ -234,6 +407,8 @@ class Grammars:
         self._banned = torch.empty(0, dtype=torch.long)  # control-character tokens (see GrammarConstraint)
         self._token_bytes: list[bytes] = []
         self._cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
+        self._sizes: dict[str, int] = {}  # serialized bytes of the cached grammars compiled so far
+        self.cached_bytes = 0  # their sum, kept under cache_bytes
         self.compiled = 0  # grammars compiled (cache misses), for tests and metrics
 
     async def constraint(self, schema: dict[str, Any] | None, param: str = "response_format") -> GrammarConstraint:
@@ -260,13 +435,13 @@ class Grammars:
         if future is None:
             future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._compile, key)))
             self._cache[key] = future  # concurrent requests with this grammar share one compilation
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-            future.add_done_callback(lambda f: self._forget_failed(key, f))
+            self._evict()
+            future.add_done_callback(lambda f: self._settled(key, f))
         else:
             self._cache.move_to_end(key)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.compile_timeout)
+            compiled, _ = await asyncio.wait_for(asyncio.shield(future), self.compile_timeout)
+            return compiled
         except TimeoutError:
             raise _refuse(param, f"the schema took longer than {self.compile_timeout:g} s to compile; "
                                  "simplify it") from None
@@ -274,15 +449,28 @@ class Grammars:
             message = _XGRAMMAR_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             raise _refuse(param, f"the schema cannot be compiled: {message[:300]}") from None
 
-    def _forget_failed(self, key: str, future: asyncio.Future) -> None:
-        """A grammar that failed is compiled again when asked again, except one that ran out of
-        time: it would only take a compile process's time again."""
-        if future.cancelled() or (future.exception() is not None
-                                  and not isinstance(future.exception(), CompileTimeoutError)):
-            if self._cache.get(key) is future:
-                del self._cache[key]
+    def _settled(self, key: str, future: asyncio.Future) -> None:
+        """A compiled grammar counts its bytes against the cache's budget. A grammar that failed is
+        compiled again when asked again, except one that ran out of time or came out too large: it
+        would only take a compile process's time again."""
+        if self._cache.get(key) is not future:  # evicted while compiling
+            return
+        if future.cancelled() or (future.exception() is not None and not isinstance(
+                future.exception(), (CompileTimeoutError, GrammarTooLargeError))):
+            del self._cache[key]
+        elif future.exception() is None:
+            self._sizes[key] = future.result()[1]
+            self.cached_bytes += self._sizes[key]
+            self._evict()
 
-    def _compile(self, key: str) -> Any:  # worker thread
+    def _evict(self) -> None:
+        """Drop least recently used grammars past CACHE_SIZE entries or cache_bytes (requests that
+        hold one keep it; a request whose tool tag failed leaves its tools' grammars to this)."""
+        while len(self._cache) > CACHE_SIZE or (self.cached_bytes > self.cache_bytes and self._cache):
+            key, _ = self._cache.popitem(last=False)
+            self.cached_bytes -= self._sizes.pop(key, 0)
+
+    def _compile(self, key: str) -> tuple[Any, int]:  # worker thread: the grammar and its serialized bytes
         import xgrammar
 
         with self._info_lock:
@@ -303,10 +491,10 @@ class Grammars:
         kind, _, text = key.partition(":")
         process = self._processes.get()
         try:
-            serialized = process.compile(kind, text, self.compile_timeout)
+            serialized = process.compile(kind, text, self.compile_timeout, self.max_grammar_bytes)
         finally:
             self._processes.put(process)
-        return xgrammar.CompiledGrammar.deserialize_json(serialized, self._info)
+        return xgrammar.CompiledGrammar.deserialize_json(serialized, self._info), len(serialized)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

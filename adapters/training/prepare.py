@@ -31,28 +31,39 @@ class PreparedDataset:
 
 
 def prepare_dataset(data: bytes, tokenizer, config: TrainingConfig, *, max_lines: int = 100_000,
-                    max_line_bytes: int = 1 << 20, context_window: int | None = None) -> PreparedDataset:
+                    max_line_bytes: int = 1 << 20, context_window: int | None = None,
+                    max_piece_tokens: int | None = None) -> PreparedDataset:
     """Parse, tokenize (loss on answers only) and split; raises ``DatasetValidationError`` (with
-    every ``(line, reason)``) when nothing is usable, or on any bad line unless ``skip_bad_lines``."""
-    max_seq_len = config.max_seq_len
+    every ``(line, reason)``) when nothing is usable, or on any bad line unless ``skip_bad_lines``.
+    ``max_piece_tokens``: the most tokens one training forward may hold (``TrainingRun``), so an
+    example that alone is larger (virtual tokens included; a preference pair is two rows) is a bad
+    line."""
+    virtual = HANDLERS[config.kind].training_virtual_tokens(config)
+    max_seq_len, limit = config.max_seq_len, "max_seq_len"
     if context_window is not None:
-        virtual = HANDLERS[config.kind].training_virtual_tokens(config)
         max_seq_len = min(max_seq_len, context_window - virtual)
         if max_seq_len < 1:
             raise ValueError(f"num_virtual_tokens leaves no room in the context window of {context_window}")
+    rows = 2 if config.objective == "dpo" else 1
+    if max_piece_tokens is not None and max_piece_tokens // rows - virtual < max_seq_len:
+        max_seq_len, limit = max_piece_tokens // rows - virtual, "what the gateway's training_piece_tokens allow:"
+        if max_seq_len < 1:
+            raise ValueError(f"training_piece_tokens ({max_piece_tokens}) leave no room beside "
+                             f"{virtual} virtual tokens")
     strict = not config.skip_bad_lines
     if config.objective == "dpo":
         problems: list[tuple[int, str]] = []
         pairs = parse_preference_dataset(data, max_lines=max_lines, max_line_bytes=max_line_bytes, strict=strict,
                                          problems=problems)
-        examples = tokenize_preferences(pairs, tokenizer, max_seq_len=max_seq_len, strict=strict, problems=problems)
+        examples = tokenize_preferences(pairs, tokenizer, max_seq_len=max_seq_len, strict=strict, problems=problems,
+                                        limit=limit)
         train, held = split_train_eval(examples, config.eval_fraction, config.seed)
         return PreparedDataset(format=PREFERENCE_FORMAT, train=train, eval=held, problems=problems)
     if is_preference_record(first_record(data)):
         raise DatasetValidationError("this is a preference dataset (chosen and rejected answers): train it with "
                                      "objective 'dpo' (method 'dpo' in the fine-tuning API)", [])
     parsed = parse_dataset(data, max_lines=max_lines, max_line_bytes=max_line_bytes, strict=strict)
-    tokenized = tokenize_dataset(parsed, tokenizer, max_seq_len=max_seq_len, strict=strict)
+    tokenized = tokenize_dataset(parsed, tokenizer, max_seq_len=max_seq_len, strict=strict, limit=limit)
     train, held = split_train_eval(tokenized.examples, config.eval_fraction, config.seed)
     return PreparedDataset(format=tokenized.format, train=train, eval=held, problems=tokenized.problems)
 

@@ -6,6 +6,13 @@ happens. Phases: eval loss before training, training micro-batches (the optimize
 ``grad_accumulation`` of them, checkpointing every ``checkpoint_every`` steps), eval loss after.
 Knows nothing of HTTP or jobs.
 
+With ``max_piece_tokens`` a micro-batch larger than that (rows x longest row, padding and
+virtual tokens included) is computed in pieces, one per ``micro_step()``: a step's memory grows
+with its tokens (about 3.6 MB a token for SmolLM2 in float32 on a CPU) and, on the engine
+thread, no request is served while one runs. The pieces' summed losses are backpropagated and
+the gradient divided once by the micro-batch's units, so it equals the whole batch's (DPO's
+SFT term excepted: its token mean is taken per piece).
+
 What a batch's loss is comes from the run's objective (``config.objective``): supervised
 next-token loss here, preference training in ``adapters.training.dpo``. An objective's
 ``batch_loss(adapter, examples)`` returns a ``BatchLoss``; its metrics (DPO's rewards) are
@@ -34,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adapters.kinds import HANDLERS
 from adapters.kinds.base import AdapterWeights
 from adapters.peft_io import write_adapter
 from adapters.training.checkpoint import (
@@ -114,6 +122,33 @@ def micro_batch_indices(config: TrainingConfig, n_train: int, micro: int) -> lis
     order = list(range(n_train))
     random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
     return order[position * config.batch_size:(position + 1) * config.batch_size]
+
+
+def example_rows(example) -> tuple[int, int]:
+    """(rows, tokens of the longest row) ``example`` adds to a forward, virtual tokens excluded:
+    a preference pair is two rows, its prompt with each answer."""
+    if isinstance(example, TrainingExample):
+        return 1, len(example.input_ids)
+    return 2, len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+
+
+def split_pieces(examples: list, max_tokens: int | None, virtual: int = 0) -> list[list]:
+    """``examples`` in order, cut into pieces whose forward (rows x longest row, each row padded
+    to the longest and led by ``virtual`` tokens) holds at most ``max_tokens``; a piece has at
+    least one example (the dataset check refuses one that alone is larger)."""
+    if max_tokens is None:
+        return [examples]
+    pieces: list[list] = []
+    piece: list = []
+    rows = longest = 0
+    for example in examples:
+        more, length = example_rows(example)
+        if piece and (rows + more) * (max(longest, length) + virtual) > max_tokens:
+            pieces.append(piece)
+            piece, rows, longest = [], 0, 0
+        piece.append(example)
+        rows, longest = rows + more, max(longest, length)
+    return pieces + [piece] if piece else pieces
 
 
 def collate(examples: list[TrainingExample], pad_id: int, device: torch.device):
@@ -235,11 +270,57 @@ def _add_metrics(into: dict[str, float], sums: dict[str, float]) -> None:
         into[name] = into.get(name, 0.0) + value
 
 
+@dataclass
+class _SplitBatch:
+    """A micro-batch computed in pieces: each piece backpropagates its summed loss, and ``finish``
+    divides the gradient by the whole micro-batch's units (and by the accumulation window), then
+    adds back the gradient earlier micro-batches of the window left (set aside at ``start``)."""
+
+    earlier: list[torch.Tensor | None]
+    total: float = 0.0
+    units: int = 0
+    tokens: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, params: list[torch.nn.Parameter]) -> _SplitBatch:
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return cls(earlier)
+
+    def add(self, piece: BatchLoss) -> None:
+        self.total += float(piece.total.detach())
+        self.units += piece.units
+        self.tokens += piece.tokens
+        _add_metrics(self.metric_sums, piece.metric_sums)
+
+    def finish(self, params: list[torch.nn.Parameter], adapter: TrainableAdapter,
+               window: int) -> tuple[BatchLoss, torch.Tensor]:
+        """(the micro-batch's loss as one ``BatchLoss``, its mean plus regularization)."""
+        scale = 1.0 / (max(1, self.units) * window)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        loss = torch.tensor(self.total / max(1, self.units))
+        with torch.enable_grad():
+            regularization = adapter.regularization()
+            if regularization is not None:
+                (regularization / window).backward()
+                loss = loss + regularization.detach()
+        for p, before in zip(params, self.earlier):
+            if before is not None:
+                p.grad = before if p.grad is None else p.grad.add_(before)
+        whole = BatchLoss(torch.tensor(self.total), self.units, self.tokens, self.metric_sums)
+        return whole, loss
+
+
 class TrainingRun:
     def __init__(self, runtime, tokenizer, config: TrainingConfig, train: list[TrainingExample],
                  eval_examples: list[TrainingExample], checkpoint_dir: Path | None = None,
-                 initial: AdapterWeights | None = None):
-        """``initial``: the weights to start from (``config.init_adapter``'s), else a fresh init."""
+                 initial: AdapterWeights | None = None, max_piece_tokens: int | None = None):
+        """``initial``: the weights to start from (``config.init_adapter``'s), else a fresh init;
+        ``max_piece_tokens``: the most tokens one ``micro_step()`` forwards (None: a whole micro-batch)."""
         if not train:
             raise ValueError("no training examples")
         if initial is not None and initial.kind is not config.kind:
@@ -262,6 +343,10 @@ class TrainingRun:
         self.optimizer: torch.optim.Optimizer | None = make_optimizer(config, self.params)
         self.objective = build_objective(config, runtime, self.pad_id, initial)
         self.micro = 0  # micro-batches done
+        self.max_piece_tokens = max_piece_tokens
+        self._virtual = HANDLERS[config.kind].training_virtual_tokens(config)
+        self._pieces: list[list] = []  # the rest of a micro-batch computed in pieces
+        self._split: _SplitBatch | None = None  # what its pieces so far added up to
         self._eval_position = 0
         self._eval_sum, self._eval_count = 0.0, 0
         self._eval_metric_sums: dict[str, float] = {}
@@ -293,13 +378,14 @@ class TrainingRun:
     def _eval_micro_step(self) -> None:
         bs = self.config.batch_size
         batch = self.eval_examples[self._eval_position:self._eval_position + bs]
+        batch = split_pieces(batch, self.max_piece_tokens, self._virtual)[0]  # eval sums add up piece by piece
         self.adapter.eval()
         with torch.no_grad():
             out = self.objective.batch_loss(self.adapter, batch)
         self._eval_sum += float(out.total)
         self._eval_count += out.units
         _add_metrics(self._eval_metric_sums, out.metric_sums)
-        self._eval_position += bs
+        self._eval_position += len(batch)
         if self._eval_position < len(self.eval_examples):
             return
         loss = self._eval_sum / max(1, self._eval_count)
@@ -321,15 +407,31 @@ class TrainingRun:
         cfg = self.config
         window_start = (self.micro // cfg.grad_accumulation) * cfg.grad_accumulation
         window = min(cfg.grad_accumulation, self.total_micro - window_start)  # the last may be short
-        indices = micro_batch_indices(cfg, len(self.train_examples), self.micro)
+        if not self._pieces:
+            indices = micro_batch_indices(cfg, len(self.train_examples), self.micro)
+            self._pieces = split_pieces([self.train_examples[i] for i in indices], self.max_piece_tokens,
+                                        self._virtual)
+            if len(self._pieces) > 1:
+                self._split = _SplitBatch.start(self.params)
+        examples = self._pieces.pop(0)
         self.adapter.train()
         with torch.enable_grad():
-            out = self.objective.batch_loss(self.adapter, [self.train_examples[i] for i in indices])
-            loss = out.mean
-            regularization = self.adapter.regularization()  # e.g. AdaLoRA's orthogonality (as PEFT adds it)
-            if regularization is not None:
-                loss = loss + regularization
-            (loss / window).backward()
+            out = self.objective.batch_loss(self.adapter, examples)
+            if self._split is None:
+                loss = out.mean
+                regularization = self.adapter.regularization()  # e.g. AdaLoRA's orthogonality (as PEFT adds it)
+                if regularization is not None:
+                    loss = loss + regularization
+                (loss / window).backward()
+            else:
+                out.total.backward()
+        if self._split is not None:
+            self._split.add(out)
+            if self._pieces:  # more of this micro-batch to come
+                self._train_seconds += time.perf_counter() - started
+                return
+            out, loss = self._split.finish(self.params, self.adapter, window)
+            self._split = None
         self._window_losses.append(float(loss.detach()))
         _add_metrics(self._window_metric_sums, out.metric_sums)
         self._window_units += out.units

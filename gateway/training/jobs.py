@@ -74,6 +74,7 @@ class TrainingLimits:
     max_queued_jobs: int
     context_window: int
     adapter: AdapterLimits
+    max_piece_tokens: int | None = None  # the most tokens one training forward holds (TrainingRun)
 
 
 class _Active:
@@ -309,7 +310,8 @@ class TrainingJobs:
         validation set's examples are the eval split (its errors say 'validation file')."""
         def prepare(blob: bytes, cfg: TrainingConfig) -> PreparedDataset:
             return prepare_dataset(blob, self.tokenizer, cfg, max_lines=self.limits.max_dataset_lines,
-                                   max_line_bytes=self.limits.max_line_bytes, context_window=self.limits.context_window)
+                                   max_line_bytes=self.limits.max_line_bytes, context_window=self.limits.context_window,
+                                   max_piece_tokens=self.limits.max_piece_tokens)
 
         if validation is None:
             return prepare(data, config)
@@ -455,7 +457,8 @@ class TrainingJobs:
                 raise ValueError("this gateway cannot start training from a registered adapter")
             initial = self._read_adapter(config.init_adapter)
         run = TrainingRun(self.runtime, self.tokenizer, config, prepared.train, prepared.eval,
-                          self.artifacts.checkpoints(record.id), initial=initial)
+                          self.artifacts.checkpoints(record.id), initial=initial,
+                          max_piece_tokens=self.limits.max_piece_tokens)
         run.checkpoint_saved = lambda: self.artifacts.checkpoint_saved(record.id)
         run.resume()
         return run

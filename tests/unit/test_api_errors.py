@@ -3,11 +3,17 @@ and never the submitted value echoed back. Also API keys and a base model withou
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
 from support import build_tokenizer
 from gateway.app import create_app
+from gateway.errors import (
+    BadRequestError, error_response, param_path, shown, unpaired_surrogate,
+)
 from test_api import MESSAGES, make_adapters, make_base, make_settings
 
 SECRET = "s3cr3t-value-xyzzy"
@@ -188,3 +194,126 @@ def test_api_keys(tmp_path):
         right = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"})
         assert right.status_code == 200, right.text
         assert c.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+# ---- strings that are not Unicode, and long values --------------------------------------------
+LONE = "\ud800"  # JSON can spell a lone UTF-16 surrogate ("\ud800"); it is not valid Unicode
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+def post_raw(client, path: str, body: dict):
+    """``body`` as JSON with non-ASCII escaped, as a client's encoder writes a lone surrogate."""
+    return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+def assert_surrogate(response, param: str) -> None:
+    error = assert_error(response, 400, param=param, code="invalid_value")
+    assert "unpaired" in error["message"] and "surrogate" in error["message"]
+
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": f"hi {LONE} there"}]},
+     "messages[0].content"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": LONE}]}]}, "messages[0].content[0].text"),
+    ("/v1/chat/completions", {"model": f"x{LONE}", "messages": MESSAGES}, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": f"hi {LONE}"}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["ok", LONE]}, "prompt[1]"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": LONE}, "stop"),
+    ("/tokenize", {"model": "tiny", "prompt": f"hi {LONE}"}, "prompt"),
+    ("/tokenize", {"model": "tiny", "messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    ("/detokenize", {"model": f"x{LONE}", "tokens": [1]}, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "tools": [
+        {"type": "function", "function": {"name": "f", "description": LONE}}]}, "tools[0].function.description"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": LONE}}},
+     "tool_choice.function.name"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [
+        *MESSAGES, {"role": "tool", "tool_call_id": LONE, "content": "x"}]}, "messages[1].tool_call_id"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", LONE: 1}}}},
+     "response_format.json_schema.schema"),  # a bad key: its object is named
+    ("/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "logit_bias": {LONE: 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "\udfff"}]},
+     "messages[0].content"),  # a lone low surrogate too
+])
+def test_unpaired_surrogate_refused(client, path, body, param):
+    assert_surrogate(post_raw(client, path, body), param)
+
+
+def test_raw_utf8_surrogate_bytes_refused(client):
+    """UTF-8 bytes of a surrogate (invalid UTF-8) decode to one too: Python's JSON parser passes them."""
+    raw = b'{"model": "tiny", "prompt": "hi \xed\xa0\x80"}'
+    response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert_surrogate(response, "prompt")
+
+
+def test_surrogate_in_tool_call_arguments_refused(client):
+    """Arguments are JSON inside a string: the escape becomes a surrogate only once they are parsed."""
+    messages = [*MESSAGES, {"role": "assistant", "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    response = post_raw(client, "/v1/chat/completions", {"model": "tiny", "messages": messages, "tools": TOOLS})
+    assert_surrogate(response, "messages[1].tool_calls[0].function.arguments")
+
+
+def test_valid_escapes_still_served(client):
+    """A surrogate pair is one character, and escaped non-ASCII is ordinary text: both are served."""
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "caf\u00e9 \U0001F600"}]}
+    assert post_raw(client, "/v1/chat/completions", body).status_code == 200
+    response = post_raw(client, "/tokenize", {"model": "tiny", "prompt": "\U0001F600"})
+    assert response.status_code == 200, response.text
+
+
+def test_every_json_route_checks_unicode(client):
+    """The check is an app dependency: every route that takes JSON, admin ones included, inherits it."""
+    admin = {"Authorization": f"Bearer {client.app.state.gateway.admin_key}"}
+    checked = set()
+    for path, operations in client.app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            if "application/json" not in operation.get("requestBody", {}).get("content", {}):
+                continue
+            url = re.sub(r"\{[^}]+\}", "p", path)
+            response = client.request(method, url, content=json.dumps({"x": ["ok", LONE]}).encode(),
+                                      headers={"content-type": "application/json", **admin})
+            assert_surrogate(response, "x[1]")
+            checked.add(path)
+    assert {"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/admin/experiments"} <= checked
+
+
+def test_long_numbers_not_echoed(client):
+    big = "9" * 400
+    for path, prompt in (("/v1/chat/completions", '"messages": [{"role": "user", "content": "hi"}]'),
+                         ("/v1/completions", '"prompt": "hi"')):
+        for field in ("max_tokens", "n"):
+            raw = f'{{"model": "tiny", {prompt}, "{field}": {big}}}'.encode()
+            response = client.post(path, content=raw, headers={"content-type": "application/json"})
+            error = assert_error(response, 400, param=field)
+            assert "9" * 65 not in error["message"] and "…" in error["message"], error["message"]
+
+
+def test_shown_bounds_values():
+    assert shown(12) == "12"
+    assert shown("x" * 64) == "x" * 64
+    assert shown("x" * 65) == "x" * 64 + "…"
+    assert shown(10 ** 5000) == "a number too long to show"  # past str()'s digit limit
+
+
+def test_unpaired_surrogate_paths():
+    assert unpaired_surrogate({"a": [1, "ok", {"b": "\ud800"}]}) == ["a", 2, "b"]
+    assert unpaired_surrogate({"a": {"\udc00": 1}}) == ["a"]
+    assert unpaired_surrogate(["\ud83d\ude00", "\U0001F600"]) == [0]  # two separate surrogates are no pair in a str
+    assert unpaired_surrogate({"a": ["\U0001F600", 1, None, 2.5]}) is None
+    assert unpaired_surrogate("\ud800") == []
+    assert param_path(["messages", 0, "content"]) == "messages[0].content"
+    assert param_path([]) is None
+
+
+def test_error_rendering_escapes_surrogates():
+    """Defence in depth: an error quoting a lone surrogate renders (escaped), never raises."""
+    response = error_response(BadRequestError(f"tool '{LONE}' is unknown", param=f"x.{LONE}"))
+    assert json.loads(response.body)["error"]["message"] == f"tool '{LONE}' is unknown"
+    ok = error_response(BadRequestError("caf\u00e9"))
+    assert "caf\u00e9".encode() in ok.body  # valid text keeps its UTF-8

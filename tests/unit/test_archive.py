@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
 import stat
 import struct
 import tarfile
@@ -313,3 +314,87 @@ def test_message_never_echoes_contents(tmp_path: Path, dest: Path) -> None:
     with pytest.raises(AdapterValidationError) as err:
         extract_adapter_archive(path, dest, SMALL)
     assert "notes.txt" in str(err.value) and "SECRET" not in str(err.value)
+
+
+# ---- the config member is bounded by the config limit, not by the weights limit -------------------
+CONFIG_LIMIT = archive_module.MAX_CONFIG_BYTES
+
+
+def config_bomb_zip(path: Path) -> Path:
+    """A few KB that declare (truthfully) a 5 MiB adapter_config.json: under the weights limit."""
+    return make_zip(path, {"adapter_config.json": b" " * (5 * MiB), "adapter_model.safetensors": MODEL})
+
+
+def config_bomb_tgz(path: Path) -> Path:
+    members = [tar_file("adapter_config.json", b" " * (5 * MiB)), tar_file("adapter_model.safetensors", MODEL)]
+    return make_tar(path, members)
+
+
+def zip_lying_config(path: Path) -> Path:
+    """Both headers of the config declare 100 bytes; its stream inflates to 5 MiB."""
+    make_zip(path, {"adapter_config.json": b" " * (5 * MiB), "adapter_model.safetensors": MODEL})
+    raw = bytearray(path.read_bytes())
+    for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        struct.pack_into("<I", raw, raw.find(sig) + off, 100)  # the first header of each kind is the config's
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def peak_config_on_disk(path: Path, dest: Path, limits: ArchiveLimits) -> tuple[str, int]:
+    """Extract ``path`` (expected to be refused); the refusal message and the largest size the
+    extracted config reached on disk, sampled before every read from the archive."""
+    peak = [0]
+    real_read = archive_module._read
+
+    def spy(src, name, *args):  # type: ignore[no-untyped-def]
+        target = dest / "adapter_config.json"
+        peak[0] = max(peak[0], target.stat().st_size if target.exists() else 0)
+        return real_read(src, name, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(archive_module, "_read", spy)
+        with pytest.raises(AdapterValidationError) as err:
+            extract_adapter_archive(path, dest, limits)
+    assert list(dest.iterdir()) == []
+    return str(err.value), peak[0]
+
+
+@pytest.mark.parametrize("build,expected", [
+    (config_bomb_zip, f"over the adapter_config.json limit of {CONFIG_LIMIT} bytes"),
+    (config_bomb_tgz, f"over the adapter_config.json limit of {CONFIG_LIMIT} bytes"),
+    (zip_lying_config, "corrupt"),  # zipfile stops at the declared 100 bytes, then fails the CRC
+])
+def test_config_member_refused_before_writing_past_its_limit(build, expected, tmp_path: Path, dest: Path) -> None:
+    # The defaults, as the gateway builds them: weights may reach 512 MiB, the config only 64 KiB.
+    message, peak = peak_config_on_disk(build(tmp_path / "upload"), dest, ArchiveLimits())
+    assert expected in message
+    assert peak <= CONFIG_LIMIT
+
+
+def test_config_streamed_past_its_limit_stops_there(tmp_path: Path, dest: Path) -> None:
+    # The streaming check, should a reader ever yield more than the header allowed: nothing past the
+    # limit is written, and no more than one byte past it is even inflated.
+    src = io.BytesIO(b" " * (5 * MiB))
+    name = "adapter_config.json"
+    entry = archive_module._Entry(name, (name,), False, 5 * MiB, zipfile.ZipInfo(name))
+    written: list[Path] = []
+    with pytest.raises(AdapterValidationError, match=f"expands past the adapter_config.json limit of {CONFIG_LIMIT}"):
+        archive_module._Budget(ArchiveLimits()).copy(src, entry, dest / "adapter_config.json", written)
+    assert (dest / "adapter_config.json").stat().st_size <= CONFIG_LIMIT
+    assert src.tell() <= CONFIG_LIMIT + 1
+
+
+def test_config_at_its_limit_and_large_weights_extract(tmp_path: Path, dest: Path) -> None:
+    members = {"adapter_config.json": CONFIG, "adapter_model.safetensors": bytes(3 * CONFIG_LIMIT)}
+    limits = ArchiveLimits(max_config_bytes=len(CONFIG))
+    extract_adapter_archive(make_zip(tmp_path / "a.zip", members), dest, limits)
+    assert (dest / "adapter_config.json").read_bytes() == CONFIG
+    assert (dest / "adapter_model.safetensors").stat().st_size == 3 * CONFIG_LIMIT
+    over = ArchiveLimits(max_config_bytes=len(CONFIG) - 1)
+    tgz = make_tar(tmp_path / "b.tgz", [tar_file(k, v) for k, v in members.items()])
+    for path in (make_zip(tmp_path / "b.zip", members), tgz):
+        shutil.rmtree(dest)
+        dest.mkdir()
+        with pytest.raises(AdapterValidationError, match="adapter_config.json limit"):
+            extract_adapter_archive(path, dest, over)
+        assert list(dest.iterdir()) == []

@@ -16,7 +16,8 @@ import pytest
 import xgrammar
 
 from gateway.errors import BadRequestError
-from gateway.grammar_process import CompileProcess, CompileTimeoutError, GrammarCompileError
+from gateway.grammar_process import (CompileProcess, CompileTimeoutError, GrammarCompileError, GrammarTooLargeError,
+                                     _FrameTooLargeError, _read_frame, _write_frame)
 from gateway.structured import Grammars, check_schema
 
 # passes every static check (no nested repetition, 512 elements) yet did not compile in 60 s over
@@ -137,3 +138,50 @@ def test_a_compile_past_its_memory_budget_fails_alone(tiny_tokenizer):
         roomy.compile("json", schema, timeout=60)
     finally:
         roomy.close()
+
+
+def test_a_grammar_over_the_size_limit_is_refused_and_never_sent(tiny_tokenizer):
+    """The child refuses a serialized grammar over ``max_bytes`` (it weighs far more than its
+    schema: 100 string properties are 3 MB over SmolLM2's vocabulary), and the process stays."""
+    info = xgrammar.TokenizerInfo.from_huggingface(tiny_tokenizer, vocab_size=len(tiny_tokenizer)).serialize_json()
+    wide = json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(60)}})
+    process = CompileProcess(info)
+    try:
+        size = len(process.compile("json", wide, timeout=60))
+        with pytest.raises(GrammarTooLargeError, match="over the limit"):
+            process.compile("json", wide, timeout=60, max_bytes=size - 1)
+        pid = process.pid
+        assert len(process.compile("json", json.dumps(QUICK), timeout=60, max_bytes=size)) < size
+        assert process.pid == pid
+    finally:
+        process.close()
+
+
+def test_a_frame_over_its_limit_is_refused_before_it_is_read():
+    read, write = os.pipe()
+    with os.fdopen(read, "rb") as reader, os.fdopen(write, "wb") as writer:
+        _write_frame(writer, b"x" * 100)
+        with pytest.raises(_FrameTooLargeError):
+            _read_frame(reader, limit=99)
+        assert os.read(reader.fileno(), 1000) == b"x" * 100  # left unread (its caller drops the child)
+
+
+def test_an_oversized_grammar_is_a_400_and_not_compiled_again(tiny_tokenizer):
+    grammars = Grammars(tiny_tokenizer, len(tiny_tokenizer), [0], max_schema_bytes=65536, compile_timeout=60,
+                        workers=1, max_grammar_bytes=20_000)
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(60)}}
+
+    async def scenario():
+        with pytest.raises(BadRequestError, match="compiled grammar is .* over the limit"):
+            await grammars.constraint(wide)
+        compiled = grammars.compiled
+        with pytest.raises(BadRequestError, match="over the limit"):
+            await grammars.constraint(wide)
+        assert grammars.compiled == compiled  # remembered, not compiled again
+        await grammars.constraint(QUICK)
+        assert grammars.cached_bytes > 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        grammars.close()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from gateway.app import create_app
 from gateway.errors import BadRequestError
-from gateway.structured import check_schema
+from gateway.structured import Grammars, check_schema
 from support import build_tokenizer
 from test_api import ADAPTERS, MESSAGES, make_adapters, make_base, make_settings, sse_events
 from test_api_errors import assert_error
@@ -189,6 +189,15 @@ def test_grammars_are_compiled_once_per_schema(client):
     assert grammars.compiled == before + 1
 
 
+def nested_unions(depth: int, width: int) -> dict:
+    """``width`` identical alternatives, arrays of the same, ``depth`` times (the audit's amb_compact):
+    xgrammar follows all of them at once; 2 wide 7 deep cost 10-16 ms a token, and 17 MB compiled."""
+    schema: dict = {"anyOf": [{"type": "string"}] * width}
+    for _ in range(depth):
+        schema = {"anyOf": [{"items": schema}] * width}
+    return schema
+
+
 @pytest.mark.parametrize("schema, named", [
     ({"type": "array", "uniqueItems": True}, "uniqueItems"),
     ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "not"),
@@ -210,6 +219,13 @@ def test_grammars_are_compiled_once_per_schema(client):
     ({"type": "string", "pattern": "((a|aa){1,30}){1,30}b"}, "/pattern"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "[a-z]{1,20000}"}}}, "/properties/a/pattern"),
     ({"type": "object", "patternProperties": {"(.|..){1,100}": {"type": "integer"}}}, "/patternProperties/"),
+    # accepted by xgrammar but constraining nothing, or unsatisfiable (it answered {} for the last)
+    ({"$ref": "https://example.com/schema.json"}, "is not local"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": -5}, "minItems"),
+    ({"type": "object", "required": ["x"], "additionalProperties": False}, "'x'"),
+    # unions whose alternatives multiply: every token would cost milliseconds on the engine thread
+    ({"type": "object", "properties": {"a": nested_unions(5, 2)}},
+     "/properties/a/anyOf/0/items/anyOf/0/items/anyOf/0/items/anyOf/0/items"),
 ])
 def test_unsupported_schemas_are_a_400_naming_the_feature(client, schema, named):
     for path, body in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})):
@@ -231,6 +247,92 @@ def test_response_format_refusals(client):
     big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(400)}}
     error = assert_error(post(schema_format(big)), 400, param="response_format")
     assert "limit" in error["message"]
+
+
+def test_unions_that_multiply_are_refused_naming_where():
+    with pytest.raises(BadRequestError, match="/anyOf/0/items/anyOf/0/items/anyOf/0/items/anyOf/0/items multiply to 32"):
+        check_schema(nested_unions(7, 2))
+    with pytest.raises(BadRequestError, match="/anyOf/0/items multiply to 25"):
+        check_schema(nested_unions(2, 5))
+    check_schema(nested_unions(4, 2))  # 16: under a millisecond a token
+    check_schema(nested_unions(1, 16))
+    # followed through $refs, and through a recursion that multiplies on each pass
+    defs = {"l0": {"anyOf": [{"type": "string"}] * 2}}
+    for d in range(1, 8):
+        defs[f"l{d}"] = {"anyOf": [{"type": "array", "items": {"$ref": f"#/$defs/l{d - 1}"}}] * 2}
+    with pytest.raises(BadRequestError, match="/[$]defs/l3 multiply to 32"):
+        check_schema({"$defs": defs, "$ref": "#/$defs/l7"})
+    with pytest.raises(BadRequestError, match="/[$]defs/v multiply"):
+        check_schema({"$defs": {"v": {"anyOf": [{"items": {"$ref": "#/$defs/v"}}] * 2}}, "$ref": "#/$defs/v"})
+
+
+def test_everyday_unions_pass():
+    """Nullable fields (a type list or anyOf with null) at any depth, unions of a few objects, enums
+    spelled as unions of consts, recursive trees: their alternatives start differently, or are scalars."""
+    nullable: dict = {"type": ["string", "null"]}
+    for _ in range(8):
+        nullable = {"anyOf": [{"type": "object", "properties": {"a": nullable, "n": {"type": ["integer", "null"]}},
+                               "required": ["a"]}, {"type": "null"}]}
+    check_schema(nullable)
+    shape = {"anyOf": [{"type": "object", "properties": {"kind": {"const": k}, "x": {"anyOf": [{"type": "number"},
+                                                                                               {"type": "null"}]}},
+                        "required": ["kind", "x"]} for k in "abcdefgh"]}
+    check_schema({"type": "object", "properties": {"shapes": {"type": "array", "items": shape},
+                                                   "first": {"anyOf": [shape, {"type": "null"}]}}})
+    check_schema({"anyOf": [{"const": f"v{i}", "description": "one choice"} for i in range(300)]})
+    tree = {"$defs": {"node": {"type": "object", "properties": {
+        "value": {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]},
+        "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}}, "$ref": "#/$defs/node"}
+    check_schema(tree)
+    json_value = {"$defs": {"v": {"anyOf": [{"type": ["string", "number", "boolean", "null"]},
+                                            {"type": "array", "items": {"$ref": "#/$defs/v"}},
+                                            {"type": "object", "additionalProperties": {"$ref": "#/$defs/v"}}]}},
+                  "$ref": "#/$defs/v"}
+    check_schema(json_value)
+
+    class Item(BaseModel):
+        name: str
+        price: float | None = None
+        tags: list[str] | None = None
+
+    class Order(BaseModel):
+        items: list[Item]
+        gift: Item | None = None
+        note: str | int | None = None
+
+    check_schema(Order.model_json_schema())
+
+
+def test_schemas_whose_refs_expand_too_far_are_refused_quickly():
+    chain = {f"d{k}": {"$ref": f"#/$defs/d{k + 1}"} for k in range(200)}
+    with pytest.raises(BadRequestError, match="through [$]refs"):
+        check_schema({"$defs": chain, "$ref": "#/$defs/d0"})
+    dag = {"d0": {"type": "object", "properties": {"x": {"type": "string"}}}}
+    for k in range(1, 40):  # 2**40 paths, each walked once
+        dag[f"d{k}"] = {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{k - 1}"},
+                                                        "b": {"$ref": f"#/$defs/d{k - 1}"}}}
+    check_schema({"$defs": dag, "$ref": "#/$defs/d39"})
+
+
+def test_the_cache_keeps_grammars_by_bytes_least_recently_used_first(monkeypatch):
+    grammars = Grammars(None, 10, [0], max_schema_bytes=4096, compile_timeout=5, cache_bytes=100)
+    sizes = {"a": 40, "b": 40, "c": 40, "huge": 500}
+    name = lambda key: json.loads(key.partition(":")[2])["properties"]["k"]["const"]  # noqa: E731
+    monkeypatch.setattr(grammars, "_compile", lambda key: (object(), sizes[name(key)]))  # fake compiled grammars
+    cached = lambda: ([name(key) for key in grammars._cache], grammars.cached_bytes)  # noqa: E731, SLF001
+
+    async def scenario() -> None:
+        for k in "ab":
+            await grammars.constraint({"type": "object", "properties": {"k": {"const": k}}})
+        assert cached() == (["a", "b"], 80)
+        for k in "ac":  # a used again: b is the least recently used, dropped for c
+            await grammars.constraint({"type": "object", "properties": {"k": {"const": k}}})
+        assert cached() == (["a", "c"], 80)
+        await grammars.constraint({"type": "object", "properties": {"k": {"const": "huge"}}})
+        assert cached() == ([], 0)  # over the whole budget: the request had it, the cache keeps nothing
+
+    asyncio.run(scenario())
+    assert grammars.compiled == 0  # the fake compile counts nothing
 
 
 def test_check_schema_walks_subschemas_only():

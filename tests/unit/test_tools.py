@@ -247,6 +247,9 @@ BAD_TOOL = {"type": "function", "function": {"name": "ok", "parameters": {"type"
     ({"tools": [{"type": "function", "function": {"name": "p", "parameters": {
         "type": "object", "properties": {"a": {"type": "string", "pattern": "((a|aa){1,30}){1,30}"}}}}}]},
      "tools[0].function.parameters", "/properties/a/pattern"),
+    ({"tools": [BAD_TOOL, {"type": "function", "function": {"name": "u", "parameters": {  # 5 x 5 alike alternatives
+        "type": "object", "properties": {"a": {"anyOf": [{"items": {"anyOf": [{"items": {}}] * 5}}] * 5}}}}}]},
+     "tools[1].function.parameters", "/properties/a/anyOf/0/items multiply to 25"),
     ({"tools": [{"type": "function", "function": {"name": "d", "description": "x" * 9000}}]},
      "tools[0].function.description", "8192"),
     ({"tools": [BAD_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},

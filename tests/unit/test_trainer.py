@@ -19,7 +19,9 @@ from adapters.training.checkpoint import CheckpointError
 from adapters.training.config import TrainingConfig, learning_rate_at
 from adapters.training.prepare import prepare_dataset
 from adapters.training.trainable import build_trainable, trainable_from_weights
-from adapters.training.trainer import TrainingRun, adapter_forward, causal_lm_loss_sum, collate
+from adapters.training.trainer import (
+    TrainingRun, adapter_forward, causal_lm_loss_sum, collate, example_rows, split_pieces,
+)
 from adapters.training_data import IGNORE_INDEX
 from gateway.model_runner import ModelRunner
 
@@ -260,3 +262,57 @@ def test_a_run_starts_from_given_weights_and_continues_them(base, kind, tiny_tok
     other = "ia3" if kind != "ia3" else "lora"
     with pytest.raises(ValueError, match="start from"):
         TrainingRun(make_runtime(base), tiny_tokenizer, config(other), prepared.train, prepared.eval, initial=trained)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "adalora", "dpo"])
+def test_a_micro_batch_in_pieces_trains_as_the_whole_batch(base, kind, tiny_tokenizer):
+    """With ``max_piece_tokens`` a micro-batch is forwarded a few rows per ``micro_step()``, so one
+    unit of work on the engine thread stays small; the losses, the eval losses and the weights
+    after every optimizer step equal those of the whole batch at once (grad accumulation and
+    AdaLoRA's regularization included). DPO is run without its SFT term (taken per piece)."""
+    from test_dpo import pairs_bytes
+
+    if kind == "dpo":
+        cfg = TrainingConfig(kind="lora", objective="dpo", beta=0.5, batch_size=4, learning_rate=3e-2,
+                             lora_dropout=0.0, max_seq_len=128, seed=3, max_steps=3, eval_fraction=0.25)
+        data = pairs_bytes(12)
+    else:
+        extra = {"adalora": {"learning_rate": 3e-2, "lora_dropout": 0.0, "init_r": 6, "target_r": 2, "tinit": 1,
+                             "tfinal": 1, "deltaT": 1}}.get(kind, {})
+        cfg = config(kind, max_steps=3, grad_accumulation=2, **extra) if not extra else TrainingConfig(
+            kind=kind, batch_size=4, max_seq_len=64, eval_fraction=0.25, seed=3, max_steps=3, grad_accumulation=2,
+            **extra)
+        data = dataset_bytes()
+    prepared = prepare_dataset(data, tiny_tokenizer, cfg)
+    whole = TrainingRun(make_runtime(base), tiny_tokenizer, cfg, prepared.train, prepared.eval)
+    run_to_end(whole)
+    longest = max(example_rows(e)[0] * example_rows(e)[1] for e in prepared.train) + 4
+    pieces = TrainingRun(make_runtime(base), tiny_tokenizer, cfg, prepared.train, prepared.eval,
+                         max_piece_tokens=longest)
+    units = 0
+    while pieces.micro_step():
+        units += 1
+    assert units > whole.progress.step * cfg.grad_accumulation * 2  # the micro-batches did split
+    for (name, p), (_, q) in zip(whole.adapter.named_parameters(), pieces.adapter.named_parameters(), strict=True):
+        # summing in another order moves gradients by ~1e-7; Adam's normalized steps carry that into
+        # the weights as up to ~1e-4 of their size after a few steps (a wrong scale would be gross)
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name
+    ours, theirs = pieces.progress, whole.progress
+    assert [s for s, _ in ours.train_loss] == [s for s, _ in theirs.train_loss]
+    assert [v for _, v in ours.train_loss] == pytest.approx([v for _, v in theirs.train_loss], rel=1e-5)
+    assert ours.eval_loss_before == pytest.approx(theirs.eval_loss_before, rel=1e-5)
+    assert ours.eval_loss_after == pytest.approx(theirs.eval_loss_after, rel=1e-5)
+    assert ours.tokens_trained == theirs.tokens_trained
+
+
+def test_pieces_hold_at_most_their_tokens():
+    from adapters.preference_data import PreferenceExample
+    from adapters.training_data import TrainingExample
+
+    rows = [TrainingExample(input_ids=[1] * n, labels=[1] * n, line=i) for i, n in enumerate([5, 9, 3, 9, 2])]
+    assert [[e.line for e in p] for p in split_pieces(rows, 18)] == [[0, 1], [2, 3], [4]]
+    assert [[e.line for e in p] for p in split_pieces(rows, 18, virtual=1)] == [[0], [1], [2], [3], [4]]
+    assert split_pieces(rows, None) == [rows]
+    assert [[e.line for e in p] for p in split_pieces(rows, 4)] == [[0], [1], [2], [3], [4]]  # one each, at least
+    pair = PreferenceExample(prompt_ids=[1] * 4, chosen_ids=[2] * 3, rejected_ids=[3] * 5, line=1)
+    assert example_rows(pair) == (2, 9) and len(split_pieces([pair, pair], 35)) == 2

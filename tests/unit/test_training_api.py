@@ -72,6 +72,22 @@ def test_bad_datasets_get_400_with_line_numbers_and_queue_nothing(client):
     assert client.get("/admin/training-jobs", headers=ADMIN).json()["data"] == []
 
 
+def test_an_example_larger_than_a_training_piece_is_refused(tmp_path):
+    """One training forward holds at most training_piece_tokens (memory, and the time it holds the
+    engine thread): a longer example gets a 400 at once, naming the limit, whatever max_seq_len says."""
+    app = create_app(make_settings(tmp_path, None, admin_key="k" * 24, max_body_bytes=65536,
+                                   training_piece_tokens=64), base=make_base(build_tokenizer()))
+    with TestClient(app) as client:
+        response = submit(client, jsonl([{"prompt": "fox " * 80, "completion": "ok"}]), max_seq_len=512)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert "what the gateway's training_piece_tokens allow: 64" in error["message"], error
+        assert error["code"] == "invalid_dataset"
+        response = submit(client, jsonl([{"prompt": "fox " * 80, "completion": "ok"}]), kind="prompt_tuning",
+                          num_virtual_tokens=80)
+        assert response.status_code == 400 and "training_piece_tokens" in response.json()["error"]["message"]
+
+
 def test_bad_config_and_auth(client):
     response = submit(client, jsonl(rows()), kind="lora", r=0)
     assert response.status_code == 400 and response.json()["error"]["param"] == "config.r"

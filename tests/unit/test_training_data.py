@@ -8,7 +8,8 @@ from transformers import PreTrainedTokenizerFast
 
 from adapters.errors import DatasetValidationError
 from adapters.training_data import (
-    IGNORE_INDEX, Conversation, ParsedDataset, parse_dataset, split_train_eval, tokenize_dataset,
+    IGNORE_INDEX, Conversation, JsonlObjects, ParsedDataset, _LineProblem, parse_dataset, split_train_eval,
+    tokenize_dataset,
 )
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -221,6 +222,27 @@ def test_too_long_after_tokenization(chatml):
     assert "0 of 3 records usable" in str(err.value) and len(err.value.problems) == 3
 
 
+def test_many_short_turns_stop_rendering_at_max_seq_len(chatml, monkeypatch):
+    """Each assistant turn renders the conversation before it, so a line of many short turns cost
+    the square of its length (one 88 KB line took 76 s of a shared thread): rendering now stops at
+    the first prompt past max_seq_len, long before the 2,000th turn."""
+    import adapters.training_data as training_data
+
+    renders = []
+    real = training_data.render_chat
+
+    def counting(tokenizer, messages, **kwargs):
+        renders.append(len(messages))
+        return real(tokenizer, messages, **kwargs)
+
+    monkeypatch.setattr(training_data, "render_chat", counting)
+    turns = [m for _ in range(1000) for m in (("user", "a"), ("assistant", "b"))]
+    with pytest.raises(DatasetValidationError) as err:
+        tokenize_dataset(parse_dataset(jsonl(chat(*turns))), chatml, max_seq_len=64)
+    assert err.value.problems[0][1].startswith("too long after tokenization (at least ")
+    assert len(renders) < 30 and max(renders) < 60
+
+
 def test_no_template_fallback(plain):
     assert not plain.chat_template
     parsed = parse_dataset(jsonl(chat(("system", "sys"), ("user", "Hi <|endoftext|>"), ("assistant", "Hello!"),
@@ -290,3 +312,37 @@ def test_split_train_eval():
         split_train_eval(items, 1.0, seed=0)
     with pytest.raises(ValueError):
         split_train_eval([], 0.1, seed=0)
+
+
+def _split_lines_reference(data: bytes, max_lines: int, max_line_bytes: int):
+    """JsonlObjects as it was with data.split(b"\\n"): the behaviour the streaming scan must keep."""
+    problems: list[tuple[int, str]] = []
+    reader = JsonlObjects(data, problems, max_lines=max_lines, max_line_bytes=max_line_bytes)
+    out = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        reader.records += 1
+        if reader.records > max_lines:
+            problems.append((lineno, f"too many lines (limit {max_lines}); this line and the rest were not read"))
+            break
+        try:
+            out.append((lineno, reader._object(raw, lineno)))
+        except _LineProblem as problem:
+            problems.append((lineno, str(problem)))
+    return out, problems, reader.records
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\n", b"\n\n", b"\r\n", b"  \t\r\n", b'{"a": 1}', b'{"a": 1}\n', b'\n{"a": 1}', b'{"a": 1}\r\n{"b": 2}',
+    b'{"a": 1}\r\n\r\n  \n{"b": 2}\r\n', b'\xef\xbb\xbf{"a": 1}\n\xef\xbb\xbf{"b": 2}', b'{"a": 1}\r{"b": 2}\n',
+    b'{"a": 1}\n[1]\nnope\n\xff\n{"long": "' + b"x" * 40 + b'"}\n{"c": 3}', b'{"a":1}\n' * 5 + b'{"z": 0}',
+    b'{"a":1}\n\n' * 4 + b"\n", b'{"a": 1}\n' + b"x" * 31 + b"\r\n",
+])
+def test_jsonl_lines_match_a_plain_split(data):
+    # line numbers, blank lines (CRLF and whitespace-only ones), a last line without "\n", a "\r"
+    # counted in a line's length, the BOM only on line 1, and the line limit all stay as they were
+    problems: list[tuple[int, str]] = []
+    reader = JsonlObjects(data, problems, max_lines=4, max_line_bytes=32)
+    got = list(reader)
+    assert (got, problems, reader.records) == _split_lines_reference(data, max_lines=4, max_line_bytes=32)
