@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 from adapters.chat_template import render_chat, template_kwargs
 from adapters.errors import DatasetValidationError
-from adapters.training_data import ROLES, JsonlObjects, _LineProblem, _summary, _text, _tokenize_plain, _type_name
+from adapters.training_data import (
+    ROLES, JsonlObjects, _LineProblem, _summary, _text, _tokenize_plain, _too_long, _type_name,
+)
 
 PREFERENCE_FORMAT = "preference"
 OUTPUT_FIELDS = ("preferred_output", "non_preferred_output")
@@ -213,7 +215,7 @@ def tokenize_preferences(pairs: list[PreferencePair], tokenizer, *, max_seq_len:
             example = _tokenize_pair(tokenizer, pair, kwargs)
             longest = len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
             if longest > max_seq_len:
-                raise _LineProblem(f"too long after tokenization ({longest} tokens > {limit} {max_seq_len})")
+                raise _too_long(longest, max_seq_len, limit=limit)
             if example.chosen_ids == example.rejected_ids:
                 raise _LineProblem("the two answers tokenize to the same tokens")
             examples.append(example)

@@ -28,7 +28,6 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,10 +254,6 @@ class ErrorJSONResponse(JSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def _json_error(body: dict, status: int, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return ErrorJSONResponse(body, status_code=status, headers=headers)
-
-
 def error_response(exc: BaseException) -> JSONResponse | None:
     """The response for an ``APIError`` or a registered domain error; None for anything else."""
     if isinstance(exc, APIError):
@@ -268,12 +263,13 @@ def error_response(exc: BaseException) -> JSONResponse | None:
         return None
     message = spec.prefix + (getattr(exc, "message", None) or str(exc))
     headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
-    return _json_error(error_body(message, spec.type, getattr(exc, "param", None) or spec.param, spec.code),
-                       spec.status, headers)
+    return ErrorJSONResponse(error_body(message, spec.type, getattr(exc, "param", None) or spec.param, spec.code),
+                             status_code=spec.status, headers=headers)
 
 
 def _render(exc: APIError) -> JSONResponse:
-    return _json_error(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, exc.headers)
+    return ErrorJSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                             headers=exc.headers)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -377,14 +373,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe_validation(exc)
-        return _json_error(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+        return ErrorJSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"),
+                                 status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc, APIError):  # PayloadTooLargeError raised while a body was read
             return _render(exc)
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _json_error(error_body(str(exc.detail), type_, None, None), exc.status_code, exc.headers)
+        return ErrorJSONResponse(error_body(str(exc.detail), type_, None, None), status_code=exc.status_code,
+                                 headers=exc.headers)
 
     async def _domain(_: Request, exc: Exception) -> JSONResponse:
         response = error_response(exc)
@@ -415,4 +413,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _json_error(error_body("internal server error", "server_error", None, "internal_error"), 500)
+        return ErrorJSONResponse(error_body("internal server error", "server_error", None, "internal_error"),
+                                 status_code=500)

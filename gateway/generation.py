@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,7 +17,7 @@ from jinja2 import TemplateError
 from adapters.chat_template import render_chat, template_kwargs
 from adapters.registry import AdapterLease, AdapterRegistry
 from gateway.engine import Engine, EngineRequest, SequenceEvent
-from gateway.errors import BadRequestError, ModelNotFoundError, shown, surrogate_error, unpaired_surrogate
+from gateway.errors import BadRequestError, ModelNotFoundError, shown
 from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.structured import Grammars
 from gateway.tool_calls import ToolSpec, parse_tools
@@ -339,7 +338,6 @@ class GenerationService:
                                   param="messages")
         # tool calls and results checked, and written as the template (or the gateway) writes them
         chat = render_messages(body.messages, tools, self._native_tools)
-        _check_call_arguments(body)
         self._check_chars(chat.texts, "messages")
         try:
             # control tokens typed in a message stay plain text: only the template writes turns
@@ -477,18 +475,6 @@ class GenerationService:
 
 def _or(value: float | None, default: float) -> float:
     return default if value is None else value
-
-
-def _check_call_arguments(body: ChatCompletionRequest) -> None:
-    """Refuse tool-call arguments that decode to a lone surrogate. They are JSON inside a string:
-    the body check (gateway.errors) sees ``\\ud800`` there as plain text; only parsing them for the
-    template makes it a surrogate, which the tokenizer cannot take. Runs after ``render_messages``
-    has checked the calls' shape and count."""
-    for i, message in enumerate(body.messages):
-        for j, call in enumerate(message.tool_calls or ()):
-            arguments = call["function"]["arguments"]
-            if "\\u" in arguments and unpaired_surrogate(json.loads(arguments)) is not None:
-                raise surrogate_error(f"messages[{i}].tool_calls[{j}].function.arguments")
 
 
 def _error_type(exc: Exception) -> str:

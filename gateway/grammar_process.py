@@ -96,8 +96,8 @@ class CompileProcess:
             raise GrammarCompileError(f"the grammar compiler stopped ({exc})") from None
         if "error" in answer:
             raise GrammarCompileError(answer["error"])
-        if "too_large" in answer or len(answer["ok"]) > max_bytes:
-            raise GrammarTooLargeError(int(answer.get("too_large") or len(answer["ok"])), max_bytes)
+        if "too_large" in answer:
+            raise GrammarTooLargeError(int(answer["too_large"]), max_bytes)
         return answer["ok"]
 
     def _started(self) -> subprocess.Popen:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import BadRequestError
+from gateway.errors import BadRequestError, surrogate_error, unpaired_surrogate
 from gateway.protocol import ChatMessage
 from gateway.tool_calls import NAME, ToolSpec
 from gateway.tool_parser import CLOSE, OPEN
@@ -108,6 +108,9 @@ def _assistant_calls(out: RenderedChat, message: ChatMessage, text: str, calls: 
             value = None
         if not isinstance(value, dict):
             raise BadRequestError("arguments must be a JSON object, as a string", param=f"{at}.function.arguments")
+        # JSON inside a string: the body check (gateway.errors) saw a "\\ud800" here as plain text
+        if "\\u" in arguments and unpaired_surrogate(value) is not None:
+            raise surrogate_error(f"{at}.function.arguments")
         calls[call_id] = fn["name"]
         out.texts.append(arguments)
         parsed.append((call_id, fn["name"], value))

@@ -38,7 +38,8 @@ def attach_training(gateway, store: TrainingJobStore, *, shared: bool = False) -
     limits = TrainingLimits(
         max_dataset_bytes=settings.max_training_dataset_bytes, max_dataset_lines=settings.max_training_dataset_lines,
         max_line_bytes=MAX_LINE_BYTES, max_queued_jobs=settings.max_training_jobs,
-        context_window=gateway.base.context_window, max_piece_tokens=settings.training_piece_tokens_for(gateway.base.device),
+        context_window=gateway.base.context_window,
+        max_piece_tokens=settings.training_piece_tokens_for(gateway.base.device),
         adapter=AdapterLimits(max_lora_rank=settings.max_lora_rank, max_virtual_tokens=settings.max_virtual_tokens,
                               max_adapter_bytes=settings.max_adapter_bytes))
     # with a shared store, datasets, checkpoints and results are copied there: any replica can resume
