@@ -40,6 +40,7 @@ from gateway.fine_tuning.wiring import FILES_DIR, attach_fine_tuning
 from gateway.generation import GenerationService, RequestRecord
 from gateway.auth import AccessGuard
 from gateway.console.routes import ConsoleState, attach_console, install_console
+from gateway.connections import ConnectionBook, ConnectionCollector
 from gateway.console.security import ConsoleHeaders
 from gateway.database import DATABASE_FILE, Stores, check_shared_database, open_stores
 from gateway.database.changes import ChangeFeed, ChangeFeedCollector
@@ -209,12 +210,16 @@ async def load_adapters_dir(gateway: Gateway, folder: Path) -> None:
         log.info("adapter %s from %s (%s)", entry.id, sub, entry.record.kind)
 
 
-def create_app(settings: Settings, base: LoadedBase | None = None) -> FastAPI:
+def create_app(settings: Settings, base: LoadedBase | None = None,
+               connections: ConnectionBook | None = None) -> FastAPI:
+    """``connections``: the HTTP server's connection counts (``gateway.connections``), for /metrics."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # blocking work off the loop never starts an OpenMP team; the model loads in a thread of its own
         asyncio.get_running_loop().set_default_executor(single_omp_executor())
         gateway = await in_own_thread(build_gateway, settings, base)
+        if connections is not None:
+            gateway.metrics.registry.register(ConnectionCollector(connections))
         gateway.engine.start()  # installs run on the engine thread
         await asyncio.to_thread(clear_staging, settings.data_dir / "staging")
         await gateway.registry.start()

@@ -39,6 +39,7 @@ def serve(settings: Settings) -> None:
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
     from gateway.base_model import ModelLoadError, compute_dtype, context_window_of, pick_device, read_model_config
+    from gateway.connections import ConnectionBook, connection_limits, ensure_file_descriptors, guarded_protocol
     from gateway.database.migrations import SchemaTooNewError
     from gateway.engines import check_kv_pool
     from gateway.exposure import check_exposure
@@ -79,10 +80,13 @@ def serve(settings: Settings) -> None:
         open_shared_store(settings)  # before the model loads: a wrong bucket or mount fails fast
     except SharedStoreError as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
-    app = create_app(settings)
-    # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes
+    connections = ConnectionBook(connection_limits(settings))
+    ensure_file_descriptors(settings.max_connections)
+    app = create_app(settings, connections=connections)
+    # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes;
+    # no WebSocket upgrades (no route takes one, and an upgraded connection would leave the book)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, http=guarded_protocol(connections), ws="none")
     GatewayServer(config, lambda: getattr(app.state, "gateway", None), settings.shutdown_grace_seconds).run()
 
 

@@ -131,6 +131,17 @@ class Settings(BaseSettings):
     grammar_compile_timeout_seconds: float = Field(10.0, gt=0, description=(
         "Longest a response_format schema may take to compile (400 after that)."))
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body on /v1 routes.")
+    max_connections: int = Field(4096, ge=1, le=1_000_000, description=(
+        "HTTP connections open at once; one more is answered 503 and closed unread (the open-files limit is "
+        "raised to fit, where the hard limit allows)."))
+    max_connections_per_address: int = Field(256, ge=1, le=1_000_000, description=(
+        "HTTP connections open at once from one client address (behind a reverse proxy every client shares "
+        "the proxy's: raise it there); one more is answered 503 and closed unread."))
+    header_timeout_seconds: float = Field(20.0, gt=0, le=3600, description=(
+        "Longest a connection may take, from its start or its last response, to send a request's line and "
+        "headers; past it the connection is closed (408 if a request had begun)."))
+    max_header_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description=(
+        "Largest request line plus headers of one request (431 beyond)."))
     experiment_subject_header: str = Field("x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
         "Request header naming the subject of an experiment whose stickiness is 'header', unless the "
         "experiment names its own."))

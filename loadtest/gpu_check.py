@@ -24,7 +24,7 @@ exist.
 
 On the GPU machine torch, transformers, peft, accelerate, httpx and prometheus-client are there;
 the rest travels as wheels (about 46 MB). Here, once, from the repository root:
-    ../shared/tools/gpu-wheels.sh fastapi==0.163.2 uvicorn==0.54.0 starlette==1.10.0 pydantic==2.13.4 \
+    ../shared/tools/gpu-wheels.sh fastapi==0.163.2 uvicorn==0.54.0 httptools==0.9.0 starlette==1.10.0 pydantic==2.13.4 \
         pydantic-core==2.46.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 python-multipart==0.0.34 \
         annotated-types==0.8.0 typing-inspection==0.4.5 pytest==9.0.3 pluggy==1.7.0 iniconfig==2.3.1
 then one device call, carry [".whl"], timeout 600 s:

@@ -9,13 +9,14 @@ import openai
 import pytest
 
 pytestmark = pytest.mark.slow
+HEADER_TIMEOUT = 2
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path, tmp_path_factory, launch_server):
     data_dir = tmp_path_factory.mktemp("auth-data")
     return launch_server(["--model", str(smollm2_dir), "--data-dir", str(data_dir), "--device", "cpu"],
-                         env={"GATEWAY_API_KEYS": "secret"})
+                         env={"GATEWAY_API_KEYS": "secret", "GATEWAY_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT)})
 
 
 def make_client(server, key: str) -> openai.OpenAI:
@@ -83,3 +84,39 @@ def test_unauthenticated_600mb_body_is_refused_unread(server, path):
     assert sent < 64 * 1024 * 1024  # the server stopped taking bytes long before 600 MB
     assert _rss_kib(server.process.pid) - before < 10 * 1024
     assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+def test_an_endless_header_from_a_client_without_a_key_is_cut_at_the_header_limit(server):
+    """Before the key check: a header line that never ends gets a 431 after 64 KiB (the httptools
+    parser kept all of it, 370 MB for a 300 MB line, before gateway.connections)."""
+    import socket
+
+    before = _rss_kib(server.process.pid)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            while sent < 256 * 1024 * 1024:
+                sock.sendall(b"a" * (1 << 20))
+                sent += 1 << 20
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert sent < 64 * 1024 * 1024
+    assert _rss_kib(server.process.pid) - before < 10 * 1024
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'gateway_connections_refused_total{reason="header_too_large"} 1.0' in metrics
+
+
+def test_a_request_whose_headers_never_end_is_closed_after_the_header_timeout(server):
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # no blank line, ever
+        started = time.monotonic()
+        reply = sock.recv(65536)
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert HEADER_TIMEOUT * 0.9 <= waited < HEADER_TIMEOUT + 10
