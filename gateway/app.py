@@ -245,7 +245,9 @@ def create_app(settings: Settings, base: LoadedBase | None = None,
             if gateway.service.grammars is not None:
                 gateway.service.grammars.close()
 
-    app = FastAPI(title="adapter-gateway", lifespan=lifespan)
+    # no /docs or /redoc: FastAPI's pages load unpinned scripts from a CDN, on the console's origin
+    # (where a signed-in operator's cookie is good); /openapi.json serves the same description
+    app = FastAPI(title="adapter-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(AccessGuard)  # keys and limits before any body byte is read
     app.add_middleware(ConsoleHeaders)  # outermost: the guard's refusals under /console get the CSP too
     install_error_handlers(app)

@@ -34,8 +34,7 @@ from gateway.limits import declared_too_large, is_upload, limited_receive
 from gateway.rate_limits import Refusal
 
 log = logging.getLogger(__name__)
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                        "/redoc"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 ADMIN_PREFIX = "/admin"
 # OpenAI-shaped routes that change what is served (uploads for training, fine-tuning jobs on the
 # resident model): they take the admin key, as /admin does

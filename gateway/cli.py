@@ -39,7 +39,8 @@ def serve(settings: Settings) -> None:
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
     from gateway.base_model import ModelLoadError, compute_dtype, context_window_of, pick_device, read_model_config
-    from gateway.connections import ConnectionBook, connection_limits, ensure_file_descriptors, guarded_protocol
+    from gateway.connections import (ConnectionBook, ShortRequestTargets, connection_limits, ensure_file_descriptors,
+                                     guarded_protocol)
     from gateway.database.migrations import SchemaTooNewError
     from gateway.engines import check_kv_pool
     from gateway.exposure import check_exposure
@@ -87,6 +88,7 @@ def serve(settings: Settings) -> None:
     # no WebSocket upgrades (no route takes one, and an upgraded connection would leave the book)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=5, http=guarded_protocol(connections), ws="none")
+    logging.getLogger("uvicorn.access").addFilter(ShortRequestTargets())  # after Config set up uvicorn's logging
     GatewayServer(config, lambda: getattr(app.state, "gateway", None), settings.shutdown_grace_seconds).run()
 
 

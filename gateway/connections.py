@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # descriptors kept free for everything else the server opens (database, adapter files, pipes)
 RESERVED_FILE_DESCRIPTORS = 512
 WARN_EVERY_SECONDS = 60.0
+# no route takes a long path or query: a longer target is refused (414) and never reaches the access log
+MAX_REQUEST_TARGET_BYTES = 8192
+LOGGED_TARGET_CHARS = 256  # the most of a request target one access-log line shows
 REFUSAL_REASONS = ("max_connections", "per_address", "header_timeout", "header_too_large")
 
 
@@ -168,11 +171,15 @@ def guarded_protocol(book: ConnectionBook) -> type[HttpToolsProtocol]:
             self._message_ended_in_read = True
 
         def _refuse_large_headers(self) -> None:
+            self._refuse_request(f"{self._address} sent more than {limits.max_header_bytes} bytes of request line "
+                                 "and headers", _response(431, "Request Header Fields Too Large", "the request line "
+                                 f"and headers exceed {limits.max_header_bytes} bytes", "headers_too_large"))
+
+        def _refuse_request(self, detail: str, response: bytes) -> None:
+            """Answer and close; nothing more of the connection is read or answered."""
             self._headers_too_large = True
-            book.refuse("header_too_large", f"{self._address} sent more than {limits.max_header_bytes} "
-                                            "bytes of request line and headers")
-            self.transport.write(_response(431, "Request Header Fields Too Large", "the request line and headers "
-                                           f"exceed {limits.max_header_bytes} bytes", "headers_too_large"))
+            book.refuse("header_too_large", detail)
+            self.transport.write(response)
             self.transport.close()
 
         # ---- the header timeout ----
@@ -183,6 +190,10 @@ def guarded_protocol(book: ConnectionBook) -> type[HttpToolsProtocol]:
             if len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > limits.max_header_bytes:
                 self._refuse_large_headers()
                 raise _HeadersTooLarge  # httptools stops parsing; the app never sees the request
+            if len(self.url) > MAX_REQUEST_TARGET_BYTES:
+                self._refuse_request(f"{self._address} sent a request target of {len(self.url)} bytes", _response(
+                    414, "URI Too Long", f"the request target exceeds {MAX_REQUEST_TARGET_BYTES} bytes", "uri_too_long"))
+                raise _HeadersTooLarge
             super().on_headers_complete()
 
         def send_400_response(self, msg: str) -> None:
@@ -216,6 +227,20 @@ def guarded_protocol(book: ConnectionBook) -> type[HttpToolsProtocol]:
             self.transport.close()  # an idle connection just ends, as after uvicorn's keep-alive timeout
 
     return GuardedHttpToolsProtocol
+
+
+class ShortRequestTargets(logging.Filter):
+    """Cuts the request target in uvicorn's access-log lines (arguments: client, method, target,
+    HTTP version, status) to LOGGED_TARGET_CHARS: a client without a key otherwise chose how many
+    bytes of log each of its requests wrote (64 KB per 401)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) \
+                and len(args[2]) > LOGGED_TARGET_CHARS:
+            target = args[2]
+            record.args = (*args[:2], f"{target[:LOGGED_TARGET_CHARS]}...({len(target)} chars)", *args[3:])
+        return True
 
 
 def ensure_file_descriptors(max_connections: int) -> None:

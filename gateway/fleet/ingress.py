@@ -53,7 +53,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def build_ingress_app() -> FastAPI:
-    # no docs of its own: /docs and /openapi.json are the gateway's, answered by a replica
+    # no description of its own: /openapi.json is the gateway's, answered by a replica
     return FastAPI(title="adapter-gateway fleet ingress", docs_url=None, redoc_url=None, openapi_url=None)
 
 

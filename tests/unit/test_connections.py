@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import resource
 import socket
 import threading
@@ -17,7 +18,8 @@ import pytest
 import uvicorn
 
 from gateway import connections
-from gateway.connections import ConnectionBook, ConnectionCollector, ConnectionLimits, guarded_protocol
+from gateway.connections import (ConnectionBook, ConnectionCollector, ConnectionLimits, ShortRequestTargets,
+                                 guarded_protocol)
 from loadtest.server import free_port
 
 HEADER_TIMEOUT = 1.0
@@ -259,3 +261,24 @@ def test_headers_pipelined_behind_a_running_request_are_bounded_too():
                     sock.sendall(b"a" * (1 << 20))
             assert b"HTTP/1.1 431 " in read_reply(sock)
         assert book.refusals["header_too_large"] == 1
+
+
+def test_a_request_target_past_8_kib_gets_414():
+    with guarded_server(max_header_bytes=65536) as (port, book):
+        with connect(port) as sock:
+            sock.sendall(b"GET /" + b"p" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = read_reply(sock)
+        assert reply.startswith(b"HTTP/1.1 414 "), reply[:100]
+        assert error_of(reply)["code"] == "uri_too_long"
+        assert httpx.get(f"http://127.0.0.1:{port}/" + "p" * 8000).status_code == 200
+
+
+def test_access_log_lines_show_at_most_256_characters_of_the_target():
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/v1/" + "A" * 32000, "1.1", 401), None)
+    assert ShortRequestTargets().filter(record)
+    line = record.getMessage()
+    assert len(line) < 400 and line.endswith('...(32004 chars) HTTP/1.1" 401')
+    short = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                              ("127.0.0.1:5", "GET", "/healthz", "1.1", 200), None)
+    assert ShortRequestTargets().filter(short) and "/healthz HTTP/1.1" in short.getMessage()
