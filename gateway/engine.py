@@ -84,6 +84,10 @@ class QueueFullError(Exception):
     """The engine's waiting queue is at its limit (requests or prompt tokens); retry later."""
 
 
+class KVCacheDemandError(Exception):
+    """The request could need more of the KV cache than one request may hold; a smaller one fits."""
+
+
 class EngineStoppedError(Exception):
     """The engine is shutting down and takes no new work."""
 
@@ -205,6 +209,7 @@ class Engine:
             )
             for i in range(request.n)
         ]
+        self._check_demand(seqs)
         request._open = request.n
         cost = sum(s.prefill_cost for s in seqs)
         with self._cv:
@@ -221,6 +226,9 @@ class Engine:
             self._queued_tokens += cost
             self._unfinished += len(seqs)
             self._cv.notify_all()
+
+    def _check_demand(self, seqs: list[_Sequence]) -> None:
+        """Raise KVCacheDemandError for a request the cache should not take (the paged engine's)."""
 
     def set_background(self, work: BackgroundWork) -> None:
         """Run ``work`` between serving steps from now on (see ``gateway.background``)."""

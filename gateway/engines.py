@@ -77,6 +77,9 @@ def build_engine(settings: Settings, runtime: AdapterRuntime, tokenizer, *, cont
     pool = KVPool(num_blocks=num_blocks, block_size=block, dtype=runtime.dtype, device=runtime.device, **shape)
     log.info("paged KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, block,
              num_blocks * block * bytes_per_token / 2**20)
+    # one request may need half the pool at its longest, and always one whole context window:
+    # the other half stays for everyone else (per-key limits bound how many requests one client sends)
+    max_request_blocks = max(num_blocks // 2, -(-context_window // block))
     return PagedEngine(PagedRunner(model, runtime, pool), tokenizer,
                        blocks=BlockManager(num_blocks, block, settings.prefix_caching),
-                       max_step_tokens=settings.max_step_tokens, **options)
+                       max_step_tokens=settings.max_step_tokens, max_request_blocks=max_request_blocks, **options)

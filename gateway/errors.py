@@ -44,7 +44,7 @@ from adapters.sql import DatabaseUnavailableError
 from adapters.tiers import NoFreeSlotError
 from gateway.domain_errors import DomainError
 from gateway.engine import (
-    ADAPTER_UNAVAILABLE, QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, QueueFullError,
+    ADAPTER_UNAVAILABLE, QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, KVCacheDemandError, QueueFullError,
 )
 from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
@@ -193,6 +193,7 @@ DOMAIN_ERRORS: dict[type[Exception], ErrorSpec] = {
     QueueFullError: BUSY,
     NoFreeSlotError: BUSY,
     EngineStoppedError: ErrorSpec(503, "server_error", SHUTTING_DOWN),
+    KVCacheDemandError: ErrorSpec(400, "invalid_request_error", "kv_cache_exceeded", param="max_tokens"),
     ExperimentValidationError: ErrorSpec(400, "invalid_request_error"),
     UnknownArmModelError: ErrorSpec(400, "invalid_request_error", "model_not_found"),
     ExperimentNotFoundError: ErrorSpec(404, "not_found_error", "experiment_not_found"),

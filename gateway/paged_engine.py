@@ -20,19 +20,23 @@ from __future__ import annotations
 
 import logging
 
-from gateway.engine import GENERATION_FAILED, Engine, _Sequence
+from gateway.engine import GENERATION_FAILED, Engine, KVCacheDemandError, _Sequence
 from gateway.kv_blocks import BlockManager, OutOfBlocksError, block_keys, chain_key, root_key
 from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
 
 log = logging.getLogger(__name__)
 
-# Longest prefill chunk of a sequence whose prompt is scored (echo with logprobs): the chunk's
-# logits are all kept ([tokens, vocab] float32, ~50 MB at 256 tokens and a 49k vocabulary).
+# Most prompt positions scored (echo with logprobs) in one step, over all sequences: their logits
+# are all kept ([tokens, vocab] float32, ~50 MB at 256 tokens and a 49k vocabulary). Per sequence,
+# 16 scoring sequences shared a 4,096-token prefill step: 0.8 GB of logits.
 SCORED_CHUNK_TOKENS = 256
 
 
 class PagedEngine(Engine):
-    def __init__(self, runner: PagedRunner, tokenizer, *, blocks: BlockManager, max_step_tokens: int, **options):
+    def __init__(self, runner: PagedRunner, tokenizer, *, blocks: BlockManager, max_step_tokens: int,
+                 max_request_blocks: int | None = None, **options):
+        """``max_request_blocks``: the most KV blocks one request's sequences may need together at
+        their longest (None: no bound; ``gateway.engines`` gives half the pool)."""
         super().__init__(runner, tokenizer, **options)
         capacity = blocks.num_blocks * blocks.block_size
         if capacity < self.context_window:
@@ -40,7 +44,23 @@ class PagedEngine(Engine):
                              f"({self.context_window}); give it more memory")
         self.blocks = blocks
         self.max_step_tokens = max_step_tokens
+        self.max_request_blocks = max_request_blocks
         self.preemptions = 0
+
+    def _check_demand(self, seqs: list[_Sequence]) -> None:
+        """Refuse a request that could fill more than its share of the KV pool. One such request
+        (n 8, 4,000 prompt tokens, max_tokens 4,096: twice the CPU pool) kept every other
+        client's request waiting behind its preempted sequences for thousands of steps."""
+        if self.max_request_blocks is None:
+            return
+        bs = self.blocks.block_size
+        needed = sum(self.blocks.blocks_for(self._length(s) + s.max_new) for s in seqs)
+        if needed > self.max_request_blocks:
+            first = seqs[0]
+            raise KVCacheDemandError(
+                f"this request could need {needed * bs} positions of KV cache ({len(seqs)} choices of up to "
+                f"{self._length(first) + first.max_new} tokens each, prompt and max_tokens), more than one "
+                f"request may hold ({self.max_request_blocks * bs}); lower n or max_tokens")
 
     # ---- figures for metrics (read from other threads) ------------------------------------------
     @property
@@ -89,6 +109,9 @@ class PagedEngine(Engine):
 
     def _admit(self) -> None:
         bs = self.blocks.block_size
+        # blocks the running prompts and the sequences admitted in this pass still take (only
+        # _allocate takes them): counted, or one pass admits more than the pool holds
+        promised = sum(max(0, self.blocks.blocks_for(self._length(s)) - len(s.blocks)) for s in self._running)
         with self._cv:
             self._sweep_waiting()
             for seq in self._admissible():
@@ -99,10 +122,12 @@ class PagedEngine(Engine):
                 keys = block_keys(seq.request.cache_key, self._entries(seq, 0, length - 1), bs)
                 # a prompt to score needs the logits of every position: no cached block may skip one
                 hits = [] if seq.scoring_prompt else self.blocks.match_prefix(keys)
+                need = self.blocks.blocks_for(length) - len(hits)
                 reserve = len(self._running)  # room for the running rows to grow a block each
-                if self.blocks.blocks_for(length) - len(hits) + reserve > self.blocks.available:
+                if need + promised + reserve > self.blocks.available:
                     self.blocks.release(hits)
                     break
+                promised += need
                 self.blocks.count_query(len(keys) * bs, len(hits) * bs)
                 seq.blocks, seq.block_keys, seq.computed = hits, keys[:len(hits)], len(hits) * bs
                 self._take_waiting(seq)
@@ -112,12 +137,16 @@ class PagedEngine(Engine):
         """(sequence, tokens to compute) for this step, within the step's token budget."""
         plan = [(s, 1) for s in self._running if self._length(s) - s.computed == 1]
         budget = self.max_step_tokens if plan else self.max_prefill_tokens  # decode tokens come on top
+        scored = SCORED_CHUNK_TOKENS  # every scored position's logits come back: bound their memory
         for seq in self._running:
             pending = self._length(seq) - seq.computed
             if pending > 1 and budget > 0:
                 take = min(pending, budget)
-                if seq.scoring_prompt:  # every position's logits come back: bound their memory
-                    take = min(take, SCORED_CHUNK_TOKENS)
+                if seq.scoring_prompt:
+                    take = min(take, scored)
+                    if take == 0:
+                        continue  # its turn comes in a later step
+                    scored -= take
                 plan.append((seq, take))
                 budget -= take
         return plan

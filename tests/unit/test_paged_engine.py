@@ -16,10 +16,10 @@ from support import build_tiny_llama, make_peft_adapter
 from test_runtime_equivalence import VARIANTS, load, prompt_ids, ref_greedy, ref_logits, rel_err
 
 from adapters.runtime import AdapterRuntime
-from gateway.engine import EngineRequest, SequenceEvent
+from gateway.engine import EngineRequest, KVCacheDemandError, SequenceEvent
 from gateway.kv_blocks import BlockManager, OutOfBlocksError, block_keys
 from gateway.paged_attention import KVPool
-from gateway.paged_engine import PagedEngine
+from gateway.paged_engine import SCORED_CHUNK_TOKENS, PagedEngine
 from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
 from gateway.sampling import SamplingParams
 
@@ -358,6 +358,66 @@ def test_preemption_under_a_tiny_pool_keeps_every_result(mixed, tiny_tokenizer):
     assert engine.blocks.used == 0  # every block went back
 
 
+def test_a_request_that_could_need_more_than_its_share_of_the_pool_is_refused(mixed, tiny_tokenizer):
+    """One request's choices at their longest (prompt + max_tokens each) may need at most
+    max_request_blocks: n 4 of 8 + 24 positions is 32 blocks of 4, over a bound of 24."""
+    runtime, slots, _ = mixed
+    engine = make_engine(runtime, tiny_tokenizer, blocks=48, context_window=64, max_request_blocks=24)
+
+    def submit(n: int, max_tokens: int) -> None:
+        engine.submit(EngineRequest(prompt_ids=prompt_ids(8, seed=3), slot=slots["lora"], n=n, sink=lambda e: None,
+                                    on_done=lambda: None, params=SamplingParams(max_tokens=max_tokens)))
+
+    with pytest.raises(KVCacheDemandError, match=r"could need 128 positions .* \(96\); lower n or max_tokens"):
+        submit(4, 24)
+    assert engine.queue_depth == 0  # nothing of it was queued
+    submit(3, 24)  # 3 x 8 blocks: at the bound
+    assert engine.queue_depth == 3
+
+
+def test_admission_counts_the_blocks_it_promised_in_the_same_pass(mixed, tiny_tokenizer):
+    """Two 36-token prompts each fit a 16-block pool (4 tokens a block) alone, not together. The
+    blocks are taken only when the step allocates, so admission must count what it promised:
+    admitting both at once made the step preempt one of them."""
+    runtime, slots, refs = mixed
+    engine = make_engine(runtime, tiny_tokenizer, blocks=16, context_window=64)
+    prompts = [prompt_ids(36, seed=s) for s in (41, 42)]
+    got, _ = run_greedy(engine, [(p, slots["lora"], "lora") for p in prompts], steps=4)
+    assert engine.preemptions == 0
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == ref_greedy(refs["lora"], prompt, steps=4)
+    engine.blocks.check()
+
+
+def test_scored_positions_are_bounded_per_step_over_all_sequences(mixed, tiny_tokenizer):
+    """Several prompts scored at once (echo with logprobs) keep every position's logits: one step
+    takes at most SCORED_CHUNK_TOKENS of them in all, however many sequences score."""
+    runtime, slots, _ = mixed
+    engine = make_engine(runtime, tiny_tokenizer, blocks=512, context_window=512, max_prefill_tokens=2048)
+    scored_per_forward = []
+    forward = engine.runner.forward
+
+    def spy(items):
+        scored_per_forward.append(sum(len(i.entries) for i in items if i.all_logits))
+        return forward(items)
+
+    engine.runner.forward = spy
+    collectors = []
+    for i in range(4):
+        c = Tokens()
+        engine.submit(EngineRequest(prompt_ids=prompt_ids(200, seed=60 + i), slot=slots["lora"], sink=c.sink,
+                                    on_done=c.on_done, params=SamplingParams(max_tokens=0, prompt_logprobs=1)))
+        collectors.append(c)
+    engine.start()
+    try:
+        for c in collectors:
+            assert c.done.wait(60)
+    finally:
+        engine.stop()
+    assert max(scored_per_forward) <= SCORED_CHUNK_TOKENS
+    assert sum(scored_per_forward) >= 4 * 199  # every prompt was scored (none cut)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_traffic_with_preemption_prefix_hits_and_cancellations_keeps_every_result(mixed, tiny_tokenizer,
                                                                                            seed):
@@ -378,9 +438,9 @@ def test_random_traffic_with_preemption_prefix_hits_and_cancellations_keeps_ever
         prompt = stem + prompt_ids(rng.randrange(1, 9), seed=7000 * seed + i)
         stems[name].append(prompt)  # a later request may extend this one's prompt
         cancel = rng.randrange(0, 8) if rng.random() < 0.2 else None
-        plan.append((rng.randrange(0, 16), name, prompt, rng.randrange(2, 11), 1 + (rng.random() < 0.2), cancel))
+        plan.append((rng.randrange(0, 16), name, prompt, rng.randrange(2, 21), 1 + (rng.random() < 0.2), cancel))
     plan.sort(key=lambda p: p[0])
-    engine = make_engine(runtime, tiny_tokenizer, blocks=24, max_step_tokens=12, context_window=64)
+    engine = make_engine(runtime, tiny_tokenizer, blocks=16, max_step_tokens=12, context_window=64)
 
     submitted: list[tuple[tuple, EngineRequest, Tokens, int]] = []  # (plan entry, request, events, forward)
     sampled: dict[tuple[int, int], list[int]] = {}
