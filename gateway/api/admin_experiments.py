@@ -12,12 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.api.feedback import get_experiments
 from gateway.api.files import file_object
 from gateway.auth import admin_key_scheme
-from gateway.errors import NotFoundError
+from gateway.errors import NotFoundError, register_domain_error
 from gateway.experiments.assignment import Arm
+from gateway.experiments.errors import PreferenceFileTooLargeError
 from gateway.experiments.service import ExperimentService, describe
 
 router = APIRouter(prefix="/admin/experiments", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 ExperimentsDep = Annotated[ExperimentService, Depends(get_experiments)]
+# a 409 like the experiment's other conflicts, with its own code: the data outgrew the files' limits
+register_domain_error(PreferenceFileTooLargeError, 409, "conflict_error", "preference_file_too_large")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # the adapter id pattern: both name models
 MAX_ARMS = 8
@@ -103,10 +106,14 @@ async def experiment_results(name: str, experiments: ExperimentsDep) -> dict[str
 async def preference_file(name: str, request: Request, experiments: ExperimentsDep) -> dict[str, Any]:
     """Pairs of arms' answers to the same prompt, ranked by their feedback, as a /v1/files file
     (purpose fine-tune, OpenAI's preference format) for a DPO fine-tuning job. 409 when the
-    experiment does not capture or has no pair yet."""
+    experiment does not capture, has no pair yet, or its pairs would pass the files' limits (the
+    file is built against them, in a worker thread, and never grows past them)."""
     files = request.app.state.gateway.files
     if files is None:
         raise NotFoundError("files are not enabled on this gateway (training is off)")
-    data, summary = await experiments.preference_data(name)
+    limits = files.limits
+    data, summary = await experiments.preference_data(name, max_bytes=limits.max_bytes, max_lines=limits.max_lines,
+                                                      max_line_bytes=limits.max_line_bytes)
     record = await files.create(data, f"{name}-preferences.jsonl", "fine-tune")
-    return {**file_object(record), "records": summary.pairs, "answers": summary.answers, "prompts": summary.prompts}
+    return {**file_object(record), "records": summary.pairs, "answers": summary.answers, "prompts": summary.prompts,
+            "skipped": summary.skipped}

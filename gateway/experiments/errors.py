@@ -28,3 +28,7 @@ class CompletionNotFoundError(ExperimentError):
 class ExperimentConflictError(ExperimentError):
     """The change clashes with the experiments' state: a name taken, the experiment not running,
     already promoted, the limit on experiments reached, an arm no longer registered."""
+
+
+class PreferenceFileTooLargeError(ExperimentConflictError):
+    """The preference file of an experiment's captures would pass the files' size or record limit."""

@@ -21,8 +21,13 @@ class ExperimentMetrics:
             "gateway_experiment_time_to_first_token_seconds", "Time to the first text of an experiment's arm.",
             labels, buckets=LATENCY_BUCKETS, registry=registry)
         self.feedback = Counter(
-            "gateway_experiment_feedback", "Feedback received for an experiment's arm, by thumbs "
-            "(up, down, none: a score only).", (*labels, "thumbs"), registry=registry)
+            "gateway_experiment_feedback", "Requests of an experiment's arm that received feedback, by the "
+            "thumbs of their first feedback (up, down, none: a score only); feedback sent again for the same "
+            "request replaces the earlier one and is not counted again.", (*labels, "thumbs"), registry=registry)
+        self.captures_dropped = Counter(
+            "gateway_experiment_captures_dropped", "Captured prompts and answers not kept, by reason: evicted "
+            "(waited in memory for feedback past the pending limits), limit (the experiment holds the most "
+            "captures it may store).", ("experiment", "reason"), registry=registry)
 
     def observe_request(self, experiment: str, arm: str, outcome: str, ttft_s: float | None,
                         latency_s: float | None) -> None:
@@ -32,8 +37,14 @@ class ExperimentMetrics:
         if latency_s is not None and outcome == "ok":
             self.latency.labels(experiment, arm).observe(latency_s)
 
-    def observe_feedback(self, experiment: str, arm: str, thumbs: str | None) -> None:
-        self.feedback.labels(experiment, arm, thumbs or "none").inc()
+    def observe_feedback(self, experiment: str, arm: str, thumbs: str | None, replaced: bool = False) -> None:
+        # a counter cannot move a vote from one label to another; counting replacements too would let
+        # one client inflate it at will, so each request counts once, with its first feedback
+        if not replaced:
+            self.feedback.labels(experiment, arm, thumbs or "none").inc()
+
+    def capture_dropped(self, experiment: str, reason: str) -> None:
+        self.captures_dropped.labels(experiment, reason).inc()
 
     def forget(self, experiment: str, arms: list[str]) -> None:
         """Drop a deleted experiment's series (a later experiment may reuse the name)."""
@@ -44,6 +55,8 @@ class ExperimentMetrics:
                 _remove(self.feedback, experiment, arm, thumbs)
             _remove(self.latency, experiment, arm)
             _remove(self.ttft, experiment, arm)
+        for reason in ("evicted", "limit"):
+            _remove(self.captures_dropped, experiment, reason)
 
 
 def _remove(metric, *labels: str) -> None:

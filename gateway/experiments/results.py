@@ -1,5 +1,10 @@
 """Per-arm results of an experiment and the comparison of each arm with the control (pure code:
-the numbers in, a JSON-ready dict out)."""
+the numbers in, a JSON-ready dict out).
+
+Counts, tokens, feedback and the tests cover every request and feedback of the running phase;
+latency and time-to-first-token percentiles cover each arm's latest ``store.TIMING_SAMPLE``
+requests (``timing_sample`` says how many), so a call costs the same however long the experiment ran.
+"""
 
 from __future__ import annotations
 
@@ -31,12 +36,13 @@ def arm_summary(name: str, weight: float, share: float, data: ArmData) -> dict[s
         "arm": name, "weight": weight, "share": share,
         "requests": data.requests, "errors": data.errors, "cancelled": data.cancelled,
         "error_rate": data.errors / data.requests if data.requests else None,
+        "timing_sample": data.timing_sample,
         "ttft_seconds": _quantiles(data.ttft_s),
         "latency_seconds": _quantiles(data.latency_s),
         "tokens": {"prompt": data.prompt_tokens, "completion": data.completion_tokens},
         "feedback": {
             "count": data.feedback,
-            "score": {"count": len(data.scores), "mean": score, "ci95": _interval(score_low, score_high)},
+            "score": {"count": data.scores.count, "mean": score, "ci95": _interval(score_low, score_high)},
             "thumbs": {"up": data.thumbs_up, "down": data.thumbs_down, "positive_rate": positive,
                        "ci95": _interval(positive_low, positive_high)},
         },
@@ -49,8 +55,8 @@ def compare(arm: str, control: str, treated: ArmData, base: ArmData, min_samples
     z, p_thumbs = two_proportion_z_test(treated.thumbs_up, n_arm, base.thumbs_up, n_control)
     thumbs_effect = treated.thumbs_up / n_arm - base.thumbs_up / n_control if n_arm and n_control else None
     t, dof, p_score = welch_t_test(treated.scores, base.scores)
-    score_effect = (math.fsum(treated.scores) / len(treated.scores) - math.fsum(base.scores) / len(base.scores)
-                    if treated.scores and base.scores else None)
+    score_effect = (treated.scores.mean - base.scores.mean
+                    if treated.scores.mean is not None and base.scores.mean is not None else None)
 
     def words(p_value: float | None, n_c: int, n_a: int, effect: float | None) -> str:
         return verdict(p_value, n_c, n_a, effect or 0.0, treatment=arm, control=control,
@@ -61,7 +67,7 @@ def compare(arm: str, control: str, treated: ArmData, base: ArmData, min_samples
         "thumbs": {"difference": thumbs_effect, "z": z, "p_value": p_thumbs,
                    "verdict": words(p_thumbs, n_control, n_arm, thumbs_effect)},
         "score": {"difference": score_effect, "t": t, "dof": dof, "p_value": p_score,
-                  "verdict": words(p_score, len(base.scores), len(treated.scores), score_effect)},
+                  "verdict": words(p_score, base.scores.count, treated.scores.count, score_effect)},
     }
 
 

@@ -6,19 +6,29 @@ call runs on one worker thread, in submission order: a request's row is queued w
 ends, before its response is sent, so feedback on that response always finds it.
 
 Capture (an experiment created with ``capture: true``): the prompt and answer of each finished
-chat request it routed wait in memory (at most ``capture_pending`` of them, oldest dropped first);
-only those that receive feedback are written to the store, and only those make preference files.
+chat request it routed wait in memory, one JSON string and the answer each (at most
+``capture_pending`` of them and ``PENDING_CAPTURE_BYTES`` in all, oldest dropped first); only those
+that receive feedback are written to the store (at most ``MAX_STORED_CAPTURES`` per experiment),
+and only those make preference files. What is dropped or refused is logged and counted (results,
+``gateway_experiment_captures_dropped_total``).
+
+Heavy work stays off the event loop: results are read and computed on a thread of their own (on
+SQLite with a connection of their own, so they never hold up the writes of requests and feedback;
+SQL aggregates and a bounded sample, see ``store.arm_data``), shared by concurrent callers and
+reused for a while after; preference files are built in a worker thread, against the files' limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import secrets
+import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -32,10 +42,10 @@ from gateway.experiments.errors import (
 )
 from gateway.experiments.assignment import Arm, assign_arm, assign_per_request, validate_weights
 from gateway.experiments.metrics import ExperimentMetrics
-from gateway.experiments.preferences import PairSummary, jsonl, preference_records
+from gateway.experiments.preferences import PairSummary, rate, select_pairs, write_jsonl
 from gateway.experiments.results import experiment_results
 from gateway.experiments.store import (
-    CANCELLED, CaptureRow, Experiment, ExperimentStore, FeedbackRow, RequestRow, Stickiness,
+    CANCELLED, MAX_STORED_CAPTURES, CaptureRow, Experiment, ExperimentStore, FeedbackRow, RequestRow, Stickiness,
     Thumbs, UnknownCompletionError,
 )
 from gateway.generation import Assignment, GenerationService, RequestRecord
@@ -43,6 +53,18 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Memory the captures awaiting feedback may hold in all (counted as the Python size of their texts
+# plus PENDING_ENTRY_BYTES each), besides their number (capture_pending): 1024 requests of 32768
+# characters fit. Oldest dropped first.
+PENDING_CAPTURE_BYTES = 64 * 1024 * 1024
+PENDING_ENTRY_BYTES = 512  # the row object, its id and its place in the ordered dict
+CAPTURE_PAGE = 256  # captured answers one read of a preference file's first pass brings back
+# Results are aggregated in SQL over every request (about 0.6 s for a million on a small CPU): one
+# computation serves every caller for RESULTS_REUSE times as long as it took (at most
+# RESULTS_MAX_AGE_S), so pollers, however many, keep the reading thread busy a fifth of the time at
+# most; at small sizes (milliseconds) results are as fresh as before.
+RESULTS_REUSE = 4.0
+RESULTS_MAX_AGE_S = 30.0
 
 
 def subject_hash(salt: str, subject: str) -> str:
@@ -62,16 +84,28 @@ class ExperimentService:
         self.default_subject_header = default_subject_header
         self.capture_max_chars = capture_max_chars  # prompt + answer of one captured request
         self.capture_pending = capture_pending  # captured requests held in memory awaiting feedback
-        self._pending: OrderedDict[str, CaptureRow] = OrderedDict()  # completion id -> capture (event loop)
+        # completion id -> (capture, its bytes); all of these are read and changed on the event loop only
+        self._pending: OrderedDict[str, tuple[CaptureRow, int]] = OrderedDict()
+        self._pending_bytes = 0
+        self._pending_of: Counter[str] = Counter()  # experiment -> its captures pending
+        self._dropped: dict[str, Counter[str]] = {}  # experiment -> reason ("evicted", "limit") -> count
+        self._preference_builds = asyncio.Semaphore(1)  # one file in memory at a time
         self._experiments: dict[str, Experiment] = {e.name: e for e in store.load_experiments()}
         self._lock = asyncio.Lock()  # one change of definitions at a time
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiments-db")
+        # results: their own thread (and, on SQLite, connection), so a long read does not hold up writes
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiments-results")
+        # name -> (definition it was computed for, monotonic time it is good until, results)
+        self._results: dict[str, tuple[Experiment, float, dict[str, Any]]] = {}
+        # name -> (definition, its computation in flight)
+        self._results_running: dict[str, tuple[Experiment, asyncio.Future]] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.wrap_future(self._db.submit(fn, *args))
 
     def close(self) -> None:
         """Finish queued writes, then close the store (blocking)."""
+        self._reads.shutdown(wait=True)
         self._db.shutdown(wait=True)
         self.store.close()
 
@@ -168,8 +202,7 @@ class ExperimentService:
             experiment = self.get(name)
             await self._run(self.store.delete_experiment, name)
             del self._experiments[name]
-            for completion_id in [k for k, row in self._pending.items() if row.experiment == name]:
-                del self._pending[completion_id]
+            self._forget_captures({name})
         self.metrics.forget(name, [arm.name for arm in experiment.arms])
         log.info("experiment %s deleted", name)
 
@@ -194,8 +227,7 @@ class ExperimentService:
             loaded = {e.name: e for e in await self._run(self.store.load_experiments)}
             gone = [e for name, e in self._experiments.items() if name not in loaded]
             self._experiments = loaded  # replaced whole: readers never see half a change
-            for completion_id in [k for k, row in self._pending.items() if row.experiment not in loaded]:
-                del self._pending[completion_id]
+            self._forget_captures({e.name for e in gone})
         for experiment in gone:
             self.metrics.forget(experiment.name, [arm.name for arm in experiment.arms])
             log.info("experiment %s deleted by another replica", experiment.name)
@@ -246,10 +278,54 @@ class ExperimentService:
         if experiment.capture and capture is not None and outcome == "ok" and capture.complete:
             text = "".join(capture.text)
             if text.strip():  # an empty answer is nothing to prefer
-                self._pending[record.completion_id] = CaptureRow(record.completion_id, experiment.name,
-                                                                 capture.messages, text, record.created)
-                while len(self._pending) > self.capture_pending:
-                    self._pending.popitem(last=False)
+                # one compact string, not the parsed messages: 1024 one-character messages are
+                # ~30 KB as JSON but ~200 KB as dicts
+                row = CaptureRow(record.completion_id, experiment.name,
+                                 json.dumps(capture.messages, ensure_ascii=False), text, record.created)
+                self._hold(row)
+
+    # ---- captures awaiting feedback (event loop) ------------------------------------------------
+    def _hold(self, row: CaptureRow) -> None:
+        size = (sys.getsizeof(row.messages_json) + sys.getsizeof(row.completion) + sys.getsizeof(row.completion_id)
+                + PENDING_ENTRY_BYTES)
+        self._release(row.completion_id)  # the same id again (never in practice): its old size goes
+        self._pending[row.completion_id] = (row, size)
+        self._pending_bytes += size
+        self._pending_of[row.experiment] += 1
+        while len(self._pending) > self.capture_pending or self._pending_bytes > PENDING_CAPTURE_BYTES:
+            evicted = self._release(next(iter(self._pending)))  # the oldest
+            if evicted is not None:
+                self._count_drop(evicted.experiment, "evicted")
+
+    def _release(self, completion_id: str) -> CaptureRow | None:
+        held = self._pending.pop(completion_id, None)
+        if held is None:
+            return None
+        row, size = held
+        self._pending_bytes -= size
+        self._pending_of[row.experiment] -= 1
+        if self._pending_of[row.experiment] <= 0:
+            del self._pending_of[row.experiment]
+        return row
+
+    def _forget_captures(self, names: set[str]) -> None:
+        for completion_id in [k for k, (row, _) in self._pending.items() if row.experiment in names]:
+            self._release(completion_id)
+        for name in names:
+            self._dropped.pop(name, None)
+            self._results.pop(name, None)
+
+    def _count_drop(self, experiment: str, reason: str) -> None:
+        counts = self._dropped.setdefault(experiment, Counter())
+        counts[reason] += 1
+        self.metrics.capture_dropped(experiment, reason)
+        n = counts[reason]
+        if n & (n - 1) == 0 or n % 1024 == 0:  # 1, 2, 4, ... then every 1024th: visible, never a flood
+            why = (f"it waited for feedback past the pending limits ({self.capture_pending} requests, "
+                   f"{PENDING_CAPTURE_BYTES} bytes)" if reason == "evicted"
+                   else f"the experiment holds {MAX_STORED_CAPTURES} captures, the most it may store")
+            log.warning("experiment %s: a captured prompt and answer was not kept: %s (%d so far)",
+                        experiment, why, n)
 
     async def feedback(self, completion_id: str, score: float | None, thumbs: Thumbs | None,
                        api_key_id: str | None = None) -> dict[str, Any]:
@@ -262,33 +338,99 @@ class ExperimentService:
         except UnknownCompletionError:
             raise CompletionNotFoundError(
                 f"no request routed by an experiment has the id '{completion_id}'", param="id") from None
-        self.metrics.observe_feedback(request.experiment, request.arm, thumbs)
-        captured = self._pending.pop(completion_id, None)  # kept only now that it has feedback
-        if captured is not None:
-            await self._run(self.store.put_capture, captured)
+        self.metrics.observe_feedback(request.experiment, request.arm, thumbs, replaced)
+        captured = self._release(completion_id)  # kept only now that it has feedback
+        if captured is not None and not await self._run(self.store.put_capture, captured, MAX_STORED_CAPTURES):
+            self._count_drop(captured.experiment, "limit")
         return {"id": completion_id, "object": "feedback", "experiment": request.experiment, "arm": request.arm,
                 "score": score, "thumbs": thumbs, "replaced": replaced}
 
-    async def preference_data(self, name: str) -> tuple[bytes, PairSummary]:
+    async def preference_data(self, name: str, *, max_bytes: int, max_lines: int,
+                              max_line_bytes: int) -> tuple[bytes, PairSummary]:
         """A preference file (JSONL, OpenAI's format) of the experiment's captured answers with
-        feedback (``gateway.experiments.preferences``). Raises ``ExperimentConflictError`` when the
-        experiment does not capture, or its answers make no pair."""
+        feedback (``gateway.experiments.preferences``), at most ``max_bytes`` and ``max_lines``
+        (the files' limits). Raises ``ExperimentConflictError`` when the experiment does not
+        capture or its answers make no pair, ``PreferenceFileTooLargeError`` past a limit."""
         experiment = self.get(name)
         if not experiment.capture:
             raise ExperimentConflictError(f"the experiment '{name}' does not capture prompts and answers; create "
                                           "one with capture: true to collect preference data")
-        records, summary = preference_records(await self._run(self.store.captured_answers, name))
-        if not records:
+        async with self._preference_builds:
+            return await asyncio.to_thread(self._preference_file, name, max_bytes, max_lines, max_line_bytes)
+
+    def _preference_file(self, name: str, max_bytes: int, max_lines: int,
+                         max_line_bytes: int) -> tuple[bytes, PairSummary]:
+        """Worker thread: reads go through the store's thread (``_db``), a page at a time, so
+        requests' rows and feedback are not held up for the whole file."""
+        def read(fn: Callable[..., T], *args: Any) -> T:
+            return self._db.submit(fn, *args).result()
+
+        rated, after = [], None
+        while True:
+            page = read(self.store.capture_page, name, after, CAPTURE_PAGE)
+            rated.extend(r for r in (rate(a.completion_id, a.arm, a.messages_json, a.completion, a.score, a.thumbs)
+                                     for a in page) if r is not None)
+            if len(page) < CAPTURE_PAGE:
+                break
+            after = (page[-1].created, page[-1].completion_id)
+        pairs, answers, prompts = select_pairs(rated)
+        if not pairs:
             raise ExperimentConflictError(
-                f"the experiment '{name}' has no preference pair yet: {summary.answers} captured answer(s) with "
-                f"feedback over {summary.prompts} prompt(s); a pair needs two arms' different answers to the same "
+                f"the experiment '{name}' has no preference pair yet: {answers} captured answer(s) with "
+                f"feedback over {prompts} prompt(s); a pair needs two arms' different answers to the same "
                 "prompt whose feedback ranks one above the other (a higher score, or thumbs up over down)")
-        return jsonl(records), summary
+        data, written, skipped = write_jsonl(
+            pairs, lambda ids: read(self.store.capture_texts, ids),
+            max_bytes=max_bytes, max_lines=max_lines, max_line_bytes=max_line_bytes)
+        if not written:
+            raise ExperimentConflictError(
+                f"the experiment '{name}' has no preference pair that fits a line of the files' limit "
+                f"({max_line_bytes} bytes): {skipped} pair(s) over it")
+        return data, PairSummary(answers=answers, prompts=prompts, pairs=written, skipped=skipped)
 
     async def results(self, name: str) -> dict[str, Any]:
+        """Per-arm results, read and computed on the results thread (never the event loop); callers
+        at the same time share one computation, and it is reused for ``RESULTS_REUSE`` times what it
+        cost (see the constant). A change of the definition (weights, stop, promote) recomputes."""
         experiment = self.get(name)
-        data = await self._run(self.store.arm_data, name)
-        return experiment_results(experiment, data, self.min_samples)
+        cached = self._results.get(name)
+        if cached is not None and cached[0] is experiment and time.monotonic() < cached[1]:
+            results = cached[2]
+        else:
+            shared = self._results_running.get(name)
+            if shared is not None and shared[0] is experiment:
+                running = shared[1]
+            else:  # none yet, or one for a definition since changed
+                running = asyncio.ensure_future(self._compute_results(experiment))
+                self._results_running[name] = (experiment, running)
+                running.add_done_callback(lambda done: self._results_running.pop(name, None)
+                                          if self._results_running.get(name, (None, None))[1] is done else None)
+            results = await asyncio.shield(running)  # one caller going away does not cancel the others'
+        results = {**results}
+        if experiment.capture:  # this replica's counts, read fresh
+            dropped = self._dropped.get(name, Counter())
+            results["capture"] = {**results["capture"], "refused": dropped["limit"],
+                                  "pending": self._pending_of.get(name, 0), "evicted": dropped["evicted"]}
+        return results
+
+    async def _compute_results(self, experiment: Experiment) -> dict[str, Any]:
+        name = experiment.name
+        await self._run(lambda: None)  # every request and feedback queued before this call is written
+
+        def compute() -> dict[str, Any]:
+            results = experiment_results(experiment, self.store.arm_data(name), self.min_samples)
+            if experiment.capture:
+                results["capture"] = {"stored": self.store.capture_count(name), "max_stored": MAX_STORED_CAPTURES}
+            return results
+
+        started = time.monotonic()
+        results = await asyncio.wrap_future(self._reads.submit(compute))
+        done = time.monotonic()
+        results["computed"] = int(time.time())
+        if self._experiments.get(name) is experiment:  # not deleted or changed meanwhile
+            self._results[name] = (experiment, done + min(RESULTS_REUSE * (done - started), RESULTS_MAX_AGE_S),
+                                   results)
+        return results
 
 
 def describe(experiment: Experiment) -> dict[str, Any]:

@@ -10,6 +10,7 @@ make a test undefined answered by ``None`` instead of a NaN.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 from scipy import special
@@ -81,6 +82,43 @@ def _mean_var(values: Sequence[float]) -> tuple[float, float]:
     return mean, var
 
 
+@dataclass(frozen=True)
+class Moments:
+    """What a mean's interval and Welch's test need of a sample: its size, mean and sum of squared
+    deviations from the mean. The store computes them in SQL (two passes, so no cancellation), so
+    results cost the same however many values there are."""
+
+    count: int = 0
+    mean: float | None = None
+    m2: float = 0.0  # sum of (value - mean) ** 2
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Moments:
+        values = list(values)
+        if not values:
+            return cls()
+        mean, var = _mean_var(values)
+        return cls(len(values), mean, var * (len(values) - 1))
+
+    @classmethod
+    def from_sums(cls, count: int, total: float, squares: float, shift: float = 0.0) -> Moments:
+        """From the sums of (value - shift) and of its square (one pass, as SQL computes them);
+        a shift near the mean keeps the subtraction from cancelling the variance away."""
+        if count == 0:
+            return cls()
+        centred = total / count
+        return cls(count, shift + centred, max(squares - total * centred, 0.0))
+
+    @property
+    def variance(self) -> float:
+        """Unbiased (n - 1); 0 below two values."""
+        return max(self.m2, 0.0) / (self.count - 1) if self.count > 1 else 0.0
+
+
+def _moments(values: Sequence[float] | Moments) -> Moments:
+    return values if isinstance(values, Moments) else Moments.of(values)
+
+
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -91,17 +129,17 @@ def _check_counts(successes: int, n: int) -> None:
         raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """(mean, low, high) with a t-based interval; bounds None below 2 values, all None at 0."""
+def mean_ci(values: Sequence[float] | Moments, confidence: float = 0.95) -> Interval:
+    """(mean, low, high) with a t-based interval; bounds None below 2 values, all None at 0.
+    ``values`` may be the values or their ``Moments``."""
     _check_confidence(confidence)
-    values = list(values)
-    if not values:
+    m = _moments(values)
+    if m.count == 0 or m.mean is None:
         return None, None, None
-    mean, var = _mean_var(values)
-    if len(values) < 2:
-        return mean, None, None
-    half = t_ppf(0.5 + confidence / 2.0, len(values) - 1) * math.sqrt(var / len(values))
-    return mean, mean - half, mean + half
+    if m.count < 2:
+        return m.mean, None, None
+    half = t_ppf(0.5 + confidence / 2.0, m.count - 1) * math.sqrt(m.variance / m.count)
+    return m.mean, m.mean - half, m.mean + half
 
 
 def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> Interval:
@@ -125,22 +163,22 @@ def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> Interval:
     return p, low, high
 
 
-def welch_t_test(a_values: Sequence[float], b_values: Sequence[float]) -> Interval:
-    """(t, dof, p_two_sided) of mean(a) - mean(b) (scipy ttest_ind with equal_var=False).
+def welch_t_test(a_values: Sequence[float] | Moments, b_values: Sequence[float] | Moments) -> Interval:
+    """(t, dof, p_two_sided) of mean(a) - mean(b) (scipy ttest_ind with equal_var=False); each
+    side may be the values or their ``Moments``.
 
     Welch, not Student, because an adapter can change the spread of latency as well as its
     level.  All None when undefined (< 2 values on a side, or no variance in either arm).
     """
-    a, b = list(a_values), list(b_values)
-    if len(a) < 2 or len(b) < 2:
+    a, b = _moments(a_values), _moments(b_values)
+    if a.count < 2 or b.count < 2 or a.mean is None or b.mean is None:
         return None, None, None
-    (mean_a, var_a), (mean_b, var_b) = _mean_var(a), _mean_var(b)
-    va, vb = var_a / len(a), var_b / len(b)
+    va, vb = a.variance / a.count, b.variance / b.count
     if va + vb <= 0.0:
         return None, None, None
-    t = (mean_a - mean_b) / math.sqrt(va + vb)
+    t = (a.mean - b.mean) / math.sqrt(va + vb)
     # Welch-Satterthwaite; a side with zero variance simply contributes nothing.
-    dof = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    dof = (va + vb) ** 2 / (va * va / (a.count - 1) + vb * vb / (b.count - 1))
     return t, dof, t_two_sided_p(t, dof)
 
 

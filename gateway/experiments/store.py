@@ -3,10 +3,16 @@
 What is kept: each experiment's definition and state, one row per finished request an experiment
 routed (its arm, timings, tokens, error), and at most one feedback row per such request. For an
 experiment created with ``capture`` on, also the prompt (chat messages) and the answer text of each
-request that received feedback (``experiment_captures``), for preference files. Every
-write is one transaction, so a crash leaves the old or the new state, never half of a change.
+request that received feedback (``experiment_captures``), for preference files, at most
+``MAX_STORED_CAPTURES`` per experiment (more are refused, not stored: what a preference file was
+made from stays). Every write is one transaction, so a crash leaves the old or the new state,
+never half of a change.
 The tables share the gateway's database file with the adapter registry; their names start with
 ``experiment``.
+
+What a read costs is bounded, not proportional to the rows kept: ``arm_data`` aggregates counts,
+sums and score moments in SQL and reads only the latest ``TIMING_SAMPLE`` timings per arm;
+preference files read captures a page at a time (``capture_page``, ``capture_texts``).
 """
 
 from __future__ import annotations
@@ -19,11 +25,20 @@ from typing import Literal, Protocol
 from adapters import faults
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 from gateway.experiments.assignment import Arm
+from gateway.experiments.stats import Moments
 
 State = Literal["running", "stopped", "promoted"]
 Stickiness = Literal["user", "header", "request"]
 Thumbs = Literal["up", "down"]
 CANCELLED = "cancelled"  # the error type of a request its client abandoned
+# Latency and time-to-first-token percentiles come from each arm's latest requests, this many:
+# enough for a p95 within about a percent, and a results call reads at most this many rows per arm
+# however long the experiment ran.
+TIMING_SAMPLE = 10_000
+# Captured prompts and answers kept per experiment; feedback on more answers is still recorded,
+# their text is not (each is at most GATEWAY_EXPERIMENT_CAPTURE_MAX_CHARS characters, so this
+# bounds an experiment's captures on disk and what a preference file reads).
+MAX_STORED_CAPTURES = 10_000
 
 
 @dataclass
@@ -89,10 +104,12 @@ class ArmData:
     cancelled: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    ttft_s: list[float] = field(default_factory=list)  # requests that produced text
-    latency_s: list[float] = field(default_factory=list)  # requests that completed without error
+    # of the arm's latest TIMING_SAMPLE requests (timing_sample of them), those that produced text
+    ttft_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)  # ... and those that completed without error
+    timing_sample: int = 0
     feedback: int = 0
-    scores: list[float] = field(default_factory=list)
+    scores: Moments = field(default_factory=Moments)  # count, mean and spread of every score
     thumbs_up: int = 0
     thumbs_down: int = 0
 
@@ -103,8 +120,21 @@ class CaptureRow:
 
     completion_id: str
     experiment: str
-    messages: list[dict]  # the chat messages of the request, as the template saw them
+    messages_json: str  # the request's chat messages as the template saw them, JSON (UTF-8, not escaped)
     completion: str  # the answer's text
+    created: float
+
+
+@dataclass
+class CapturePageRow:
+    """A captured answer with feedback as a preference file's first pass reads it (page by page)."""
+
+    completion_id: str
+    arm: str
+    messages_json: str
+    completion: str
+    score: float | None
+    thumbs: Thumbs | None
     created: float
 
 
@@ -143,13 +173,23 @@ class ExperimentStore(Protocol):
         request and whether feedback was replaced; raises ``UnknownCompletionError`` when no request
         has the id, or the request was made with another key than the feedback's."""
 
-    def arm_data(self, name: str) -> dict[str, ArmData]: ...
+    def arm_data(self, name: str, timing_sample: int = TIMING_SAMPLE) -> dict[str, ArmData]: ...
 
-    def put_capture(self, row: CaptureRow) -> None:
-        """Keep (or replace) the prompt and answer of a request."""
+    def put_capture(self, row: CaptureRow, max_stored: int = MAX_STORED_CAPTURES) -> bool:
+        """Keep (or replace) the prompt and answer of a request; False (nothing written) when the
+        experiment already holds ``max_stored`` captures."""
+
+    def capture_count(self, name: str) -> int: ...
+
+    def capture_page(self, name: str, after: tuple[float, str] | None, limit: int) -> list[CapturePageRow]:
+        """At most ``limit`` captured answers with feedback, oldest first, after (created, id) ``after``."""
+
+    def capture_texts(self, completion_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """completion id -> (messages JSON, answer) of the captures among ``completion_ids``."""
 
     def captured_answers(self, name: str) -> list[CapturedAnswer]:
-        """Every captured answer of the experiment that has feedback, oldest first."""
+        """Every captured answer of the experiment that has feedback, oldest first, parsed (at most
+        MAX_STORED_CAPTURES; preference files read ``capture_page`` instead, a page at a time)."""
 
     def close(self) -> None: ...
 
@@ -163,6 +203,8 @@ _SCHEMA = (
     " endpoint TEXT NOT NULL, ttft_s REAL, latency_s REAL, prompt_tokens INTEGER NOT NULL,"
     " completion_tokens INTEGER NOT NULL, error_type TEXT, created REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS experiment_requests_by_arm ON experiment_requests (experiment, arm)",
+    # the latest TIMING_SAMPLE rows of an arm without reading the others (results)
+    "CREATE INDEX IF NOT EXISTS experiment_requests_by_arm_time ON experiment_requests (experiment, arm, created)",
     "CREATE TABLE IF NOT EXISTS experiment_feedback ("
     " completion_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, score REAL,"
     " thumbs TEXT CHECK (thumbs IN ('up', 'down')), created REAL NOT NULL)",
@@ -192,8 +234,11 @@ class SqlExperimentStore:
     notifies the topic ``experiments``; request and feedback rows notify nothing (results are read
     from the database, so they aggregate over every replica)."""
 
-    def __init__(self, db: SqlDatabase):
+    def __init__(self, db: SqlDatabase, reader: SqlDatabase | None = None):
         self.db = db
+        # long reads (results) go through ``reader`` when it is another connection, so they do not
+        # hold up the writes of requests and feedback on ``db``
+        self.reader = reader or db
 
     # ---- experiments ----------------------------------------------------------------------------
     def load_experiments(self) -> list[Experiment]:
@@ -256,43 +301,75 @@ class SqlExperimentStore:
             return request, replaced
         return self.db.run(write)
 
-    def arm_data(self, name: str) -> dict[str, ArmData]:
-        def read(tx: Transaction) -> tuple[list, list, list]:  # one transaction: counts and samples agree
-            counts = tx.execute(
-                "SELECT arm, COUNT(*),"
-                " SUM(CASE WHEN error_type IS NOT NULL AND error_type <> ? THEN 1 ELSE 0 END),"
-                " SUM(CASE WHEN error_type = ? THEN 1 ELSE 0 END), SUM(prompt_tokens), SUM(completion_tokens)"
-                " FROM experiment_requests WHERE experiment = ? GROUP BY arm", (CANCELLED, CANCELLED, name))
-            timings = tx.execute(
-                "SELECT arm, ttft_s, CASE WHEN error_type IS NULL THEN latency_s END FROM experiment_requests"
-                " WHERE experiment = ?", (name,))
-            feedback = tx.execute(
-                "SELECT r.arm, f.score, f.thumbs FROM experiment_feedback f"
-                " JOIN experiment_requests r ON r.completion_id = f.completion_id WHERE f.experiment = ?", (name,))
-            return counts, timings, feedback
+    def arm_data(self, name: str, timing_sample: int = TIMING_SAMPLE) -> dict[str, ArmData]:
+        """Per-arm counts and sums, score moments (all in SQL: no row reaches Python) and the timings
+        of each arm's latest ``timing_sample`` requests."""
+        def read(tx: Transaction) -> dict[str, ArmData]:  # one transaction: counts and samples agree
+            arms: dict[str, ArmData] = {}
+            for arm, requests, errors, cancelled, prompt, completion in tx.execute(
+                    "SELECT arm, COUNT(*),"
+                    " SUM(CASE WHEN error_type IS NOT NULL AND error_type <> ? THEN 1 ELSE 0 END),"
+                    " SUM(CASE WHEN error_type = ? THEN 1 ELSE 0 END), SUM(prompt_tokens), SUM(completion_tokens)"
+                    " FROM experiment_requests WHERE experiment = ? GROUP BY arm", (CANCELLED, CANCELLED, name)):
+                arms[arm] = ArmData(requests=int(requests), errors=int(errors or 0), cancelled=int(cancelled or 0),
+                                    prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0))
+            for arm, data in arms.items():
+                rows = tx.execute(
+                    "SELECT ttft_s, CASE WHEN error_type IS NULL THEN latency_s END FROM experiment_requests"
+                    " WHERE experiment = ? AND arm = ? ORDER BY created DESC LIMIT ?", (name, arm, timing_sample))
+                data.timing_sample = len(rows)
+                data.ttft_s = [ttft for ttft, _ in rows if ttft is not None]
+                data.latency_s = [latency for _, latency in rows if latency is not None]
+            # scores in one pass: sums of (score - shift) and its square, shift being one of the
+            # scores, so the variance does not cancel away even for scores far from 0 (up to 1e6)
+            shift = tx.one("SELECT score FROM experiment_feedback WHERE experiment = ? AND score IS NOT NULL LIMIT 1",
+                           (name,))
+            c = float(shift[0]) if shift else 0.0
+            for arm, feedback, scored, total, squares, up, down in tx.execute(
+                    "SELECT r.arm, COUNT(*), COUNT(f.score), SUM(f.score - ?), SUM((f.score - ?) * (f.score - ?)),"
+                    " SUM(CASE WHEN f.thumbs = 'up' THEN 1 ELSE 0 END),"
+                    " SUM(CASE WHEN f.thumbs = 'down' THEN 1 ELSE 0 END)"
+                    " FROM experiment_feedback f JOIN experiment_requests r ON r.completion_id = f.completion_id"
+                    " WHERE f.experiment = ? GROUP BY r.arm", (c, c, c, name)):
+                data = arms.setdefault(arm, ArmData())
+                data.feedback, data.thumbs_up, data.thumbs_down = int(feedback), int(up or 0), int(down or 0)
+                data.scores = Moments.from_sums(int(scored), float(total or 0.0), float(squares or 0.0), c)
+            return arms
 
-        counts, timings, feedback = self.db.read(read)
-        arms: dict[str, ArmData] = {}
-        for arm, requests, errors, cancelled, prompt, completion in counts:
-            arms[arm] = ArmData(requests=int(requests), errors=int(errors or 0), cancelled=int(cancelled or 0),
-                                prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0))
-        for arm, ttft, latency in timings:
-            if ttft is not None:
-                arms[arm].ttft_s.append(ttft)
-            if latency is not None:
-                arms[arm].latency_s.append(latency)
-        for arm, score, thumbs in feedback:
-            data = arms[arm]
-            data.feedback += 1
-            if score is not None:
-                data.scores.append(score)
-            data.thumbs_up += thumbs == "up"
-            data.thumbs_down += thumbs == "down"
-        return arms
+        return self.reader.read(read)
 
-    def put_capture(self, row: CaptureRow) -> None:
-        self.db.run(lambda tx: tx.execute(_PUT_CAPTURE, (row.completion_id, row.experiment, json.dumps(row.messages),
-                                                         row.completion, row.created)))
+    def put_capture(self, row: CaptureRow, max_stored: int = MAX_STORED_CAPTURES) -> bool:
+        def write(tx: Transaction) -> bool:
+            replacing = tx.one("SELECT 1 FROM experiment_captures WHERE completion_id = ?", (row.completion_id,))
+            if replacing is None and _count_captures(tx, row.experiment) >= max_stored:
+                return False
+            tx.execute(_PUT_CAPTURE, (row.completion_id, row.experiment, row.messages_json, row.completion,
+                                      row.created))
+            return True
+        return self.db.run(write)
+
+    def capture_count(self, name: str) -> int:
+        return self.reader.read(lambda tx: _count_captures(tx, name))
+
+    def capture_page(self, name: str, after: tuple[float, str] | None, limit: int) -> list[CapturePageRow]:
+        created, completion_id = after if after is not None else (float("-inf"), "")
+        rows = self.db.read(lambda tx: tx.execute(
+            "SELECT c.completion_id, r.arm, c.messages, c.completion, f.score, f.thumbs, c.created"
+            " FROM experiment_captures c"
+            " JOIN experiment_requests r ON r.completion_id = c.completion_id"
+            " JOIN experiment_feedback f ON f.completion_id = c.completion_id"
+            " WHERE c.experiment = ? AND (c.created > ? OR (c.created = ? AND c.completion_id > ?))"
+            " ORDER BY c.created, c.completion_id LIMIT ?", (name, created, created, completion_id, limit)))
+        return [CapturePageRow(*r) for r in rows]
+
+    def capture_texts(self, completion_ids: list[str]) -> dict[str, tuple[str, str]]:
+        if not completion_ids:
+            return {}
+        marks = ", ".join("?" for _ in completion_ids)
+        rows = self.db.read(lambda tx: tx.execute(
+            f"SELECT completion_id, messages, completion FROM experiment_captures WHERE completion_id IN ({marks})",
+            tuple(completion_ids)))
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def captured_answers(self, name: str) -> list[CapturedAnswer]:
         rows = self.db.read(lambda tx: tx.execute(
@@ -304,14 +381,17 @@ class SqlExperimentStore:
         return [CapturedAnswer(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
 
     def close(self) -> None:
+        if self.reader is not self.db:
+            self.reader.close()
         self.db.close()
 
 
 class SqliteExperimentStore(SqlExperimentStore):
     def __init__(self, path: Path):
         # NORMAL in WAL mode: a commit survives a crash of the process (not necessarily of the OS)
-        # without one fsync per request row
-        super().__init__(SqliteDatabase(path, synchronous="NORMAL"))
+        # without one fsync per request row. A second connection reads results: in WAL mode a
+        # reader never blocks the writer
+        super().__init__(SqliteDatabase(path, synchronous="NORMAL"), SqliteDatabase(path, synchronous="NORMAL"))
 
         def schema(tx: Transaction) -> None:
             for statement in _SCHEMA:
@@ -320,6 +400,10 @@ class SqliteExperimentStore(SqlExperimentStore):
                 if column not in {r[1] for r in tx.execute(f"PRAGMA table_info({table})")}:
                     tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {type_}")
         self.db.run(schema)
+
+
+def _count_captures(tx: Transaction, name: str) -> int:
+    return int(tx.one("SELECT COUNT(*) FROM experiment_captures WHERE experiment = ?", (name,))[0])
 
 
 def _arms_json(arms: list[Arm]) -> str:

@@ -9,6 +9,7 @@ from scipy import stats as scipy_stats
 
 from gateway.experiments.assignment import Arm
 from gateway.experiments.results import experiment_results
+from gateway.experiments.stats import Moments
 from gateway.experiments.store import ArmData, Experiment
 
 
@@ -24,9 +25,9 @@ TREATED_SCORES = [4.0, 5.0, 4.0, 5.0, 3.0, 5.0, 4.0, 4.0, 5.0, 4.0] * 4
 def test_arm_summaries_and_comparison_match_scipy():
     control = ArmData(requests=50, errors=2, cancelled=1, prompt_tokens=500, completion_tokens=250,
                       ttft_s=[0.1, 0.2, 0.3, 0.4], latency_s=[1.0, 2.0, 3.0, 4.0, 10.0], feedback=45,
-                      scores=CONTROL_SCORES, thumbs_up=20, thumbs_down=20)
+                      scores=Moments.of(CONTROL_SCORES), thumbs_up=20, thumbs_down=20)
     treated = ArmData(requests=40, errors=0, prompt_tokens=400, completion_tokens=100, ttft_s=[0.5],
-                      latency_s=[2.0], feedback=42, scores=TREATED_SCORES, thumbs_up=32, thumbs_down=8)
+                      latency_s=[2.0], feedback=42, scores=Moments.of(TREATED_SCORES), thumbs_up=32, thumbs_down=8)
     results = experiment_results(experiment(("base", 3), ("lora-a", 1)), {"base": control, "lora-a": treated},
                                  min_samples=30)
 
@@ -62,8 +63,8 @@ def test_arm_summaries_and_comparison_match_scipy():
 
 
 def test_small_samples_say_not_enough_data_yet():
-    control = ArmData(requests=3, feedback=3, scores=[1.0, 2.0, 3.0], thumbs_up=1, thumbs_down=2)
-    treated = ArmData(requests=3, feedback=3, scores=[3.0, 4.0, 5.0], thumbs_up=3)
+    control = ArmData(requests=3, feedback=3, scores=Moments.of([1.0, 2.0, 3.0]), thumbs_up=1, thumbs_down=2)
+    treated = ArmData(requests=3, feedback=3, scores=Moments.of([3.0, 4.0, 5.0]), thumbs_up=3)
     results = experiment_results(experiment(("base", 1), ("lora-a", 1)), {"base": control, "lora-a": treated},
                                  min_samples=30)
     (comparison,) = results["comparisons"]

@@ -4,6 +4,7 @@ and rolled-back transactions."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from gateway.experiments.store import (
     CapturedAnswer, CaptureRow, Experiment, FeedbackRow, RequestRow, SqlExperimentStore, SqliteExperimentStore,
     UnknownCompletionError,
 )
+from gateway.experiments.stats import Moments
 
 
 def experiment(name: str = "exp", **overrides) -> Experiment:
@@ -85,10 +87,10 @@ def test_arm_data_counts_errors_timings_tokens_and_feedback(store):
     assert (base.prompt_tokens, base.completion_tokens) == (21, 8)
     assert sorted(base.ttft_s) == [0.1, 0.3]
     assert sorted(base.latency_s) == [1.0, 2.0]  # the failed request's time is not a latency
-    assert (base.feedback, base.scores, base.thumbs_up, base.thumbs_down) == (2, [4.0], 1, 1)
+    assert (base.feedback, base.scores, base.thumbs_up, base.thumbs_down) == (2, Moments(1, 4.0, 0.0), 1, 1)
     assert (lora.requests, lora.errors, lora.cancelled) == (1, 0, 1)
     assert lora.latency_s == [] and lora.ttft_s == [0.2]
-    assert (lora.feedback, lora.scores, lora.thumbs_up, lora.thumbs_down) == (1, [2.5], 0, 0)
+    assert (lora.feedback, lora.scores, lora.thumbs_up, lora.thumbs_down) == (1, Moments(1, 2.5, 0.0), 0, 0)
 
 
 def test_feedback_on_an_unknown_id_is_refused(store):
@@ -105,7 +107,7 @@ def test_second_feedback_replaces_the_first(store):
     _, replaced = store.put_feedback(FeedbackRow("c1", None, "down", 301.0))
     assert replaced
     lora = store.arm_data("exp")["lora-a"]
-    assert (lora.feedback, lora.scores, lora.thumbs_up, lora.thumbs_down) == (1, [], 0, 1)
+    assert (lora.feedback, lora.scores, lora.thumbs_up, lora.thumbs_down) == (1, Moments(), 0, 1)
 
 
 def test_delete_removes_requests_and_feedback_of_that_experiment_only(store):
@@ -120,7 +122,7 @@ def test_delete_removes_requests_and_feedback_of_that_experiment_only(store):
     assert store.arm_data("a") == {}
     with pytest.raises(UnknownCompletionError):
         store.put_feedback(FeedbackRow("a1", 1.0, None, 300.0))
-    assert store.arm_data("b")["base"].scores == [2.0]
+    assert store.arm_data("b")["base"].scores == Moments(1, 2.0, 0.0)
 
 
 def test_a_failed_transaction_leaves_no_trace(store):
@@ -192,7 +194,7 @@ def test_captures_round_trip_with_feedback_and_go_with_the_experiment(open_store
     messages = [{"role": "user", "content": "hi"}]
     for completion_id, arm in (("c1", "base"), ("c2", "lora-a"), ("c3", "lora-a")):
         store.add_request(request_row(completion_id, arm))
-        store.put_capture(CaptureRow(completion_id, "exp", messages, f"answer {completion_id}", 200.0))
+        store.put_capture(CaptureRow(completion_id, "exp", json.dumps(messages), f"answer {completion_id}", 200.0))
     store.put_feedback(FeedbackRow("c1", None, "up", 300.0))
     store.put_feedback(FeedbackRow("c2", 2.0, None, 300.0))  # c3: captured, no feedback
     store.close()
@@ -220,3 +222,37 @@ def test_an_older_database_gains_the_capture_column(db):
     store = SqliteExperimentStore(db)
     assert [(e.name, e.capture) for e in store.load_experiments()] == [("old", False)]
     store.close()
+
+
+def test_capture_pages_texts_and_the_cap_per_experiment(store):
+    store.insert_experiment(experiment(capture=True))
+    for i in range(5):
+        store.add_request(request_row(f"c{i}", "base"))
+        assert store.put_capture(CaptureRow(f"c{i}", "exp", json.dumps([{"role": "user", "content": "é"}],
+                                                                        ensure_ascii=False), f"a{i}", float(i % 2)),
+                                 max_stored=4) is (i < 4)
+        store.put_feedback(FeedbackRow(f"c{i}", None, "up", 300.0))
+    assert store.capture_count("exp") == 4
+    first = store.capture_page("exp", None, 3)  # by (created, id): c0, c2 (created 0) then c1
+    assert [row.completion_id for row in first] == ["c0", "c2", "c1"]
+    rest = store.capture_page("exp", (first[-1].created, first[-1].completion_id), 3)
+    assert [row.completion_id for row in rest] == ["c3"]
+    assert store.capture_texts(["c3", "c4", "nope"]) == {"c3": ('[{"role": "user", "content": "é"}]', "a3")}
+    assert store.capture_texts([]) == {}
+
+
+def test_results_read_the_latest_timings_and_exact_score_moments(store):
+    from gateway.experiments.stats import Moments
+
+    store.insert_experiment(experiment())
+    scores = [1e6 - (i % 3) * 0.5 for i in range(30)]
+    for i, score in enumerate(scores):
+        row = request_row(f"c{i}", "base", latency=float(i))
+        row.created = float(i)
+        store.add_request(row)
+        store.put_feedback(FeedbackRow(f"c{i}", score, None, 300.0))
+    base = store.arm_data("exp", timing_sample=4)["base"]
+    assert base.requests == 30 and base.timing_sample == 4 and sorted(base.latency_s) == [26.0, 27.0, 28.0, 29.0]
+    want = Moments.of(scores)
+    assert base.scores.count == 30 and base.scores.mean == pytest.approx(want.mean, rel=1e-12)
+    assert base.scores.variance == pytest.approx(want.variance, rel=1e-6)

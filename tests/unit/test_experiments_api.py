@@ -373,3 +373,36 @@ def test_experiments_and_results_survive_a_restart(adapters_dir, tmp_path):
         assert sum(arm["requests"] for arm in results_before["arms"]) == 5
         assert {user: arm_of(chat(second, "exp-restart", user=user)) for user in before} == before
         assert feedback(second, completion_id, score=4).json()["replaced"] is True
+
+
+def test_preference_file_past_the_files_limit_is_a_clean_409(client):
+    import dataclasses
+
+    from gateway.experiments.preferences import PAIRS_PER_ANSWER
+    from gateway.experiments.store import CaptureRow, FeedbackRow, RequestRow
+
+    assert create(client, "exp-prefs", {"lora-a": 1, "pt-a": 1}, capture=True).status_code == 201
+    gateway = client.app.state.gateway
+    store = gateway.experiments.store
+    prompt = json.dumps([{"role": "user", "content": "y" * 2000}])
+    for i in range(400):  # one prompt sent 400 times: before, 200 x 200 records of it
+        arm = ("lora-a", "pt-a")[i % 2]
+        store.add_request(RequestRow(f"p{i}", "exp-prefs", arm, None, "chat", 0.1, 0.2, 1, 1, None, float(i)))
+        store.put_capture(CaptureRow(f"p{i}", "exp-prefs", prompt, f"answer {i}", float(i)))
+        store.put_feedback(FeedbackRow(f"p{i}", None, "up" if arm == "lora-a" else "down", float(i)))
+    files, limits = gateway.files, gateway.files.limits
+    files.limits = dataclasses.replace(limits, max_bytes=100_000)
+    try:
+        refused = client.post("/admin/experiments/exp-prefs/preference-file", headers=ADMIN)
+    finally:
+        files.limits = limits
+    error = assert_openai_error(refused, 409)
+    assert error["code"] == "preference_file_too_large" and "100000 bytes" in error["message"]
+    assert client.get("/v1/files", headers=ADMIN).json()["data"] == []  # nothing was made
+    made = client.post("/admin/experiments/exp-prefs/preference-file", headers=ADMIN)
+    assert made.status_code == 201, made.text
+    assert (made.json()["records"], made.json()["answers"], made.json()["skipped"]) == (200 * PAIRS_PER_ANSWER, 400, 0)
+    capture = client.get("/admin/experiments/exp-prefs/results", headers=ADMIN).json()["capture"]
+    assert capture["stored"] == 400 and capture["refused"] == 0
+    client.delete(f"/v1/files/{made.json()['id']}", headers=ADMIN)
+    client.delete("/admin/experiments/exp-prefs", headers=ADMIN)

@@ -12,7 +12,7 @@ import pytest
 from test_training_api import ADMIN, jsonl, make_client, rows, submit, wait_for
 
 from gateway.app import DATABASE_FILE
-from gateway.experiments.preferences import preference_records
+from gateway.experiments.preferences import PAIRS_PER_ANSWER, preference_records
 from gateway.experiments.store import CapturedAnswer
 
 PROMPT = [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "the quick fox?"}]
@@ -84,9 +84,13 @@ def test_ab_feedback_preference_file_dpo_new_arm(client):
     lines = [json.loads(line) for line in content.decode().splitlines()]
     good = {text for _, text in answers["arm-a"]}
     bad = {text for _, text in answers["arm-b"]}
-    expected = {(g, b) for g in good for b in bad if g != b}
-    assert file["records"] == len(lines) == len(expected) > 0
-    assert {(r["preferred_output"][0]["content"], r["non_preferred_output"][0]["content"]) for r in lines} == expected
+    made = [(r["preferred_output"][0]["content"], r["non_preferred_output"][0]["content"]) for r in lines]
+    assert file["records"] == len(lines) > 0 and file["skipped"] == 0
+    assert len(set(made)) == len(made) and set(made) <= {(g, b) for g in good for b in bad if g != b}
+    # each distinct good answer is preferred to PAIRS_PER_ANSWER bad ones (all, when there are fewer):
+    # pairs grow with the answers, not with their square
+    for g in good:
+        assert sum(preferred == g for preferred, _ in made) == min(PAIRS_PER_ANSWER, len(bad - {g}))
     assert all(r["input"]["messages"] == PROMPT for r in lines)  # the other prompt had no feedback
     assert file["answers"] == len(answers["arm-a"]) + len(answers["arm-b"]) and file["prompts"] == 1
 
