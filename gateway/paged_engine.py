@@ -117,6 +117,8 @@ class PagedEngine(Engine):
             for seq in self._admissible():
                 if len(self._running) >= self.max_batch_size:
                     break
+                if self._copy_in_prefill(seq):
+                    continue  # the blocks its request's first choice publishes will serve it
                 length = self._length(seq)
                 # the last entry is always computed: its logits choose the next token
                 keys = block_keys(seq.request.cache_key, self._entries(seq, 0, length - 1), bs)
@@ -132,6 +134,14 @@ class PagedEngine(Engine):
                 seq.blocks, seq.block_keys, seq.computed = hits, keys[:len(hits)], len(hits) * bs
                 self._take_waiting(seq)
                 self._running.append(seq)
+
+    def _copy_in_prefill(self, seq: _Sequence) -> bool:
+        """Whether another choice of ``seq``'s request is computing the prompt they share. The n
+        choices admitted together each computed the whole prompt (n 8 of a 4,000-token prompt:
+        32,000 prompt positions); waiting for the first one's cached blocks costs the others a step."""
+        if not self.blocks.prefix_caching or seq.scoring_prompt:  # a scored prompt takes no cached block
+            return False
+        return any(s.request is seq.request and self._length(s) - s.computed > 1 for s in self._running)
 
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, tokens to compute) for this step, within the step's token budget."""

@@ -389,6 +389,44 @@ def test_admission_counts_the_blocks_it_promised_in_the_same_pass(mixed, tiny_to
     engine.blocks.check()
 
 
+def test_the_choices_of_one_request_compute_their_shared_prompt_once(mixed, tiny_tokenizer):
+    """n 4 of a 40-token prompt: the first choice computes the prompt, the others take its cached
+    blocks (all but the last entry, whose logits each choice needs) and give the same greedy tokens."""
+    runtime, slots, refs = mixed
+    engine = make_engine(runtime, tiny_tokenizer, blocks=128, context_window=128)
+    prompt = prompt_ids(40, seed=77)
+    computed = []
+    forward = engine.runner.forward
+
+    def spy(items):
+        computed.append(sum(len(i.entries) for i in items if i.start < len(prompt)))
+        return forward(items)
+
+    engine.runner.forward = spy
+    c = Tokens()
+    sampled: dict[int, list[int]] = {}
+    emit = engine._emit
+
+    def spy_emit(seqs, logits):
+        emit(seqs, logits)
+        for seq in seqs:
+            sampled[seq.index] = list(seq.tokens)
+
+    engine._emit = spy_emit
+    engine.submit(EngineRequest(prompt_ids=prompt, slot=slots["lora"], n=4, sink=c.sink, on_done=c.on_done,
+                                params=SamplingParams(max_tokens=4, temperature=0), cache_key="lora"))
+    engine.start()
+    try:
+        assert c.done.wait(60)
+    finally:
+        engine.stop()
+    assert sum(computed) <= 40 + 3 * 4  # the prompt once, then a block's worth (the last entry's) per copy
+    assert engine.blocks.hit_tokens == 3 * 36
+    reference = ref_greedy(refs["lora"], prompt, steps=4)
+    assert [sampled[i] for i in range(4)] == [reference] * 4
+    engine.blocks.check()
+
+
 def test_scored_positions_are_bounded_per_step_over_all_sequences(mixed, tiny_tokenizer):
     """Several prompts scored at once (echo with logprobs) keep every position's logits: one step
     takes at most SCORED_CHUNK_TOKENS of them in all, however many sequences score."""
