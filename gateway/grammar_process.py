@@ -18,8 +18,12 @@ the child refuses a grammar over it instead of sending it, and the server refuse
 before reading it, so no oversized grammar is ever parsed or deserialized in the server.
 
 The protocol over the child's stdin and stdout is length-prefixed frames: first the tokenizer info
-(xgrammar's JSON), then one ``{"kind", "text", "max_bytes"}`` request per compile, each answered by
-``{"ok": serialized grammar}``, ``{"too_large": its size}`` or ``{"error": message}``.
+(xgrammar's JSON), answered by ``{"ready": true}`` once the child has imported xgrammar and built
+its compiler, then one ``{"kind", "text", "max_bytes"}`` request per compile, each answered by
+``{"ok": serialized grammar}``, ``{"too_large": its size}`` or ``{"error": message}``. A compile's
+timeout starts when its request is sent to a ready child: a child's start (seconds: it imports
+torch, longer on a loaded machine) is the server's cost, bounded apart by ``START_TIMEOUT``, and
+is never counted against a schema.
 """
 
 from __future__ import annotations
@@ -47,10 +51,18 @@ _BUDGET_ENV = "GATEWAY_GRAMMAR_MEMORY_BUDGET"
 # address space a compile may add to the child's once it is ready (xgrammar and torch imported):
 # far above what any schema that passes the checks needs, far below what would crowd the server
 MEMORY_BUDGET = 2 << 30
+# longest a child may take to become ready (imports, tokenizer info): ~3 s on an idle two-core
+# machine; past it the server cannot compile now (503), which says nothing about the schema
+START_TIMEOUT = 60.0
 
 
 class CompileTimeoutError(TimeoutError):
     """The compile ran past its deadline; its child process was killed."""
+
+
+class CompilerUnavailableError(RuntimeError):
+    """A child did not become ready (it died or took past ``START_TIMEOUT`` to start): the
+    server's trouble, no schema's."""
 
 
 class GrammarCompileError(ValueError):
@@ -68,17 +80,21 @@ class GrammarTooLargeError(GrammarCompileError):
 class CompileProcess:
     """One child process and the compiles it runs, one at a time (callers serialize)."""
 
-    def __init__(self, tokenizer_info_json: str, memory_budget: int = MEMORY_BUDGET):
+    def __init__(self, tokenizer_info_json: str, memory_budget: int = MEMORY_BUDGET,
+                 start_timeout: float = START_TIMEOUT):
         self._info = tokenizer_info_json.encode()
         self._memory_budget = memory_budget
+        self._start_timeout = start_timeout
         self._proc: subprocess.Popen | None = None
+        self._ready = False  # the current child answered its ready frame
+        self._start_deadline = 0.0  # monotonic time by which it must have
 
     def compile(self, kind: str, text: str, timeout: float, max_bytes: int = 1 << 62) -> str:
         """The serialized compiled grammar of ``text`` (``kind`` "json" for a JSON schema, "tag" for
         a structural tag). Raises ``CompileTimeoutError`` past ``timeout`` seconds (the child is
         killed), ``GrammarTooLargeError`` when the serialized grammar is over ``max_bytes`` and
         ``GrammarCompileError`` when xgrammar refuses it."""
-        proc = self._started()
+        proc = self._ready_process()
         deadline = time.monotonic() + timeout  # the compile's own time, not the process's start
         try:
             _write_frame(proc.stdin, json.dumps({"kind": kind, "text": text, "max_bytes": max_bytes}).encode())
@@ -100,8 +116,28 @@ class CompileProcess:
             raise GrammarTooLargeError(int(answer["too_large"]), max_bytes)
         return answer["ok"]
 
+    def _ready_process(self) -> subprocess.Popen:
+        """The child, once it said it is ready (``CompilerUnavailableError`` when it does not)."""
+        proc = self._started()
+        if not self._ready:
+            try:
+                answer = json.loads(_read_frame(proc.stdout, self._start_deadline, limit=4096))
+                if answer != {"ready": True}:
+                    raise ValueError(f"unexpected first frame {str(answer)[:100]}")
+            except TimeoutError:
+                self.close()
+                raise CompilerUnavailableError(f"a compile process did not start within "
+                                               f"{self._start_timeout:g} s") from None
+            except (OSError, EOFError, ValueError) as exc:
+                self.close()
+                raise CompilerUnavailableError(f"a compile process failed to start ({exc})") from None
+            self._ready = True
+        return proc
+
     def _started(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
+            self._ready = False
+            self._start_deadline = time.monotonic() + self._start_timeout
             self._proc = subprocess.Popen([sys.executable, "-m", "gateway.grammar_process"], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE,
                                           env={**os.environ, "OMP_NUM_THREADS": "1", _PARENT_ENV: str(os.getpid()),
@@ -194,6 +230,7 @@ def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     budget = int(os.environ.get(_BUDGET_ENV, MEMORY_BUDGET))
     _cap_address_space(budget)
+    _write_frame(stdout, json.dumps({"ready": True}).encode())  # from now on, compiles are timed
     while True:
         try:
             request: dict[str, Any] = json.loads(_read_frame(stdin))

@@ -129,7 +129,8 @@ class Settings(BaseSettings):
         "Most tools (functions) in a chat completion request; each one's parameters schema is "
         "bounded by max_schema_bytes."))
     grammar_compile_timeout_seconds: float = Field(10.0, gt=0, description=(
-        "Longest a response_format schema may take to compile (400 after that)."))
+        "Longest one response_format schema's compile may take, counted from when a compile process "
+        "starts on it (time queued behind other compiles is not counted); 400 after that."))
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body on /v1 routes.")
     max_connections: int = Field(4096, ge=1, le=1_000_000, description=(
         "HTTP connections open at once; one more is answered 503 and closed unread (the open-files limit is "

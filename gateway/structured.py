@@ -13,6 +13,12 @@ constrained sequence holds its own matcher (the grammar's state after its tokens
 asks the matchers of the rows that have one for a token bitmask and applies it to those rows in
 the batched sampling step (``gateway.grammar_mask``). xgrammar is imported on first use (it takes seconds).
 
+A compile's timeout counts the compile alone, from when its process starts on it
+(``CompileProcess.compile``): time queued behind other clients' compiles is never blamed on the
+schema. That queue is bounded on its own: a compile that finds ``max_queued`` others waiting, or
+that gets no process within ``queue_timeout``, is a 503 with Retry-After (the server is busy),
+never a 400 for someone else's slow schema.
+
 Two costs are bounded besides compile time. Ambiguity: xgrammar follows every alternative of an
 ``anyOf`` that could still match, and nested unions multiply them; every constrained row pays it
 for every token on the engine thread (``MAX_SCHEMA_AMBIGUITY``). Size: a compiled grammar's
@@ -35,8 +41,9 @@ from typing import Any
 
 import torch
 
-from gateway.errors import BadRequestError
-from gateway.grammar_process import CompileProcess, CompileTimeoutError, GrammarTooLargeError
+from gateway.errors import BadRequestError, ServiceUnavailableError
+from gateway.grammar_process import (CompileProcess, CompilerUnavailableError, CompileTimeoutError,
+                                     GrammarTooLargeError)
 from gateway.pattern_cost import PatternTooComplexError, check_pattern_cost
 from gateway.tool_parser import CallTracker
 
@@ -49,6 +56,16 @@ CACHE_BYTES = 256 << 20
 # 0.05 MB, 100 string properties 3.2 MB (8.2 MB nullable), 300 properties 29 MB, 1,000 properties
 # 336 MB (size grows with the square of the property count); nested identical anyOf 17 MB for 10 KB.
 MAX_GRAMMAR_BYTES = 16 << 20
+# Waiting for a free compile process (all busy with other requests' compiles): at most this long,
+# and at most this many compiles waiting at once; past either, 503 + Retry-After. Longer than the
+# default compile timeout (10 s), so a schema queued behind two slow ones waits for one of them to
+# end (typical compiles take well under a second) before the client is told to come back.
+COMPILE_QUEUE_SECONDS = 15.0
+MAX_QUEUED_COMPILES = 8
+BUSY_RETRY_AFTER = 2  # seconds
+# Beyond the compile's own timeout (and a process's start, bounded in grammar_process): how long a
+# request still waits for a compile that started, in case a worker thread is stuck; then 503.
+COMPILE_GRACE_SECONDS = 90.0
 MAX_SCHEMA_DEPTH = 32  # nesting of subschemas checked (deeper is refused)
 # Alternatives xgrammar may follow at once along one nesting path: the product of the widths of the
 # unions (anyOf, oneOf) on it, each counting the alternatives that start with the same JSON type
@@ -313,6 +330,35 @@ def _refuse(param: str, message: str) -> BadRequestError:
     return BadRequestError(message, param=param)
 
 
+class GrammarCompilerBusyError(ServiceUnavailableError):
+    """Every compile process is busy with other requests' compiles: the schema is not at fault."""
+
+    code = "grammar_compiler_busy"
+
+    def __init__(self, message: str):
+        super().__init__(f"the grammar compiler is busy: {message}; retry shortly",
+                         headers={"Retry-After": str(BUSY_RETRY_AFTER)})
+
+
+class _Job:
+    """One compile, queued until a worker thread (hence a compile process) takes it. ``started``
+    and ``abandoned`` change under ``Grammars._queue_lock``: a job is either taken by a worker or
+    given up by its requests (past the queue's deadline), never both."""
+
+    __slots__ = ("key", "deadline", "started", "abandoned", "future")
+
+    def __init__(self, key: str, deadline: float):
+        self.key = key
+        self.deadline = deadline  # loop time after which its requests stop waiting for a process
+        self.started = False
+        self.abandoned = False
+        self.future: asyncio.Future | None = None
+
+
+class _AbandonedError(Exception):
+    """A worker reached a job its requests had given up waiting for."""
+
+
 _XGRAMMAR_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
 
 
@@ -387,7 +433,8 @@ class Grammars:
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], *, max_schema_bytes: int,
                  compile_timeout: float, workers: int = 2, max_grammar_bytes: int = MAX_GRAMMAR_BYTES,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int = CACHE_BYTES, queue_timeout: float = COMPILE_QUEUE_SECONDS,
+                 max_queued: int = MAX_QUEUED_COMPILES):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
@@ -395,6 +442,10 @@ class Grammars:
         self.compile_timeout = compile_timeout
         self.max_grammar_bytes = max_grammar_bytes
         self.cache_bytes = cache_bytes
+        self.queue_timeout = queue_timeout
+        self.max_queued = max_queued
+        self._queue_lock = threading.Lock()
+        self._queued = 0  # jobs submitted that no worker has taken yet (nor their requests given up)
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
         self._info: Any = None  # xgrammar's TokenizerInfo, made on the first compile
         # one compile process per worker thread, taken for the length of a compile; last in, first
@@ -406,7 +457,7 @@ class Grammars:
         self._info_lock = threading.Lock()
         self._banned = torch.empty(0, dtype=torch.long)  # control-character tokens (see GrammarConstraint)
         self._token_bytes: list[bytes] = []
-        self._cache: collections.OrderedDict[str, asyncio.Future] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, _Job] = collections.OrderedDict()
         self._sizes: dict[str, int] = {}  # serialized bytes of the cached grammars compiled so far
         self.cached_bytes = 0  # their sum, kept under cache_bytes
         self.compiled = 0  # grammars compiled (cache misses), for tests and metrics
@@ -431,29 +482,78 @@ class Grammars:
         return GrammarConstraint(compiled, key, self._banned, self._token_bytes)
 
     async def _compiled(self, key: str, param: str) -> Any:
-        future = self._cache.get(key)
-        if future is None:
-            future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._compile, key)))
-            self._cache[key] = future  # concurrent requests with this grammar share one compilation
-            self._evict()
-            future.add_done_callback(lambda f: self._settled(key, f))
+        job = self._cache.get(key)
+        if job is None or job.abandoned:
+            job = self._submit(key)  # concurrent requests with this grammar share one compilation
         else:
             self._cache.move_to_end(key)
         try:
-            compiled, _ = await asyncio.wait_for(asyncio.shield(future), self.compile_timeout)
+            compiled, _ = await self._result(job)
             return compiled
-        except TimeoutError:
+        except CompileTimeoutError:
             raise _refuse(param, f"the schema took longer than {self.compile_timeout:g} s to compile; "
                                  "simplify it") from None
+        except CompilerUnavailableError as exc:  # the server's trouble, not the schema's
+            log.warning("grammar compiler unavailable: %s", exc)
+            raise GrammarCompilerBusyError("a compile process could not start") from None
+        except GrammarCompilerBusyError:
+            raise
         except Exception as exc:  # noqa: BLE001 - xgrammar's refusal: an invalid or unsupported schema
             message = _XGRAMMAR_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             raise _refuse(param, f"the schema cannot be compiled: {message[:300]}") from None
 
-    def _settled(self, key: str, future: asyncio.Future) -> None:
+    def _submit(self, key: str) -> _Job:
+        """Queue a compile of ``key`` for the next free worker, unless too many already wait."""
+        with self._queue_lock:
+            if self._queued >= self.max_queued:
+                queued = self._queued
+            else:
+                queued = None
+                self._queued += 1
+        if queued is not None:
+            log.warning("grammar compile refused: %d compiles already wait for a compile process", queued)
+            raise GrammarCompilerBusyError(f"{queued} compiles are waiting for a compile process")
+        job = _Job(key, asyncio.get_running_loop().time() + self.queue_timeout)
+        job.future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._run, job)))
+        self._cache[key] = job
+        self._evict()
+        job.future.add_done_callback(lambda _: self._settled(job))
+        return job
+
+    async def _result(self, job: _Job) -> tuple[Any, int]:
+        """``job``'s grammar and size. Its requests wait for a worker to take it until its queue
+        deadline (then 503: give it up unless a worker took it meanwhile); once taken, the compile
+        process bounds its time. ``asyncio.wait``, not ``wait_for``: it neither cancels the shared
+        compile nor confuses a ``CompileTimeoutError`` (a ``TimeoutError``) with its own timeout."""
+        loop = asyncio.get_running_loop()
+        if not job.started:  # read without the lock as a shortcut only; decided under it below
+            await asyncio.wait([job.future], timeout=max(0.0, job.deadline - loop.time()))
+            if not job.future.done():
+                with self._queue_lock:
+                    if not job.started and not job.abandoned:
+                        job.abandoned = True
+                        self._queued -= 1
+                if job.abandoned:
+                    job.future.cancel()  # the executor drops it too
+                    if self._cache.get(job.key) is job:
+                        del self._cache[job.key]
+                    log.warning("grammar compile gave up: no compile process free within %g s", self.queue_timeout)
+                    raise GrammarCompilerBusyError(f"no compile process was free within {self.queue_timeout:g} s")
+        if not job.future.done():
+            await asyncio.wait([job.future], timeout=self.compile_timeout + COMPILE_GRACE_SECONDS)
+        if job.abandoned or job.future.cancelled():  # given up by another request sharing it
+            raise GrammarCompilerBusyError(f"no compile process was free within {self.queue_timeout:g} s")
+        if not job.future.done():  # a worker stuck past every bound: never expected
+            log.error("a grammar compile ran past %g s", self.compile_timeout + COMPILE_GRACE_SECONDS)
+            raise GrammarCompilerBusyError("a compile did not finish")
+        return job.future.result()
+
+    def _settled(self, job: _Job) -> None:
         """A compiled grammar counts its bytes against the cache's budget. A grammar that failed is
         compiled again when asked again, except one that ran out of time or came out too large: it
         would only take a compile process's time again."""
-        if self._cache.get(key) is not future:  # evicted while compiling
+        key, future = job.key, job.future
+        if self._cache.get(key) is not job:  # evicted while compiling, or given up
             return
         if future.cancelled() or (future.exception() is not None and not isinstance(
                 future.exception(), (CompileTimeoutError, GrammarTooLargeError))):
@@ -469,6 +569,14 @@ class Grammars:
         while len(self._cache) > CACHE_SIZE or (self.cached_bytes > self.cache_bytes and self._cache):
             key, _ = self._cache.popitem(last=False)
             self.cached_bytes -= self._sizes.pop(key, 0)
+
+    def _run(self, job: _Job) -> tuple[Any, int]:  # worker thread
+        with self._queue_lock:  # a worker (one per compile process) is free: the job leaves the queue
+            if job.abandoned:
+                raise _AbandonedError
+            job.started = True
+            self._queued -= 1
+        return self._compile(job.key)
 
     def _compile(self, key: str) -> tuple[Any, int]:  # worker thread: the grammar and its serialized bytes
         import xgrammar

@@ -16,8 +16,9 @@ import pytest
 import xgrammar
 
 from gateway.errors import BadRequestError
-from gateway.grammar_process import (CompileProcess, CompileTimeoutError, GrammarCompileError, GrammarTooLargeError,
-                                     _FrameTooLargeError, _read_frame, _write_frame)
+from gateway.grammar_process import (CompileProcess, CompilerUnavailableError, CompileTimeoutError,
+                                     GrammarCompileError, GrammarTooLargeError, _FrameTooLargeError, _read_frame,
+                                     _write_frame)
 from gateway.structured import Grammars, check_schema
 
 # passes every static check (no nested repetition, 512 elements) yet did not compile in 60 s over
@@ -185,3 +186,24 @@ def test_an_oversized_grammar_is_a_400_and_not_compiled_again(tiny_tokenizer):
         asyncio.run(scenario())
     finally:
         grammars.close()
+
+
+def test_a_process_start_is_not_counted_in_the_compile_timeout(tiny_tokenizer):
+    """A fresh child takes seconds to start (it imports torch): a compile of a few milliseconds
+    with a 0.5 s timeout still succeeds on it. A child that cannot start in time is the server's
+    trouble (``CompilerUnavailableError``, a 503 upstream), not the schema's."""
+    info = xgrammar.TokenizerInfo.from_huggingface(tiny_tokenizer, vocab_size=len(tiny_tokenizer)).serialize_json()
+    process = CompileProcess(info)
+    try:
+        started = time.monotonic()
+        process.compile("json", json.dumps(QUICK), timeout=0.5)
+        assert time.monotonic() - started > 0.5  # the start took longer than the timeout
+    finally:
+        process.close()
+    hurried = CompileProcess(info, start_timeout=0.05)
+    try:
+        with pytest.raises(CompilerUnavailableError, match="did not start within"):
+            hurried.compile("json", json.dumps(QUICK), timeout=60)
+        assert hurried.pid is None  # killed, not left starting
+    finally:
+        hurried.close()
