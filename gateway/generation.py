@@ -28,6 +28,18 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A stream's events wait in its Generation's queue until the response sends them; a client that
+# stops reading stops the sending, not the engine. Past this many bytes of unread events (an
+# estimate, ``held_bytes``) the request is cancelled and its stream ends with CLIENT_NOT_READING.
+# Generous: a plain-text stream at the default limits (n 8 x 4,096 tokens, ~400 bytes an event)
+# stays under it even unread, and a reading client with top_logprobs 20 (~3 KB an event) would
+# have to fall ~5,400 events behind the engine.
+MAX_UNREAD_BYTES = 16 * 2**20
+CLIENT_NOT_READING = "client_not_reading"  # the error code of a stream ended that way
+# the estimate errs high: an event with one token and its top 20 measured 2,841 bytes (tracemalloc)
+EVENT_BYTES = 400  # a ChoiceEvent with a few characters of text and no logprobs
+LOGPROB_BYTES = 128  # one (token, logprob) value: a tuple, an int and a float (measured ~120)
+
 
 @dataclass
 class ChoiceEvent:
@@ -150,10 +162,47 @@ class Generation:
     # finds it counted and can give feedback on it at once
     settled: asyncio.Event = field(default_factory=asyncio.Event)
 
+    # streams only (None: no bound): see MAX_UNREAD_BYTES. A non-streamed request's events are
+    # taken off the queue by a task on the event loop that never waits on the client, so they
+    # cannot pile up there; what it collects is bounded by the response's own limits
+    max_unread_bytes: int | None = None
+    unread_bytes: int = 0  # held_bytes of the events queued and not yet taken
+    overflowed: bool = False  # the client stopped reading: cancelled, the queue holds only the error
+
     def cancel(self) -> None:
         self.cancelled = True
         for request in self.requests:
             request.cancelled = True
+
+    def deliver(self, event: ChoiceEvent) -> None:
+        """Queue one engine event (on the event loop; the engine thread hands it over with
+        ``call_soon_threadsafe`` and never waits). Past ``max_unread_bytes`` unread, the work is
+        cancelled, the unread events dropped and the stream ends with an error."""
+        if self.overflowed:  # sent by the engine before it saw the cancel: nobody will read it
+            return
+        self.unread_bytes += held_bytes(event)
+        if self.max_unread_bytes is not None and self.unread_bytes > self.max_unread_bytes:
+            self._overflow()
+            return
+        self.queue.put_nowait(event)
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self.cancel()  # the path a disconnect takes: the engine drops the rows within one step
+        dropped, held = self.queue.qsize(), self.unread_bytes
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        record = self.record
+        if record is not None and record.error_type is None:
+            record.error_type = CLIENT_NOT_READING
+        log.warning("request %s (key %s) cancelled: its client stopped reading the stream, %d events "
+                    "(~%d bytes) unread, over the limit of %d bytes", record and record.completion_id,
+                    record and record.api_key_id, dropped + 1, held, self.max_unread_bytes)
+        error = ChoiceEvent(0, "", None, error=(
+            f"the stream was cancelled: the client stopped reading it and more than {self.max_unread_bytes} "
+            "bytes of it waited unsent"), error_code=CLIENT_NOT_READING)
+        self.unread_bytes = held_bytes(error)
+        self.queue.put_nowait(error)
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         """Yield events until every choice has finished and the request settled; cancels the work
@@ -162,6 +211,7 @@ class Generation:
         try:
             while open_choices:
                 event: ChoiceEvent = await self.queue.get()
+                self.unread_bytes -= held_bytes(event)
                 if event.finish_reason is not None:
                     open_choices -= 1
                 yield event
@@ -173,6 +223,14 @@ class Generation:
     @property
     def total_completion_tokens(self) -> int:
         return sum(self.completion_tokens.values())
+
+
+def held_bytes(event: ChoiceEvent) -> int:
+    """About how much memory a queued event holds: its text and its generated tokens' logprob
+    values. A prompt's logprobs (echo) are left out: they come once, on a choice's first event,
+    bounded by the prompt limits, and counting them could end a stream its client reads."""
+    values = sum(1 + len(e.top) for e in event.logprobs)
+    return EVENT_BYTES + len(event.text) + LOGPROB_BYTES * values
 
 
 class LeaseSlotClaim:
@@ -415,7 +473,8 @@ class GenerationService:
         claim = None if lease is None else LeaseSlotClaim(lease, loop)
         cache_key = "" if lease is None else lease.entry.record.content_hash  # prefix-cache identity
         virtual_tokens = 0 if lease is None else lease.entry.virtual_tokens
-        generation = Generation(prompt_tokens=record.prompt_tokens, choices=len(prompts) * n, record=record)
+        generation = Generation(prompt_tokens=record.prompt_tokens, choices=len(prompts) * n, record=record,
+                                max_unread_bytes=MAX_UNREAD_BYTES if record.stream else None)
         remaining = [len(prompts)]
 
         def release() -> None:  # on the event loop, once per engine request
@@ -436,7 +495,7 @@ class GenerationService:
                     record.capture.add(event.text)
                 if event.error is not None and record.error_type is None:
                     record.error_type = event.error_code or "generation_failed"
-                loop.call_soon_threadsafe(generation.queue.put_nowait, ChoiceEvent(
+                loop.call_soon_threadsafe(generation.deliver, ChoiceEvent(
                     index, event.text, event.finish_reason, event.error, event.error_code, event.logprobs,
                     event.prompt_logprobs))
             return sink

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Security
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from gateway.api.logprob_format import CompletionLogprobs, chat_logprobs, merge_pieces
 from gateway.api.tool_format import ToolDeltas, tool_message
 from gateway.auth import inference_key_scheme, rate_limit_error, request_key
-from gateway.errors import engine_error, error_body
-from gateway.generation import ChoiceEvent, Generation, GenerationService, RequestRecord
+from gateway.errors import BadRequestError, engine_error, error_body
+from gateway.generation import CLIENT_NOT_READING, ChoiceEvent, Generation, GenerationService, RequestRecord
 from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.sampling import SamplingParams
 from gateway.protocol import (
@@ -34,6 +34,17 @@ def get_service(request: Request) -> GenerationService:
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
 EXPERIMENT_HEADER = "x-gateway-experiment"
 ARM_HEADER = "x-gateway-experiment-arm"
+
+# The most log-probability values (a token's own and each of its top ones) a response that is not
+# streamed may hold: it is built and serialized as a whole, in a worker thread, but that thread
+# still holds the GIL the event loop needs. A stream sends each event's values as they come, so it
+# has no such bound. Chat: n x max_tokens x (top_logprobs + 1); 100,000 lets n 1 x 4,096 tokens x
+# top 20 (86,016) through and took 0.25-0.3 s to build and serialize (6 MB) on one core, up to 1 s
+# when the startup objects are not frozen (gc.freeze: GatewayServer does it). Legacy completions'
+# values cost ~3x less each (a dict entry, no bytes list): 300,000 took ~0.5 s (10 MB), and an echoed
+# batch of 8 prompts x 8,192 tokens with logprobs 1 (lm-evaluation-harness scoring, 131,072) passes.
+MAX_CHAT_LOGPROB_VALUES = 100_000
+MAX_COMPLETION_LOGPROB_VALUES = 300_000
 
 
 @router.get("/models")
@@ -57,6 +68,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     tools = service.tool_spec(body)
     params = await service.constrain(service.sampling_params(body), body, tools)
     prompt = await service.chat_prompt(body, tools)
+    if not body.stream:
+        _check_chat_logprobs(body, params, service.context_window - len(prompt))
     generation = await _start(request, service, record, [prompt], params, body.n, "messages")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     strings = service.token_strings if params.logprobs is not None else None
@@ -87,6 +100,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     record = service.begin(body, request.headers, "completions")
     params = await service.constrain(service.sampling_params(body), body)
     prompts = await service.completion_prompts(body)
+    if not body.stream:
+        _check_completion_logprobs(body, params, prompts, service.context_window)
     generation = await _start(request, service, record, prompts, params, body.n, "prompt")
     meta = {"id": record.completion_id, "created": now(), "model": body.model, **_experiment_field(record)}
     texts = await service.prompt_texts(body, prompts) if body.echo or params.logprobs is not None else []
@@ -108,6 +123,39 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         return {**meta, "object": "text_completion", "choices": choices}
 
     return _experiment_headers(await _collect(request, generation, render), record)
+
+
+def _check_chat_logprobs(body: ChatCompletionRequest, params: SamplingParams, room: int) -> None:
+    """Refuse a non-streamed chat request whose logprobs could pass MAX_CHAT_LOGPROB_VALUES
+    (``room``: the most tokens the context window leaves its answer)."""
+    if params.logprobs is None:
+        return
+    tokens = max(0, min(params.max_tokens, room))
+    values = body.n * tokens * (params.logprobs + 1)
+    if values > MAX_CHAT_LOGPROB_VALUES:
+        raise BadRequestError(
+            f"with logprobs, this response could hold {values} log-probabilities (n {body.n} x {tokens} tokens x "
+            f"(top_logprobs {params.logprobs} + 1)); the limit without streaming is {MAX_CHAT_LOGPROB_VALUES}. "
+            "Lower n, max_tokens or top_logprobs, or use stream: true",
+            param="top_logprobs" if body.top_logprobs else "logprobs")
+
+
+def _check_completion_logprobs(body: CompletionRequest, params: SamplingParams, prompts: list[list[int]],
+                               context_window: int) -> None:
+    """Refuse a non-streamed completions request whose legacy logprobs (the generated tokens', and
+    the prompt's with echo) could pass MAX_COMPLETION_LOGPROB_VALUES."""
+    if params.logprobs is None:
+        return
+    tokens = sum((len(p) if body.echo else 0) + max(0, min(params.max_tokens, context_window - len(p)))
+                 for p in prompts)
+    values = body.n * tokens * (params.logprobs + 1)
+    if values > MAX_COMPLETION_LOGPROB_VALUES:
+        what = "prompt and generated tokens" if body.echo else "generated tokens"
+        raise BadRequestError(
+            f"with logprobs, this response could hold {values} log-probabilities (n {body.n} x {tokens} {what} x "
+            f"(logprobs {params.logprobs} + 1)); the limit without streaming is {MAX_COMPLETION_LOGPROB_VALUES}. "
+            "Lower n, max_tokens or logprobs, send fewer or shorter prompts, or use stream: true",
+            param="logprobs")
 
 
 @dataclass
@@ -219,11 +267,65 @@ async def _collect(request: Request, generation: Generation,
     if collecting not in done:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     collecting.result()  # the engine's error, as an API error
-    return JSONResponse({**render(collected), "usage": _usage(generation)})
+    usage = _usage(generation)
+    # building the logprob entries and the JSON of a large answer takes seconds of CPU: a worker
+    # thread does both, so the event loop serves other clients meanwhile (the caps above bound it)
+    content = await asyncio.to_thread(_render_body, render, collected, usage)
+    return Response(content, media_type="application/json")
+
+
+def _render_body(render: Callable[[_Collected], dict[str, Any]], collected: _Collected,
+                 usage: dict[str, int]) -> bytes:
+    """The response body, as JSONResponse writes it (off the event loop: see ``_collect``)."""
+    body = {**render(collected), "usage": usage}
+    try:
+        return "".join(_json_pieces(body, ensure_ascii=False)).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate somewhere: JSON escapes keep it valid
+        return "".join(_json_pieces(body, ensure_ascii=True)).encode("ascii")
+
+
+# json.dumps is one C call that holds the GIL until it returns: 0.3 s for a 6 MB body, during
+# which the event loop cannot run even though the call is in a worker thread. So a body is written
+# in pieces: a list in slices of this many items (~2 ms each for chat entries with top_logprobs
+# 20), and the dicts and short lists of its first levels (where choices and logprobs sit) item by item.
+JSON_SLICE = 256
+JSON_SPLIT_DEPTH = 4  # body > choices > choice > logprobs > the long lists of entries
+
+
+def _json_pieces(value: Any, *, ensure_ascii: bool, depth: int = 0) -> Iterator[str]:
+    """``value`` as compact JSON (json.dumps' own text, allow_nan off), in pieces."""
+    if isinstance(value, list) and len(value) > JSON_SLICE:
+        yield "["
+        for start in range(0, len(value), JSON_SLICE):
+            part = _dumps(value[start:start + JSON_SLICE], ensure_ascii)
+            yield ("," if start else "") + part[1:-1]
+        yield "]"
+    elif depth < JSON_SPLIT_DEPTH and isinstance(value, list):
+        yield "["
+        for i, item in enumerate(value):
+            if i:
+                yield ","
+            yield from _json_pieces(item, ensure_ascii=ensure_ascii, depth=depth + 1)
+        yield "]"
+    elif depth < JSON_SPLIT_DEPTH and isinstance(value, dict):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ("," if i else "") + _dumps(key, ensure_ascii) + ":"
+            yield from _json_pieces(item, ensure_ascii=ensure_ascii, depth=depth + 1)
+        yield "}"
+    else:
+        yield _dumps(value, ensure_ascii)
+
+
+def _dumps(value: Any, ensure_ascii: bool) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, allow_nan=False, separators=(",", ":"))
 
 
 def _error_chunk(event: ChoiceEvent) -> dict[str, Any]:
     """The error event that ends a stream (its HTTP status was sent with the first chunk)."""
+    if event.error_code == CLIENT_NOT_READING:  # the gateway's own end, not the engine's
+        return error_body(event.error or "the client stopped reading", "invalid_request_error", None,
+                          CLIENT_NOT_READING)
     error = engine_error(event.error or "generation failed", event.error_code)
     return error_body(error.message, error.type, None, error.code)
 
