@@ -178,12 +178,13 @@ class Generation:
         """Queue one engine event (on the event loop; the engine thread hands it over with
         ``call_soon_threadsafe`` and never waits). Past ``max_unread_bytes`` unread, the work is
         cancelled, the unread events dropped and the stream ends with an error."""
-        if self.overflowed:  # sent by the engine before it saw the cancel: nobody will read it
-            return
-        self.unread_bytes += held_bytes(event)
-        if self.max_unread_bytes is not None and self.unread_bytes > self.max_unread_bytes:
-            self._overflow()
-            return
+        if self.max_unread_bytes is not None:  # a stream: its events are sized (not a bare queue's)
+            if self.overflowed:  # sent by the engine before it saw the cancel: nobody will read it
+                return
+            self.unread_bytes += held_bytes(event)
+            if self.unread_bytes > self.max_unread_bytes:
+                self._overflow()
+                return
         self.queue.put_nowait(event)
 
     def _overflow(self) -> None:
@@ -211,7 +212,8 @@ class Generation:
         try:
             while open_choices:
                 event: ChoiceEvent = await self.queue.get()
-                self.unread_bytes -= held_bytes(event)
+                if self.max_unread_bytes is not None:
+                    self.unread_bytes -= held_bytes(event)
                 if event.finish_reason is not None:
                     open_choices -= 1
                 yield event

@@ -505,14 +505,12 @@ class Grammars:
     def _submit(self, key: str) -> _Job:
         """Queue a compile of ``key`` for the next free worker, unless too many already wait."""
         with self._queue_lock:
-            if self._queued >= self.max_queued:
-                queued = self._queued
-            else:
-                queued = None
+            waiting = self._queued
+            if waiting < self.max_queued:
                 self._queued += 1
-        if queued is not None:
-            log.warning("grammar compile refused: %d compiles already wait for a compile process", queued)
-            raise GrammarCompilerBusyError(f"{queued} compiles are waiting for a compile process")
+        if waiting >= self.max_queued:
+            log.warning("grammar compile refused: %d compiles already wait for a compile process", waiting)
+            raise GrammarCompilerBusyError(f"{waiting} compiles are waiting for a compile process")
         job = _Job(key, asyncio.get_running_loop().time() + self.queue_timeout)
         job.future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._run, job)))
         self._cache[key] = job
