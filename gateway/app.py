@@ -48,6 +48,7 @@ from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
+from gateway.shutdown import close_within
 from gateway.shared_storage import adapter_blobs, open_shared_store
 from gateway.structured import Grammars
 from gateway.training.jobs import TrainingJobs
@@ -235,13 +236,15 @@ def create_app(settings: Settings, base: LoadedBase | None = None,
             yield
         finally:
             gateway.ready = False
+            # each step bounded: a hung one is logged and skipped, the rest still close
             if gateway.changes is not None:
-                await gateway.changes.close()
-            await asyncio.to_thread(gateway.engine.stop)
-            await gateway.training.close()  # a running job resumes from its checkpoint at the next start
-            await gateway.files.close()
-            await gateway.registry.close()
-            await asyncio.to_thread(gateway.experiments.close)
+                await close_within("the change feed", gateway.changes.close(), 15)
+            await close_within("the engine", asyncio.to_thread(gateway.engine.stop), 15)
+            # a running job resumes from its checkpoint at the next start
+            await close_within("training", gateway.training.close(), 30)
+            await close_within("files", gateway.files.close(), 15)
+            await close_within("the registry", gateway.registry.close(), 30)
+            await close_within("experiments", asyncio.to_thread(gateway.experiments.close), 30)
             if gateway.service.grammars is not None:
                 gateway.service.grammars.close()
 

@@ -19,8 +19,8 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import Request
@@ -115,3 +115,15 @@ class GatewayServer(uvicorn.Server):
                 await drain(gateway, self.grace_seconds)
         finally:
             self.should_exit = True
+
+
+async def close_within(name: str, closing: Awaitable[Any], seconds: float) -> None:
+    """Await one step of the app's teardown for at most ``seconds``. A step that fails or hangs is
+    logged and left behind, so the steps after it still run and the process can still exit (a
+    stuck database call once kept a whole shutdown, and the test run around it, waiting)."""
+    try:
+        await asyncio.wait_for(closing, seconds)
+    except asyncio.TimeoutError:
+        log.error("shutdown: %s did not finish within %.0f s; going on without it", name, seconds)
+    except Exception:  # noqa: BLE001 - one component's failure must not skip the others' teardown
+        log.exception("shutdown: %s failed; going on", name)

@@ -4,7 +4,6 @@ config, list, inspect, follow progress (SSE), cancel and delete. Job errors are 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from gateway.auth import admin_key_scheme
 from gateway.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from gateway.training.jobs import TrainingJobs
 from gateway.training.store import TERMINAL, TrainingJobRecord
+from gateway.waiting import wait_event
 
 router = APIRouter(prefix="/admin/training-jobs", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 MAX_CONFIG_FIELD_BYTES = 64 * 1024
@@ -144,9 +144,7 @@ async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
                 last = payload
             if record.state in TERMINAL:
                 return
-            try:
-                await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
-            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+            if not await wait_event(changed, KEEPALIVE_SECONDS):
                 yield ": keep-alive\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",

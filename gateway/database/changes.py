@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from adapters.sql import CHANGES_CHANNEL, DatabaseUnavailableError, PostgresDatabase
+from gateway.waiting import wait_event
 
 log = logging.getLogger(__name__)
 RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)  # waits between reconnection attempts (the last repeats)
@@ -119,8 +120,7 @@ class ChangeFeed:
     # ---- event loop -----------------------------------------------------------------------------
     async def _apply(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.resync_seconds)
+            await wait_event(self._wake, self.resync_seconds)
             self._wake.clear()
             topics, self._dirty = (self._dirty or set(self._handlers)), set()
             for topic in sorted(topics):

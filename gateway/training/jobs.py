@@ -54,6 +54,7 @@ from gateway.training.errors import (
     TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
 )
 from gateway.training.persistence import RecordWriter
+from gateway.waiting import wait_event
 from gateway.training.store import (
     CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, TrainingJobRecord, TrainingJobStore,
 )
@@ -403,8 +404,7 @@ class TrainingJobs:
 
     async def _idle(self, seconds: float) -> None:
         self._wakeup.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        await wait_event(self._wakeup, seconds)
 
     async def _run_job(self, record: TrainingJobRecord) -> None:
         config = TrainingConfig.model_validate(record.config)
