@@ -8,10 +8,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from gateway.settings import EMBEDDED_MODEL, Settings
+
+if TYPE_CHECKING:  # imported where used: the CLI starts (and answers --help) without them
+    import uvicorn
+    from fastapi import FastAPI
+
+    from gateway.connections import ConnectionBook
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -31,16 +38,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     from adapters.kinds.lora_kernel import check_lora_kernel
     from adapters.shared_store import SharedStoreError
     from adapters.sql import DatabaseUnavailableError
     from adapters.store import DatabaseUnusableError
     from gateway.app import check_data_dir, create_app
     from gateway.base_model import ModelLoadError, compute_dtype, context_window_of, pick_device, read_model_config
-    from gateway.connections import (ConnectionBook, ShortRequestTargets, connection_limits, ensure_file_descriptors,
-                                     guarded_protocol)
+    from gateway.connections import ConnectionBook, ShortRequestTargets, connection_limits, ensure_file_descriptors
     from gateway.database.migrations import SchemaTooNewError
     from gateway.engines import check_kv_pool
     from gateway.exposure import check_exposure
@@ -84,12 +88,24 @@ def serve(settings: Settings) -> None:
     connections = ConnectionBook(connection_limits(settings))
     ensure_file_descriptors(settings.max_connections)
     app = create_app(settings, connections=connections)
-    # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes;
-    # no WebSocket upgrades (no route takes one, and an upgraded connection would leave the book)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=5, http=guarded_protocol(connections), ws="none")
+    config = server_config(app, settings, connections)
     logging.getLogger("uvicorn.access").addFilter(ShortRequestTargets())  # after Config set up uvicorn's logging
     GatewayServer(config, lambda: getattr(app.state, "gateway", None), settings.shutdown_grace_seconds).run()
+
+
+def server_config(app: FastAPI, settings: Settings, connections: ConnectionBook) -> uvicorn.Config:
+    """uvicorn's configuration for the gateway's app."""
+    import uvicorn
+
+    from gateway.connections import guarded_protocol
+
+    # the drain (shutdown_grace_seconds) ends every request first; the rest is sending the last bytes;
+    # no WebSocket upgrades (no route takes one, and an upgraded connection would leave the book);
+    # X-Forwarded-* believed from the configured proxies only (uvicorn's default believes 127.0.0.1)
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                          timeout_graceful_shutdown=5, http=guarded_protocol(connections), ws="none",
+                          proxy_headers=bool(settings.trusted_proxies),
+                          forwarded_allow_ips=",".join(settings.trusted_proxies) or None)
 
 
 TRAIN_SETTINGS = ("model", "device", "quantization", "chat_template", "data_dir", "dummy_weights", "max_lora_rank",

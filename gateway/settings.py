@@ -3,6 +3,7 @@ at start. The README's configuration table mirrors the field descriptions here."
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -143,6 +144,11 @@ class Settings(BaseSettings):
         "headers; past it the connection is closed (408 if a request had begun)."))
     max_header_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description=(
         "Largest request line plus headers of one request (431 beyond)."))
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Addresses or networks (comma-separated, e.g. 10.0.0.0/8) of reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto are believed for the client's address (logs, the console's "
+        "sign-in throttle). Empty: no proxy headers are believed (uvicorn alone believes them from "
+        "127.0.0.1, which lets any local process claim any address)."))
     experiment_subject_header: str = Field("x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
         "Request header naming the subject of an experiment whose stickiness is 'header', unless the "
         "experiment names its own."))
@@ -233,11 +239,21 @@ class Settings(BaseSettings):
         check_unique(value)
         return value
 
-    @field_validator("adapter_source_roots", mode="before")
+    @field_validator("adapter_source_roots", "trusted_proxies", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for proxy in value:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy[:64]!r} is not an IP address or network") from None
         return value
 
     @field_validator("chat_template", "adapters_dir")

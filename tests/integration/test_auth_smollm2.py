@@ -120,3 +120,17 @@ def test_a_request_whose_headers_never_end_is_closed_after_the_header_timeout(se
         waited = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     assert HEADER_TIMEOUT * 0.9 <= waited < HEADER_TIMEOUT + 10
+
+
+def test_a_forwarded_for_header_from_localhost_does_not_change_the_client_address(server):
+    """No proxy is configured: X-Forwarded-For is not believed, not even from 127.0.0.1 (uvicorn's
+    default), so a local process cannot pose as another address (the console's sign-in throttle)."""
+    import time
+
+    assert httpx.get(f"{server.url}/healthz?forwarded-probe", headers={"X-Forwarded-For": "203.0.113.9"},
+                     timeout=10).status_code == 200
+    deadline = time.monotonic() + 10
+    while "forwarded-probe" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(line for line in server.log().splitlines() if "forwarded-probe" in line)
+    assert "127.0.0.1:" in line and "203.0.113.9" not in line
