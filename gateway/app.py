@@ -51,6 +51,7 @@ from gateway.settings import Settings
 from gateway.shutdown import close_within
 from gateway.shared_storage import adapter_blobs, open_shared_store
 from gateway.structured import Grammars
+from gateway.throttle import FailureThrottle
 from gateway.training.jobs import TrainingJobs
 from gateway.training.wiring import attach_training
 from gateway.uploads import clear_staging
@@ -81,6 +82,7 @@ class Gateway:
     console: ConsoleState | None = None  # the operator console's sessions (gateway/console)
     shared_store: SharedStore | None = None  # files all replicas share (settings.shared_store_url)
     changes: ChangeFeed | None = None  # PostgreSQL: follows other replicas' changes (gateway/database)
+    key_guesses: FailureThrottle | None = None  # wrong bearer keys per client address (None: no limit)
 
 
 def eos_ids(base: LoadedBase) -> set[int]:
@@ -158,6 +160,8 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     gateway.training = attach_training(gateway, stores.training, shared=stores.shared)
     gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, stores.files)
     gateway.console = attach_console(settings)
+    if settings.max_failed_key_attempts:
+        gateway.key_guesses = FailureThrottle(settings.max_failed_key_attempts, window_seconds=60.0)
     gateway.changes = follow_changes(gateway, stores)
     return gateway
 

@@ -7,8 +7,9 @@
    everything else (inference keys, when any are configured) — unknown paths are guarded too;
    a request without a bearer key but with a signed-in console session cookie counts as the
    admin everywhere, and needs the session's CSRF token for any state-changing method (403);
-2. checks the bearer key (401 in OpenAI's shape), then the key's concurrency and request-rate
-   limits (429 with Retry-After); nothing of the body has been read at that point, so a client
+2. checks the bearer key (401 in OpenAI's shape; past ``max_failed_key_attempts`` wrong keys a
+   minute from one client address, 429 for any key from there), then the key's concurrency and
+   request-rate limits (429 with Retry-After); nothing of the body has been read at that point, so a client
    without a key costs the server a header parse, whatever it sends;
 3. only then lets the body through, under the area's size limit (413 past it).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 
 from fastapi import Request
 from fastapi.security import HTTPBearer
@@ -32,6 +34,7 @@ from gateway.errors import (
 from gateway.keys import ApiKey
 from gateway.limits import declared_too_large, is_upload, limited_receive
 from gateway.rate_limits import Refusal
+from gateway.throttle import FailureThrottle
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
@@ -100,8 +103,16 @@ class AccessGuard:
                 "missing or incorrect CSRF token: send the console session's token in X-CSRF-Token",
                 code="csrf_token_invalid"), scope, receive, send)
             return
+        client = scope["client"][0] if scope.get("client") else "unknown"
+        guesses = gateway.key_guesses if token is not None else None  # None: no limit, or no key to count
+        if guesses is not None and (wait := guesses.retry_after(client)) is not None:
+            await self._refuse(RateLimitError(
+                f"too many wrong keys from this address; retry in {math.ceil(wait)} s", code="too_many_failed_keys",
+                headers={"Retry-After": str(math.ceil(wait))}), scope, receive, send)
+            return
         if is_admin_path(path) or is_console_api(path):
             if session is None and not key_matches(token, gateway.admin_key):
+                _count_guess(guesses, client)
                 await self._refuse(_auth_error(headers, "admin key"), scope, receive, send)
                 return
             max_bytes = settings.max_upload_bytes if is_upload(scope) else settings.max_admin_json_bytes
@@ -109,6 +120,7 @@ class AccessGuard:
             if gateway.keys.enabled and session is None:  # a console session is the admin: no key limits
                 key = gateway.keys.authenticate(token)
                 if key is None:
+                    _count_guess(guesses, client)
                     await self._refuse(_auth_error(headers, "API key"), scope, receive, send)
                     return
             max_bytes = settings.max_body_bytes
@@ -135,6 +147,16 @@ class AccessGuard:
     async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
         # the body is never read: the server closes the connection after this response
         await error_response(error)(scope, receive, send)
+
+
+def _count_guess(guesses: FailureThrottle | None, client: str) -> None:
+    """A wrong bearer key from ``client``; logged once when it reaches the throttle's limit."""
+    if guesses is None:
+        return
+    guesses.failed(client)
+    if guesses.failures(client) == guesses.max_failures:
+        log.warning("%d wrong keys from %s within %.0f s: its requests with a key get 429 for a while",
+                    guesses.max_failures, client, guesses.window)
 
 
 def _auth_error(headers: dict[bytes, bytes], what: str) -> AuthenticationError:

@@ -157,6 +157,10 @@ class Settings(BaseSettings):
     console_sign_in_failures: int = Field(5, ge=1, le=1000, description=(
         "Failed console sign-ins allowed per client address per minute; past it every attempt from that "
         "address is refused until the oldest failure is a minute old."))
+    max_failed_key_attempts: int = Field(30, ge=0, le=1_000_000, description=(
+        "Wrong bearer keys (admin or inference) one client address may send per minute; past it every "
+        "request with a bearer key from that address gets 429 until the oldest failure is a minute old. "
+        "0: no limit."))
     max_experiments: int = Field(64, ge=1, description="Most experiments that may exist at once.")
     experiment_min_samples: int = Field(30, ge=2, description=(
         "Feedback samples each arm needs before its comparison with the control gets a verdict."))

@@ -302,7 +302,9 @@ def fuzz_server(root: Path, inference_key: str, admin_key: str) -> Iterator[tupl
     env = {"GATEWAY_MODEL": str(model), "GATEWAY_QUANTIZATION": "none", "GATEWAY_DEVICE": "cpu",
            "GATEWAY_DATA_DIR": str(data), "GATEWAY_ADAPTERS_DIR": str(adapters), "GATEWAY_API_KEYS": inference_key,
            "GATEWAY_ADMIN_KEY": admin_key, "GATEWAY_MAX_TOKENS_LIMIT": "16", "GATEWAY_DEFAULT_MAX_TOKENS": "8",
-           "GATEWAY_MAX_N": "2", "GATEWAY_LOG_LEVEL": "warning"}
+           "GATEWAY_MAX_N": "2", "GATEWAY_LOG_LEVEL": "warning",
+           # a quarter of the requests carry a wrong key: throttled, the rest would all be 429s
+           "GATEWAY_MAX_FAILED_KEY_ATTEMPTS": "0"}
     with running_gateway(env, root / "gateway.log") as url:
         yield url, data
 

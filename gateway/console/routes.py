@@ -24,7 +24,8 @@ from gateway.auth import admin_key_scheme, key_matches
 from gateway.console.security import (
     CONSOLE_PREFIX, SIGN_IN_PATH, cleared_cookie, console_session, cookie_value, same_origin, session_cookie,
 )
-from gateway.console.sessions import ConsoleSessions, SignInThrottle
+from gateway.console.sessions import ConsoleSessions
+from gateway.throttle import FailureThrottle
 from gateway.console.status import TokenRate, gateway_status, per_adapter_latency
 from gateway.errors import BadRequestError, ServiceUnavailableError
 from gateway.settings import Settings
@@ -39,13 +40,13 @@ class ConsoleState:
     """What the console keeps per gateway: sessions, the sign-in throttle, the token-rate samples."""
 
     sessions: ConsoleSessions
-    throttle: SignInThrottle
+    throttle: FailureThrottle
     rate: TokenRate = field(default_factory=TokenRate)
 
 
 def attach_console(settings: Settings) -> ConsoleState:
     return ConsoleState(ConsoleSessions(settings.console_session_seconds),
-                        SignInThrottle(settings.console_sign_in_failures, window_seconds=60.0))
+                        FailureThrottle(settings.console_sign_in_failures, window_seconds=60.0))
 
 
 page = APIRouter(prefix=CONSOLE_PREFIX, include_in_schema=False)

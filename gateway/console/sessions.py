@@ -1,4 +1,4 @@
-"""Browser sessions of the console, and the throttle on failed sign-ins. Pure code: no FastAPI.
+"""Browser sessions of the console. Pure code: no FastAPI.
 
 A session is created when the admin key is presented once at sign-in; the browser then holds
 only a random 256-bit session id (in an HttpOnly cookie), never the key. Sessions live in memory:
@@ -12,12 +12,11 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_SESSIONS = 256  # an operator console, not a user database: the oldest session goes first
-MAX_TRACKED_CLIENTS = 10_000  # addresses the throttle remembers at once (bounded memory under a flood)
 
 
 def _digest(session_id: str) -> bytes:
@@ -78,39 +77,3 @@ class ConsoleSessions:
         now = self.clock()
         for key in [k for k, s in self._sessions.items() if s.expires <= now]:
             del self._sessions[key]
-
-
-class SignInThrottle:
-    """At most ``max_failures`` failed sign-ins per client address in a sliding ``window``;
-    beyond that every attempt is refused (even with the right key) until old failures age out."""
-
-    def __init__(self, max_failures: int, window_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.max_failures = max_failures
-        self.window = window_seconds
-        self.clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def retry_after(self, client: str) -> float | None:
-        """Seconds until ``client`` may try again, or None when it may try now."""
-        failures = self._recent(client)
-        if len(failures) < self.max_failures:
-            return None
-        return max(0.0, failures[0] + self.window - self.clock())
-
-    def failed(self, client: str) -> None:
-        failures = self._recent(client)
-        failures.append(self.clock())
-        self._failures[client] = failures
-        self._failures.move_to_end(client)
-        while len(self._failures) > MAX_TRACKED_CLIENTS:
-            self._failures.popitem(last=False)
-
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
-
-    def _recent(self, client: str) -> deque[float]:
-        failures = self._failures.get(client, deque())
-        cutoff = self.clock() - self.window
-        while failures and failures[0] <= cutoff:
-            failures.popleft()
-        return failures

@@ -37,14 +37,14 @@ MB = 1 << 20
 JSON_LIMIT, UPLOAD_LIMIT, ADAPTER_LIMIT = 2048, 65536, 30000
 
 
-def make_app(data_dir: Path, adapters_dir: Path):
+def make_app(data_dir: Path, adapters_dir: Path, **overrides):
     tokenizer = build_tokenizer()
     base = LoadedBase(model=build_tiny_llama(len(tokenizer)), tokenizer=tokenizer, name="tiny",
                       device=torch.device("cpu"), dtype=torch.float32, context_window=256, load_seconds=0.0)
     settings = Settings(quantization="none", device="cpu", adapters_dir=adapters_dir, data_dir=data_dir,
                         admin_key=ADMIN_KEY, api_keys=json.dumps(KEYS), max_tokens_limit=64, default_max_tokens=2,
                         max_body_bytes=4096, max_admin_json_bytes=JSON_LIMIT, max_upload_bytes=UPLOAD_LIMIT,
-                        max_training_dataset_bytes=6000, max_adapter_bytes=ADAPTER_LIMIT)
+                        max_training_dataset_bytes=6000, max_adapter_bytes=ADAPTER_LIMIT, **overrides)
     return create_app(settings, base=base)
 
 
@@ -52,7 +52,8 @@ def make_app(data_dir: Path, adapters_dir: Path):
 def client(tmp_path_factory):
     adapters = tmp_path_factory.mktemp("guard-adapters")
     make_peft_adapter(build_tiny_llama(len(build_tokenizer())), "lora", adapters / "lora-a")
-    with TestClient(make_app(tmp_path_factory.mktemp("guard-data"), adapters)) as c:
+    # these tests send hundreds of wrong keys from one address: the guess throttle is tested apart
+    with TestClient(make_app(tmp_path_factory.mktemp("guard-data"), adapters, max_failed_key_attempts=0)) as c:
         yield c
 
 
@@ -324,3 +325,38 @@ def test_tokenize_routes_need_an_inference_key(client):
     assert client.post("/tokenize", json=body, headers=ALPHA).json()["count"] > 0
     schema = client.get("/openapi.json").json()
     assert schema["paths"]["/tokenize"]["post"]["security"] == [{"InferenceKey": []}]
+
+
+# ---- key guesses ----------------------------------------------------------------------------------
+def test_wrong_keys_past_the_limit_get_429_for_any_key_from_that_address(tmp_path):
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    with TestClient(make_app(tmp_path / "data", adapters, max_failed_key_attempts=3)) as guessing:
+        wrong = [guessing.get("/admin/adapters", headers={"Authorization": "Bearer wrong-admin-key-000000"}),
+                 guessing.get("/v1/models", headers={"Authorization": "Bearer wrong-inference-key"}),
+                 guessing.get("/admin/adapters", headers={"Authorization": "Bearer wrong-admin-key-111111"})]
+        assert [r.status_code for r in wrong] == [401, 401, 401]
+        for headers in (ADMIN, ALPHA, {"Authorization": "Bearer wrong-admin-key-222222"}):
+            refused = guessing.get("/admin/adapters" if headers is ADMIN else "/v1/models", headers=headers)
+            # even the right key: a guess must not be confirmed
+            assert_error(refused, 429, type_="rate_limit_error", code="too_many_failed_keys")
+            assert 55 <= int(refused.headers["retry-after"]) <= 60
+        assert guessing.get("/healthz").status_code == 200  # no key sent: nothing to throttle
+        missing = guessing.get("/v1/models")  # no key is not a guess either: the usual 401
+        assert missing.status_code == 401
+        # another address is not affected
+        other = TestClient(guessing.app, client=("198.51.100.7", 50000))
+        assert other.get("/admin/adapters", headers=ADMIN).status_code == 200
+
+
+def test_failures_age_out_of_the_window():
+    from gateway.throttle import FailureThrottle
+
+    now = [1000.0]
+    throttle = FailureThrottle(2, window_seconds=60, clock=lambda: now[0])
+    throttle.failed("a")
+    now[0] += 30
+    throttle.failed("a")
+    assert throttle.retry_after("a") == pytest.approx(30)
+    now[0] += 30.5
+    assert throttle.retry_after("a") is None and throttle.failures("a") == 1

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from gateway.base_model import LoadedBase
 from gateway.console.security import COOKIE_NAME, CSRF_HEADER
-from gateway.console.sessions import ConsoleSessions, SignInThrottle
+from gateway.console.sessions import ConsoleSessions
+from gateway.throttle import FailureThrottle
 from gateway.settings import Settings
 from support import build_tiny_llama, build_tokenizer, make_peft_adapter
 from test_api_errors import assert_error
@@ -297,7 +298,7 @@ def test_sessions_expire_and_are_bounded():
 
 def test_throttle_window_slides():
     clock = Clock()
-    throttle = SignInThrottle(2, window_seconds=60, clock=clock)
+    throttle = FailureThrottle(2, window_seconds=60, clock=clock)
     throttle.failed("a")
     clock.now += 30
     throttle.failed("a")
