@@ -2,7 +2,8 @@
 one registry), so each store is written once.
 
 Stores write their SQL with ``?`` placeholders and the subset both engines read alike: ``INSERT
-... ON CONFLICT (key) DO UPDATE`` upserts (SQLite ≥ 3.24), ``CASE`` rather than summed booleans.
+... ON CONFLICT (key) DO UPDATE`` upserts, ``RETURNING`` (both SQLite ≥ 3.35), ``CASE`` rather than
+summed booleans.
 A store calls ``db.run(fn)``: ``fn(tx)`` runs inside one transaction, committed when it returns,
 rolled back when it raises. What differs between the engines stays here: placeholders, taking
 the write lock, row locking (``tx.lock_rows``), change notifications (``tx.notify``; PostgreSQL's
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MIN_SQLITE = (3, 35)  # RETURNING (experiments' request rows)
 CHANGES_CHANNEL = "gateway_changes"  # the one NOTIFY channel; payload: {"topic": ..., ...}
 
 
@@ -100,6 +102,9 @@ class SqlDatabase:
 def open_sqlite(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     """A connection in WAL mode (fsync per commit unless ``synchronous`` says otherwise), usable
     from the event loop and worker threads."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:  # said once, not as a syntax error at the first write
+        raise RuntimeError(f"SQLite {sqlite3.sqlite_version} is too old: the gateway needs "
+                           f"{'.'.join(map(str, MIN_SQLITE))} or newer (RETURNING)")
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")

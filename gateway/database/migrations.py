@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from adapters.sql import PostgresDatabase, Transaction
+from gateway.experiments.store import ARM_TOTALS_UPGRADE
 
 log = logging.getLogger(__name__)
 LOCK_KEY = 0x6761_7465_7761_7931  # "gatewa" "y1": the advisory lock all replicas take to migrate
@@ -42,6 +43,8 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         " record TEXT NOT NULL, claimed_by TEXT, lease_until DOUBLE PRECISION)",
         "CREATE INDEX training_jobs_claimable ON training_jobs (state, created)",
     )),
+    # shared with SQLite's upgrade, frozen there: results from running totals, request rows pruned
+    (2, "experiment per-arm totals, feedback with its arm", ARM_TOTALS_UPGRADE),
 )
 LATEST = MIGRATIONS[-1][0]
 

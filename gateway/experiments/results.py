@@ -1,9 +1,10 @@
 """Per-arm results of an experiment and the comparison of each arm with the control (pure code:
 the numbers in, a JSON-ready dict out).
 
-Counts, tokens, feedback and the tests cover every request and feedback of the running phase;
-latency and time-to-first-token percentiles cover each arm's latest ``store.TIMING_SAMPLE``
-requests (``timing_sample`` says how many), so a call costs the same however long the experiment ran.
+Counts, tokens, feedback and the tests cover every request and feedback of the running phase (the
+store's per-arm totals); latency and time-to-first-token percentiles cover each arm's latest
+``store.TIMING_SAMPLE`` requests among those the store keeps (``timing_sample`` says how many), so a
+call costs the same however long the experiment ran.
 """
 
 from __future__ import annotations

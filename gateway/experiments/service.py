@@ -3,7 +3,9 @@ recording outcomes and feedback, and computing results.
 
 Definitions live in memory (routing never waits on the database) and in the store. Every store
 call runs on one worker thread, in submission order: a request's row is queued when its work
-ends, before its response is sent, so feedback on that response always finds it.
+ends, before its response is sent, so feedback on that response always finds it (until the row is
+pruned, past the experiment's latest ``MAX_STORED_REQUESTS``: feedback on it is then refused as on
+an unknown id, while what it counted stays in the results).
 
 Capture (an experiment created with ``capture: true``): the prompt and answer of each finished
 chat request it routed wait in memory, one JSON string and the answer each (at most
@@ -14,7 +16,7 @@ and only those make preference files. What is dropped or refused is logged and c
 
 Heavy work stays off the event loop: results are read and computed on a thread of their own (on
 SQLite with a connection of their own, so they never hold up the writes of requests and feedback;
-SQL aggregates and a bounded sample, see ``store.arm_data``), shared by concurrent callers and
+per-arm totals and a bounded sample, see ``store.arm_data``), shared by concurrent callers and
 reused for a while after; preference files are built in a worker thread, against the files' limits.
 """
 
@@ -45,8 +47,8 @@ from gateway.experiments.metrics import ExperimentMetrics
 from gateway.experiments.preferences import PairSummary, rate, select_pairs, write_jsonl
 from gateway.experiments.results import experiment_results
 from gateway.experiments.store import (
-    CANCELLED, MAX_STORED_CAPTURES, CaptureRow, Experiment, ExperimentStore, FeedbackRow, RequestRow, Stickiness,
-    Thumbs, UnknownCompletionError,
+    CANCELLED, MAX_STORED_CAPTURES, MAX_STORED_REQUESTS, CaptureRow, Experiment, ExperimentStore, FeedbackRow,
+    RequestRow, Stickiness, Thumbs, UnknownCompletionError,
 )
 from gateway.generation import Assignment, GenerationService, RequestRecord
 from gateway.settings import Settings
@@ -59,10 +61,10 @@ T = TypeVar("T")
 PENDING_CAPTURE_BYTES = 64 * 1024 * 1024
 PENDING_ENTRY_BYTES = 512  # the row object, its id and its place in the ordered dict
 CAPTURE_PAGE = 256  # captured answers one read of a preference file's first pass brings back
-# Results are aggregated in SQL over every request (about 0.6 s for a million on a small CPU): one
-# computation serves every caller for RESULTS_REUSE times as long as it took (at most
-# RESULTS_MAX_AGE_S), so pollers, however many, keep the reading thread busy a fifth of the time at
-# most; at small sizes (milliseconds) results are as fresh as before.
+# Results read per-arm totals and each arm's latest timings (milliseconds, however long the
+# experiment ran): one computation serves every caller for RESULTS_REUSE times as long as it took
+# (at most RESULTS_MAX_AGE_S), so pollers, however many, keep the reading thread busy a fifth of the
+# time at most.
 RESULTS_REUSE = 4.0
 RESULTS_MAX_AGE_S = 30.0
 
@@ -336,8 +338,12 @@ class ExperimentService:
         try:
             request, replaced = await self._run(self.store.put_feedback, row)
         except UnknownCompletionError:
+            # a pruned request cannot be told from an unknown one (keeping every pruned id is what
+            # the bound avoids), so the one message says both
             raise CompletionNotFoundError(
-                f"no request routed by an experiment has the id '{completion_id}'", param="id") from None
+                f"no request routed by an experiment has the id '{completion_id}' (or it is too old: an "
+                f"experiment keeps its latest {MAX_STORED_REQUESTS:,} requests, and older ones no longer "
+                "take feedback)", param="id") from None
         self.metrics.observe_feedback(request.experiment, request.arm, thumbs, replaced)
         captured = self._release(completion_id)  # kept only now that it has feedback
         if captured is not None and not await self._run(self.store.put_capture, captured, MAX_STORED_CAPTURES):

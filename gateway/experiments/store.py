@@ -1,23 +1,31 @@
 """Experiment persistence behind a small interface; SQLite (WAL) is the embedded implementation.
 
-What is kept: each experiment's definition and state, one row per finished request an experiment
-routed (its arm, timings, tokens, error), and at most one feedback row per such request. For an
-experiment created with ``capture`` on, also the prompt (chat messages) and the answer text of each
-request that received feedback (``experiment_captures``), for preference files, at most
-``MAX_STORED_CAPTURES`` per experiment (more are refused, not stored: what a preference file was
-made from stays). Every write is one transaction, so a crash leaves the old or the new state,
-never half of a change.
+What is kept: each experiment's definition and state; per arm, running totals of everything
+results count (``experiment_arm_totals``: requests, errors, cancelled, tokens, feedback, thumbs and
+score sums), updated in the transaction that records a request or its feedback; the rows of the
+experiment's latest ``MAX_STORED_REQUESTS`` finished requests (arm, timings, tokens, error: the
+latency percentiles and feedback need them) and at most one feedback row per kept request. Older
+request rows are deleted as new ones are written (``PRUNE_EVERY``); their totals stay, so results
+count every request and feedback the experiment ever had, and feedback on a deleted request is
+refused as unknown. For an experiment created with ``capture`` on, also the prompt (chat messages)
+and the answer text of each request that received feedback (``experiment_captures``), for
+preference files, at most ``MAX_STORED_CAPTURES`` per experiment (more are refused, not stored:
+what a preference file was made from stays); a captured request's feedback row (which holds its
+arm) is kept with the capture when its request row goes. Every write is one transaction, so a crash
+leaves the old or the new state, never half of a change.
 The tables share the gateway's database file with the adapter registry; their names start with
 ``experiment``.
 
-What a read costs is bounded, not proportional to the rows kept: ``arm_data`` aggregates counts,
-sums and score moments in SQL and reads only the latest ``TIMING_SAMPLE`` timings per arm;
-preference files read captures a page at a time (``capture_page``, ``capture_texts``).
+What a read costs is bounded, not proportional to the traffic: ``arm_data`` reads one totals row per
+arm and only the latest ``TIMING_SAMPLE`` timings per arm; preference files read captures a page at
+a time (``capture_page``, ``capture_texts``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -27,6 +35,7 @@ from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 from gateway.experiments.assignment import Arm
 from gateway.experiments.stats import Moments
 
+log = logging.getLogger(__name__)
 State = Literal["running", "stopped", "promoted"]
 Stickiness = Literal["user", "header", "request"]
 Thumbs = Literal["up", "down"]
@@ -39,6 +48,20 @@ TIMING_SAMPLE = 10_000
 # their text is not (each is at most GATEWAY_EXPERIMENT_CAPTURE_MAX_CHARS characters, so this
 # bounds an experiment's captures on disk and what a preference file reads).
 MAX_STORED_CAPTURES = 10_000
+# Request rows kept per experiment, the latest: results count from the totals, so what these rows
+# still serve is the timing sample (TIMING_SAMPLE per arm: full for any arm with 1% of the traffic)
+# and feedback (accepted for a kept request only). A million rows with their indexes take about
+# 220 MB on SQLite, 290 MB on PostgreSQL per experiment (the order of what MAX_STORED_CAPTURES
+# captures may take) and leave clients 2.8 hours to rate an answer at 100 requests/s, a day at 10.
+MAX_STORED_REQUESTS = 1_000_000
+# Each store deletes an experiment's request rows past MAX_STORED_REQUESTS once every PRUNE_EVERY
+# rows it writes to it (finding the cut-off reads MAX_STORED_REQUESTS index entries: amortized, 200
+# per request), at most PRUNE_BATCH of the oldest in one transaction (a backlog, as after an upgrade,
+# shrinks by PRUNE_BATCH - PRUNE_EVERY rows per PRUNE_EVERY requests without one long transaction).
+# So an experiment holds at most MAX_STORED_REQUESTS + PRUNE_EVERY rows per replica writing to it.
+PRUNE_EVERY = 5_000
+PRUNE_BATCH = 20_000
+_IDS_PER_STATEMENT = 10_000  # ids one statement names (SQLite allows 32,766 parameters)
 
 
 @dataclass
@@ -104,7 +127,7 @@ class ArmData:
     cancelled: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # of the arm's latest TIMING_SAMPLE requests (timing_sample of them), those that produced text
+    # of the arm's latest TIMING_SAMPLE kept requests (timing_sample of them), those that produced text
     ttft_s: list[float] = field(default_factory=list)
     latency_s: list[float] = field(default_factory=list)  # ... and those that completed without error
     timing_sample: int = 0
@@ -151,7 +174,7 @@ class CapturedAnswer:
 
 
 class UnknownCompletionError(LookupError):
-    """No request an experiment routed has this completion id."""
+    """No kept request an experiment routed has this completion id (unknown, or pruned)."""
 
 
 class ExperimentStore(Protocol):
@@ -164,14 +187,18 @@ class ExperimentStore(Protocol):
         """Write an existing experiment's weights, state, winner and update time."""
 
     def delete_experiment(self, name: str) -> None:
-        """Remove the experiment with its requests and feedback, in one transaction."""
+        """Remove the experiment with its requests, feedback, captures and totals, in one transaction."""
 
-    def add_request(self, row: RequestRow) -> None: ...
+    def add_request(self, row: RequestRow) -> None:
+        """Record a finished request and count it in its arm's totals; a second write of the same
+        id changes nothing. Deletes the experiment's oldest rows past ``MAX_STORED_REQUESTS`` now
+        and then (``PRUNE_EVERY``)."""
 
     def put_feedback(self, row: FeedbackRow) -> tuple[RequestRow, bool]:
-        """Store feedback for a recorded request, replacing earlier feedback for it. Returns the
-        request and whether feedback was replaced; raises ``UnknownCompletionError`` when no request
-        has the id, or the request was made with another key than the feedback's."""
+        """Store feedback for a kept request, replacing earlier feedback for it (in the totals too).
+        Returns the request and whether feedback was replaced; raises ``UnknownCompletionError``
+        when no kept request has the id, or the request was made with another key than the
+        feedback's."""
 
     def arm_data(self, name: str, timing_sample: int = TIMING_SAMPLE) -> dict[str, ArmData]: ...
 
@@ -202,7 +229,6 @@ _SCHEMA = (
     " completion_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, arm TEXT NOT NULL, subject TEXT,"
     " endpoint TEXT NOT NULL, ttft_s REAL, latency_s REAL, prompt_tokens INTEGER NOT NULL,"
     " completion_tokens INTEGER NOT NULL, error_type TEXT, created REAL NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS experiment_requests_by_arm ON experiment_requests (experiment, arm)",
     # the latest TIMING_SAMPLE rows of an arm without reading the others (results)
     "CREATE INDEX IF NOT EXISTS experiment_requests_by_arm_time ON experiment_requests (experiment, arm, created)",
     "CREATE TABLE IF NOT EXISTS experiment_feedback ("
@@ -220,11 +246,85 @@ _REQUEST_COLUMNS = ("completion_id, experiment, arm, subject, endpoint, ttft_s, 
 _ADDED_COLUMNS = (("experiment_requests", "api_key_id", "TEXT"),
                   ("experiments", "capture", "INTEGER NOT NULL DEFAULT 0"))
 
+# The step from results aggregated over every request row to per-arm totals, applied as written once:
+# as PostgreSQL's migration 2 and, on SQLite, at the first open of a database without the totals
+# table (so never change it; a later change of schema is a step of its own). It creates the totals,
+# gives feedback rows their arm (a feedback row outlives its request row when it was captured), adds
+# the index pruning reads (and PostgreSQL the one the timing sample reads; ``by_arm`` is a prefix of
+# it), drops feedback no request row matches (results never counted it), then counts every row there
+# is. An arm's score sums are taken around its ``score_shift``, the mean of its scores at the upgrade
+# (else its first score): a shift near the scores keeps the variance from cancelling away (scores go
+# up to 1e6).
+ARM_TOTALS_UPGRADE = (
+    "CREATE TABLE experiment_arm_totals (experiment TEXT NOT NULL, arm TEXT NOT NULL,"
+    " requests BIGINT NOT NULL DEFAULT 0, errors BIGINT NOT NULL DEFAULT 0, cancelled BIGINT NOT NULL DEFAULT 0,"
+    " prompt_tokens BIGINT NOT NULL DEFAULT 0, completion_tokens BIGINT NOT NULL DEFAULT 0,"
+    " feedback BIGINT NOT NULL DEFAULT 0, thumbs_up BIGINT NOT NULL DEFAULT 0, thumbs_down BIGINT NOT NULL DEFAULT 0,"
+    " scored BIGINT NOT NULL DEFAULT 0, score_shift DOUBLE PRECISION, score_sum DOUBLE PRECISION NOT NULL DEFAULT 0,"
+    " score_squares DOUBLE PRECISION NOT NULL DEFAULT 0, PRIMARY KEY (experiment, arm))",
+    "ALTER TABLE experiment_feedback ADD COLUMN arm TEXT",
+    "CREATE INDEX IF NOT EXISTS experiment_requests_by_arm_time ON experiment_requests (experiment, arm, created)",
+    "CREATE INDEX experiment_requests_by_time ON experiment_requests (experiment, created)",
+    "DROP INDEX IF EXISTS experiment_requests_by_arm",
+    "UPDATE experiment_feedback SET arm = r.arm FROM experiment_requests AS r"
+    " WHERE r.completion_id = experiment_feedback.completion_id",
+    "DELETE FROM experiment_feedback WHERE arm IS NULL",
+    "INSERT INTO experiment_arm_totals (experiment, arm, requests, errors, cancelled, prompt_tokens, completion_tokens)"
+    " SELECT experiment, arm, COUNT(*),"
+    f" SUM(CASE WHEN error_type IS NOT NULL AND error_type <> '{CANCELLED}' THEN 1 ELSE 0 END),"
+    f" SUM(CASE WHEN error_type = '{CANCELLED}' THEN 1 ELSE 0 END), SUM(prompt_tokens), SUM(completion_tokens)"
+    " FROM experiment_requests GROUP BY experiment, arm",
+    "UPDATE experiment_arm_totals SET feedback = f.feedback, thumbs_up = f.up, thumbs_down = f.down,"
+    " scored = f.scored, score_shift = f.mean"
+    " FROM (SELECT experiment, arm, COUNT(*) AS feedback, SUM(CASE WHEN thumbs = 'up' THEN 1 ELSE 0 END) AS up,"
+    " SUM(CASE WHEN thumbs = 'down' THEN 1 ELSE 0 END) AS down, COUNT(score) AS scored, AVG(score) AS mean"
+    " FROM experiment_feedback GROUP BY experiment, arm) AS f"
+    " WHERE experiment_arm_totals.experiment = f.experiment AND experiment_arm_totals.arm = f.arm",
+    "UPDATE experiment_arm_totals SET score_sum = f.total, score_squares = f.squares"
+    " FROM (SELECT t.experiment, t.arm, SUM(s.score - t.score_shift) AS total,"
+    " SUM((s.score - t.score_shift) * (s.score - t.score_shift)) AS squares"
+    " FROM experiment_feedback s JOIN experiment_arm_totals t ON t.experiment = s.experiment AND t.arm = s.arm"
+    " WHERE s.score IS NOT NULL GROUP BY t.experiment, t.arm) AS f"
+    " WHERE experiment_arm_totals.experiment = f.experiment AND experiment_arm_totals.arm = f.arm",
+)
 
 _EXPERIMENT_COLUMNS = "name, salt, arms, stickiness, subject_header, state, created, updated, winner, capture"
-_PUT_REQUEST = upsert_sql("experiment_requests", tuple(_REQUEST_COLUMNS.split(", ")), key="completion_id")
-_PUT_FEEDBACK = upsert_sql("experiment_feedback", ("completion_id", "experiment", "score", "thumbs", "created"),
+# A request's row is written once, when its outcome is final (the generation service runs its
+# observers once per request): a second write of the same id is a repeat, which must not be counted
+# again, so it changes nothing, and the totals are counted only when the row was inserted (RETURNING).
+_INSERT_REQUEST = (f"INSERT INTO experiment_requests ({_REQUEST_COLUMNS})"
+                   f" VALUES ({', '.join('?' for _ in _REQUEST_COLUMNS.split(', '))})"
+                   " ON CONFLICT (completion_id) DO NOTHING RETURNING completion_id")
+_REQUEST_COUNTERS = ("requests", "errors", "cancelled", "prompt_tokens", "completion_tokens")
+# increments computed by the database, so replicas writing at once all count (never read, add, write)
+_COUNT_REQUEST = (
+    f"INSERT INTO experiment_arm_totals (experiment, arm, {', '.join(_REQUEST_COUNTERS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (experiment, arm) DO UPDATE SET "
+    + ", ".join(f"{c} = experiment_arm_totals.{c} + excluded.{c}" for c in _REQUEST_COUNTERS))
+# An arm without a shift yet takes its first score as one (see ARM_TOTALS_UPGRADE); of two replicas
+# setting it at once, the second waits for the first and then finds it set.
+_SET_SCORE_SHIFT = ("UPDATE experiment_arm_totals SET score_shift = ? WHERE experiment = ? AND arm = ?"
+                    " AND score_shift IS NULL")
+# one feedback added to (sign 1) or taken back from (sign -1) its arm's totals; a None score adds nothing
+_COUNT_FEEDBACK = (
+    "UPDATE experiment_arm_totals SET feedback = feedback + ?, thumbs_up = thumbs_up + ?,"
+    " thumbs_down = thumbs_down + ?, scored = scored + ?,"
+    " score_sum = score_sum + COALESCE(? * (? - score_shift), 0),"
+    " score_squares = score_squares + COALESCE(? * (? - score_shift) * (? - score_shift), 0)"
+    " WHERE experiment = ? AND arm = ?")
+_PUT_FEEDBACK = upsert_sql("experiment_feedback", ("completion_id", "experiment", "arm", "score", "thumbs", "created"),
                            key="completion_id")
+# The oldest request rows past the experiment's latest ``keep`` (those written at the instant of the
+# keep-th latest stay too), about ``batch`` of them at most (more only for rows written at one
+# instant): a range of the (experiment, created) index between two cut-offs read from it, one
+# statement, so replicas pruning at once never delete more than the rows past ``keep``, and no
+# other experiment's rows are read.
+_PRUNE_REQUESTS = (
+    "DELETE FROM experiment_requests WHERE experiment = ?"
+    " AND created < (SELECT created FROM experiment_requests WHERE experiment = ? ORDER BY created DESC"
+    " LIMIT 1 OFFSET ?)"
+    " AND created <= (SELECT MAX(created) FROM (SELECT created FROM experiment_requests WHERE experiment = ?"
+    " ORDER BY created LIMIT ?) AS oldest) RETURNING completion_id")
 _PUT_CAPTURE = upsert_sql("experiment_captures", ("completion_id", "experiment", "messages", "completion", "created"),
                           key="completion_id")
 
@@ -239,6 +339,7 @@ class SqlExperimentStore:
         # long reads (results) go through ``reader`` when it is another connection, so they do not
         # hold up the writes of requests and feedback on ``db``
         self.reader = reader or db
+        self._unpruned: Counter[str] = Counter()  # experiment -> rows this store wrote since it pruned it
 
     # ---- experiments ----------------------------------------------------------------------------
     def load_experiments(self) -> list[Experiment]:
@@ -275,44 +376,70 @@ class SqlExperimentStore:
 
     def delete_experiment(self, name: str) -> None:
         def write(tx: Transaction) -> None:
-            for table in ("experiment_captures", "experiment_feedback", "experiment_requests"):
+            # request rows first: feedback locks its request row before it writes (``put_feedback``),
+            # so taking them in the same order never deadlocks, and feedback that was waiting for one
+            # finds it gone
+            for table in ("experiment_requests", "experiment_feedback", "experiment_captures",
+                          "experiment_arm_totals"):
                 tx.execute(f"DELETE FROM {table} WHERE experiment = ?", (name,))
             tx.execute("DELETE FROM experiments WHERE name = ?", (name,))
             tx.notify("experiments", name=name)
         self.db.run(write)
+        self._unpruned.pop(name, None)
 
     # ---- requests and feedback ------------------------------------------------------------------
     def add_request(self, row: RequestRow) -> None:
-        self.db.run(lambda tx: tx.execute(_PUT_REQUEST, (
-            row.completion_id, row.experiment, row.arm, row.subject, row.endpoint, row.ttft_s, row.latency_s,
-            row.prompt_tokens, row.completion_tokens, row.error_type, row.created, row.api_key_id)))
+        self.db.run(lambda tx: _record_request(tx, row))
+        self._unpruned[row.experiment] += 1
+        if self._unpruned[row.experiment] >= PRUNE_EVERY:
+            self._prune(row.experiment)
+
+    def _prune(self, name: str) -> None:
+        """Delete the experiment's oldest request rows past the bound, in a transaction of their own:
+        the request just recorded stays recorded if this fails, and the next write tries again."""
+        try:
+            pruned = self.db.run(lambda tx: _prune_requests(tx, name, MAX_STORED_REQUESTS, PRUNE_BATCH))
+        except Exception:  # noqa: BLE001 - whatever failed, the request was recorded; logged, tried again
+            log.exception("experiment %s: could not delete its oldest request rows", name)
+            return
+        self._unpruned[name] = 0
+        log.debug("experiment %s: %d request rows past the latest %d deleted", name, pruned, MAX_STORED_REQUESTS)
 
     def put_feedback(self, row: FeedbackRow) -> tuple[RequestRow, bool]:
         def write(tx: Transaction) -> tuple[RequestRow, bool]:
-            found = tx.one(f"SELECT {_REQUEST_COLUMNS} FROM experiment_requests WHERE completion_id = ?",
-                           (row.completion_id,))
+            # locked, so feedback on one request from two replicas is counted in turn, each seeing
+            # what the other replaced, and pruning cannot take the row meanwhile
+            found = tx.one(f"SELECT {_REQUEST_COLUMNS} FROM experiment_requests WHERE completion_id = ?"
+                           f"{_lock_row(tx)}", (row.completion_id,))
             # a request made with another key is as unknown as a missing one: ids cannot be probed
             if found is None or found[-1] != row.api_key_id:
                 raise UnknownCompletionError(row.completion_id)
             request = RequestRow(*found)
-            replaced = tx.one("SELECT 1 FROM experiment_feedback WHERE completion_id = ?",
-                              (row.completion_id,)) is not None
-            tx.execute(_PUT_FEEDBACK, (row.completion_id, request.experiment, row.score, row.thumbs, row.created))
-            return request, replaced
+            earlier = tx.one("SELECT score, thumbs FROM experiment_feedback WHERE completion_id = ?",
+                             (row.completion_id,))
+            tx.execute(_PUT_FEEDBACK, (row.completion_id, request.experiment, request.arm, row.score, row.thumbs,
+                                       row.created))
+            if earlier is not None:
+                _count_feedback(tx, request, *earlier, sign=-1)
+            _count_feedback(tx, request, row.score, row.thumbs, sign=1)
+            return request, earlier is not None
         return self.db.run(write)
 
     def arm_data(self, name: str, timing_sample: int = TIMING_SAMPLE) -> dict[str, ArmData]:
-        """Per-arm counts and sums, score moments (all in SQL: no row reaches Python) and the timings
-        of each arm's latest ``timing_sample`` requests."""
+        """Per-arm totals (one row per arm: every request and feedback, kept or pruned) and the
+        timings of each arm's latest ``timing_sample`` kept requests."""
         def read(tx: Transaction) -> dict[str, ArmData]:  # one transaction: counts and samples agree
             arms: dict[str, ArmData] = {}
-            for arm, requests, errors, cancelled, prompt, completion in tx.execute(
-                    "SELECT arm, COUNT(*),"
-                    " SUM(CASE WHEN error_type IS NOT NULL AND error_type <> ? THEN 1 ELSE 0 END),"
-                    " SUM(CASE WHEN error_type = ? THEN 1 ELSE 0 END), SUM(prompt_tokens), SUM(completion_tokens)"
-                    " FROM experiment_requests WHERE experiment = ? GROUP BY arm", (CANCELLED, CANCELLED, name)):
-                arms[arm] = ArmData(requests=int(requests), errors=int(errors or 0), cancelled=int(cancelled or 0),
-                                    prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0))
+            for (arm, requests, errors, cancelled, prompt, completion, feedback, up, down, scored, shift, total,
+                 squares) in tx.execute(
+                    "SELECT arm, requests, errors, cancelled, prompt_tokens, completion_tokens, feedback, thumbs_up,"
+                    " thumbs_down, scored, score_shift, score_sum, score_squares FROM experiment_arm_totals"
+                    " WHERE experiment = ?", (name,)):
+                arms[arm] = ArmData(requests=int(requests), errors=int(errors), cancelled=int(cancelled),
+                                    prompt_tokens=int(prompt), completion_tokens=int(completion),
+                                    feedback=int(feedback), thumbs_up=int(up), thumbs_down=int(down),
+                                    scores=Moments.from_sums(int(scored), float(total), float(squares),
+                                                             float(shift or 0.0)))
             for arm, data in arms.items():
                 rows = tx.execute(
                     "SELECT ttft_s, CASE WHEN error_type IS NULL THEN latency_s END FROM experiment_requests"
@@ -320,20 +447,6 @@ class SqlExperimentStore:
                 data.timing_sample = len(rows)
                 data.ttft_s = [ttft for ttft, _ in rows if ttft is not None]
                 data.latency_s = [latency for _, latency in rows if latency is not None]
-            # scores in one pass: sums of (score - shift) and its square, shift being one of the
-            # scores, so the variance does not cancel away even for scores far from 0 (up to 1e6)
-            shift = tx.one("SELECT score FROM experiment_feedback WHERE experiment = ? AND score IS NOT NULL LIMIT 1",
-                           (name,))
-            c = float(shift[0]) if shift else 0.0
-            for arm, feedback, scored, total, squares, up, down in tx.execute(
-                    "SELECT r.arm, COUNT(*), COUNT(f.score), SUM(f.score - ?), SUM((f.score - ?) * (f.score - ?)),"
-                    " SUM(CASE WHEN f.thumbs = 'up' THEN 1 ELSE 0 END),"
-                    " SUM(CASE WHEN f.thumbs = 'down' THEN 1 ELSE 0 END)"
-                    " FROM experiment_feedback f JOIN experiment_requests r ON r.completion_id = f.completion_id"
-                    " WHERE f.experiment = ? GROUP BY r.arm", (c, c, c, name)):
-                data = arms.setdefault(arm, ArmData())
-                data.feedback, data.thumbs_up, data.thumbs_down = int(feedback), int(up or 0), int(down or 0)
-                data.scores = Moments.from_sums(int(scored), float(total or 0.0), float(squares or 0.0), c)
             return arms
 
         return self.reader.read(read)
@@ -354,10 +467,8 @@ class SqlExperimentStore:
     def capture_page(self, name: str, after: tuple[float, str] | None, limit: int) -> list[CapturePageRow]:
         created, completion_id = after if after is not None else (float("-inf"), "")
         rows = self.db.read(lambda tx: tx.execute(
-            "SELECT c.completion_id, r.arm, c.messages, c.completion, f.score, f.thumbs, c.created"
-            " FROM experiment_captures c"
-            " JOIN experiment_requests r ON r.completion_id = c.completion_id"
-            " JOIN experiment_feedback f ON f.completion_id = c.completion_id"
+            "SELECT c.completion_id, f.arm, c.messages, c.completion, f.score, f.thumbs, c.created"
+            " FROM experiment_captures c JOIN experiment_feedback f ON f.completion_id = c.completion_id"
             " WHERE c.experiment = ? AND (c.created > ? OR (c.created = ? AND c.completion_id > ?))"
             " ORDER BY c.created, c.completion_id LIMIT ?", (name, created, created, completion_id, limit)))
         return [CapturePageRow(*r) for r in rows]
@@ -373,10 +484,8 @@ class SqlExperimentStore:
 
     def captured_answers(self, name: str) -> list[CapturedAnswer]:
         rows = self.db.read(lambda tx: tx.execute(
-            "SELECT c.completion_id, r.arm, c.messages, c.completion, f.score, f.thumbs"
-            " FROM experiment_captures c"
-            " JOIN experiment_requests r ON r.completion_id = c.completion_id"
-            " JOIN experiment_feedback f ON f.completion_id = c.completion_id"
+            "SELECT c.completion_id, f.arm, c.messages, c.completion, f.score, f.thumbs"
+            " FROM experiment_captures c JOIN experiment_feedback f ON f.completion_id = c.completion_id"
             " WHERE c.experiment = ? ORDER BY c.created, c.completion_id", (name,)))
         return [CapturedAnswer(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
 
@@ -399,7 +508,48 @@ class SqliteExperimentStore(SqlExperimentStore):
             for table, column, type_ in _ADDED_COLUMNS:
                 if column not in {r[1] for r in tx.execute(f"PRAGMA table_info({table})")}:
                     tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {type_}")
+            if tx.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiment_arm_totals'") is None:
+                for statement in ARM_TOTALS_UPGRADE:
+                    tx.execute(statement)
         self.db.run(schema)
+
+
+def _record_request(tx: Transaction, row: RequestRow) -> None:
+    inserted = tx.execute(_INSERT_REQUEST, (
+        row.completion_id, row.experiment, row.arm, row.subject, row.endpoint, row.ttft_s, row.latency_s,
+        row.prompt_tokens, row.completion_tokens, row.error_type, row.created, row.api_key_id))
+    if inserted:
+        failed = row.error_type is not None and row.error_type != CANCELLED
+        tx.execute(_COUNT_REQUEST, (row.experiment, row.arm, 1, int(failed), int(row.error_type == CANCELLED),
+                                    row.prompt_tokens, row.completion_tokens))
+
+
+def _count_feedback(tx: Transaction, request: RequestRow, score: float | None, thumbs: Thumbs | None,
+                    sign: int) -> None:
+    if score is not None:
+        tx.execute(_SET_SCORE_SHIFT, (score, request.experiment, request.arm))
+    tx.execute(_COUNT_FEEDBACK, (sign, sign * (thumbs == "up"), sign * (thumbs == "down"), sign * (score is not None),
+                                 sign, score, sign, score, score, request.experiment, request.arm))
+
+
+def _prune_requests(tx: Transaction, name: str, keep: int, batch: int) -> int:
+    """Delete the oldest request rows past the latest ``keep`` (at most ``batch``) with their
+    feedback, except the feedback of captured requests; how many request rows went. Request rows
+    first, the order feedback locks them in (see ``delete_experiment``)."""
+    gone = [r[0] for r in tx.execute(_PRUNE_REQUESTS, (name, name, keep - 1, name, batch))]
+    for first in range(0, len(gone), _IDS_PER_STATEMENT):
+        ids = gone[first:first + _IDS_PER_STATEMENT]
+        tx.execute(f"DELETE FROM experiment_feedback WHERE completion_id IN ({', '.join('?' for _ in ids)})"
+                   " AND NOT EXISTS (SELECT 1 FROM experiment_captures c"
+                   " WHERE c.completion_id = experiment_feedback.completion_id)", ids)
+    return len(gone)
+
+
+def _lock_row(tx: Transaction) -> str:
+    """The clause that locks the rows a select reads until the transaction ends, waiting for other
+    writers (PostgreSQL; SQLite's write lock is taken at BEGIN IMMEDIATE). ``tx.lock_rows`` skips
+    locked rows instead, which would make a request being pruned or rated look unknown."""
+    return " FOR UPDATE" if tx.dialect == "postgresql" else ""
 
 
 def _count_captures(tx: Transaction, name: str) -> int:

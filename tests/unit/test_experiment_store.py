@@ -148,7 +148,7 @@ def test_tables_share_the_file_with_other_tables(db):
     store.close()
     tables = {row[0] for row in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {"registry_adapters", "experiments", "experiment_requests", "experiment_feedback",
-                      "experiment_captures"}
+                      "experiment_captures", "experiment_arm_totals"}
     assert other.execute("SELECT id FROM registry_adapters").fetchall() == [("lora-a",)]
     other.close()
 

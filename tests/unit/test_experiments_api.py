@@ -294,6 +294,25 @@ def test_feedback_rules(client):
     assert_openai_error(feedback(client, completion_id, thumbs="up"), 404)  # deleted with the experiment
 
 
+def test_feedback_on_a_pruned_completion_is_a_clear_404_and_earlier_feedback_counts(client, monkeypatch):
+    import gateway.experiments.store as store_module
+
+    monkeypatch.setattr(store_module, "MAX_STORED_REQUESTS", 2)  # each experiment keeps its latest two rows
+    monkeypatch.setattr(store_module, "PRUNE_EVERY", 1)
+    assert create(client, "exp-pruned", {"lora-a": 1, "ia3-a": 1}).status_code == 201
+    ids = [chat(client, "exp-pruned").json()["id"]]
+    assert feedback(client, ids[0], thumbs="up").status_code == 200  # rated while its row is kept
+    ids += [chat(client, "exp-pruned").json()["id"] for _ in range(3)]
+    error = assert_openai_error(feedback(client, ids[0], thumbs="down"), 404, "id")
+    assert error["code"] == "completion_not_found" and "too old" in error["message"]
+    assert feedback(client, ids[-1], thumbs="down").status_code == 200
+    results = client.get("/admin/experiments/exp-pruned/results", headers=ADMIN).json()
+    assert sum(arm["requests"] for arm in results["arms"]) == 4
+    assert sum(arm["feedback"]["thumbs"]["up"] for arm in results["arms"]) == 1  # its row is gone, not its vote
+    assert sum(arm["feedback"]["thumbs"]["down"] for arm in results["arms"]) == 1
+    client.delete("/admin/experiments/exp-pruned", headers=ADMIN)
+
+
 def test_prometheus_series_by_experiment_and_arm(client):
     assert create(client, "exp-metrics", {"ia3-a": 1, "lora-a": 0}).status_code == 201
     completion_id = chat(client, "exp-metrics").json()["id"]
