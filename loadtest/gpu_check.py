@@ -123,7 +123,11 @@ def build_model_folder(folder: Path, shape: dict, *, with_weights: bool) -> Path
 def step_env(args) -> dict:
     import torch
 
-    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "python": sys.version.split()[0]}
+    import sqlite3
+
+    # the gateway refuses SQLite older than 3.35 (adapters.sql.MIN_SQLITE): the figures' servers need it
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "python": sys.version.split()[0],
+            "sqlite": sqlite3.sqlite_version}
     try:
         import bitsandbytes
 
