@@ -106,13 +106,11 @@ class AccessGuard:
         client = scope["client"][0] if scope.get("client") else "unknown"
         guesses = gateway.key_guesses if token is not None else None  # None: no limit, or no key to count
         if guesses is not None and (wait := guesses.retry_after(client)) is not None:
-            await self._refuse(RateLimitError(
-                f"too many wrong keys from this address; retry in {math.ceil(wait)} s", code="too_many_failed_keys",
-                headers={"Retry-After": str(math.ceil(wait))}), scope, receive, send)
+            await self._refuse(too_many_failed_keys(wait), scope, receive, send)
             return
         if is_admin_path(path) or is_console_api(path):
             if session is None and not key_matches(token, gateway.admin_key):
-                _count_guess(guesses, client)
+                count_guess(guesses, client)
                 await self._refuse(_auth_error(headers, "admin key"), scope, receive, send)
                 return
             max_bytes = settings.max_upload_bytes if is_upload(scope) else settings.max_admin_json_bytes
@@ -120,7 +118,7 @@ class AccessGuard:
             if gateway.keys.enabled and session is None:  # a console session is the admin: no key limits
                 key = gateway.keys.authenticate(token)
                 if key is None:
-                    _count_guess(guesses, client)
+                    count_guess(guesses, client)
                     await self._refuse(_auth_error(headers, "API key"), scope, receive, send)
                     return
             max_bytes = settings.max_body_bytes
@@ -149,7 +147,14 @@ class AccessGuard:
         await error_response(error)(scope, receive, send)
 
 
-def _count_guess(guesses: FailureThrottle | None, client: str) -> None:
+def too_many_failed_keys(wait: float) -> RateLimitError:
+    """The answer to any key from an address past ``max_failed_key_attempts`` wrong ones."""
+    seconds = math.ceil(wait)
+    return RateLimitError(f"too many wrong keys from this address; retry in {seconds} s", code="too_many_failed_keys",
+                          headers={"Retry-After": str(seconds)})
+
+
+def count_guess(guesses: FailureThrottle | None, client: str) -> None:
     """A wrong bearer key from ``client``; logged once when it reaches the throttle's limit."""
     if guesses is None:
         return

@@ -114,6 +114,14 @@ def build_app(args: dict[str, Any]):
     return build_fleet(settings)
 
 
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """The Serve controller's options, for the HTTP proxies it starts (they inherit its environment).
+    Serve's proxy runs uvicorn with proxy headers on, and uvicorn believes ``X-Forwarded-For`` from
+    ``FORWARDED_ALLOW_IPS`` (127.0.0.1 and ::1 when unset): set to ``trusted_proxies``, the fleet
+    believes the proxies one process believes (none by default; an empty list trusts none)."""
+    return {"runtime_env": {"env_vars": {"FORWARDED_ALLOW_IPS": ",".join(settings.trusted_proxies)}}}
+
+
 def run_fleet(settings: Settings) -> None:
     """Start (or join) Ray, deploy the fleet on ``host:port``, and run until SIGTERM or SIGINT."""
     import ray
@@ -127,7 +135,7 @@ def run_fleet(settings: Settings) -> None:
     else:  # Ray's CPUs are a count to share out: enough for the replicas even on a small machine
         needed = math.ceil(settings.replicas * settings.replica_num_cpus + INGRESS_CPUS)
         ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": settings.host, "port": settings.port}, controller_options=proxy_options(settings))
     serve.run(build_fleet(settings), name=APP_NAME, route_prefix="/")
     log.info("fleet of %d replicas serving on http://%s:%d", settings.replicas, settings.host, settings.port)
     stop = threading.Event()

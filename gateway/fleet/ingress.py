@@ -1,7 +1,9 @@
-"""The fleet's HTTP entry: a Ray Serve ingress deployment (FastAPI, no model) that checks keys,
-reads the body (bounded), picks the adapter id a request needs, and relays it to a replica with
-``multiplexed_model_id`` set, so that Serve prefers a replica already holding that adapter. The
-replica's response comes back as it is produced (SSE chunk by chunk), status and headers kept.
+"""The fleet's HTTP entry: a Ray Serve ingress deployment (FastAPI, no model) that checks keys
+(wrong ones throttled per client address), reads the body (bounded by its area's limit; one whose
+only credential is a console cookie no further than 64 KiB until a replica confirms the session),
+picks the adapter id a request needs, and relays it to a replica with ``multiplexed_model_id``
+set, so that Serve prefers a replica already holding that adapter. The replica's response comes back as it is produced (SSE chunk by
+chunk), status and headers kept; what the ingress answers itself is in OpenAI's error shape.
 
 A replica that dies under a request (kill -9, a lost node) ends that request cleanly: a 503 in
 OpenAI's shape before the response started, an SSE error event after; Ray restarts the replica
@@ -12,22 +14,30 @@ and the other replicas keep serving."""
 import json
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import APIError, PayloadTooLargeError, ServiceUnavailableError, error_body, error_response
+from gateway.console.security import CSRF_HEADER
+from gateway.errors import APIError, ErrorJSONResponse, ServiceUnavailableError, error_body, error_response
 from gateway.fleet.asgi_bridge import ForwardedRequest, ResponseStart
-from gateway.fleet.routing import IngressGuard, ModelRoutes, Route, model_request
-from gateway.limits import declared_too_large
+from gateway.fleet.routing import (
+    UNCONFIRMED_SESSION_BYTES, IngressGuard, ModelRoutes, Route, SessionGate, believed_client, model_request,
+    read_body,
+)
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 REPLICA_LOST = ("the replica serving this request stopped; retry the request", "replica_unavailable")
+# what a replica needs to judge a console session, and no more of the request's headers
+SESSION_HEADERS = frozenset({b"cookie", CSRF_HEADER.lower().encode()})
+SESSION_CHECK_SECONDS = 10.0  # a replica that does not answer by then cannot vouch for the session
 
 
 def replica_lost_event() -> bytes:
@@ -38,23 +48,32 @@ def replica_lost_event() -> bytes:
     return b"data: " + payload.encode() + b"\n\ndata: [DONE]\n\n"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` (counted as it streams in)."""
-    too_large = declared_too_large(request.scope, limit)
-    if too_large is not None:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError.over(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def build_ingress_app() -> FastAPI:
     # no description of its own: /openapi.json is the gateway's, answered by a replica
-    return FastAPI(title="adapter-gateway fleet ingress", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="adapter-gateway fleet ingress", docs_url=None, redoc_url=None, openapi_url=None)
+    install_ingress_error_handlers(app)
+    return app
+
+
+def install_ingress_error_handlers(app: FastAPI) -> None:
+    """Whatever the ingress itself answers is in OpenAI's shape, as the gateway's own errors are.
+    Not ``gateway.errors.install_error_handlers``: its body check would read a body before the
+    ingress's key check and bounded read."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ErrorJSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s: unhandled error at the ingress", request.method, request.url.path, exc_info=exc)
+        return ErrorJSONResponse(error_body("internal server error", "server_error", None, "internal_error"),
+                                 status_code=500)
 
 
 # created at import, unlike the gateway's app: serve.ingress takes the app when the class is
@@ -73,6 +92,7 @@ class GatewayIngress:
         self._streams = replicas.options(stream=True)
         self._replicas = replicas
         self.routes = ModelRoutes(self._ask_route, settings.fleet_route_cache_seconds)
+        self._warned_forwarded = False
 
     async def _ask_route(self, model: str, user: str | None, headers: dict[str, str]) -> Route:
         return await self._replicas.route.remote(model, user, headers)
@@ -81,17 +101,20 @@ class GatewayIngress:
     async def relay(self, request: Request) -> Response:
         scope = request.scope
         headers = dict(scope["headers"])
-        refusal = self.guard.refusal(scope["path"], headers)
-        if refusal is not None:
+        client = self._client(scope)
+        refusal = self.guard.refusal(scope["path"], headers, client[0] if client else "unknown")
+        if refusal is not None and not self.guard.may_hold_session(headers):
             return error_response(refusal)
+        gate = None if refusal is None else SessionGate(
+            UNCONFIRMED_SESSION_BYTES, partial(self._session_admits, scope["method"], headers), refusal)
         try:
-            body = await read_body(request, self.guard.body_limit(scope))
+            body = await read_body(request, self.guard.body_limit(scope), gate)
         except APIError as exc:
             return error_response(exc)
         adapter_id = await self._adapter_for(scope["path"], body, headers) if self.multiplexed else None
         handle = self._streams.options(multiplexed_model_id=adapter_id) if adapter_id else self._streams
         forwarded = ForwardedRequest(scope["method"], scope["path"], scope.get("query_string", b""),
-                                     tuple(scope["headers"]), body, scope.get("client"))
+                                     tuple(scope["headers"]), body, client)
         pieces = handle.forward.remote(forwarded)
         try:
             start = await pieces.__anext__()
@@ -105,6 +128,28 @@ class GatewayIngress:
         response = StreamingResponse(self._body(pieces, start), status_code=start.status)
         response.raw_headers = list(start.headers)  # as the replica sent them (content-length, cookies)
         return response
+
+    def _client(self, scope: dict) -> Optional[tuple]:
+        client = believed_client(scope, self.settings.trusted_proxies)
+        if client is None and scope.get("client") and not self._warned_forwarded:
+            self._warned_forwarded = True  # once: every such request would say the same
+            log.warning("Serve's HTTP proxy took a client address from X-Forwarded-For although trusted_proxies "
+                        "is empty: such requests count as from an unknown address. Give the proxy "
+                        "FORWARDED_ALLOW_IPS=<trusted_proxies> (adapter-gateway serve does; with serve run or a "
+                        "RayService: in the Ray nodes' environment or the Serve config's controller_options)")
+        return client
+
+    async def _session_admits(self, method: str, headers: dict) -> bool:
+        """Whether some replica holds this console session (and its CSRF token matches): one small
+        call per replica, made only for a large body whose only credential is the cookie."""
+        wanted = {k: v for k, v in headers.items() if k in SESSION_HEADERS}
+        try:
+            answers = await self._replicas.broadcast("console_session_admits", method, wanted).results_async(
+                timeout_s=SESSION_CHECK_SECONDS, return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - no replica could vouch for it: refused as without the cookie
+            log.warning("checking a console session with the replicas failed: %r", exc)
+            return False
+        return any(answer is True for answer in answers)
 
     async def _adapter_for(self, path: str, body: bytes, headers: dict) -> Optional[str]:
         wanted = model_request(path, body)

@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from adapters.errors import AdapterError
 from adapters.registry import AdapterEntry, AdapterRegistry
 from gateway.app import create_app
+from gateway.console.security import console_session, csrf_ok
 from gateway.errors import ModelNotFoundError
 from gateway.fleet.asgi_bridge import ForwardedRequest, ResponseStart, call_app
 from gateway.fleet.routing import Route
@@ -60,14 +61,15 @@ class Residency:
 def resolve_route(service: GenerationService, model: str, user: str | None, headers: dict[str, str]) -> Route:
     """What ``service`` would serve a request for ``model`` with: an experiment picks its arm as
     when it serves the request (sticky assignments hash to the same arm on every replica), an
-    alias its adapter id; the base model and unknown names need no particular replica."""
+    alias its adapter id; the base model and unknown names need no particular replica (an unknown
+    one is marked so: the ingress keeps those apart from the served names)."""
     assignment = service.model_router(model, user, Headers(headers)) if service.model_router else None
     try:
         if assignment is not None:
             return Route(service.resolve_model(assignment.arm), cacheable=False)
         return Route(service.resolve_model(model), cacheable=True)
     except ModelNotFoundError:
-        return Route(None, cacheable=assignment is None)
+        return Route(None, cacheable=assignment is None, known=False)
 
 
 class GatewayReplica:
@@ -118,6 +120,15 @@ class GatewayReplica:
     async def route(self, model: str, user: str | None, headers: dict[str, str]) -> Route:
         """The adapter a request for ``model`` would use here."""
         return resolve_route(self.gateway.service, model, user, headers)
+
+    def console_session_admits(self, method: str, headers: dict[bytes, bytes]) -> bool:
+        """Whether this replica's access guard would take a request with these headers (the
+        session cookie and CSRF token) as a signed-in console's: the ingress asks every replica
+        (sessions live in the one that signed the browser in) before it reads a large body whose
+        only credential is the cookie."""
+        console = self.gateway.console
+        session = console_session(console.sessions if console else None, headers)
+        return session is not None and csrf_ok(session, method, headers)
 
     def whoami(self) -> tuple[str, int]:
         """This replica's name (as in the ``x-gateway-replica`` header) and process id, for

@@ -1,6 +1,8 @@
 """What the ingress decides before a replica sees a request, without Ray: who may send it (keys,
-checked before any body byte is read, as ``gateway.auth`` does in one process), how large its body
-may be, and which adapter id its inference body asks for (the affinity key)."""
+checked before any body byte is read, as ``gateway.auth`` does in one process, wrong keys throttled
+per client address), how much of its body it may send and when a console session must be confirmed
+first, which client address to believe, and which adapter id its inference body asks for (the
+affinity key)."""
 
 from __future__ import annotations
 
@@ -9,41 +11,71 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from gateway.auth import OPEN_BODY_BYTES, OPEN_PATHS, bearer_token, is_admin_path, key_matches
-from gateway.console.security import is_console_api, is_open_console_path
-from gateway.errors import APIError, AuthenticationError
+from starlette.requests import Request
+
+from gateway.auth import (
+    OPEN_BODY_BYTES, OPEN_PATHS, bearer_token, count_guess, is_admin_path, key_matches, too_many_failed_keys,
+)
+from gateway.console.security import cookie_value, is_console_api, is_open_console_path
+from gateway.errors import APIError, AuthenticationError, PayloadTooLargeError
 from gateway.keys import KeyRing
-from gateway.limits import is_upload
+from gateway.limits import declared_too_large, is_upload
 from gateway.settings import Settings
+from gateway.throttle import FailureThrottle
 
 log = logging.getLogger(__name__)
 # the routes whose JSON body names a model served by an adapter
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-SESSION_COOKIE = b"cookie"
+# what the ingress reads of a body whose only credential is a console session cookie before a
+# replica has confirmed the session: what anyone may send to an open path
+UNCONFIRMED_SESSION_BYTES = OPEN_BODY_BYTES
 
 
 class IngressGuard:
     """The keys check of ``gateway.auth.AccessGuard``, done at the ingress so that nothing of a
-    body is read (or parsed for routing) for a client without a key. The replica checks again and
-    applies the per-key limits (they count per replica)."""
+    body is read (or parsed for routing) for a client without a key: the one ingress is the only
+    place that sees every wrong key, so it counts them (``max_failed_key_attempts``) and answers
+    429 ``too_many_failed_keys`` as one process does. The replica checks again and applies the
+    per-key limits (they count per replica).
+
+    A console session cookie is not judged here (sessions live in the replicas): ``refusal``
+    answers as if it were absent, and ``may_hold_session`` says whether a replica could still
+    accept the request (see ``SessionGate``)."""
 
     def __init__(self, settings: Settings, admin_key: str):
         self.settings = settings
         self.admin_key = admin_key
         self.keys = KeyRing(settings.api_keys)
+        # the same throttle as gateway/app.py gives a process: 0 means no limit
+        self.key_guesses = FailureThrottle(settings.max_failed_key_attempts, window_seconds=60.0) \
+            if settings.max_failed_key_attempts else None
 
-    def refusal(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+    def refusal(self, path: str, headers: dict[bytes, bytes], client: str = "unknown") -> APIError | None:
+        """The error for a request without a console session (None: let it through); a wrong
+        bearer key counts against ``client``."""
         if path in OPEN_PATHS or is_open_console_path(path):
             return None
         token = bearer_token(headers)
-        if token is None and SESSION_COOKIE in headers:
-            return None  # a console session cookie: the replica holding the session decides
+        guesses = self.key_guesses if token is not None else None  # None: no limit, or no key to count
+        if guesses is not None and (wait := guesses.retry_after(client)) is not None:
+            return too_many_failed_keys(wait)
         if is_admin_path(path) or is_console_api(path):
-            return None if key_matches(token, self.admin_key) else _auth_error(token, "admin key")
+            if key_matches(token, self.admin_key):
+                return None
+            count_guess(guesses, client)
+            return _auth_error(token, "admin key")
         if self.keys.enabled and self.keys.authenticate(token) is None:
+            count_guess(guesses, client)
             return _auth_error(token, "API key")
         return None
+
+    @staticmethod
+    def may_hold_session(headers: dict[bytes, bytes]) -> bool:
+        """No bearer key but a console session cookie: a replica may know the session (a bearer
+        key is judged alone, as in one process)."""
+        return bearer_token(headers) is None and cookie_value(headers) is not None
 
     def body_limit(self, scope: dict) -> int:
         path = scope["path"]
@@ -62,6 +94,68 @@ def _auth_error(token: str | None, what: str) -> AuthenticationError:
 
 
 @dataclass(frozen=True)
+class SessionGate:
+    """A request the keys refuse but whose console session cookie a replica may accept. Its first
+    ``free_bytes`` are read as any open path's are, and the replica that gets it decides (401, 403
+    for a missing CSRF token, or the admin's request) exactly as in one process. A larger body
+    (declared or counted) waits until ``confirm`` says some replica holds the session and takes
+    its CSRF token, else ``refusal`` answers: an unauthenticated sender never makes the ingress
+    hold more than ``free_bytes``, while the console's adapter uploads still go through."""
+
+    free_bytes: int
+    confirm: Callable[[], Awaitable[bool]]
+    refusal: APIError
+
+    async def open(self) -> None:
+        if not await self.confirm():
+            raise self.refusal
+
+
+async def read_body(request: Request, limit: int, gate: SessionGate | None = None) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` (counted as it streams in);
+    past ``gate.free_bytes`` the gate must open first."""
+    too_large = declared_too_large(request.scope, limit)
+    if too_large is not None:
+        raise too_large
+    if gate is not None and declared_too_large(request.scope, gate.free_bytes) is not None:
+        await gate.open()
+        gate = None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError.over(limit)
+        if gate is not None and size > gate.free_bytes:
+            await gate.open()
+            gate = None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def believed_client(scope: dict, trusted_proxies: list[str]) -> tuple[str, int] | None:
+    """The client address the replicas may believe. Serve's HTTP proxy runs uvicorn with proxy
+    headers on, trusting 127.0.0.1 and ::1 unless ``FORWARDED_ALLOW_IPS`` says otherwise (the fleet
+    sets it where it starts Serve: ``gateway.fleet.app``): a proxy that took the address from
+    ``X-Forwarded-For`` although ``trusted_proxies`` is empty left no trace of the real peer, so
+    the address becomes unknown (None) rather than whatever a local client wrote in the header.
+    With ``trusted_proxies`` set the proxy's own reading stands (it must trust the same ones)."""
+    client = scope.get("client")
+    if trusted_proxies or not client:
+        return client
+    forwarded = {_forwarded_host(entry) for name, value in scope["headers"] if name == b"x-forwarded-for"
+                 for entry in value.decode("latin-1").split(",")}
+    return None if client[0] in forwarded else client
+
+
+def _forwarded_host(entry: str) -> str:
+    """The host of one ``X-Forwarded-For`` entry, as uvicorn reads it (``[v6]:port``, ``v4:port``)."""
+    entry = entry.strip()
+    if entry.startswith("[") and "]" in entry:
+        return entry[1:entry.index("]")]
+    return entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+
+
+@dataclass(frozen=True)
 class ModelRequest:
     """The routing-relevant part of an inference body."""
 
@@ -77,7 +171,7 @@ def model_request(path: str, body: bytes) -> ModelRequest | None:
         return None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser's depth: not ours to judge
         return None
     if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not data["model"]:
         return None
@@ -89,37 +183,62 @@ def model_request(path: str, body: bytes) -> ModelRequest | None:
 class Route:
     """A replica's answer to "which adapter would serve this model name": ``adapter_id`` None for
     the base model or an unknown name (any replica answers, a 404 for an unknown one);
-    ``cacheable`` False for an experiment (its arm depends on the request)."""
+    ``cacheable`` False for an experiment (its arm depends on the request); ``known`` False for a
+    name nothing is served under."""
 
     adapter_id: str | None
     cacheable: bool
+    known: bool = True
 
 
 AskReplica = Callable[[str, str | None, dict[str, str]], Awaitable[Route]]
+_MISSING = object()
+
+
+class ExpiringNames:
+    """Model name -> value for ``ttl`` seconds, at most ``max_entries`` names (names come from
+    clients: when full, expired names go, then all)."""
+
+    def __init__(self, ttl: float, max_entries: int):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Any, float]] = {}
+
+    def get(self, name: str, now: float) -> Any:
+        entry = self._entries.get(name)
+        return entry[0] if entry is not None and entry[1] > now else _MISSING
+
+    def put(self, name: str, value: Any, now: float) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+        self._entries[name] = (value, now + self.ttl)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class ModelRoutes:
     """Model name -> adapter id, asked of a replica and remembered for ``ttl`` seconds unless the
-    name is an experiment. A hint only: the serving replica resolves the name itself."""
+    name is an experiment. A hint only: the serving replica resolves the name itself. Unknown names
+    are remembered apart, in fewer entries: any client can make up names, and those must not push
+    the served names out (each one pushed out costs a replica call and affinity)."""
 
     def __init__(self, ask: AskReplica, ttl: float, clock: Callable[[], float] = time.monotonic,
-                 max_entries: int = 4096):
+                 max_entries: int = 4096, max_unknown: int = 256):
         self._ask = ask
-        self._ttl = ttl
         self._clock = clock
-        self._max_entries = max_entries  # names come from clients: the cache must stay bounded
-        self._cache: dict[str, tuple[str | None, float]] = {}
+        self.known = ExpiringNames(ttl, max_entries)
+        self.unknown = ExpiringNames(ttl, max_unknown)
 
     async def adapter_for(self, request: ModelRequest, headers: dict[str, str]) -> str | None:
         now = self._clock()
-        cached = self._cache.get(request.model)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        for names in (self.known, self.unknown):
+            cached = names.get(request.model, now)
+            if cached is not _MISSING:
+                return cached
         route = await self._ask(request.model, request.user, headers)
-        if route.cacheable and self._ttl > 0:
-            if len(self._cache) >= self._max_entries:
-                self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
-                if len(self._cache) >= self._max_entries:
-                    self._cache.clear()
-            self._cache[request.model] = (route.adapter_id, now + self._ttl)
+        if route.cacheable and self.known.ttl > 0:
+            (self.known if route.known else self.unknown).put(request.model, route.adapter_id, now)
         return route.adapter_id

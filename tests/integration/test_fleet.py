@@ -1,13 +1,17 @@
 """The fleet on a local Ray cluster: two gateway replicas (a small random model, CPU) behind the
 Ray Serve ingress. Chat and streaming through the ingress, admin routes and probes, adapter
 affinity (an adapter's requests land on the replica holding it), the gateway's own 404 for an
-unknown adapter, keys checked at the ingress, and a replica killed with SIGKILL mid-stream.
+unknown adapter, keys checked at the ingress (wrong ones throttled per address, X-Forwarded-For
+not believed), a made-up console cookie refused before a large body is read while a signed-in
+console still uploads, nested JSON answered in OpenAI's shape, and a replica killed with SIGKILL
+mid-stream.
 
 One Ray cluster per session (``ray_cluster``), one fleet for the module."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -165,3 +169,96 @@ def test_a_replica_killed_mid_stream_ends_its_stream_cleanly_and_the_fleet_recov
     assert survivor in restarted and victim not in restarted
     again = chat(fleet, "a")
     assert again.status_code == 200, again.text
+
+
+def raw_post(url: str, head: bytes, body: bytes, wait: float = 30.0) -> tuple[int, bytes]:
+    """Send a request's head and the start of its body on a raw socket, never the rest, and read
+    the answer's status and head: a server that waits for the whole body times out here."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head + b"\r\n")
+        try:
+            sock.sendall(body)
+        except OSError:  # the server answered and closed before taking it all: what is tested
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[0].lower()
+
+
+def upload_head(path: str, cookie: str, length_header: bytes, csrf: str | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1".encode(), b"Host: fleet", f"Cookie: gateway_console={cookie}".encode(),
+             b"Content-Type: multipart/form-data; boundary=b", length_header]
+    if csrf is not None:
+        lines.append(f"X-CSRF-Token: {csrf}".encode())
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def test_a_made_up_console_cookie_cannot_make_the_ingress_read_a_large_body(fleet):
+    """One process answers a cookie no session has with 401 before any body byte: the ingress,
+    which cannot see the replicas' sessions, asks them before it reads past 64 KiB."""
+    declared = upload_head("/admin/adapters", "made-up", b"Content-Length: 419430400")  # 400 MB announced
+    started = time.monotonic()
+    status, head = raw_post(fleet, declared, b"x" * 65536)
+    assert status == 401 and REPLICA.encode() not in head, head
+    chunked = upload_head("/admin/adapters", "made-up", b"Transfer-Encoding: chunked")
+    chunk = b"%x\r\n" % 32768 + b"x" * 32768 + b"\r\n"
+    status, head = raw_post(fleet, chunked, chunk * 16)  # 512 KiB sent, never the end
+    assert status == 401 and REPLICA.encode() not in head, head
+    assert time.monotonic() - started < 30
+
+
+def console_session(url: str) -> tuple[str, str]:
+    """Sign in to the console with the admin key; the session cookie and its CSRF token (asked
+    until the replica that signed the browser in answers: sessions live in one replica)."""
+    signed = httpx.post(f"{url}/console/sign-in", data={"key": ADMIN_KEY}, headers={"Origin": url}, timeout=60)
+    assert signed.status_code == 303, signed.text
+    cookie = signed.cookies["gateway_console"]
+    for _ in range(50):  # the other replica answers 401: the cookie is no session there
+        session = httpx.get(f"{url}/console/api/session", cookies={"gateway_console": cookie}, timeout=60)
+        if session.status_code == 200 and session.json()["signed_in"]:
+            return cookie, session.json()["csrf_token"]
+    raise AssertionError("no replica knew the session")
+
+
+def test_a_signed_in_console_still_sends_large_uploads_through_the_ingress(fleet):
+    cookie, csrf = console_session(fleet)
+    body = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"adapter_model.safetensors\"\r\n\r\n" \
+        + b"x" * (256 * 1024) + b"\r\n--b--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b", "X-CSRF-Token": csrf}
+    sent = httpx.post(f"{fleet}/admin/adapters", content=body, headers=headers, cookies={"gateway_console": cookie},
+                      timeout=60)
+    # past the ingress: the replica that got it judged it (its 400 for this file, or 401 when the
+    # session lives in the other replica)
+    assert sent.headers.get(REPLICA), sent.text
+    no_csrf = upload_head("/admin/adapters", cookie, b"Content-Length: %d" % len(body))
+    status, head = raw_post(fleet, no_csrf, body)  # a cookie without its token takes no large body
+    assert status == 401 and REPLICA.encode() not in head, head
+
+
+def test_wrong_keys_are_throttled_at_the_ingress_whatever_x_forwarded_for_says(fleet):
+    """30 wrong keys a minute from one address (max_failed_key_attempts), then 429 for any key
+    from there, as in one process; a local client rotating X-Forwarded-For (which Serve's proxy
+    believes from 127.0.0.1) stays one address, while the same machine without it is unaffected."""
+    for i in range(30):
+        wrong = httpx.get(f"{fleet}/v1/models", timeout=60,
+                          headers={"Authorization": f"Bearer wrong-{i}", "X-Forwarded-For": f"203.0.113.{i}"})
+        assert wrong.status_code == 401, wrong.text
+    throttled = httpx.get(f"{fleet}/v1/models", headers={**AUTH, "X-Forwarded-For": "198.51.100.1"}, timeout=60)
+    assert throttled.status_code == 429, throttled.text
+    assert throttled.json()["error"]["code"] == "too_many_failed_keys" and throttled.headers["retry-after"]
+    assert REPLICA not in throttled.headers
+    assert httpx.get(f"{fleet}/v1/models", headers=AUTH, timeout=60).status_code == 200
+
+
+def test_deeply_nested_json_is_answered_in_openais_shape(fleet):
+    for body in (b"[" * 200_000, b'{"model":"a","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        response = httpx.post(f"{fleet}/v1/chat/completions", content=body, timeout=60,
+                              headers={**AUTH, "Content-Type": "application/json"})
+        assert response.status_code == 400, response.text[:200]
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -4,6 +4,7 @@ keeps the single process), the application builder's settings, and its refusals.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -154,3 +155,37 @@ def test_serve_evicting_a_replaced_adapter_frees_its_current_version_too():
     registry = _Registry({"a": loaded})  # not replaced: released once
     asyncio.run(Residency(registry, loaded).release())
     assert registry.released == [1]
+
+
+class _Stopped:
+    """``threading.Event`` for ``run_fleet``: already set, so the fleet stops as soon as it started."""
+
+    def set(self) -> None:
+        pass
+
+    def wait(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("trusted", "allowed"), [([], ""), (["10.0.0.0/8", "192.0.2.7"], "10.0.0.0/8,192.0.2.7")])
+def test_the_fleet_starts_serves_proxies_believing_only_the_trusted_proxies(monkeypatch, tmp_path: Path, trusted,
+                                                                            allowed):
+    """Serve's HTTP proxy runs uvicorn with proxy headers on, believing X-Forwarded-For from
+    127.0.0.1 unless FORWARDED_ALLOW_IPS says otherwise: the fleet sets it, for the proxies the
+    Serve controller starts, to trusted_proxies (empty: none believed, as in one process)."""
+    import ray
+    from ray import serve
+
+    import gateway.fleet.app as fleet_app
+
+    started: list[dict] = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: started.append(kwargs))
+    for name in ("run", "delete", "shutdown"):
+        monkeypatch.setattr(serve, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(fleet_app, "build_fleet", lambda settings: None)
+    monkeypatch.setattr(fleet_app, "threading", SimpleNamespace(Event=_Stopped))
+    monkeypatch.setattr(fleet_app, "signal", SimpleNamespace(signal=lambda *args: None, SIGTERM=15, SIGINT=2))
+    fleet_app.run_fleet(Settings(model=str(tmp_path), data_dir=tmp_path, replicas=2, trusted_proxies=trusted))
+    assert started[0]["controller_options"] == {"runtime_env": {"env_vars": {"FORWARDED_ALLOW_IPS": allowed}}}

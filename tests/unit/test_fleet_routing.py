@@ -1,5 +1,6 @@
 """The fleet's pure parts, without Ray: the in-process ASGI bridge a replica serves through, the
-ingress's key check and body limits, the model a body asks for, and the route cache."""
+ingress's key check, wrong-key throttle and body limits (a console cookie's body gated on its
+session), the client address it believes, the model a body asks for, and the route cache."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.fleet.asgi_bridge import AppFailedError, ForwardedRequest, ResponseStart, call_app
-from gateway.fleet.routing import IngressGuard, ModelRequest, ModelRoutes, Route, model_request
+from gateway.errors import AuthenticationError
+from gateway.fleet.routing import (
+    IngressGuard, ModelRequest, ModelRoutes, Route, SessionGate, believed_client, model_request, read_body,
+)
 from gateway.settings import Settings
 
 ADMIN_KEY = "fleet-admin-key-0123456789abcdef"
@@ -129,7 +133,12 @@ def test_ingress_guard_checks_keys_like_the_gateway(path, token, refused):
 def test_ingress_guard_without_inference_keys_and_with_a_console_cookie():
     guard = IngressGuard(settings(), ADMIN_KEY)
     assert guard.refusal("/v1/chat/completions", headers()) is None  # no keys configured: open, as in one process
-    assert guard.refusal("/admin/adapters", headers(cookie="session=x")) is None  # the replica checks the session
+    # a console cookie is not judged by the ingress: refused as without it, a replica may still accept it
+    with_cookie = headers(cookie="gateway_console=made-up")
+    assert guard.refusal("/admin/adapters", with_cookie).status == 401
+    assert guard.may_hold_session(with_cookie)
+    assert not guard.may_hold_session(headers(cookie="other_app=x"))  # not the console's cookie
+    assert not guard.may_hold_session(headers("wrong", cookie="gateway_console=x"))  # a bearer key is judged alone
 
 
 def test_ingress_body_limits_follow_the_area():
@@ -145,6 +154,98 @@ def test_ingress_body_limits_follow_the_area():
     assert guard.body_limit(scope("GET", "/healthz")) == 64 * 1024
 
 
+def test_ingress_guard_throttles_wrong_keys_per_client_like_the_gateway():
+    guard = IngressGuard(settings(api_keys=["inference-key-0123456789"], max_failed_key_attempts=3), ADMIN_KEY)
+    for i in range(3):
+        assert guard.refusal("/v1/chat/completions", headers(f"wrong-{i}"), "10.0.0.1").status == 401
+    assert guard.refusal("/admin/adapters", headers("wrong-admin"), "10.0.0.1").status == 429  # any area
+    throttled = guard.refusal("/v1/chat/completions", headers("inference-key-0123456789"), "10.0.0.1")
+    assert throttled.status == 429 and throttled.code == "too_many_failed_keys"  # the right key too
+    assert 0 < int(throttled.headers["Retry-After"]) <= 60
+    # another address, a request without a key and the open paths are not held back
+    assert guard.refusal("/v1/chat/completions", headers("inference-key-0123456789"), "10.0.0.2") is None
+    assert guard.refusal("/v1/chat/completions", headers(), "10.0.0.1").status == 401
+    assert guard.refusal("/healthz", headers("wrong"), "10.0.0.1") is None
+
+
+def test_ingress_guard_without_a_failure_limit_never_throttles():
+    guard = IngressGuard(settings(api_keys=["inference-key-0123456789"], max_failed_key_attempts=0), ADMIN_KEY)
+    assert guard.key_guesses is None
+    assert all(guard.refusal("/v1/models", headers(f"w{i}"), "10.0.0.1").status == 401 for i in range(50))
+
+
+def streamed_request(chunks: list[bytes], content_length: int | None = None) -> tuple[Request, list[int]]:
+    """A request whose body arrives in ``chunks``; the list counts the chunks the reader pulled."""
+    pulled: list[int] = []
+    pending = list(chunks)
+
+    async def receive():
+        pulled.append(1)
+        body = pending.pop(0) if pending else b""
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    extra = [(b"content-length", str(content_length).encode())] if content_length is not None else []
+    scope = {"type": "http", "method": "POST", "path": "/admin/adapters", "headers": extra, "query_string": b""}
+    return Request(scope, receive), pulled
+
+
+def session_gate(answer: bool, asked: list[int]) -> SessionGate:
+    async def confirm() -> bool:
+        asked.append(1)
+        return answer
+
+    return SessionGate(64 * 1024, confirm, AuthenticationError("missing admin key"))
+
+
+def test_a_small_body_with_an_unconfirmed_cookie_is_read_without_asking_the_replicas():
+    asked: list[int] = []
+    request, _ = streamed_request([b"x" * 1000, b"y" * 1000])
+    assert run(read_body(request, 10**9, session_gate(False, asked))) == b"x" * 1000 + b"y" * 1000
+    assert asked == []  # the replica that gets it judges the cookie, as in one process
+
+
+def test_a_large_body_with_an_unknown_session_is_refused_before_it_is_read():
+    asked: list[int] = []
+    chunk = b"x" * (32 * 1024)
+    request, pulled = streamed_request([chunk] * 100)  # 3.2 MB sent chunked
+    with pytest.raises(AuthenticationError):
+        run(read_body(request, 10**9, session_gate(False, asked)))
+    assert asked == [1] and len(pulled) == 3  # stopped one chunk past the 64 KiB read unconfirmed
+    declared, pulled = streamed_request([chunk] * 100, content_length=len(chunk) * 100)
+    with pytest.raises(AuthenticationError):
+        run(read_body(declared, 10**9, session_gate(False, asked)))
+    assert pulled == []  # a declared length past it: asked before any body byte
+
+
+def test_a_large_body_with_a_confirmed_session_is_read_whole_under_its_limit():
+    asked: list[int] = []
+    chunk = b"x" * (32 * 1024)
+    request, _ = streamed_request([chunk] * 10)
+    assert len(run(read_body(request, 10**9, session_gate(True, asked)))) == len(chunk) * 10
+    assert asked == [1]  # once
+    too_big, _ = streamed_request([chunk] * 10)
+    with pytest.raises(Exception, match="larger than the limit"):
+        run(read_body(too_big, 200 * 1024, session_gate(True, [])))
+
+
+def client_scope(client: tuple[str, int] | None, *forwarded: str) -> dict:
+    return {"client": client, "headers": [(b"x-forwarded-for", value.encode()) for value in forwarded]}
+
+
+@pytest.mark.parametrize(("client", "forwarded", "trusted", "expected"), [
+    (("127.0.0.1", 5000), (), [], ("127.0.0.1", 5000)),  # no header: the peer
+    (("203.0.113.9", 0), ("203.0.113.9",), [], None),  # the proxy took it from the header: unknown
+    (("203.0.113.9", 8080), ("10.1.1.1, 203.0.113.9:8080",), [], None),
+    (("2001:db8::1", 0), ("[2001:db8::1]:443",), [], None),
+    (("203.0.113.9", 0), ("203.0.113.7", "203.0.113.9"), [], None),  # one of several headers
+    (("198.51.100.4", 40000), ("203.0.113.9",), [], ("198.51.100.4", 40000)),  # not believed by the proxy: the peer
+    (("203.0.113.9", 0), ("203.0.113.9",), ["10.0.0.0/8"], ("203.0.113.9", 0)),  # trusted proxies: as read
+    (None, ("203.0.113.9",), [], None),
+])
+def test_believed_client_never_takes_an_address_from_a_header_nobody_trusts(client, forwarded, trusted, expected):
+    assert believed_client(client_scope(client, *forwarded), trusted) == expected
+
+
 @pytest.mark.parametrize(("path", "body", "expected"), [
     ("/v1/chat/completions", b'{"model": "a", "user": "u"}', ModelRequest("a", "u")),
     ("/v1/completions", b'{"model": "b", "user": 5}', ModelRequest("b", None)),
@@ -154,6 +255,8 @@ def test_ingress_body_limits_follow_the_area():
     ("/v1/chat/completions", b"{not json", None),
     ("/v1/chat/completions", b"\xff\xfe", None),
     ("/admin/adapters", b'{"model": "a"}', None),
+    ("/v1/chat/completions", b"[" * 200_000, None),  # deeper than the parser goes: the replica answers
+    ("/v1/chat/completions", b'{"model": "a", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
 ])
 def test_model_request_reads_only_an_inference_bodys_model(path, body, expected):
     assert model_request(path, body) == expected
@@ -194,7 +297,23 @@ def test_model_routes_cache_stays_bounded():
             await routes.adapter_for(ModelRequest(f"m{i}", None), {})
 
     run(main())
-    assert len(routes._cache) <= 8  # noqa: SLF001 - the bound is the point
+    assert len(routes.known) <= 8
+
+
+def test_unknown_names_never_push_served_names_out_of_the_route_cache():
+    ask = Asked({"a": Route("a", True), **{f"typo{i}": Route(None, True, known=False) for i in range(5000)}})
+    routes = ModelRoutes(ask, ttl=100.0, max_entries=8, max_unknown=4)
+
+    async def main():
+        assert await routes.adapter_for(ModelRequest("a", None), {}) == "a"
+        for i in range(5000):
+            assert await routes.adapter_for(ModelRequest(f"typo{i}", None), {}) is None
+        assert await routes.adapter_for(ModelRequest("typo4999", None), {}) is None  # remembered too
+        return await routes.adapter_for(ModelRequest("a", None), {})
+
+    assert run(main()) == "a"
+    assert ask.calls.count("a") == 1 and ask.calls.count("typo4999") == 1
+    assert len(routes.unknown) <= 4
 
 
 class FakeService:
@@ -237,9 +356,9 @@ def test_resolve_route_names_the_adapter_and_says_what_may_be_cached():
     assert resolve_route(service, "a", None, {}) == Route("a", True)
     assert resolve_route(service, "ft:a", None, {}) == Route("a", True)
     assert resolve_route(service, "base", None, {}) == Route(None, True)
-    assert resolve_route(service, "nope", None, {}) == Route(None, True)
+    assert resolve_route(service, "nope", None, {}) == Route(None, True, known=False)
     for subject in ("s1", "s2", "s3", "s4"):
         expected = assign_arm("exp", "salt", subject, [Arm("a", 1.0), Arm("b", 1.0)]).name
         # the ingress passes lower-cased header names; the router's lookup is case-insensitive
         assert resolve_route(service, "exp", None, {"x-session-id": subject}) == Route(expected, False)
-    assert resolve_route(service, "exp-broken", None, {}) == Route(None, False)  # its arm is gone: not cached
+    assert resolve_route(service, "exp-broken", None, {}) == Route(None, False, known=False)  # arm gone: not cached
