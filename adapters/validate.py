@@ -60,7 +60,7 @@ def _find_out_of_range(value: Any, path: str) -> tuple[str, _OutOfRange] | None:
     return None
 
 
-def _depth(text: str) -> int:
+def json_depth(text: str) -> int:
     """How deep arrays and objects nest; a bracket inside a string is text. One linear pass (a
     regex stripping strings first would go quadratic on an unterminated run of escaped quotes)."""
     depth = deepest = 0
@@ -95,7 +95,7 @@ def parse_json_object(raw: bytes, what: str, *, max_bytes: int = MAX_CONFIG_BYTE
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise AdapterValidationError(f"{what} is not valid JSON: it is not UTF-8") from None
-    if _depth(text) > max_depth:
+    if json_depth(text) > max_depth:
         raise AdapterValidationError(f"{what} nests arrays or objects deeper than {max_depth} levels")
     try:
         value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_OutOfRange)

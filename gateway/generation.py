@@ -318,10 +318,7 @@ class GenerationService:
             raise BadRequestError(f"{len(stop)} stop sequences; the limit is {s.max_stop_sequences}", param="stop")
         if any(len(x) > s.max_stop_length for x in stop):
             raise BadRequestError(f"a stop sequence is longer than {s.max_stop_length} characters", param="stop")
-        max_tokens = body.requested_max_tokens()
-        if max_tokens is not None and max_tokens > s.max_tokens_limit:
-            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-            raise BadRequestError(f"{param} is {shown(max_tokens)}; the limit is {s.max_tokens_limit}", param=param)
+        max_tokens = self._max_tokens(body)
         if isinstance(body, ChatCompletionRequest):
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
             prompt_logprobs = None
@@ -337,6 +334,20 @@ class GenerationService:
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except SamplingValueError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
+
+    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int | None:
+        """The most tokens the request asks for (None: the default), within ``max_tokens_limit``."""
+        completion = getattr(body, "max_completion_tokens", None)
+        if completion is not None and body.max_tokens is not None:  # OpenAI refuses the pair, equal or not
+            raise BadRequestError("setting max_tokens and max_completion_tokens at the same time is not supported; "
+                                  "send max_completion_tokens alone (max_tokens is its deprecated name)",
+                                  param="max_tokens", code="invalid_parameter_combination")
+        param = "max_tokens" if completion is None else "max_completion_tokens"
+        max_tokens = body.max_tokens if completion is None else completion
+        if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
+            raise BadRequestError(f"{param} is {shown(max_tokens)}; the limit is {self.settings.max_tokens_limit}",
+                                  param=param)
+        return max_tokens
 
     def tool_spec(self, body: ChatCompletionRequest) -> ToolSpec | None:
         """The request's tools and tool choice, checked (None: no tools)."""
@@ -362,11 +373,18 @@ class GenerationService:
         return dataclasses.replace(params, grammar=await self.grammars.constraint(schema))
 
     async def _tool_grammar(self, tools: ToolSpec):
+        """One compile, of the whole tag: compiling each tool's schema alone as well (to name a
+        refused one) cost 64 tools 65 compiles, and put 64 grammars no request reads into the cache
+        all clients share, even when the tag then failed. The static checks still name their tool;
+        a compile's refusal names the one callable tool, or all of ``tools``."""
         if self.grammars is None:
             raise BadRequestError("function calling is not available on this server", param="tools")
-        for i, function in enumerate(tools.functions):  # each schema checked alone: errors name their tool
-            await self.grammars.constraint(function.parameters, param=f"tools[{i}].function.parameters")
-        return await self.grammars.structural_tag(tools.structural_tag(), param="tools")
+        params = {f.name: f"tools[{i}].function.parameters" for i, f in enumerate(tools.functions)}
+        for function in tools.functions:
+            self.grammars.check(function.parameters, params[function.name])
+        callable_ = tools.callable()
+        param = params[callable_[0].name] if len(callable_) == 1 else "tools"
+        return await self.grammars.structural_tag(tools.structural_tag(), param=param)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; ids must be in the vocabulary
@@ -377,14 +395,17 @@ class GenerationService:
             raise BadRequestError(f"logit_bias lists {len(bias)} tokens; the limit is {self.settings.max_logit_bias}",
                                   param="logit_bias")
         vocab = len(self.tokenizer)
-        pairs = []
+        pairs: dict[int, float] = {}
         for key, value in bias.items():
             token = int(key) if key.isascii() and key.isdigit() and len(key) <= 12 else -1
             if not 0 <= token < vocab:
                 raise BadRequestError(f"logit_bias keys must be token ids from 0 to {vocab - 1}",
                                       param="logit_bias")
-            pairs.append((token, float(value)))
-        return tuple(pairs)
+            if token in pairs:  # "1" and "01": the sampler adds them up, past the +-100 cap
+                raise BadRequestError(f"logit_bias lists token {token} twice (keys that differ only in leading "
+                                      "zeros name the same token)", param="logit_bias")
+            pairs[token] = float(value)
+        return tuple(pairs.items())
 
     # ---- prompts: sizes are checked first, then templating and tokenization run off the event loop
     async def chat_prompt(self, body: ChatCompletionRequest, tools: ToolSpec | None = None, *,

@@ -10,31 +10,56 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ContentError(ValueError):
+    """A message's content the gateway cannot read; ``path`` is where, from the message
+    (``content[1].type``), for an error's ``param``."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+
+# A string, text parts, or null. Checked by ``ChatMessage.text`` rather than by the model, so that
+# an error names the part at fault (messages[0].content[1].type), not a union member's type.
+Content = Annotated[Any, WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]})]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Content = None
     # function calling (checked in gateway.tool_prompt, whose errors name the exact field)
     tool_calls: list[Any] | None = None  # an assistant's calls: {id, type: "function", function: {name, arguments}}
     tool_call_id: str | None = None  # a tool message: the call it answers
+    # accepted, as OpenAI clients send it, but not shown to the model: chat templates have no place for it
     name: str | None = Field(None, max_length=64)
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts are supported
-            parts = []
-            for part in self.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError("only text content parts are supported")
-                parts.append(part["text"])
-            return "".join(parts)
-        return self.content or ""
+        """The content's text (text parts joined); ``ContentError`` for anything else."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        if not isinstance(self.content, list):
+            raise ContentError("content must be a string or a list of content parts", "content")
+        return "".join(_part_text(part, f"content[{j}]") for j, part in enumerate(self.content))
+
+
+def _part_text(part: Any, where: str) -> str:
+    if not isinstance(part, dict):
+        raise ContentError("a content part must be an object", where)
+    if part.get("type") != "text":
+        raise ContentError("only text content parts are supported (no image, audio or file input)", f"{where}.type")
+    if not isinstance(part.get("text"), str):
+        raise ContentError("a text content part needs text, a string", f"{where}.text")
+    return part["text"]
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the vocabulary by the service
@@ -65,6 +90,11 @@ class ResponseFormat(BaseModel):
         return self
 
 
+def _unsupported(message: str) -> PydanticCustomError:
+    """A refusal that FastAPI's validation error names by its field (``param``), in these words."""
+    return PydanticCustomError("unsupported", message)
+
+
 class _GenerationParams(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -87,6 +117,13 @@ class _GenerationParams(BaseModel):
     logit_bias: LogitBias | None = None
     response_format: ResponseFormat | None = None  # structured outputs (gateway.structured)
 
+    @field_validator("stream_options")
+    @classmethod
+    def _with_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # as OpenAI: a non-streamed answer has none
+            raise _unsupported("stream_options is only allowed when stream is true")
+        return value
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -98,19 +135,46 @@ class ChatCompletionRequest(_GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     # function calling: checked in gateway.tool_calls (errors name e.g. tools[3].function.parameters)
     tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or a named function
+    # "none", "auto", "required" or a named function; any JSON here, so that a wrong one is named
+    # "tool_choice" by gateway.tool_calls rather than by a union member ("tool_choice.str")
+    tool_choice: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "object"}]})] = None
     parallel_tool_calls: bool | None = None  # None: true, as OpenAI
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # OpenAI fields this server does not implement: refused when set (_unsupported), never ignored
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _top_needs_logprobs(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("invalid_value", "top_logprobs needs logprobs set to true")
+        return value
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _legacy_functions(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise _unsupported(f"{info.field_name} (OpenAI's deprecated function calling) is not supported; "
+                               "use tools and tool_choice")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value not in (None, ["text"]):
+            raise _unsupported("only text output is supported: send modalities [\"text\"] or leave it out")
+        return value
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise _unsupported("audio output is not supported; leave audio out")
+        return value
 
 
 class CompletionRequest(_GenerationParams):
@@ -126,11 +190,21 @@ class CompletionRequest(_GenerationParams):
     def _plain(self):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 needs echo (it returns the prompt alone)")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of not in (None, 1, self.n):
-            raise ValueError("best_of is not supported")
         return self
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise _unsupported("suffix (insertion) is not supported")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value not in (None, 1, info.data.get("n")):
+            raise _unsupported("best_of is not supported (only 1, or n)")
+        return value
 
     def token_prompts(self) -> list[list[int]] | None:
         """The prompts as token ids when given so; None when given as text."""
@@ -144,9 +218,6 @@ class CompletionRequest(_GenerationParams):
     def prompts(self) -> list[str]:
         """The prompts as text (only when given as text)."""
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
 
 
 class TokenizeRequest(BaseModel):

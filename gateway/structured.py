@@ -467,16 +467,22 @@ class Grammars:
         (or of a tool's parameters: ``param`` names where the schema came from); a bad or
         unsupported schema raises ``BadRequestError``."""
         schema = {"type": "object"} if schema is None else schema
+        key = self.check(schema, param)
+        compiled = await self._compiled("json:" + key, param)
+        return GrammarConstraint(compiled, key, self._banned)
+
+    def check(self, schema: dict[str, Any], param: str) -> str:
+        """Refuse a schema over ``max_schema_bytes`` or with what structured outputs cannot enforce
+        (``BadRequestError`` naming ``param``), without compiling it; return its cache key."""
         key = json.dumps(schema, separators=(",", ":"))  # property order kept: the answer follows it
         if len(key) > self.max_schema_bytes:
             raise _refuse(param, f"the schema is {len(key)} bytes; the limit is {self.max_schema_bytes}")
         check_schema(schema, param=param)
-        compiled = await self._compiled("json:" + key, param)
-        return GrammarConstraint(compiled, key, self._banned)
+        return key
 
     async def structural_tag(self, tag: dict[str, Any], param: str = "tools") -> GrammarConstraint:
         """The grammar of an xgrammar structural tag (``gateway.tool_calls`` builds them; their
-        schemas were checked one by one with ``constraint``)."""
+        schemas were checked one by one with ``check``), compiled once as a whole."""
         key = json.dumps(tag, separators=(",", ":"))
         compiled = await self._compiled("tag:" + key, param)
         return GrammarConstraint(compiled, key, self._banned, self._token_bytes)
@@ -563,7 +569,7 @@ class Grammars:
 
     def _evict(self) -> None:
         """Drop least recently used grammars past CACHE_SIZE entries or cache_bytes (requests that
-        hold one keep it; a request whose tool tag failed leaves its tools' grammars to this)."""
+        hold one keep it)."""
         while len(self._cache) > CACHE_SIZE or (self.cached_bytes > self.cache_bytes and self._cache):
             key, _ = self._cache.popitem(last=False)
             self.cached_bytes -= self._sizes.pop(key, 0)

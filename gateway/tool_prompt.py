@@ -21,13 +21,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.validate import json_depth
 from gateway.errors import BadRequestError, surrogate_error, unpaired_surrogate
-from gateway.protocol import ChatMessage
+from gateway.protocol import ChatMessage, ContentError
 from gateway.tool_calls import NAME, ToolSpec
 from gateway.tool_parser import CLOSE, OPEN
 
 CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_CALLS_PER_MESSAGE = 128
+# a call's arguments nest at most this deep: schemas nest at most 32 levels (gateway.structured), so
+# arguments the gateway generated fit with room to spare
+MAX_ARGUMENTS_DEPTH = 64
 _TOOLS_WORD = re.compile(r"\btools\b")
 
 
@@ -61,8 +65,8 @@ def render_messages(messages: list[ChatMessage], spec: ToolSpec | None, native: 
         where = f"messages[{i}]"
         try:
             text = message.text()
-        except ValueError as exc:
-            raise BadRequestError(str(exc), param="messages") from None
+        except ContentError as exc:
+            raise BadRequestError(str(exc), param=f"{where}.{exc.path}") from None
         out.texts.append(text)
         if message.tool_calls is not None and message.role != "assistant":
             raise BadRequestError("only assistant messages carry tool_calls", param=f"{where}.tool_calls")
@@ -102,15 +106,7 @@ def _assistant_calls(out: RenderedChat, message: ChatMessage, text: str, calls: 
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not NAME.match(fn["name"]):
             raise BadRequestError("function names must match ^[a-zA-Z0-9_-]{1,64}$", param=f"{at}.function.name")
         arguments = fn.get("arguments")
-        try:
-            value = json.loads(arguments) if isinstance(arguments, str) else None
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
-            raise BadRequestError("arguments must be a JSON object, as a string", param=f"{at}.function.arguments")
-        # JSON inside a string: the body check (gateway.errors) saw a "\\ud800" here as plain text
-        if "\\u" in arguments and unpaired_surrogate(value) is not None:
-            raise surrogate_error(f"{at}.function.arguments")
+        value = _arguments(arguments, f"{at}.function.arguments")
         calls[call_id] = fn["name"]
         out.texts.append(arguments)
         parsed.append((call_id, fn["name"], value))
@@ -122,6 +118,25 @@ def _assistant_calls(out: RenderedChat, message: ChatMessage, text: str, calls: 
     blocks = "".join(OPEN + json.dumps({"name": name, "arguments": value}, separators=(",", ":"),
                                        ensure_ascii=False) + CLOSE for _, name, value in parsed)
     out.messages.append({"role": "assistant", "content": text + blocks})
+
+
+def _arguments(arguments: Any, param: str) -> dict[str, Any]:
+    """A call's ``arguments`` (a JSON object, as a string) parsed. Depth is bounded before parsing:
+    the JSON parser, ``json.dumps`` and the chat templates recurse per level, so arguments nested
+    5,000 deep raised RecursionError (a 500)."""
+    if isinstance(arguments, str) and json_depth(arguments) > MAX_ARGUMENTS_DEPTH:
+        raise BadRequestError(f"arguments nest arrays or objects deeper than {MAX_ARGUMENTS_DEPTH} levels",
+                              param=param)
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise BadRequestError("arguments must be a JSON object, as a string", param=param)
+    # JSON inside a string: the body check (gateway.errors) saw a "\\ud800" here as plain text
+    if "\\u" in arguments and unpaired_surrogate(value) is not None:
+        raise surrogate_error(param)
+    return value
 
 
 def _tool_result(out: RenderedChat, message: ChatMessage, text: str, calls: dict[str, str], where: str,

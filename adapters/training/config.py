@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from adapters.kinds import HANDLERS
 from adapters.kinds.base import AdapterKind
 from adapters.registry import ADAPTER_ID_PATTERN
+from adapters.validate import MAX_MAGNITUDE
 
 # the kinds the embedded trainer can train (a handler with a default learning rate has a trainable form)
 TRAINABLE_KINDS = tuple(k for k, h in HANDLERS.items() if getattr(h, "default_learning_rate", None))
@@ -42,7 +43,9 @@ class TrainingConfig(BaseModel):
 
     # LoRA, DoRA (LoRA + magnitudes), VeRA (r: the shared projections' rank)
     r: int = Field(8, ge=1, le=1024, description="LoRA / DoRA rank; VeRA's shared projection rank.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA / DoRA / AdaLoRA alpha (scale = alpha / r).")
+    # bounded as registration bounds it (adapters.validate): 1e308 trained to a NaN loss, then was refused
+    lora_alpha: float = Field(16.0, gt=0, le=MAX_MAGNITUDE, description=(
+        "LoRA / DoRA / AdaLoRA alpha (scale = alpha / r)."))
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA / DoRA / AdaLoRA input while training.")
     use_rslora: bool = Field(False, description="LoRA / DoRA: scale by alpha / sqrt(r) instead of alpha / r.")
     # AdaLoRA (PEFT's AdaLoraConfig fields and defaults; total_step is the run's optimizer steps)

@@ -69,6 +69,11 @@ def validate_training_file(data: bytes, limits: FileLimits) -> tuple[str, int]:
     return parsed.format, len(parsed.conversations)
 
 
+def _unreadable(record: FileRecord, where: str, exc: OSError) -> FileUnavailableError:
+    log.error("file %s: cannot read its bytes from %s: %s", record.id, where, exc)
+    return FileUnavailableError(f"the contents of {record.id} cannot be read now", param="id")
+
+
 class FileService:
     def __init__(self, root: Path, store: SqlFileStore, limits: FileLimits, shared: SharedStore | None = None):
         self.root = root
@@ -134,29 +139,40 @@ class FileService:
         return record
 
     async def read(self, file_id: str) -> bytes:
+        """The file's bytes; ``FileUnavailableError`` (503) when they cannot be read, wherever they live."""
         record = self.get(file_id)
-        if self.shared is None:
-            return await asyncio.to_thread(self.path(file_id).read_bytes)
-        return await asyncio.to_thread(self._read_shared, record)
+        read = self._read_local if self.shared is None else self._read_shared
+        return await asyncio.to_thread(read, record)
+
+    def _read_local(self, record: FileRecord) -> bytes:
+        try:
+            return self.path(record.id).read_bytes()
+        except OSError as exc:  # FileNotFoundError included: the record says it must be there
+            raise _unreadable(record, "the data dir", exc) from None
 
     def _read_shared(self, record: FileRecord) -> bytes:
         try:
             data = self.shared.read_bytes(self._key(record.id))
-        except OSError as exc:  # FileNotFoundError included: the record says it must be there
-            log.error("file %s: cannot read its bytes from the shared store: %s", record.id, exc)
-            raise FileUnavailableError(f"the contents of {record.id} cannot be read now", param="id") from None
+        except OSError as exc:
+            raise _unreadable(record, "the shared store", exc) from None
         if hashlib.sha256(data).hexdigest() != record.sha256:
             log.error("file %s: its bytes in the shared store do not match its sha256; refused", record.id)
             raise FileUnavailableError(f"the stored contents of {record.id} are corrupt (refused)", param="id")
         return data
 
     async def delete(self, file_id: str) -> None:
-        self.get(file_id)
+        record = self.get(file_id)
         reason = self.in_use(file_id)
         if reason is not None:
             raise FileInUseError(f"the file {file_id} cannot be deleted now: {reason}", param="id")
-        await asyncio.to_thread(self.store.delete, file_id)
+        # gone for new jobs before the first await: a job created meanwhile finds no file (404)
+        # instead of passing ``in_use`` and then naming a file deleted under it
         self._records.pop(file_id, None)
+        try:
+            await asyncio.to_thread(self.store.delete, file_id)
+        except Exception:
+            self._records[file_id] = record  # nothing was deleted
+            raise
         if self.shared is None:
             await asyncio.to_thread(self.path(file_id).unlink, missing_ok=True)
         else:

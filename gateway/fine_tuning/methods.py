@@ -32,8 +32,8 @@ class Hyperparameter:
         if value == AUTO:
             return AUTO
         number_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if self.integer:
-            number_ok = number_ok and float(value).is_integer()
+        if self.integer:  # an int is compared as it is: float() of a 400-digit one overflows
+            number_ok = number_ok and (isinstance(value, int) or value.is_integer())
         in_range = number_ok and (value > self.low if self.low_open else value >= self.low) and value <= self.high
         if not in_range:
             kind = "an integer" if self.integer else "a number"
@@ -97,7 +97,7 @@ def parse_method(method: Any, legacy_hyperparameters: Any) -> ParsedMethod:
         return ParsedMethod(spec, _hyperparameters(spec, legacy_hyperparameters, "hyperparameters"))
     method = _object(method, "method")
     kind = method.get("type")
-    if kind not in METHODS:
+    if not isinstance(kind, str) or kind not in METHODS:  # a list or an object is not hashable
         raise FineTuningRequestError(f"method.type must be one of {', '.join(map(repr, METHODS))}",
                                      param="method.type")
     spec = METHODS[kind]

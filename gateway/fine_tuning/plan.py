@@ -113,8 +113,9 @@ def plan_job(body: FineTuningJobCreate, start_from: dict[str, Any] | None = None
         field = str(first["loc"][0]) if first.get("loc") else ""
         if start_from is not None:
             param = "model"
-        elif field in ADAPTER_FIELDS:
-            param = "adapter." + ".".join(str(p) for p in first["loc"])
+        elif field in ADAPTER_FIELDS:  # OpenAI's form, adapter.target_modules[0]: past the field, a string
+            # in the location is a union member's name ("list[str]"), not a key (no field nests a model)
+            param = f"adapter.{field}" + "".join(f"[{p}]" for p in first["loc"][1:] if isinstance(p, int))
         elif field == "learning_rate":
             param = "learning_rate_multiplier"
         else:

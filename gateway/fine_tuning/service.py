@@ -5,13 +5,16 @@ waits for them) and which adapter an ``ft:`` model name stands for."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import collections
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 from adapters.errors import DatasetValidationError
-from gateway.files.errors import FileNotFound
+from gateway.files.errors import FileNotFound, FileUnavailableError
 from gateway.files.service import FileService
 from gateway.fine_tuning.errors import FineTuningRequestError
-from gateway.fine_tuning.plan import FineTuningJobCreate, plan_job
+from gateway.fine_tuning.methods import MethodSpec
+from gateway.fine_tuning.plan import FineTuningJobCreate, JobPlan, plan_job
 from gateway.fine_tuning.views import checkpoint_name, result_name
 from gateway.training.jobs import TrainingJobs
 from gateway.training.store import SUCCEEDED, TERMINAL, TrainingJobRecord
@@ -25,13 +28,39 @@ class FineTuning:
         self.base_name = base_name
         # a registered adapter's {"kind", "num_virtual_tokens"}; None when no adapter has this id
         self._describe = describe
+        self._creating: collections.Counter[str] = collections.Counter()  # file id -> jobs being created
 
     async def create(self, body: FineTuningJobCreate) -> TrainingJobRecord:
         """Raises ``FineTuningRequestError``/``FileNotFound`` naming the parameter at fault, and the
         job store's errors (too many jobs, storage)."""
         plan = plan_job(body, start_from=self._start_from(body))
-        spec = plan.method.spec
-        data = {}
+        files = self._files(body, plan.method.spec)
+        # claimed before the first await, until the job is stored (``in_use`` sees it from then):
+        # a delete of these files meanwhile is a 409 instead of leaving the job naming a deleted file
+        with self._claimed(files.values()):
+            data = {param: await self._read(file_id, param) for param, file_id in files.items()}
+            try:
+                return await self.jobs.create(data["training_file"], plan.config,
+                                              validation=data.get("validation_file"),
+                                              fine_tuning=self._request_fields(body, plan))
+            except DatasetValidationError as exc:
+                exc.param = getattr(exc, "param", None) or "training_file"  # read by gateway.errors
+                raise
+            except ValueError as exc:  # the adapter settings against this gateway's limits
+                raise FineTuningRequestError(str(exc), param="adapter") from None
+
+    def _request_fields(self, body: FineTuningJobCreate, plan: JobPlan) -> dict:
+        """What the job record keeps of the request (its OpenAI view is built from it)."""
+        config = plan.config
+        return {"model": body.model, "base": self.base_name, "training_file": body.training_file,
+                "validation_file": body.validation_file, "suffix": body.suffix, "metadata": body.metadata,
+                "hyperparameters": plan.hyperparameters, "method": plan.method.resolved(plan.hyperparameters),
+                "adapter": {**(body.adapter or {}), "kind": config.kind.value,
+                            **({"init_adapter": config.init_adapter} if config.init_adapter else {})}}
+
+    def _files(self, body: FineTuningJobCreate, spec: MethodSpec) -> dict[str, str]:
+        """``{param: file id}`` of the job's files, each one known and of a format ``spec`` trains on."""
+        files = {}
         for param in ("training_file", "validation_file"):
             file_id = getattr(body, param)
             if file_id is None:
@@ -44,21 +73,24 @@ class FineTuning:
                 raise FineTuningRequestError(
                     f"{param} {file_id} holds {record.format} records; method '{spec.type}' trains on "
                     f"{' or '.join(sorted(spec.formats))} records", param=param)
-            data[param] = await self.files.read(file_id)
-        fine_tuning = {"model": body.model, "base": self.base_name, "training_file": body.training_file,
-                       "validation_file": body.validation_file, "suffix": body.suffix, "metadata": body.metadata,
-                       "hyperparameters": plan.hyperparameters,
-                       "method": plan.method.resolved(plan.hyperparameters),
-                       "adapter": {**(body.adapter or {}), "kind": plan.config.kind.value,
-                                   **({"init_adapter": plan.config.init_adapter} if plan.config.init_adapter else {})}}
+            files[param] = file_id
+        return files
+
+    async def _read(self, file_id: str, param: str) -> bytes:
         try:
-            return await self.jobs.create(data["training_file"], plan.config, validation=data.get("validation_file"),
-                                          fine_tuning=fine_tuning)
-        except DatasetValidationError as exc:
-            exc.param = getattr(exc, "param", None) or "training_file"  # read by gateway.errors
+            return await self.files.read(file_id)
+        except FileUnavailableError as exc:
+            exc.param = param  # read by gateway.errors: the request's field, not the files API's "id"
             raise
-        except ValueError as exc:  # the adapter settings against this gateway's limits
-            raise FineTuningRequestError(str(exc), param="adapter") from None
+
+    @contextlib.contextmanager
+    def _claimed(self, file_ids: Iterable[str]) -> Iterator[None]:
+        claim = collections.Counter(file_ids)
+        self._creating += claim
+        try:
+            yield
+        finally:
+            self._creating -= claim  # ids back at zero are dropped
 
     def _start_from(self, body: FineTuningJobCreate) -> dict | None:
         """The adapter settings and ``init_adapter`` of a job whose ``model`` is a registered adapter
@@ -79,7 +111,10 @@ class FineTuning:
         return settings
 
     def in_use(self, file_id: str) -> str | None:
-        """Why ``file_id`` may not be deleted now (a job that has not ended uses it), or None."""
+        """Why ``file_id`` may not be deleted now (a job that has not ended, or one being created,
+        uses it), or None."""
+        if self._creating[file_id]:
+            return "a fine-tuning job being created uses it; retry once the job has ended"
         for record in self.jobs.list():
             ft = record.fine_tuning or {}
             if record.state not in TERMINAL and file_id in (ft.get("training_file"), ft.get("validation_file")):

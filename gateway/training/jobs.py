@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from adapters.errors import AdapterConflictError, AdapterError, DatasetValidationError
 from adapters.kinds.base import AdapterLimits, AdapterWeights
@@ -407,7 +408,15 @@ class TrainingJobs:
         await wait_event(self._wakeup, seconds)
 
     async def _run_job(self, record: TrainingJobRecord) -> None:
-        config = TrainingConfig.model_validate(record.config)
+        try:
+            config = TrainingConfig.model_validate(record.config)
+        except ValidationError as exc:
+            # a job stored before a bound tightened (or by a newer release): raising here would make
+            # the scheduler take it again and again, and no job after it would ever run
+            if record.state not in TERMINAL:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+                await self._end(record, FAILED, f"cannot start: its stored config is no longer valid ({problems})")
+            return
         self._preparing = True
         try:
             run = await asyncio.to_thread(self._build_run, record, config)

@@ -152,14 +152,53 @@ def test_unsupported_features(client, extra, param_hint):
 
 def test_unsupported_completion_features(client):
     assert_error(complete(client, max_tokens=0), 400)  # without echo there is nothing to return
-    assert_error(complete(client, suffix="x"), 400)
+    assert_error(complete(client, suffix="x"), 400, param="suffix")
+    assert_error(complete(client, best_of=3), 400, param="best_of")
     assert_error(complete(client, response_format={"type": "xml"}), 400)
     assert_error(complete(client, prompt=""), 400, param="prompt")
 
 
-def test_image_content_part_refused(client):
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]
-    assert_error(chat(client, messages=messages), 400, param="messages")
+TEXT = {"type": "text", "text": "hi"}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [TEXT, {"type": "input_audio", "input_audio": {
+        "data": "AAAA", "format": "wav"}}]}]}, "messages[0].content[1].type"),
+    ({"messages": [*MESSAGES, {"role": "user", "content": [TEXT, 2]}]}, "messages[1].content[1]"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}]}, "messages[0].content"),
+    ({"tool_choice": []}, "tool_choice"),
+    ({"tool_choice": 5, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+])
+def test_refusals_name_the_field_as_openai_does(client, extra, param):
+    """Not the models' union members ("tool_choice.str", "messages.0.content.str"), nor all of "messages"."""
+    assert_error(chat(client, **extra), 400, param=param)
+
+
+@pytest.mark.parametrize("extra, param, hint", [
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions", "tools"),
+    ({"function_call": "auto"}, "function_call", "tool_choice"),
+    ({"modalities": ["text", "audio"]}, "modalities", "text"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "stream"),
+    ({"max_tokens": 100_000, "max_completion_tokens": 5}, "max_tokens", "max_completion_tokens"),
+    ({"max_tokens": 5, "max_completion_tokens": 5}, "max_tokens", "max_completion_tokens"),  # OpenAI refuses any pair
+])
+def test_unimplemented_fields_are_refused_not_ignored(client, extra, param, hint):
+    error = assert_error(chat(client, **extra), 400, param=param)
+    assert hint in error["message"]
+
+
+def test_fields_clients_send_as_defaults_are_accepted(client):
+    """What OpenAI SDKs and clients send without asking for anything this server lacks."""
+    messages = [{"role": "user", "content": "hi", "name": "ann"}]  # a participant's name: accepted, not shown
+    for extra in ({"messages": messages}, {"modalities": ["text"]}, {"audio": None, "functions": None},
+                  {"stream": True, "stream_options": {"include_usage": True}}, {"stream_options": None},
+                  {"max_completion_tokens": 3}):
+        response = chat(client, max_tokens=None, temperature=0, **extra)
+        assert response.status_code == 200, (extra, response.text)
 
 
 def test_unknown_route_is_openai_shaped(client):

@@ -215,7 +215,7 @@ def complete(client, **extra):
 @pytest.mark.parametrize("extra, param", [
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
-    ({"top_logprobs": 2}, None),  # top_logprobs needs logprobs
+    ({"top_logprobs": 2}, "top_logprobs"),  # top_logprobs needs logprobs
     ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ({"logit_bias": {"-1": 1}}, "logit_bias"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
@@ -223,6 +223,7 @@ def complete(client, **extra):
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"5": -100.5}}, "logit_bias"),
     ({"logit_bias": {str(i): 1 for i in range(51)}}, "logit_bias"),  # more than max_logit_bias
+    ({"logit_bias": {"1": 100, "01": 100, "001": 100}}, "logit_bias"),  # one token: summed past the cap before
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),

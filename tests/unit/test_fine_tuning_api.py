@@ -5,10 +5,13 @@ admin API seeing the same jobs."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import io
 import json
 import time
 
+import httpx
 import openai
 import pytest
 from gateway.files.service import sanitize_filename
@@ -259,6 +262,17 @@ def test_bad_job_requests_name_the_parameter(client):
         ({"extra_body": {"adapter": {"kind": "prompt_tuning", "num_virtual_tokens": 100_000}}},
          "adapter.num_virtual_tokens"),
         ({"validation_file": dpo_file}, "validation_file"),
+        # a 400-digit integer overflowed float() and a list as method.type is unhashable: 500s before
+        ({"hyperparameters": {"n_epochs": 10**400}}, "hyperparameters.n_epochs"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": -10**400}}}},
+         f"{supervised}.batch_size"),
+        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 10**400}}}},
+         "method.dpo.hyperparameters.beta"),
+        ({"method": {"type": ["supervised"]}}, "method.type"),
+        ({"method": {"type": {"supervised": {}}}}, "method.type"),
+        # trained to a NaN loss, then refused at registration, before
+        ({"extra_body": {"adapter": {"kind": "lora", "lora_alpha": 1e308}}}, "adapter.lora_alpha"),
+        ({"extra_body": {"adapter": {"kind": "lora", "target_modules": ["q_proj", 5]}}}, "adapter.target_modules[1]"),
     ]
     for params, param in cases:
         body = bad_create(api, training, **params)
@@ -272,6 +286,54 @@ def test_bad_job_requests_name_the_parameter(client):
     tokenized = bad_create(api, too_long)
     assert tokenized["param"] == "training_file" and "line 1: too long after tokenization" in tokenized["message"]
     assert api.fine_tuning.jobs.list().data == []  # nothing was queued
+
+
+def test_a_file_whose_bytes_are_gone_is_unavailable_not_a_500(client):
+    """As with the shared store: 503 file_unavailable (a 500 FileNotFoundError before)."""
+    api = sdk(client)
+    training = upload(api, chats()).id
+    client.app.state.gateway.files.path(training).unlink()
+    content = client.get(f"/v1/files/{training}/content", headers=ADMIN)
+    assert content.status_code == 503 and content.json()["error"]["code"] == "file_unavailable", content.text
+    assert content.json()["error"]["param"] == "id"
+    with pytest.raises(openai.InternalServerError) as job:
+        api.fine_tuning.jobs.create(model="tiny", training_file=training)
+    assert job.value.status_code == 503
+    assert job.value.body["code"] == "file_unavailable" and job.value.body["param"] == "training_file"
+
+
+def test_a_file_deleted_while_its_job_is_created_is_never_both(client):
+    """Job creation and the file's delete raced through the app: both succeeded (60 of 60), leaving a
+    job whose training file was deleted. Now the delete is a 409 (the job claimed the file first) or
+    the job a 404 (the file was gone first), whichever came first."""
+    transport = httpx.ASGITransport(app=client.app)
+
+    async def race(delete_first: bool) -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=ADMIN) as http:
+            upload_ = await http.post("/v1/files", files={"file": ("t.jsonl", jsonl(chats()))},
+                                      data={"purpose": "fine-tune"})
+            file_id = upload_.json()["id"]
+            create = http.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": file_id})
+            delete = http.delete(f"/v1/files/{file_id}")
+            if delete_first:
+                deleted, created = await asyncio.gather(delete, create)
+            else:
+                created, deleted = await asyncio.gather(create, delete)
+            if created.status_code == 200:  # keep the queue short
+                await http.post(f"/v1/fine_tuning/jobs/{created.json()['id']}/cancel")
+            return created, deleted
+
+    outcomes = collections.Counter()
+    for i in range(12):
+        created, deleted = client.portal.call(race, i % 2 == 1)  # on the app's own event loop
+        outcome = (created.status_code, deleted.status_code)
+        assert outcome in ((200, 409), (404, 200)), (outcome, created.text, deleted.text)
+        if deleted.status_code == 409:
+            assert deleted.json()["error"]["code"] == "file_in_use"
+        else:
+            assert created.json()["error"]["param"] == "training_file"
+        outcomes[outcome] += 1
+    assert outcomes[(200, 409)], outcomes  # the job's claim was tested, not only a delete that came first
 
 
 def test_dpo_job_from_a_preference_file_then_from_a_supervised_result(client):

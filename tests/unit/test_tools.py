@@ -278,10 +278,63 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "argumen
      "messages[1].tool_calls[0].id"),
     ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "messages[0].tool_calls"),
     ([{"role": "user", "content": "x", "tool_call_id": "call_1"}], "messages[0].tool_call_id"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [  # RecursionError: a 500 before
+        {**CALL, "function": {"name": "add", "arguments": '{"a":' + "[" * 5000 + "]" * 5000 + "}"}}]}],
+     "messages[1].tool_calls[0].function.arguments"),
 ])
 def test_bad_tool_messages_are_a_400_naming_the_field(client, messages, param):
     assert_error(client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "tools": TOOLS}),
                  400, param=param)
+
+
+def test_call_arguments_nest_at_most_64_deep(client):
+    def send(depth: int):
+        arguments = '{"a":' + "[" * (depth - 1) + "]" * (depth - 1) + "}"  # the object is one level
+        call = {**CALL, "function": {"name": "add", "arguments": arguments}}
+        return client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 1, "messages": [
+            {"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "r"}]})
+
+    assert send(64).status_code == 200, send(64).text
+    error = assert_error(send(65), 400, param="messages[1].tool_calls[0].function.arguments")
+    assert "64" in error["message"]
+
+
+def _string_tools(tag: str, count: int, bad: dict | None = None) -> list[dict]:
+    """``count`` tools of two string properties each, named after ``tag`` (no cache hit from another
+    test); ``bad``, when given, is a third property of the last tool."""
+    tools = [{"type": "function", "function": {"name": f"{tag}{i}", "parameters": {"type": "object", "properties": {
+        f"{tag}_{i}_{j}": {"type": "string", "maxLength": 8} for j in range(2)}}}} for i in range(count)]
+    if bad is not None:
+        tools[-1]["function"]["parameters"]["properties"]["bad"] = bad
+    return tools
+
+
+def test_a_tool_list_compiles_once_and_a_refused_one_caches_nothing(client):
+    """Each tool's schema was compiled and cached alone too (to name a refused one): 64 tools cost
+    65 compiles and left 64 grammars in the cache all clients share, even when the tag then failed."""
+    grammars = client.app.state.gateway.service.grammars
+
+    def send(tools):
+        before, entries = grammars.compiled, len(grammars._cache)  # noqa: SLF001
+        response = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "tools": tools,
+                                                               "tool_choice": "required", "max_tokens": 8})
+        return response, grammars.compiled - before, len(grammars._cache) - entries  # noqa: SLF001
+
+    tools = _string_tools("once", 3)
+    response, compiles, cached = send(tools)
+    assert response.status_code == 200, response.text
+    assert (compiles, cached) == (1, 1)
+    assert send(tools)[1:] == (0, 0)  # the same tools again: the cached tag
+    # xgrammar refuses the range when it compiles: once, nothing cached, the tools named together
+    response, compiles, cached = send(_string_tools("refused", 3, bad={"type": "integer", "minimum": 5,
+                                                                       "maximum": 1}))
+    assert "minimum" in assert_error(response, 400, param="tools")["message"]
+    assert (compiles, cached) == (1, 0)
+    # a static refusal compiles nothing and names its tool
+    response, compiles, cached = send(_string_tools("static", 3, bad={"type": "string", "uniqueItems": True}))
+    assert "uniqueItems" in assert_error(response, 400, param="tools[2].function.parameters")["message"]
+    assert (compiles, cached) == (0, 0)
 
 
 def test_parser_reads_calls_in_any_chunking():

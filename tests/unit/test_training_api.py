@@ -190,3 +190,21 @@ def test_dpo_objective_through_the_admin_api(client):
     assert job["dataset"]["format"] == "preference" and job["config"]["objective"] == "dpo"
     assert [step for step, _ in job["progress"]["train_metrics"]] == [1, 2]
     assert "preference_accuracy" in job["progress"]["eval_metrics"][-1][1]
+
+
+def test_a_stored_job_whose_config_is_no_longer_valid_fails_and_the_queue_goes_on(tmp_path):
+    """A job stored before a bound tightened (lora_alpha now at most 1e6): it fails with the reason
+    at the next start, where the scheduler used to take it again and again, and no job after it ran."""
+    import sqlite3
+
+    job_id = _start_and_interrupt(tmp_path)
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as db:
+        (stored,) = db.execute("SELECT record FROM training_jobs WHERE id = ?", (job_id,)).fetchone()
+        record = json.loads(stored)
+        record["config"]["lora_alpha"] = 1e308
+        db.execute("UPDATE training_jobs SET record = ? WHERE id = ?", (json.dumps(record), job_id))
+    with make_client(tmp_path) as second:
+        job = wait_for(second, job_id, lambda j: j["state"] == "failed")
+        assert "no longer valid" in job["error"] and "lora_alpha" in job["error"]
+        after = submit(second, jsonl(rows()), kind="lora", max_steps=2).json()["id"]
+        assert wait_for(second, after, lambda j: j["state"] == "succeeded")["state"] == "succeeded"
