@@ -345,14 +345,30 @@ def surrogate_error(param: str | None) -> BadRequestError:
                            "strings must be valid Unicode", param=param, code="invalid_value")
 
 
+# pydantic names the member of a union that failed in an error's location ('stop', 'list[str]'):
+# type names, never fields (this API's fields are snake_case)
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "any", "list", "dict"})
+
+
+def _validation_param(loc: tuple) -> str | None:
+    """A validation error's location as OpenAI writes a ``param`` (``messages[0].role``), without
+    where it came from (``body``) or the union member pydantic tried (``stop.str`` is ``stop``)."""
+    path = [part for part in loc[1:] if isinstance(part, int) or not _is_type_name(part)] \
+        if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    return param_path(path)
+
+
+def _is_type_name(part: str) -> bool:
+    return part in _TYPE_NAMES or "[" in part or "-" in part or part[:1].isupper()
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     """First problem, in words, with its field path; never echoes the submitted value."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    param = ".".join(loc) or None
+    param = _validation_param(first.get("loc", ()))
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None

@@ -171,6 +171,10 @@ TEXT = {"type": "text", "text": "hi"}
     ({"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}]}, "messages[0].content"),
     ({"tool_choice": []}, "tool_choice"),
     ({"tool_choice": 5, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    # the request models' own validation errors: indexes in brackets, no union member ("stop.str")
+    ({"messages": [*MESSAGES, {"role": "robot", "content": "hi"}]}, "messages[1].role"),
+    ({"stop": 5}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "n" * 65}]}, "messages[0].name"),
 ])
 def test_refusals_name_the_field_as_openai_does(client, extra, param):
     """Not the models' union members ("tool_choice.str", "messages.0.content.str"), nor all of "messages"."""
