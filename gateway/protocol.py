@@ -146,6 +146,10 @@ class ChatCompletionRequest(_GenerationParams):
     function_call: Any = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -160,6 +164,13 @@ class ChatCompletionRequest(_GenerationParams):
         if value is not None:
             raise _unsupported(f"{info.field_name} (OpenAI's deprecated function calling) is not supported; "
                                "use tools and tool_choice")
+        return value
+
+    @field_validator("prediction", "web_search_options", "reasoning_effort", "verbosity")
+    @classmethod
+    def _not_offered(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:  # each would change the answer: refused rather than ignored
+            raise _unsupported(f"{info.field_name} is not supported by this server; leave it out")
         return value
 
     @field_validator("modalities")

@@ -189,6 +189,10 @@ def test_refusals_name_the_field_as_openai_does(client, extra, param):
     ({"stream_options": {"include_usage": True}}, "stream_options", "stream"),
     ({"max_tokens": 100_000, "max_completion_tokens": 5}, "max_tokens", "max_completion_tokens"),
     ({"max_tokens": 5, "max_completion_tokens": 5}, "max_tokens", "max_completion_tokens"),  # OpenAI refuses any pair
+    ({"reasoning_effort": "high"}, "reasoning_effort", "not supported"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "not supported"),
+    ({"web_search_options": {}}, "web_search_options", "not supported"),
+    ({"verbosity": "low"}, "verbosity", "not supported"),
 ])
 def test_unimplemented_fields_are_refused_not_ignored(client, extra, param, hint):
     error = assert_error(chat(client, **extra), 400, param=param)
@@ -199,6 +203,7 @@ def test_fields_clients_send_as_defaults_are_accepted(client):
     """What OpenAI SDKs and clients send without asking for anything this server lacks."""
     messages = [{"role": "user", "content": "hi", "name": "ann"}]  # a participant's name: accepted, not shown
     for extra in ({"messages": messages}, {"modalities": ["text"]}, {"audio": None, "functions": None},
+                  {"reasoning_effort": None, "prediction": None, "web_search_options": None, "verbosity": None},
                   {"stream": True, "stream_options": {"include_usage": True}}, {"stream_options": None},
                   {"max_completion_tokens": 3}):
         response = chat(client, max_tokens=None, temperature=0, **extra)
