@@ -38,7 +38,7 @@ from gateway.files.service import FileService
 from gateway.fine_tuning.service import FineTuning
 from gateway.fine_tuning.wiring import FILES_DIR, attach_fine_tuning
 from gateway.generation import GenerationService, RequestRecord
-from gateway.auth import AccessGuard
+from gateway.auth import AccessGuard, key_guess_throttle
 from gateway.console.routes import ConsoleState, attach_console, install_console
 from gateway.connections import ConnectionBook, ConnectionCollector
 from gateway.console.security import ConsoleHeaders
@@ -160,8 +160,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     gateway.training = attach_training(gateway, stores.training, shared=stores.shared)
     gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, stores.files)
     gateway.console = attach_console(settings)
-    if settings.max_failed_key_attempts:
-        gateway.key_guesses = FailureThrottle(settings.max_failed_key_attempts, window_seconds=60.0)
+    gateway.key_guesses = key_guess_throttle(settings.max_failed_key_attempts)
     gateway.changes = follow_changes(gateway, stores)
     return gateway
 

@@ -154,6 +154,11 @@ def too_many_failed_keys(wait: float) -> RateLimitError:
                           headers={"Retry-After": str(seconds)})
 
 
+def key_guess_throttle(max_failed_key_attempts: int) -> FailureThrottle | None:
+    """The per-address throttle on wrong bearer keys (a minute's window); None for 0, no limit."""
+    return FailureThrottle(max_failed_key_attempts) if max_failed_key_attempts else None
+
+
 def count_guess(guesses: FailureThrottle | None, client: str) -> None:
     """A wrong bearer key from ``client``; logged once when it reaches the throttle's limit."""
     if guesses is None:

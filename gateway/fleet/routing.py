@@ -16,14 +16,14 @@ from typing import Any
 from starlette.requests import Request
 
 from gateway.auth import (
-    OPEN_BODY_BYTES, OPEN_PATHS, bearer_token, count_guess, is_admin_path, key_matches, too_many_failed_keys,
+    OPEN_BODY_BYTES, OPEN_PATHS, bearer_token, count_guess, is_admin_path, key_guess_throttle, key_matches,
+    too_many_failed_keys,
 )
 from gateway.console.security import cookie_value, is_console_api, is_open_console_path
 from gateway.errors import APIError, AuthenticationError, PayloadTooLargeError
 from gateway.keys import KeyRing
 from gateway.limits import declared_too_large, is_upload
 from gateway.settings import Settings
-from gateway.throttle import FailureThrottle
 
 log = logging.getLogger(__name__)
 # the routes whose JSON body names a model served by an adapter
@@ -48,9 +48,7 @@ class IngressGuard:
         self.settings = settings
         self.admin_key = admin_key
         self.keys = KeyRing(settings.api_keys)
-        # the same throttle as gateway/app.py gives a process: 0 means no limit
-        self.key_guesses = FailureThrottle(settings.max_failed_key_attempts, window_seconds=60.0) \
-            if settings.max_failed_key_attempts else None
+        self.key_guesses = key_guess_throttle(settings.max_failed_key_attempts)  # as one process's guard
 
     def refusal(self, path: str, headers: dict[bytes, bytes], client: str = "unknown") -> APIError | None:
         """The error for a request without a console session (None: let it through); a wrong
