@@ -82,4 +82,5 @@ def build_engine(settings: Settings, runtime: AdapterRuntime, tokenizer, *, cont
     max_request_blocks = max(num_blocks // 2, -(-context_window // block))
     return PagedEngine(PagedRunner(model, runtime, pool), tokenizer,
                        blocks=BlockManager(num_blocks, block, settings.prefix_caching),
-                       max_step_tokens=settings.max_step_tokens, max_request_blocks=max_request_blocks, **options)
+                       max_step_tokens=settings.max_step_tokens,
+                       max_decode_slowdown=settings.max_decode_slowdown, max_request_blocks=max_request_blocks, **options)

@@ -28,6 +28,9 @@ class KVCacheCollector(Collector):
              engine.runner.pool.bytes_per_token),
             ("gateway_kv_gather_workspace_bytes", "Bytes of the reused buffers KV blocks are gathered into for "
              "attention (grows to the largest gather so far).", engine.runner.pool.workspace_bytes),
+            ("gateway_step_prompt_budget_tokens", "Prompt tokens a step may compute beside its decoding rows "
+             "(max_step_tokens, or what max_decode_slowdown allows at the costs measured).",
+             engine.step_budget.estimate()),
         )
         for name, help_text, value in gauges:
             family = GaugeMetricFamily(name, help_text)

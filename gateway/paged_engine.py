@@ -6,8 +6,8 @@ Each step:
 2. admit waiting sequences while a batch row and enough KV blocks are free: a sequence first
    takes the longest cached prefix of its own adapter version (``gateway.kv_blocks``);
 3. schedule tokens: one for every decoding row, then chunks of pending prompts up to a budget
-   (``max_step_tokens`` while rows decode, so a long prompt is spread over many steps instead of
-   stalling every stream; ``max_prefill_tokens`` when none does);
+   (``gateway.step_budget`` while rows decode, so a long prompt is spread over many steps instead
+   of stalling every stream; ``max_prefill_tokens`` when none does);
 4. give each scheduled row the blocks it needs; when the pool runs dry, the most recently
    admitted row is preempted (its blocks freed, its tokens kept) and queued again at the front,
    to be recomputed later — often from its own cached blocks;
@@ -19,10 +19,12 @@ Each step:
 from __future__ import annotations
 
 import logging
+import time
 
 from gateway.engine import GENERATION_FAILED, Engine, KVCacheDemandError, _Sequence
 from gateway.kv_blocks import BlockManager, OutOfBlocksError, block_keys, chain_key, root_key
 from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
+from gateway.step_budget import StepBudget
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,19 @@ SCORED_CHUNK_TOKENS = 256
 
 class PagedEngine(Engine):
     def __init__(self, runner: PagedRunner, tokenizer, *, blocks: BlockManager, max_step_tokens: int,
-                 max_request_blocks: int | None = None, **options):
-        """``max_request_blocks``: the most KV blocks one request's sequences may need together at
-        their longest (None: no bound; ``gateway.engines`` gives half the pool)."""
+                 max_decode_slowdown: float | None = None, max_request_blocks: int | None = None, **options):
+        """``max_step_tokens`` / ``max_decode_slowdown``: the prompt tokens a step with decoding rows
+        may compute (``gateway.step_budget``). ``max_request_blocks``: the most KV blocks one
+        request's sequences may need together at their longest (None: no bound; ``gateway.engines``
+        gives half the pool)."""
         super().__init__(runner, tokenizer, **options)
         capacity = blocks.num_blocks * blocks.block_size
         if capacity < self.context_window:
             raise ValueError(f"the KV cache holds {capacity} tokens, less than one context window "
                              f"({self.context_window}); give it more memory")
         self.blocks = blocks
-        self.max_step_tokens = max_step_tokens
+        self.step_budget = StepBudget(max_step_tokens, max_decode_slowdown)
+        self.clock = time.perf_counter  # times steps for the budget
         self.max_request_blocks = max_request_blocks
         self.preemptions = 0
 
@@ -99,8 +104,14 @@ class PagedEngine(Engine):
         if not plan:
             return
         plan.sort(key=lambda p: p[0].request.slot)  # each adapter's tokens adjacent: one LoRA segment
+        pending = [self._length(seq) - seq.computed for seq, _ in plan]
+        decoding = 1 in pending
+        prompt_tokens = sum(count for (_, count), left in zip(plan, pending, strict=True) if left > 1)
+        started = self.clock()
         for part, logits in self._forward(plan):
             self._advance(part, logits)
+        if decoding:
+            self.step_budget.observe(prompt_tokens, self.clock() - started)
         self.steps += 1
         self._prune()
 
@@ -146,7 +157,7 @@ class PagedEngine(Engine):
     def _schedule(self) -> list[tuple[_Sequence, int]]:
         """(sequence, tokens to compute) for this step, within the step's token budget."""
         plan = [(s, 1) for s in self._running if self._length(s) - s.computed == 1]
-        budget = self.max_step_tokens if plan else self.max_prefill_tokens  # decode tokens come on top
+        budget = self.step_budget.tokens() if plan else self.max_prefill_tokens  # decode tokens come on top
         scored = SCORED_CHUNK_TOKENS  # every scored position's logits come back: bound their memory
         for seq in self._running:
             pending = self._length(seq) - seq.computed

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         "Prompt tokens computed per step while sequences decode (paged; their one token each comes on top): "
         "a long prompt is prefilled in chunks, so streams never stall for a whole prefill. Smaller: steadier "
         "streams; larger: sooner first tokens and fuller batches."))
+    max_decode_slowdown: float | None = Field(None, gt=1, le=100, description=(
+        "Adaptive prompt budget (paged): while sequences decode, a step computes as many prompt tokens as keep "
+        "it within this multiple of a decode-only step (1.1: streams slow by at most about 10% while a long "
+        "prompt is prefilled), never more than max_step_tokens; the costs are measured as the engine runs. "
+        "Unset: always max_step_tokens. Where tokens cost arithmetic (a CPU), long prompts then wait much "
+        "longer for their first token."))
     prefix_caching: bool = Field(True, description=(
         "Reuse the KV blocks of a prompt prefix a request of the same adapter version computed before (paged)."))
     max_queued_requests: int = Field(256, ge=1, description="Waiting requests before new ones get 429.")

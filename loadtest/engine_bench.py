@@ -163,24 +163,36 @@ def _median_key(runs: list[dict], key: str) -> float | None:
 
 async def fig_long_neighbour(server: Server, args, words: WordPrompts) -> list[dict]:
     n, runs = args.short_streams, {"alone": [], "with_long": []}
-    for mode in abba(("alone", "with_long"), args.repeats):
+    warm_chunks = 3
+    for mode in abba(("with_long", "alone"), args.repeats):
         prompts = [words.make(args.short_prompt) for _ in range(n)]
-        during = None
+        during, chunks = None, args.decode_tokens
+        if mode == "alone" and runs["with_long"]:
+            # alone for as many decode steps as the streams made beside the long prompt, so their
+            # contexts grow alike on both sides (a longer context costs time of its own) and the
+            # ratio is the neighbour's effect only
+            steps = round(ef.median(r["gaps"] / n for r in runs["with_long"]))
+            chunks = min(max(chunks, steps), args.stream_cap - warm_chunks - 1)
         if mode == "with_long":
             long_prompt = words.make(args.long_prompt)
 
             async def during(long_prompt=long_prompt) -> dict:
                 r = await stream(server.client, server.base, args.long_output, prompt=long_prompt)
                 return {"ttft_s": r.ttft_s, "latency_s": r.latency_s, "prompt_tokens": r.prompt_tokens}
-        runs[mode].append(await decode_phase(server, [server.base] * n, prompts, warm_chunks=3,
-                                             measure_chunks=args.decode_tokens, cap=args.stream_cap,
-                                             during=during))
+        runs[mode].append(await decode_phase(server, [server.base] * n, prompts, warm_chunks=warm_chunks,
+                                             measure_chunks=chunks, cap=args.stream_cap, during=during))
         log.info("long neighbour %s: %s", mode, _brief(runs[mode][-1]))
     alone, with_long = _median_key(runs["alone"], "time_per_token_s"), _median_key(runs["with_long"],
                                                                                      "time_per_token_s")
+    # what the streams' steadiness cost the long prompt: its time to first token
+    long_ttft = ef.median(r["during"]["ttft_s"] for r in runs["with_long"])
+    budget = (f"adaptive, max_decode_slowdown {args.max_decode_slowdown}" if args.max_decode_slowdown
+              else f"fixed, max_step_tokens {args.max_step_tokens or 'default'}")
     return [ef.figure("long_neighbour", f"1. long neighbour ({n} short streams, +1 of {args.long_prompt} tokens "
                       "/ alone, time per token)", ef.ratio(with_long, alone), engine=server.engine,
-                      alone_s=alone, with_long_s=with_long, runs=_strip(runs))]
+                      alone_s=alone, with_long_s=with_long, long_ttft_s=long_ttft, runs=_strip(runs),
+                      note=(f"{budget}; " if server.engine == "paged" else "")
+                      + (f"the long prompt's first token after {long_ttft:.1f} s" if long_ttft is not None else ""))]
 
 
 async def fig_shared_prefix(server: Server, args, words: WordPrompts, adapter: str) -> list[dict]:
@@ -430,7 +442,8 @@ def server_env(args, engine: str, data_dir: Path, key: str, adapters: Path | Non
         env["GATEWAY_PREFIX_CACHING"] = "true"
         for name, value in (("GATEWAY_KV_CACHE_TOKENS", args.kv_cache_tokens),
                             ("GATEWAY_KV_BLOCK_SIZE", args.kv_block_size),
-                            ("GATEWAY_MAX_STEP_TOKENS", args.max_step_tokens)):
+                            ("GATEWAY_MAX_STEP_TOKENS", args.max_step_tokens),
+                            ("GATEWAY_MAX_DECODE_SLOWDOWN", args.max_decode_slowdown)):
             if value is not None:
                 env[name] = str(value)
     for item in args.server_env:
@@ -599,6 +612,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--kv-cache-tokens", type=int, default=32768)
     g.add_argument("--kv-block-size", type=int)
     g.add_argument("--max-step-tokens", type=int)
+    g.add_argument("--max-decode-slowdown", type=float, help="the adaptive prompt budget (default: fixed)")
     p.add_argument("--server-env", nargs="*", default=[], metavar="GATEWAY_X=VALUE",
                    help="more settings for every server")
     args = p.parse_args(argv)

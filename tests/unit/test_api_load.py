@@ -21,6 +21,7 @@ from support import build_tokenizer
 from gateway.app import create_app
 from gateway.engine import Engine
 from gateway.shutdown import drain
+from gateway.step_budget import StepBudget
 from test_api import ADAPTERS, MESSAGES, make_adapters, make_base, make_settings
 
 TIMEOUT = 60
@@ -316,3 +317,14 @@ def test_kv_cache_metrics_and_prefix_hits_over_http(make_client):
     assert metric(text, "gateway_kv_blocks_cached") > 0
     assert metric(text, "gateway_kv_bytes_per_token") > 0
     assert metric(text, "gateway_kv_gather_workspace_bytes") > 0  # prompts were gathered for attention
+
+
+def test_prompt_budget_gauge_fixed_and_adaptive(make_client):
+    """``gateway_step_prompt_budget_tokens``: max_step_tokens when fixed; with max_decode_slowdown,
+    the probe's 16 once decode-only steps have been timed (no mixed step yet to price a token)."""
+    fixed = make_client(max_step_tokens=48)
+    assert metric(fixed.get("/metrics").text, "gateway_step_prompt_budget_tokens") == 48
+    adaptive = make_client(max_step_tokens=48, max_decode_slowdown=1.2)
+    assert metric(adaptive.get("/metrics").text, "gateway_step_prompt_budget_tokens") == 48  # nothing timed yet
+    assert adaptive.post("/v1/chat/completions", json=chat_body("lora-a")).status_code == 200
+    assert metric(adaptive.get("/metrics").text, "gateway_step_prompt_budget_tokens") == StepBudget.PROBE_TOKENS

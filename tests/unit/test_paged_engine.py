@@ -22,6 +22,7 @@ from gateway.paged_attention import KVPool
 from gateway.paged_engine import SCORED_CHUNK_TOKENS, PagedEngine
 from gateway.paged_runner import PagedRunner, StepItem, virtual_entries
 from gateway.sampling import SamplingParams
+from gateway.step_budget import StepBudget
 
 TOL = 1e-4
 STEPS = 8
@@ -233,6 +234,55 @@ def test_engine_greedy_text_matches_peft_with_chunks_and_mixed_kinds(mixed, tiny
     got, _ = run_greedy(make_engine(runtime, tiny_tokenizer), [(prompts[n], slots[n], n) for n in names])
     for name, tokens in zip(names, got, strict=True):
         assert tokens == ref_greedy(refs[name], prompts[name]), name
+
+
+
+def test_adaptive_budget_spreads_a_long_prompt_thin_and_keeps_every_result(mixed, tiny_tokenizer):
+    """``max_decode_slowdown`` 1.33 with a step clock where a decode-only step takes 0.1 s and each
+    prompt token 0.01 s more: once the probe has priced a token, a long prompt joining decoding
+    rows is computed six tokens every other step (the mixed step takes twice the 0.033 s
+    allowance, the decode-only one between none); every row's greedy tokens still equal PEFT's."""
+    runtime, slots, refs = mixed
+    engine = make_engine(runtime, tiny_tokenizer, max_step_tokens=64, max_decode_slowdown=1.33)
+    now = [0.0]
+    engine.clock = lambda: now[0]
+    decode_step_prompt_tokens: list[int] = []  # prompt tokens of each step that had decoding rows
+    forward = engine.runner.forward
+    short = {n: prompt_ids(5, seed=300 + i) for i, n in enumerate(("base", "ia3", "prompt5"))}
+    long_prompt = prompt_ids(60, seed=310)
+
+    def spy_forward(items):
+        decoding = [i for i in items if len(i.entries) == 1 and i.want_logits]
+        prompt = sum(len(i.entries) for i in items if i not in decoding)
+        if decoding:
+            decode_step_prompt_tokens.append(prompt)
+        if len(decode_step_prompt_tokens) == 2:  # the short rows decode: the long prompt joins
+            engine.submit(long_request)
+        now[0] += 0.1 + 0.01 * prompt
+        return forward(items)
+
+    engine.runner.forward = spy_forward
+    long_tokens: list[int] = []
+    emit = engine._emit
+
+    def spy_emit(seqs, logits):
+        emit(seqs, logits)
+        long_tokens[:] = next((list(s.tokens) for s in seqs if s.request is long_request), long_tokens)
+
+    engine._emit = spy_emit
+    sink = Tokens()
+    long_request = EngineRequest(prompt_ids=long_prompt, slot=slots["lora"], params=SamplingParams(
+        max_tokens=STEPS, temperature=0), sink=sink.sink, on_done=sink.on_done, cache_key="lora")
+    got, _ = run_greedy(engine, [(p, slots[n], n) for n, p in short.items()], steps=48)
+    assert sink.done.wait(60)
+    for (name, prompt), tokens in zip(short.items(), got, strict=True):
+        assert tokens == ref_greedy(refs[name], prompt, steps=48), name
+    assert long_tokens == ref_greedy(refs["lora"], long_prompt)
+    steps = decode_step_prompt_tokens
+    first = next(i for i, k in enumerate(steps) if k)
+    assert steps[first] == StepBudget.PROBE_TOKENS
+    # the rest of the prompt, 44 tokens: six every other step, then the last two
+    assert steps[first + 1:first + 17] == [0, 6] * 7 + [0, 2]
 
 
 # (variant, prompt length, max_tokens): three waves. The first two fill the 16-row batch with
