@@ -155,22 +155,35 @@ class PagedEngine(Engine):
         return any(s.request is seq.request and self._length(s) - s.computed > 1 for s in self._running)
 
     def _schedule(self) -> list[tuple[_Sequence, int]]:
-        """(sequence, tokens to compute) for this step, within the step's token budget."""
+        """(sequence, tokens to compute) for this step, within the step's token budget.
+
+        Prompts are computed shortest remaining first: a short prompt behind a long one reaches its
+        first token in a step or two, not after the whole long prefill (with the adaptive budget on
+        a CPU, a minute). The prompt admitted first keeps half of each step's budget, so a run of
+        short arrivals never starves it."""
         plan = [(s, 1) for s in self._running if self._length(s) - s.computed == 1]
         budget = self.step_budget.tokens() if plan else self.max_prefill_tokens  # decode tokens come on top
+        prompts = [s for s in self._running if self._length(s) - s.computed > 1]
         scored = SCORED_CHUNK_TOKENS  # every scored position's logits come back: bound their memory
-        for seq in self._running:
-            pending = self._length(seq) - seq.computed
-            if pending > 1 and budget > 0:
-                take = min(pending, budget)
-                if seq.scoring_prompt:
-                    take = min(take, scored)
-                    if take == 0:
-                        continue  # its turn comes in a later step
-                    scored -= take
-                plan.append((seq, take))
+        takes: dict[_Sequence, int] = {}  # prompt tokens of each sequence this step
+
+        def give(seq: _Sequence, most: int) -> None:
+            nonlocal budget, scored
+            room = self._length(seq) - seq.computed - takes.get(seq, 0)
+            if seq.scoring_prompt:
+                room = min(room, scored)
+            take = min(room, most, budget)
+            if take > 0:
+                takes[seq] = takes.get(seq, 0) + take
                 budget -= take
-        return plan
+                if seq.scoring_prompt:
+                    scored -= take
+
+        if prompts and budget > 0:
+            give(prompts[0], max(1, budget // 2))
+            for seq in sorted(prompts, key=lambda s: self._length(s) - s.computed):
+                give(seq, budget)
+        return plan + [(s, takes[s]) for s in prompts if s in takes]
 
     def _allocate(self, plan: list[tuple[_Sequence, int]]) -> list[tuple[_Sequence, int]]:
         """Give every planned row the blocks its new tokens need, preempting rows when short."""

@@ -166,7 +166,7 @@ def test_prompt_scoring_survives_preemption(mixed, tiny_tokenizer):
     runtime, slots, refs = mixed
     names = ["lora", "ia3", "prompt5", "base", "lora_qv", "ia3_ff", "prompt11", "lora_rslora_r8"]
     prompts = {n: prompt_ids(14 + i, seed=140 + i) for i, n in enumerate(names)}
-    engine = make_engine(runtime, tiny_tokenizer, blocks=40, max_step_tokens=16, context_window=48)
+    engine = make_engine(runtime, tiny_tokenizer, blocks=36, max_step_tokens=16, context_window=48)
     params = SamplingParams(max_tokens=10, temperature=0, logprobs=1, prompt_logprobs=1)
     got = run(engine, [(prompts[n], slots[n], n, params) for n in names])
     assert engine.preemptions > 0

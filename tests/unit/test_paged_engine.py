@@ -285,6 +285,61 @@ def test_adaptive_budget_spreads_a_long_prompt_thin_and_keeps_every_result(mixed
     assert steps[first + 1:first + 17] == [0, 6] * 7 + [0, 2]
 
 
+
+def test_a_short_prompt_is_not_held_behind_a_long_one_and_the_long_one_keeps_half(mixed, tiny_tokenizer):
+    """A budget of 8 prompt tokens a step while a row decodes: a 60-token prompt is mid-prefill
+    when a 6-token one arrives. Shortest first, the short one is computed in the next two steps
+    (not after the long one's remaining steps); the long one, admitted first, still gets at least
+    half of every step's budget. Every row's greedy tokens equal PEFT's."""
+    runtime, slots, refs = mixed
+    engine = make_engine(runtime, tiny_tokenizer, max_step_tokens=8)
+    prompts = {"base": prompt_ids(4, seed=320), "lora": prompt_ids(60, seed=321), "ia3": prompt_ids(6, seed=322)}
+    requests, sinks = {}, {}
+    for name, prompt in prompts.items():
+        sinks[name] = Tokens()
+        requests[name] = EngineRequest(prompt_ids=prompt, slot=slots[name], params=SamplingParams(
+            max_tokens=40 if name == "base" else STEPS, temperature=0), sink=sinks[name].sink,
+            on_done=sinks[name].on_done, cache_key=name)
+    sampled: dict[str, list[int]] = {}
+    names = {id(r): n for n, r in requests.items()}
+    schedule, emit = engine._schedule, engine._emit
+    steps: list[dict[str, int]] = []  # prompt tokens per sequence, steps with a decoding row
+
+    def spy_schedule():
+        plan = schedule()
+        decoding = any(engine._length(s) - s.computed == 1 for s, _ in plan)
+        if decoding:
+            steps.append({names[id(s.request)]: n for s, n in plan if engine._length(s) - s.computed > 1})
+            if len(steps) == 1:  # the base row decodes: the long prompt arrives
+                engine.submit(requests["lora"])
+            if len(steps) == 4:  # the long prompt is a few steps in: the short one arrives
+                engine.submit(requests["ia3"])
+        return plan
+
+    def spy_emit(seqs, logits):
+        emit(seqs, logits)
+        for seq in seqs:
+            sampled[names[id(seq.request)]] = list(seq.tokens)
+
+    engine._schedule, engine._emit = spy_schedule, spy_emit
+    engine.submit(requests["base"])
+    engine.start()
+    try:
+        for sink in sinks.values():
+            assert sink.done.wait(60)
+    finally:
+        engine.stop()
+    for name, prompt in prompts.items():
+        steps_of = 40 if name == "base" else STEPS
+        assert sampled[name] == ref_greedy(refs[name], prompt, steps=steps_of), name
+    # submitted while the fourth step was planned: computed in the fifth and sixth, while the long
+    # prompt still had most of its tokens to go (first come first served, it waited for all of them)
+    assert [step.get("ia3", 0) for step in steps[4:6]] == [4, 2]
+    assert "lora" in steps[8]
+    long_steps = [step["lora"] for step in steps if "lora" in step]
+    assert sum(long_steps) == 60 and min(long_steps[:-1]) >= 4
+
+
 # (variant, prompt length, max_tokens): three waves. The first two fill the 16-row batch with
 # every kind and the base; the third arrives once a row has left and takes the freed rows.
 WAVES = [
