@@ -102,9 +102,10 @@ class Settings(BaseSettings):
         "a long prompt is prefilled in chunks, so streams never stall for a whole prefill. Smaller: steadier "
         "streams; larger: sooner first tokens and fuller batches."))
     max_decode_slowdown: float | None = Field(None, gt=1, le=100, description=(
-        "Adaptive prompt budget (paged): while sequences decode, a step computes as many prompt tokens as keep "
-        "it within this multiple of a decode-only step (1.1: streams slow by at most about 10% while a long "
-        "prompt is prefilled), never more than max_step_tokens; the costs are measured as the engine runs. "
+        "Adaptive prompt budget (paged): while sequences decode, steps carry as many prompt tokens as keep "
+        "their mean time within this multiple of a decode-only step (1.1: streams slow by about 10% on average "
+        "while a long prompt is prefilled; mixed steps alternate with decode-only ones), never more than "
+        "max_step_tokens; the costs are measured as the engine runs. "
         "Unset: always max_step_tokens. Where tokens cost arithmetic (a CPU), long prompts then wait much "
         "longer for their first token."))
     prefix_caching: bool = Field(True, description=(
