@@ -236,7 +236,6 @@ def test_engine_greedy_text_matches_peft_with_chunks_and_mixed_kinds(mixed, tiny
         assert tokens == ref_greedy(refs[name], prompts[name]), name
 
 
-
 def test_adaptive_budget_spreads_a_long_prompt_thin_and_keeps_every_result(mixed, tiny_tokenizer):
     """``max_decode_slowdown`` 1.33 with a step clock where a decode-only step takes 0.1 s and each
     prompt token 0.01 s more: once the probe has priced a token, a long prompt joining decoding
@@ -247,6 +246,7 @@ def test_adaptive_budget_spreads_a_long_prompt_thin_and_keeps_every_result(mixed
     now = [0.0]
     engine.clock = lambda: now[0]
     decode_step_prompt_tokens: list[int] = []  # prompt tokens of each step that had decoding rows
+    submitted: set[int] = set()
     forward = engine.runner.forward
     short = {n: prompt_ids(5, seed=300 + i) for i, n in enumerate(("base", "ia3", "prompt5"))}
     long_prompt = prompt_ids(60, seed=310)
@@ -256,7 +256,8 @@ def test_adaptive_budget_spreads_a_long_prompt_thin_and_keeps_every_result(mixed
         prompt = sum(len(i.entries) for i in items if i not in decoding)
         if decoding:
             decode_step_prompt_tokens.append(prompt)
-        if len(decode_step_prompt_tokens) == 2:  # the short rows decode: the long prompt joins
+        if len(decode_step_prompt_tokens) == 2 and long_request.id not in submitted:
+            submitted.add(long_request.id)  # the short rows decode: the long prompt joins
             engine.submit(long_request)
         now[0] += 0.1 + 0.01 * prompt
         return forward(items)
@@ -283,7 +284,6 @@ def test_adaptive_budget_spreads_a_long_prompt_thin_and_keeps_every_result(mixed
     assert steps[first] == StepBudget.PROBE_TOKENS
     # the rest of the prompt, 44 tokens: six every other step, then the last two
     assert steps[first + 1:first + 17] == [0, 6] * 7 + [0, 2]
-
 
 
 def test_a_short_prompt_is_not_held_behind_a_long_one_and_the_long_one_keeps_half(mixed, tiny_tokenizer):
