@@ -30,7 +30,7 @@ class KVCacheCollector(Collector):
              "attention (grows to the largest gather so far).", engine.runner.pool.workspace_bytes),
             ("gateway_step_prompt_budget_tokens", "Prompt tokens a step may compute beside its decoding rows "
              "(max_step_tokens, or what max_decode_slowdown allows at the costs measured).",
-             engine.step_budget.estimate()),
+             engine.step_budget.published),
         )
         for name, help_text, value in gauges:
             family = GaugeMetricFamily(name, help_text)

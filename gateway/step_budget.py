@@ -40,6 +40,9 @@ class StepBudget:
         self._decode: deque[float] = deque(maxlen=self.DECODE_WINDOW)  # seconds of decode-only steps
         self._mixed: deque[tuple[int, float]] = deque(maxlen=self.MIXED_WINDOW)  # (prompt tokens, extra seconds)
         self._mixed_steps = 0  # steps with prompt tokens since the last decode-only one
+        # ``estimate()`` as of the last step, for other threads (/metrics): estimate() itself
+        # iterates the deques, which the engine thread appends to meanwhile
+        self.published = self.estimate()
 
     @property
     def decode_seconds(self) -> float | None:
@@ -91,3 +94,4 @@ class StepBudget:
             # against the decode-only step just before; kept signed, so a mixed step that came out
             # faster (noise) cancels a slower one instead of only ever raising the price
             self._mixed.append((prompt_tokens, seconds - self._decode[-1]))
+        self.published = self.estimate()
