@@ -33,6 +33,14 @@ def median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def bracketed_ratios(modes: Sequence[str], values: Sequence[float | None], treated: str) -> list[float | None]:
+    """Each ``treated`` value / the mean of the values beside it (the one before, at the end): in an
+    alternating A B A B ... A run, drift that moves both neighbours cancels out of the ratio."""
+    values = list(values)
+    return [ratio(values[i], median(values[max(0, i - 1):i] + values[i + 1:i + 2]))
+            for i, mode in enumerate(modes) if mode == treated]
+
+
 def figure(key: str, name: str, value: float | None, *, engine: str, unit: str = "x", **extra) -> dict:
     """One printed and stored figure: its value (rounded), target, and whether the target is met
     (None when there is no value or no target)."""

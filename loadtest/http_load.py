@@ -104,6 +104,16 @@ async def admin(client: httpx.AsyncClient, key: str, method: str, path: str) -> 
     return response.json() if response.content else {}
 
 
+async def register_folder(client: httpx.AsyncClient, key: str, adapter_id: str, folder: Path) -> dict:
+    """Register the adapter files in ``folder`` under ``adapter_id`` (an upload, as a client sends them)."""
+    files = [("files", (f.name, f.read_bytes())) for f in sorted(folder.iterdir()) if f.is_file()]
+    response = await client.post("/admin/adapters", headers={"Authorization": f"Bearer {key}"},
+                                 data={"id": adapter_id}, files=files)
+    if response.status_code >= 400:
+        raise RequestFailed(f"registering {adapter_id}: HTTP {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     response = await client.get("/metrics")
     response.raise_for_status()

@@ -266,3 +266,12 @@ def test_adapter_weight_bytes_bound_the_mixed_ranks_ratio():
     base = 2 * shape.layer_linear_params * ef.NF4_WEIGHT_BYTES + shape.lm_head_params * 2
     assert report["mix_adapter_bytes"] == 4 * report["single_adapter_bytes"] == 4 * cost * 2
     assert report["bandwidth_bound_ratio"] == pytest.approx((base + 2 * cost) / (base + 8 * cost), abs=1e-4)
+
+
+def test_bracketed_ratios_read_each_treated_run_against_its_neighbours():
+    # steady drift from 100 to 60: every "with" equals its neighbours' mean, so no cost is read
+    modes = ["without", "with", "without", "with", "without"]
+    assert ef.bracketed_ratios(modes, [100, 90, 80, 70, 60], "with") == [1.0, 1.0]
+    # a run that ends on the treated side is read against the one before it; a missing side is None
+    assert ef.bracketed_ratios(["without", "with"], [50.0, 45.0], "with") == [0.9]
+    assert ef.bracketed_ratios(["without", "with", "without"], [None, 45.0, None], "with") == [None]
