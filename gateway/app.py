@@ -42,7 +42,7 @@ from gateway.auth import AccessGuard, key_guess_throttle
 from gateway.console.routes import ConsoleState, attach_console, install_console
 from gateway.connections import ConnectionBook, ConnectionCollector
 from gateway.console.security import ConsoleHeaders
-from gateway.database import DATABASE_FILE, Stores, check_shared_database, open_stores
+from gateway.database import DATABASE_FILE, Stores, check_shared_database, open_stores, shared_database
 from gateway.database.changes import ChangeFeed, ChangeFeedCollector
 from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
@@ -159,7 +159,7 @@ def build_gateway(settings: Settings, base: LoadedBase | None = None) -> Gateway
     gateway.experiments = attach_experiments(stores.experiments, settings, service, registry, metrics.registry)
     gateway.training = attach_training(gateway, stores.training, shared=stores.shared)
     gateway.files, gateway.fine_tuning = attach_fine_tuning(gateway, stores.files)
-    gateway.console = attach_console(settings)
+    gateway.console = attach_console(settings, shared_database(settings))
     gateway.key_guesses = key_guess_throttle(settings.max_failed_key_attempts)
     gateway.changes = follow_changes(gateway, stores)
     return gateway
@@ -248,6 +248,8 @@ def create_app(settings: Settings, base: LoadedBase | None = None,
             await close_within("files", gateway.files.close(), 15)
             await close_within("the registry", gateway.registry.close(), 30)
             await close_within("experiments", asyncio.to_thread(gateway.experiments.close), 30)
+            if gateway.console is not None:
+                await close_within("console sessions", asyncio.to_thread(gateway.console.sessions.close), 15)
             if gateway.service.grammars is not None:
                 gateway.service.grammars.close()
 

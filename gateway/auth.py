@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.security import HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from adapters.sql import DatabaseUnavailableError
 from gateway.console.security import console_session, csrf_ok, is_console_api, is_open_console_path
 from gateway.errors import (
     APIError, AuthenticationError, PermissionDeniedError, RateLimitError, ServiceUnavailableError, error_response,
@@ -96,8 +97,12 @@ class AccessGuard:
         key: ApiKey | None = None
         token = bearer_token(headers)
         # a bearer key always wins; the cookie is only looked at when none was sent
-        session = console_session(gateway.console.sessions if gateway.console else None, headers) if token is None \
-            else None
+        try:
+            session = await console_session(gateway.console.sessions if gateway.console else None, headers) \
+                if token is None else None
+        except DatabaseUnavailableError as exc:  # sessions shared in PostgreSQL, which cannot be reached
+            await error_response(exc)(scope, receive, send)
+            return
         if session is not None and not csrf_ok(session, scope["method"], headers):
             await self._refuse(PermissionDeniedError(
                 "missing or incorrect CSRF token: send the console session's token in X-CSRF-Token",

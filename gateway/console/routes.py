@@ -19,12 +19,14 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic_core import PydanticUndefined
 
+from adapters.sql import PostgresDatabase
 from adapters.training.config import TrainingConfig
 from gateway.auth import admin_key_scheme, key_matches
 from gateway.console.security import (
-    CONSOLE_PREFIX, SIGN_IN_PATH, cleared_cookie, console_session, cookie_value, same_origin, session_cookie,
+    CONSOLE_PREFIX, cleared_cookie, console_session, cookie_value, same_origin, session_cookie,
 )
-from gateway.console.sessions import ConsoleSessions
+from gateway.console.sessions import ConsoleSessions, SessionStore
+from gateway.console.shared_sessions import SharedConsoleSessions
 from gateway.throttle import FailureThrottle
 from gateway.console.status import TokenRate, gateway_status, per_adapter_latency
 from gateway.errors import BadRequestError, ServiceUnavailableError
@@ -39,14 +41,17 @@ MAX_KEY_CHARS = 1024
 class ConsoleState:
     """What the console keeps per gateway: sessions, the sign-in throttle, the token-rate samples."""
 
-    sessions: ConsoleSessions
+    sessions: SessionStore
     throttle: FailureThrottle
     rate: TokenRate = field(default_factory=TokenRate)
 
 
-def attach_console(settings: Settings) -> ConsoleState:
-    return ConsoleState(ConsoleSessions(settings.console_session_seconds),
-                        FailureThrottle(settings.console_sign_in_failures, window_seconds=60.0))
+def attach_console(settings: Settings, shared: PostgresDatabase | None = None) -> ConsoleState:
+    """The console's state; its sessions in ``shared`` (the replicas' database, a connection of the
+    console's own) when given, else in this process's memory."""
+    lifetime = settings.console_session_seconds
+    sessions = SharedConsoleSessions(shared, lifetime) if shared is not None else ConsoleSessions(lifetime)
+    return ConsoleState(sessions, FailureThrottle(settings.console_sign_in_failures, window_seconds=60.0))
 
 
 page = APIRouter(prefix=CONSOLE_PREFIX, include_in_schema=False)
@@ -97,7 +102,7 @@ async def sign_in(request: Request) -> RedirectResponse:
         log.warning("console sign-in with a wrong key from %s", client)
         return _back_to_page(signin="failed")
     console.throttle.succeeded(client)
-    session_id, session = console.sessions.create()
+    session_id, session = await console.sessions.create()
     log.info("console session started for %s", client)
     response = _back_to_page()
     response.headers["set-cookie"] = session_cookie(session_id, int(console.sessions.lifetime), _secure(request))
@@ -109,7 +114,7 @@ async def session_info(request: Request) -> dict[str, Any]:
     """The signed-in session: its CSRF token (send it as X-CSRF-Token on every call that is not a
     GET) and when it expires. With the admin key instead of a cookie there is no session."""
     console: ConsoleState = request.app.state.gateway.console
-    session = console_session(console.sessions, {k.lower(): v for k, v in request.headers.raw})
+    session = await console_session(console.sessions, {k.lower(): v for k, v in request.headers.raw})
     if session is None:
         return {"object": "console.session", "signed_in": False, "csrf_token": None, "expires": None}
     return {"object": "console.session", "signed_in": True, "csrf_token": session.csrf_token,
@@ -120,7 +125,7 @@ async def session_info(request: Request) -> dict[str, Any]:
 async def sign_out(request: Request) -> JSONResponse:
     """End the session (the guard checked its CSRF token) and clear the cookie."""
     console: ConsoleState = request.app.state.gateway.console
-    console.sessions.end(cookie_value({k.lower(): v for k, v in request.headers.raw}))
+    await console.sessions.end(cookie_value({k.lower(): v for k, v in request.headers.raw}))
     response = JSONResponse({"object": "console.session", "signed_in": False})
     response.headers["set-cookie"] = cleared_cookie(_secure(request))
     return response

@@ -12,7 +12,7 @@ from http.cookies import CookieError, SimpleCookie
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.console.sessions import ConsoleSession, ConsoleSessions
+from gateway.console.sessions import ConsoleSession, SessionStore
 
 COOKIE_NAME = "gateway_console"
 CSRF_HEADER = "X-CSRF-Token"
@@ -61,8 +61,10 @@ def cookie_value(headers: dict[bytes, bytes]) -> str | None:
     return morsel.value if morsel is not None else None
 
 
-def console_session(sessions: ConsoleSessions | None, headers: dict[bytes, bytes]) -> ConsoleSession | None:
-    return None if sessions is None else sessions.get(cookie_value(headers))
+async def console_session(sessions: SessionStore | None, headers: dict[bytes, bytes]) -> ConsoleSession | None:
+    """The signed-in session the cookie names; None without one. Raises ``DatabaseUnavailableError``
+    where the sessions are shared and the database cannot be reached."""
+    return None if sessions is None else await sessions.get(cookie_value(headers))
 
 
 def csrf_ok(session: ConsoleSession, method: str, headers: dict[bytes, bytes]) -> bool:

@@ -1,10 +1,12 @@
 """Browser sessions of the console. Pure code: no FastAPI.
 
 A session is created when the admin key is presented once at sign-in; the browser then holds
-only a random 256-bit session id (in an HttpOnly cookie), never the key. Sessions live in memory:
-a restart signs everyone out, which is the safe direction. Ids are looked up by their SHA-256
-digest, so the table never holds a usable cookie value and lookups do not compare secrets
-byte by byte."""
+only a random 256-bit session id (in an HttpOnly cookie), never the key. Ids are looked up by their
+SHA-256 digest, so a table never holds a usable cookie value and lookups do not compare secrets
+byte by byte. One process keeps its sessions in memory (``ConsoleSessions``): a restart signs
+everyone out, which is the safe direction. Replicas sharing a PostgreSQL database keep them there
+(``gateway.console.shared_sessions``), so any replica admits a session another one started and a
+sign-out on one ends it on all. Both have the same async interface: ``create``, ``get``, ``end``."""
 
 from __future__ import annotations
 
@@ -15,12 +17,24 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 MAX_SESSIONS = 256  # an operator console, not a user database: the oldest session goes first
 
 
-def _digest(session_id: str) -> bytes:
+def session_digest(session_id: str) -> bytes:
     return hashlib.sha256(session_id.encode()).digest()
+
+
+def new_session(lifetime: float, now: float) -> tuple[str, ConsoleSession]:
+    """A fresh id (for the cookie, never stored) and its session: own CSRF token, absolute expiry."""
+    session = ConsoleSession(csrf_token=secrets.token_urlsafe(32), created=now, expires=now + lifetime)
+    return secrets.token_urlsafe(32), session  # 256 random bits each
+
+
+def usable_id(session_id: str | None) -> bool:
+    """Whether a cookie value is worth looking up (none, or longer than any id issued, is not)."""
+    return bool(session_id) and len(session_id) <= 128
 
 
 @dataclass
@@ -33,6 +47,18 @@ class ConsoleSession:
         return token is not None and hmac.compare_digest(token.encode(), self.csrf_token.encode())
 
 
+class SessionStore(Protocol):
+    lifetime: float
+
+    async def create(self) -> tuple[str, ConsoleSession]: ...
+
+    async def get(self, session_id: str | None) -> ConsoleSession | None: ...
+
+    async def end(self, session_id: str | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ConsoleSessions:
     """Sessions by id digest, each with its own CSRF token and an absolute expiry."""
 
@@ -43,21 +69,19 @@ class ConsoleSessions:
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[bytes, ConsoleSession] = OrderedDict()
 
-    def create(self) -> tuple[str, ConsoleSession]:
+    async def create(self) -> tuple[str, ConsoleSession]:
         """A new session; returns the id (for the cookie, never stored here) and the session."""
         self._drop_expired()
         while len(self._sessions) >= self.max_sessions:
             self._sessions.popitem(last=False)
-        session_id = secrets.token_urlsafe(32)  # 256 random bits
-        now = self.clock()
-        session = ConsoleSession(csrf_token=secrets.token_urlsafe(32), created=now, expires=now + self.lifetime)
-        self._sessions[_digest(session_id)] = session
+        session_id, session = new_session(self.lifetime, self.clock())
+        self._sessions[session_digest(session_id)] = session
         return session_id, session
 
-    def get(self, session_id: str | None) -> ConsoleSession | None:
-        if not session_id or len(session_id) > 128:
+    async def get(self, session_id: str | None) -> ConsoleSession | None:
+        if not usable_id(session_id):
             return None
-        key = _digest(session_id)
+        key = session_digest(session_id)
         session = self._sessions.get(key)
         if session is None:
             return None
@@ -66,12 +90,15 @@ class ConsoleSessions:
             return None
         return session
 
-    def end(self, session_id: str | None) -> None:
+    async def end(self, session_id: str | None) -> None:
         if session_id:
-            self._sessions.pop(_digest(session_id), None)
+            self._sessions.pop(session_digest(session_id), None)
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def close(self) -> None:
+        """Nothing to release: the sessions go with the process."""
 
     def _drop_expired(self) -> None:
         now = self.clock()

@@ -36,6 +36,13 @@ def database_url(settings: Settings) -> str | None:
     return settings.database_url.get_secret_value() if settings.database_url is not None else None
 
 
+def shared_database(settings: Settings) -> PostgresDatabase | None:
+    """A connection of its own to the replicas' PostgreSQL database (opened at its first statement);
+    None without ``database_url``."""
+    url = database_url(settings)
+    return None if url is None else PostgresDatabase(url, settings.database_timeout_seconds)
+
+
 def open_stores(settings: Settings) -> Stores:
     """The four stores; on PostgreSQL the schema is migrated first (``SchemaTooNewError`` on a
     database a newer release migrated). Each store holds its own connection."""
@@ -45,14 +52,12 @@ def open_stores(settings: Settings) -> Stores:
         return Stores(SqliteAdapterStore(path), SqliteExperimentStore(path), SqliteFileStore(path),
                       SqliteTrainingJobStore(path))
 
-    def connect() -> PostgresDatabase:
-        return PostgresDatabase(url, settings.database_timeout_seconds)
-
-    first = connect()
+    first = shared_database(settings)
     migrate(first)
     log.info("registry in PostgreSQL at %s", redact_url(url))
-    return Stores(SqlAdapterStore(first), SqlExperimentStore(connect()), SqlFileStore(connect()),
-                  SqlTrainingJobStore(connect()), postgres=first)
+    return Stores(SqlAdapterStore(first), SqlExperimentStore(shared_database(settings)),
+                  SqlFileStore(shared_database(settings)), SqlTrainingJobStore(shared_database(settings)),
+                  postgres=first)
 
 
 def check_shared_database(settings: Settings) -> None:

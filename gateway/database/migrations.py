@@ -45,6 +45,11 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     )),
     # shared with SQLite's upgrade, frozen there: results from running totals, request rows pruned
     (2, "experiment per-arm totals, feedback with its arm", ARM_TOTALS_UPGRADE),
+    (3, "console sessions every replica admits", (
+        "CREATE TABLE console_sessions (digest TEXT PRIMARY KEY, csrf_token TEXT NOT NULL,"
+        " created DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX console_sessions_by_created ON console_sessions (created)",
+    )),
 )
 LATEST = MIGRATIONS[-1][0]
 

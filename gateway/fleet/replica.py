@@ -121,13 +121,13 @@ class GatewayReplica:
         """The adapter a request for ``model`` would use here."""
         return resolve_route(self.gateway.service, model, user, headers)
 
-    def console_session_admits(self, method: str, headers: dict[bytes, bytes]) -> bool:
+    async def console_session_admits(self, method: str, headers: dict[bytes, bytes]) -> bool:
         """Whether this replica's access guard would take a request with these headers (the
         session cookie and CSRF token) as a signed-in console's: the ingress asks every replica
-        (sessions live in the one that signed the browser in) before it reads a large body whose
-        only credential is the cookie."""
+        before it reads a large body whose only credential is the cookie (without a shared database
+        the session lives only in the replica that signed the browser in)."""
         console = self.gateway.console
-        session = console_session(console.sessions if console else None, headers)
+        session = await console_session(console.sessions if console else None, headers)
         return session is not None and csrf_ok(session, method, headers)
 
     def whoami(self) -> tuple[str, int]:

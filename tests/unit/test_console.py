@@ -1,7 +1,7 @@
 """The operator console without a browser: the page and its headers (CSP, nosniff, frames), the
 sign-in that trades the admin key for a session cookie (flags, throttle, foreign origins), the CSRF
 token every state-changing cookie call needs (admin routes and /v1 alike), sign-out, the status
-and training-defaults endpoints, and the session store and throttle on a fake clock."""
+and training-defaults endpoints, and the throttle on a fake clock (the session stores: test_console_sessions.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from gateway.base_model import LoadedBase
 from gateway.console.security import COOKIE_NAME, CSRF_HEADER
-from gateway.console.sessions import ConsoleSessions
 from gateway.throttle import FailureThrottle
 from gateway.settings import Settings
 from support import build_tiny_llama, build_tokenizer, make_peft_adapter
@@ -278,22 +277,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def test_sessions_expire_and_are_bounded():
-    clock = Clock()
-    sessions = ConsoleSessions(60, clock=clock, max_sessions=3)
-    first, session = sessions.create()
-    assert sessions.get(first) is session and session.csrf_matches(session.csrf_token)
-    assert not session.csrf_matches(None) and not session.csrf_matches("x")
-    assert first not in {s.csrf_token for s in [session]}
-    clock.now += 59.9
-    assert sessions.get(first) is session
-    clock.now += 0.1
-    assert sessions.get(first) is None and len(sessions) == 0
-    ids = [sessions.create()[0] for _ in range(4)]
-    assert len(sessions) == 3 and sessions.get(ids[0]) is None and sessions.get(ids[3]) is not None
-    assert sessions.get(None) is None and sessions.get("x" * 200) is None
 
 
 def test_throttle_window_slides():

@@ -2,7 +2,9 @@
 folder (standing in for the shared file store): what one registers, replaces, deletes, pins or
 experiments with reaches the other through LISTEN/NOTIFY (and the periodic resync heals a missed
 notification); each training job runs once, and another replica resumes it when its claimer
-stops; with PostgreSQL down, known adapters keep serving and admin writes answer 503."""
+stops; a console session started on one replica is good on the other and a sign-out on either
+ends it; with PostgreSQL down, known adapters keep serving and admin writes (and console sessions)
+answer 503."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from test_api import make_base, make_settings
 from test_training_api import ADMIN, MESSAGES, jsonl, rows, submit
 
 from gateway.app import create_app
+from gateway.console.security import COOKIE_NAME, CSRF_HEADER
 from gateway.training.store import SUCCEEDED
 
 WAIT = 60.0  # generous bound on a condition that holds within a second when things work
@@ -232,6 +235,28 @@ def cancel_on_the_other(a, b) -> None:
     poll(lambda: job_view(runner, job_id).get("state") == "cancelled", "the runner shows it cancelled")
 
 
+# ---- console sessions -----------------------------------------------------------------------------
+def console_sign_in(replica: TestClient) -> tuple[dict, str]:
+    """Sign a browser in on ``replica``; its cookie header (to send to any replica) and CSRF token."""
+    browser = TestClient(replica.app, follow_redirects=False)  # the replica's lifespan is already running
+    assert browser.post("/console/sign-in", data={"key": ADMIN["Authorization"].removeprefix("Bearer ")}
+                        ).status_code == 303
+    token = browser.get("/console/api/session").json()["csrf_token"]
+    return {"cookie": f"{COOKIE_NAME}={browser.cookies[COOKIE_NAME]}"}, token
+
+
+def test_a_console_session_is_good_on_every_replica_and_a_sign_out_ends_it_on_all(fleet):
+    a, b = fleet
+    cookie, token = console_sign_in(a)
+    session = b.get("/console/api/session", headers=cookie).json()
+    assert session["signed_in"] is True and session["csrf_token"] == token
+    assert b.get("/admin/adapters", headers=cookie).status_code == 200
+    assert b.post("/admin/adapters/none/pin", headers=cookie).status_code == 403  # B checks the CSRF token too
+    assert b.post("/console/api/sign-out", headers={**cookie, CSRF_HEADER: token}).status_code == 200
+    for replica in (a, b):
+        assert replica.get("/admin/adapters", headers=cookie).status_code == 401
+
+
 # ---- faults ---------------------------------------------------------------------------------------
 def assert_unavailable(response) -> None:
     assert response.status_code == 503, response.text
@@ -250,7 +275,10 @@ def test_postgres_down_serving_goes_on_writes_get_503_and_recover(tmp_path, adap
         with two_gateways(url, tmp_path, adapters_root) as (a, b):
             assert register(a, "known", "lora-1").status_code == 201
             poll(lambda: chat(b, "known").status_code == 200, "B serves it")
+            cookie, _ = console_sign_in(a)
             cluster.stop()
+            assert_unavailable(b.get("/admin/adapters", headers=cookie))  # the session cannot be checked
+            assert_unavailable(TestClient(a.app).post("/console/sign-in", data={"key": "k" * 24}))
             for client in (a, b):
                 assert chat(client, "known").status_code == 200  # from memory
             assert_unavailable(register(a, "new", "lora-2"))
@@ -268,6 +296,7 @@ def test_postgres_down_serving_goes_on_writes_get_503_and_recover(tmp_path, adap
             poll(lambda: gateway_of(b).changes.connected, "B's listener reconnects")
             poll(lambda: register(a, "new", "lora-2").status_code == 201, "writes work again")
             poll(lambda: chat(b, "new").status_code == 200, "B follows changes again")
+            assert b.get("/admin/adapters", headers=cookie).status_code == 200  # the session outlived the outage
             assert gateway_of(b).changes.reconnects >= 2
             figures = b.get("/metrics").text
             assert "gateway_database_listener_connected 1.0" in figures
