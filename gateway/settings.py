@@ -223,8 +223,8 @@ class Settings(BaseSettings):
         "model); experiment names are asked for on every request. Routing is a hint: the replica resolves "
         "the name again, so a stale entry can cost a cold adapter load, never a wrong answer."))
     database_url: SecretStr | None = Field(None, description=(
-        "Where the registry, experiments, files and training jobs are kept. Unset: SQLite in DATA_DIR "
-        "(one process). postgresql://user:password@host:port/database: one PostgreSQL database shared by "
+        "Where the registry, experiments, files and training jobs are kept (and, when shared, console "
+        "sessions). Unset: SQLite in DATA_DIR (one process; console sessions in memory). postgresql://user:password@host:port/database: one PostgreSQL database shared by "
         "every replica (schema migrated at start; changes reach all replicas through LISTEN/NOTIFY). "
         "The password is never logged."))
     database_timeout_seconds: float = Field(5.0, gt=0, le=300, description=(

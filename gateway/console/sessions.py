@@ -26,6 +26,16 @@ def session_digest(session_id: str) -> bytes:
     return hashlib.sha256(session_id.encode()).digest()
 
 
+@dataclass
+class ConsoleSession:
+    csrf_token: str
+    created: float
+    expires: float
+
+    def csrf_matches(self, token: str | None) -> bool:
+        return token is not None and hmac.compare_digest(token.encode(), self.csrf_token.encode())
+
+
 def new_session(lifetime: float, now: float) -> tuple[str, ConsoleSession]:
     """A fresh id (for the cookie, never stored) and its session: own CSRF token, absolute expiry."""
     session = ConsoleSession(csrf_token=secrets.token_urlsafe(32), created=now, expires=now + lifetime)
@@ -35,16 +45,6 @@ def new_session(lifetime: float, now: float) -> tuple[str, ConsoleSession]:
 def usable_id(session_id: str | None) -> bool:
     """Whether a cookie value is worth looking up (none, or longer than any id issued, is not)."""
     return bool(session_id) and len(session_id) <= 128
-
-
-@dataclass
-class ConsoleSession:
-    csrf_token: str
-    created: float
-    expires: float
-
-    def csrf_matches(self, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(token.encode(), self.csrf_token.encode())
 
 
 class SessionStore(Protocol):
@@ -91,7 +91,7 @@ class ConsoleSessions:
         return session
 
     async def end(self, session_id: str | None) -> None:
-        if session_id:
+        if usable_id(session_id):
             self._sessions.pop(session_digest(session_id), None)
 
     def __len__(self) -> int:
