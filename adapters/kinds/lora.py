@@ -105,9 +105,13 @@ class LoraBank:
         if self.fused:
             kernels = lora_triton()
             tiles = layout.derived("lora_tiles", lambda: kernels.segment_tiles(layout.segments, x.device))
+            present = layout.derived("lora_slots", lambda: frozenset(slot for _, _, slot in layout.segments))
             x2 = x2.contiguous()
             for bucket in self.buckets.values():
-                kernels.add_bucket(y2, x2, tiles, bucket)
+                # a bucket none of whose adapters has rows here is not launched at all: an idle
+                # rank-256 adapter costs traffic on other ranks no launches (two per layer per step)
+                if not present.isdisjoint(bucket.rows):
+                    kernels.add_bucket(y2, x2, tiles, bucket)
         else:
             add_segments(y2, x2, layout.segments, self.weights)
         return y2.view(y.shape)

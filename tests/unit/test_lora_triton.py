@@ -69,6 +69,29 @@ def test_kernel_matches_torch_path_over_mixed_runs(interpreted, din, dout):
     assert torch.equal(y[3], expected[3]) and torch.equal(y[50], expected[50])  # base and absent rows untouched
 
 
+def test_a_bucket_without_rows_in_the_forward_is_never_launched(interpreted, monkeypatch):
+    """An idle rank-256 adapter costs rank-8 traffic no kernel launch: only buckets whose adapters
+    have tokens in the forward are launched, and the result still equals the torch path's."""
+    g = torch.Generator().manual_seed(3)
+    din, dout = 32, 48
+    fused, plain = LoraBank(torch.float32, CPU, fused=True, slots=4), LoraBank(torch.float32, CPU)
+    for slot, rank in {1: 8, 2: 256}.items():
+        w = random_slot(rank, din, dout, g)
+        for bank in (fused, plain):
+            bank.write(slot, w.a_t.T, w.b_t.T)
+    launched = []
+    real = interpreted.add_bucket
+    monkeypatch.setattr(interpreted, "add_bucket",
+                        lambda y, x, tiles, bucket: (launched.append(bucket.rank), real(y, x, tiles, bucket)))
+    x, y = torch.randn(5, din, generator=g), torch.randn(5, dout, generator=g)
+    for slots, buckets in (([1, 1, 0, 1, 1], [16]), ([1, 2, 2, 0, 1], [16, 256])):
+        launched.clear()
+        layout = TokenLayout(torch.empty(0), token_segments(slots))
+        out = fused.transform_output(y.clone(), x, layout)
+        assert sorted(launched) == buckets
+        assert relative_error(out, plain.transform_output(y.clone(), x, layout)) < 1e-5
+
+
 def test_fused_bank_lifecycle(interpreted):
     """Slots join and leave: rows are reused, a full stack doubles without disturbing the slots
     already in it, and a bucket whose last adapter leaves is freed."""
