@@ -197,6 +197,7 @@ class AdapterTiers:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     pass
+                _raise_swallowed_cancel()
             self._installing += 1
 
     async def _evict_device(self, item: Resident) -> None:
@@ -263,3 +264,14 @@ class AdapterTiers:
 
     def _report(self) -> None:
         self.events.resident(self.counts())
+
+
+def _raise_swallowed_cancel() -> None:
+    """Python 3.11's ``wait_for`` returns normally when its task is cancelled just as the wait
+    completes (CPython gh-86296, fixed in 3.12): the cancellation is lost, and a device load
+    cancelled at shutdown would wait on for a slot. The task still counts the request
+    (``Task.cancelling``, 3.11+), so it is raised here. (A Condition cannot use
+    ``gateway.waiting.wait_event``: its wait must re-acquire the lock in this task.)"""
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)():
+        raise asyncio.CancelledError

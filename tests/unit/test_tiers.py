@@ -277,6 +277,33 @@ def test_a_request_waits_for_a_slot_to_free():
     run(main())
 
 
+def test_a_device_load_cancelled_as_a_notification_lands_is_cancelled():
+    """The load task waiting for a slot (shared by the item's requests) is cancelled in the turn
+    after its wait completed and before it resumed, where Python 3.11's wait_for swallows the
+    cancellation: it must still end cancelled (a shutdown cancels it), not wait on for a slot."""
+    async def main():
+        s = make(device_slots=1, slot_wait_seconds=30)
+        a, b = Item("a", in_flight=1), Item("b", in_flight=1)
+        await s.tiers.claim(a)
+        waiting = asyncio.create_task(s.tiers.claim(b))
+        await until(lambda: b.weights is not None, "b loaded into CPU")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        load = s.tiers._loads[b]
+        async with s.tiers._changed:  # a notification that frees nothing: a still holds the slot
+            s.tiers._changed.notify_all()
+        await asyncio.sleep(0)  # the inner wait completes; the load task has not resumed yet
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 5)  # 3.11 before the fix: the load waited on, TimeoutError here
+        assert load.cancelled() and b.slot is None and s.device.installs == 1
+        s.tiers.unclaim(a)
+        await s.tiers.released()
+        check_consistent(s, [a, b])
+
+    run(main())
+
+
 def test_no_free_slot_error_leaves_state_clean_and_a_later_try_works():
     async def main():
         s = make(device_slots=1, slot_wait_seconds=0.01)
