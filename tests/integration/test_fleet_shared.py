@@ -6,8 +6,8 @@ The ingress routes with ``fleet_routing=plain`` here: without affinity each requ
 either replica (Serve's load-based choice between two idle replicas), so asking until every
 replica has answered (``x-gateway-replica``) reaches each one without a Serve handle per replica.
 What one replica learns must then hold on the other: a registration, a replace, a delete, an
-experiment's arms and results, a trained adapter; and what was acknowledged survives a replica
-killed with SIGKILL. One fleet for the module."""
+experiment's arms and results, a trained adapter, a console session and its sign-out; and what
+was acknowledged survives a replica killed with SIGKILL. One fleet for the module."""
 
 from __future__ import annotations
 
@@ -202,6 +202,32 @@ def test_a_training_job_runs_once_in_the_fleet_and_its_adapter_serves_everywhere
     until_each_replica(lambda: chat(url, "fleet-trained"), status(200), replicas, "the trained adapter served")
     claims = on_every_replica(lambda: handle().training_claims.remote().result(timeout_s=60), replicas)
     assert sum(list(ids).count(job_id) for ids in claims.values()) == 1, claims  # claimed by exactly one
+
+
+def test_a_console_session_is_good_on_every_replica_until_signed_out(shared_fleet):
+    """Signed in through the ingress (on whichever replica took it), the browser is signed in on
+    both replicas, with no affinity; a sign-out on one ends it on both (sessions in PostgreSQL)."""
+    url, _ = shared_fleet
+    replicas = set(replica_pids())
+    signed = httpx.post(f"{url}/console/sign-in", data={"key": ADMIN_KEY}, headers={"Origin": url}, timeout=60)
+    assert signed.status_code == 303, signed.text
+    cookies = {"gateway_console": signed.cookies["gateway_console"]}
+    codes: list[int] = []
+
+    def session() -> httpx.Response:
+        response = httpx.get(f"{url}/console/api/session", cookies=cookies, timeout=60)
+        codes.append(response.status_code)
+        return response
+
+    answers = until_each_replica(session, lambda r: r.status_code == 200 and r.json()["signed_in"], replicas,
+                                 "the session admitted")
+    assert set(codes) == {200}  # never a 401 from the replica that did not sign the browser in
+    token = next(iter(answers.values())).json()["csrf_token"]
+    out = httpx.post(f"{url}/console/api/sign-out", cookies=cookies, headers={"X-CSRF-Token": token}, timeout=60)
+    assert out.status_code == 200, out.text
+    codes.clear()
+    until_each_replica(session, status(401), replicas, "the session ended")
+    assert set(codes) == {401}
 
 
 def test_a_replica_killed_mid_stream_errors_cleanly_and_nothing_acknowledged_is_lost(shared_fleet):
