@@ -258,15 +258,21 @@ def test_to_cpu_loads_once_for_concurrent_callers_and_takes_no_slot():
     run(main())
 
 
+async def b_waits_for_the_slot_a_holds() -> tuple[Setup, Item, Item, asyncio.Task]:
+    """One device slot, claimed for ``a``; a claim for ``b`` (loaded into CPU) waiting for it."""
+    s = make(device_slots=1, slot_wait_seconds=30)
+    a, b = Item("a", in_flight=1), Item("b", in_flight=1)
+    await s.tiers.claim(a)
+    waiting = asyncio.create_task(s.tiers.claim(b))
+    await until(lambda: b.weights is not None, "b loaded into CPU")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return s, a, b, waiting
+
+
 def test_a_request_waits_for_a_slot_to_free():
     async def main():
-        s = make(device_slots=1, slot_wait_seconds=30)
-        a, b = Item("a", in_flight=1), Item("b", in_flight=1)
-        await s.tiers.claim(a)
-        waiting = asyncio.create_task(s.tiers.claim(b))
-        await until(lambda: b.weights is not None, "b loaded into CPU")
-        for _ in range(5):
-            await asyncio.sleep(0)
+        s, a, b, waiting = await b_waits_for_the_slot_a_holds()
         assert not waiting.done() and b.slot is None
         s.tiers.unclaim(a)
         await s.tiers.released()
@@ -282,13 +288,7 @@ def test_a_device_load_cancelled_as_a_notification_lands_is_cancelled():
     after its wait completed and before it resumed, where Python 3.11's wait_for swallows the
     cancellation: it must still end cancelled (a shutdown cancels it), not wait on for a slot."""
     async def main():
-        s = make(device_slots=1, slot_wait_seconds=30)
-        a, b = Item("a", in_flight=1), Item("b", in_flight=1)
-        await s.tiers.claim(a)
-        waiting = asyncio.create_task(s.tiers.claim(b))
-        await until(lambda: b.weights is not None, "b loaded into CPU")
-        for _ in range(5):
-            await asyncio.sleep(0)
+        s, a, b, waiting = await b_waits_for_the_slot_a_holds()
         load = s.tiers._loads[b]
         async with s.tiers._changed:  # a notification that frees nothing: a still holds the slot
             s.tiers._changed.notify_all()
