@@ -332,8 +332,7 @@ async def fig_idle_rank256(server: Server, args, words: WordPrompts, idle: dict[
     # A B A B ... A, and each "with" is read against the mean of the two "without" beside it: drift
     # over the run (a warming or busier machine) cannot pass for a cost of the idle adapter, and the
     # median over the pairs keeps one noisy batch from deciding the figure.
-    cycles = args.idle_cycles if server.engine == "paged" else 1
-    order = ["without"] + ["with", "without"] * cycles if server.engine == "paged" else ["without", "with"]
+    order = ["without"] + ["with", "without"] * args.idle_cycles if server.engine == "paged" else ["without", "with"]
     runs: dict[str, list[dict]] = {"without": [], "with": []}
     visits: list[float | None] = []  # each visit's median throughput, in ``order``
     for index, mode in enumerate(order):
@@ -358,8 +357,9 @@ async def fig_idle_rank256(server: Server, args, words: WordPrompts, idle: dict[
     pairs = ef.bracketed_ratios(order, visits, "with")
     without, with_big = _median_key(runs["without"], "tokens_per_s"), _median_key(runs["with"], "tokens_per_s")
     return [ef.figure("idle_rank256", f"4b. idle rank-256 resident ({args.idle_requests} rank-8 requests of "
-                      f"{args.idle_output} tokens with / without, throughput, median over pairs)", ef.median(pairs), engine=server.engine,
-                      with_tokens_per_s=with_big, without_tokens_per_s=without, pair_ratios=pairs, runs=runs)]
+                      f"{args.idle_output} tokens with / without, throughput, median over pairs)",
+                      ef.median(pairs), engine=server.engine, with_tokens_per_s=with_big,
+                      without_tokens_per_s=without, pair_ratios=pairs, runs=runs)]
 
 
 async def fig_kv_memory(server: Server, args, words: WordPrompts) -> list[dict]:

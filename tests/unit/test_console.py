@@ -1,7 +1,8 @@
 """The operator console without a browser: the page and its headers (CSP, nosniff, frames), the
 sign-in that trades the admin key for a session cookie (flags, throttle, foreign origins), the CSRF
 token every state-changing cookie call needs (admin routes and /v1 alike), sign-out, the status
-and training-defaults endpoints, and the throttle on a fake clock (the session stores: test_console_sessions.py)."""
+and training-defaults endpoints, and the throttle on a fake clock (the session stores:
+test_console_sessions.py)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ class Clock:
 def store(request):
     """A factory ``(lifetime, clock, max_sessions) -> store`` for each backend, and a row counter."""
     if request.param == "memory":
-        return (lambda *args, **kw: ConsoleSessions(*args, **kw)), len
+        return ConsoleSessions, len
     db = migrated_database(request.getfixturevalue("postgres_url"))
     request.addfinalizer(db.close)
 

@@ -248,6 +248,12 @@ def console_sign_in(replica: TestClient) -> tuple[dict, str]:
 def test_a_console_session_is_good_on_every_replica_and_a_sign_out_ends_it_on_all(fleet):
     a, b = fleet
     cookie, token = console_sign_in(a)
+    # forged cookies (quotes, a statement, an overlong or empty id) reach the shared table as
+    # digests or not at all: a 401 in OpenAI's shape, and the real session is unaffected
+    for forged in ("' OR '1'='1", "x'; DELETE FROM console_sessions; --", "A" * 5000, '""'):
+        refused = b.get("/admin/adapters", headers={"cookie": f"{COOKIE_NAME}={forged}"})
+        assert refused.status_code == 401, refused.text
+        assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
     session = b.get("/console/api/session", headers=cookie).json()
     assert session["signed_in"] is True and session["csrf_token"] == token
     assert b.get("/admin/adapters", headers=cookie).status_code == 200
