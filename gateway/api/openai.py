@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (list and retrieve)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 from gateway.api.logprob_format import CompletionLogprobs, chat_logprobs, merge_pieces
 from gateway.api.tool_format import ToolDeltas, tool_message
 from gateway.auth import inference_key_scheme, rate_limit_error, request_key
-from gateway.errors import BadRequestError, engine_error, error_body
+from gateway.errors import BadRequestError, ModelNotFoundError, engine_error, error_body, shown
 from gateway.generation import CLIENT_NOT_READING, ChoiceEvent, Generation, GenerationService, RequestRecord
 from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.sampling import SamplingParams
@@ -47,8 +47,8 @@ MAX_CHAT_LOGPROB_VALUES = 100_000
 MAX_COMPLETION_LOGPROB_VALUES = 300_000
 
 
-@router.get("/models")
-async def list_models(request: Request) -> ModelList:
+def _model_cards(request: Request) -> list[ModelCard]:
+    """Every model name a request may ask for: the base, each adapter, each experiment, each ft: name."""
     gateway = request.app.state.gateway
     base = gateway.service.base_name
     cards = [ModelCard(id=base, created=gateway.started, root=base)]
@@ -59,7 +59,22 @@ async def list_models(request: Request) -> ModelList:
     if gateway.fine_tuning is not None:  # ft:... names of fine-tuning results (their adapters are listed too)
         cards += [ModelCard(id=name, created=int(created), parent=base, root=base)
                   for name, created in gateway.fine_tuning.served_names()]
-    return ModelList(data=cards)
+    return cards
+
+
+@router.get("/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=_model_cards(request))
+
+
+# ``path``: the base model's served name may hold a slash (``HuggingFaceTB/SmolLM2-135M-Instruct``)
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """OpenAI's ``models.retrieve``: the card of one name that ``/v1/models`` lists, else a 404."""
+    for card in _model_cards(request):
+        if card.id == model:
+            return card
+    raise ModelNotFoundError(f"The model '{shown(model)}' does not exist", param="model")
 
 
 @router.post("/chat/completions")

@@ -139,6 +139,15 @@ def test_models_list(client: openai.OpenAI, artifacts: Artifacts):
     assert set(all_models(artifacts)) <= ids, ids
 
 
+def test_models_retrieve(client: openai.OpenAI, artifacts: Artifacts):
+    listed = {m.id: m for m in client.models.list()}
+    for model in all_models(artifacts):
+        assert client.models.retrieve(model) == listed[model]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-adapter")
+    assert caught.value.code == "model_not_found"
+
+
 @pytest.mark.parametrize("which", range(4), ids=["base", *ADAPTERS])
 def test_chat_plain_and_streamed(client: openai.OpenAI, artifacts: Artifacts, which: int):
     model = all_models(artifacts)[which]

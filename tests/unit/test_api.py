@@ -104,6 +104,22 @@ def test_models_list(client):
         assert cards[name]["object"] == "model"
 
 
+def test_models_retrieve_each_listed_card(client):
+    for card in client.get("/v1/models").json()["data"]:
+        response = client.get(f"/v1/models/{card['id']}")
+        assert response.status_code == 200, response.text
+        assert response.json() == card
+
+
+@pytest.mark.parametrize("name", ["no-such-adapter", "tiny/extra", "x" * 5000])
+def test_models_retrieve_unknown_is_a_404_in_openai_shape(client, name):
+    response = client.get(f"/v1/models/{name}")
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["type"] == "not_found_error" and error["code"] == "model_not_found" and error["param"] == "model"
+    assert len(error["message"]) < 400  # a long name is cut in the message, not echoed whole
+
+
 # ---- chat completions ---------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["tiny", *ADAPTERS])
 def test_chat_completion_per_model(client, model):
