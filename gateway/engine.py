@@ -113,6 +113,10 @@ class _Sequence:
     matcher: Any = None  # structured outputs: the grammar's state after this sequence's tokens
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_sent: bool = False
+    # when it last began to wait for a batch row, for the queue timeout: its request's submission,
+    # else the end of what held it back without a row being the matter (a preemption; in the paged
+    # engine, the prefill of its request's first choice, whose cached blocks it waits for)
+    waiting_since: float = 0.0
 
     @property
     def scoring_prompt(self) -> bool:
@@ -203,6 +207,7 @@ class Engine:
                 # max_tokens 0 (echo, to score the prompt alone) ends right after the prompt
                 max_new=0 if request.params.max_tokens == 0 else max(1, min(request.params.max_tokens, room)),
                 virtual_tokens=virtual,
+                waiting_since=request.submitted,
                 prompt_logprobs=None if request.params.prompt_logprobs is None else [
                     TokenLogprob(request.prompt_ids[0], None)],
                 matcher=None if request.params.grammar is None else request.params.grammar.matcher(),
@@ -321,7 +326,7 @@ class Engine:
         now = time.monotonic()
         for _ in range(len(self._waiting)):  # one pass, keeping the order of those that stay
             seq = self._pop_waiting()
-            waited = now - seq.request.submitted
+            waited = now - seq.waiting_since
             if seq.request.cancelled:
                 self._finish(seq, "cancelled")
             elif limit is not None and waited > limit and not seq.tokens:  # a preempted one has streamed

@@ -158,8 +158,11 @@ class BlockManager:
         del self._by_key[self._key_of.pop(block)]
 
     def release(self, blocks: Sequence[int]) -> None:
-        """Drop one reference on each block (a finished, cancelled or preempted sequence)."""
-        for block in blocks:
+        """Drop one reference on each block (a finished, cancelled or preempted sequence). Last
+        block first: a chain's tail becomes the least recently released, so eviction takes tails
+        before heads, and what stays cached is still a prefix some request can match (an evicted
+        head would leave its whole tail unreachable while it takes up room)."""
+        for block in reversed(blocks):
             self._refs[block] -= 1
             if self._refs[block] < 0:
                 raise AssertionError(f"block {block} released more often than taken")

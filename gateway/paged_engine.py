@@ -59,7 +59,7 @@ class PagedEngine(Engine):
         if self.max_request_blocks is None:
             return
         bs = self.blocks.block_size
-        needed = sum(self.blocks.blocks_for(self._length(s) + s.max_new) for s in seqs)
+        needed = sum(self.blocks.blocks_for(self._peak(s)) for s in seqs)
         if needed > self.max_request_blocks:
             first = seqs[0]
             raise KVCacheDemandError(
@@ -77,6 +77,12 @@ class PagedEngine(Engine):
     @staticmethod
     def _length(seq: _Sequence) -> int:
         return seq.virtual_tokens + len(seq.request.prompt_ids) + len(seq.tokens)
+
+    @staticmethod
+    def _peak(seq: _Sequence) -> int:
+        """Positions the sequence holds at its longest: the last token it may generate ends it,
+        so that token's keys and values are never computed."""
+        return seq.virtual_tokens + len(seq.request.prompt_ids) + max(seq.max_new - 1, 0)
 
     @staticmethod
     def _entries(seq: _Sequence, start: int, end: int) -> list[int]:
@@ -129,6 +135,7 @@ class PagedEngine(Engine):
                 if len(self._running) >= self.max_batch_size:
                     break
                 if self._copy_in_prefill(seq):
+                    seq.waiting_since = time.monotonic()  # not waiting for a row: no queue timeout yet
                     continue  # the blocks its request's first choice publishes will serve it
                 length = self._length(seq)
                 # the last entry is always computed: its logits choose the next token
@@ -203,8 +210,7 @@ class PagedEngine(Engine):
 
     def _growth(self, seq: _Sequence) -> int:
         """Blocks ``seq`` is still expected to take: until it has generated all it may."""
-        expected = seq.virtual_tokens + len(seq.request.prompt_ids) + seq.max_new
-        return max(1, self.blocks.blocks_for(expected) - len(seq.blocks))
+        return max(1, self.blocks.blocks_for(self._peak(seq)) - len(seq.blocks))
 
     def _growth_ranges(self, placing: _Sequence):
         """Where the other running sequences are expected to grow (past their last block)."""
@@ -217,6 +223,7 @@ class PagedEngine(Engine):
         self._running.remove(seq)
         self._release(seq)
         seq.computed = 0
+        seq.waiting_since = time.monotonic()  # it had a row: its queue timeout counts from now
         with self._cv:
             self._waiting.appendleft(seq)
             self._queued_tokens += seq.prefill_cost

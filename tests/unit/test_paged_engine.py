@@ -8,6 +8,7 @@ import collections
 import copy
 import random
 import threading
+import time
 import warnings
 
 import pytest
@@ -480,6 +481,108 @@ def test_a_request_that_could_need_more_than_its_share_of_the_pool_is_refused(mi
     assert engine.queue_depth == 3
 
 
+def test_a_prompt_that_fills_the_context_window_fits_a_share_of_one_window(mixed, tiny_tokenizer):
+    """The last token a sequence may generate ends it, so its keys and values are never computed:
+    a 64-token prompt in a 64-token window (one token to generate) needs 64 positions, which the
+    bound of one window holds. Counting one position more refused it ("lower n or max_tokens",
+    which the client cannot)."""
+    runtime, slots, _ = mixed
+    engine = make_engine(runtime, tiny_tokenizer, blocks=16, context_window=64, max_request_blocks=16)
+    got, collectors = run_greedy(engine, [(prompt_ids(64, seed=5), slots["lora"], "lora")], steps=16)
+    assert len(got[0]) == 1 and collectors[0].finish.finish_reason == "length"
+    engine.blocks.check()
+
+
+class FakeClock:
+    """The engine modules' ``time``: ``monotonic`` moves only when a test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    @staticmethod
+    def perf_counter() -> float:
+        return time.perf_counter()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import gateway.engine
+    import gateway.paged_engine
+
+    fake = FakeClock()
+    monkeypatch.setattr(gateway.engine, "time", fake)
+    monkeypatch.setattr(gateway.paged_engine, "time", fake)
+    return fake
+
+
+def _steps_take_a_second(engine: PagedEngine, clock: FakeClock) -> None:
+    forward = engine.runner.forward
+
+    def slow(items):
+        clock.now += 1.0
+        return forward(items)
+
+    engine.runner.forward = slow
+
+
+def _step_until_done(engine: PagedEngine, collectors: list[Tokens], limit: int = 400) -> None:
+    for _ in range(limit):
+        if all(c.done.is_set() for c in collectors):
+            return
+        engine._step()
+    raise AssertionError("the requests did not finish")
+
+
+def test_choices_held_back_for_their_first_choices_prefill_are_not_timed_out(mixed, tiny_tokenizer, clock):
+    """n 2 of a 64-token prompt computed 4 tokens a step (16 steps of 1 s): the second choice
+    waits for the first one's cached blocks, not for a batch row, so the 5 s queue timeout does
+    not fail it (it did, as "the server is overloaded", while the same request with n 1 passed)."""
+    runtime, slots, _ = mixed
+    engine = make_engine(runtime, tiny_tokenizer, max_prefill_tokens=4, max_queue_wait_seconds=5.0)
+    _steps_take_a_second(engine, clock)
+    c = Tokens()
+    engine.submit(EngineRequest(prompt_ids=prompt_ids(64, seed=9), slot=slots["lora"], n=2, sink=c.sink,
+                                on_done=c.on_done, params=SamplingParams(max_tokens=4, temperature=0),
+                                cache_key="lora", submitted=clock.now))
+    _step_until_done(engine, [c])
+    assert sorted((e.index, e.finish_reason) for e in c.events if e.finish_reason) == [(0, "length"), (1, "length")]
+    assert clock.now - 1000.0 >= 16  # the prefill did outlast the timeout
+    engine.blocks.check()
+
+
+def test_a_sequence_preempted_in_its_prefill_waits_afresh(mixed, tiny_tokenizer, clock):
+    """B, admitted beside A's decoding, is preempted mid-prefill when A's growth runs the 16-block
+    pool dry, well past the 12 s queue timeout since B was submitted. Back in the queue it waits
+    for A to finish (a few steps), and that wait is what the timeout measures: B is served."""
+    runtime, slots, _ = mixed
+    engine = make_engine(runtime, tiny_tokenizer, blocks=16, context_window=64, max_step_tokens=2,
+                         max_queue_wait_seconds=12.0)
+    _steps_take_a_second(engine, clock)
+    a, b = Tokens(), Tokens()
+    engine.submit(EngineRequest(prompt_ids=prompt_ids(4, seed=1), slot=slots["lora"], sink=a.sink, on_done=a.on_done,
+                                params=SamplingParams(max_tokens=28, temperature=0), submitted=clock.now))
+    for _ in range(3):
+        engine._step()
+    engine.submit(EngineRequest(prompt_ids=prompt_ids(40, seed=2), slot=slots["lora"], sink=b.sink, on_done=b.on_done,
+                                params=SamplingParams(max_tokens=4, temperature=0), submitted=clock.now))
+    submitted = clock.now
+    preempted_after = None
+    while preempted_after is None:
+        assert not b.done.is_set(), "B finished without a preemption: the pool is not tight enough"
+        before = engine.preemptions
+        engine._step()
+        if engine.preemptions > before:
+            preempted_after = clock.now - submitted
+    assert preempted_after > 12.0
+    _step_until_done(engine, [a, b])
+    assert [e.finish_reason for e in a.events if e.finish_reason] == ["length"]
+    assert [(e.finish_reason, e.error_code) for e in b.events if e.finish_reason] == [("length", None)]
+    engine.blocks.check()
+
+
 def test_admission_counts_the_blocks_it_promised_in_the_same_pass(mixed, tiny_tokenizer):
     """Two 36-token prompts each fit a 16-block pool (4 tokens a block) alone, not together. The
     blocks are taken only when the step allocates, so admission must count what it promised:
@@ -698,8 +801,10 @@ def test_blocks_are_shared_cached_then_evicted_lru():
     assert (m.used, m.cached, m.available) == (0, 2, 4)
     assert m.match_prefix(block_keys("b", [1, 2, 3, 4], 2)) == []  # another adapter: no hit
     taken = [m.allocate() for _ in range(3)]  # two free, then the least recently released cached one
-    assert first[0] in taken and first[1] not in taken
-    assert m.match_prefix(keys) == []  # the chain starts at the evicted block: no hit
+    # a sequence's blocks are released last first: the chain's tail is evicted before its head,
+    # so what stays cached is still a prefix a request can match
+    assert first[1] in taken and first[0] not in taken
+    assert m.match_prefix(keys) == [first[0]]
     with pytest.raises(OutOfBlocksError):
         m.allocate(), m.allocate()
     m.check()
@@ -731,7 +836,7 @@ def test_contiguity_outranks_keeping_cached_blocks():
     keys = block_keys("a", list(range(24)), 2)
     for block, key in zip(blocks, keys, strict=True):
         m.publish(block, key)
-    m.release(blocks[::-1])  # released last-first: block 11 is the least recently released
+    m.release(blocks)  # released last first: block 11 is the least recently released
     assert (m.cached, m.available) == (12, 12)
     m.match_prefix(keys[:1])  # block 0 holds a prefix a new request shares: referenced again
     run = [m.allocate(room=4, avoid=lambda: [(1, 4)])]  # room for 4 past where block 0 would grow
