@@ -189,7 +189,15 @@ class AdapterRuntime:
             slot = free[0]
         elif slot in self._installed or not 0 < slot < self.capacity:
             raise ValueError(f"slot {slot} is taken or out of range")
-        HANDLERS[weights.kind].install(self, slot, weights)
+        handler = HANDLERS[weights.kind]
+        try:
+            handler.install(self, slot, weights)
+        except BaseException:
+            # kinds write one module at a time: one that failed part-way (out of device memory at
+            # the third module) left the first two in the slot's banks, and the next adapter
+            # installed in this free slot would run with them. Clearing a module never written is harmless.
+            handler.uninstall(self, slot, weights)
+            raise
         self._installed[slot] = weights
         return slot
 

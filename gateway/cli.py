@@ -46,7 +46,7 @@ def serve(settings: Settings) -> None:
     from gateway.base_model import ModelLoadError, compute_dtype, context_window_of, pick_device, read_model_config
     from gateway.connections import ConnectionBook, ShortRequestTargets, connection_limits, ensure_file_descriptors
     from gateway.database.migrations import SchemaTooNewError
-    from gateway.engines import check_kv_pool
+    from gateway.engines import check_kv_pool, check_paged_attention
     from gateway.exposure import check_exposure
     from gateway.shared_storage import open_shared_store
     from gateway.shutdown import GatewayServer
@@ -79,6 +79,7 @@ def serve(settings: Settings) -> None:
         if settings.model != EMBEDDED_MODEL or pool_set:  # the embedded model's config takes seconds to read
             config = read_model_config(settings)  # a wrong model path is said here, not as a traceback
             check_kv_pool(settings, config, compute_dtype(device), context_window_of(config))
+            check_paged_attention(settings, config, context_window_of(config))
     except (ModelLoadError, ValueError) as exc:
         sys.exit(f"adapter-gateway: refusing to start: {exc}")
     try:

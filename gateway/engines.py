@@ -48,6 +48,32 @@ def check_kv_pool(settings: Settings, config, dtype: torch.dtype, context_window
                          f"give it at least {context_window} tokens ({context_window * per_token / 2**20:.0f} MiB)")
 
 
+def check_paged_attention(settings: Settings, config, context_window: int) -> None:
+    """Refuse (``ValueError``) a model whose attention does what the paged cache's attention
+    (``gateway.paged_attention``) does not: a sliding window narrower than the context window
+    (Mistral 7B v0.1, Gemma 2, Qwen2 with ``use_sliding_window``) or capped attention logits
+    (Gemma 2). Served anyway, its answers would silently differ from the model's."""
+    if settings.kv_cache != "paged":
+        return
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        problem = f"this model caps its attention logits (attn_logit_softcapping={softcap})"
+    else:
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:  # transformers names each layer's attention
+            slides = "sliding_attention" in layer_types
+        else:
+            slides = getattr(config, "use_sliding_window", True) is not False
+        if window is None or not slides or window >= context_window:  # a window as wide never binds
+            return
+        problem = (f"this model attends within a sliding window of {window} tokens, narrower than its "
+                   f"context window ({context_window})")
+    raise ValueError(f"{problem}, which the paged KV cache's attention does not apply: its answers would "
+                     "differ from the model's. Serve it with kv_cache=padded (GATEWAY_KV_CACHE=padded), "
+                     "which runs the model's own attention")
+
+
 def kv_pool_tokens(settings: Settings, device: torch.device, bytes_per_token: int, context_window: int) -> int:
     """The KV pool's capacity in tokens: as set (in tokens or bytes), else a share of free CUDA memory,
     else (CPU) four context windows."""
@@ -68,6 +94,7 @@ def build_engine(settings: Settings, runtime: AdapterRuntime, tokenizer, *, cont
                    eos_token_ids=eos_token_ids, max_queued_tokens=settings.max_queued_tokens,
                    max_queue_wait_seconds=settings.max_queue_wait_seconds)
     model = runtime.model
+    check_paged_attention(settings, model.config, context_window)
     if settings.kv_cache == "padded":
         return PaddedEngine(ModelRunner(model, runtime), tokenizer, **options)
     shape = kv_shape(model.config)

@@ -131,4 +131,6 @@ class Ia3Handler(TrainingForm):
 
     def uninstall(self, runtime, slot: int, weights: AdapterWeights) -> None:
         for module, m in weights.modules.items():
-            runtime.layer(module).banks["ia3_in" if m.feedforward else "ia3_out"].clear(slot)
+            bank = runtime.layer(module).banks.get("ia3_in" if m.feedforward else "ia3_out")
+            if bank is not None:  # None: an install that failed before its first write here made none
+                bank.clear(slot)

@@ -88,7 +88,12 @@ class LoraBank:
         if bucket is None:
             bucket = self.buckets[key] = RankBucket(key, in_features, weights.b_t.shape[1], self.slots, self.dtype,
                                                     self.device)
-        bucket.add(slot, *weights)
+        try:
+            bucket.add(slot, *weights)  # maps the slot only once its row is written
+        except BaseException:
+            if not bucket:  # made for this write: its memory goes with the failure
+                del self.buckets[key]
+            raise
         self._bucket_of[slot] = key
 
     def clear(self, slot: int) -> None:
@@ -207,7 +212,9 @@ def lora_bank(layer, runtime) -> LoraBank:
 
 def clear_lora(runtime, slot: int, modules) -> None:
     for module in modules:
-        runtime.layer(module).banks["lora"].clear(slot)
+        bank = runtime.layer(module).banks.get("lora")
+        if bank is not None:  # None: an install that failed before its first write here made none
+            bank.clear(slot)
 
 
 LORA_TRAINING_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"})

@@ -125,6 +125,29 @@ def test_fused_bank_lifecycle(interpreted):
                           plain.transform_output(y[:5].clone(), x[:5], layout)) < 1e-5
 
 
+def test_a_failed_write_to_a_new_bucket_leaves_no_bucket(monkeypatch):
+    """A rank-256 write whose bucket cannot be filled (out of device memory while the stack grows)
+    leaves no empty stack behind; the buckets already there keep their slots."""
+    g = torch.Generator().manual_seed(2)
+    fused = LoraBank(torch.float32, CPU, fused=True, slots=4)
+    small = random_slot(8, 32, 48, g)
+    fused.write(1, small.a_t.T, small.b_t.T)
+    grow = RankBucket._grow
+
+    def out_of_memory(self, capacity):
+        if self.rank == 256:
+            raise torch.OutOfMemoryError("simulated: out of device memory")
+        return grow(self, capacity)
+
+    monkeypatch.setattr(RankBucket, "_grow", out_of_memory)
+    large = random_slot(256, 32, 48, g)
+    with pytest.raises(torch.OutOfMemoryError):
+        fused.write(2, large.a_t.T, large.b_t.T)
+    assert list(fused.buckets) == [16] and fused.buckets[16].rows == {1: 0}
+    fused.clear(2)  # the runtime clears a failed install's slot: nothing there, nothing raised
+    assert list(fused.buckets) == [16]
+
+
 def test_paged_forward_with_the_kernel_matches_peft(interpreted, tmp_path):
     """A packed forward (prefill chunks and decode rows of LoRA, DoRA, AdaLoRA and VeRA adapters
     and the base) through a runtime whose banks use the kernel: PEFT's logits for every row."""

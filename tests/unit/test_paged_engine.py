@@ -944,6 +944,47 @@ def test_serve_refuses_a_pool_too_small_before_the_model_loads(monkeypatch, tmp_
                   "--kv-cache-bytes", "16KiB"])
 
 
+def test_attention_the_paged_cache_does_not_apply_is_refused(tmp_path):
+    """A sliding window narrower than the context window, or capped attention logits, would be
+    silently dropped by the paged attention: refused, with the padded engine named; a window as
+    wide as the context never binds and is served."""
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+
+    from gateway.engines import check_paged_attention
+    from gateway.settings import Settings
+
+    def check(config, kv_cache: str = "paged") -> None:
+        check_paged_attention(Settings(data_dir=tmp_path, kv_cache=kv_cache), config, config.max_position_embeddings)
+
+    check(build_tiny_llama().config)
+    check(MistralConfig(sliding_window=None))
+    check(MistralConfig(sliding_window=4096, max_position_embeddings=4096))
+    check(Qwen2Config(sliding_window=4096))  # use_sliding_window is off: every layer attends in full
+    check(MistralConfig(sliding_window=4096), kv_cache="padded")
+    with pytest.raises(ValueError, match=r"sliding window of 4096 tokens, narrower than its context window \(32768\)"
+                                         r".*kv_cache=padded"):
+        check(MistralConfig(sliding_window=4096, max_position_embeddings=32768))
+    with pytest.raises(ValueError, match="sliding window of 1024 tokens"):
+        check(Qwen2Config(use_sliding_window=True, sliding_window=1024, max_window_layers=1, num_hidden_layers=2))
+    with pytest.raises(ValueError, match=r"attn_logit_softcapping=50.0"):
+        check(Gemma2Config())
+
+
+def test_serve_refuses_a_sliding_window_model_before_it_loads(monkeypatch, tmp_path):
+    from transformers import MistralConfig
+
+    from gateway import app, cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(app, "create_app", no_model)
+    MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, sliding_window=64, max_position_embeddings=256).save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit, match="refusing to start: this model attends within a sliding window of 64"):
+        cli.main(["serve", "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--model", str(tmp_path / "m")])
+
+
 def test_a_pool_under_one_context_window_is_refused(mixed, tiny_tokenizer):
     runtime, _, _ = mixed
     with pytest.raises(ValueError, match="less than one context window"):

@@ -246,3 +246,37 @@ def test_install_refuses_taken_or_out_of_range_slot(base, tmp_path):
     runtime.install(weights)
     with pytest.raises(RuntimeError):
         runtime.install(weights)
+
+
+@pytest.mark.parametrize("failing, other", [("lora", "ia3"), ("ia3", "lora")])
+def test_an_install_that_fails_part_way_leaves_its_slot_clean(base, tmp_path, monkeypatch, failing, other):
+    """Kinds write one module at a time. An install that fails at its third module (out of device
+    memory, say) gives its slot back; the first two modules must not stay there. The adapter of
+    the other kind installed in that slot next is served beside a row of the failed kind (whose
+    banks then run for the whole batch) and still matches PEFT."""
+    from adapters.kinds.ia3 import Ia3Bank
+    from adapters.kinds.lora import LoraBank
+
+    runtime, runner = make_runtime(base, max_slots=2)
+    refs = {kind: make_peft_adapter(base, kind, tmp_path / kind, seed=11) for kind in (failing, other)}
+    bank = {"lora": LoraBank, "ia3": Ia3Bank}[failing]
+    write, writes = bank.write, []
+
+    def fail_third(self, *args, **kwargs):
+        writes.append(1)
+        if len(writes) == 3:
+            raise torch.OutOfMemoryError("simulated: out of device memory")
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(bank, "write", fail_third)
+    with pytest.raises(torch.OutOfMemoryError):
+        runtime.install(load(runtime, tmp_path / failing))
+    monkeypatch.setattr(bank, "write", write)
+    assert runtime.free_slots == [1, 2]
+    reused = runtime.install(load(runtime, tmp_path / other))
+    assert reused == 1
+    beside = runtime.install(load(runtime, tmp_path / failing))
+    ids = [prompt_ids(8, 62), prompt_ids(8, 63)]
+    logits = runner.prefill(ids, [reused, beside])[0]
+    assert rel_err(logits[0], ref_logits(refs[other], ids[0])) <= TOL
+    assert rel_err(logits[1], ref_logits(refs[failing], ids[1])) <= TOL
