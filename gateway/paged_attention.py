@@ -209,7 +209,8 @@ def _attend(pool: KVPool, layer: int, query: torch.Tensor, key: torch.Tensor, va
             out[row.q_index] = o.reshape(heads, d)
             continue
         # scores over every run, [kv_heads, heads / kv_heads, positions]; the runs are views of the pool
-        scores = torch.cat([torch.matmul(qr, keys[:, s:s + n].transpose(1, 2)) for s, n in row.runs], dim=-1)
+        scores = torch.cat([torch.matmul(qr, keys[:, s:s + n].transpose(1, 2).to(q.dtype)) for s, n in row.runs],
+                           dim=-1)
         probs = (scores.float() * scale).softmax(-1).to(q.dtype)
         o, seen = None, 0
         for s, n in row.runs:
