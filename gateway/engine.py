@@ -193,13 +193,37 @@ class Engine:
         """End every waiting and running sequence with an error (between two steps)."""
         return self.call(lambda: self._fail_all(message, code))
 
-    def submit(self, request: EngineRequest) -> None:
-        """Queue a request (its ``n`` sequences); raises QueueFullError when at the limit."""
+    def submit(self, *requests: EngineRequest) -> None:
+        """Queue the requests of one client request (one per prompt of a list, each with its ``n``
+        sequences) all or none: the KV demand is checked over all of them together, so a list of
+        prompts cannot claim what the same demand as ``n`` would be refused (KVCacheDemandError),
+        and a full queue refuses the whole list (QueueFullError)."""
+        seqs = [seq for request in requests for seq in self._sequences(request)]
+        self._check_demand(seqs)
+        cost = sum(s.prefill_cost for s in seqs)
+        with self._cv:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len({s.request.id for s in self._waiting}) + len(requests) > self.max_queued_requests:
+                raise QueueFullError(f"{self.max_queued_requests} requests are already waiting")
+            # an empty queue takes any request, or one larger than the limit could never run
+            if (self.max_queued_tokens is not None and self._waiting
+                    and self._queued_tokens + cost > self.max_queued_tokens):
+                raise QueueFullError(f"{self._queued_tokens} prompt tokens are already waiting "
+                                     f"(limit {self.max_queued_tokens})")
+            for request in requests:
+                request._open = request.n
+            self._waiting.extend(seqs)
+            self._queued_tokens += cost
+            self._unfinished += len(seqs)
+            self._cv.notify_all()
+
+    def _sequences(self, request: EngineRequest) -> list[_Sequence]:
         virtual = request.virtual_tokens
         if virtual is None:
             virtual = self.runner.virtual_tokens(request.slot)
         room = self.context_window - len(request.prompt_ids) - virtual
-        seqs = [
+        return [
             _Sequence(
                 request=request, index=i, text=IncrementalText(self.tokenizer, request.params.stop),
                 generator=make_generator(None if request.params.seed is None else request.params.seed + i,
@@ -214,23 +238,6 @@ class Engine:
             )
             for i in range(request.n)
         ]
-        self._check_demand(seqs)
-        request._open = request.n
-        cost = sum(s.prefill_cost for s in seqs)
-        with self._cv:
-            if self._stopping:
-                raise EngineStoppedError("the server is shutting down")
-            if len({s.request.id for s in self._waiting}) >= self.max_queued_requests:
-                raise QueueFullError(f"{self.max_queued_requests} requests are already waiting")
-            # an empty queue takes any request, or one larger than the limit could never run
-            if (self.max_queued_tokens is not None and self._waiting
-                    and self._queued_tokens + cost > self.max_queued_tokens):
-                raise QueueFullError(f"{self._queued_tokens} prompt tokens are already waiting "
-                                     f"(limit {self.max_queued_tokens})")
-            self._waiting.extend(seqs)
-            self._queued_tokens += cost
-            self._unfinished += len(seqs)
-            self._cv.notify_all()
 
     def _check_demand(self, seqs: list[_Sequence]) -> None:
         """Raise KVCacheDemandError for a request the cache should not take (the paged engine's)."""
@@ -406,7 +413,8 @@ class Engine:
             elif len(seq.tokens) >= seq.max_new:
                 self._finish(seq, "length", delta + seq.text.flush())
             elif delta:
-                seq.request.sink(SequenceEvent(seq.index, delta, len(seq.tokens), **self._attached(seq)))
+                self._deliver(seq.request, seq.request.sink,
+                              SequenceEvent(seq.index, delta, len(seq.tokens), **self._attached(seq)))
 
     @staticmethod
     def _attached(seq: _Sequence) -> dict[str, Any]:
@@ -428,11 +436,22 @@ class Engine:
             self._unfinished -= 1
         request = seq.request
         if reason != "cancelled":
-            request.sink(SequenceEvent(seq.index, text, len(seq.tokens), finish_reason=reason, error=error,
-                                       error_code=error_code, **self._attached(seq)))
+            self._deliver(request, request.sink, SequenceEvent(
+                seq.index, text, len(seq.tokens), finish_reason=reason, error=error, error_code=error_code,
+                **self._attached(seq)))
         request._open -= 1
         if request._open == 0 and request.on_done is not None:
-            request.on_done()
+            self._deliver(request, request.on_done)
+
+    @staticmethod
+    def _deliver(request: EngineRequest, callback: Callable[..., None], *args: Any) -> None:
+        """Call a request's sink or ``on_done``. One that raises (its event loop closed under it)
+        cancels its own request; the step, the other rows and the engine thread go on."""
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001 - the request's own fault
+            log.exception("delivering to request %d failed; cancelling it", request.id)
+            request.cancelled = True
 
     def _fail_all(self, message: str, code: str) -> None:
         with self._cv:

@@ -523,19 +523,18 @@ class GenerationService:
                     event.prompt_logprobs))
             return sink
 
+        requests = [EngineRequest(prompt_ids=ids, slot=0, params=params, sink=sink_for(i * n), n=n,
+                                  on_done=lambda: loop.call_soon_threadsafe(release), cache_key=cache_key,
+                                  claim=claim, virtual_tokens=virtual_tokens)
+                    for i, ids in enumerate(prompts)]
         try:
-            for i, ids in enumerate(prompts):
-                request = EngineRequest(prompt_ids=ids, slot=0, params=params, sink=sink_for(i * n), n=n,
-                                        on_done=lambda: loop.call_soon_threadsafe(release), cache_key=cache_key,
-                                        claim=claim, virtual_tokens=virtual_tokens)
-                self.engine.submit(request)
-                generation.requests.append(request)
+            self.engine.submit(*requests)  # all or none
         except Exception as exc:
             record.error_type = _error_type(exc)
-            generation.cancel()  # what was queued ends as cancelled and releases itself
-            for _ in range(len(prompts) - len(generation.requests)):
+            for _ in requests:
                 release()
             raise
+        generation.requests.extend(requests)
         return generation
 
     def _finish(self, generation: Generation) -> None:

@@ -53,19 +53,20 @@ class PagedEngine(Engine):
         self.preemptions = 0
 
     def _check_demand(self, seqs: list[_Sequence]) -> None:
-        """Refuse a request that could fill more than its share of the KV pool. One such request
-        (n 8, 4,000 prompt tokens, max_tokens 4,096: twice the CPU pool) kept every other
-        client's request waiting behind its preempted sequences for thousands of steps."""
+        """Refuse a request whose sequences (n choices of each of its prompts) could fill more than
+        its share of the KV pool. One such request (n 8, 4,000 prompt tokens, max_tokens 4,096:
+        twice the CPU pool) kept every other client's request waiting behind its preempted
+        sequences for thousands of steps."""
         if self.max_request_blocks is None:
             return
         bs = self.blocks.block_size
         needed = sum(self.blocks.blocks_for(self._peak(s)) for s in seqs)
         if needed > self.max_request_blocks:
-            first = seqs[0]
+            longest = max(self._length(s) + s.max_new for s in seqs)
             raise KVCacheDemandError(
-                f"this request could need {needed * bs} positions of KV cache ({len(seqs)} choices of up to "
-                f"{self._length(first) + first.max_new} tokens each, prompt and max_tokens), more than one "
-                f"request may hold ({self.max_request_blocks * bs}); lower n or max_tokens")
+                f"this request could need {needed * bs} positions of KV cache ({len(seqs)} sequences, n for each "
+                f"prompt, of up to {longest} tokens each, prompt and max_tokens), more than one request may hold "
+                f"({self.max_request_blocks * bs}); lower n or max_tokens, or send fewer prompts")
 
     # ---- figures for metrics (read from other threads) ------------------------------------------
     @property

@@ -18,7 +18,8 @@ from adapters.peft_io import read_adapter
 from adapters.runtime import AdapterRuntime
 from gateway.detokenize import IncrementalText
 from gateway.engine import (
-    QUEUE_TIMEOUT, SHUTTING_DOWN, Engine, EngineRequest, EngineStoppedError, QueueFullError, SequenceEvent,
+    GENERATION_FAILED, QUEUE_TIMEOUT, SHUTTING_DOWN, Engine, EngineRequest, EngineStoppedError, QueueFullError,
+    SequenceEvent,
 )
 from gateway.kv_blocks import BlockManager
 from gateway.model_runner import ModelRunner
@@ -372,6 +373,59 @@ def test_fail_in_flight_ends_running_and_waiting(setup, tiny_tokenizer, engine_f
     _, after = submit(engine, [5, 6], 0, SamplingParams(max_tokens=2))  # it keeps serving
     after.wait()
     assert after.choices()[0][2] == "length"
+
+
+def test_a_forward_that_raises_for_one_adapter_fails_its_request_alone(setup, tiny_tokenizer, engine_factory,
+                                                                      monkeypatch):
+    """A LoRA adapter whose weights make its matmul raise, admitted together with an IA3 request:
+    the LoRA request ends with an error, the IA3 one is served, nothing stays in flight, and the
+    engine goes on serving. (The padded engine took both from the queue and lost them when the
+    prefill raised: they never finished, and held their key's and adapter's slots for good.)"""
+    runtime, _, slots = setup
+    bank = runtime.layer(next(iter(runtime._layers))).banks["lora"]
+    w = bank.weights[slots[0]]
+    monkeypatch.setitem(bank.weights, slots[0], w._replace(b_t=w.b_t[:, :3]))
+    engine = make_engine(setup, tiny_tokenizer, eos=frozenset())
+    broken, ok = Collector(), Collector()
+    for slot, col in ((slots[0], broken), (slots[1], ok)):  # queued before the thread starts: admitted together
+        engine.submit(EngineRequest(prompt_ids=encode(tiny_tokenizer, "hello world"), slot=slot, sink=col.sink,
+                                    on_done=col.on_done, params=SamplingParams(max_tokens=4, temperature=0.0)))
+    engine.start()
+    try:
+        broken.wait()
+        ok.wait()
+        assert [(e.finish_reason, e.error_code) for e in broken.events] == [("error", GENERATION_FAILED)]
+        assert ok.choices()[0][1:] == (4, "length")
+        assert not engine.busy
+        monkeypatch.setitem(bank.weights, slots[0], w)
+        _, after = submit(engine, encode(tiny_tokenizer, "hello"), slots[0], SamplingParams(max_tokens=2))
+        after.wait()
+        assert after.choices()[0][2] == "length"
+    finally:
+        engine.stop()
+
+
+def test_a_sink_that_raises_cancels_its_own_request_alone(setup, tiny_tokenizer, engine_factory):
+    """A request whose sink raises (its event loop closed under it) is cancelled; the request
+    beside it is served, and the engine thread lives on (it died when failing everything made the
+    same sink raise again)."""
+    engine = engine_factory(eos=frozenset())
+    calls: list[SequenceEvent] = []
+    done = threading.Event()
+
+    def raising_sink(event: SequenceEvent) -> None:
+        calls.append(event)
+        raise RuntimeError("Event loop is closed")
+
+    engine.submit(EngineRequest(prompt_ids=encode(tiny_tokenizer, "hello world"), slot=0, sink=raising_sink,
+                                on_done=done.set, params=SamplingParams(max_tokens=50, temperature=0.0)))
+    _, ok = submit(engine, encode(tiny_tokenizer, "the lazy dog"), 0, SamplingParams(max_tokens=8, temperature=0.0))
+    assert done.wait(TIMEOUT)
+    ok.wait()
+    assert ok.choices()[0][1:] == (8, "length")
+    assert len(calls) == 1 and engine._thread.is_alive() and not engine.busy
+    _, after = submit(engine, [5, 6], 0, SamplingParams(max_tokens=2))
+    after.wait()
 
 
 def test_engine_call_runs_on_engine_thread(setup, tiny_tokenizer, engine_factory):

@@ -36,3 +36,18 @@ def test_the_same_choices_with_fewer_tokens_are_served(client):
                                                     "max_tokens": 4})
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 4
+
+
+def test_a_list_of_prompts_is_held_to_the_same_share(client):
+    """Four prompts of one request, one choice each, could need what n 4 of one prompt could: the
+    whole list is refused before any of it is queued (it was checked prompt by prompt, and passed)."""
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": ["hello there"] * 4,
+                                                    "max_tokens": 250})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "kv_cache_exceeded"
+    assert "4 sequences" in error["message"] and "send fewer prompts" in error["message"]
+    assert client.app.state.gateway.engine.queue_depth == 0
+    served = client.post("/v1/completions", json={"model": "tiny", "prompt": ["hello there"] * 2, "max_tokens": 250})
+    assert served.status_code == 200, served.text
+    assert len(served.json()["choices"]) == 2
