@@ -88,14 +88,17 @@ async def sign_in(request: Request) -> RedirectResponse:
     if not same_origin(request.scope, {k.lower(): v for k, v in request.headers.raw}):
         log.warning("console sign-in from a foreign origin refused (%s)", client)
         return _back_to_page(signin="foreign-origin")
-    wait = console.throttle.retry_after(client)
-    if wait is not None:
-        log.warning("console sign-in throttled for %s", client)
-        return _back_to_page(signin="throttled", retry=str(math.ceil(wait)))
+    if (throttled := _throttled(console, client)) is not None:
+        return throttled
     try:
         form = await request.form(max_files=0, max_fields=2)
     except Exception:  # noqa: BLE001 - starlette raises plain HTTP/multipart errors
         raise BadRequestError("send the sign-in form (application/x-www-form-urlencoded, field 'key')") from None
+    # again, now that the body is read: many sign-ins sent at once all passed the first check
+    # before any failure was counted (one guess per connection, not five a minute). From here to
+    # the failure's count nothing awaits, so each guess sees those counted before it.
+    if (throttled := _throttled(console, client)) is not None:
+        return throttled
     key = form.get("key")
     if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not key_matches(key, gateway.admin_key):
         console.throttle.failed(client)
@@ -107,6 +110,14 @@ async def sign_in(request: Request) -> RedirectResponse:
     response = _back_to_page()
     response.headers["set-cookie"] = session_cookie(session_id, int(console.sessions.lifetime), _secure(request))
     return response
+
+
+def _throttled(console: ConsoleState, client: str) -> RedirectResponse | None:
+    wait = console.throttle.retry_after(client)
+    if wait is None:
+        return None
+    log.warning("console sign-in throttled for %s", client)
+    return _back_to_page(signin="throttled", retry=str(math.ceil(wait)))
 
 
 @api.get("/session")

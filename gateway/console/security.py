@@ -8,8 +8,7 @@ pattern), handed to the page by GET /console/api/session and sent back in ``X-CS
 
 from __future__ import annotations
 
-from http.cookies import CookieError, SimpleCookie
-
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.console.sessions import ConsoleSession, SessionStore
@@ -50,15 +49,13 @@ def is_open_console_path(path: str) -> bool:
 
 
 def cookie_value(headers: dict[bytes, bytes]) -> str | None:
+    """The console cookie's value. Read as browsers send cookies, leniently: the standard
+    library's SimpleCookie stops at the first cookie it cannot parse, so another app on this host
+    (cookies ignore ports) that set ``prefs={"theme":"dark"}`` hid the session: 401 on every call."""
     raw = headers.get(b"cookie", b"").decode("latin-1")
     if not raw:
         return None
-    try:
-        cookie = SimpleCookie(raw)
-    except CookieError:
-        return None
-    morsel = cookie.get(COOKIE_NAME)
-    return morsel.value if morsel is not None else None
+    return cookie_parser(raw).get(COOKIE_NAME) or None
 
 
 async def console_session(sessions: SessionStore | None, headers: dict[bytes, bytes]) -> ConsoleSession | None:

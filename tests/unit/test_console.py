@@ -6,6 +6,7 @@ test_console_sessions.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -192,7 +193,69 @@ def test_failed_sign_ins_are_throttled_per_address(tmp_path):
         assert "set-cookie" not in response.headers
 
 
+async def _sign_in_held(app, key: str, body_sent: asyncio.Event) -> str:
+    """One sign-in straight through the ASGI app whose body comes once ``body_sent`` is set (as
+    over a connection that sent its headers and holds the rest); its redirect's location."""
+    body = f"key={key}".encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/console/sign-in", "raw_path": b"/console/sign-in", "root_path": "", "query_string": b"",
+             "server": ("testserver", 80), "client": ("203.0.113.9", 1234),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/x-www-form-urlencoded"),
+                         (b"content-length", str(len(body)).encode())]}
+    given = False
+
+    async def receive():
+        nonlocal given
+        if given:
+            await asyncio.Event().wait()  # no disconnect: the response ends the call
+        await body_sent.wait()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    location = []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            location.extend(v.decode() for k, v in message["headers"] if k == b"location")
+
+    await app(scope, receive, send)
+    return location[0]
+
+
+def test_sign_ins_sent_at_once_are_throttled_as_one_by_one(tmp_path):
+    """30 wrong keys and the right one, whose headers all arrive before any body: the throttle
+    judges at most its limit of them; the rest, the right key included, are throttled (all 31
+    were checked against the key, as the throttle was read before the bodies came)."""
+    (tmp_path / "none").mkdir()
+    app = make_app(tmp_path / "data", tmp_path / "none", console_sign_in_failures=3)
+    with TestClient(app) as c:
+        async def at_once():
+            body_sent = asyncio.Event()
+            calls = [asyncio.ensure_future(_sign_in_held(app, f"wrong-key-{i:020d}", body_sent)) for i in range(30)]
+            calls.append(asyncio.ensure_future(_sign_in_held(app, ADMIN_KEY, body_sent)))
+            await asyncio.sleep(0.2)  # every call is past its headers, waiting for its body
+            body_sent.set()
+            return await asyncio.gather(*calls)
+
+        locations = c.portal.call(at_once)
+    assert sum("signin=failed" in loc for loc in locations) == 3
+    assert sum("signin=throttled" in loc for loc in locations) == 28
+    assert "signin=throttled" in locations[-1]
+
+
 # ---- the session and CSRF -----------------------------------------------------------------------
+@pytest.mark.parametrize("other", ['prefs={"theme":"dark"}', 'x="unterminated', "ids=[1,2]"])
+def test_another_apps_odd_cookie_does_not_hide_the_session(started, other):
+    """Cookies ignore ports: another app on this host may set one the standard library's parser
+    gives up on; sent before the console's, it made every console call a 401."""
+    c, _ = signed_in(started)
+    session_id = c.cookies[COOKIE_NAME]
+    header = {"cookie": f"{other}; {COOKIE_NAME}={session_id}"}
+    c.cookies.clear()
+    assert c.get("/console/api/session", headers=header).json()["signed_in"] is True
+    assert c.get("/admin/adapters", headers=header).status_code == 200
+
+
 def test_session_reaches_admin_and_console_routes(started):
     c, token = signed_in(started)
     session = c.get("/console/api/session").json()
