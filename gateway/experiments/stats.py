@@ -177,8 +177,11 @@ def welch_t_test(a_values: Sequence[float] | Moments, b_values: Sequence[float] 
     if va + vb <= 0.0:
         return None, None, None
     t = (a.mean - b.mean) / math.sqrt(va + vb)
-    # Welch-Satterthwaite; a side with zero variance simply contributes nothing.
-    dof = (va + vb) ** 2 / (va * va / (a.count - 1) + vb * vb / (b.count - 1))
+    # Welch-Satterthwaite, (va + vb)^2 / (va^2 / (na - 1) + vb^2 / (nb - 1)), written in each side's
+    # share of va + vb: squares of variances near 1e-162 (scores 0 and 1e-84, which feedback takes)
+    # underflow to 0 / 0, while the shares sum to 1. A side with zero variance contributes nothing.
+    share_a, share_b = va / (va + vb), vb / (va + vb)
+    dof = 1.0 / (share_a * share_a / (a.count - 1) + share_b * share_b / (b.count - 1))
     return t, dof, t_two_sided_p(t, dof)
 
 

@@ -49,6 +49,16 @@ def test_welch_t_test_matches_scipy(a: list[float], b: list[float]) -> None:
     assert p == close(expected.pvalue, 1e-300)
 
 
+def test_welch_t_test_of_tiny_variances_is_defined() -> None:
+    """Scores 0 and 1e-84 (finite, within what feedback takes) beside a side without variance:
+    the variances' squares underflow to 0, and the degrees of freedom were 0 / 0 (a 500 from the
+    results route). The test does not depend on the scale: scipy's answer for 0 and 1 (at 1e-84
+    scipy's own degrees of freedom break down too)."""
+    t, dof, p = stats.welch_t_test([0.0, 0.0, 0.0], [0.0, 1e-84, 0.0, 1e-84])
+    expected = sp.ttest_ind([0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0], equal_var=False)
+    assert t == close(expected.statistic, 1e-12) and dof == close(expected.df) and p == close(expected.pvalue)
+
+
 @pytest.mark.parametrize(
     "a, b",
     [([], [1.0, 2.0]), ([1.0], [1.0, 2.0]), ([1.0, 2.0], [3.0]), ([2.0, 2.0], [3.0, 3.0, 3.0])],
