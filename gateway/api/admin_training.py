@@ -5,6 +5,7 @@ config, list, inspect, follow progress (SSE), cancel and delete. Job errors are 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -39,6 +40,19 @@ JobsDep = Annotated[TrainingJobs, Depends(get_jobs)]
 
 def job_view(record: TrainingJobRecord) -> dict[str, Any]:
     return {"object": "training.job", **record.as_dict()}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None, as the GET route's JSON has them. JSON has no
+    NaN: a diverged run's losses written as ``NaN`` made the console's JSON.parse throw, and its
+    live view of the job stopped before the failure."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _parse_config(text: Any) -> TrainingConfig:
@@ -138,7 +152,7 @@ async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
             record = jobs.find(job_id)
             if record is None:  # deleted meanwhile
                 return
-            payload = json.dumps(job_view(record))
+            payload = json.dumps(_finite(job_view(record)), allow_nan=False)
             if payload != last:
                 yield f"event: progress\ndata: {payload}\n\n"
                 last = payload

@@ -126,6 +126,25 @@ def test_job_trains_registers_and_serves(client):
     assert again.status_code == 409
 
 
+def test_progress_events_are_json_when_the_losses_are_not_finite(client):
+    """A diverged run's losses (NaN, infinities) come as null in the events, as from GET: the
+    console parses every event with JSON.parse, which refuses NaN (its live view stopped there)."""
+    job_id = submit(client, jsonl(rows()), kind="ia3", max_steps=1).json()["id"]
+    wait_for(client, job_id, lambda j: j["state"] in ("failed", "succeeded"))
+    record = client.app.state.gateway.training.find(job_id)
+    record.progress["train_loss"] = [[1, float("nan")], [2, float("inf")], [3, 0.5]]
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with client.stream("GET", f"/admin/training-jobs/{job_id}/events", headers=ADMIN) as stream:
+        events = [json.loads(line[len("data: "):], parse_constant=refuse)
+                  for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["progress"]["train_loss"] == [[1, None], [2, None], [3, 0.5]]
+    got = client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN)
+    assert json.loads(got.text, parse_constant=refuse)["progress"]["train_loss"] == [[1, None], [2, None], [3, 0.5]]
+
+
 def test_failing_job_is_marked_failed_and_serving_stays_healthy(client, monkeypatch):
     def explode(self):
         raise RuntimeError("simulated failure in a micro-step")
