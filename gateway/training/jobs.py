@@ -208,13 +208,9 @@ class TrainingJobs:
                     f"the {what} is {len(blob)} bytes; the limit is {self.limits.max_dataset_bytes}")
         check_limits(config, self.limits.adapter)
         check_device(config, self.runtime.device)
-        active = [r for r in self._records.values() if r.state not in TERMINAL]
-        if len(active) >= self.limits.max_queued_jobs:
-            raise TooManyTrainingJobsError(f"{len(active)} training jobs are queued or running (limit "
-                                           f"{self.limits.max_queued_jobs}); wait for one to finish")
         job_id = f"train-{uuid.uuid4().hex[:12]}"
         adapter_id = config.adapter_id or job_id
-        self._check_adapter_id(adapter_id, active)
+        self._check_room(adapter_id)  # before the dataset is read; again when the job is added
         prepared = await asyncio.to_thread(self._prepare, data, config, validation)
         check_limits(config, self.limits.adapter, n_train=len(prepared.train))  # the schedule against the run
         try:
@@ -229,12 +225,21 @@ class TrainingJobs:
                      "eval_examples": len(prepared.eval), "skipped_lines": len(prepared.problems),
                      "problems": [list(p) for p in prepared.problems[:MAX_PROBLEMS_KEPT]]},
             fine_tuning=fine_tuning)
+        refused: Exception | None = None
         async with self._records_lock:
-            self._records[job_id] = record
-            saved = await self._persist(record)
-            if not saved:
-                del self._records[job_id]
-                self.writer.forget(job_id)
+            try:  # creates sent together all passed the first check while their datasets were read
+                self._check_room(adapter_id)
+            except (TooManyTrainingJobsError, AdapterConflictError) as exc:
+                refused = exc
+            else:
+                self._records[job_id] = record  # no await since the check: the next create sees it
+                saved = await self._persist(record)
+                if not saved:
+                    del self._records[job_id]
+                    self.writer.forget(job_id)
+        if refused is not None:
+            await asyncio.to_thread(self.artifacts.remove, job_id)
+            raise refused
         if not saved:
             await asyncio.to_thread(self.artifacts.remove, job_id)
             self._notify()
@@ -301,7 +306,13 @@ class TrainingJobs:
             vars(record).update(vars(row))
         return record
 
-    def _check_adapter_id(self, adapter_id: str, active: list[TrainingJobRecord]) -> None:
+    def _check_room(self, adapter_id: str) -> None:
+        """Refuse a new job past the queue's limit, or one whose adapter id is registered or will be
+        by a job queued or running."""
+        active = [r for r in self._records.values() if r.state not in TERMINAL]
+        if len(active) >= self.limits.max_queued_jobs:
+            raise TooManyTrainingJobsError(f"{len(active)} training jobs are queued or running (limit "
+                                           f"{self.limits.max_queued_jobs}); wait for one to finish")
         self._check_registry_id(adapter_id)
         for other in active:
             if (other.config.get("adapter_id") or other.id) == adapter_id:
@@ -356,6 +367,13 @@ class TrainingJobs:
             return
         if claimed is None:
             await self._idle(self.poll_seconds if self.shared else TIDY_EVERY_SECONDS)
+            return
+        known = self._records.get(claimed.id)
+        if known is not None and known.state in TERMINAL:
+            # cancelled while the claim was in flight (the cancel saw no job running, ended it and
+            # answered so): the claim read the row before, and adopting it would run the job anyway
+            log.info("training job %s ended while it was being claimed; not running it", claimed.id)
+            await asyncio.to_thread(self.store.release, self.owner, claimed.id)
             return
         self._current = claimed.id
         self.claimed.append(claimed.id)

@@ -292,3 +292,60 @@ def test_files_that_cannot_be_removed_never_stop_training(client, monkeypatch):
 
     monkeypatch.setattr(jobs_of(client).artifacts, "tidy", refuse)
     assert run_to_end(client, kind="ia3")["state"] == SUCCEEDED
+
+
+# ---- creates and cancels that race -------------------------------------------------------------
+@pytest.mark.parametrize("same_id", [True, False])
+def test_jobs_created_at_once_keep_the_id_and_the_queue_limit(tmp_path, same_id):
+    """Two creates sent together both passed the checks while their datasets were read: two jobs
+    for one adapter id (the second trained, then failed to register), or past max_training_jobs.
+    The checks run again where the job is added; the one refused leaves no files."""
+    from adapters.errors import AdapterConflictError
+    from adapters.training.config import TrainingConfig
+    from gateway.training.errors import TooManyTrainingJobsError
+
+    limit = 4 if same_id else 1
+    with make_client(tmp_path, max_training_jobs=limit) as client:
+        jobs = jobs_of(client)
+        config = TrainingConfig.model_validate({"kind": "ia3", "max_steps": 100_000,
+                                                **({"adapter_id": "same-id"} if same_id else {})})
+
+        async def both():
+            return await asyncio.gather(jobs.create(jsonl(rows()), config), jobs.create(jsonl(rows()), config),
+                                        return_exceptions=True)
+
+        results = client.portal.call(both)
+        queued = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(queued) == 1 and len(refused) == 1
+        assert isinstance(refused[0], AdapterConflictError if same_id else TooManyTrainingJobsError)
+        client.portal.call(jobs.cancel, queued[0].id)
+        assert sorted(p.name for p in (tmp_path / "training").iterdir() if p.is_dir()) <= [queued[0].id]
+
+
+def test_a_cancel_answered_while_the_job_is_being_claimed_holds(tmp_path):
+    """The cancel of a queued job whose claim is in flight (the claim read the row as queued)
+    answered cancelled; the scheduler then adopted the row it read, and the job trained and
+    registered its adapter anyway."""
+    with make_client(tmp_path) as client:
+        jobs = jobs_of(client)
+        claimed, go_on = threading.Event(), threading.Event()
+        real_claim, claims = jobs.store.claim, []
+
+        def slow_claim(owner, lease, now):
+            claims.append(now)
+            row = real_claim(owner, lease, now)
+            if row is not None and not claimed.is_set():
+                claimed.set()
+                go_on.wait(WAIT)  # the claim's worker thread is still on its way back
+            return row
+
+        jobs.store.claim = slow_claim
+        job_id = submit(client, jsonl(rows()), kind="ia3", max_steps=2, batch_size=4,
+                        adapter_id="never-registered").json()["id"]
+        assert claimed.wait(WAIT)
+        assert client.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN).json()["state"] == "cancelled"
+        go_on.set()
+        poll(lambda: len(claims) >= 2)  # the scheduler is done with what that claim returned
+        assert client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()["state"] == "cancelled"
+        assert "never-registered" not in adapter_ids(client)
