@@ -325,7 +325,9 @@ class AdapterRegistry:
         if entry.pinned:
             try:
                 await self.tiers.pin(entry)
-            except AdapterError as exc:  # the replace is committed; the pin comes back with a slot
+            except Exception as exc:  # noqa: BLE001 - the replace is committed and served: it must not read as failed
+                # out of device memory, say: the entry shows unpinned; the row keeps the pin, which
+                # the next start restores (or pin it again now)
                 log.error("adapter %s: replaced, but its pin could not be restored now: %s", entry.name, exc)
         return entry
 

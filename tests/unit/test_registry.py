@@ -264,6 +264,30 @@ def test_a_pin_passes_to_the_new_version(tmp_path, sources):
     run(main())
 
 
+def test_a_replace_whose_pin_cannot_come_back_now_still_succeeds(tmp_path, sources):
+    """The new version of a pinned adapter cannot go to the device (out of device memory, a
+    RuntimeError): the replace is committed and served, so it returns; the entry shows unpinned,
+    the row keeps the pin for the next start."""
+    async def main():
+        h = Harness(tmp_path)
+        await h.registry.register("x", sources["lora1"])
+        await h.registry.set_pinned("x", True)
+        install = h.registry.tiers._install
+
+        async def out_of_memory(weights):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        h.registry.tiers._install = out_of_memory
+        new = await h.registry.register("x", sources["lora2"], replace=True)
+        h.registry.tiers._install = install
+        assert h.registry.get("x") is new and not new.pinned
+        assert [(r.content_hash, r.pinned) for r in h.store.load_all()] == [(new.record.content_hash, True)]
+        await h.settle()
+        await h.registry.close()
+
+    run(main())
+
+
 # ---- delete -------------------------------------------------------------------------------------
 def test_delete_hides_the_id_at_once_and_frees_after_the_last_request(tmp_path, sources):
     async def main():
