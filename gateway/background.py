@@ -53,12 +53,12 @@ class BackgroundWork:
 
     def after_step(self, serving: bool, step_seconds: float) -> None:
         """Engine thread, after each serving step: run one unit of work if the budget allows."""
+        now = time.perf_counter()
+        if serving:  # also while nothing is wanted: a job queued right after a request gets the grace
+            self._last_serving = now
         if not self.wanted:
             return
-        now = time.perf_counter()
-        if serving:
-            self._last_serving = now
-        elif now - self._last_serving < self.idle_grace and self.credit <= 0:
+        if not serving and now - self._last_serving < self.idle_grace and self.credit <= 0:
             with self._cv:  # a request may follow at once: wait for it rather than start a unit
                 self._cv.wait(GRACE_POLL_SECONDS)
             return

@@ -85,6 +85,18 @@ def test_a_wake_during_a_unit_is_not_lost():
     assert bg.wanted
 
 
+def test_a_job_queued_just_after_a_request_still_waits_out_the_grace():
+    """A request served while nothing was wanted, then a job queued: the first idle step is
+    within the grace, so no unit starts (the last serving step was not remembered while no work
+    was wanted, and a seconds-long micro-step started in the gap)."""
+    work = Counter()
+    bg = BackgroundWork(work, duty_cycle=0.5, idle_grace=60.0)
+    bg.after_step(serving=True, step_seconds=0.0)
+    bg.wake()
+    bg.after_step(serving=False, step_seconds=0.0)
+    assert work.calls == 0
+
+
 def test_duty_cycle_bounds():
     with pytest.raises(ValueError):
         BackgroundWork(Counter(), duty_cycle=1.0)
