@@ -91,7 +91,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     calls = tools is not None and tools.constrained  # the answer is read for tool calls
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage, strings, calls)),
+        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage, strings, calls), generation),
                                    record)
 
     def message(c: _Collected, i: int) -> tuple[dict[str, Any], str | None]:
@@ -123,7 +123,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     echo = _Echo(texts, body.n, body.echo, service.token_strings if params.logprobs is not None else None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _experiment_headers(_sse(_completion_chunks(generation, meta, include_usage, echo)), record)
+        return _experiment_headers(_sse(_completion_chunks(generation, meta, include_usage, echo), generation), record)
 
     def render(c: _Collected) -> dict[str, Any]:
         choices = []
@@ -345,11 +345,19 @@ def _error_chunk(event: ChoiceEvent) -> dict[str, Any]:
     return error_body(error.message, error.type, None, error.code)
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict[str, Any]], generation: Generation) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
+        try:
+            async for chunk in chunks:
+                yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            # a stream given up before its end (the client left while a chunk was being sent):
+            # Starlette never closes this iterator, the finalizer does once the response is
+            # dropped. Reaching Generation.events()' own cancel took a second collection, or never
+            # happened where the stream stopped at the role chunks sent before it.
+            if not generation.settled.is_set():
+                generation.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

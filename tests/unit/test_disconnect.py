@@ -7,6 +7,7 @@ disconnects, so the test decides the order of events instead of racing the model
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from support import build_tokenizer
 
 from gateway.app import create_app
@@ -219,3 +221,68 @@ def test_gateway_server_freezes_what_startup_built(tmp_path):
             assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()  # back to normal collection for the rest of the test session
+
+
+@pytest.mark.parametrize("route, block_at", [("chat", 1), ("chat", 3), ("completions", 1)])
+def test_a_stream_given_up_inside_a_send_cancels_its_work(tmp_path, route, block_at):
+    """The client stops reading (the ``block_at``-th body write waits for good), then goes away:
+    the stream's task is cancelled inside ``send``, its generators suspended at a ``yield``. The
+    request's work is cancelled once the handler returns. At a chat stream's first write (the
+    role chunk, before any engine event is read) nothing cancelled it: it ran to max_tokens."""
+    settings = make_settings(tmp_path, None, max_tokens_limit=200)
+    with TestClient(create_app(settings, base=make_base(build_tokenizer()))) as client:
+        engine = client.app.state.gateway.engine
+        submitted: list[EngineRequest] = []
+        submit = engine.submit
+
+        def slowed(*requests: EngineRequest) -> None:
+            for request in requests:
+                deliver = request.sink
+
+                def sink(event: SequenceEvent, deliver=deliver) -> None:  # 200 tokens take seconds
+                    time.sleep(0.02)
+                    deliver(event)
+
+                request.sink = sink
+                submitted.append(request)
+            submit(*requests)
+
+        engine.submit = slowed
+        never_stop = {"0": -100, "1": -100, "2": -100}  # no end-of-text: the work lasts max_tokens
+        body = {"model": "tiny", "max_tokens": 200, "stream": True, "logit_bias": never_stop}
+        if route == "chat":
+            path, body = "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "hi"}]}
+        else:
+            path, body = "/v1/completions", {**body, "prompt": "hello"}
+        data = json.dumps(body).encode()
+
+        async def give_up() -> None:
+            gone = asyncio.Event()
+            writes, given = [0], [False]
+
+            async def receive():
+                if not given[0]:
+                    given[0] = True
+                    return {"type": "http.request", "body": data, "more_body": False}
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                if message["type"] == "http.response.body":
+                    writes[0] += 1
+                    if writes[0] == block_at:  # the socket's buffer is full: this write waits...
+                        gone.set()  # ... and the client goes away
+                        await asyncio.Event().wait()
+
+            scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                     "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                     "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                                  (b"content-length", str(len(data)).encode())],
+                     "client": ("127.0.0.1", 5000), "server": ("testserver", 80), "state": {}}
+            await asyncio.wait_for(client.app(scope, receive, send), TIMEOUT)
+
+        client.portal.call(give_up)
+        (request,) = submitted
+        wait_until(lambda: request.cancelled or not engine.busy, "the work was cancelled or ended")
+        assert request.cancelled
+        wait_until(lambda: not engine.busy, "the engine let the row go")
