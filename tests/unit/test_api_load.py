@@ -120,9 +120,10 @@ def expiring_client(make_client, monkeypatch):
     engine = gateway_of(client).engine
     submit = engine.submit
 
-    def submit_late(request) -> None:
-        request.submitted -= 3600
-        submit(request)
+    def submit_late(*requests) -> None:
+        for request in requests:
+            request.submitted -= 3600
+        submit(*requests)
 
     monkeypatch.setattr(engine, "submit", submit_late)
     return client
@@ -166,10 +167,11 @@ def test_an_answer_is_sent_only_once_its_request_is_counted(make_client, monkeyp
     engine = gateway_of(client).engine
     submit = engine.submit
 
-    def submit_with_late_release(request) -> None:
-        on_done = request.on_done
-        request.on_done = lambda: threading.Timer(0.3, on_done).start()
-        submit(request)
+    def submit_with_late_release(*requests) -> None:
+        for request in requests:
+            on_done = request.on_done
+            request.on_done = lambda on_done=on_done: threading.Timer(0.3, on_done).start()
+        submit(*requests)
 
     monkeypatch.setattr(engine, "submit", submit_with_late_release)
     registry = gateway_of(client).metrics.registry
