@@ -108,8 +108,9 @@ def declared_routes() -> set[tuple[str, str]]:
     for module in pkgutil.iter_modules(gateway.api.__path__):
         router = getattr(importlib.import_module(f"gateway.api.{module.name}"), "router", None)
         for route in getattr(router, "routes", []):
-            if isinstance(route, APIRoute):
-                found |= {(method, route.path) for method in route.methods}
+            if isinstance(route, APIRoute):  # a converter ({model:path}) is not in the OpenAPI path
+                path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
+                found |= {(method, path) for method in route.methods}
     return found
 
 
