@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import (
-    AdapterConflictError, AdapterError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
+    AdapterConflictError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
 )
 from adapters.kinds.base import AdapterWeights
 from adapters.shared_blobs import AnyBlobStore

@@ -24,8 +24,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
-import random
 import sys
 import tempfile
 import time
