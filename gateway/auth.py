@@ -101,7 +101,11 @@ class AccessGuard:
             session = await console_session(gateway.console.sessions if gateway.console else None, headers) \
                 if token is None else None
         except DatabaseUnavailableError as exc:  # sessions shared in PostgreSQL, which cannot be reached
-            await error_response(exc)(scope, receive, send)
+            # the caller is not known yet: the database's address and error stay in the log
+            log.warning("a console session could not be checked: %s", exc)
+            await self._refuse(ServiceUnavailableError(
+                "console sessions cannot be checked now (the database is unreachable); retry shortly",
+                code="database_unavailable", headers={"Retry-After": "5"}), scope, receive, send)
             return
         if session is not None and not csrf_ok(session, scope["method"], headers):
             await self._refuse(PermissionDeniedError(
@@ -148,8 +152,17 @@ class AccessGuard:
 
     @staticmethod
     async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
-        # the body is never read: the server closes the connection after this response
-        await error_response(error)(scope, receive, send)
+        response = error_response(error)
+        if _declares_body(scope):
+            # the body is never read; left open, uvicorn went on reading and dropping it (100 MiB
+            # in five seconds) until its header timeout: closed after this answer instead
+            response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _declares_body(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0").lstrip(b"0") != b""
 
 
 def too_many_failed_keys(wait: float) -> RateLimitError:

@@ -129,11 +129,14 @@ def test_600mb_to_any_admin_route_without_the_admin_key_is_never_read(client, he
     assert len(routes) >= 25 and ("POST", "/v1/fine_tuning/jobs") in routes
     for method, path in routes:
         body = CountingBody(600 * MB)
-        status, _, content = call(client, method, path, {**headers, "content-type": "application/json"}, body,
-                                  declare_length)
+        sent_headers = {**headers, "content-type": "application/json"}
+        if not declare_length:  # as a server passes a chunked body on
+            sent_headers["transfer-encoding"] = "chunked"
+        status, answer, content = call(client, method, path, sent_headers, body, declare_length)
         assert status == 401, (method, path, content)
         assert json.loads(content)["error"]["type"] == "authentication_error"
         assert body.consumed == 0, (method, path)
+        assert answer.get("connection") == "close"  # uvicorn drops the unread body with the connection
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-xyz"}, ADMIN],
@@ -158,6 +161,18 @@ def test_admin_json_body_limit_is_enforced_while_streaming(client):
                               chunked, declare_length=False)
     assert status == 413 and json.loads(content)["error"]["code"] == "payload_too_large"
     assert chunked.consumed <= JSON_LIMIT + 1024  # stopped at the limit, not after reading it all
+
+
+@pytest.mark.parametrize("length, status", [("0" * 5000, 200), ("0" * 5000 + "9" * 12, 413), ("9" * 5000, 413)],
+                         ids=["zero-padded-zero", "zero-padded-huge", "5000-digits"])
+def test_a_content_length_of_thousands_of_digits_is_read_not_a_500(client, length, status):
+    """httptools takes a zero-padded Content-Length of any length; past 4,300 digits Python's int()
+    refused the text, and every such request was a 500."""
+    got, _, content = call(client, "GET", "/v1/models", {**ALPHA, "content-length": length}, CountingBody(0),
+                           declare_length=False)
+    assert got == status, content
+    if status == 413:
+        assert json.loads(content)["error"]["code"] == "payload_too_large"
 
 
 def test_json_registration_and_upload_limits(client):

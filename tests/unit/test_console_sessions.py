@@ -73,3 +73,39 @@ def test_the_database_holds_digests_not_cookie_values(postgres_url):
         assert len(stored) == 1 and session_id not in stored[0][0] and stored[0][1] == session.csrf_token
     finally:
         db.close()
+
+
+class Unreachable:
+    """A database whose every call waits out a connection timeout, then fails; counts the calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def run(self, work):
+        import time
+
+        from adapters.sql import DatabaseUnavailableError
+
+        self.calls += 1
+        time.sleep(0.05)
+        raise DatabaseUnavailableError("the database at postgresql://gateway:***@db:5432/gateway cannot be reached")
+
+
+def test_an_unreachable_database_is_tried_once_for_lookups_sent_together():
+    """Forty lookups at once (made-up cookies) while the database is away: one call tries it and
+    the others, waiting behind it as coroutines, fail with it rather than each taking a worker
+    thread for a connection timeout of its own. A lookup that comes after tries again."""
+    from adapters.sql import DatabaseUnavailableError
+
+    db = Unreachable()
+    sessions = SharedConsoleSessions(db, 60)
+    cookie = "a" * 43  # an id of the usable shape: looked up
+
+    async def scenario() -> None:
+        results = await asyncio.gather(*(sessions.get(cookie) for _ in range(40)), return_exceptions=True)
+        assert all(isinstance(r, DatabaseUnavailableError) for r in results) and db.calls == 1
+        with pytest.raises(DatabaseUnavailableError):
+            await sessions.get(cookie)
+        assert db.calls == 2
+
+    asyncio.run(scenario())
