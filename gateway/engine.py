@@ -27,7 +27,7 @@ from gateway.detokenize import IncrementalText
 from gateway.grammar_mask import mask_rows
 from gateway.logits_processing import adjust_logits
 from gateway.logprobs import TokenLogprob, score_rows
-from gateway.sampling import RowFailure, SamplingParams, choose_tokens, make_generator
+from gateway.sampling import RowFailure, SamplingParams, choose_tokens, make_generator, usable_rows
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ QUEUE_TIMEOUT = "queue_timeout"  # waited longer than max_queue_wait_seconds for
 SHUTTING_DOWN = "shutting_down"  # the server stopped, or its shutdown grace period ran out
 GENERATION_FAILED = "generation_failed"  # a forward pass raised
 ADAPTER_UNAVAILABLE = "adapter_unavailable"  # the adapter could not be brought onto the device
+GRAMMAR_DEAD_END = "grammar_dead_end"  # the request's output grammar allows no token the model has
 
 
 @dataclass(frozen=True)
@@ -372,9 +373,19 @@ class Engine:
         adjusted = logits
         if any(p.adjusts_logits for p in params):
             adjusted = adjust_logits(logits, params, [s.request.prompt_ids for s in seqs], [s.tokens for s in seqs])
+        dead_ends: list[int] = []
         if any(s.matcher is not None for s in seqs):  # only the tokens each row's grammar allows
+            could = usable_rows(adjusted.float()).tolist()
             adjusted = mask_rows(adjusted, [s.matcher for s in seqs])
+            can = usable_rows(adjusted.float()).tolist()
+            # the grammar (with the ban on raw control characters in strings) leaves no token: a
+            # pattern only control characters match, or none. The request's doing, not the model's
+            dead_ends = [i for i, s in enumerate(seqs) if s.matcher is not None and could[i] and not can[i]]
         tokens = choose_tokens(adjusted, params, [s.generator for s in seqs])
+        for i in dead_ends:
+            tokens[i] = RowFailure("the output's grammar (response_format, or a tool's parameters) allows no token "
+                                   "this model can write at this point: a pattern that only control characters, or "
+                                   "nothing, can match?", GRAMMAR_DEAD_END)
         scored = [i for i, (p, t) in enumerate(zip(params, tokens, strict=True))
                   if p.logprobs is not None and not isinstance(t, RowFailure)]
         if scored:  # from the raw logits: the model's distribution, not the sampler's
@@ -389,7 +400,7 @@ class Engine:
             if seq.done:
                 continue
             if isinstance(token, RowFailure):  # this row alone: the batch goes on
-                self._finish(seq, "error", error=token.message, error_code=GENERATION_FAILED)
+                self._finish(seq, "error", error=token.message, error_code=token.code or GENERATION_FAILED)
                 continue
             if seq.matcher is not None and not seq.matcher.accept_token(token):
                 self._finish(seq, "error", error="the output grammar refused the chosen token",

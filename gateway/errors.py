@@ -44,7 +44,8 @@ from adapters.sql import DatabaseUnavailableError
 from adapters.tiers import NoFreeSlotError
 from gateway.domain_errors import DomainError
 from gateway.engine import (
-    ADAPTER_UNAVAILABLE, QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, KVCacheDemandError, QueueFullError,
+    ADAPTER_UNAVAILABLE, GRAMMAR_DEAD_END, QUEUE_TIMEOUT, SHUTTING_DOWN, EngineStoppedError, KVCacheDemandError,
+    QueueFullError,
 )
 from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
@@ -166,6 +167,8 @@ def engine_error(message: str, code: str | None) -> APIError:
         return ShuttingDownError(message)
     if code == ADAPTER_UNAVAILABLE:
         return ServiceUnavailableError(message, code=ADAPTER_UNAVAILABLE)
+    if code == GRAMMAR_DEAD_END:
+        return BadRequestError(message, code=GRAMMAR_DEAD_END)
     return GenerationFailedError(message)
 
 

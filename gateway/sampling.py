@@ -115,6 +115,7 @@ class RowFailure:
     """Why no token could be chosen for one row; that row's request fails, the batch goes on."""
 
     message: str
+    code: str | None = None  # the sequence's error code (None: generation_failed)
 
 
 NON_FINITE = RowFailure("the model produced non-finite logits for this request (a broken adapter?)")

@@ -83,7 +83,7 @@ MAX_REF_DEPTH = 128  # nesting it follows through $refs (each level is a Python 
 ENFORCED = {
     "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
     "propertyNames", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems",
-    "contains", "unevaluatedProperties", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
+    "unevaluatedProperties", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
     "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
     "exclusiveMaximum", "multipleOf",
 }
@@ -98,12 +98,12 @@ FORMATS = {"email", "date", "time", "date-time", "duration", "uri", "uri-referen
 # numbers that are not integers. ``check_schema`` refuses all of these.
 SCALAR_KEYWORDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
                    "maxLength", "pattern", "format"}
-ARRAY_KEYWORDS = {"minItems", "maxItems", "contains"}
+ARRAY_KEYWORDS = {"minItems", "maxItems"}
 OBJECT_KEYWORDS = {"required", "minProperties", "maxProperties", "patternProperties", "propertyNames",
                    "additionalProperties", "unevaluatedProperties"}
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name -> subschema
 SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")  # [subschema]
-SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "contains", "unevaluatedProperties")
+SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties")
 
 
 def check_schema(schema: Any, path: str = "", depth: int = 0, *, param: str = "response_format") -> None:
@@ -255,10 +255,15 @@ class _Ambiguity:
 
 
 def _is_scalar(schema: Any) -> bool:
+    """Whether xgrammar follows this alternative of a union for free: a listed value or a plain
+    type. A string with a length, pattern or format is an automaton of its own, followed beside
+    the others (480 strings of different maxLength: ~10 ms a token)."""
     if not isinstance(schema, dict) or _SUBSCHEMA_KEYS & schema.keys():
         return False
     if "const" in schema or "enum" in schema:
         return True
+    if {"minLength", "maxLength", "pattern", "format"} & schema.keys():
+        return False
     types = schema.get("type")
     return isinstance(types, str) and types in _SCALAR_TYPES or (
         isinstance(types, list) and bool(types) and all(t in _SCALAR_TYPES for t in types))
@@ -289,6 +294,14 @@ def _check_combinations(schema: dict, where: str, param: str) -> None:
             loose += sorted(OBJECT_KEYWORDS & schema.keys())
         if loose:
             raise _refuse(param, f"'{loose[0]}' (at {where}) is enforced only in a schema that names its 'type'; add one")
+    listed = sorted({"enum", "const"} & schema.keys())
+    beside = sorted((SCALAR_KEYWORDS | ARRAY_KEYWORDS | OBJECT_KEYWORDS) & schema.keys())
+    if listed and beside:  # xgrammar keeps to the listed values and drops the rest
+        raise _refuse(param, f"'{beside[0]}' next to '{listed[0]}' (at {where}) is not enforced by structured outputs; "
+                      "list only the values that satisfy it")
+    for key in ("type", "anyOf", "oneOf", "allOf"):
+        if schema.get(key) == []:  # no value matches: xgrammar allows only an empty answer
+            raise _refuse(param, f"'{key}' (at {where}) is an empty list: no value could match")
     lengths = sorted({"minLength", "maxLength"} & schema.keys())
     shaped = sorted({"format", "pattern"} & schema.keys())
     if lengths and shaped:
@@ -315,7 +328,14 @@ def _check_combinations(schema: dict, where: str, param: str) -> None:
         raise _refuse(param, f"'multipleOf' (at {where}) is supported on integers only")
 
 
+# lookarounds, which xgrammar 0.2.9 drops (^(?!a)[ab]{2}$ matched "ab")
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")
+
+
 def _check_pattern(pattern: str, where: str, param: str) -> None:
+    if _LOOKAROUND.search(pattern):
+        raise _refuse(param, f"lookahead and lookbehind in a pattern (at {where}) are not supported by structured "
+                      "outputs (they would not be enforced)")
     try:
         check_pattern_cost(pattern)
     except PatternTooComplexError as exc:

@@ -24,9 +24,14 @@ from typing import Any, Literal
 from gateway.errors import BadRequestError
 from gateway.tool_parser import CLOSE, OPEN
 
-NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}\Z")  # \Z: "$" also matches before a last newline
 MAX_DESCRIPTION_CHARS = 8192
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+# what an object schema may hold without naming its type (annotations included)
+OBJECT_SCHEMA_KEYS = frozenset({
+    "properties", "required", "additionalProperties", "patternProperties", "propertyNames", "minProperties",
+    "maxProperties", "unevaluatedProperties", "$defs", "definitions", "$schema", "$id", "$comment", "title",
+    "description", "default", "examples", "deprecated", "readOnly", "writeOnly"})
 MAX_ARGUMENT_BLANKS = 1  # consecutive whitespace the grammar lets arguments hold (bounded output)
 Choice = Literal["none", "auto", "required", "function"]
 
@@ -124,6 +129,14 @@ def _function(tool: Any, i: int, max_schema_bytes: int) -> Function:
     if parameters.get("type", "object") != "object":
         raise _bad(f"parameters must be a JSON schema of type 'object', got {str(parameters.get('type'))[:40]!r}",
                    param)
+    if "type" not in parameters:
+        # without it the grammar would take {"enum": [1, 2]} or {"anyOf": [...]} for what the
+        # arguments are: a call with "arguments": "1", which this gateway then refuses in history
+        other = sorted(set(parameters) - OBJECT_SCHEMA_KEYS)
+        if other:
+            raise _bad(f"parameters must describe an object: without \"type\": \"object\" they may hold only object "
+                       f"keywords, and '{str(other[0])[:40]}' is not one", param)
+        parameters = {"type": "object", **parameters}
     size = len(json.dumps(parameters, separators=(",", ":")))
     if size > max_schema_bytes:
         raise _bad(f"the schema is {size} bytes; the limit is {max_schema_bytes}", param)

@@ -127,6 +127,11 @@ class ToolCallParser:
                 break
         return pieces
 
+    @property
+    def cut(self) -> bool:
+        """The text ended inside a call's arguments (a stop string or max_tokens cut it)."""
+        return self._state == "arguments"
+
     def finish(self) -> list[Piece]:
         """The end of the text: what was held back is content (a half-written head included)."""
         pieces: list[Piece] = []

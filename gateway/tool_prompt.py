@@ -27,7 +27,7 @@ from gateway.protocol import ChatMessage, ContentError
 from gateway.tool_calls import NAME, ToolSpec
 from gateway.tool_parser import CLOSE, OPEN
 
-CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 MAX_CALLS_PER_MESSAGE = 128
 # a call's arguments nest at most this deep: schemas nest at most 32 levels (gateway.structured), so
 # arguments the gateway generated fit with room to spare

@@ -11,8 +11,9 @@ from gateway.tool_parser import Arguments, CallStart, Content, Piece, ToolCallPa
 
 
 def finish_reason(reason: str | None, parser: ToolCallParser) -> str | None:
-    """A complete answer that called tools ends with ``tool_calls`` (a cut one stays ``length``)."""
-    return "tool_calls" if reason == "stop" and parser.calls else reason
+    """A complete answer that called tools ends with ``tool_calls``; a cut one keeps its reason
+    (``length``, or ``stop`` where a stop string ended it inside a call's arguments)."""
+    return "tool_calls" if reason == "stop" and parser.calls and not parser.cut else reason
 
 
 def tool_message(text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:

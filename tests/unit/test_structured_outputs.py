@@ -223,6 +223,16 @@ def nested_unions(depth: int, width: int) -> dict:
     ({"$ref": "https://example.com/schema.json"}, "is not local"),
     ({"type": "array", "items": {"type": "integer"}, "minItems": -5}, "minItems"),
     ({"type": "object", "required": ["x"], "additionalProperties": False}, "'x'"),
+    # accepted by xgrammar 0.2.9, not enforced: it answered [] / "ab" / "a" / 1 / true for these
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"type": "integer"}}, "contains"),
+    ({"type": "string", "pattern": "^(?!a)[ab]{2}$"}, "lookahead"),
+    ({"type": "string", "enum": ["a", "bbbb"], "minLength": 3}, "'minLength' next to 'enum'"),
+    ({"type": "integer", "const": 1, "minimum": 10}, "'minimum' next to 'const'"),
+    ({"type": "object", "properties": {"a": {"type": []}}, "required": ["a"]}, "'type' (at /properties/a)"),
+    ({"anyOf": []}, "'anyOf' (at /) is an empty list"),
+    # a union of bounded strings: xgrammar follows each one's automaton (480 of them: ~10 ms a token)
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string", "maxLength": 8 + i} for i in range(40)]}}},
+     "multiply to 40"),
     # unions whose alternatives multiply: every token would cost milliseconds on the engine thread
     ({"type": "object", "properties": {"a": nested_unions(5, 2)}},
      "/properties/a/anyOf/0/items/anyOf/0/items/anyOf/0/items/anyOf/0/items"),
@@ -232,6 +242,29 @@ def test_unsupported_schemas_are_a_400_naming_the_feature(client, schema, named)
         error = assert_error(client.post(path, json={"model": "tiny", **body, "response_format": schema_format(schema)}),
                              400, param="response_format")
         assert named in error["message"]
+
+
+@pytest.mark.parametrize("pattern", ["^\\n$", "^[\\x00-\\x1f]+$", "[^\\s\\S]"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_pattern_no_token_can_write_is_a_400_not_a_500(client, pattern, stream):
+    """Strings may not hold raw control characters, so a pattern only they match (or one nothing
+    matches) leaves no token after the opening quote: a 400 naming the grammar, not a 500
+    blaming the adapter; in a stream, the same error as its last event."""
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 20, "stream": stream,
+            "response_format": schema_format({"type": "string", "pattern": pattern})}
+    answer = client.post("/v1/chat/completions", json=body)
+    if not stream:
+        error = assert_error(answer, 400)
+    else:
+        assert answer.status_code == 200
+        error = [e for e in sse_events(answer) if "error" in e][-1]["error"]
+        assert error["type"] == "invalid_request_error"
+    assert error["code"] == "grammar_dead_end" and "allows no token" in error["message"]
+
+
+def test_unions_of_formats_pass():
+    check_schema({"type": "object", "properties": {"when": {"anyOf": [
+        {"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}, {"type": "null"}]}}})
 
 
 def test_response_format_refusals(client):

@@ -257,6 +257,13 @@ BAD_TOOL = {"type": "function", "function": {"name": "ok", "parameters": {"type"
     ({"tool_choice": "required"}, "tool_choice", "tools"),
     ({"tools": [BAD_TOOL], "tool_choice": "sometimes"}, "tool_choice", ""),
     ({"tools": [BAD_TOOL], "response_format": {"type": "json_object"}}, "response_format", "tools"),
+    # "$" matched before a last newline: the grammar then forced calls the parser never reads
+    ({"tools": [{"type": "function", "function": {"name": "get\n"}}]}, "tools[0].function.name", "^[a-zA-Z0-9_-]"),
+    # without a type, the arguments could be a scalar ("1"), which a round trip then refuses
+    ({"tools": [{"type": "function", "function": {"name": "e", "parameters": {"enum": [1, 2]}}}]},
+     "tools[0].function.parameters", "'enum' is not one"),
+    ({"tools": [{"type": "function", "function": {"name": "e", "parameters": {"anyOf": [{"type": "string"}]}}}]},
+     "tools[0].function.parameters", "'anyOf' is not one"),
 ])
 def test_bad_tools_are_a_400_naming_the_field(client, extra, param, words):
     error = assert_error(client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **extra}),
@@ -356,6 +363,36 @@ def test_parser_reads_calls_in_any_chunking():
     half.feed('so <tool_call>{"na')
     half.finish()
     assert half.content == 'so <tool_call>{"na' and not half.calls
+
+
+def test_a_call_cut_by_a_stop_string_is_not_reported_complete():
+    """A stop string that ends the text inside a call's arguments leaves them unfinished JSON: the
+    answer's finish reason stays "stop", not "tool_calls" (which says the calls are whole)."""
+    from gateway.api.tool_format import finish_reason
+
+    cut = ToolCallParser()
+    cut.feed('<tool_call>{"name":"get","arguments":{"a" :7')
+    cut.finish()
+    assert cut.calls and finish_reason("stop", cut) == "stop" and finish_reason("length", cut) == "length"
+    whole = ToolCallParser()
+    whole.feed('<tool_call>{"name":"get","arguments":{"a":7}}</tool_call>')
+    whole.finish()
+    assert finish_reason("stop", whole) == "tool_calls"
+    unclosed = ToolCallParser()  # the arguments are whole; only the closing marker is missing
+    unclosed.feed('<tool_call>{"name":"get","arguments":{"a":7}}')
+    unclosed.finish()
+    assert finish_reason("stop", unclosed) == "tool_calls"
+
+
+def test_parameters_without_a_type_are_an_object(client):
+    tools = [{"type": "function", "function": {"name": "get", "parameters": {
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"],
+        "additionalProperties": False}}}]
+    answer = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 60,
+                                                       "tools": tools, "tool_choice": "required"})
+    assert answer.status_code == 200, answer.text
+    for call in answer.json()["choices"][0]["message"]["tool_calls"]:
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
 
 
 NATIVE = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
