@@ -286,7 +286,7 @@ class GenerationService:
             return model
         alias = self.model_aliases(model) if self.model_aliases is not None else None
         if alias is None or alias not in self.registry:
-            raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
+            raise ModelNotFoundError(f"The model '{shown(model)}' does not exist", param="model")
         return alias
 
     def begin(self, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str],

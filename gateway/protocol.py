@@ -62,6 +62,7 @@ def _part_text(part: Any, where: str) -> str:
     return part["text"]
 
 
+MAX_MODEL_CHARS = 256  # a request's model name (longer ones are a 400 before any lookup)
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the vocabulary by the service
 # token id (a string, as OpenAI has it) -> bias. Ids, values and the count are checked by the
 # service (so that an error names ``logit_bias``, never a client's key); the schema tells clients.
@@ -99,7 +100,7 @@ class _GenerationParams(BaseModel):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -235,7 +236,7 @@ class TokenizeRequest(BaseModel):
     """vLLM's ``/tokenize``: a completion ``prompt``, or chat ``messages`` through the template."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
@@ -249,7 +250,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     tokens: list[int]
 
 

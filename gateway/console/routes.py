@@ -29,7 +29,7 @@ from gateway.console.sessions import ConsoleSessions, SessionStore
 from gateway.console.shared_sessions import SharedConsoleSessions
 from gateway.throttle import FailureThrottle
 from gateway.console.status import TokenRate, gateway_status, per_adapter_latency
-from gateway.errors import BadRequestError, ServiceUnavailableError
+from gateway.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ async def sign_in(request: Request) -> RedirectResponse:
         return throttled
     try:
         form = await request.form(max_files=0, max_fields=2)
+    except PayloadTooLargeError:  # past the open paths' body limit: a 413, as everywhere
+        raise
     except Exception:  # noqa: BLE001 - starlette raises plain HTTP/multipart errors
         raise BadRequestError("send the sign-in form (application/x-www-form-urlencoded, field 'key')") from None
     # again, now that the body is read: many sign-ins sent at once all passed the first check

@@ -23,6 +23,7 @@ from gateway.console.security import cookie_value, is_console_api, is_open_conso
 from gateway.errors import APIError, AuthenticationError, PayloadTooLargeError
 from gateway.keys import KeyRing
 from gateway.limits import declared_too_large, is_upload
+from gateway.protocol import MAX_MODEL_CHARS
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ def model_request(path: str, body: bytes) -> ModelRequest | None:
     except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser's depth: not ours to judge
         return None
     if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not data["model"]:
+        return None
+    if len(data["model"]) > MAX_MODEL_CHARS:  # the replica's 400; remembered, 256 such names of 1 MiB held 256 MiB
         return None
     user = data.get("user")
     return ModelRequest(data["model"], user if isinstance(user, str) else None)

@@ -243,6 +243,11 @@ def test_sign_ins_sent_at_once_are_throttled_as_one_by_one(tmp_path):
     assert "signin=throttled" in locations[-1]
 
 
+def test_a_sign_in_body_past_the_open_limit_is_a_413(started):
+    c = client(started)
+    assert_error(c.post("/console/sign-in", data={"key": "k" * (70 << 10)}), 413)
+
+
 # ---- the session and CSRF -----------------------------------------------------------------------
 @pytest.mark.parametrize("other", ['prefs={"theme":"dark"}', 'x="unterminated', "ids=[1,2]"])
 def test_another_apps_odd_cookie_does_not_hide_the_session(started, other):

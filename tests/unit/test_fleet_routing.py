@@ -257,6 +257,9 @@ def test_believed_client_never_takes_an_address_from_a_header_nobody_trusts(clie
     ("/admin/adapters", b'{"model": "a"}', None),
     ("/v1/chat/completions", b"[" * 200_000, None),  # deeper than the parser goes: the replica answers
     ("/v1/chat/completions", b'{"model": "a", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    # longer than any model name a replica takes: not routed, so never remembered (256 MiB of them)
+    ("/v1/chat/completions", b'{"model": "' + b"m" * 257 + b'"}', None),
+    ("/v1/chat/completions", b'{"model": "' + b"m" * 256 + b'"}', ModelRequest("m" * 256, None)),
 ])
 def test_model_request_reads_only_an_inference_bodys_model(path, body, expected):
     assert model_request(path, body) == expected
