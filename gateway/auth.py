@@ -33,7 +33,7 @@ from gateway.errors import (
     APIError, AuthenticationError, PermissionDeniedError, RateLimitError, ServiceUnavailableError, error_response,
 )
 from gateway.keys import ApiKey
-from gateway.limits import declared_too_large, is_upload, limited_receive
+from gateway.limits import declared_too_large, is_upload, limited_receive, timed_receive
 from gateway.rate_limits import Refusal
 from gateway.throttle import FailureThrottle
 
@@ -43,7 +43,8 @@ ADMIN_PREFIX = "/admin"
 # OpenAI-shaped routes that change what is served (uploads for training, fine-tuning jobs on the
 # resident model): they take the admin key, as /admin does
 ADMIN_V1_PREFIXES = ("/v1/files", "/v1/fine_tuning")
-OPEN_BODY_BYTES = 64 * 1024
+OPEN_BODY_BYTES = 64 * 1024  # an open route's body (the sign-in form) holds at most this much,
+OPEN_BODY_SECONDS = 20.0  # all in within this time (the header timeout's default)
 
 # for OpenAPI only (the guard does the checking): lets generated clients and fuzzers send keys
 admin_key_scheme = HTTPBearer(scheme_name="AdminKey", auto_error=False,
@@ -87,7 +88,7 @@ class AccessGuard:
         gateway = getattr(scope["app"].state, "gateway", None)
         path = scope["path"]
         if path in OPEN_PATHS or is_open_console_path(path):  # probes, docs, the console page: small bodies
-            await self.app(scope, limited_receive(receive, OPEN_BODY_BYTES), send)
+            await self.app(scope, limited_receive(timed_receive(receive, OPEN_BODY_SECONDS), OPEN_BODY_BYTES), send)
             return
         if gateway is None:  # not started: no keys to check against yet
             await self._refuse(ServiceUnavailableError("the gateway is starting"), scope, receive, send)

@@ -106,6 +106,19 @@ class ConflictError(APIError):
     code = "conflict"
 
 
+class BodyTimeoutError(APIError, StarletteHTTPException):
+    """A body that did not arrive in time (an open route's, from a client no key vouches for).
+    A Starlette HTTP exception too, to pass through FastAPI's body reading unchanged."""
+
+    status = 408
+    code = "body_timeout"
+
+    def __init__(self, message: str):
+        APIError.__init__(self, message, headers={"Connection": "close"})
+        self.status_code = self.status
+        self.detail = message
+
+
 class PayloadTooLargeError(APIError, StarletteHTTPException):
     """A request body (or one part of it) larger than its limit. Also a Starlette HTTP exception:
     raised while FastAPI reads a body, only those pass through unchanged (others become a 400)."""

@@ -5,9 +5,11 @@ check, so nobody without a key ever gets a body read."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import Message, Receive, Scope
 
-from gateway.errors import PayloadTooLargeError
+from gateway.errors import BodyTimeoutError, PayloadTooLargeError
 
 # (method, path) of the routes that take uploads (multipart): they get ``max_upload_bytes``; every
 # other /admin route gets ``max_admin_json_bytes``. A test checks each exists in the app.
@@ -46,3 +48,30 @@ def limited_receive(receive: Receive, max_bytes: int) -> Receive:
         return message
 
     return receive_limited
+
+
+def timed_receive(receive: Receive, seconds: float) -> Receive:
+    """``receive`` that raises ``BodyTimeoutError`` (408) when the body is not all in within
+    ``seconds`` of its first read. For open routes, whose small bodies come from clients no key
+    vouches for: a sign-in form sent a byte every few minutes held its connection (and its share of
+    the per-address and global connection limits) for good. Once the body is in, later reads (the
+    wait for a disconnect) are not timed."""
+    deadline: float | None = None
+    complete = False
+
+    async def receive_timed() -> Message:
+        nonlocal deadline, complete
+        if complete:
+            return await receive()
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + seconds
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise BodyTimeoutError(f"the request body took longer than {seconds:g} s to arrive") from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            complete = True
+        return message
+
+    return receive_timed

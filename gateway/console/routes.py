@@ -29,7 +29,7 @@ from gateway.console.sessions import ConsoleSessions, SessionStore
 from gateway.console.shared_sessions import SharedConsoleSessions
 from gateway.throttle import FailureThrottle
 from gateway.console.status import TokenRate, gateway_status, per_adapter_latency
-from gateway.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
+from gateway.errors import BadRequestError, BodyTimeoutError, PayloadTooLargeError, ServiceUnavailableError
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ async def sign_in(request: Request) -> RedirectResponse:
         return throttled
     try:
         form = await request.form(max_files=0, max_fields=2)
-    except PayloadTooLargeError:  # past the open paths' body limit: a 413, as everywhere
+    except (PayloadTooLargeError, BodyTimeoutError):  # past the open paths' size or time limit: 413, 408
         raise
     except Exception:  # noqa: BLE001 - starlette raises plain HTTP/multipart errors
         raise BadRequestError("send the sign-in form (application/x-www-form-urlencoded, field 'key')") from None

@@ -243,6 +243,41 @@ def test_sign_ins_sent_at_once_are_throttled_as_one_by_one(tmp_path):
     assert "signin=throttled" in locations[-1]
 
 
+def test_a_sign_in_body_that_never_arrives_is_a_408(tmp_path, monkeypatch):
+    """An open route's body is read against a clock: a sign-in form sent a byte every few minutes
+    held its connection, and its share of the connection limits, for good."""
+    from gateway import auth
+
+    monkeypatch.setattr(auth, "OPEN_BODY_SECONDS", 0.3)
+    (tmp_path / "none").mkdir()
+    app = make_app(tmp_path / "data", tmp_path / "none")
+    never = asyncio.Event()
+
+    async def held() -> tuple[int, dict, bytes]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/console/sign-in", "raw_path": b"/console/sign-in", "root_path": "",
+                 "query_string": b"", "server": ("testserver", 80), "client": ("203.0.113.7", 1234),
+                 "headers": [(b"host", b"testserver"), (b"content-type", b"application/x-www-form-urlencoded"),
+                             (b"content-length", b"40")]}
+        sent: list[dict] = []
+
+        async def receive():
+            await never.wait()
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+    with TestClient(app) as c:
+        status, headers, body = c.portal.call(held)
+    assert status == 408 and headers.get("connection") == "close"
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+
+
 def test_a_sign_in_body_past_the_open_limit_is_a_413(started):
     c = client(started)
     assert_error(c.post("/console/sign-in", data={"key": "k" * (70 << 10)}), 413)
