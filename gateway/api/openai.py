@@ -91,8 +91,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     calls = tools is not None and tools.constrained  # the answer is read for tool calls
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _experiment_headers(_sse(_chat_chunks(generation, meta, body.n, include_usage, strings, calls), generation),
-                                   record)
+        chunks = _chat_chunks(generation, meta, body.n, include_usage, strings, calls)
+        return _experiment_headers(_sse(chunks, generation), record)
 
     def message(c: _Collected, i: int) -> tuple[dict[str, Any], str | None]:
         if calls:
