@@ -27,7 +27,7 @@ from gateway.detokenize import IncrementalText
 from gateway.grammar_mask import mask_rows
 from gateway.logits_processing import adjust_logits
 from gateway.logprobs import TokenLogprob, score_rows
-from gateway.sampling import RowFailure, SamplingParams, choose_tokens, make_generator, usable_rows
+from gateway.sampling import NON_FINITE, RowFailure, SamplingParams, choose_tokens, make_generator, usable_rows
 
 log = logging.getLogger(__name__)
 
@@ -373,16 +373,15 @@ class Engine:
         adjusted = logits
         if any(p.adjusts_logits for p in params):
             adjusted = adjust_logits(logits, params, [s.request.prompt_ids for s in seqs], [s.tokens for s in seqs])
-        dead_ends: list[int] = []
-        if any(s.matcher is not None for s in seqs):  # only the tokens each row's grammar allows
-            could = usable_rows(adjusted.float()).tolist()
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:  # only the tokens each row's grammar allows
+            could = dict(zip(constrained, usable_rows(adjusted[constrained].float()).tolist(), strict=True))
             adjusted = mask_rows(adjusted, [s.matcher for s in seqs])
-            can = usable_rows(adjusted.float()).tolist()
-            # the grammar (with the ban on raw control characters in strings) leaves no token: a
-            # pattern only control characters match, or none. The request's doing, not the model's
-            dead_ends = [i for i, s in enumerate(seqs) if s.matcher is not None and could[i] and not can[i]]
         tokens = choose_tokens(adjusted, params, [s.generator for s in seqs])
-        for i in dead_ends:
+        # a row usable before its mask and not after: the grammar (with the ban on raw control
+        # characters in strings) leaves no token, e.g. a pattern only control characters match, or
+        # none. The request's doing, not the model's
+        for i in (i for i in constrained if could[i] and tokens[i] is NON_FINITE):
             tokens[i] = RowFailure("the output's grammar (response_format, or a tool's parameters) allows no token "
                                    "this model can write at this point: a pattern that only control characters, or "
                                    "nothing, can match?", GRAMMAR_DEAD_END)
