@@ -1,9 +1,9 @@
 """The fleet's HTTP entry: a Ray Serve ingress deployment (FastAPI, no model) that checks keys
 (wrong ones throttled per client address), reads the body (bounded by its area's limit; one whose
-only credential is a console cookie no further than 64 KiB until a replica confirms the session),
-picks the adapter id a request needs, and relays it to a replica with ``multiplexed_model_id``
-set, so that Serve prefers a replica already holding that adapter. The replica's response comes back as it is produced (SSE chunk by
-chunk), status and headers kept; what the ingress answers itself is in OpenAI's error shape.
+only credential is a console cookie no further than 64 KiB until a replica confirms the session; one
+no key vouches for within 20 s), picks the adapter id a request needs, and relays it to a replica
+with ``multiplexed_model_id`` set, so that Serve prefers a replica already holding that adapter.
+The replica's response comes back as it is produced (SSE chunk by chunk), status and headers kept; what the ingress answers itself is in OpenAI's error shape.
 
 A replica that dies under a request (kill -9, a lost node) ends that request cleanly: a 503 in
 OpenAI's shape before the response started, an SSE error event after; Ray restarts the replica
@@ -108,7 +108,8 @@ class GatewayIngress:
         gate = None if refusal is None else SessionGate(
             UNCONFIRMED_SESSION_BYTES, partial(self._session_admits, scope["method"], headers), refusal)
         try:
-            body = await read_body(request, self.guard.body_limit(scope), gate)
+            body = await read_body(request, self.guard.body_limit(scope), gate,
+                                   self.guard.unvouched_body_seconds(scope["path"], gate is not None))
         except APIError as exc:
             return error_response(exc)
         adapter_id = await self._adapter_for(scope["path"], body, headers) if self.multiplexed else None

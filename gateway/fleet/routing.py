@@ -6,6 +6,7 @@ affinity key)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,11 +17,11 @@ from typing import Any
 from starlette.requests import Request
 
 from gateway.auth import (
-    OPEN_BODY_BYTES, OPEN_PATHS, bearer_token, count_guess, is_admin_path, key_guess_throttle, key_matches,
-    too_many_failed_keys,
+    OPEN_BODY_BYTES, OPEN_BODY_SECONDS, OPEN_PATHS, bearer_token, count_guess, is_admin_path, key_guess_throttle,
+    key_matches, too_many_failed_keys,
 )
 from gateway.console.security import cookie_value, is_console_api, is_open_console_path
-from gateway.errors import APIError, AuthenticationError, PayloadTooLargeError
+from gateway.errors import APIError, AuthenticationError, BodyTimeoutError, PayloadTooLargeError
 from gateway.keys import KeyRing
 from gateway.limits import declared_too_large, is_upload
 from gateway.protocol import MAX_MODEL_CHARS
@@ -76,6 +77,12 @@ class IngressGuard:
         key is judged alone, as in one process)."""
         return bearer_token(headers) is None and cookie_value(headers) is not None
 
+    @staticmethod
+    def unvouched_body_seconds(path: str, gated: bool) -> float | None:
+        """How long a body no key vouches for may take to arrive: an open path's, or one whose
+        only credential is a console cookie (``gated``). None: a key vouches for the sender."""
+        return OPEN_BODY_SECONDS if gated or path in OPEN_PATHS or is_open_console_path(path) else None
+
     def body_limit(self, scope: dict) -> int:
         path = scope["path"]
         s = self.settings
@@ -110,24 +117,37 @@ class SessionGate:
             raise self.refusal
 
 
-async def read_body(request: Request, limit: int, gate: SessionGate | None = None) -> bytes:
+async def read_body(request: Request, limit: int, gate: SessionGate | None = None,
+                    unvouched_seconds: float | None = None) -> bytes:
     """The whole body, refused with 413 as soon as it passes ``limit`` (counted as it streams in);
-    past ``gate.free_bytes`` the gate must open first."""
+    past ``gate.free_bytes`` the gate must open first. ``unvouched_seconds``: a body no key vouches
+    for (an open path's, or one waiting on its session gate) must be in within that time (408, as
+    one process answers): a sign-in form sent a byte a minute would otherwise hold the ingress's
+    connection for good. A gate that opens lifts the deadline (the session vouches for the rest)."""
     too_large = declared_too_large(request.scope, limit)
     if too_large is not None:
         raise too_large
-    if gate is not None and declared_too_large(request.scope, gate.free_bytes) is not None:
-        await gate.open()
-        gate = None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError.over(limit)
-        if gate is not None and size > gate.free_bytes:
-            await gate.open()
-            gate = None
-        chunks.append(chunk)
+    deadline = asyncio.timeout(unvouched_seconds)
+    try:
+        async with deadline:
+            if gate is not None and declared_too_large(request.scope, gate.free_bytes) is not None:
+                deadline.reschedule(None)
+                await gate.open()
+                gate = None
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError.over(limit)
+                if gate is not None and size > gate.free_bytes:
+                    deadline.reschedule(None)
+                    await gate.open()
+                    gate = None
+                chunks.append(chunk)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise BodyTimeoutError(f"the request body took longer than {unvouched_seconds:g} s to arrive") from None
     return b"".join(chunks)
 
 

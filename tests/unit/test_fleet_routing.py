@@ -12,7 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.fleet.asgi_bridge import AppFailedError, ForwardedRequest, ResponseStart, call_app
-from gateway.errors import AuthenticationError
+from gateway.auth import OPEN_BODY_SECONDS
+from gateway.errors import AuthenticationError, BodyTimeoutError
 from gateway.fleet.routing import (
     IngressGuard, ModelRequest, ModelRoutes, Route, SessionGate, believed_client, model_request, read_body,
 )
@@ -226,6 +227,41 @@ def test_a_large_body_with_a_confirmed_session_is_read_whole_under_its_limit():
     too_big, _ = streamed_request([chunk] * 10)
     with pytest.raises(Exception, match="larger than the limit"):
         run(read_body(too_big, 200 * 1024, session_gate(True, [])))
+
+
+def trickled_request(chunks: list[bytes], pause: float, path: str = "/console/login") -> Request:
+    """A request whose body chunks arrive ``pause`` seconds apart (a slow or hostile sender)."""
+    pending = list(chunks)
+
+    async def receive():
+        await asyncio.sleep(pause)
+        body = pending.pop(0) if pending else b""
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    return Request({"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}, receive)
+
+
+def test_a_body_no_key_vouches_for_must_arrive_in_time():
+    slow = trickled_request([b"x"] * 20, pause=0.05)
+    with pytest.raises(BodyTimeoutError) as refused:
+        run(read_body(slow, 64 * 1024, None, unvouched_seconds=0.3))
+    assert refused.value.status == 408 and refused.value.headers == {"Connection": "close"}
+    gated = trickled_request([b"x"] * 20, pause=0.05, path="/admin/adapters")
+    with pytest.raises(BodyTimeoutError):  # a small body behind an unconfirmed cookie: as an open path's
+        run(read_body(gated, 10**9, session_gate(False, []), unvouched_seconds=0.3))
+    assert run(read_body(trickled_request([b"x"] * 3, pause=0.05), 64 * 1024, None, unvouched_seconds=5)) == b"xxx"
+
+
+def test_a_confirmed_session_lifts_the_deadline_and_a_key_never_has_one():
+    asked: list[int] = []
+    chunk = b"x" * (32 * 1024)
+    upload = trickled_request([chunk] * 10, pause=0.05, path="/admin/adapters")  # 0.5 s, confirmed at chunk 3
+    assert len(run(read_body(upload, 10**9, session_gate(True, asked), unvouched_seconds=0.3))) == len(chunk) * 10
+    assert asked == [1]
+    guard = IngressGuard(Settings(), ADMIN_KEY)
+    assert guard.unvouched_body_seconds("/v1/chat/completions", gated=False) is None  # the key vouches
+    assert guard.unvouched_body_seconds("/admin/adapters", gated=True) == OPEN_BODY_SECONDS
+    assert guard.unvouched_body_seconds("/console/login", gated=False) == OPEN_BODY_SECONDS
 
 
 def client_scope(client: tuple[str, int] | None, *forwarded: str) -> dict:
