@@ -260,6 +260,7 @@ class Engine:
 
     # ---- engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
+        failed_steps = 0  # in a row
         while True:
             with self._cv:
                 if self._parked and not (self._tasks or self._stopping):
@@ -281,9 +282,15 @@ class Engine:
             serving, started = bool(self._waiting or self._running), time.perf_counter()
             try:
                 self._step()
+                failed_steps = 0
             except Exception:  # keep serving: fail the rows of this step, not the process
-                log.exception("engine step failed; failing the running sequences")
-                self._fail_all("internal error while generating", GENERATION_FAILED)
+                failed_steps += 1
+                if failed_steps == 1:  # the queue had no part in it: its requests wait on
+                    log.exception("engine step failed; failing the running sequences")
+                    self._fail_running("internal error while generating", GENERATION_FAILED)
+                else:  # failed again with nothing of the first step running: a queued request is the cause
+                    log.exception("engine step failed again; failing every sequence, queued ones included")
+                    self._fail_all("internal error while generating", GENERATION_FAILED)
             self._parked = bool(self._waiting) and not self._running
             if self.background is not None:
                 self.background.after_step(serving, time.perf_counter() - started)
@@ -464,11 +471,17 @@ class Engine:
             request.cancelled = True
 
     def _fail_all(self, message: str, code: str) -> None:
+        self._fail_running(message, code)
         with self._cv:
             waiting = list(self._waiting)
             self._waiting.clear()
             self._queued_tokens = 0
-        for seq in self._running + waiting:
+        for seq in waiting:
+            if not seq.done:
+                self._finish(seq, "error", error=message, error_code=code)
+
+    def _fail_running(self, message: str, code: str) -> None:
+        for seq in self._running:
             if not seq.done:
                 self._finish(seq, "error", error=message, error_code=code)
         self._running = []

@@ -88,6 +88,6 @@ class PaddedEngine(Engine):
             self._state = self.runner.select(self._state, keep) if self._state else None
             self._running = [self._running[i] for i in keep]
 
-    def _fail_all(self, message: str, code: str) -> None:
-        super()._fail_all(message, code)
+    def _fail_running(self, message: str, code: str) -> None:
+        super()._fail_running(message, code)
         self._state = None
