@@ -118,6 +118,7 @@ class _Sequence:
     # else the end of what held it back without a row being the matter (a preemption; in the paged
     # engine, the prefill of its request's first choice, whose cached blocks it waits for)
     waiting_since: float = 0.0
+    looked_up: bool = False  # its prompt was counted in the prefix-cache statistics (first admission)
 
     @property
     def scoring_prompt(self) -> bool:

@@ -149,7 +149,9 @@ class PagedEngine(Engine):
                     self.blocks.release(hits)
                     break
                 promised += need
-                self.blocks.count_query(len(keys) * bs, len(hits) * bs)
+                if not seq.looked_up:  # a preempted row finding its own blocks again is no client's reuse
+                    self.blocks.count_query(len(keys) * bs, len(hits) * bs)
+                    seq.looked_up = True
                 seq.blocks, seq.block_keys, seq.computed = hits, keys[:len(hits)], len(hits) * bs
                 self._take_waiting(seq)
                 self._running.append(seq)

@@ -580,6 +580,9 @@ def test_a_sequence_preempted_in_its_prefill_waits_afresh(mixed, tiny_tokenizer,
     _step_until_done(engine, [a, b])
     assert [e.finish_reason for e in a.events if e.finish_reason] == ["length"]
     assert [(e.finish_reason, e.error_code) for e in b.events if e.finish_reason] == [("length", None)]
+    # the prefix-cache statistics count each prompt once (B's 9 full blocks), not again at its
+    # re-admission: the hit ratio is the clients' reuse
+    assert engine.blocks.hit_tokens == 0 and engine.blocks.query_tokens == 36
     engine.blocks.check()
 
 
