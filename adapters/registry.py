@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -307,8 +308,8 @@ class AdapterRegistry:
             record = AdapterRecord(id=adapter_id, content_hash=digest, kind=weights.kind.value,
                                    size_bytes=self.blobs.size(digest), created=time.time(),
                                    pinned=old.pinned if old is not None else False, info=info)
-            try:
-                await asyncio.to_thread(self.store.put, record)  # the commit point
+            try:  # the commit point; the row's pin stands (another replica may have changed it)
+                record.pinned = await asyncio.to_thread(partial(self.store.put, record, replace=replace))
             except BaseException:
                 if created:
                     self.blobs.remove(digest)

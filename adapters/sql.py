@@ -74,10 +74,10 @@ class Transaction:
             self._cursor.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, payload))
 
 
-def upsert_sql(table: str, columns: tuple[str, ...], key: str = "id") -> str:
+def upsert_sql(table: str, columns: tuple[str, ...], key: str = "id", keep: tuple[str, ...] = ()) -> str:
     """``INSERT`` of one row, updating every other column when a row with its ``key`` exists (a
-    column not listed keeps its value, unlike SQLite's INSERT OR REPLACE)."""
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key)
+    column not listed, or listed in ``keep``, keeps its value, unlike SQLite's INSERT OR REPLACE)."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key and c not in keep)
     return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
             f"ON CONFLICT ({key}) DO UPDATE SET {updates}")
 

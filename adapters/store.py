@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adapters import faults
+from adapters.errors import AdapterConflictError
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 
 
@@ -32,8 +33,11 @@ class AdapterRecord:
 class AdapterStore(Protocol):
     def load_all(self) -> list[AdapterRecord]: ...
 
-    def put(self, record: AdapterRecord) -> None:
-        """Insert, or replace the row with the same id, atomically."""
+    def put(self, record: AdapterRecord, *, replace: bool = False) -> bool:
+        """Insert the row atomically; with ``replace``, replace the row with the same id, whose pin
+        stays (a pin another replica set meanwhile is not undone). Returns the row's pin; raises
+        ``AdapterConflictError`` when the id is taken and ``replace`` is false (another replica
+        registered it first)."""
 
     def delete(self, adapter_id: str) -> None: ...
 
@@ -82,7 +86,9 @@ def check_database(path: Path, described: tuple[Path, ...] = ()) -> None:
 
 
 _COLUMNS = ("id", "content_hash", "kind", "size_bytes", "created", "pinned", "info")
-_PUT = upsert_sql("registry_adapters", _COLUMNS)
+_INSERT = (f"INSERT INTO registry_adapters ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+           "ON CONFLICT (id) DO NOTHING RETURNING pinned")
+_REPLACE = upsert_sql("registry_adapters", _COLUMNS, keep=("pinned",)) + " RETURNING pinned"
 
 
 class SqlAdapterStore:
@@ -96,12 +102,16 @@ class SqlAdapterStore:
         rows = self.db.read(lambda tx: tx.execute(f"SELECT {', '.join(_COLUMNS)} FROM registry_adapters ORDER BY id"))
         return [AdapterRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6])) for r in rows]
 
-    def put(self, record: AdapterRecord) -> None:
-        def write(tx: Transaction) -> None:
-            tx.execute(_PUT, (record.id, record.content_hash, record.kind, record.size_bytes, record.created,
-                              int(record.pinned), json.dumps(record.info, sort_keys=True)))
+    def put(self, record: AdapterRecord, *, replace: bool = False) -> bool:
+        def write(tx: Transaction) -> bool:
+            row = tx.one(_REPLACE if replace else _INSERT, (
+                record.id, record.content_hash, record.kind, record.size_bytes, record.created, int(record.pinned),
+                json.dumps(record.info, sort_keys=True)))
+            if row is None:  # the id was free when this replica looked; another one took it since
+                raise AdapterConflictError(f"the adapter {record.id!r} is already registered; ask for replace")
             tx.notify("adapters", id=record.id)
-        self.db.run(write)
+            return bool(row[0])
+        return self.db.run(write)
 
     def delete(self, adapter_id: str) -> None:
         faults.hit("adapter-db.delete")

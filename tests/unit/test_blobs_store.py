@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapters.blobs import BLOB_FILES, BlobStore, content_hash
+from adapters.errors import AdapterConflictError
 from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from adapters.store import AdapterRecord, SqlAdapterStore, SqliteAdapterStore
 
@@ -187,13 +188,29 @@ def test_store_rows_survive_a_reopen(open_store):
     reopened.close()
 
 
-def test_store_put_replaces_the_row_with_the_same_id(open_store):
+def test_store_put_replaces_the_row_with_the_same_id_only_when_asked(open_store):
     store = open_store()
-    store.put(record("x"))
-    store.put(record("x", "c" * 64, kind="ia3", size_bytes=9, info={"kind": "ia3"}))
+    assert store.put(record("x")) is False
+    with pytest.raises(AdapterConflictError):  # taken meanwhile (another replica): never overwritten
+        store.put(record("x", "d" * 64))
+    assert store.put(record("x", "c" * 64, kind="ia3", size_bytes=9, info={"kind": "ia3"}), replace=True) is False
     store.close()
     store = open_store()
     assert store.load_all() == [record("x", "c" * 64, kind="ia3", size_bytes=9, info={"kind": "ia3"})]
+    store.close()
+
+
+def test_a_replace_keeps_the_rows_pin(open_store):
+    """The pin is the row's: a replace built from a stale view (another replica pinned or
+    unpinned meanwhile) does not undo it, and says what it is."""
+    store = open_store()
+    store.put(record("x"))
+    store.set_pinned("x", True)
+    assert store.put(record("x", "c" * 64, pinned=False), replace=True) is True
+    store.set_pinned("x", False)
+    assert store.put(record("x", "d" * 64, pinned=True), replace=True) is False
+    assert store.put(record("new", pinned=False), replace=True) is False  # no row yet: inserted as given
+    assert {r.id: r.pinned for r in store.load_all()} == {"new": False, "x": False}
     store.close()
 
 

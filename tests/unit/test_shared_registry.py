@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from adapters.blobs import BlobStore, content_hash
-from adapters.errors import AdapterUnavailableError
+from adapters.errors import AdapterConflictError, AdapterUnavailableError
 from adapters.kinds.base import AdapterLimits
 from adapters.peft_io import WEIGHTS_FILE, read_adapter
 from adapters.registry import AdapterRegistry
@@ -117,6 +117,46 @@ def test_the_shared_blob_goes_to_quarantine_only_when_no_row_refers_to_it(tmp_pa
         assert not a.blobs.shared.has(digest)  # no row left: out of service ...
         assert (tmp_path / "shared" / QUARANTINE / digest).is_dir()  # ... but kept, never deleted
         for r in (a, b):
+            await r.registry.close()
+
+    run(main())
+
+
+def test_a_new_id_registered_on_both_replicas_at_once_is_one_registration_and_one_409(tmp_path, sources):  # noqa: F811
+    """B has not heard of A's "x" yet (no change feed between these two): its own check passes,
+    and the row it would write must not overwrite A's (both answered 201, one silently lost)."""
+    async def main():
+        a, b = Replica(tmp_path, "a"), Replica(tmp_path, "b")
+        await a.registry.start()
+        await b.registry.start()
+        first = await a.registry.register("x", sources["lora1"])
+        try:
+            await b.registry.register("x", sources["lora2"])
+        except AdapterConflictError as exc:
+            assert "already registered" in str(exc)
+        else:
+            raise AssertionError("B's registration overwrote A's")
+        assert [r.content_hash for r in b.store.load_all()] == [first.record.content_hash]
+        assert "x" not in b.registry  # B serves nothing it did not commit
+        for r in (a, b):
+            await r.settle()
+            await r.registry.close()
+
+    run(main())
+
+
+def test_a_replace_keeps_the_pin_another_replica_set_meanwhile(tmp_path, sources):  # noqa: F811
+    async def main():
+        a, b = Replica(tmp_path, "a"), Replica(tmp_path, "b")
+        await a.registry.start()
+        await a.registry.register("x", sources["lora1"])
+        await b.registry.start()  # B knows "x", unpinned
+        await a.registry.set_pinned("x", True)
+        replaced = await b.registry.register("x", sources["lora2"], replace=True)
+        assert replaced.pinned  # the acknowledged pin is not undone by B's stale view
+        assert [r.pinned for r in a.store.load_all()] == [True]
+        for r in (a, b):
+            await r.settle()
             await r.registry.close()
 
     run(main())
