@@ -215,8 +215,13 @@ class ExperimentService:
         return experiment
 
     async def _update(self, experiment: Experiment, **changes: Any) -> Experiment:
-        updated = Experiment(**{**vars(experiment), **changes, "updated": time.time()})
-        await self._run(self.store.update_experiment, updated)
+        # a version stamp: never equal to the one read, even within the clock's resolution
+        stamp = max(time.time(), math.nextafter(experiment.updated, math.inf))
+        updated = Experiment(**{**vars(experiment), **changes, "updated": stamp})
+        if not await self._run(self.store.update_experiment, updated, experiment.updated):
+            await self._reload()  # another replica changed or deleted it since this one last read it
+            raise ExperimentConflictError(f"the experiment '{experiment.name}' was changed on another replica "
+                                          "meanwhile; read it again and retry")
         self._experiments[updated.name] = updated  # replaced whole: readers never see half a change
         log.info("experiment %s: %s", updated.name, ", ".join(f"{k}={v}" for k, v in changes.items()))
         return updated
@@ -226,10 +231,14 @@ class ExperimentService:
         every replica then routes a subject to the same arm (assignment depends only on the
         definition). Read under the definitions' lock, so a local change is never half seen."""
         async with self._lock:
-            loaded = {e.name: e for e in await self._run(self.store.load_experiments)}
-            gone = [e for name, e in self._experiments.items() if name not in loaded]
-            self._experiments = loaded  # replaced whole: readers never see half a change
-            self._forget_captures({e.name for e in gone})
+            await self._reload()
+
+    async def _reload(self) -> None:
+        """``sync``'s work, under the definitions' lock the caller holds."""
+        loaded = {e.name: e for e in await self._run(self.store.load_experiments)}
+        gone = [e for name, e in self._experiments.items() if name not in loaded]
+        self._experiments = loaded  # replaced whole: readers never see half a change
+        self._forget_captures({e.name for e in gone})
         for experiment in gone:
             self.metrics.forget(experiment.name, [arm.name for arm in experiment.arms])
             log.info("experiment %s deleted by another replica", experiment.name)

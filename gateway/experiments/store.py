@@ -183,8 +183,9 @@ class ExperimentStore(Protocol):
     def insert_experiment(self, experiment: Experiment) -> None:
         """Add a new experiment; raises ``ValueError`` when the name exists."""
 
-    def update_experiment(self, experiment: Experiment) -> None:
-        """Write an existing experiment's weights, state, winner and update time."""
+    def update_experiment(self, experiment: Experiment, read_at: float) -> bool:
+        """Write an existing experiment's weights, state, winner and update time, if its row is
+        still the version updated at ``read_at``; False (nothing written) otherwise."""
 
     def delete_experiment(self, name: str) -> None:
         """Remove the experiment with its requests, feedback, captures and totals, in one transaction."""
@@ -364,15 +365,20 @@ class SqlExperimentStore:
         except self.db.integrity_errors:  # another replica inserted it between the check and the insert
             raise ValueError(f"an experiment named {e.name!r} exists") from None
 
-    def update_experiment(self, experiment: Experiment) -> None:
+    def update_experiment(self, experiment: Experiment, read_at: float) -> bool:
+        """Write the changed definition if the row is still the version read (``updated`` ==
+        ``read_at``); False when another replica changed or deleted it meanwhile (nothing written)."""
         e = experiment
 
-        def write(tx: Transaction) -> None:
-            tx.execute("UPDATE experiments SET arms = ?, state = ?, winner = ?, updated = ? WHERE name = ?",
-                       (_arms_json(e.arms), e.state, e.winner, e.updated, e.name))
+        def write(tx: Transaction) -> bool:
+            changed = tx.execute("UPDATE experiments SET arms = ?, state = ?, winner = ?, updated = ? "
+                                 "WHERE name = ? AND updated = ? RETURNING name",
+                                 (_arms_json(e.arms), e.state, e.winner, e.updated, e.name, read_at))
             faults.hit("experiment-db.update")
-            tx.notify("experiments", name=e.name)
-        self.db.run(write)
+            if changed:
+                tx.notify("experiments", name=e.name)
+            return bool(changed)
+        return self.db.run(write)
 
     def delete_experiment(self, name: str) -> None:
         def write(tx: Transaction) -> None:

@@ -53,7 +53,7 @@ def test_experiments_survive_reopening(open_store):
     first.insert_experiment(experiment("b", created=50.0))
     changed = experiment("a", arms=[Arm("base", 50.0), Arm("lora-a", 50.0)], state="promoted", winner="lora-a",
                          updated=300.0, stickiness="header", subject_header="x-session-id")
-    first.update_experiment(changed)
+    assert first.update_experiment(changed, read_at=100.0)
     first.close()
 
     second = open_store()
@@ -62,6 +62,18 @@ def test_experiments_survive_reopening(open_store):
     assert loaded["a"] == changed
     assert loaded["b"] == experiment("b", created=50.0)
     second.close()
+
+
+def test_an_update_from_a_stale_read_writes_nothing(store):
+    """Two replicas read version 100; the first write wins, the second (from its stale copy) is
+    refused, not silently undoing the first (a promotion reverted by a weights change)."""
+    store.insert_experiment(experiment())
+    promoted = experiment(state="promoted", winner="lora-a", updated=200.0)
+    assert store.update_experiment(promoted, read_at=100.0)
+    assert not store.update_experiment(experiment(arms=[Arm("base", 10.0), Arm("lora-a", 90.0)], updated=201.0),
+                                       read_at=100.0)
+    assert store.load_experiments() == [promoted]
+    assert not store.update_experiment(experiment("gone", updated=300.0), read_at=100.0)  # no such row
 
 
 def test_inserting_an_existing_name_is_refused(store):
