@@ -26,7 +26,8 @@ FALLBACK_IA3_TARGETS = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
 
 
 class TrainingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # allow_inf_nan off: an infinite max_grad_norm was stored, then failed the job's JSON view (a 500)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     kind: AdapterKind = Field(AdapterKind.LORA, description=(
         "lora, dora, adalora, vera, ia3, prompt_tuning, p_tuning or prefix_tuning."))
@@ -100,18 +101,18 @@ class TrainingConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Optimizer steps; overrides epochs.")
     learning_rate: float | None = Field(None, gt=0, le=10, description="Peak learning rate (default per kind).")
     lr_schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Optimizer steps of linear warmup from 0.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     optimizer: Literal["adamw", "paged_adamw"] = Field("adamw", description=(
         "adamw (torch), or paged_adamw: bitsandbytes' paged AdamW as QLoRA prescribes (CUDA only; "
         "refused with a 400 on a CPU gateway)."))
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (None: no clipping).")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip the gradient norm (None: no clipping).")
     batch_size: int = Field(4, ge=1, le=1024, description="Examples per micro-batch.")
     grad_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(1024, ge=8, le=131072, description="Longest example in tokens (longer lines are refused).")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for eval loss.")
-    eval_batches_max: int = Field(50, ge=1, description="Most micro-batches an eval pass runs.")
-    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    eval_batches_max: int = Field(50, ge=1, le=1_000_000, description="Most micro-batches an eval pass runs.")
+    checkpoint_every: int = Field(50, ge=1, le=1_000_000, description="Optimizer steps between checkpoints.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the split, the shuffles, the init and dropout.")
     skip_bad_lines: bool = Field(False, description=(
         "Train on the usable lines and list the bad ones in the job, instead of refusing the dataset."))

@@ -99,6 +99,13 @@ def test_bad_config_and_auth(client):
     assert response.status_code == 400 and "max_virtual_tokens" in response.json()["error"]["message"]
     response = submit(client, jsonl(rows()), adapter_id="tiny")  # the base model's name
     assert response.status_code == 409
+    for value in ("Infinity", "NaN", "1e999"):  # an infinite norm was queued, then its view was a 500
+        response = client.post("/admin/training-jobs", headers=ADMIN, files={"dataset": ("d.jsonl", jsonl(rows()))},
+                               data={"config": f'{{"kind": "lora", "max_steps": 1, "max_grad_norm": {value}}}'})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "config.max_grad_norm", value
+    response = submit(client, jsonl(rows()), kind="lora", warmup_steps=10**38)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "config.warmup_steps"
+    assert client.get("/admin/training-jobs", headers=ADMIN).json()["data"] == []  # nothing queued
     response = client.post("/admin/training-jobs", files={"dataset": ("d.jsonl", jsonl(rows()))})
     assert response.status_code == 401
     assert client.get("/admin/training-jobs/train-nope", headers=ADMIN).status_code == 404
