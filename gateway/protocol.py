@@ -63,6 +63,8 @@ def _part_text(part: Any, where: str) -> str:
 
 
 MAX_MODEL_CHARS = 256  # a request's model name (longer ones are a 400 before any lookup)
+# strings stored in the database: PostgreSQL text cannot hold NUL (its refusal was a 500)
+NO_NUL = r"^[^\x00]*$"
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # checked against the vocabulary by the service
 # token id (a string, as OpenAI has it) -> bias. Ids, values and the count are checked by the
 # service (so that an error names ``logit_bias``, never a client's key); the schema tells clients.
@@ -109,7 +111,7 @@ class _GenerationParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
+    user: str | None = Field(None, max_length=256, pattern=NO_NUL)  # stored as an experiment's subject
     # logit adjustments (ranges, and logit_bias's token ids and size, are checked with the
     # sampling parameters: gateway.sampling, gateway.generation)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)

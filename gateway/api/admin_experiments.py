@@ -16,6 +16,7 @@ from gateway.errors import NotFoundError, register_domain_error
 from gateway.experiments.assignment import Arm
 from gateway.experiments.errors import PreferenceFileTooLargeError
 from gateway.experiments.service import ExperimentService, describe
+from gateway.protocol import NO_NUL
 
 router = APIRouter(prefix="/admin/experiments", dependencies=[Security(admin_key_scheme)])  # checked by AccessGuard
 ExperimentsDep = Annotated[ExperimentService, Depends(get_experiments)]
@@ -43,7 +44,8 @@ class CreateExperiment(BaseModel):
         "draws its arm)."))
     subject_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$", description=(
         "The header naming the subject when stickiness is 'header' (default: the gateway's setting)."))
-    salt: str | None = Field(None, max_length=64, description="Hash salt (default: random); a new salt reshuffles.")
+    salt: str | None = Field(None, max_length=64, pattern=NO_NUL,
+                             description="Hash salt (default: random); a new salt reshuffles.")
     capture: bool = Field(False, description=(
         "Keep the prompt (chat messages) and answer text of requests that receive feedback, for "
         "POST /admin/experiments/{name}/preference-file. Deleted with the experiment."))

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gateway.auth import inference_key_scheme, request_key
 from gateway.errors import NotFoundError
 from gateway.experiments.service import ExperimentService
+from gateway.protocol import NO_NUL
 
 router = APIRouter(prefix="/v1", dependencies=[Security(inference_key_scheme)])  # checked by AccessGuard
 MAX_SCORE = 1e6
@@ -17,7 +18,8 @@ MAX_SCORE = 1e6
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a field we would not keep is refused, not dropped
-    id: str = Field(min_length=1, max_length=128, description="The completion's id, from its response.")
+    id: str = Field(min_length=1, max_length=128, pattern=NO_NUL,
+                    description="The completion's id, from its response.")
     score: Annotated[float, Field(strict=True, ge=-MAX_SCORE, le=MAX_SCORE, allow_inf_nan=False)] | None = None
     thumbs: Literal["up", "down"] | None = None
 

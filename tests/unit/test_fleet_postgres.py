@@ -154,6 +154,12 @@ def test_experiment_assignment_is_the_same_and_results_aggregate(fleet):
     from_a = served[0]
     poll(lambda: b.post("/v1/feedback", json={"id": from_a["id"], "score": 3}).status_code == 200,
          "B finds A's request")
+    # PostgreSQL text cannot hold NUL: such strings are a 400, never the database's error as a 500
+    nul = b.post("/v1/feedback", json={"id": "chatcmpl-\u0000", "score": 1})
+    assert nul.status_code == 400 and nul.json()["error"]["param"] == "id"
+    assert chat(a, "shared-exp", user="u\u0000").status_code == 400
+    salted = a.post("/admin/experiments", json={**body, "name": "nul-exp", "salt": "a\u0000b"}, headers=ADMIN)
+    assert salted.status_code == 400 and salted.json()["error"]["param"] == "salt"
 
     def totals():
         results = b.get("/admin/experiments/shared-exp/results", headers=ADMIN).json()
