@@ -127,7 +127,9 @@ class PayloadTooLargeError(APIError, StarletteHTTPException):
     code = "payload_too_large"
 
     def __init__(self, message: str, *, param: str | None = None):
-        APIError.__init__(self, message, param=param)
+        # the rest of the body may still be on its way: closing the connection stops it (uvicorn
+        # otherwise read and dropped a chunked body sent without end until its header timeout)
+        APIError.__init__(self, message, param=param, headers={"Connection": "close"})
         self.status_code = self.status
         self.detail = message
 
