@@ -198,7 +198,10 @@ def guarded_protocol(book: ConnectionBook) -> type[HttpToolsProtocol]:
 
         def send_400_response(self, msg: str) -> None:
             if not self._headers_too_large:  # else answered already, and closed
-                super().send_400_response(msg)
+                # in OpenAI's shape, as every other refusal here (uvicorn's own 400 is text/plain)
+                self.transport.write(_response(400, "Bad Request", "the request is not valid HTTP/1.1 (its request "
+                                               "line, headers or body framing)", "invalid_http_request"))
+                self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

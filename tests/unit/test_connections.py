@@ -168,6 +168,21 @@ def test_a_trickle_does_not_extend_the_timeout():
             assert time.monotonic() - started < HEADER_TIMEOUT * 3
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"get /x HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["content-length-abc", "two-content-lengths", "bad-chunk-size", "lowercase-method"])
+def test_malformed_http_gets_a_400_in_openais_shape_and_the_connection_closes(request_bytes):
+    with guarded_server() as (port, _):
+        with connect(port) as sock:
+            sock.sendall(request_bytes)
+            reply = read_reply(sock)  # until the server closes
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"connection: close" in reply.lower()
+    assert error_of(reply)["code"] == "invalid_http_request"
+
+
 def test_an_idle_connection_is_closed_without_a_reply():
     with guarded_server() as (port, book):
         with connect(port) as sock:
