@@ -54,7 +54,7 @@ from gateway.training.artifacts import JobArtifacts
 from gateway.training.errors import (
     TooManyTrainingJobsError, TrainingJobNotFoundError, TrainingJobStateError, TrainingStoreError,
 )
-from gateway.training.persistence import RecordWriter
+from gateway.training.persistence import JobEndedElsewhereError, RecordWriter
 from gateway.waiting import wait_event
 from gateway.training.store import (
     CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, TrainingJobRecord, TrainingJobStore,
@@ -535,10 +535,18 @@ class TrainingJobs:
         if record.id in self._lost:  # the store says what became of it (another replica's doing)
             self._notify()
             return
+        before = copy.deepcopy(record)
         record.state, record.error, record.finished = state, error, time.time()
+        try:
+            saved = await self._persist(record, notify=False)
+        except JobEndedElsewhereError:  # e.g. a cancel here raced the job's success on the replica running it
+            rows = {r.id: r for r in await asyncio.to_thread(self.store.load_all)}
+            vars(record).update(vars(rows.get(record.id, before)))  # what the store says it became
+            self._notify()
+            raise TrainingJobStateError(_too_late(record)) from None
         log.log(logging.WARNING if state == FAILED else logging.INFO, "training job %s %s%s", record.id, state,
                 f": {error}" if error else "")
-        if await self._persist(record, notify=False):  # files go only once the store knows the job ended
+        if saved:  # files go only once the store knows the job ended
             await self._tidy([record])
         self._notify()  # waiters (a cancel, event streams) see the job ended, its files tidied
 

@@ -20,6 +20,11 @@ from gateway.training.store import TrainingJobRecord, TrainingJobStore
 log = logging.getLogger(__name__)
 
 
+class JobEndedElsewhereError(Exception):
+    """Nothing was written: the stored job had already ended (another replica ended it, e.g. it
+    finished there while this one was cancelling it)."""
+
+
 class RecordWriter:
     def __init__(self, store: TrainingJobStore):
         self.store = store
@@ -42,7 +47,7 @@ class RecordWriter:
             self.store.put, snapshot)
         async with self._lock:
             try:
-                await asyncio.to_thread(write)
+                written = await asyncio.to_thread(write)
             except Exception as exc:  # noqa: BLE001 - whatever the store raises, never fatal here
                 self._failed(exc)
                 self._unsaved[record.id] = record
@@ -51,6 +56,8 @@ class RecordWriter:
                 return False
         self._unsaved.pop(record.id, None)
         self._owners.pop(record.id, None)
+        if not written and owner is None:  # (a claim lost is the lease's business: renew says so)
+            raise JobEndedElsewhereError(f"the training job {record.id!r} already ended on another replica")
         return True
 
     async def flush(self) -> bool:
@@ -58,8 +65,11 @@ class RecordWriter:
         if not self._unsaved:
             return True
         for record in list(self._unsaved.values()):
-            if not await self.put(record, self._owners.get(record.id)):
-                return False
+            try:
+                if not await self.put(record, self._owners.get(record.id)):
+                    return False
+            except JobEndedElsewhereError:  # the store's ending stands; a sync adopts it
+                continue
         log.info("training job records are saved again")
         return True
 

@@ -46,11 +46,12 @@ class TrainingJobRecord:
 class TrainingJobStore(Protocol):
     def load_all(self) -> list[TrainingJobRecord]: ...
 
-    def put(self, record: TrainingJobRecord, owner: str | None = None) -> None:
+    def put(self, record: TrainingJobRecord, owner: str | None = None) -> bool:
         """Insert, or replace the record with the same id, atomically; an ended job's record is
         final (a late write of another process never brings it back to life). With ``owner``
         (the process running the job): written only while ``owner`` holds the job's claim, so a
-        replica whose lease lapsed and was taken over cannot overwrite its successor's record."""
+        replica whose lease lapsed and was taken over cannot overwrite its successor's record.
+        Returns whether the record was written."""
 
     def delete(self, job_id: str) -> None: ...
 
@@ -88,15 +89,17 @@ class SqlTrainingJobStore:
         rows = self.db.read(lambda tx: tx.execute("SELECT record FROM training_jobs ORDER BY created, id"))
         return [TrainingJobRecord(**json.loads(r[0])) for r in rows]
 
-    def put(self, record: TrainingJobRecord, owner: str | None = None) -> None:
-        def write(tx: Transaction) -> None:
+    def put(self, record: TrainingJobRecord, owner: str | None = None) -> bool:
+        def write(tx: Transaction) -> bool:
             values = (record.id, record.state, record.created, json.dumps(record.as_dict()))
             if owner is None:
-                tx.execute(_PUT, values)
+                written = tx.execute(_PUT + " RETURNING id", values)
             else:
-                tx.execute(_PUT + " AND training_jobs.claimed_by = ?", (*values, owner))
-            tx.notify("training", id=record.id)
-        self.db.run(write)
+                written = tx.execute(_PUT + " AND training_jobs.claimed_by = ? RETURNING id", (*values, owner))
+            if written:
+                tx.notify("training", id=record.id)
+            return bool(written)
+        return self.db.run(write)
 
     def delete(self, job_id: str) -> None:
         def write(tx: Transaction) -> None:

@@ -5,6 +5,7 @@ full) fails the job it hits with the reason while the scheduler carries on."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import sqlite3
 import threading
@@ -203,7 +204,7 @@ class FlakyStore:
     def put(self, record, **owner):
         if self.error is not None:
             raise self.error
-        self.inner.put(record, **owner)
+        return self.inner.put(record, **owner)
 
     def delete(self, job_id):
         if self.error is not None:
@@ -349,3 +350,34 @@ def test_a_cancel_answered_while_the_job_is_being_claimed_holds(tmp_path):
         poll(lambda: len(claims) >= 2)  # the scheduler is done with what that claim returned
         assert client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()["state"] == "cancelled"
         assert "never-registered" not in adapter_ids(client)
+
+
+def test_a_cancel_of_a_job_that_ended_on_another_replica_meanwhile_is_a_409(tmp_path):
+    """The job finished on the replica running it, just before this one's cancel was written: the
+    store keeps the ending (an ended job's row is final), so the cancel must not answer
+    'cancelled' (it did, and tidied the job's files) while the job ends succeeded."""
+    with make_client(tmp_path, training_artifact_retention_seconds=0) as client:
+        jobs = jobs_of(client)
+        claimed, go_on = threading.Event(), threading.Event()
+        real_claim = jobs.store.claim
+
+        def held_claim(owner, lease, now):  # keeps the job queued here: another replica runs it
+            if not claimed.is_set():
+                claimed.set()
+                go_on.wait(WAIT)
+                return None
+            return real_claim(owner, lease, now)
+
+        jobs.store.claim = held_claim
+        job_id = submit(client, jsonl(rows()), kind="ia3", max_steps=2, batch_size=4).json()["id"]
+        assert claimed.wait(WAIT)
+        finished = copy.deepcopy(jobs.get(job_id))  # the other replica's final write
+        finished.state, finished.adapter_id, finished.finished = SUCCEEDED, "from-elsewhere", time.time()
+        assert jobs.store.put(finished)
+        response = client.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN)
+        go_on.set()
+        assert response.status_code == 409, response.text
+        assert "already ended (succeeded)" in response.json()["error"]["message"]
+        job = client.get(f"/admin/training-jobs/{job_id}", headers=ADMIN).json()
+        assert (job["state"], job["adapter_id"]) == (SUCCEEDED, "from-elsewhere")
+        assert jobs.artifacts.dataset(job_id).is_file()  # its files were not tidied
