@@ -110,20 +110,25 @@ class SharedBlobs:
         """Fetch the blob into the new folder ``target`` and verify it; raises
         ``AdapterUnavailableError`` when it is missing or does not hash to its digest."""
         if not self.has(digest) and self.quarantined(digest):
-            try:
-                self._move(QUARANTINE, digest, LIVE, digest)
-                log.warning("adapter files %s were in the shared quarantine and a row refers to them: restored",
-                            digest)
-            except FileNotFoundError:  # another replica restored it meanwhile (it moved the marker first)
-                pass
+            self._restore(digest)
         if not self.has(digest):
             raise AdapterUnavailableError(f"the adapter files {digest[:12]} are not in the shared store")
         target.mkdir()
         try:
-            for name in BLOB_FILES:
-                self.store.download(self._key(LIVE, digest, name), target / name)
-        except FileNotFoundError:  # released by another replica while we read: the marker went first
-            raise AdapterUnavailableError(f"the adapter files {digest[:12]} went from the shared store") from None
+            self._read(digest, target)
+        except FileNotFoundError:
+            # released by another replica while we read (the marker went first), or a release that
+            # raced a registration of the same files left the marker without them: the quarantine
+            # holds the whole blob
+            if not self.quarantined(digest):
+                raise AdapterUnavailableError(f"the adapter files {digest[:12]} went from the shared store") from None
+            self._restore(digest)
+            shutil.rmtree(target)  # what the first read got
+            target.mkdir()
+            try:
+                self._read(digest, target)
+            except FileNotFoundError:
+                raise AdapterUnavailableError(f"the adapter files {digest[:12]} went from the shared store") from None
         actual = content_hash(target)
         if actual != digest:
             self._move(LIVE, digest, CORRUPT, f"{digest}-{uuid.uuid4().hex[:8]}")
@@ -132,12 +137,29 @@ class SharedBlobs:
             raise AdapterUnavailableError(
                 f"the adapter files {digest[:12]} in the shared store are corrupt (refused); register it again")
 
+    def _read(self, digest: str, target: Path) -> None:
+        for name in BLOB_FILES:
+            self.store.download(self._key(LIVE, digest, name), target / name)
+
+    def _restore(self, digest: str) -> None:
+        """Bring the blob back from the quarantine: a row refers to it."""
+        try:
+            self._move(QUARANTINE, digest, LIVE, digest)
+            log.warning("adapter files %s were in the shared quarantine and a row refers to them: restored", digest)
+        except FileNotFoundError:  # another replica restored it meanwhile (it moved the marker first)
+            pass
+
     def release(self, digest: str, referenced: Callable[[str], bool]) -> bool:
         """Move the blob to the shared quarantine unless ``referenced(digest)`` (a row of the shared
-        registry refers to it); True when moved. Never deletes."""
+        registry refers to it); True when moved. Never deletes. A registration of the same files
+        on another replica may commit its row during the move (it found the blob live and did not
+        upload it): asked again afterwards, a row that refers to it now brings it back."""
         if referenced(digest) or not self.has(digest):
             return False
         self._move(LIVE, digest, QUARANTINE, digest)
+        if referenced(digest):
+            self._restore(digest)
+            return False
         log.info("adapter files %s: no row refers to them; moved to the shared quarantine", digest)
         return True
 
@@ -171,7 +193,7 @@ class CachedBlobStore:
         if self.local.exists(digest):
             return True
         with shared_errors("looking up adapter files"):
-            return self.shared.has(digest)
+            return self.shared.available(digest)  # a quarantined blob a row refers to is restored on read
 
     def size(self, digest: str) -> int:
         return self.local.size(digest) if self.local.exists(digest) else self.shared.size(digest)

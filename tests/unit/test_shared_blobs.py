@@ -163,6 +163,34 @@ def test_release_quarantines_only_unreferenced_blobs_and_a_read_restores_them(tm
     assert not (shared_dir / QUARANTINE / digest).exists()
 
 
+def test_a_row_committed_during_a_release_keeps_the_blob_live(tmp_path, shared_dir, pair):
+    """Another replica registered the same files while this one released them: it found the blob
+    live (no upload) and committed its row during the move. Asked again after the move, the row
+    brings the blob back; before, it stayed in the quarantine and the replica whose local copy
+    had gone marked the new adapter missing for good."""
+    a, b = pair
+    digest, _ = a.add(adapter_folder(tmp_path, "src"))
+    a.remove(digest)
+    answers = iter([False, True])  # no row before the move; the other replica's row after it
+    assert a.release(digest, lambda d: next(answers)) is False
+    assert a.shared.has(digest) and not (shared_dir / QUARANTINE / digest).exists()
+    assert content_hash(b.fetch(digest)) == digest
+
+
+def test_a_quarantined_blob_counts_as_there_and_a_marker_without_its_files_is_healed(tmp_path, shared_dir, pair):
+    a, b = pair
+    digest, _ = a.add(adapter_folder(tmp_path, "src"))
+    a.remove(digest)
+    assert a.release(digest, lambda d: False) is True
+    assert b.exists(digest)  # restorable by the first read: the registry must not call it missing
+    # a release racing an upload of the same files: the live marker stands, its files went; the
+    # quarantine holds the whole blob
+    shutil.copytree(shared_dir / QUARANTINE / digest, shared_dir / LIVE / digest)
+    (shared_dir / LIVE / digest / WEIGHTS_FILE).unlink()
+    assert content_hash(b.fetch(digest)) == digest
+    assert (shared_dir / LIVE / digest / WEIGHTS_FILE).is_file() and not (shared_dir / QUARANTINE / digest).exists()
+
+
 def test_reconcile_counts_only_what_neither_tier_has(tmp_path, pair):
     a, b = pair
     digest, _ = a.add(adapter_folder(tmp_path, "src"))
