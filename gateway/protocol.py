@@ -108,7 +108,7 @@ class _GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's range (a 64-bit integer)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, pattern=NO_NUL)  # stored as an experiment's subject
@@ -119,6 +119,12 @@ class _GenerationParams(BaseModel):
     repetition_penalty: float | None = Field(None, ge=0.1, le=10.0)  # extension (vLLM's): 1 is neutral
     logit_bias: LogitBias | None = None
     response_format: ResponseFormat | None = None  # structured outputs (gateway.structured)
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI takes null for these (the official client sends an explicit None as null)."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator("stream_options")
     @classmethod
@@ -199,6 +205,11 @@ class CompletionRequest(_GenerationParams):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @model_validator(mode="after")
     def _plain(self):

@@ -266,6 +266,21 @@ def test_seed_reproducible_completions(client):
     assert ask() == ask()
 
 
+def test_null_sampling_fields_are_their_defaults_and_seeds_may_be_negative(client):
+    """OpenAI takes null for temperature, top_p, n, stream (and echo); its client sends an explicit
+    None as null, and these were 400s. A seed is any 64-bit integer."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "max_tokens": 3}
+    response = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **nulls})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "the fox", "echo": None, **nulls})
+    assert response.status_code == 200, response.text
+    seeded = [complete(client, seed=-(2**63), temperature=1.0, max_tokens=6).json()["choices"][0]["text"]
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    assert complete(client, seed=-(2**63) - 1).status_code == 400
+
+
 def test_stop_string(client):
     full = complete(client, max_tokens=16).json()["choices"][0]["text"]
     # a two-character window past the start, free of U+FFFD (a partial UTF-8 byte sequence)
