@@ -136,6 +136,8 @@ class AccessGuard:
         if too_large is not None:
             await self._refuse(too_large, scope, receive, send)
             return
+        if not is_upload(scope):  # a JSON body trickled in held its connection (and a key's slot) for good
+            receive = timed_receive(receive, settings.body_timeout_seconds)
         if key is None:
             await self.app(scope, limited_receive(receive, max_bytes), send)
             return

@@ -151,6 +151,9 @@ class Settings(BaseSettings):
         "headers; past it the connection is closed (408 if a request had begun)."))
     max_header_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description=(
         "Largest request line plus headers of one request (431 beyond)."))
+    body_timeout_seconds: float = Field(60.0, gt=0, le=3600, description=(
+        "Longest a JSON request body (every route but the multipart uploads) may take to arrive once its "
+        "key is checked; 408 and the connection closed past it."))
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
         "Addresses or networks (comma-separated, e.g. 10.0.0.0/8) of reverse proxies whose "
         "X-Forwarded-For and X-Forwarded-Proto are believed for the client's address (logs, the console's "

@@ -379,3 +379,29 @@ def test_failures_age_out_of_the_window():
     assert throttle.retry_after("a") == pytest.approx(30)
     now[0] += 30.5
     assert throttle.retry_after("a") is None and throttle.failures("a") == 1
+
+
+class StalledBody(CountingBody):
+    """Sends its first bytes, then nothing more (a client trickling its body, or gone quiet)."""
+
+    async def receive(self) -> dict:
+        if self.consumed:
+            await asyncio.Event().wait()
+        self.consumed = 10
+        return {"type": "http.request", "body": b'{"model": ', "more_body": True}
+
+
+def test_a_json_body_that_stops_arriving_is_a_408_and_frees_the_keys_slot(tmp_path):
+    """A key holder's JSON body sent a byte now and then held its connection (and the key's
+    request slot) for good: the header timeout stands down once a request is being served."""
+    (tmp_path / "adapters").mkdir()
+    app = make_app(tmp_path / "data", tmp_path / "adapters", body_timeout_seconds=0.3)
+    with TestClient(app) as c:
+        for path, headers in (("/v1/chat/completions", GAMMA), ("/admin/experiments", ADMIN)):
+            status, answer, content = call(c, "POST", path, {**headers, "content-type": "application/json"},
+                                           StalledBody(1000))
+            assert status == 408 and answer.get("connection") == "close", (path, content)
+            assert json.loads(content)["error"]["code"] == "body_timeout"
+        # gamma may run one request at a time: the stalled one gave its slot back
+        assert c.post("/v1/chat/completions", headers=GAMMA, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).status_code == 200
