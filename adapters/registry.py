@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from adapters.errors import (
     AdapterConflictError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
@@ -30,6 +30,7 @@ from adapters.store import AdapterRecord, AdapterStore
 from adapters.tiers import AdapterTiers, TierEvents
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Shared with pydantic (training config), whose Rust engine reads "$" as the end of the text. Python's
 # "$" also matches before a trailing newline, so here the pattern is only ever used with fullmatch.
 ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -298,6 +299,21 @@ class AdapterRegistry:
         if adapter_id in self._entries and not replace:  # early, before reading big files
             raise AdapterConflictError(f"the adapter {adapter_id!r} is already registered; ask for replace")
         weights = await asyncio.to_thread(self._read, source_dir)
+        # shielded: a caller cancelled meanwhile (a shutdown) must not leave a committed row
+        # without its files, or files removed under it; the version is stored or not, wholly
+        entry = await _settled(self._store_version(adapter_id, source_dir, weights, replace))
+        if entry.pinned:
+            try:
+                await self.tiers.pin(entry)
+            except Exception as exc:  # noqa: BLE001 - the replace is committed and served: it must not read as failed
+                # out of device memory, say: the entry shows unpinned; the row keeps the pin, which
+                # the next start restores (or pin it again now)
+                log.error("adapter %s: replaced, but its pin could not be restored now: %s", entry.name, exc)
+        return entry
+
+    async def _store_version(self, adapter_id: str, source_dir: Path, weights: AdapterWeights,
+                             replace: bool) -> AdapterEntry:
+        """Store the files, commit the row, serve the new entry and retire the one it replaces."""
         async with self._lock:
             self.check_id(adapter_id)  # again: a guarded name (an experiment) may have appeared meanwhile
             old = self._entries.get(adapter_id)
@@ -323,17 +339,17 @@ class AdapterRegistry:
         if old is not None:
             old.retired, old.pinned = True, False  # its pin (if any) passes to the new version
             self._retire_later(old)
-        if entry.pinned:
-            try:
-                await self.tiers.pin(entry)
-            except Exception as exc:  # noqa: BLE001 - the replace is committed and served: it must not read as failed
-                # out of device memory, say: the entry shows unpinned; the row keeps the pin, which
-                # the next start restores (or pin it again now)
-                log.error("adapter %s: replaced, but its pin could not be restored now: %s", entry.name, exc)
         return entry
 
     async def delete(self, adapter_id: str) -> None:
         """Refuse new requests at once; return after in-flight ones ended and memory and files are freed."""
+        entry = await _settled(self._delete_row(adapter_id))  # shielded, as a registration's commit
+        log.info("adapter %s deleted; waiting for %d request(s) in flight", entry.name, entry.in_flight)
+        await self._retire(entry)
+        for callback in self.on_removed if adapter_id not in self._entries else ():  # unless re-registered meanwhile
+            callback(adapter_id)
+
+    async def _delete_row(self, adapter_id: str) -> AdapterEntry:
         async with self._lock:
             entry = self.get(adapter_id)
             for guard in self._delete_guards:
@@ -346,10 +362,7 @@ class AdapterRegistry:
                 self._entries[adapter_id] = entry
                 raise
             self._stats.pop(adapter_id, None)
-        log.info("adapter %s deleted; waiting for %d request(s) in flight", entry.name, entry.in_flight)
-        await self._retire(entry)
-        for callback in self.on_removed if adapter_id not in self._entries else ():  # unless re-registered meanwhile
-            callback(adapter_id)
+            return entry
 
     def _retire_later(self, entry: AdapterEntry) -> None:
         self._in_background(self._retire(entry))
@@ -460,3 +473,16 @@ class AdapterRegistry:
             for task in pending:
                 task.cancel()
         self.store.close()
+
+
+async def _settled(work: Awaitable[T]) -> T:
+    """``work``'s result; a cancellation of the caller does not stop ``work`` (it runs to its end,
+    commit or clean-up, in a task of its own; a failure there is logged)."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_log_unretrieved)
+    return await asyncio.shield(task)
+
+
+def _log_unretrieved(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("registry change ended with %r", task.exception())

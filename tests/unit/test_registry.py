@@ -4,6 +4,7 @@ and delete with leases in flight, guards, pins, and a restart on the same data f
 from __future__ import annotations
 
 import asyncio
+import threading
 import re
 import shutil
 from pathlib import Path
@@ -181,6 +182,46 @@ def test_an_invalid_adapter_leaves_nothing(tmp_path, sources):
         with pytest.raises(AdapterValidationError, match="LOHA"):
             await h.registry.register("bad", bad)
         assert "bad" not in h.registry and h.blob_names() == set() and h.store.load_all() == []
+        await h.registry.close()
+
+    run(main())
+
+
+def test_a_replace_or_delete_cancelled_while_its_row_commits_stays_whole(tmp_path, sources):
+    """A shutdown cancels a replace whose row write is slow (a long fsync): the write commits in
+    its thread anyway. The new files were removed as if it had failed, and after a restart the
+    adapter, acknowledged and served before, had no files at all (tier missing, 503)."""
+    async def main():
+        h = Harness(tmp_path)
+        await h.registry.start()
+        await h.registry.register("a", sources["lora1"])
+        real_put, real_delete, writing, go_on = h.store.put, h.store.delete, threading.Event(), threading.Event()
+
+        def slow(write):
+            def call(*args, **kwargs):
+                writing.set()
+                assert go_on.wait(10)
+                return write(*args, **kwargs)
+            return call
+
+        h.store.put, h.store.delete = slow(real_put), slow(real_delete)
+        for change in (lambda: h.registry.register("a", sources["lora2"], replace=True),
+                       lambda: h.registry.delete("a")):
+            writing.clear(), go_on.clear()
+            task = asyncio.ensure_future(change())
+            while not writing.is_set():
+                await asyncio.sleep(0.01)
+            task.cancel()
+            go_on.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.2)  # the shielded commit ends
+            rows = h.store.load_all()
+            if rows:  # the replace committed: its files are there, and it is what is served
+                assert rows[0].content_hash == h.registry.get("a").record.content_hash
+                assert rows[0].content_hash in h.blob_names()
+            else:  # the delete committed: the entry is gone too
+                assert "a" not in h.registry
         await h.registry.close()
 
     run(main())
