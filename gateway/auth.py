@@ -72,6 +72,19 @@ def rate_limit_error(refusal: Refusal) -> RateLimitError:
     return RateLimitError(refusal.message, headers={"Retry-After": header} if header else None)
 
 
+WIDENED = "api_key_widened"  # request state: sequences beyond the first counted against max_concurrent
+
+
+def count_sequences(request: Request, key: ApiKey, sequences: int) -> None:
+    """Count a request's ``sequences`` (prompts × n) against its key's ``max_concurrent`` (the
+    guard counted one when it admitted the request, and releases them all when it ends); 429 past
+    the limit."""
+    refusal = key.limiter.widen(sequences - 1)
+    if refusal is not None:
+        raise rate_limit_error(refusal)
+    setattr(request.state, WIDENED, sequences - 1)
+
+
 def request_key(request: Request) -> ApiKey | None:
     """The inference key the guard matched for this request (None: keys are not configured)."""
     return getattr(request.state, "api_key", None)
@@ -150,8 +163,8 @@ class AccessGuard:
         scope.setdefault("state", {})["api_key"] = key
         try:
             await self.app(scope, limited_receive(receive, max_bytes), send)
-        finally:
-            key.limiter.release()
+        finally:  # with the sequences beyond the first the route counted (``widen``)
+            key.limiter.release(1 + scope["state"].get(WIDENED, 0))
 
     @staticmethod
     async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:

@@ -107,9 +107,26 @@ class KeyLimiter:
             self.running += 1
             return None
 
-    def release(self) -> None:
+    def widen(self, extra: int) -> Refusal | None:
+        """Count ``extra`` more sequences of an admitted request (its prompts × n beyond the first)
+        against ``max_concurrent``, which bounds batch rows: one request of n 8 took 8 rows as
+        one. None: counted (``release`` them with the request); else nothing was counted."""
         with self._lock:
-            self.running = max(0, self.running - 1)
+            cap = self.limits.max_concurrent
+            if cap is None or extra <= 0:
+                return None
+            if 1 + extra > cap:
+                return Refusal("concurrency", f"this request runs {1 + extra} sequences (prompts x n), more than "
+                               f"this key's limit of {cap} in flight; lower n", math.inf)
+            if self.running + extra > cap:
+                return Refusal("concurrency", f"this request runs {1 + extra} sequences (prompts x n); with those "
+                               f"in flight, that passes this key's limit of {cap}", CONCURRENCY_RETRY_SECONDS)
+            self.running += extra
+            return None
+
+    def release(self, count: int = 1) -> None:
+        with self._lock:
+            self.running = max(0, self.running - count)
 
     def reserve(self, tokens: int) -> Refusal | None:
         """Reserve ``tokens`` against tokens per minute. None: reserved (``settle`` it later)."""

@@ -13,8 +13,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from gateway.api.logprob_format import CompletionLogprobs, chat_logprobs, merge_pieces
 from gateway.api.tool_format import ToolDeltas, tool_message
-from gateway.auth import inference_key_scheme, rate_limit_error, request_key
-from gateway.errors import BadRequestError, ModelNotFoundError, engine_error, error_body, shown
+from gateway.auth import count_sequences, inference_key_scheme, rate_limit_error, request_key
+from gateway.errors import APIError, BadRequestError, ModelNotFoundError, engine_error, error_body, shown
 from gateway.generation import CLIENT_NOT_READING, ChoiceEvent, Generation, GenerationService, RequestRecord
 from gateway.logprobs import TokenLogprob, TokenStrings
 from gateway.sampling import SamplingParams
@@ -200,6 +200,11 @@ async def _start(request: Request, service: GenerationService, record: RequestRe
         return await service.start(record, prompts, params, n, prompt_param)
     record.api_key_id = key.id
     gateway = request.app.state.gateway
+    try:
+        count_sequences(request, key, len(prompts) * n)
+    except APIError:
+        gateway.metrics.key_refused(key.name, "concurrency")
+        raise
     cost = sum(len(p) for p in prompts) + len(prompts) * n * params.max_tokens
     refusal = gateway.keys.reserve(key, record.completion_id, cost)
     if refusal is not None:

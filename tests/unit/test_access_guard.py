@@ -272,6 +272,15 @@ def test_concurrent_requests_per_key(client):
     # the first request's slot came back when it ended
     response = client.post("/v1/completions", headers=GAMMA, json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
     assert response.status_code == 200, response.text
+    # gamma's limit of 1 counts sequences: n 2 can never run, and refusing it leaks no slot
+    response = client.post("/v1/completions", headers=GAMMA, json={"model": "tiny", "prompt": "hi", "max_tokens": 2,
+                                                                     "n": 2})
+    assert response.status_code == 429 and "lower n" in response.json()["error"]["message"]
+    response = client.post("/v1/completions", headers=GAMMA, json={"model": "tiny", "prompt": ["a", "b"],
+                                                                     "max_tokens": 2})
+    assert response.status_code == 429
+    response = client.post("/v1/completions", headers=GAMMA, json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert response.status_code == 200, response.text
 
 
 def test_tokens_per_minute_reserve_and_settle(client):

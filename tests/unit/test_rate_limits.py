@@ -58,6 +58,22 @@ def test_concurrency_limit_counts_in_flight_requests():
     assert limiter.admit() is None
 
 
+def test_concurrency_limit_counts_every_sequence_of_a_request():
+    """max_concurrent bounds batch rows: a request of n 8 took 8 rows as one request, so four
+    such requests on a limit of 4 held every row of the batch."""
+    limiter = KeyLimiter(KeyLimits(max_concurrent=4))
+    assert limiter.admit() is None and limiter.widen(2) is None  # one request, 3 sequences
+    assert limiter.admit() is None
+    refusal = limiter.widen(1)  # a second request of 2: 5 in flight
+    assert refusal is not None and refusal.limit == "concurrency" and refusal.retry_after_header == "1"
+    limiter.release()  # refused: only its admission is released
+    never = limiter.widen(4)  # 5 sequences can never fit a limit of 4
+    assert never is not None and never.retry_after_header is None and "lower n" in never.message
+    limiter.release(3)
+    assert limiter.running == 0
+    assert KeyLimiter(KeyLimits()).widen(100) is None  # no limit
+
+
 def test_requests_per_minute_with_retry_after():
     clock = Clock()
     limiter = KeyLimiter(KeyLimits(requests_per_minute=2), clock)
