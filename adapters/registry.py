@@ -146,7 +146,7 @@ class AdapterRegistry:
         self._read = read  # validating reader of a PEFT folder (blocking)
         self.tiers = AdapterTiers(
             device_slots=device_slots, cpu_capacity=cpu_capacity, install=install, uninstall=uninstall,
-            load=lambda entry: read(blobs.fetch(entry.record.content_hash)),
+            load=self._load_stored,
             slot_wait_seconds=slot_wait_seconds, events=events)
         self._entries: dict[str, AdapterEntry] = {}
         self._stats: dict[str, AdapterStats] = {}
@@ -177,6 +177,18 @@ class AdapterRegistry:
 
     def entries(self) -> list[AdapterEntry]:
         return sorted(self._entries.values(), key=lambda e: e.id)
+
+    def _load_stored(self, entry: AdapterEntry) -> AdapterWeights:
+        """The stored version's weights (blocking). They were valid when registered: a file that no
+        longer reads (damaged, truncated, gone) is the server's fault, a 503 and an error log, never
+        the 400 a client's bad upload gets."""
+        try:
+            return self._read(self.blobs.fetch(entry.record.content_hash))
+        except (AdapterValidationError, OSError) as exc:
+            log.error("adapter %s: its stored files (%s) cannot be read: %s", entry.name,
+                      entry.record.content_hash[:12], exc)
+            raise AdapterUnavailableError(f"the adapter {entry.record.id!r} cannot be loaded: its stored files are "
+                                          "damaged or missing; register it again") from None
 
     def read_weights(self, adapter_id: str) -> AdapterWeights:
         """The adapter's weights read afresh from its stored files (blocking: a worker thread); a

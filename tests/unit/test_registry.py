@@ -4,6 +4,7 @@ and delete with leases in flight, guards, pins, and a restart on the same data f
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import re
 import shutil
@@ -17,7 +18,7 @@ from adapters.errors import (
     AdapterConflictError, AdapterNotFoundError, AdapterUnavailableError, AdapterValidationError,
 )
 from adapters.kinds.base import AdapterKind, AdapterLimits
-from adapters.peft_io import CONFIG_FILE, read_adapter
+from adapters.peft_io import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from adapters.registry import AdapterRegistry
 from adapters.runtime import AdapterRuntime
 from adapters.store import SqliteAdapterStore
@@ -225,6 +226,24 @@ def test_a_replace_or_delete_cancelled_while_its_row_commits_stays_whole(tmp_pat
         await h.registry.close()
 
     run(main())
+
+
+def test_stored_files_damaged_after_registration_are_a_503_not_the_clients_400(tmp_path, sources, caplog):
+    async def main():
+        h = Harness(tmp_path, cpu_capacity=1)
+        await h.registry.start()
+        digest = (await h.registry.register("x", sources["lora1"])).record.content_hash
+        await h.registry.register("y", sources["lora2"])  # x leaves the one CPU place: read from disk next
+        weights = h.blobs.path(digest) / WEIGHTS_FILE
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated on the server's disk
+        with pytest.raises(AdapterUnavailableError, match="damaged or missing"):
+            await h.registry.acquire("x")
+        (await h.registry.acquire("y")).release()  # the others serve on
+        await h.registry.close()
+
+    with caplog.at_level(logging.ERROR, logger="adapters.registry"):
+        run(main())
+    assert any("cannot be read" in r.getMessage() for r in caplog.records)
 
 
 def test_a_failed_row_write_removes_the_new_files(tmp_path, sources):
