@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import time
 import uuid
@@ -146,19 +147,17 @@ class FileService:
 
     def _read_local(self, record: FileRecord) -> bytes:
         try:
-            return self.path(record.id).read_bytes()
+            data = self.path(record.id).read_bytes()
         except OSError as exc:  # FileNotFoundError included: the record says it must be there
             raise _unreadable(record, "the data dir", exc) from None
+        return _verified(record, data, "the data dir")
 
     def _read_shared(self, record: FileRecord) -> bytes:
         try:
             data = self.shared.read_bytes(self._key(record.id))
         except OSError as exc:
             raise _unreadable(record, "the shared store", exc) from None
-        if hashlib.sha256(data).hexdigest() != record.sha256:
-            log.error("file %s: its bytes in the shared store do not match its sha256; refused", record.id)
-            raise FileUnavailableError(f"the stored contents of {record.id} are corrupt (refused)", param="id")
-        return data
+        return _verified(record, data, "the shared store")
 
     async def delete(self, file_id: str) -> None:
         record = self.get(file_id)
@@ -195,7 +194,10 @@ class FileService:
         path = self.path(record.id)
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as f:  # on disk before the record names it (a power loss)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             tmp.replace(path)
             self.store.put(record)
         except BaseException:
@@ -211,3 +213,12 @@ class FileService:
             if FILE_ID.fullmatch(stem) and stem not in known and path.suffix in (SUFFIX, ".tmp"):
                 log.warning("removing %s: a file upload whose record was never saved", path)
                 path.unlink(missing_ok=True)
+
+
+def _verified(record: FileRecord, data: bytes, where: str) -> bytes:
+    """``data`` if it hashes to the record's sha256; a truncated or altered file is never served
+    (nor trained on) as if it were the upload."""
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        log.error("file %s: its bytes in %s do not match its sha256; refused", record.id, where)
+        raise FileUnavailableError(f"the stored contents of {record.id} are corrupt (refused)", param="id")
+    return data

@@ -302,6 +302,20 @@ def test_a_file_whose_bytes_are_gone_is_unavailable_not_a_500(client):
     assert job.value.body["code"] == "file_unavailable" and job.value.body["param"] == "training_file"
 
 
+def test_a_file_truncated_on_disk_is_refused_not_served_or_trained_on(client):
+    """The local data dir's bytes are checked against the upload's sha256, as the shared store's
+    are: a truncated file was served whole-looking (200) and a job trained on half of it."""
+    api = sdk(client)
+    training = upload(api, chats()).id
+    path = client.app.state.gateway.files.path(training)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    content = client.get(f"/v1/files/{training}/content", headers=ADMIN)
+    assert content.status_code == 503 and "corrupt" in content.json()["error"]["message"], content.text
+    with pytest.raises(openai.InternalServerError) as job:
+        api.fine_tuning.jobs.create(model="tiny", training_file=training)
+    assert job.value.status_code == 503 and api.fine_tuning.jobs.list().data == []
+
+
 def test_a_file_deleted_while_its_job_is_created_is_never_both(client):
     """Job creation and the file's delete raced through the app: both succeeded (60 of 60), leaving a
     job whose training file was deleted. Now the delete is a 409 (the job claimed the file first) or
