@@ -4,11 +4,14 @@ results registered in the registry, metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import uuid
 from pathlib import Path
 
+from adapters.blobs import content_hash
 from adapters.errors import AdapterConflictError
 from adapters.kinds.base import AdapterLimits
 from gateway.training.artifacts import JobArtifacts
@@ -17,6 +20,7 @@ from gateway.training.metrics import register_training_metrics
 from gateway.training.shared_files import SharedJobFiles
 from gateway.training.store import TrainingJobStore
 
+log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 20
 
 
@@ -24,7 +28,17 @@ def attach_training(gateway, store: TrainingJobStore, *, shared: bool = False) -
     settings = gateway.settings
 
     async def register(adapter_id: str, folder: Path) -> str:
-        entry = await gateway.registry.register(adapter_id, folder, replace=False)
+        try:
+            entry = await gateway.registry.register(adapter_id, folder, replace=False)
+        except AdapterConflictError:
+            # a job resumed after a crash between its registration and its success being saved:
+            # the adapter with the very same files is its own, registered already
+            registered = gateway.registry.get(adapter_id) if adapter_id in gateway.registry else None
+            if registered is not None and \
+                    registered.record.content_hash == await asyncio.to_thread(content_hash, folder):
+                log.info("adapter %s: already registered with this job's files (a resumed job)", adapter_id)
+                return adapter_id
+            raise
         return entry.id
 
     async def unregister(adapter_id: str) -> None:

@@ -4,7 +4,9 @@ serving healthy, cancel, and a restart in the middle of a job (resumed, or faile
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -188,6 +190,30 @@ def test_restart_mid_job_resumes_from_the_checkpoint(tmp_path):
         assert job["state"] == "running" and job["progress"]["resumed_from_step"] >= 2
         assert job["progress"]["train_loss"][0][0] == 1  # the history from before the restart is kept
         second.post(f"/admin/training-jobs/{job_id}/cancel", headers=ADMIN)
+
+
+def test_a_job_stopped_between_registering_and_saving_its_success_ends_succeeded_on_restart(tmp_path):
+    """The process stopped after the adapter's row committed and before the job's success was
+    saved: resumed, the job registers the same files again, finds them registered, and succeeds
+    (it ended failed with "already registered" while its adapter was served)."""
+    with make_client(tmp_path) as first:
+        jobs = first.app.state.gateway.training
+        real_end, registered = jobs._end, threading.Event()
+
+        async def stop_before_success(record, state, error=None):
+            if state == "succeeded":
+                registered.set()
+                await asyncio.Event().wait()  # never saved: the process goes down here
+            await real_end(record, state, error)
+
+        jobs._end = stop_before_success
+        job_id = submit(first, jsonl(rows()), kind="ia3", max_steps=2, checkpoint_every=1,
+                        adapter_id="resumed-ia3").json()["id"]
+        assert registered.wait(60)
+        assert first.get("/admin/adapters/resumed-ia3", headers=ADMIN).status_code == 200
+    with make_client(tmp_path) as second:
+        job = wait_for(second, job_id, lambda j: j["state"] in ("failed", "succeeded"))
+        assert (job["state"], job["adapter_id"]) == ("succeeded", "resumed-ia3"), job
 
 
 def test_restart_with_a_broken_checkpoint_fails_the_job_with_the_reason(tmp_path):
