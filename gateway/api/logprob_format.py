@@ -14,6 +14,7 @@ the last entry as the generated one, whatever it is) but none in chat, as OpenAI
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,15 +37,19 @@ class CompletionLogprobs:
     def __init__(self, strings: TokenStrings, offset: int = 0):
         self.strings = strings
         self.offset = offset
+        # offsets count characters of the text, not of the tokens' display strings: a token holding
+        # part of a character shows it as \xNN escapes (8 characters for one emoji's first bytes),
+        # and a character split over tokens begins where its first token does
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def piece(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
         tokens, offsets, tops = [], [], []
         for e in entries:
-            text = self.strings.text(e.token)
+            text, data = self.strings.get(e.token)
             tokens.append(text)
             offsets.append(self.offset)
             if not e.end:  # the end token is not part of the text
-                self.offset += len(text)
+                self.offset += len(self._utf8.decode(data))
             if e.logprob is None:  # a prompt's first token: nothing predicts it
                 tops.append(None)
                 continue

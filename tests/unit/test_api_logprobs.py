@@ -309,3 +309,23 @@ def test_token_id_prompts_score_like_text_prompts(sdk, client):
 @pytest.mark.parametrize("prompt", [[10 ** 6], [-3], [[1, 2], []], [[5]] * 9])
 def test_bad_token_id_prompts_are_refused(client, prompt):
     assert_error(complete(client, prompt=prompt), 400)
+
+
+def test_text_offsets_count_characters_when_tokens_split_them():
+    """Each byte of an emoji is a token of its own here; its display string is an escape of 4+
+    characters (\\xf0...). Offsets counted those strings, and every later offset pointed past the
+    text (13 of 15 wrong on a prompt with two emoji)."""
+    from gateway.api.logprob_format import CompletionLogprobs
+    from gateway.logprobs import TokenLogprob, TokenStrings
+
+    tokenizer = build_tokenizer()
+    text = "I love 🍕 and 🍣 so much, she said."
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.encode()) // 2  # the emoji are split over several tokens
+    offsets = CompletionLogprobs(TokenStrings(tokenizer)).piece(
+        [TokenLogprob(token=t, logprob=-1.0) for t in ids])["text_offset"]
+    for i, offset in enumerate(offsets):
+        before = tokenizer.decode(ids[:i])
+        if "\ufffd" not in before:  # token i starts at a character boundary: its text starts there
+            assert offset == len(before) and text[:offset] == before, (i, offset, before)
+    assert offsets == sorted(offsets) and offsets[-1] < len(text)
