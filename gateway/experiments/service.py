@@ -60,6 +60,9 @@ T = TypeVar("T")
 # characters fit. Oldest dropped first.
 PENDING_CAPTURE_BYTES = 64 * 1024 * 1024
 PENDING_ENTRY_BYTES = 512  # the row object, its id and its place in the ordered dict
+# feedback on an id not recorded yet, with replicas sharing a database: retried this long, this often
+SHARED_RECORDING_LAG_SECONDS = 2.0
+FEEDBACK_RETRY_SECONDS = 0.1
 CAPTURE_PAGE = 256  # captured answers one read of a preference file's first pass brings back
 # Results read per-arm totals and each arm's latest timings (milliseconds, however long the
 # experiment ran): one computation serves every caller for RESULTS_REUSE times as long as it took
@@ -77,8 +80,11 @@ def subject_hash(salt: str, subject: str) -> str:
 class ExperimentService:
     def __init__(self, store: ExperimentStore, metrics: ExperimentMetrics, *, is_model: Callable[[str], bool],
                  max_experiments: int, min_samples: int, default_subject_header: str,
-                 capture_max_chars: int = 32768, capture_pending: int = 1024):
+                 capture_max_chars: int = 32768, capture_pending: int = 1024, recording_lag_seconds: float = 0.0):
         self.store = store
+        # replicas sharing one database: a request's row is written after its answer went out, so
+        # feedback sent at once to another replica may arrive first; it waits up to this long
+        self.recording_lag_seconds = recording_lag_seconds
         self.metrics = metrics
         self._is_model = is_model  # an adapter id or the base model's name
         self.max_experiments = max_experiments
@@ -344,15 +350,21 @@ class ExperimentService:
         Only the key that made the request (``api_key_id``; None when no keys are configured) may
         give it feedback: another key is told the id does not exist, so ids cannot be probed."""
         row = FeedbackRow(completion_id, score, thumbs, time.time(), api_key_id)
-        try:
-            request, replaced = await self._run(self.store.put_feedback, row)
-        except UnknownCompletionError:
-            # a pruned request cannot be told from an unknown one (keeping every pruned id is what
-            # the bound avoids), so the one message says both
-            raise CompletionNotFoundError(
-                f"no request routed by an experiment has the id '{completion_id}' (or it is too old: an "
-                f"experiment keeps its latest {MAX_STORED_REQUESTS:,} requests, and older ones no longer "
-                "take feedback)", param="id") from None
+        waited_until = time.monotonic() + self.recording_lag_seconds
+        while True:
+            try:
+                request, replaced = await self._run(self.store.put_feedback, row)
+                break
+            except UnknownCompletionError:
+                if time.monotonic() < waited_until:  # its row may still be on its way (another replica)
+                    await asyncio.sleep(FEEDBACK_RETRY_SECONDS)
+                    continue
+                # a pruned request cannot be told from an unknown one (keeping every pruned id is
+                # what the bound avoids), so the one message says both
+                raise CompletionNotFoundError(
+                    f"no request routed by an experiment has the id '{completion_id}' (or it is too old: an "
+                    f"experiment keeps its latest {MAX_STORED_REQUESTS:,} requests, and older ones no longer "
+                    "take feedback)", param="id") from None
         self.metrics.observe_feedback(request.experiment, request.arm, thumbs, replaced)
         captured = self._release(completion_id)  # kept only now that it has feedback
         if captured is not None and not await self._run(self.store.put_capture, captured, MAX_STORED_CAPTURES):
@@ -482,7 +494,8 @@ def attach_experiments(store: ExperimentStore, settings: Settings, generation: G
         is_model=lambda name: name == generation.base_name or name in registry,
         max_experiments=settings.max_experiments, min_samples=settings.experiment_min_samples,
         default_subject_header=settings.experiment_subject_header,
-        capture_max_chars=settings.experiment_capture_max_chars, capture_pending=settings.experiment_capture_pending)
+        capture_max_chars=settings.experiment_capture_max_chars, capture_pending=settings.experiment_capture_pending,
+        recording_lag_seconds=SHARED_RECORDING_LAG_SECONDS if settings.database_url else 0.0)
     generation.model_router = experiments.route
     generation.observers.append(experiments.observe)
     registry.add_name_guard(experiments.name_guard)

@@ -38,3 +38,35 @@ def test_a_change_from_a_stale_copy_is_a_409_and_the_other_replicas_change_stand
     finally:
         a.close()
         b.close()
+
+
+def test_feedback_that_arrives_before_the_request_row_waits_for_it(tmp_path):
+    """Replicas sharing a database write a request's row after its answer went out: feedback
+    sent at once to another replica found no row and got a 404 (16 of 40 tries)."""
+    import time
+
+    from gateway.experiments.store import RequestRow
+
+    a, _ = make_service(tmp_path)
+    b, _ = make_service(tmp_path, recording_lag_seconds=2.0)
+
+    async def run():
+        await a.create("exp", [Arm("a", 50), Arm("b", 50)], "request")
+        row = RequestRow("chatcmpl-late", "exp", "a", None, "chat", 0.1, 0.2, 1, 1, None, time.time())
+
+        async def recorded_later():
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(a.store.add_request, row)
+
+        later = asyncio.ensure_future(recorded_later())
+        answer = await b.feedback("chatcmpl-late", 1.0, None)
+        await later
+        assert answer["arm"] == "a"
+        with pytest.raises(Exception, match="no request routed"):  # an unknown id still ends, after the wait
+            await b.feedback("chatcmpl-never", 1.0, None)
+
+    try:
+        asyncio.run(run())
+    finally:
+        a.close()
+        b.close()
