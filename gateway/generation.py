@@ -355,24 +355,25 @@ class GenerationService:
                            max_schema_bytes=self.settings.max_schema_bytes)
 
     async def constrain(self, params: SamplingParams, body: ChatCompletionRequest | CompletionRequest,
-                        tools: ToolSpec | None = None) -> SamplingParams:
+                        tools: ToolSpec | None = None, owner: str | None = None) -> SamplingParams:
         """``params`` with the grammar of the request's ``response_format`` or of its tool calls
-        (compiled off the event loop, cached); unchanged for plain text."""
+        (compiled off the event loop, cached); unchanged for plain text. ``owner``: the request's
+        key, whose compiles at once are bounded."""
         fmt = body.response_format
         structured = fmt is not None and fmt.type != "text"
         if tools is not None and tools.constrained:
             if structured:
                 raise BadRequestError("response_format cannot be combined with tools unless tool_choice is "
                                       "'none'", param="response_format")
-            return dataclasses.replace(params, grammar=await self._tool_grammar(tools))
+            return dataclasses.replace(params, grammar=await self._tool_grammar(tools, owner))
         if not structured:
             return params
         if self.grammars is None:
             raise BadRequestError("structured outputs are not available on this server", param="response_format")
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-        return dataclasses.replace(params, grammar=await self.grammars.constraint(schema))
+        return dataclasses.replace(params, grammar=await self.grammars.constraint(schema, owner=owner))
 
-    async def _tool_grammar(self, tools: ToolSpec):
+    async def _tool_grammar(self, tools: ToolSpec, owner: str | None):
         """One compile, of the whole tag: compiling each tool's schema alone as well (to name a
         refused one) cost 64 tools 65 compiles, and put 64 grammars no request reads into the cache
         all clients share, even when the tag then failed. The static checks still name their tool;
@@ -384,7 +385,7 @@ class GenerationService:
             self.grammars.check(function.parameters, params[function.name])
         callable_ = tools.callable()
         param = params[callable_[0].name] if len(callable_) == 1 else "tools"
-        return await self.grammars.structural_tag(tools.structural_tag(), param=param)
+        return await self.grammars.structural_tag(tools.structural_tag(), param=param, owner=owner)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; ids must be in the vocabulary

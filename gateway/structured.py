@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from gateway.errors import BadRequestError, ServiceUnavailableError
+from gateway.errors import BadRequestError, RateLimitError, ServiceUnavailableError
 from gateway.grammar_process import (CompileProcess, CompilerUnavailableError, CompileTimeoutError,
                                      GrammarTooLargeError)
 from gateway.pattern_cost import PatternTooComplexError, check_pattern_cost
@@ -62,6 +62,10 @@ MAX_GRAMMAR_BYTES = 16 << 20
 # end (typical compiles take well under a second) before the client is told to come back.
 COMPILE_QUEUE_SECONDS = 15.0
 MAX_QUEUED_COMPILES = 8
+# compiles one key may have queued or running at once (a shared or cached grammar costs nothing):
+# one key's slow schemas, each made unique, held both compile processes and the whole queue, and
+# every other client's new schema got 503
+COMPILES_PER_KEY = 1
 BUSY_RETRY_AFTER = 2  # seconds
 # Beyond the compile's own timeout (and a process's start, bounded in grammar_process): how long a
 # request still waits for a compile that started, in case a worker thread is stuck; then 503.
@@ -362,19 +366,30 @@ class GrammarCompilerBusyError(ServiceUnavailableError):
                          headers={"Retry-After": str(BUSY_RETRY_AFTER)})
 
 
+class KeyCompileLimitError(RateLimitError):
+    """The key already has its share of compiles queued or running."""
+
+    code = "grammar_compile_limit"
+
+    def __init__(self):
+        super().__init__(f"this key already has {COMPILES_PER_KEY} schema compile(s) in progress (a schema "
+                         "not compiled before); retry when it ends", headers={"Retry-After": str(BUSY_RETRY_AFTER)})
+
+
 class _Job:
     """One compile, queued until a worker thread (hence a compile process) takes it. ``started``
     and ``abandoned`` change under ``Grammars._queue_lock``: a job is either taken by a worker or
     given up by its requests (past the queue's deadline), never both."""
 
-    __slots__ = ("key", "deadline", "started", "abandoned", "future")
+    __slots__ = ("key", "deadline", "started", "abandoned", "future", "owner")
 
-    def __init__(self, key: str, deadline: float):
+    def __init__(self, key: str, deadline: float, owner: str | None = None):
         self.key = key
         self.deadline = deadline  # loop time after which its requests stop waiting for a process
         self.started = False
         self.abandoned = False
         self.future: asyncio.Future | None = None
+        self.owner = owner  # the key whose request submitted it (its compile share)
 
 
 class _AbandonedError(Exception):
@@ -468,6 +483,7 @@ class Grammars:
         self.max_queued = max_queued
         self._queue_lock = threading.Lock()
         self._queued = 0  # jobs submitted that no worker has taken yet (nor their requests given up)
+        self._owned: collections.Counter[str] = collections.Counter()  # key -> its jobs not ended
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
         self._info: Any = None  # xgrammar's TokenizerInfo, made on the first compile
         # one compile process per worker thread, taken for the length of a compile; last in, first
@@ -484,13 +500,15 @@ class Grammars:
         self.cached_bytes = 0  # their sum, kept under cache_bytes
         self.compiled = 0  # grammars compiled (cache misses), for tests and metrics
 
-    async def constraint(self, schema: dict[str, Any] | None, param: str = "response_format") -> GrammarConstraint:
+    async def constraint(self, schema: dict[str, Any] | None, param: str = "response_format",
+                         owner: str | None = None) -> GrammarConstraint:
         """The grammar of a ``json_object`` (``schema`` None) or ``json_schema`` response format
         (or of a tool's parameters: ``param`` names where the schema came from); a bad or
-        unsupported schema raises ``BadRequestError``."""
+        unsupported schema raises ``BadRequestError``. ``owner``: the requesting key, held to
+        ``COMPILES_PER_KEY`` compiles at once (429 beyond)."""
         schema = {"type": "object"} if schema is None else schema
         key = self.check(schema, param)
-        compiled = await self._compiled("json:" + key, param)
+        compiled = await self._compiled("json:" + key, param, owner)
         return GrammarConstraint(compiled, key, self._banned)
 
     def check(self, schema: dict[str, Any], param: str) -> str:
@@ -502,17 +520,18 @@ class Grammars:
         check_schema(schema, param=param)
         return key
 
-    async def structural_tag(self, tag: dict[str, Any], param: str = "tools") -> GrammarConstraint:
+    async def structural_tag(self, tag: dict[str, Any], param: str = "tools",
+                             owner: str | None = None) -> GrammarConstraint:
         """The grammar of an xgrammar structural tag (``gateway.tool_calls`` builds them; their
         schemas were checked one by one with ``check``), compiled once as a whole."""
         key = json.dumps(tag, separators=(",", ":"))
-        compiled = await self._compiled("tag:" + key, param)
+        compiled = await self._compiled("tag:" + key, param, owner)
         return GrammarConstraint(compiled, key, self._banned, self._token_bytes)
 
-    async def _compiled(self, key: str, param: str) -> Any:
+    async def _compiled(self, key: str, param: str, owner: str | None) -> Any:
         job = self._cache.get(key)
         if job is None or job.abandoned:
-            job = self._submit(key)  # concurrent requests with this grammar share one compilation
+            job = self._submit(key, owner)  # concurrent requests with this grammar share one compilation
         else:
             self._cache.move_to_end(key)
         try:
@@ -530,16 +549,21 @@ class Grammars:
             message = _XGRAMMAR_PREFIX.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             raise _refuse(param, f"the schema cannot be compiled: {message[:300]}") from None
 
-    def _submit(self, key: str) -> _Job:
-        """Queue a compile of ``key`` for the next free worker, unless too many already wait."""
+    def _submit(self, key: str, owner: str | None) -> _Job:
+        """Queue a compile of ``key`` for the next free worker, unless too many already wait or
+        ``owner`` has its share of compiles already."""
         with self._queue_lock:
+            if owner is not None and self._owned[owner] >= COMPILES_PER_KEY:
+                raise KeyCompileLimitError()
             waiting = self._queued
             if waiting < self.max_queued:
                 self._queued += 1
+                if owner is not None:
+                    self._owned[owner] += 1
         if waiting >= self.max_queued:
             log.warning("grammar compile refused: %d compiles already wait for a compile process", waiting)
             raise GrammarCompilerBusyError(f"{waiting} compiles are waiting for a compile process")
-        job = _Job(key, asyncio.get_running_loop().time() + self.queue_timeout)
+        job = _Job(key, asyncio.get_running_loop().time() + self.queue_timeout, owner)
         job.future = asyncio.ensure_future(asyncio.wrap_future(self._executor.submit(self._run, job)))
         self._cache[key] = job
         self._evict()
@@ -579,6 +603,11 @@ class Grammars:
         compiled again when asked again, except one that ran out of time or came out too large: it
         would only take a compile process's time again."""
         key, future = job.key, job.future
+        if job.owner is not None:
+            with self._queue_lock:
+                self._owned[job.owner] -= 1
+                if self._owned[job.owner] <= 0:
+                    del self._owned[job.owner]
         if self._cache.get(key) is not job:  # evicted while compiling, or given up
             return
         if future.cancelled() or (future.exception() is not None and not isinstance(

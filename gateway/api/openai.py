@@ -81,7 +81,7 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "chat")
     tools = service.tool_spec(body)
-    params = await service.constrain(service.sampling_params(body), body, tools)
+    params = await service.constrain(service.sampling_params(body), body, tools, _key_id(request))
     prompt = await service.chat_prompt(body, tools)
     if not body.stream:
         _check_chat_logprobs(body, params, service.context_window - len(prompt))
@@ -113,7 +113,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep):
     record = service.begin(body, request.headers, "completions")
-    params = await service.constrain(service.sampling_params(body), body)
+    params = await service.constrain(service.sampling_params(body), body, owner=_key_id(request))
     prompts = await service.completion_prompts(body)
     if not body.stream:
         _check_completion_logprobs(body, params, prompts, service.context_window)
@@ -189,6 +189,11 @@ class _Echo:
         prompt = self.prompts[index // self.n]
         builder = None if self.strings is None else CompletionLogprobs(self.strings, 0 if self.echo else len(prompt))
         return (prompt if self.echo else ""), builder
+
+
+def _key_id(request: Request) -> str | None:
+    key = request_key(request)
+    return None if key is None else key.id
 
 
 async def _start(request: Request, service: GenerationService, record: RequestRecord, prompts: list[list[int]],

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from gateway.errors import BadRequestError, error_response
-from gateway.structured import GrammarCompilerBusyError, Grammars
+from gateway.structured import GrammarCompilerBusyError, Grammars, KeyCompileLimitError
 
 # passes every static check yet does not compile in 60 s over SmolLM2's vocabulary (see
 # test_grammar_process.py)
@@ -135,6 +135,30 @@ def test_past_the_most_queued_compiles_a_new_one_is_refused_at_once(fake_grammar
         fake.release.set()
         await asyncio.gather(slow, *queued)  # the queued ones compile once the worker frees
         assert sorted(fake.ran) == ["q0", "q1", "slow"]
+
+    asyncio.run(scenario())
+
+
+def test_one_key_has_one_compile_at_a_time_and_others_still_compile(fake_grammars):
+    """One key's slow schemas, each made unique, held both compile processes and the whole queue:
+    every other client's new schema got 503. A key now has one compile queued or running; a
+    grammar already compiling or cached costs it nothing."""
+    grammars, fake = fake_grammars(queue_timeout=10)
+
+    async def scenario():
+        slow = asyncio.ensure_future(grammars.constraint(_schema("slow-a"), owner="attacker"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(KeyCompileLimitError) as refused:
+            await grammars.constraint(_schema("slow-b"), owner="attacker")
+        response = error_response(refused.value)
+        assert response.status_code == 429 and response.headers["retry-after"] == "2"
+        same = asyncio.ensure_future(grammars.constraint(_schema("slow-a"), owner="attacker"))  # shared: free
+        other = asyncio.ensure_future(grammars.constraint(_schema("victim"), owner="victim"))  # queued, not refused
+        await asyncio.sleep(0.05)
+        fake.release.set()
+        await asyncio.gather(slow, same, other)
+        assert sorted(fake.ran) == ["slow-a", "victim"]
+        await grammars.constraint(_schema("slow-c"), owner="attacker")  # its share came back
 
     asyncio.run(scenario())
 
