@@ -92,7 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chat_chunks(generation, meta, body.n, include_usage, strings, calls)
-        return _experiment_headers(_sse(chunks, generation), record)
+        return _experiment_headers(_GenerationStream(chunks, generation), record)
 
     def message(c: _Collected, i: int) -> tuple[dict[str, Any], str | None]:
         if calls:
@@ -123,7 +123,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     echo = _Echo(texts, body.n, body.echo, service.token_strings if params.logprobs is not None else None)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _experiment_headers(_sse(_completion_chunks(generation, meta, include_usage, echo), generation), record)
+        chunks = _completion_chunks(generation, meta, include_usage, echo)
+        return _experiment_headers(_GenerationStream(chunks, generation), record)
 
     def render(c: _Collected) -> dict[str, Any]:
         choices = []
@@ -355,22 +356,30 @@ def _error_chunk(event: ChoiceEvent) -> dict[str, Any]:
     return error_body(error.message, error.type, None, error.code)
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]], generation: Generation) -> StreamingResponse:
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in chunks:
-                yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-            yield b"data: [DONE]\n\n"
-        finally:
-            # a stream given up before its end (the client left while a chunk was being sent):
-            # Starlette never closes this iterator, the finalizer does once the response is
-            # dropped. Reaching Generation.events()' own cancel took a second collection, or never
-            # happened where the stream stopped at the role chunks sent before it.
-            if not generation.settled.is_set():
-                generation.cancel()
+class _GenerationStream(StreamingResponse):
+    """SSE of one generation, whose unsettled work is cancelled when the response ends however it
+    ends. A client that left while a chunk was being sent: Starlette cancels the response's task
+    inside ``send``, with the body iterator suspended at a ``yield``, and never closes it; its
+    ``finally`` ran only when a garbage collection finalized it, which could come after the work
+    had run to max_tokens (or never, for a stream stopped at the role chunks)."""
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], generation: Generation):
+        super().__init__(self._lines(chunks), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
+
+    @staticmethod
+    async def _lines(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.generation.settled.is_set():
+                self.generation.cancel()
 
 
 async def _chat_chunks(generation: Generation, meta: dict, n: int, include_usage: bool,
