@@ -26,6 +26,7 @@ from adapters.errors import (
 )
 from adapters.kinds.base import AdapterWeights
 from adapters.shared_blobs import AnyBlobStore
+from adapters.sql import Transaction
 from adapters.store import AdapterRecord, AdapterStore
 from adapters.tiers import AdapterTiers, TierEvents
 
@@ -153,6 +154,9 @@ class AdapterRegistry:
         self._lock = asyncio.Lock()  # one registration / deletion at a time
         self._name_guards: list[Guard] = []
         self._delete_guards: list[Guard] = []
+        # the same, read from the database in the deleting transaction: what another replica
+        # wrote and this one has not heard of yet (an experiment created there on this adapter)
+        self._row_guards: list[Callable[[Transaction, str], str | None]] = []
         self._retiring: set[asyncio.Task] = set()
         self.on_removed: list[Callable[[str], None]] = []  # ids deleted (metrics drop their labels)
 
@@ -161,9 +165,15 @@ class AdapterRegistry:
         """``guard(id)`` says why an id may not be registered (the base model's name, an experiment's)."""
         self._name_guards.append(guard)
 
-    def add_delete_guard(self, guard: Guard) -> None:
-        """``guard(id)`` says why an adapter may not be deleted now (a running experiment uses it)."""
+    def add_delete_guard(self, guard: Guard, row_guard: Callable[[Transaction, str], str | None] | None = None) -> None:
+        """``guard(id)`` says why an adapter may not be deleted now (a running experiment uses it);
+        ``row_guard(tx, id)`` says it from the database, inside the delete's transaction."""
         self._delete_guards.append(guard)
+        if row_guard is not None:
+            self._row_guards.append(row_guard)
+
+    def _rows_allow_delete(self, adapter_id: str, tx: Transaction) -> str | None:
+        return next((reason for guard in self._row_guards if (reason := guard(tx, adapter_id)) is not None), None)
 
     # ---- lookups --------------------------------------------------------------------------------
     def __contains__(self, adapter_id: str) -> bool:
@@ -369,7 +379,8 @@ class AdapterRegistry:
                     raise AdapterConflictError(reason)
             del self._entries[adapter_id]  # hidden before any await: nothing new can start using it
             try:
-                await asyncio.to_thread(self.store.delete, adapter_id)
+                await asyncio.to_thread(self.store.delete, adapter_id,
+                                        partial(self._rows_allow_delete, adapter_id) if self._row_guards else None)
             except BaseException:
                 self._entries[adapter_id] = entry
                 raise

@@ -67,6 +67,17 @@ class Transaction:
         (PostgreSQL); SQLite needs none, its write lock is taken at BEGIN IMMEDIATE."""
         return " FOR UPDATE SKIP LOCKED" if self.dialect == "postgresql" else ""
 
+    @property
+    def lock_for_update(self) -> str:
+        """The clause that locks the selected rows until this transaction ends (PostgreSQL; SQLite's
+        write lock, taken at BEGIN IMMEDIATE, already serializes writers)."""
+        return " FOR UPDATE" if self.dialect == "postgresql" else ""
+
+    @property
+    def lock_for_share(self) -> str:
+        """Rows read here may not be deleted or changed by another writer until this transaction ends."""
+        return " FOR SHARE" if self.dialect == "postgresql" else ""
+
     def notify(self, topic: str, **details: Any) -> None:
         """Tell every replica that ``topic`` changed, once this transaction commits."""
         if self.dialect == "postgresql":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +16,10 @@ from typing import Any, Protocol
 from adapters import faults
 from adapters.errors import AdapterConflictError
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
+
+
+# checks a delete of the adapter rows against other tables, inside the deleting transaction
+RowGuard = Callable[[Transaction], "str | None"]
 
 
 @dataclass
@@ -39,7 +44,9 @@ class AdapterStore(Protocol):
         ``AdapterConflictError`` when the id is taken and ``replace`` is false (another replica
         registered it first)."""
 
-    def delete(self, adapter_id: str) -> None: ...
+    def delete(self, adapter_id: str, guard: RowGuard | None = None) -> None:
+        """Delete the row; ``guard`` (reading other tables in the same transaction, with the row
+        locked) may refuse it with a reason: ``AdapterConflictError``."""
 
     def set_pinned(self, adapter_id: str, pinned: bool) -> None: ...
 
@@ -113,10 +120,16 @@ class SqlAdapterStore:
             return bool(row[0])
         return self.db.run(write)
 
-    def delete(self, adapter_id: str) -> None:
+    def delete(self, adapter_id: str, guard: RowGuard | None = None) -> None:
         faults.hit("adapter-db.delete")
 
         def write(tx: Transaction) -> None:
+            if guard is not None:
+                # the row locked first: a writer that checks it exists (an experiment naming it as
+                # an arm, on another replica) commits before this reads its table, or waits for this
+                tx.execute("SELECT 1 FROM registry_adapters WHERE id = ?" + tx.lock_for_update, (adapter_id,))
+                if (reason := guard(tx)) is not None:
+                    raise AdapterConflictError(reason)
             tx.execute("DELETE FROM registry_adapters WHERE id = ?", (adapter_id,))
             tx.notify("adapters", id=adapter_id)
         self.db.run(write)

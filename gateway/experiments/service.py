@@ -31,13 +31,14 @@ import secrets
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
 from adapters.registry import AdapterRegistry
+from adapters.sql import Transaction
 from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
     UnknownArmModelError,
@@ -48,7 +49,7 @@ from gateway.experiments.preferences import PairSummary, rate, select_pairs, wri
 from gateway.experiments.results import experiment_results
 from gateway.experiments.store import (
     CANCELLED, MAX_STORED_CAPTURES, MAX_STORED_REQUESTS, CaptureRow, Experiment, ExperimentStore, FeedbackRow,
-    RequestRow, Stickiness, Thumbs, UnknownCompletionError,
+    RequestRow, Stickiness, Thumbs, UnknownCompletionError, experiments_in,
 )
 from gateway.generation import Assignment, GenerationService, RequestRecord
 from gateway.settings import Settings
@@ -80,8 +81,12 @@ def subject_hash(salt: str, subject: str) -> str:
 class ExperimentService:
     def __init__(self, store: ExperimentStore, metrics: ExperimentMetrics, *, is_model: Callable[[str], bool],
                  max_experiments: int, min_samples: int, default_subject_header: str,
-                 capture_max_chars: int = 32768, capture_pending: int = 1024, recording_lag_seconds: float = 0.0):
+                 capture_max_chars: int = 32768, capture_pending: int = 1024, recording_lag_seconds: float = 0.0,
+                 is_adapter: Callable[[str], bool] | None = None):
         self.store = store
+        # with the registry in the same database: the name and the arms that are adapters are
+        # checked against its rows as the experiment is written
+        self._is_adapter = is_adapter
         # replicas sharing one database: a request's row is written after its answer went out, so
         # feedback sent at once to another replica may arrive first; it waits up to this long
         self.recording_lag_seconds = recording_lag_seconds
@@ -127,11 +132,13 @@ class ExperimentService:
 
     def delete_guard(self, adapter_id: str) -> str | None:
         """Registry guard: an adapter that receives an experiment's traffic may not be deleted."""
-        for experiment in self._experiments.values():
-            if adapter_id in experiment.serving_arms():
-                return (f"the adapter '{adapter_id}' serves traffic of the {experiment.state} experiment "
-                        f"'{experiment.name}'; delete the experiment first")
-        return None
+        return _serving_reason(self._experiments.values(), adapter_id)
+
+    @staticmethod
+    def delete_row_guard(tx: Transaction, adapter_id: str) -> str | None:
+        """``delete_guard`` on the database's experiments, inside the adapter delete's transaction:
+        one another replica created on the adapter a moment ago counts too."""
+        return _serving_reason(experiments_in(tx), adapter_id)
 
     # ---- definitions ----------------------------------------------------------------------------
     def get(self, name: str) -> Experiment:
@@ -166,8 +173,9 @@ class ExperimentService:
                                     stickiness=stickiness, subject_header=header, state="running", created=now,
                                     updated=now, capture=capture)
             self._experiments[name] = experiment
+            adapters = None if self._is_adapter is None else [arm.name for arm in arms if self._is_adapter(arm.name)]
             try:
-                await self._run(self.store.insert_experiment, experiment)
+                await self._run(self.store.insert_experiment, experiment, adapters)
             except BaseException:
                 del self._experiments[name]
                 raise
@@ -480,6 +488,14 @@ def _check_arms(arms: list[Arm]) -> None:
         raise ExperimentValidationError(str(exc), param="arms") from None
 
 
+def _serving_reason(experiments: Iterable[Experiment], adapter_id: str) -> str | None:
+    for experiment in experiments:
+        if adapter_id in experiment.serving_arms():
+            return (f"the adapter '{adapter_id}' serves traffic of the {experiment.state} experiment "
+                    f"'{experiment.name}'; delete the experiment first")
+    return None
+
+
 def _log_failure(future: Future) -> None:
     if (exc := future.exception()) is not None:
         log.error("could not record an experiment request: %s", exc)
@@ -492,6 +508,7 @@ def attach_experiments(store: ExperimentStore, settings: Settings, generation: G
     experiments = ExperimentService(
         store, ExperimentMetrics(prometheus),
         is_model=lambda name: name == generation.base_name or name in registry,
+        is_adapter=lambda name: name != generation.base_name and name in registry,
         max_experiments=settings.max_experiments, min_samples=settings.experiment_min_samples,
         default_subject_header=settings.experiment_subject_header,
         capture_max_chars=settings.experiment_capture_max_chars, capture_pending=settings.experiment_capture_pending,
@@ -499,5 +516,5 @@ def attach_experiments(store: ExperimentStore, settings: Settings, generation: G
     generation.model_router = experiments.route
     generation.observers.append(experiments.observe)
     registry.add_name_guard(experiments.name_guard)
-    registry.add_delete_guard(experiments.delete_guard)
+    registry.add_delete_guard(experiments.delete_guard, experiments.delete_row_guard)
     return experiments

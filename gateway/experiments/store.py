@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -33,6 +34,7 @@ from typing import Literal, Protocol
 from adapters import faults
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 from gateway.experiments.assignment import Arm
+from gateway.experiments.errors import ExperimentConflictError, UnknownArmModelError
 from gateway.experiments.stats import Moments
 
 log = logging.getLogger(__name__)
@@ -180,8 +182,10 @@ class UnknownCompletionError(LookupError):
 class ExperimentStore(Protocol):
     def load_experiments(self) -> list[Experiment]: ...
 
-    def insert_experiment(self, experiment: Experiment) -> None:
-        """Add a new experiment; raises ``ValueError`` when the name exists."""
+    def insert_experiment(self, experiment: Experiment, adapters: Sequence[str] | None = None) -> None:
+        """Add a new experiment; raises ``ValueError`` when the name exists. With ``adapters`` (its
+        arms that are adapters; the registry's rows in this database), the API's errors when the
+        name is an adapter's or one of ``adapters`` has no row."""
 
     def update_experiment(self, experiment: Experiment, read_at: float) -> bool:
         """Write an existing experiment's weights, state, winner and update time, if its row is
@@ -330,6 +334,14 @@ _PUT_CAPTURE = upsert_sql("experiment_captures", ("completion_id", "experiment",
                           key="completion_id")
 
 
+def experiments_in(tx: Transaction) -> list[Experiment]:
+    """Every experiment definition, read in ``tx``."""
+    rows = tx.execute(f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY created, name")
+    return [Experiment(name=r[0], salt=r[1], arms=[Arm(a["name"], a["weight"]) for a in json.loads(r[2])],
+                       stickiness=r[3], subject_header=r[4], state=r[5], created=r[6], updated=r[7],
+                       winner=r[8], capture=bool(r[9])) for r in rows]
+
+
 class SqlExperimentStore:
     """``ExperimentStore`` on SQLite or PostgreSQL (``adapters.sql``). A change of definitions
     notifies the topic ``experiments``; request and feedback rows notify nothing (results are read
@@ -344,18 +356,27 @@ class SqlExperimentStore:
 
     # ---- experiments ----------------------------------------------------------------------------
     def load_experiments(self) -> list[Experiment]:
-        rows = self.db.read(lambda tx: tx.execute(
-            f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments ORDER BY created, name"))
-        return [Experiment(name=r[0], salt=r[1], arms=[Arm(a["name"], a["weight"]) for a in json.loads(r[2])],
-                           stickiness=r[3], subject_header=r[4], state=r[5], created=r[6], updated=r[7],
-                           winner=r[8], capture=bool(r[9])) for r in rows]
+        return self.db.read(experiments_in)
 
-    def insert_experiment(self, experiment: Experiment) -> None:
+    def insert_experiment(self, experiment: Experiment, adapters: Sequence[str] | None = None) -> None:
         e = experiment
 
         def write(tx: Transaction) -> None:
             if tx.one("SELECT 1 FROM experiments WHERE name = ?", (e.name,)):
                 raise ValueError(f"an experiment named {e.name!r} exists")
+            # what this replica checked in memory, again in the database (another replica may have
+            # deleted an arm, or registered the name, and this one not heard of it yet); the arms'
+            # rows stay locked until the insert commits, so a delete cannot slip in between
+            if adapters is not None and tx.one("SELECT 1 FROM registry_adapters WHERE id = ?", (e.name,)):
+                raise ExperimentConflictError(f"'{e.name}' is already the name of a model; experiments and models "
+                                              "share one namespace", param="name")
+            if adapters:
+                found = {r[0] for r in tx.execute(
+                    f"SELECT id FROM registry_adapters WHERE id IN ({', '.join('?' for _ in adapters)})"
+                    + tx.lock_for_share, list(adapters))}
+                if missing := [a for a in adapters if a not in found]:
+                    raise UnknownArmModelError(f"the arm '{missing[0]}' is no longer a registered adapter (deleted "
+                                               "on another replica)", param="arms")
             tx.execute(f"INSERT INTO experiments ({_EXPERIMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (e.name, e.salt, _arms_json(e.arms), e.stickiness, e.subject_header, e.state,
                         e.created, e.updated, e.winner, int(e.capture)))

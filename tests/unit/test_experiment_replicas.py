@@ -70,3 +70,37 @@ def test_feedback_that_arrives_before_the_request_row_waits_for_it(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_an_adapter_and_an_experiment_on_it_are_never_deleted_and_created_both(store_backend):
+    """Replica A deletes adapter "x" while replica B, not told yet, creates an experiment with "x"
+    as an arm: both succeeded, and the experiment routed its traffic to a deleted adapter (404s).
+    Each write now checks the other table in its own transaction, the adapter's row locked."""
+    from adapters.errors import AdapterConflictError
+    from adapters.store import AdapterRecord, SqlAdapterStore, SqliteAdapterStore
+    from gateway.experiments.errors import UnknownArmModelError
+    from gateway.experiments.service import ExperimentService
+    from gateway.experiments.store import Experiment, SqlExperimentStore, SqliteExperimentStore
+
+    adapters = store_backend.open(SqliteAdapterStore, SqlAdapterStore)
+    experiments = store_backend.open(SqliteExperimentStore, SqlExperimentStore)
+    try:
+        for name in ("x", "y"):
+            adapters.put(AdapterRecord(name, "a" * 64, "lora", 1, 1.0))
+
+        def experiment(name: str, arms: tuple[str, ...]) -> Experiment:
+            return Experiment(name=name, salt="s", arms=[Arm(a, 50) for a in arms], stickiness="request",
+                              subject_header=None, state="running", created=1.0, updated=1.0)
+
+        adapters.delete("x")  # on A
+        with pytest.raises(UnknownArmModelError, match="'x' is no longer a registered adapter"):
+            experiments.insert_experiment(experiment("exp", ("base", "x")), ["x"])  # on B
+        with pytest.raises(ExperimentConflictError, match="name of a model"):
+            experiments.insert_experiment(experiment("y", ("base",)), [])
+        experiments.insert_experiment(experiment("exp", ("base", "y")), ["y"])  # on B, first this time
+        with pytest.raises(AdapterConflictError, match="serves traffic of the running experiment 'exp'"):
+            adapters.delete("y", lambda tx: ExperimentService.delete_row_guard(tx, "y"))  # on A
+        assert [r.id for r in adapters.load_all()] == ["y"]
+    finally:
+        adapters.close()
+        experiments.close()
