@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry
 
 from adapters.registry import AdapterRegistry
-from adapters.sql import Transaction
+from adapters.sql import DatabaseUnavailableError, Transaction
 from gateway.experiments.errors import (
     CompletionNotFoundError, ExperimentConflictError, ExperimentNotFoundError, ExperimentValidationError,
     UnknownArmModelError,
@@ -63,6 +63,7 @@ PENDING_CAPTURE_BYTES = 64 * 1024 * 1024
 PENDING_ENTRY_BYTES = 512  # the row object, its id and its place in the ordered dict
 # feedback on an id not recorded yet, with replicas sharing a database: retried this long, this often
 SHARED_RECORDING_LAG_SECONDS = 2.0
+UNRECORDED_ROWS = 10_000  # request rows kept while the database cannot be reached
 FEEDBACK_RETRY_SECONDS = 0.1
 CAPTURE_PAGE = 256  # captured answers one read of a preference file's first pass brings back
 # Results read per-arm totals and each arm's latest timings (milliseconds, however long the
@@ -106,6 +107,7 @@ class ExperimentService:
         self._experiments: dict[str, Experiment] = {e.name: e for e in store.load_experiments()}
         self._lock = asyncio.Lock()  # one change of definitions at a time
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiments-db")
+        self._unrecorded: list[RequestRow] = []  # rows the database refused (unreachable): written later
         # results: their own thread (and, on SQLite, connection), so a long read does not hold up writes
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiments-results")
         # name -> (definition it was computed for, monotonic time it is good until, results)
@@ -246,6 +248,8 @@ class ExperimentService:
         definition). Read under the definitions' lock, so a local change is never half seen."""
         async with self._lock:
             await self._reload()
+        if self._unrecorded:  # the database answers again (a resync follows a reconnect)
+            await self._run(self._record, None)
 
     async def _reload(self) -> None:
         """``sync``'s work, under the definitions' lock the caller holds."""
@@ -298,7 +302,7 @@ class ExperimentService:
                          latency_s=record.latency_s, prompt_tokens=record.prompt_tokens,
                          completion_tokens=record.completion_tokens, error_type=record.error_type,
                          created=record.created, api_key_id=record.api_key_id)
-        self._db.submit(self.store.add_request, row).add_done_callback(_log_failure)
+        self._db.submit(self._record, row).add_done_callback(_log_failure)
         capture = record.capture
         if experiment.capture and capture is not None and outcome == "ok" and capture.complete:
             text = "".join(capture.text)
@@ -308,6 +312,24 @@ class ExperimentService:
                 row = CaptureRow(record.completion_id, experiment.name,
                                  json.dumps(capture.messages, ensure_ascii=False), text, record.created)
                 self._hold(row)
+
+    def _record(self, row: RequestRow | None) -> None:
+        """Write the request rows an unreachable database refused before (oldest first), then
+        ``row``; on the database thread, so rows keep their order. A row refused again waits,
+        with those after it, for the next write or sync (``UNRECORDED_ROWS`` at most, the oldest
+        dropped past it): an outage of the shared database lost every row served meanwhile."""
+        pending, self._unrecorded = self._unrecorded + ([row] if row is not None else []), []
+        for i, item in enumerate(pending):
+            try:
+                self.store.add_request(item)
+            except DatabaseUnavailableError as exc:
+                self._unrecorded = pending[i:][-UNRECORDED_ROWS:]
+                dropped = len(pending) - i - len(self._unrecorded)
+                log.warning("experiment requests not recorded yet (%d waiting%s): %s", len(self._unrecorded),
+                            f", {dropped} oldest dropped" if dropped else "", exc)
+                return
+        if row is None and pending:
+            log.info("experiment requests recorded again after the database came back (%d)", len(pending))
 
     # ---- captures awaiting feedback (event loop) ------------------------------------------------
     def _hold(self, row: CaptureRow) -> None:

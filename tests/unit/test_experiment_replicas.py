@@ -104,3 +104,39 @@ def test_an_adapter_and_an_experiment_on_it_are_never_deleted_and_created_both(s
     finally:
         adapters.close()
         experiments.close()
+
+
+def test_requests_served_while_the_database_is_down_are_recorded_once_it_is_back(tmp_path):
+    """Every request row written while the shared database could not be reached was dropped after
+    one try: the results missed them and feedback on them was a 404 for good."""
+    import time
+
+    from adapters.sql import DatabaseUnavailableError
+    from gateway.experiments.store import RequestRow
+
+    service, _ = make_service(tmp_path)
+    real_add, down = service.store.add_request, [True]
+
+    def add_request(row):
+        if down[0]:
+            raise DatabaseUnavailableError("the database cannot be reached")
+        real_add(row)
+
+    service.store.add_request = add_request
+
+    async def run():
+        await service.create("exp", [Arm("a", 50), Arm("b", 50)], "request")
+        for i in range(3):
+            row = RequestRow(f"chatcmpl-{i}", "exp", "a", None, "chat", 0.1, 0.2, 1, 1, None, time.time())
+            await service._run(service._record, row)  # as observe() queues it
+        down[0] = False
+        await service.sync()  # the change feed's resync after the reconnect
+        for i in range(3):
+            assert (await service.feedback(f"chatcmpl-{i}", 1.0, None))["arm"] == "a"
+        results = await service.results("exp")
+        assert sum(arm["requests"] for arm in results["arms"]) == 3
+
+    try:
+        asyncio.run(run())
+    finally:
+        service.close()
