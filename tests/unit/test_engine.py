@@ -405,19 +405,24 @@ def test_a_forward_that_raises_for_one_adapter_fails_its_request_alone(setup, ti
         engine.stop()
 
 
-def _steps_that_raise(engine: Engine, monkeypatch, times: int) -> threading.Event:
-    """Make the engine's next ``times`` steps raise once ``armed`` is set (a bug in a step)."""
-    armed, real = threading.Event(), engine._step
-    left = [times]
+def _run_with_failing_steps(engine: Engine, tokenizer, monkeypatch, failures: int) -> tuple[Collector, Collector]:
+    """One request running (a batch of one), one queued behind it; then the engine's next
+    ``failures`` steps raise (a bug in a step). Returns both once they ended."""
+    _, running, gate = _hold_engine_on_first_event(engine, encode(tokenizer, "hello world"), 0, 30)
+    _, queued = submit(engine, [5, 6, 7], 1, SamplingParams(max_tokens=3, temperature=0.0))
+    real, left = engine._step, [failures]
 
     def step():
-        if armed.is_set() and left[0] > 0:
+        if left[0] > 0:
             left[0] -= 1
             raise RuntimeError("a step that fails")
         real()
 
     monkeypatch.setattr(engine, "_step", step)
-    return armed
+    gate.set()
+    running.wait()
+    queued.wait()
+    return running, queued
 
 
 def test_a_failed_step_fails_its_running_rows_and_the_queue_waits_on(setup, tiny_tokenizer, engine_factory,
@@ -425,12 +430,7 @@ def test_a_failed_step_fails_its_running_rows_and_the_queue_waits_on(setup, tiny
     """A step that raises ends the rows it ran with an error; requests still queued behind a full
     batch had no part in it and are served after it (they failed with it before)."""
     engine = engine_factory(eos=frozenset(), max_batch_size=1)
-    _, running, gate = _hold_engine_on_first_event(engine, encode(tiny_tokenizer, "hello world"), 0, 30)
-    _, queued = submit(engine, [5, 6, 7], 1, SamplingParams(max_tokens=3, temperature=0.0))
-    _steps_that_raise(engine, monkeypatch, times=1).set()
-    gate.set()
-    running.wait()
-    queued.wait()
+    running, queued = _run_with_failing_steps(engine, tiny_tokenizer, monkeypatch, failures=1)
     assert (running.events[-1].finish_reason, running.events[-1].error_code) == ("error", GENERATION_FAILED)
     assert queued.choices()[0][1:] == (3, "length")
     assert not engine.busy and engine.queued_tokens == 0
@@ -441,13 +441,7 @@ def test_steps_that_keep_failing_fail_the_queue_too(setup, tiny_tokenizer, engin
     every sequence ends with an error (no endless loop of failing steps), and the engine then
     serves new requests."""
     engine = engine_factory(eos=frozenset(), max_batch_size=1)
-    _, running, gate = _hold_engine_on_first_event(engine, encode(tiny_tokenizer, "hello world"), 0, 30)
-    _, queued = submit(engine, [5, 6, 7], 1, SamplingParams(max_tokens=3, temperature=0.0))
-    _steps_that_raise(engine, monkeypatch, times=2).set()
-    gate.set()
-    running.wait()
-    queued.wait()
-    for col in (running, queued):
+    for col in _run_with_failing_steps(engine, tiny_tokenizer, monkeypatch, failures=2):
         assert (col.events[-1].finish_reason, col.events[-1].error_code) == ("error", GENERATION_FAILED)
     assert not engine.busy and engine.queued_tokens == 0
     _, after = submit(engine, [5, 6], 0, SamplingParams(max_tokens=2))
