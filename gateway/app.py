@@ -48,7 +48,7 @@ from gateway.keys import KeyRing
 from gateway.rate_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
-from gateway.shutdown import close_within
+from gateway.shutdown import HandlersInFlight, close_within
 from gateway.shared_storage import adapter_blobs, open_shared_store
 from gateway.structured import Grammars
 from gateway.throttle import FailureThrottle
@@ -74,6 +74,7 @@ class Gateway:
     started: int
     ready: bool = False
     draining: bool = False  # shutting down: /readyz and new /v1 requests answer 503 (gateway/shutdown.py)
+    handlers_in_flight: int = 0  # requests whose handler runs; a drain waits for them (gateway/shutdown.py)
     experiments: ExperimentService | None = None
     training: TrainingJobs | None = None
     files: FileService | None = None  # /v1/files
@@ -256,6 +257,7 @@ def create_app(settings: Settings, base: LoadedBase | None = None,
     # no /docs or /redoc: FastAPI's pages load unpinned scripts from a CDN, on the console's origin
     # (where a signed-in operator's cookie is good); /openapi.json serves the same description
     app = FastAPI(title="adapter-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(HandlersInFlight)  # inside the guard: refused requests are not waited for
     app.add_middleware(AccessGuard)  # keys and limits before any body byte is read
     app.add_middleware(ConsoleHeaders)  # outermost: the guard's refusals under /console get the CSP too
     install_error_handlers(app)

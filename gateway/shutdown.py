@@ -2,9 +2,11 @@
 
 Draining: ``/readyz`` answers 503 at once (the load balancer stops sending traffic), new ``/v1``
 requests get 503 ``shutting_down``, and requests in flight run on for up to
-``shutdown_grace_seconds``; whatever is still running then ends with an error (an error event
-on a stream). Only then does the HTTP server stop: it closes its listener, lets the last
-responses go out and runs the app's shutdown. A second signal exits at once.
+``shutdown_grace_seconds``: generations, and every other handler too (an adapter upload, a file
+upload, a registration). Whatever generation is still running then ends with an error (an error
+event on a stream). Only then does the HTTP server stop: it closes its listener, lets the last
+responses go out (a handler still running gets uvicorn's last 5 s) and runs the app's shutdown.
+A second signal exits at once.
 
 uvicorn's own handler closes the listening socket at the first signal, so ``/readyz`` could no
 longer answer during the drain; ``GatewayServer`` replaces that handler.
@@ -25,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from fastapi import Request
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from gateway.engine import SHUTTING_DOWN
 from gateway.errors import ShuttingDownError
 
@@ -43,19 +47,61 @@ def refuse_while_draining(request: Request) -> None:
         raise ShuttingDownError("the server is shutting down; retry on another instance")
 
 
+class HandlersInFlight:
+    """ASGI middleware counting the requests whose handler still works (``Gateway.handlers_in_flight``),
+    so that a drain waits for an admin upload as it waits for a generation. A request stops counting
+    once it has started an event-stream response: what it still sends is engine work (a generation,
+    which the drain waits for through the engine) or a watch (a training job's events), which no
+    drain should wait for."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = getattr(scope["app"].state, "gateway", None) if scope["type"] == "http" else None
+        if gateway is None:
+            await self.app(scope, receive, send)
+            return
+        counted = True
+        gateway.handlers_in_flight += 1
+
+        async def watched_send(message: Message) -> None:
+            nonlocal counted
+            if counted and message["type"] == "http.response.start" and _is_event_stream(message):
+                counted = False
+                gateway.handlers_in_flight -= 1
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        finally:
+            if counted:
+                gateway.handlers_in_flight -= 1
+
+
+def _is_event_stream(start: Message) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start["headers"])
+
+
 async def drain(gateway: Gateway, grace_seconds: float) -> bool:
-    """Stop taking work and wait for the engine to finish what it has, for up to ``grace_seconds``;
-    then end the rest with a ``shutting_down`` error. True when everything finished in time."""
+    """Stop taking work and wait for the engine and every request handler to finish what they
+    have, for up to ``grace_seconds``; then end the generations left with a ``shutting_down``
+    error. True when everything finished in time."""
     gateway.draining = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_seconds
     log.info("draining: waiting up to %.1f s for requests in flight", grace_seconds)
-    while gateway.engine.busy and loop.time() < deadline:
+
+    def working() -> bool:
+        return gateway.engine.busy or gateway.handlers_in_flight > 0
+
+    while working() and loop.time() < deadline:
         await asyncio.sleep(POLL_SECONDS)
-    if not gateway.engine.busy:
+    if not working():
         log.info("drained: every request in flight finished")
         return True
-    log.warning("shutdown grace of %.1f s is over: ending the requests still in flight", grace_seconds)
+    log.warning("shutdown grace of %.1f s is over: ending the requests still in flight (%d handler(s) running)",
+                grace_seconds, gateway.handlers_in_flight)
     await asyncio.wrap_future(gateway.engine.fail_in_flight(
         f"the server is shutting down (grace period of {grace_seconds:g} s is over)", SHUTTING_DOWN))
     return False

@@ -8,6 +8,7 @@ disconnects, so the test decides the order of events instead of racing the model
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -16,16 +17,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 from support import build_tokenizer
 
 from gateway.app import create_app
 from gateway.engine import Engine, EngineRequest, SequenceEvent
-from gateway.shutdown import GatewayServer
+from gateway.shutdown import GatewayServer, HandlersInFlight
 from loadtest.server import free_port
 from test_api import make_base, make_settings
 
@@ -60,12 +64,14 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(root, drain_seconds: float | None = None) -> Iterator[LiveServer]:
-    """uvicorn's own server, or with ``drain_seconds`` the gateway's draining one."""
+def live_server(root, drain_seconds: float | None = None, last_seconds: float = 5) -> Iterator[LiveServer]:
+    """uvicorn's own server, or with ``drain_seconds`` the gateway's draining one; ``last_seconds``
+    is uvicorn's wait for handlers still running after it (``timeout_graceful_shutdown``)."""
     settings = make_settings(root, None, max_tokens_limit=MAX_TOKENS)
     app = create_app(settings, base=make_base(build_tokenizer()))
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            timeout_graceful_shutdown=last_seconds)
     if drain_seconds is None:
         server = uvicorn.Server(config)
     else:
@@ -207,6 +213,67 @@ def test_gateway_server_drains_before_exiting(tmp_path, monkeypatch):
         assert json.loads(payloads[-2])["choices"][0]["finish_reason"] in ("stop", "length")
         live.thread.join(TIMEOUT)
         assert not live.thread.is_alive()  # the server stopped by itself once drained
+
+
+def test_the_drain_waits_for_an_admin_handler_too(tmp_path, monkeypatch):
+    """An adapter delete (any admin handler: an upload, a registration) in flight when the drain
+    starts finishes and is answered, though the engine is idle; the drain ended at once and uvicorn
+    cancelled it after its last second."""
+    with live_server(tmp_path, drain_seconds=TIMEOUT, last_seconds=1) as live:
+        gateway = live.server.config.app.state.gateway
+        reached, gate = threading.Event(), threading.Event()
+
+        async def slow_delete(adapter_id: str) -> None:
+            reached.set()
+            await asyncio.to_thread(gate.wait, TIMEOUT)
+
+        monkeypatch.setattr(gateway.registry, "delete", slow_delete)
+        with httpx.Client(base_url=live.url, timeout=TIMEOUT,
+                          headers={"Authorization": f"Bearer {gateway.admin_key}"}) as client, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            deleting = pool.submit(client.delete, "/admin/adapters/some-adapter")
+            assert reached.wait(TIMEOUT)
+            assert gateway.handlers_in_flight == 1
+            live.server.request_shutdown_threadsafe()
+            wait_until(lambda: gateway.draining, "the drain starts")
+            time.sleep(2)  # past uvicorn's last second
+            assert live.thread.is_alive() and not live.server.should_exit
+            gate.set()
+            answer = deleting.result(TIMEOUT)
+        assert answer.status_code == 200 and answer.json()["deleted"] is True
+        live.thread.join(TIMEOUT)
+        assert not live.thread.is_alive()  # the server stopped by itself once drained
+        assert gateway.handlers_in_flight == 0
+
+
+def test_an_event_stream_stops_counting_as_a_handler_once_it_starts():
+    """What an event stream sends after its start is engine work (the drain waits for the engine)
+    or a watch (a training job's events) that no drain should wait for; a JSON answer counts until
+    it is sent."""
+    app = FastAPI()
+    app.state.gateway = SimpleNamespace(handlers_in_flight=0)
+    seen: dict[str, int] = {}
+
+    @app.get("/events")
+    async def events() -> StreamingResponse:
+        seen["events handler"] = app.state.gateway.handlers_in_flight
+
+        async def lines():
+            seen["events body"] = app.state.gateway.handlers_in_flight
+            yield "data: 1\n\n"
+        return StreamingResponse(lines(), media_type="text/event-stream")
+
+    @app.get("/json")
+    async def answer() -> dict:
+        seen["json handler"] = app.state.gateway.handlers_in_flight
+        return {}
+
+    app.add_middleware(HandlersInFlight)
+    with TestClient(app) as client:
+        assert client.get("/events").text == "data: 1\n\n"
+        assert client.get("/json").status_code == 200
+    assert seen == {"events handler": 1, "events body": 0, "json handler": 1}
+    assert app.state.gateway.handlers_in_flight == 0
 
 
 def test_gateway_server_freezes_what_startup_built(tmp_path):
