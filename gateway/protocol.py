@@ -202,7 +202,7 @@ class CompletionRequest(_GenerationParams):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = Field(False, validate_default=True)  # checked when left out too (max_tokens 0)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -211,11 +211,13 @@ class CompletionRequest(_GenerationParams):
     def _null_echo(cls, value: Any) -> Any:
         return False if value is None else value
 
-    @model_validator(mode="after")
-    def _plain(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens 0 needs echo (it returns the prompt alone)")
-        return self
+    @field_validator("echo")
+    @classmethod
+    def _echo_for_no_tokens(cls, value: bool, info: ValidationInfo) -> bool:
+        # here, not on the model: the error names a field (param), as every other one does
+        if info.data.get("max_tokens") == 0 and not value:
+            raise ValueError("max_tokens 0 needs echo true (it returns the prompt alone)")
+        return value
 
     @field_validator("suffix")
     @classmethod

@@ -151,7 +151,7 @@ def test_unsupported_features(client, extra, param_hint):
 
 
 def test_unsupported_completion_features(client):
-    assert_error(complete(client, max_tokens=0), 400)  # without echo there is nothing to return
+    assert_error(complete(client, max_tokens=0), 400, param="echo")  # without echo there is nothing to return
     assert_error(complete(client, suffix="x"), 400, param="suffix")
     assert_error(complete(client, best_of=3), 400, param="best_of")
     assert_error(complete(client, response_format={"type": "xml"}), 400)
