@@ -232,8 +232,9 @@ class AdapterRegistry:
                     await self.tiers.pin(entry)
                 except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the server
                     log.error("adapter %s: pinned but could not be loaded: %s", entry.id, exc)
-        log.info("registry: %d adapter(s) registered, %d with missing files, %d unreferenced blob(s) in quarantine",
-                 len(records), len(missing), self.quarantined_blobs)
+        log.info("registry: %d adapter(s) registered, %d with missing files, %d row(s) that do not read, "
+                 "%d unreferenced blob(s) in quarantine", len(records), len(missing), len(self.store.unreadable),
+                 self.quarantined_blobs)
 
     async def sync(self) -> None:
         """Make memory match the store's rows after changes another process made (replicas sharing
@@ -256,7 +257,9 @@ class AdapterRegistry:
             present = set(await asyncio.to_thread(
                 lambda: {r.content_hash for r in unsure if self.blobs.exists(r.content_hash)}))
             rows = {r.id: r for r in records}
-            for adapter_id in [i for i in self._entries if i not in rows]:
+            # a row that does not read (edited by hand, or a newer release's) changes nothing here:
+            # the version this replica read last is served on (adapters.stored_rows)
+            for adapter_id in [i for i in self._entries if i not in rows and i not in self.store.unreadable]:
                 removed.append(self._entries.pop(adapter_id))  # hidden before any await
                 self._stats.pop(adapter_id, None)
             for record in records:
@@ -366,23 +369,30 @@ class AdapterRegistry:
     async def delete(self, adapter_id: str) -> None:
         """Refuse new requests at once; return after in-flight ones ended and memory and files are freed."""
         entry = await _settled(self._delete_row(adapter_id))  # shielded, as a registration's commit
+        if entry is None:
+            log.info("adapter %s: its row, which did not read, deleted (its files stay in quarantine)", adapter_id)
+            return
         log.info("adapter %s deleted; waiting for %d request(s) in flight", entry.name, entry.in_flight)
         await self._retire(entry)
         for callback in self.on_removed if adapter_id not in self._entries else ():  # unless re-registered meanwhile
             callback(adapter_id)
 
-    async def _delete_row(self, adapter_id: str) -> AdapterEntry:
+    async def _delete_row(self, adapter_id: str) -> AdapterEntry | None:
+        """The entry whose row was deleted; None for a row that did not read (never served here)."""
         async with self._lock:
-            entry = self.get(adapter_id)
+            unreadable = adapter_id not in self._entries and adapter_id in self.store.unreadable
+            entry = None if unreadable else self.get(adapter_id)
             for guard in self._delete_guards:
                 if (reason := guard(adapter_id)) is not None:
                     raise AdapterConflictError(reason)
-            del self._entries[adapter_id]  # hidden before any await: nothing new can start using it
+            if entry is not None:
+                del self._entries[adapter_id]  # hidden before any await: nothing new can start using it
             try:
                 await asyncio.to_thread(self.store.delete, adapter_id,
                                         partial(self._rows_allow_delete, adapter_id) if self._row_guards else None)
             except BaseException:
-                self._entries[adapter_id] = entry
+                if entry is not None:
+                    self._entries[adapter_id] = entry
                 raise
             self._stats.pop(adapter_id, None)
             return entry

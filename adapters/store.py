@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adapters import faults
+from adapters.blobs import _DIGEST
 from adapters.errors import AdapterConflictError
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
+from adapters.stored_rows import RowReader
 
 
 # checks a delete of the adapter rows against other tables, inside the deleting transaction
@@ -36,7 +38,11 @@ class AdapterRecord:
 
 
 class AdapterStore(Protocol):
-    def load_all(self) -> list[AdapterRecord]: ...
+    def load_all(self) -> list[AdapterRecord]:
+        """Every row that reads; the ids of those that do not are in ``unreadable`` (adapters.stored_rows)."""
+
+    @property
+    def unreadable(self) -> set[str]: ...
 
     def put(self, record: AdapterRecord, *, replace: bool = False) -> bool:
         """Insert the row atomically; with ``replace``, replace the row with the same id, whose pin
@@ -98,16 +104,34 @@ _INSERT = (f"INSERT INTO registry_adapters ({', '.join(_COLUMNS)}) VALUES ({', '
 _REPLACE = upsert_sql("registry_adapters", _COLUMNS, keep=("pinned",)) + " RETURNING pinned"
 
 
+def _record(row: tuple) -> AdapterRecord:
+    """One row, checked: the registry builds paths from the content hash, and views from ``info``."""
+    adapter_id, digest, kind, size, created, pinned, info = row
+    if not (isinstance(adapter_id, str) and isinstance(kind, str) and isinstance(digest, str)
+            and _DIGEST.fullmatch(digest)):
+        raise ValueError("its id, kind or content hash is not what a registration writes")
+    info = json.loads(info)
+    if not isinstance(info, dict):
+        raise ValueError("its info is not a JSON object")
+    return AdapterRecord(adapter_id, digest, kind, int(size), float(created), bool(pinned), info)
+
+
 class SqlAdapterStore:
     """``AdapterStore`` on SQLite or PostgreSQL (``adapters.sql``); every change notifies the
     topic ``adapters``, which other replicas follow."""
 
     def __init__(self, db: SqlDatabase):
         self.db = db
+        self.rows = RowReader("registry_adapters", "Register the adapter again with replace=true, or delete it "
+                                                   "(DELETE /admin/adapters/{id}).")
 
     def load_all(self) -> list[AdapterRecord]:
         rows = self.db.read(lambda tx: tx.execute(f"SELECT {', '.join(_COLUMNS)} FROM registry_adapters ORDER BY id"))
-        return [AdapterRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), json.loads(r[6])) for r in rows]
+        return self.rows.parse_all(rows, _record)
+
+    @property
+    def unreadable(self) -> set[str]:
+        return self.rows.unreadable
 
     def put(self, record: AdapterRecord, *, replace: bool = False) -> bool:
         def write(tx: Transaction) -> bool:
@@ -118,7 +142,9 @@ class SqlAdapterStore:
                 raise AdapterConflictError(f"the adapter {record.id!r} is already registered; ask for replace")
             tx.notify("adapters", id=record.id)
             return bool(row[0])
-        return self.db.run(write)
+        pinned = self.db.run(write)
+        self.rows.unreadable.discard(record.id)  # written whole again
+        return pinned
 
     def delete(self, adapter_id: str, guard: RowGuard | None = None) -> None:
         faults.hit("adapter-db.delete")
@@ -133,6 +159,7 @@ class SqlAdapterStore:
             tx.execute("DELETE FROM registry_adapters WHERE id = ?", (adapter_id,))
             tx.notify("adapters", id=adapter_id)
         self.db.run(write)
+        self.rows.unreadable.discard(adapter_id)
 
     def set_pinned(self, adapter_id: str, pinned: bool) -> None:
         def write(tx: Transaction) -> None:

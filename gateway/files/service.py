@@ -34,11 +34,10 @@ from adapters.preference_data import PREFERENCE_FORMAT, first_record, is_prefere
 from adapters.training_data import parse_dataset
 from adapters.shared_store import SharedStore
 from gateway.files.errors import FileInUseError, FileNotFound, FileRequestError, FileUnavailableError
-from gateway.files.store import FileRecord, SqlFileStore
+from gateway.files.store import FILE_ID, FileRecord, SqlFileStore
 
 log = logging.getLogger(__name__)
 PURPOSES = ("fine-tune",)
-FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 SUFFIX = ".jsonl"
 SHARED_AREA = "files"
 MAX_FILENAME_CHARS = 255
@@ -88,8 +87,8 @@ class FileService:
     async def start(self) -> None:
         for record in await asyncio.to_thread(self.store.load_all):
             self._records[record.id] = record
-        if self.shared is None:
-            await asyncio.to_thread(self._remove_orphans, set(self._records))
+        if self.shared is None:  # a file whose record does not read keeps its bytes (adapters.stored_rows)
+            await asyncio.to_thread(self._remove_orphans, set(self._records) | self.store.unreadable)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.store.close)
@@ -97,7 +96,9 @@ class FileService:
     async def sync(self) -> None:
         """Follow the store's records, which other replicas change when they share the database."""
         rows = await asyncio.to_thread(self.store.load_all)
-        self._records = {r.id: r for r in rows}
+        # a record that no longer reads stays as this replica read it last
+        kept = {i: self._records[i] for i in self.store.unreadable if i in self._records}
+        self._records = {**kept, **{r.id: r for r in rows}}
 
     def path(self, file_id: str) -> Path:
         return self.root / (file_id + SUFFIX)

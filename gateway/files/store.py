@@ -5,11 +5,15 @@ one transaction (the training jobs' style). The bytes live next to it, under the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
+from adapters.stored_rows import RowReader, known_fields
+
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 
 
 @dataclass
@@ -30,15 +34,28 @@ class FileRecord:
 _PUT = upsert_sql("files", ("id", "created", "record"))
 
 
+def _record(row: tuple) -> FileRecord:
+    record = FileRecord(**known_fields(FileRecord, json.loads(row[1])))
+    if record.id != row[0] or not FILE_ID.fullmatch(record.id):  # the id names the bytes on disk
+        raise ValueError("its id is not a file id")
+    return record
+
+
 class SqlFileStore:
     """File records on SQLite or PostgreSQL (``adapters.sql``); a change notifies the topic ``files``."""
 
     def __init__(self, db: SqlDatabase):
         self.db = db
+        self.rows = RowReader("files", "Fix or delete the row in the database; its bytes are kept.")
 
     def load_all(self) -> list[FileRecord]:
-        rows = self.db.read(lambda tx: tx.execute("SELECT record FROM files ORDER BY created, id"))
-        return [FileRecord(**json.loads(r[0])) for r in rows]
+        """Every record that reads; the ids of those that do not are in ``unreadable`` (adapters.stored_rows)."""
+        rows = self.db.read(lambda tx: tx.execute("SELECT id, record FROM files ORDER BY created, id"))
+        return self.rows.parse_all(rows, _record)
+
+    @property
+    def unreadable(self) -> set[str]:
+        return self.rows.unreadable
 
     def put(self, record: FileRecord) -> None:
         def write(tx: Transaction) -> None:

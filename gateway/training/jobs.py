@@ -158,7 +158,8 @@ class TrainingJobs:
                 await self._persist(record)
                 log.info("training job %s was interrupted; it will resume from its last checkpoint", record.id)
             self._records[record.id] = record
-        await asyncio.to_thread(self.artifacts.remove_orphans, set(self._records))
+        # a job whose record does not read keeps its files (adapters.stored_rows)
+        await asyncio.to_thread(self.artifacts.remove_orphans, set(self._records) | self.store.unreadable)
         self._scheduler = asyncio.create_task(self._schedule(), name="training-jobs")
 
     async def close(self) -> None:
@@ -290,7 +291,8 @@ class TrainingJobs:
             if self.writer.unsaved:
                 return
             rows = {r.id: r for r in await asyncio.to_thread(self.store.load_all)}
-            for job_id in [i for i in self._records if i not in rows and i != self._current]:
+            gone = [i for i in self._records if i not in rows and i not in self.store.unreadable and i != self._current]
+            for job_id in gone:
                 del self._records[job_id]
             for job_id, row in rows.items():
                 if job_id != self._current:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
+from adapters.stored_rows import RowReader, known_fields
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -43,8 +44,19 @@ class TrainingJobRecord:
         return asdict(self)
 
 
+def _record(row: tuple) -> TrainingJobRecord:
+    record = TrainingJobRecord(**known_fields(TrainingJobRecord, json.loads(row[1])))
+    if record.id != row[0] or record.state not in (QUEUED, RUNNING, *TERMINAL) or not isinstance(record.config, dict):
+        raise ValueError("its id, state or config is not what a job's record holds")
+    return record
+
+
 class TrainingJobStore(Protocol):
-    def load_all(self) -> list[TrainingJobRecord]: ...
+    def load_all(self) -> list[TrainingJobRecord]:
+        """Every record that reads; the ids of those that do not are in ``unreadable`` (adapters.stored_rows)."""
+
+    @property
+    def unreadable(self) -> set[str]: ...
 
     def put(self, record: TrainingJobRecord, owner: str | None = None) -> bool:
         """Insert, or replace the record with the same id, atomically; an ended job's record is
@@ -84,10 +96,15 @@ class SqlTrainingJobStore:
 
     def __init__(self, db: SqlDatabase):
         self.db = db
+        self.rows = RowReader("training_jobs", "Fix or delete the row in the database; it is not run.")
 
     def load_all(self) -> list[TrainingJobRecord]:
-        rows = self.db.read(lambda tx: tx.execute("SELECT record FROM training_jobs ORDER BY created, id"))
-        return [TrainingJobRecord(**json.loads(r[0])) for r in rows]
+        rows = self.db.read(lambda tx: tx.execute("SELECT id, record FROM training_jobs ORDER BY created, id"))
+        return self.rows.parse_all(rows, _record)
+
+    @property
+    def unreadable(self) -> set[str]:
+        return self.rows.unreadable
 
     def put(self, record: TrainingJobRecord, owner: str | None = None) -> bool:
         def write(tx: Transaction) -> bool:
@@ -109,14 +126,20 @@ class SqlTrainingJobStore:
 
     def claim(self, owner: str, lease_seconds: float, now: float) -> TrainingJobRecord | None:
         def take(tx: Transaction) -> TrainingJobRecord | None:
-            row = tx.one("SELECT id, record FROM training_jobs WHERE state IN (?, ?)"
-                         " AND (lease_until IS NULL OR lease_until < ?) ORDER BY created, id LIMIT 1" + tx.lock_rows,
-                         (QUEUED, RUNNING, now))
-            if row is None:
-                return None
+            while True:  # past rows that do not read: they are never claimed (nor changed)
+                skipped = sorted(self.rows.unreadable)
+                row = tx.one("SELECT id, record FROM training_jobs WHERE state IN (?, ?)"
+                             " AND (lease_until IS NULL OR lease_until < ?)"
+                             + "".join(" AND id <> ?" for _ in skipped)
+                             + " ORDER BY created, id LIMIT 1" + tx.lock_rows, (QUEUED, RUNNING, now, *skipped))
+                if row is None:
+                    return None
+                record = self.rows.parse(row, _record)
+                if record is not None:
+                    break
             tx.execute("UPDATE training_jobs SET claimed_by = ?, lease_until = ? WHERE id = ?",
                        (owner, now + lease_seconds, row[0]))
-            return TrainingJobRecord(**json.loads(row[1]))
+            return record
         return self.db.run(take)
 
     def renew(self, owner: str, job_id: str, lease_seconds: float, now: float) -> bool:

@@ -508,6 +508,54 @@ def test_start_reports_missing_files_and_quarantines_orphans(tmp_path, sources, 
     run(main())
 
 
+def test_a_row_that_does_not_read_fails_alone_and_a_replace_repairs_it(tmp_path, sources, caplog):
+    """A row edited by hand (or a newer release's) stops neither the start nor a resync: it is left
+    out and logged once, its files are kept (quarantined, not deleted), the others serve; a
+    resync keeps serving the version this process read last; a replace writes it whole again."""
+    async def main():
+        first = Harness(tmp_path)
+        await first.registry.register("a", sources["lora1"])
+        await first.registry.register("b", sources["ia3"])
+        first.store.db.run(lambda tx: tx.execute("UPDATE registry_adapters SET info = ? WHERE id = ?",
+                                                 ("{not json", "a")))
+        await first.registry.sync()
+        assert first.registry.get("a").record.content_hash == content_hash(sources["lora1"])  # served on
+        await first.registry.close()
+
+        caplog.clear()
+        second = Harness(tmp_path)
+        await second.registry.start()
+        await second.registry.sync()
+        assert [e.id for e in second.registry.entries()] == ["b"] and second.store.unreadable == {"a"}
+        assert caplog.text.count("registry_adapters row 'a' does not read (JSONDecodeError") == 1
+        assert second.blobs.quarantined() == [content_hash(sources["lora1"])]  # kept, not deleted
+        lease = await second.registry.acquire("b")
+        lease.release()
+        with pytest.raises(AdapterConflictError, match="ask for replace"):
+            await second.registry.register("a", sources["lora1"])
+        await second.registry.register("a", sources["lora1"], replace=True)
+        await second.settle()
+        assert second.store.unreadable == set()
+        lease = await second.registry.acquire("a")
+        lease.release()
+
+        second.store.db.run(lambda tx: tx.execute("UPDATE registry_adapters SET content_hash = ? WHERE id = ?",
+                                                  ("../../elsewhere", "b")))
+        await second.registry.sync()
+        assert second.store.unreadable == {"b"} and "b" in second.registry  # served on as read last
+        await second.registry.close()
+        third = Harness(tmp_path)
+        await third.registry.start()
+        assert [e.id for e in third.registry.entries()] == ["a"]
+        with pytest.raises(AdapterNotFoundError):
+            await third.registry.delete("never-registered")
+        await third.registry.delete("b")  # an unreadable row can be deleted through the API
+        assert third.store.unreadable == set() and [r.id for r in third.store.load_all()] == ["a"]
+        await third.registry.close()
+
+    run(main())
+
+
 def test_a_lost_database_loses_no_adapter_files_and_restoring_it_serves_them_again(tmp_path, sources):
     async def main():
         first = Harness(tmp_path)

@@ -3,6 +3,7 @@ ended, and job claims (one claimer per job, leases that expire, renew and releas
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -133,4 +134,46 @@ def test_file_records_round_trip(store_backend):
     assert store.load_all() == [second, first]
     store.delete(second.id)
     assert store.load_all() == [first]
+    store.close()
+
+
+# ---- rows that do not read ----------------------------------------------------------------------
+def test_a_job_record_that_does_not_read_is_left_out_and_never_claimed(jobs, caplog):
+    for job_id, created in (("bad", 1.0), ("good", 2.0), ("newer", 3.0)):
+        jobs.put(job(job_id, created))
+    newer = {**job("newer", 3.0).as_dict(), "added_by_a_newer_release": {"x": 1}}
+    for job_id, record in (("bad", "{not json"), ("newer", json.dumps(newer))):
+        jobs.db.run(lambda tx, r=record, i=job_id: tx.execute(
+            "UPDATE training_jobs SET record = ? WHERE id = ?", (r, i)))
+    assert [r.id for r in jobs.load_all()] == ["good", "newer"]  # a newer release's field is dropped
+    assert jobs.load_all()[1] == job("newer", 3.0)
+    assert jobs.unreadable == {"bad"}
+    assert caplog.text.count("training_jobs row 'bad' does not read") == 1  # once, however often read
+    assert jobs.claim("a", 30.0, now=100.0).id == "good"  # the oldest, "bad", is passed over
+    assert jobs.claim("b", 30.0, now=100.0).id == "newer"
+    assert jobs.claim("c", 30.0, now=100.0) is None
+    jobs.delete("bad")
+    assert jobs.load_all() and jobs.unreadable == set()
+
+
+def test_a_job_record_of_another_state_or_id_does_not_read(jobs):
+    jobs.put(job("j"))
+    record = {**job("j").as_dict(), "state": "paused"}
+    jobs.db.run(lambda tx: tx.execute("UPDATE training_jobs SET record = ? WHERE id = ?", (json.dumps(record), "j")))
+    assert jobs.load_all() == [] and jobs.unreadable == {"j"}
+    jobs.claim("a", 30.0, now=100.0)  # passes it over, changes nothing
+    assert jobs.db.read(lambda tx: tx.one("SELECT claimed_by FROM training_jobs WHERE id = ?", ("j",))) == (None,)
+
+
+def test_a_file_record_that_does_not_read_is_left_out(store_backend, caplog):
+    store = store_backend.open(SqliteFileStore, SqlFileStore)
+    good = FileRecord(id="file-" + "a" * 24, bytes=10, created_at=5, filename="x.jsonl", purpose="fine-tune",
+                      format="chat", records=2, sha256="f" * 64)
+    store.put(good)
+    store.put(FileRecord(**{**good.as_dict(), "id": "file-" + "b" * 24}))
+    traversing = {**good.as_dict(), "id": "../../etc/passwd"}  # the id names the bytes on disk
+    store.db.run(lambda tx: tx.execute("UPDATE files SET record = ? WHERE id = ?",
+                                       (json.dumps(traversing), "file-" + "b" * 24)))
+    assert store.load_all() == [good] and store.unreadable == {"file-" + "b" * 24}
+    assert "files row 'file-bbbbbbbbbbbbbbbbbbbbbbbb' does not read" in caplog.text
     store.close()

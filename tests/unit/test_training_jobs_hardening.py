@@ -201,6 +201,10 @@ class FlakyStore:
     def load_all(self):
         return self.inner.load_all()
 
+    @property
+    def unreadable(self):
+        return self.inner.unreadable
+
     def put(self, record, **owner):
         if self.error is not None:
             raise self.error
