@@ -27,7 +27,7 @@ from adapters.errors import (
 from adapters.kinds.base import AdapterWeights
 from adapters.shared_blobs import AnyBlobStore
 from adapters.sql import Transaction
-from adapters.store import AdapterRecord, AdapterStore
+from adapters.store import AdapterRecord, AdapterStore, RowGuard
 from adapters.tiers import AdapterTiers, TierEvents
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
 # a guard returns why an id may not be registered / deleted, or None
 Guard = Callable[[str], str | None]
+IdRowGuard = Callable[[Transaction, str], str | None]  # a Guard read from the database, in a write's transaction
 
 
 @dataclass
@@ -154,26 +155,35 @@ class AdapterRegistry:
         self._lock = asyncio.Lock()  # one registration / deletion at a time
         self._name_guards: list[Guard] = []
         self._delete_guards: list[Guard] = []
-        # the same, read from the database in the deleting transaction: what another replica
-        # wrote and this one has not heard of yet (an experiment created there on this adapter)
-        self._row_guards: list[Callable[[Transaction, str], str | None]] = []
+        # the same, read from the database in the registering / deleting transaction: what another
+        # replica wrote and this one has not heard of yet (an experiment created there, on this
+        # adapter or under this name)
+        self._name_row_guards: list[IdRowGuard] = []
+        self._row_guards: list[IdRowGuard] = []
         self._retiring: set[asyncio.Task] = set()
         self.on_removed: list[Callable[[str], None]] = []  # ids deleted (metrics drop their labels)
 
     # ---- guards ---------------------------------------------------------------------------------
-    def add_name_guard(self, guard: Guard) -> None:
-        """``guard(id)`` says why an id may not be registered (the base model's name, an experiment's)."""
+    def add_name_guard(self, guard: Guard, row_guard: IdRowGuard | None = None) -> None:
+        """``guard(id)`` says why an id may not be registered (the base model's name, an experiment's);
+        ``row_guard(tx, id)`` says it from the database, inside the registration's transaction."""
         self._name_guards.append(guard)
+        if row_guard is not None:
+            self._name_row_guards.append(row_guard)
 
-    def add_delete_guard(self, guard: Guard, row_guard: Callable[[Transaction, str], str | None] | None = None) -> None:
+    def add_delete_guard(self, guard: Guard, row_guard: IdRowGuard | None = None) -> None:
         """``guard(id)`` says why an adapter may not be deleted now (a running experiment uses it);
         ``row_guard(tx, id)`` says it from the database, inside the delete's transaction."""
         self._delete_guards.append(guard)
         if row_guard is not None:
             self._row_guards.append(row_guard)
 
-    def _rows_allow_delete(self, adapter_id: str, tx: Transaction) -> str | None:
-        return next((reason for guard in self._row_guards if (reason := guard(tx, adapter_id)) is not None), None)
+    @staticmethod
+    def _rows_allow(guards: list[IdRowGuard], adapter_id: str) -> RowGuard | None:
+        """One transaction check over ``guards``, for the store (None when there is none)."""
+        if not guards:
+            return None
+        return lambda tx: next((reason for guard in guards if (reason := guard(tx, adapter_id)) is not None), None)
 
     # ---- lookups --------------------------------------------------------------------------------
     def __contains__(self, adapter_id: str) -> bool:
@@ -350,7 +360,8 @@ class AdapterRegistry:
                                    size_bytes=self.blobs.size(digest), created=time.time(),
                                    pinned=old.pinned if old is not None else False, info=info)
             try:  # the commit point; the row's pin stands (another replica may have changed it)
-                record.pinned = await asyncio.to_thread(partial(self.store.put, record, replace=replace))
+                record.pinned = await asyncio.to_thread(partial(
+                    self.store.put, record, replace=replace, guard=self._rows_allow(self._name_row_guards, adapter_id)))
             except BaseException:
                 if created:
                     self.blobs.remove(digest)
@@ -388,8 +399,7 @@ class AdapterRegistry:
             if entry is not None:
                 del self._entries[adapter_id]  # hidden before any await: nothing new can start using it
             try:
-                await asyncio.to_thread(self.store.delete, adapter_id,
-                                        partial(self._rows_allow_delete, adapter_id) if self._row_guards else None)
+                await asyncio.to_thread(self.store.delete, adapter_id, self._rows_allow(self._row_guards, adapter_id))
             except BaseException:
                 if entry is not None:
                     self._entries[adapter_id] = entry

@@ -67,6 +67,13 @@ class Transaction:
         (PostgreSQL); SQLite needs none, its write lock is taken at BEGIN IMMEDIATE."""
         return " FOR UPDATE SKIP LOCKED" if self.dialect == "postgresql" else ""
 
+    def lock_name(self, name: str) -> None:
+        """Hold a lock on ``name`` until this transaction ends (PostgreSQL: an advisory lock; SQLite's
+        write lock already serializes writers). For a check that no row exists in another table:
+        two writers of the same name in two tables would otherwise both see none and both insert."""
+        if self.dialect == "postgresql":
+            self.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))
+
     @property
     def lock_for_update(self) -> str:
         """The clause that locks the selected rows until this transaction ends (PostgreSQL; SQLite's

@@ -20,8 +20,12 @@ from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 from adapters.stored_rows import RowReader
 
 
-# checks a delete of the adapter rows against other tables, inside the deleting transaction
+# checks a write of an adapter row against other tables, inside the writing transaction
 RowGuard = Callable[[Transaction], "str | None"]
+# adapters and experiments share one namespace (a request's model): a writer of either name takes
+# this lock (``Transaction.lock_name``) before it checks the other table, so two replicas never
+# both take one name
+MODEL_NAME_LOCK = "model-name:"
 
 
 @dataclass
@@ -44,11 +48,12 @@ class AdapterStore(Protocol):
     @property
     def unreadable(self) -> set[str]: ...
 
-    def put(self, record: AdapterRecord, *, replace: bool = False) -> bool:
+    def put(self, record: AdapterRecord, *, replace: bool = False, guard: RowGuard | None = None) -> bool:
         """Insert the row atomically; with ``replace``, replace the row with the same id, whose pin
         stays (a pin another replica set meanwhile is not undone). Returns the row's pin; raises
         ``AdapterConflictError`` when the id is taken and ``replace`` is false (another replica
-        registered it first)."""
+        registered it first), or when ``guard`` (reading other tables in the same transaction, the
+        id's name locked: ``MODEL_NAME_LOCK``) gives a reason."""
 
     def delete(self, adapter_id: str, guard: RowGuard | None = None) -> None:
         """Delete the row; ``guard`` (reading other tables in the same transaction, with the row
@@ -133,8 +138,12 @@ class SqlAdapterStore:
     def unreadable(self) -> set[str]:
         return self.rows.unreadable
 
-    def put(self, record: AdapterRecord, *, replace: bool = False) -> bool:
+    def put(self, record: AdapterRecord, *, replace: bool = False, guard: RowGuard | None = None) -> bool:
         def write(tx: Transaction) -> bool:
+            if guard is not None:
+                tx.lock_name(MODEL_NAME_LOCK + record.id)
+                if (reason := guard(tx)) is not None:
+                    raise AdapterConflictError(reason)
             row = tx.one(_REPLACE if replace else _INSERT, (
                 record.id, record.content_hash, record.kind, record.size_bytes, record.created, int(record.pinned),
                 json.dumps(record.info, sort_keys=True)))

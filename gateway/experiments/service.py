@@ -132,6 +132,13 @@ class ExperimentService:
         """Registry guard: an adapter id may not be an experiment's name."""
         return f"'{adapter_id}' is the name of an experiment" if self.name_taken(adapter_id) else None
 
+    @staticmethod
+    def name_row_guard(tx: Transaction, adapter_id: str) -> str | None:
+        """``name_guard`` on the database, inside the registration's transaction: an experiment
+        another replica created under the name a moment ago counts too."""
+        taken = tx.one("SELECT 1 FROM experiments WHERE name = ?", (adapter_id,))
+        return f"'{adapter_id}' is the name of an experiment" if taken else None
+
     def delete_guard(self, adapter_id: str) -> str | None:
         """Registry guard: an adapter that receives an experiment's traffic may not be deleted."""
         return _serving_reason(self._experiments.values(), adapter_id)
@@ -537,6 +544,6 @@ def attach_experiments(store: ExperimentStore, settings: Settings, generation: G
         recording_lag_seconds=SHARED_RECORDING_LAG_SECONDS if settings.database_url else 0.0)
     generation.model_router = experiments.route
     generation.observers.append(experiments.observe)
-    registry.add_name_guard(experiments.name_guard)
+    registry.add_name_guard(experiments.name_guard, experiments.name_row_guard)
     registry.add_delete_guard(experiments.delete_guard, experiments.delete_row_guard)
     return experiments

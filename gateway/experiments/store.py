@@ -33,6 +33,7 @@ from typing import Literal, Protocol
 
 from adapters import faults
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
+from adapters.store import MODEL_NAME_LOCK
 from gateway.experiments.assignment import Arm
 from gateway.experiments.errors import ExperimentConflictError, UnknownArmModelError
 from gateway.experiments.stats import Moments
@@ -362,6 +363,7 @@ class SqlExperimentStore:
         e = experiment
 
         def write(tx: Transaction) -> None:
+            tx.lock_name(MODEL_NAME_LOCK + e.name)  # an adapter registration of the name waits, then sees this
             if tx.one("SELECT 1 FROM experiments WHERE name = ?", (e.name,)):
                 raise ValueError(f"an experiment named {e.name!r} exists")
             # what this replica checked in memory, again in the database (another replica may have

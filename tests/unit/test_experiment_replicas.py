@@ -106,6 +106,60 @@ def test_an_adapter_and_an_experiment_on_it_are_never_deleted_and_created_both(s
         experiments.close()
 
 
+def test_an_adapter_and_an_experiment_never_both_take_one_name(store_backend):
+    """Replica A creates experiment "n" while replica B, not told yet, registers an adapter "n":
+    B's registration checked its memory only, and both committed (requests for "n" went to one of
+    them at random, per replica). The registration now checks the experiments table in its
+    transaction, and both writers lock the name first: here A commits while B waits between its
+    check and its insert, the interleaving that let both through."""
+    import threading
+
+    from adapters.errors import AdapterConflictError
+    from adapters.store import AdapterRecord, SqlAdapterStore, SqliteAdapterStore
+    from gateway.experiments.service import ExperimentService
+    from gateway.experiments.store import Experiment, SqlExperimentStore, SqliteExperimentStore
+
+    adapters = store_backend.open(SqliteAdapterStore, SqlAdapterStore)
+    experiments = store_backend.open(SqliteExperimentStore, SqlExperimentStore)
+
+    def experiment(name: str) -> Experiment:
+        return Experiment(name=name, salt="s", arms=[Arm("base", 100)], stickiness="request", subject_header=None,
+                          state="running", created=1.0, updated=1.0)
+
+    def register(name: str, guard) -> None:
+        adapters.put(AdapterRecord(name, "a" * 64, "lora", 1, 1.0), guard=guard)
+
+    try:
+        experiments.insert_experiment(experiment("taken"), [])  # on A, B not told
+        with pytest.raises(AdapterConflictError, match="'taken' is the name of an experiment"):
+            register("taken", lambda tx: ExperimentService.name_row_guard(tx, "taken"))  # on B
+
+        committed, outcome = threading.Event(), {}  # B's registration must succeed, A's create not
+
+        def checked_then_waits(tx):  # B between its check and its insert, for up to 1 s
+            reason = ExperimentService.name_row_guard(tx, "n")
+            committed.wait(1.0)
+            return reason
+
+        def create_on_a() -> None:
+            try:
+                experiments.insert_experiment(experiment("n"), [])
+                outcome["experiment"] = "created"
+            except ExperimentConflictError as exc:
+                outcome["experiment"] = str(exc)
+            committed.set()
+
+        creating = threading.Timer(0.2, create_on_a)  # starts once B holds the name
+        creating.start()
+        register("n", checked_then_waits)
+        creating.join(10)
+        assert "already the name of a model" in outcome["experiment"]  # A waited for B, then saw it
+        assert [e.name for e in experiments.load_experiments()] == ["taken"]
+    finally:
+        adapters.close()
+        experiments.close()
+
+
 def test_requests_served_while_the_database_is_down_are_recorded_once_it_is_back(tmp_path):
     """Every request row written while the shared database could not be reached was dropped after
     one try: the results missed them and feedback on them was a 404 for good."""

@@ -250,7 +250,7 @@ def test_a_failed_row_write_removes_the_new_files(tmp_path, sources):
     async def main():
         h = Harness(tmp_path)
 
-        def broken_put(record, replace=False):
+        def broken_put(record, replace=False, guard=None):
             raise OSError("disk full")
 
         h.store.put = broken_put
