@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIN_SQLITE = (3, 35)  # RETURNING (experiments' request rows)
 CHANGES_CHANNEL = "gateway_changes"  # the one NOTIFY channel; payload: {"topic": ..., ...}
+ROLLBACK_RETRIES = 3  # a transaction PostgreSQL rolled back (a deadlock broken, a serialization conflict) runs again
 
 
 class DatabaseUnavailableError(Exception):
@@ -166,7 +169,9 @@ class PostgresDatabase(SqlDatabase):
     """One psycopg connection, opened on first use and again after it broke. A server that cannot
     be reached answers ``DatabaseUnavailableError`` within ``timeout`` seconds; a transaction that
     failed on a connection the server had dropped meanwhile (a restart) is tried once more on a
-    fresh one, since nothing of it was committed."""
+    fresh one, since nothing of it was committed; one the server rolled back to break a deadlock
+    (or a serialization conflict) is run again, up to ``ROLLBACK_RETRIES`` times, after a short
+    random pause, since the other transaction it met has then gone on."""
 
     dialect = "postgresql"
 
@@ -196,7 +201,8 @@ class PostgresDatabase(SqlDatabase):
         with self._lock:
             if self._closed:
                 raise DatabaseUnavailableError("the database connection is closed (shutting down)")
-            for attempt in (1, 2):
+            reconnected, rolled_back = False, 0
+            while True:
                 fresh = self._conn is None or self._conn.closed
                 if fresh:
                     self._conn = self.connect()
@@ -207,15 +213,21 @@ class PostgresDatabase(SqlDatabase):
                             result = fn(Transaction(cursor, self.dialect))
                         committing = True
                     return result
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure) as exc:  # none committed
+                    rolled_back += 1
+                    if rolled_back > ROLLBACK_RETRIES:
+                        raise DatabaseUnavailableError(f"the database is unavailable: {_first_line(exc)}") from None
+                    log.info("the database rolled a transaction back (%s); running it again", _first_line(exc))
+                    time.sleep(random.uniform(0.01, 0.05) * rolled_back)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     broken = self._conn.broken or self._conn.closed
                     if broken:
                         self._discard()
-                    if broken and attempt == 1 and not fresh and not committing:
+                    if broken and not reconnected and not fresh and not committing:
                         log.info("the database connection was lost (%s); trying once more", _first_line(exc))
+                        reconnected = True
                         continue
                     raise DatabaseUnavailableError(f"the database is unavailable: {_first_line(exc)}") from None
-            raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[Transaction], T]) -> T:
         def snapshot(tx: Transaction) -> T:  # every statement of ``fn`` sees the same committed state
