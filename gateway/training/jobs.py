@@ -520,6 +520,8 @@ class TrainingJobs:
                 return
             record.adapter_id = adapter_id
         await self._end(record, SUCCEEDED)
+        if record.adapter_id is not None:
+            await self._withdraw_if_ended_elsewhere(record)
 
     async def _withdraw(self, record: TrainingJobRecord, adapter_id: str) -> bool:
         """A cancel arrived while the adapter was being registered: remove it again (cancel wins);
@@ -532,6 +534,30 @@ class TrainingJobs:
             return False
         await self._end(record, CANCELLED, None)
         return True
+
+    async def _withdraw_if_ended_elsewhere(self, record: TrainingJobRecord) -> None:
+        """The store did not take this run's success: another replica's cancel committed after the
+        last cancel check here, while the adapter was being registered (an ended row is final). The
+        stored ending stands, and the adapter goes again, as a local cancel's does."""
+        try:
+            stored = next((r for r in await asyncio.to_thread(self.store.load_all) if r.id == record.id), None)
+        except Exception as exc:  # noqa: BLE001 - the success stands here; a resync adopts the store's view
+            log.warning("training job %s: cannot check its stored ending: %s", record.id, exc)
+            return
+        if stored is None or stored.state not in (CANCELLED, FAILED):
+            return
+        adapter_id = record.adapter_id
+        try:
+            await self._unregister(adapter_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. an experiment started using it meanwhile
+            log.error("training job %s ended %s on another replica while its adapter %s was registered here; the "
+                      "adapter could not be removed again (%s): delete it by hand", record.id, stored.state,
+                      adapter_id, exc)
+        else:
+            log.warning("training job %s ended %s on another replica while its adapter %s was registered here; "
+                        "the adapter was removed again", record.id, stored.state, adapter_id)
+        vars(record).update(vars(stored))
+        self._notify()
 
     async def _end(self, record: TrainingJobRecord, state: str, error: str | None = None) -> None:
         if record.id in self._lost:  # the store says what became of it (another replica's doing)

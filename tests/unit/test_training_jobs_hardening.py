@@ -356,6 +356,33 @@ def test_a_cancel_answered_while_the_job_is_being_claimed_holds(tmp_path):
         assert "never-registered" not in adapter_ids(client)
 
 
+@pytest.mark.parametrize("noticed", [False, True], ids=["write-refused", "lease-lost-first"])
+def test_a_cancel_committed_elsewhere_while_the_adapter_was_registered_withdraws_it(tmp_path, noticed):
+    """Another replica's cancel committed after this runner's last cancel check, while it registered
+    the adapter: the runner's success write is refused (an ended row is final), and the job read
+    cancelled with its adapter registered and served. The stored cancel stands; the adapter goes
+    again, as a local cancel's does. ``noticed``: the runner's lease renewal saw the ending first."""
+    with make_client(tmp_path) as client:
+        jobs = jobs_of(client)
+        real_register = jobs._register  # noqa: SLF001 - the moment between the check and the write
+
+        async def register_then_cancelled_elsewhere(adapter_id, folder):
+            registered = await real_register(adapter_id, folder)
+            cancelled = copy.deepcopy(jobs.get(job_id))
+            cancelled.state, cancelled.finished = CANCELLED, time.time()
+            assert jobs.store.put(cancelled)  # the other replica's cancel, no claim needed
+            if noticed:
+                jobs._lost.add(job_id)  # noqa: SLF001 - what the lease renewal marks
+            return registered
+
+        jobs._register = register_then_cancelled_elsewhere  # noqa: SLF001
+        job_id = submit(client, jsonl(rows()), kind="ia3", max_steps=1, batch_size=4,
+                        adapter_id="raced").json()["id"]
+        job = wait_for(client, job_id, lambda j: j["state"] in (SUCCEEDED, FAILED, CANCELLED))
+        poll(lambda: "raced" not in adapter_ids(client))
+        assert job["state"] == CANCELLED and job["adapter_id"] is None
+
+
 def test_a_cancel_of_a_job_that_ended_on_another_replica_meanwhile_is_a_409(tmp_path):
     """The job finished on the replica running it, just before this one's cancel was written: the
     store keeps the ending (an ended job's row is final), so the cancel must not answer
