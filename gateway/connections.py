@@ -11,8 +11,9 @@ server by 370 MB). ``guarded_protocol`` is uvicorn's httptools protocol with fou
 - ``header_timeout_seconds``: from the connection's start, or from the end of its last response,
   to the end of the next request's headers; a connection past it is closed (408 if it had begun a
   request);
-- ``max_connections`` open at once and ``max_connections_per_address`` from one client address: a
-  connection beyond either is answered 503 and closed before anything of it is read.
+- ``max_connections`` open at once and ``max_connections_per_address`` from one client address (an
+  IPv6 address's /64 network: ``gateway.address_groups``): a connection beyond either is answered
+  503 and closed before anything of it is read.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.address_groups import address_group
 from gateway.errors import error_body
 from gateway.settings import Settings
 
@@ -134,7 +136,7 @@ def guarded_protocol(book: ConnectionBook) -> type[HttpToolsProtocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            address = self.client[0] if self.client else "local"
+            address = address_group(self.client[0]) if self.client else "local"  # an IPv6 /64 counts as one
             refusal = book.admit(address)
             if refusal is not None:
                 transport.write(_response(503, "Service Unavailable", "the server has too many open connections"

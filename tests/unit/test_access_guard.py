@@ -377,6 +377,22 @@ def test_wrong_keys_past_the_limit_get_429_for_any_key_from_that_address(tmp_pat
         assert other.get("/admin/adapters", headers=ADMIN).status_code == 200
 
 
+def test_wrong_keys_from_fresh_ipv6_addresses_of_one_slash_64_are_throttled_together(tmp_path):
+    """A host picks any address of its /64: one address per guess got a fresh allowance each time."""
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    app = make_app(tmp_path / "data", adapters, max_failed_key_attempts=3)
+    wrong = {"Authorization": "Bearer wrong-admin-key-000000"}
+    with TestClient(app):
+        for host in range(1, 4):
+            guess = TestClient(app, client=(f"2001:db8:7:7::{host:x}", 50000)).get("/admin/adapters", headers=wrong)
+            assert guess.status_code == 401
+        refused = TestClient(app, client=("2001:db8:7:7:abcd::1", 50000)).get("/admin/adapters", headers=ADMIN)
+        assert_error(refused, 429, type_="rate_limit_error", code="too_many_failed_keys")
+        other = TestClient(app, client=("2001:db8:7:8::1", 50000))  # the next /64: another client
+        assert other.get("/admin/adapters", headers=ADMIN).status_code == 200
+
+
 def test_failures_age_out_of_the_window():
     from gateway.throttle import FailureThrottle
 

@@ -221,6 +221,20 @@ def test_connections_past_the_per_address_limit_get_503_and_the_book_balances():
         assert book.refusals["per_address"] == 1
 
 
+def test_connections_count_by_address_group(monkeypatch):
+    """The per-address count is kept by ``address_group`` (an IPv6 client's /64), here every
+    address in one group: the limit holds across them."""
+    monkeypatch.setattr(connections, "address_group", lambda address: "one-group")
+    with guarded_server(max_connections_per_address=2) as (port, book):
+        held = [connect(port) for _ in range(2)]
+        wait_for(lambda: book.per_address == {"one-group": 2}, "two connections counted in the group")
+        with connect(port) as extra:
+            assert read_reply(extra).startswith(b"HTTP/1.1 503 ")
+        for sock in held:
+            sock.close()
+        wait_for(lambda: not book.per_address, "every connection released")
+
+
 def test_connections_past_the_total_limit_get_503():
     with guarded_server(max_connections=3) as (port, book):
         held = [connect(port) for _ in range(3)]
