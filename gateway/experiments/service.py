@@ -184,7 +184,7 @@ class ExperimentService:
             self._experiments[name] = experiment
             adapters = None if self._is_adapter is None else [arm.name for arm in arms if self._is_adapter(arm.name)]
             try:
-                await self._run(self.store.insert_experiment, experiment, adapters)
+                await self._run(self.store.insert_experiment, experiment, adapters, self.max_experiments)
             except BaseException:
                 del self._experiments[name]
                 raise

@@ -47,6 +47,7 @@ CANCELLED = "cancelled"  # the error type of a request its client abandoned
 # enough for a p95 within about a percent, and a results call reads at most this many rows per arm
 # however long the experiment ran.
 TIMING_SAMPLE = 10_000
+EXPERIMENT_COUNT_LOCK = "experiments-count"  # creations count the table under it (Transaction.lock_name)
 # Captured prompts and answers kept per experiment; feedback on more answers is still recorded,
 # their text is not (each is at most GATEWAY_EXPERIMENT_CAPTURE_MAX_CHARS characters, so this
 # bounds an experiment's captures on disk and what a preference file reads).
@@ -183,10 +184,12 @@ class UnknownCompletionError(LookupError):
 class ExperimentStore(Protocol):
     def load_experiments(self) -> list[Experiment]: ...
 
-    def insert_experiment(self, experiment: Experiment, adapters: Sequence[str] | None = None) -> None:
+    def insert_experiment(self, experiment: Experiment, adapters: Sequence[str] | None = None,
+                          max_experiments: int | None = None) -> None:
         """Add a new experiment; raises ``ValueError`` when the name exists. With ``adapters`` (its
         arms that are adapters; the registry's rows in this database), the API's errors when the
-        name is an adapter's or one of ``adapters`` has no row."""
+        name is an adapter's or one of ``adapters`` has no row; with ``max_experiments``, the API's
+        error when that many exist (every replica's counted)."""
 
     def update_experiment(self, experiment: Experiment, read_at: float) -> bool:
         """Write an existing experiment's weights, state, winner and update time, if its row is
@@ -359,13 +362,18 @@ class SqlExperimentStore:
     def load_experiments(self) -> list[Experiment]:
         return self.db.read(experiments_in)
 
-    def insert_experiment(self, experiment: Experiment, adapters: Sequence[str] | None = None) -> None:
+    def insert_experiment(self, experiment: Experiment, adapters: Sequence[str] | None = None,
+                          max_experiments: int | None = None) -> None:
         e = experiment
 
         def write(tx: Transaction) -> None:
             tx.lock_name(MODEL_NAME_LOCK + e.name)  # an adapter registration of the name waits, then sees this
             if tx.one("SELECT 1 FROM experiments WHERE name = ?", (e.name,)):
                 raise ValueError(f"an experiment named {e.name!r} exists")
+            if max_experiments is not None:  # counted here: replicas creating at once see each other's
+                tx.lock_name(EXPERIMENT_COUNT_LOCK)
+                if tx.one("SELECT COUNT(*) FROM experiments")[0] >= max_experiments:
+                    raise ExperimentConflictError(f"{max_experiments} experiments exist, the limit; delete one first")
             # what this replica checked in memory, again in the database (another replica may have
             # deleted an arm, or registered the name, and this one not heard of it yet); the arms'
             # rows stay locked until the insert commits, so a delete cannot slip in between

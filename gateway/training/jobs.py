@@ -234,10 +234,12 @@ class TrainingJobs:
                 refused = exc
             else:
                 self._records[job_id] = record  # no await since the check: the next create sees it
-                saved = await self._persist(record)
+                try:  # the limit again in the store: every replica's jobs count
+                    saved = await self.writer.insert(record, self.limits.max_queued_jobs)
+                except TooManyTrainingJobsError as exc:
+                    refused, saved = exc, False
                 if not saved:
                     del self._records[job_id]
-                    self.writer.forget(job_id)
         if refused is not None:
             await asyncio.to_thread(self.artifacts.remove, job_id)
             raise refused
@@ -248,6 +250,7 @@ class TrainingJobs:
                 raise DatabaseUnavailableError(f"the job could not be saved: {self.writer.last_exception}")
             raise TrainingStoreError(f"the job could not be saved: {self.writer.last_error}")
         log.info("training job %s queued (%s, %d examples)", job_id, config.kind.value, len(prepared.train))
+        self._notify()
         self._wakeup.set()
         return record
 

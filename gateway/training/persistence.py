@@ -14,7 +14,7 @@ import functools
 import logging
 
 from adapters.sql import DatabaseUnavailableError
-from gateway.training.errors import TrainingStoreError
+from gateway.training.errors import TooManyTrainingJobsError, TrainingStoreError
 from gateway.training.store import TrainingJobRecord, TrainingJobStore
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,20 @@ class RecordWriter:
             raise JobEndedElsewhereError(f"the training job {record.id!r} already ended on another replica")
         return True
 
+    async def insert(self, record: TrainingJobRecord, max_active: int) -> bool:
+        """A new job's first write, refused with ``TooManyTrainingJobsError`` when ``max_active``
+        jobs are queued or running (``TrainingJobStore.put``); False when the store failed (not
+        kept: the creation fails)."""
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self.store.put, copy.deepcopy(record), max_active=max_active)
+            except TooManyTrainingJobsError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the caller answers with the failure
+                self._failed(exc, kept=False)
+                return False
+        return True
+
     async def flush(self) -> bool:
         """Write every unsaved record again; True once none is left."""
         if not self._unsaved:
@@ -85,13 +99,9 @@ class RecordWriter:
         self._unsaved.pop(job_id, None)
         self._owners.pop(job_id, None)
 
-    def forget(self, job_id: str) -> None:
-        """Drop an unsaved record that must not be written (a job whose creation was refused)."""
-        self._unsaved.pop(job_id, None)
-        self._owners.pop(job_id, None)
-
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, kept: bool = True) -> None:
         self.errors += 1
         self.last_exception = exc
         self.last_error = f"{type(exc).__name__}: {exc}"
-        log.error("cannot write training job records (kept, and tried again later): %s", self.last_error)
+        log.error("cannot write training job records%s: %s", " (kept, and tried again later)" if kept else "",
+                  self.last_error)

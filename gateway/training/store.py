@@ -15,8 +15,10 @@ from typing import Any, Protocol
 
 from adapters.sql import SqlDatabase, SqliteDatabase, Transaction, upsert_sql
 from adapters.stored_rows import RowReader, known_fields
+from gateway.training.errors import TooManyTrainingJobsError
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+ACTIVE_JOBS_LOCK = "training-jobs-active"  # new jobs count the active ones under it (Transaction.lock_name)
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
@@ -58,12 +60,14 @@ class TrainingJobStore(Protocol):
     @property
     def unreadable(self) -> set[str]: ...
 
-    def put(self, record: TrainingJobRecord, owner: str | None = None) -> bool:
+    def put(self, record: TrainingJobRecord, owner: str | None = None, max_active: int | None = None) -> bool:
         """Insert, or replace the record with the same id, atomically; an ended job's record is
         final (a late write of another process never brings it back to life). With ``owner``
         (the process running the job): written only while ``owner`` holds the job's claim, so a
         replica whose lease lapsed and was taken over cannot overwrite its successor's record.
-        Returns whether the record was written."""
+        With ``max_active`` (a new job's first write): ``TooManyTrainingJobsError`` when that many
+        other jobs are queued or running, every replica's counted. Returns whether the record was
+        written."""
 
     def delete(self, job_id: str) -> None: ...
 
@@ -106,8 +110,15 @@ class SqlTrainingJobStore:
     def unreadable(self) -> set[str]:
         return self.rows.unreadable
 
-    def put(self, record: TrainingJobRecord, owner: str | None = None) -> bool:
+    def put(self, record: TrainingJobRecord, owner: str | None = None, max_active: int | None = None) -> bool:
         def write(tx: Transaction) -> bool:
+            if max_active is not None:  # counted here: replicas creating at once see each other's jobs
+                tx.lock_name(ACTIVE_JOBS_LOCK)
+                active = tx.one("SELECT COUNT(*) FROM training_jobs WHERE state IN (?, ?) AND id <> ?",
+                                (QUEUED, RUNNING, record.id))[0]
+                if active >= max_active:
+                    raise TooManyTrainingJobsError(f"{active} training jobs are queued or running (limit "
+                                                   f"{max_active}); wait for one to finish")
             values = (record.id, record.state, record.created, json.dumps(record.as_dict()))
             if owner is None:
                 written = tx.execute(_PUT + " RETURNING id", values)

@@ -40,6 +40,29 @@ def test_a_change_from_a_stale_copy_is_a_409_and_the_other_replicas_change_stand
         b.close()
 
 
+def test_max_experiments_counts_every_replicas_experiments(tmp_path):
+    """Each replica counted the experiments in its own memory: two replicas, each at limit - 1,
+    created one each and the limit was passed. The count is now taken in the inserting transaction."""
+    a, _ = make_service(tmp_path, max_experiments=2)
+    b, _ = make_service(tmp_path, max_experiments=2)
+
+    async def run():
+        await a.create("first", [Arm("a", 50), Arm("b", 50)], "request")
+        await b.create("second", [Arm("a", 50), Arm("b", 50)], "request")  # neither has heard of the other's
+        with pytest.raises(ExperimentConflictError, match="2 experiments exist, the limit"):
+            await a.create("third", [Arm("a", 50), Arm("b", 50)], "request")
+        assert "third" not in {e.name for e in a.list()}
+        await b.sync()
+        await b.delete("first")
+        await a.create("third", [Arm("a", 50), Arm("b", 50)], "request")
+
+    try:
+        asyncio.run(run())
+    finally:
+        a.close()
+        b.close()
+
+
 def test_feedback_that_arrives_before_the_request_row_waits_for_it(tmp_path):
     """Replicas sharing a database write a request's row after its answer went out: feedback
     sent at once to another replica found no row and got a 404 (16 of 40 tries)."""

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from gateway.files.store import FileRecord, SqlFileStore, SqliteFileStore
+from gateway.training.errors import TooManyTrainingJobsError
 from gateway.training.store import (
     CANCELLED, QUEUED, RUNNING, SUCCEEDED, SqliteTrainingJobStore, SqlTrainingJobStore, TrainingJobRecord,
 )
@@ -119,6 +120,18 @@ def test_concurrent_claimers_never_take_the_same_job(open_jobs):
         thread.join()
     claimed = [job_id for ids in taken.values() for job_id in ids]
     assert sorted(claimed) == [f"j{i:02d}" for i in range(20)]  # each job exactly once
+
+
+def test_a_new_jobs_first_write_counts_every_replicas_active_jobs(jobs):
+    """``max_active``: a replica's own memory may miss jobs another created a moment ago."""
+    jobs.put(job("a", 1.0))
+    jobs.put(job("b", 2.0, RUNNING))
+    jobs.put(job("done", 0.5, SUCCEEDED))
+    with pytest.raises(TooManyTrainingJobsError, match=r"2 training jobs are queued or running \(limit 2\)"):
+        jobs.put(job("c", 3.0), max_active=2)
+    assert [r.id for r in jobs.load_all()] == ["done", "a", "b"]  # nothing written
+    jobs.put(job("a", 1.0, CANCELLED))
+    assert jobs.put(job("c", 3.0), max_active=2)
 
 
 def test_file_records_round_trip(store_backend):

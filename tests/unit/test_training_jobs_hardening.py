@@ -328,6 +328,23 @@ def test_jobs_created_at_once_keep_the_id_and_the_queue_limit(tmp_path, same_id)
         assert sorted(p.name for p in (tmp_path / "training").iterdir() if p.is_dir()) <= [queued[0].id]
 
 
+def test_the_queue_limit_counts_jobs_another_replica_created(tmp_path):
+    """A replica counted the jobs in its own memory, a resync behind: with another replica's job
+    running, a create here passed max_training_jobs. The store counts them as the job is written."""
+    with make_client(tmp_path, max_training_jobs=1) as client:
+        jobs = jobs_of(client)
+        elsewhere = TrainingJobRecord(id="train-0000000e15e1", state="running", config={"kind": "ia3"},
+                                      created=time.time())
+        jobs.store.put(elsewhere)
+        jobs.store.db.run(lambda tx: tx.execute(  # held by a live claim of the other replica
+            "UPDATE training_jobs SET claimed_by = 'other', lease_until = ? WHERE id = ?",
+            (time.time() + 3600, elsewhere.id)))
+        refused = submit(client, jsonl(rows()), kind="ia3", max_steps=1, batch_size=4)
+        assert refused.status_code == 429, refused.text
+        assert "1 training jobs are queued or running (limit 1)" in refused.json()["error"]["message"]
+        assert [p.name for p in (tmp_path / "training").iterdir() if p.is_dir()] == []  # nothing left
+
+
 def test_a_cancel_answered_while_the_job_is_being_claimed_holds(tmp_path):
     """The cancel of a queued job whose claim is in flight (the claim read the row as queued)
     answered cancelled; the scheduler then adopted the row it read, and the job trained and
