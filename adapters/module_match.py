@@ -54,6 +54,10 @@ def compile_pattern(pattern: str, field: str = "target_modules") -> Any:
             f"adapter_config.json: {field} is a pattern of {len(pattern)} characters; the limit is "
             f"{MAX_PATTERN_CHARS}")
     try:
+        pattern.encode("utf-8")  # RE2 takes UTF-8: a lone surrogate (a JSON escape) has none
+    except UnicodeEncodeError:
+        raise AdapterValidationError(f"adapter_config.json: {field} is not valid Unicode (a lone surrogate)") from None
+    try:
         return re2.compile(pattern, _OPTIONS)
     except re2.error as exc:
         reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)

@@ -28,6 +28,7 @@ the turn, as supervised training labels them); without a template, the plain-tex
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
@@ -65,15 +66,20 @@ def is_preference_record(obj: object) -> bool:
     return isinstance(obj, dict) and any(key in obj for key in OUTPUT_FIELDS + PAIR_FIELDS)
 
 
-def first_record(data: bytes) -> object:
-    """The first non-blank line of a JSONL file, parsed (None when it is not JSON): enough to tell
-    a preference file from a supervised one before validating every line."""
-    for raw in data.split(b"\n"):
-        if raw.strip():
-            try:
-                return json.loads(raw.decode("utf-8", "replace").lstrip("\ufeff"))
-            except (ValueError, RecursionError):
-                return None
+def first_record(data: bytes, max_line_bytes: int) -> object:
+    """The first non-blank line of a JSONL file, parsed (None when it is not JSON, or longer than
+    ``max_line_bytes``): enough to tell a preference file from a supervised one before validating
+    every line. Reads that one line only (splitting the whole file held a copy of every line at
+    once, and a line past the limit was parsed whole before its validation refused it)."""
+    for raw in io.BytesIO(data):
+        if not raw.strip():
+            continue
+        if len(raw) > max_line_bytes + 1:  # + its newline
+            return None
+        try:
+            return json.loads(raw.decode("utf-8", "replace").lstrip("\ufeff"))
+        except (ValueError, RecursionError):
+            return None
     return None
 
 

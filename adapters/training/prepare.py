@@ -59,7 +59,7 @@ def prepare_dataset(data: bytes, tokenizer, config: TrainingConfig, *, max_lines
                                         limit=limit)
         train, held = split_train_eval(examples, config.eval_fraction, config.seed)
         return PreparedDataset(format=PREFERENCE_FORMAT, train=train, eval=held, problems=problems)
-    if is_preference_record(first_record(data)):
+    if is_preference_record(first_record(data, max_line_bytes)):
         raise DatasetValidationError("this is a preference dataset (chosen and rejected answers): train it with "
                                      "objective 'dpo' (method 'dpo' in the fine-tuning API)", [])
     parsed = parse_dataset(data, max_lines=max_lines, max_line_bytes=max_line_bytes, strict=strict)

@@ -62,7 +62,7 @@ def sanitize_filename(name: str | None) -> str:
 
 def validate_training_file(data: bytes, limits: FileLimits) -> tuple[str, int]:
     """``(format, usable records)``; raises ``DatasetValidationError`` naming every bad line."""
-    if is_preference_record(first_record(data)):
+    if is_preference_record(first_record(data, limits.max_line_bytes)):
         pairs = parse_preference_dataset(data, max_lines=limits.max_lines, max_line_bytes=limits.max_line_bytes)
         return PREFERENCE_FORMAT, len(pairs)
     parsed = parse_dataset(data, max_lines=limits.max_lines, max_line_bytes=limits.max_line_bytes, strict=True)

@@ -283,3 +283,24 @@ def test_sft_weight_is_dpo_only():
     with pytest.raises(ValidationError, match="sft_weight applies to objective 'dpo' only"):
         TrainingConfig(kind="lora", sft_weight=0.5)
     assert TrainingConfig(kind="lora", objective="dpo", sft_weight=0.5).sft_weight == 0.5
+
+
+def test_the_format_sniff_reads_one_line_within_the_line_limit():
+    """The sniff that tells a preference file from a supervised one split the whole file into lines
+    (a copy of every line at once: ~25 bytes per uploaded byte, hundreds of MB for a 32 MB file of
+    short lines) and parsed a first line past the line limit whole."""
+    import tracemalloc
+
+    from adapters.preference_data import first_record
+
+    pair = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    assert first_record(b"\n \n" + json.dumps(pair).encode() + b"\n{\n", 1024) == pair
+    assert first_record(json.dumps({**pair, "pad": "x" * 2000}).encode(), 1024) is None  # past the limit
+    short_lines = b"ab\n" * 1_000_000
+    tracemalloc.start()
+    try:
+        first_record(short_lines, 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # one line read, not a million

@@ -46,6 +46,8 @@ def test_catastrophic_patterns_match_in_linear_time(pattern):
     ("(unclosed", "not a pattern"),
     ("a{2000}", "not a pattern"),
     ("a" * (MAX_PATTERN_CHARS + 1), "limit"),
+    ("q_proj\ud800", "lone surrogate"),  # JSON's "\ud800": RE2's UTF-8 encoding raised (a 500)
+    ("\udc80.*", "lone surrogate"),
 ])
 def test_unsafe_or_invalid_patterns_are_refused_by_field(pattern, words):
     for call in (lambda: check_spec("feedforward_modules", pattern),

@@ -395,7 +395,9 @@ def test_a_cancel_committed_elsewhere_while_the_adapter_was_registered_withdraws
         jobs._register = register_then_cancelled_elsewhere  # noqa: SLF001
         job_id = submit(client, jsonl(rows()), kind="ia3", max_steps=1, batch_size=4,
                         adapter_id="raced").json()["id"]
-        job = wait_for(client, job_id, lambda j: j["state"] in (SUCCEEDED, FAILED, CANCELLED))
+        # the runner's own view reads succeeded for the moment between its refused write and the
+        # check of what the store holds; the store's ending is what stays
+        job = wait_for(client, job_id, lambda j: j["state"] in (FAILED, CANCELLED))
         poll(lambda: "raced" not in adapter_ids(client))
         assert job["state"] == CANCELLED and job["adapter_id"] is None
 
