@@ -32,6 +32,9 @@ class WindowDecoder:
         self.window: list[int] = []  # prefix tokens, then unread ones
         self.read = 0  # window[:read] is the prefix
         self.prefix_text = ""  # decode(window[:read])
+        # while a character is incomplete: the whole characters the unread tokens decode to before
+        # it (final, with a byte-local decoder), which a stop string may already be found in
+        self.pending = ""
         # special tokens decode to nothing (``skip_special_tokens``), so they never enter the window:
         # there they would count as tokens after an incomplete character without bringing a byte of it
         self.skipped = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
@@ -43,9 +46,12 @@ class WindowDecoder:
         self.window.append(token_id)
         text = self._decode(self.window)
         if not text.endswith(REPLACEMENT):
+            self.pending = ""
             return self._advance(len(self.window), text)
         if len(self.window) - self.read < MAX_UNREAD:
+            self.pending = text[len(self.prefix_text):].rstrip(REPLACEMENT) if text.startswith(self.prefix_text) else ""
             return ""
+        self.pending = ""
         return self._settle(text)
 
     def flush(self) -> str:
@@ -67,14 +73,10 @@ class WindowDecoder:
     def _advance(self, cut: int, text: str) -> str:
         """``text`` decodes ``window[:cut]``: return what follows the prefix's text, and make
         ``window[read:cut]`` the next prefix."""
-        # a decoder that rewrote the prefix's text would be non-local; only then the longest
-        # common start stands in
-        if text.startswith(self.prefix_text):
-            new = text[len(self.prefix_text):]
-        else:
-            common = next((i for i, (a, b) in enumerate(zip(text, self.prefix_text)) if a != b),
-                          min(len(text), len(self.prefix_text)))
-            new = text[common:]
+        # what follows as many characters as the prefix decoded to: a decoder that rewrites text it
+        # gave before (byte fallback turns an ASCII byte already sent into U+FFFD when an invalid
+        # byte follows it in the same run) has its rewrite skipped, never sent a second time
+        new = text[len(self.prefix_text):]
         dropped = self.read
         self.window = self.window[dropped:]
         self.read = cut - dropped
@@ -102,6 +104,13 @@ class IncrementalText:
         """Add a token; return (text ready to send, whether a stop string was hit)."""
         piece = self.decoder.push(token_id)
         if not piece:
+            # a character waits for its next bytes; a stop string before it need not wait (the
+            # token that completes a stop string may end in the first bytes of a character)
+            if self.stop and self.decoder.pending:
+                text, hit = self._cut_at_stop(self.held + self.decoder.pending)
+                if hit:
+                    self.held = ""
+                    return text, True
             return "", False
         if not self.stop:
             return piece, False
@@ -116,9 +125,14 @@ class IncrementalText:
 
     def flush(self) -> str:
         """All text not yet sent, up to a stop string it holds (at the end of generation)."""
-        text, _ = self._cut_at_stop(self.held + self.decoder.flush())
+        return self.finish()[0]
+
+    def finish(self) -> tuple[str, bool]:
+        """``flush``, and whether the text ends at a stop string (the generation stopped there, not
+        at its length limit)."""
+        text, hit = self._cut_at_stop(self.held + self.decoder.flush())
         self.held = ""
-        return text
+        return text, hit
 
     def _cut_at_stop(self, text: str) -> tuple[str, bool]:
         """``text`` up to its earliest stop string, and whether it held one."""

@@ -429,7 +429,8 @@ class Engine:
             elif seq.matcher is not None and seq.matcher.is_terminated():  # the grammar is complete
                 self._finish(seq, "stop", delta + seq.text.flush())
             elif len(seq.tokens) >= seq.max_new:
-                self._finish(seq, "length", delta + seq.text.flush())
+                rest, hit_stop = seq.text.finish()  # the last token's held bytes may end at a stop string
+                self._finish(seq, "stop" if hit_stop else "length", delta + rest)
             elif delta:
                 self._deliver(seq.request, seq.request.sink,
                               SequenceEvent(seq.index, delta, len(seq.tokens), **self._attached(seq)))

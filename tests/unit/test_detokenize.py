@@ -38,12 +38,12 @@ def streamed(tokenizer, ids: list[int], stop: list[str] | None = None) -> tuple[
 
 def reference(tokenizer, ids: list[int], stop: list[str]) -> str:
     """The text up to the first stop string, from full decodes: the first prefix of the tokens
-    whose text holds one (a prefix ending in an incomplete character is not looked at, as a
-    client could not have been sent its last character yet)."""
+    whose text holds one (in a prefix ending in an incomplete character, the whole characters
+    before it: the client could not have been sent its last character yet)."""
     for k in range(1, len(ids) + 1):
         text = tokenizer.decode(ids[:k], skip_special_tokens=True)
-        if k < len(ids) and text.endswith(REPLACEMENT):
-            continue
+        if k < len(ids):
+            text = text.rstrip(REPLACEMENT)
         hits = [text.find(s) for s in stop if s in text]
         if hits:
             return text[:min(hits)]
@@ -155,3 +155,47 @@ def test_encoded_unicode_and_stops_smollm2(smollm2_tokenizer, text, stop):
     ids = tok.encode(text, add_special_tokens=False)
     assert streamed(tok, ids)[0] == tok.decode(ids, skip_special_tokens=True)
     assert streamed(tok, ids, stop)[0] == reference(tok, ids, stop)
+
+
+@pytest.mark.slow
+def test_a_stop_string_before_an_incomplete_character_stops_at_once_smollm2(smollm2_tokenizer):
+    """' fox' then ' ' + the first byte of a character: the stop string 'fox ' is whole, but the
+    token was held back for its incomplete character, so the stop was found a token late (or, at
+    max_tokens, the generation finished 'length' with its text cut at the stop)."""
+    tok = smollm2_tokenizer
+    ids = tok.convert_tokens_to_ids(["Ġfox", "Ġâ"])
+    assert tok.decode(ids) == " fox " + REPLACEMENT
+    text = IncrementalText(tok, ["fox "])
+    assert text.push(ids[0]) == (" ", False)  # 'fox' may begin the stop string: held
+    assert text.push(ids[1]) == ("", True)
+
+
+# ---- byte fallback (Llama-2 / Mistral style) ----------------------------------------------------
+@functools.cache
+def byte_fallback_tokenizer():
+    """Specials, the 256 <0xNN> byte tokens (ids 3-258) and '▁the' (259), decoded as Llama-2's
+    tokenizer.json does: a run of byte tokens that is not UTF-8 becomes one U+FFFD per byte, the
+    ASCII ones included."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁the": 259}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("ids", [[3 + 0x0A, 3 + 0xE2, 259], [3 + 0x41, 3 + 0x80, 259], [3 + 0x0A, 3 + 0xE2]])
+def test_a_rewritten_byte_is_never_sent_twice_byte_fallback(ids):
+    """Byte fallback decodes a newline sent already as U+FFFD once an invalid byte follows it in
+    the same run: the window sent the whole rewritten run again ('\\n' then '\\ufffd\\ufffd the',
+    one character too many). The rewrite of what was sent is skipped: as many characters as the
+    full decode, differing from it only where it rewrote what the client already has."""
+    tok = byte_fallback_tokenizer()
+    decoder = WindowDecoder(tok)
+    joined = "".join(decoder.push(i) for i in ids) + decoder.flush()
+    full = tok.decode(ids)
+    assert full.startswith(REPLACEMENT * 2)
+    assert len(joined) == len(full) and joined[1:] == full[1:]
