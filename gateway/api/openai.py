@@ -132,7 +132,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
             lead, builder = echo.start(i)
             logprobs = None
             if builder is not None:
-                pieces = [builder.piece(c.prompt_logprobs[i] or ())] if echo.echo else []
+                pieces = [builder.piece(c.prompt_logprobs[i] or (), prompt=True)] if echo.echo else []
                 logprobs = merge_pieces([*pieces, builder.piece(c.logprobs[i])])
             choices.append({"index": i, "text": lead + c.texts[i], "finish_reason": c.reasons[i],
                             "logprobs": logprobs})
@@ -188,7 +188,8 @@ class _Echo:
         if self.strings is None and not self.echo:
             return "", None
         prompt = self.prompts[index // self.n]
-        builder = None if self.strings is None else CompletionLogprobs(self.strings, 0 if self.echo else len(prompt))
+        builder = None if self.strings is None else \
+            CompletionLogprobs(self.strings, 0, prompt) if self.echo else CompletionLogprobs(self.strings, len(prompt))
         return (prompt if self.echo else ""), builder
 
 
@@ -429,15 +430,16 @@ async def _completion_chunks(generation: Generation, meta: dict, include_usage: 
         if event.error:
             yield _error_chunk(event)
             return
-        text, entries = event.text, list(event.logprobs)
+        text, entries, prompt_entries = event.text, list(event.logprobs), []
         if event.index not in builders:  # the choice's first chunk: the prompt goes first with echo
             lead, builders[event.index] = echo.start(event.index)
             text = lead + text
             if echo.echo:
-                entries = list(event.prompt_logprobs or ()) + entries
+                prompt_entries = list(event.prompt_logprobs or ())
         builder = builders[event.index]
-        if text or event.finish_reason is not None or (builder is not None and entries):
-            logprobs = None if builder is None else builder.piece(entries)
+        if text or event.finish_reason is not None or (builder is not None and (entries or prompt_entries)):
+            logprobs = None if builder is None else \
+                merge_pieces([builder.piece(prompt_entries, prompt=True), builder.piece(entries)])
             yield {**base, "choices": [{"index": event.index, "text": text,
                                         "finish_reason": event.finish_reason, "logprobs": logprobs}], **extra}
     if include_usage:

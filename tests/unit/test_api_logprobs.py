@@ -329,3 +329,27 @@ def test_text_offsets_count_characters_when_tokens_split_them():
         if "\ufffd" not in before:  # token i starts at a character boundary: its text starts there
             assert offset == len(before) and text[:offset] == before, (i, offset, before)
     assert offsets == sorted(offsets) and offsets[-1] < len(text)
+
+
+def test_text_offsets_of_an_echoed_prompt_with_a_bos_and_special_tokens():
+    """A tokenizer that adds a BOS (Llama 3's '<|begin_of_text|>', Llama 2's '<s>'): the echoed
+    text is the prompt as the client wrote it, without that BOS, yet it counted its display string
+    (every offset 13 or 17 characters too far). A special token the client wrote in the prompt is
+    in the text and counts; the answer's offsets start at the prompt's end."""
+    from gateway.api.logprob_format import CompletionLogprobs, merge_pieces
+    from gateway.logprobs import TokenLogprob, TokenStrings
+
+    tokenizer = build_tokenizer()
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    prompt = "<|im_start|>the quick brown fox"
+    ids = [bos, *tokenizer.encode(prompt)]  # the BOS a post-processor would add
+    answer = tokenizer.encode(" jumps over")
+    builder = CompletionLogprobs(TokenStrings(tokenizer), 0, prompt)
+    entries = [TokenLogprob(token=t, logprob=None if i == 0 else -1.0) for i, t in enumerate(ids)]
+    merged = merge_pieces([builder.piece(entries, prompt=True),
+                           builder.piece([TokenLogprob(token=t, logprob=-1.0) for t in answer])])
+    offsets = merged["text_offset"]
+    assert offsets[:2] == [0, 0]  # the BOS is not in the text; '<|im_start|>' starts it
+    starts = [len(tokenizer.decode(ids[1:i])) for i in range(1, len(ids))]
+    assert offsets[1:len(ids)] == starts
+    assert offsets[len(ids):] == [len(prompt) + len(tokenizer.decode(answer[:i])) for i in range(len(answer))]
