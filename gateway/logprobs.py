@@ -8,6 +8,7 @@ chosen tokens' values and the top-k back.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,10 @@ def score_rows(logits: torch.Tensor, targets: Sequence[int], top: Sequence[int])
             for r, (t, c) in enumerate(zip(targets, chosen, strict=True))]
 
 
+SENTENCEPIECE_SPACE = "\u2581"  # '▁', how SentencePiece writes a space inside a token
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token
+
+
 def _byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's byte-level alphabet: bytes that are printable Latin-1 characters
     stand for themselves, every other byte for the code point 256 + its rank among those."""
@@ -64,9 +69,10 @@ def _byte_decoder() -> dict[str, int]:
 
 class TokenStrings:
     """Token id -> (text, UTF-8 bytes), cached. Byte-level BPE tokens (GPT-2, Llama 3, SmolLM2)
-    map back to their exact bytes, so a token holding part of a character reports those bytes;
-    other tokenizers report the bytes of the token's decoded text. Text that is not whole UTF-8
-    shows its stray bytes as ``\\xNN`` escapes."""
+    map back to their exact bytes, so a token holding part of a character reports those bytes, as
+    do SentencePiece's byte-fallback tokens (``<0xE2>``); other tokenizers report the bytes of the
+    token's decoded text, a SentencePiece word's leading space included. Text that is not whole
+    UTF-8 shows its stray bytes as ``\\xNN`` escapes."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -91,4 +97,11 @@ class TokenStrings:
                 data = b"".join(bytes([self._bytes_of[c]]) if c in self._bytes_of else c.encode() for c in piece)
                 return data.decode("utf-8", errors="backslashreplace"), data
         text = self.tokenizer.decode([token])
+        piece = None if token in self._special else self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str):  # SentencePiece (Llama 2, Mistral): the vocabulary says more
+            if (byte := _BYTE_PIECE.fullmatch(piece)) is not None and text != piece:  # byte fallback
+                data = bytes([int(byte.group(1), 16)])
+                return data.decode("utf-8", errors="backslashreplace"), data
+            if piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" "):
+                text = " " + text  # decoding the token alone strips the space its word begins with
         return text, text.encode()

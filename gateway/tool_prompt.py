@@ -103,6 +103,8 @@ def _assistant_calls(out: RenderedChat, message: ChatMessage, text: str, calls: 
         call_id, fn = call.get("id"), call.get("function")
         if not isinstance(call_id, str) or not CALL_ID.match(call_id):
             raise BadRequestError("a tool call id must match ^[A-Za-z0-9_.:-]{1,64}$", param=f"{at}.id")
+        if any(earlier == call_id for earlier, _, _ in parsed):  # a result could not say which call it answers
+            raise BadRequestError(f"the tool call id '{call_id}' is used twice in this message", param=f"{at}.id")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not NAME.match(fn["name"]):
             raise BadRequestError("function names must match ^[a-zA-Z0-9_-]{1,64}$", param=f"{at}.function.name")
         arguments = fn.get("arguments")

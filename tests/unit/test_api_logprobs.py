@@ -353,3 +353,18 @@ def test_text_offsets_of_an_echoed_prompt_with_a_bos_and_special_tokens():
     starts = [len(tokenizer.decode(ids[1:i])) for i in range(1, len(ids))]
     assert offsets[1:len(ids)] == starts
     assert offsets[len(ids):] == [len(prompt) + len(tokenizer.decode(answer[:i])) for i in range(len(answer))]
+
+
+def test_sentencepiece_tokens_show_their_space_and_their_bytes():
+    """Llama-2-style tokens decoded one by one: '▁the' lost its space (' the' in the text, 'the'
+    as the token and its bytes), and a byte-fallback token showed U+FFFD for a byte that only
+    starts a character, whatever the byte."""
+    from test_detokenize import byte_fallback_tokenizer
+
+    from gateway.logprobs import TokenStrings
+
+    strings = TokenStrings(byte_fallback_tokenizer())
+    assert strings.get(259) == (" the", b" the")  # '▁the'
+    assert strings.get(3 + 0x0A) == ("\n", b"\n")  # '<0x0A>'
+    assert strings.get(3 + 0xE2) == ("\\xe2", b"\xe2")  # the first byte of '’' or '—'
+    assert strings.get(1) == ("<s>", b"<s>")  # a special token as it is written

@@ -284,6 +284,8 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "argumen
     ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{**CALL, "id": "a b"}]}],
      "messages[1].tool_calls[0].id"),
     ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [  # which call would a result answer?
+        CALL, {**CALL, "function": {"name": "mul", "arguments": "{}"}}]}], "messages[1].tool_calls[1].id"),
     ([{"role": "user", "content": "x", "tool_call_id": "call_1"}], "messages[0].tool_call_id"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [  # RecursionError: a 500 before
         {**CALL, "function": {"name": "add", "arguments": '{"a":' + "[" * 5000 + "]" * 5000 + "}"}}]}],
