@@ -12,6 +12,15 @@ from gateway.experiments.assignment import Arm
 from gateway.experiments.errors import ExperimentConflictError
 
 
+def run_then_close(scenario, *replicas) -> None:
+    """Run the async ``scenario``, then close every replica's service, whatever happened."""
+    try:
+        asyncio.run(scenario())
+    finally:
+        for replica in replicas:
+            replica.close()
+
+
 def test_a_change_from_a_stale_copy_is_a_409_and_the_other_replicas_change_stands(tmp_path):
     a, _ = make_service(tmp_path)
     b, _ = make_service(tmp_path)
@@ -33,11 +42,7 @@ def test_a_change_from_a_stale_copy_is_a_409_and_the_other_replicas_change_stand
             await b.stop("two")
         assert "two" not in {e.name for e in b.list()}
 
-    try:
-        asyncio.run(run())
-    finally:
-        a.close()
-        b.close()
+    run_then_close(run, a, b)
 
 
 def test_max_experiments_counts_every_replicas_experiments(tmp_path):
@@ -56,11 +61,7 @@ def test_max_experiments_counts_every_replicas_experiments(tmp_path):
         await b.delete("first")
         await a.create("third", [Arm("a", 50), Arm("b", 50)], "request")
 
-    try:
-        asyncio.run(run())
-    finally:
-        a.close()
-        b.close()
+    run_then_close(run, a, b)
 
 
 def test_feedback_that_arrives_before_the_request_row_waits_for_it(tmp_path):
@@ -88,11 +89,7 @@ def test_feedback_that_arrives_before_the_request_row_waits_for_it(tmp_path):
         with pytest.raises(Exception, match="no request routed"):  # an unknown id still ends, after the wait
             await b.feedback("chatcmpl-never", 1.0, None)
 
-    try:
-        asyncio.run(run())
-    finally:
-        a.close()
-        b.close()
+    run_then_close(run, a, b)
 
 
 def test_an_adapter_and_an_experiment_on_it_are_never_deleted_and_created_both(store_backend):
@@ -213,7 +210,4 @@ def test_requests_served_while_the_database_is_down_are_recorded_once_it_is_back
         results = await service.results("exp")
         assert sum(arm["requests"] for arm in results["arms"]) == 3
 
-    try:
-        asyncio.run(run())
-    finally:
-        service.close()
+    run_then_close(run, service)
